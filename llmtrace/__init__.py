@@ -1,0 +1,81 @@
+"""llmtrace: tracing and overhead analysis for LLM serving pipelines.
+
+    with llmtrace.span("preprocess", step=12, batch=8): ...
+    @llmtrace.trace / @llmtrace.trace("tokenize") / @llmtrace.trace(stage="sampling")
+    llmtrace.counter("kv_blocks_used", 123)
+    llmtrace.instant("preempt", req="r7")
+    llmtrace.configure(enabled=True, out="runs/x", process_name="agent-0")
+
+Importing llmtrace imports neither torch, numpy nor textual. A process started with
+LLMTRACE_OUT set (by `llmtrace run/record` or by a parent that called configure) starts
+recording at import.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from . import context, recorder, sink
+from .decorator import trace
+from .recorder import counter, instant, span
+
+__all__ = ["span", "trace", "counter", "instant", "configure", "enabled", "flush", "context", "shutdown"]
+__version__ = "0.1.0"
+
+ENV_OUT = "LLMTRACE_OUT"
+ENV_ENABLED = "LLMTRACE_ENABLED"
+ENV_TRACE_ID = "LLMTRACE_TRACE_ID"
+ENV_LIVE = "LLMTRACE_LIVE"
+ENV_PROCESS_NAME = "LLMTRACE_PROCESS_NAME"
+
+
+def _default_process_name() -> str:
+    argv0 = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    return f"{argv0}-{os.getpid()}"
+
+
+def configure(enabled: bool = True, out: str | None = None, process_name: str | None = None,
+              live: str | None = None, propagate: bool = True) -> None:
+    """Turn recording on or off and choose where records go.
+
+    out: run directory; records spool to OUT/spool/<pid>.lts. Without it, records stay
+    in memory until `recorder.drain()` (useful in tests).
+    propagate: export the settings in the environment so child processes record too.
+    """
+    if out is not None:
+        out = os.path.abspath(out)
+        sink.start(out, process_name or _default_process_name(), context.trace_id, live=live)
+    elif process_name is not None and sink.current() is not None:
+        sink.start(sink.current().out_dir, process_name, context.trace_id, live=live)
+    recorder.set_enabled(enabled)
+    if propagate and out is not None:
+        os.environ[ENV_OUT] = out
+        os.environ[ENV_TRACE_ID] = f"{context.trace_id:x}"
+        os.environ[ENV_ENABLED] = "1" if enabled else "0"
+        if live:
+            os.environ[ENV_LIVE] = live
+
+
+def enabled() -> bool:
+    return recorder.is_enabled()
+
+
+def flush() -> int:
+    """Write what has been recorded so far to the spool; returns the number of records."""
+    return sink.flush()
+
+
+def shutdown() -> None:
+    """Flush and close the spool file; recording stops."""
+    recorder.set_enabled(False)
+    sink.stop()
+
+
+def _configure_from_env() -> None:
+    out = os.environ.get(ENV_OUT)
+    if out and os.environ.get(ENV_ENABLED, "1") != "0":
+        configure(True, out, os.environ.get(ENV_PROCESS_NAME) or None, os.environ.get(ENV_LIVE) or None,
+                  propagate=False)
+
+
+_configure_from_env()

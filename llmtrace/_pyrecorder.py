@@ -1,0 +1,248 @@
+"""Pure-Python recorder: the reference implementation of the recorder backend.
+
+`llmtrace._fastspan` (C) implements the same functions with the same semantics and
+record layout; `recorder.py` picks the C one when it is built. Everything here runs
+under the GIL: each thread appends to its own list, the flush thread drains a prefix
+of it (`del lst[:n]` is atomic), so the hot path takes no lock.
+"""
+from __future__ import annotations
+
+import contextvars
+import itertools
+import os
+import threading
+from time import perf_counter_ns
+
+from .spool_format import ATTR_FLOAT, ATTR_STR, COUNTER, INSTANT, N_ATTRS, RECORD, SPAN, float_bits
+
+FLAG_EXCEPTION = 1  # the span's body raised
+FLAG_ATTRS_CUT = 2  # more than N_ATTRS attributes were given; the rest are not kept
+
+BUFFER_CAP = 1 << 16  # records a thread may hold between two flushes
+
+_enabled = False
+_ids = itertools.count(1)
+_id_base = os.getpid() << 40
+# (span_id, step) of the innermost open span of this thread or asyncio task.
+_current: contextvars.ContextVar[tuple[int, int]] = contextvars.ContextVar("llmtrace_current", default=(0, -1))
+_strings: dict[str, int] = {}
+_new_strings: list[tuple[int, str]] = []
+_str_lock = threading.Lock()
+_buffers: list["_Buffer"] = []
+_buffers_lock = threading.Lock()
+_tls = threading.local()
+_device_hook = None
+
+
+class _Buffer:
+    __slots__ = ("tid", "recs", "dropped", "reported")
+
+    def __init__(self, tid: int):
+        self.tid, self.recs, self.dropped, self.reported = tid, [], 0, 0
+
+
+def _buffer() -> _Buffer:
+    try:
+        return _tls.buf
+    except AttributeError:
+        buf = _tls.buf = _Buffer(threading.get_native_id())
+        with _buffers_lock:
+            _buffers.append(buf)
+        return buf
+
+
+def intern(s: str) -> int:
+    sid = _strings.get(s)
+    if sid is None:
+        with _str_lock:
+            sid = _strings.get(s)
+            if sid is None:
+                sid = _strings[s] = len(_strings) + 1
+                _new_strings.append((sid, s))
+    return sid
+
+
+def _stage_of(name: str) -> str:
+    dot = name.find(".")
+    return name if dot < 0 else name[:dot]
+
+
+def _encode_attrs(attrs: dict) -> tuple[list[int], list[int], int]:
+    vals, keys, flags = [0] * N_ATTRS, [0] * N_ATTRS, 0
+    for i, (k, v) in enumerate(attrs.items()):
+        if i == N_ATTRS:
+            flags |= FLAG_ATTRS_CUT
+            break
+        key = intern(k)
+        if isinstance(v, bool) or isinstance(v, int) and -(1 << 63) <= v < (1 << 63):
+            vals[i] = int(v)
+        elif isinstance(v, float):
+            vals[i], key = float_bits(v), key | ATTR_FLOAT
+        else:
+            vals[i], key = intern(v if isinstance(v, str) else str(v)), key | ATTR_STR
+        keys[i] = key
+    return vals, keys, flags
+
+
+def _append(rec: tuple) -> None:
+    buf = _buffer()
+    if len(buf.recs) < BUFFER_CAP:
+        buf.recs.append(rec)
+    else:
+        buf.dropped += 1
+
+
+def emit(kind, name_id, stage_id, start, end, span_id=0, parent_id=0, link_id=0, step=-1, attrs=None, flags=0):
+    """Append one raw record (used by device timing and generator wrappers)."""
+    if attrs:
+        vals, keys, f = _encode_attrs(attrs)
+        flags |= f
+    else:
+        vals = keys = (0, 0, 0, 0)
+    _append((start, end, span_id, parent_id, link_id, step, *vals, *keys, name_id, stage_id,
+             threading.get_native_id(), kind, flags, 0))
+
+
+class Span:
+    """A timed region; use through `llmtrace.span(...)`."""
+
+    __slots__ = ("name_id", "stage_id", "step", "link", "attrs", "device", "t0", "span_id", "parent", "token", "dtok")
+
+    def __init__(self, name, stage=None, step=-1, follows=None, device=False, attrs=None):
+        self.name_id = intern(name)
+        self.stage_id = intern(stage if stage is not None else _stage_of(name))
+        self.link = 0
+        if follows is not None:
+            self.link = follows[1]
+            if step == -1:
+                step = follows[2]
+        self.step, self.attrs, self.device = step, attrs, device
+
+    def __enter__(self):
+        if not _enabled:
+            self.span_id = 0
+            return self
+        self.span_id = sid = _id_base | next(_ids)
+        cur = _current.get()
+        self.parent = cur[0]
+        if self.step == -1:
+            self.step = cur[1]
+        self.token = _current.set((sid, self.step))
+        self.dtok = _device_hook.begin() if self.device and _device_hook is not None else None
+        self.t0 = perf_counter_ns()
+        return self
+
+    def __exit__(self, et, ev, tb):
+        t1 = perf_counter_ns()
+        if not self.span_id:
+            return False
+        if self.dtok is not None:
+            _device_hook.end(self.dtok, self.span_id, self.name_id, self.stage_id, self.step)
+        _current.reset(self.token)
+        emit(SPAN, self.name_id, self.stage_id, self.t0, t1, self.span_id, self.parent, self.link, self.step,
+             self.attrs, FLAG_EXCEPTION if et is not None else 0)
+        return False
+
+    def set(self, **attrs):
+        """Add attributes known only inside the span (e.g. the batch size)."""
+        self.attrs = {**(self.attrs or {}), **attrs}
+
+
+def span(name, *, stage=None, step=-1, follows=None, device=False, **attrs):
+    return Span(name, stage, step, follows, device, attrs or None)
+
+
+def instant(name, *, step=-1, **attrs):
+    if _enabled:
+        t = perf_counter_ns()
+        cur = _current.get()
+        emit(INSTANT, intern(name), intern(_stage_of(name)), t, t, 0, cur[0], 0,
+             cur[1] if step == -1 else step, attrs or None)
+
+
+def counter(name, value, **attrs):
+    if _enabled:
+        t = perf_counter_ns()
+        emit(COUNTER, intern(name), intern(_stage_of(name)), t, t, 0, 0, 0, -1,
+             {"value": float(value), **attrs})
+
+
+def traced(fn, name, stage):
+    """Wrap a plain (sync) function in a span; the C backend does this without a Python frame."""
+    name_id, stage_id = intern(name), intern(stage)
+
+    def wrapper(*args, **kwargs):
+        if not _enabled:
+            return fn(*args, **kwargs)
+        s = Span.__new__(Span)
+        s.name_id, s.stage_id, s.step, s.link, s.attrs, s.device = name_id, stage_id, -1, 0, None, False
+        with s:
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def current() -> tuple[int, int]:
+    """(span_id, step) of the innermost open span in this thread / task."""
+    return _current.get()
+
+
+def set_current(span_id: int, step: int):
+    """Make `span_id` the current span; returns a token for `reset_current`."""
+    return _current.set((span_id, step))
+
+
+def reset_current(token) -> None:
+    _current.reset(token)
+
+
+def new_span_id() -> int:
+    return _id_base | next(_ids)
+
+
+def set_enabled(on: bool) -> None:
+    global _enabled
+    _enabled = bool(on)
+
+
+def is_enabled() -> bool:
+    return _enabled
+
+
+def set_device_hook(hook) -> None:
+    global _device_hook
+    _device_hook = hook
+
+
+def drain():
+    """Take everything recorded so far: (records bytes, n, new strings, {tid: dropped since last drain})."""
+    with _str_lock:
+        strings = _new_strings[:]
+        del _new_strings[: len(strings)]
+    with _buffers_lock:
+        bufs = list(_buffers)
+    out, n, dropped = bytearray(), 0, {}
+    pack = RECORD.pack
+    for buf in bufs:
+        recs = buf.recs
+        k = len(recs)
+        if k:
+            out += b"".join([pack(*r) for r in recs[:k]])
+            del recs[:k]
+            n += k
+        d = buf.dropped
+        if d != buf.reported:
+            dropped[buf.tid] = d - buf.reported
+            buf.reported = d
+    return bytes(out), n, strings, dropped
+
+
+def reset_after_fork() -> None:
+    """In a forked child: forget the parent's records and strings, take a new id base."""
+    global _id_base, _tls, _ids, _buffers_lock, _str_lock
+    _id_base = os.getpid() << 40
+    _ids = itertools.count(1)
+    _tls = threading.local()
+    _buffers_lock, _str_lock = threading.Lock(), threading.Lock()  # may have been held at fork
+    _buffers.clear()
+    _new_strings[:] = sorted((i, s) for s, i in _strings.items())

@@ -1,0 +1,142 @@
+"""`@llmtrace.trace`: spans around sync, async, generator and async-generator functions."""
+from __future__ import annotations
+
+import functools
+import inspect
+from time import perf_counter_ns
+
+from . import recorder
+from .spool_format import SPAN
+
+USER_STAGE = "user"
+
+
+def _stage_of(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+def trace(fn=None, /, name: str | None = None, *, stage: str | None = None):
+    """Decorate a function with a span.
+
+    @trace                      name = qualified name, stage "user"
+    @trace("tokenize")          name "tokenize", stage = first dotted part of the name
+    @trace(stage="sampling")    name = qualified name, stage "sampling"
+    """
+    if isinstance(fn, str):
+        fn, name = None, fn
+    if fn is not None:
+        return _wrap(fn, name, stage)
+    return lambda f: _wrap(f, name, stage)
+
+
+def _wrap(fn, name, stage):
+    if name is None:
+        name = fn.__qualname__
+        stage = stage or USER_STAGE
+    stage = stage or _stage_of(name)
+    if inspect.iscoroutinefunction(fn):
+        wrapper = _wrap_async(fn, name, stage)
+    elif inspect.isasyncgenfunction(fn):
+        wrapper = _wrap_async_gen(fn, name, stage)
+    elif inspect.isgeneratorfunction(fn):
+        wrapper = _wrap_gen(fn, name, stage)
+    else:
+        return functools.update_wrapper(recorder.traced(fn, name, stage), fn)
+    return functools.wraps(fn)(wrapper)
+
+
+def _wrap_async(fn, name, stage):
+    async def wrapper(*args, **kwargs):
+        with recorder.span(name, stage=stage):
+            return await fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _Lifetime:
+    """One span from a generator's first resume to its end; current only while it runs."""
+
+    __slots__ = ("name_id", "stage_id", "span_id", "parent", "step", "t0", "failed")
+
+    def __init__(self, name, stage):
+        self.name_id, self.stage_id = recorder.intern(name), recorder.intern(stage)
+        self.span_id, self.t0, self.failed = 0, 0, False
+
+    def resume(self):
+        if not self.span_id:
+            if not recorder.is_enabled():
+                return None
+            self.parent, self.step = recorder.current()
+            self.span_id, self.t0 = recorder.new_span_id(), perf_counter_ns()
+        return recorder.set_current(self.span_id, self.step)
+
+    def suspend(self, token):
+        if token is not None:
+            recorder.reset_current(token)
+
+    def finish(self):
+        if self.span_id:
+            recorder.emit(SPAN, self.name_id, self.stage_id, self.t0, perf_counter_ns(), self.span_id,
+                          self.parent, 0, self.step, None, 1 if self.failed else 0)
+
+
+def _wrap_gen(fn, name, stage):
+    def wrapper(*args, **kwargs):
+        life = _Lifetime(name, stage)
+        gen = fn(*args, **kwargs)
+        send, value, exc = gen.send, None, None
+        try:
+            while True:
+                tok = life.resume()
+                try:
+                    out = gen.throw(exc) if exc is not None else send(value)
+                except StopIteration as stop:
+                    return stop.value
+                except BaseException:
+                    life.failed = True
+                    raise
+                finally:
+                    life.suspend(tok)
+                value, exc = None, None
+                try:
+                    value = yield out
+                except GeneratorExit:
+                    gen.close()
+                    raise
+                except BaseException as e:
+                    exc = e
+        finally:
+            life.finish()
+
+    return wrapper
+
+
+def _wrap_async_gen(fn, name, stage):
+    async def wrapper(*args, **kwargs):
+        life = _Lifetime(name, stage)
+        agen = fn(*args, **kwargs)
+        value, exc = None, None
+        try:
+            while True:
+                tok = life.resume()
+                try:
+                    out = await (agen.athrow(exc) if exc is not None else agen.asend(value))
+                except StopAsyncIteration:
+                    return
+                except BaseException:
+                    life.failed = True
+                    raise
+                finally:
+                    life.suspend(tok)
+                value, exc = None, None
+                try:
+                    value = yield out
+                except GeneratorExit:
+                    await agen.aclose()
+                    raise
+                except BaseException as e:
+                    exc = e
+        finally:
+            life.finish()
+
+    return wrapper

@@ -1,0 +1,162 @@
+"""The spool file format: one file per process, a JSON header then CRC-checked batches.
+
+File:   b"LLMTRACE" | u16 version | u16 0 | u32 header_len | header JSON
+Batch:  b"LTB1" | u32 payload_len | u32 crc32(payload) | payload
+Payload: u32 n_strings, n x (u32 id, u32 len, utf-8 bytes)
+         u32 meta_len, meta JSON ({"threads": {tid: name}, "dropped": {tid: n}, ...})
+         u32 n_records, n x RECORD (fixed 112 bytes, layout below)
+
+A batch is written with one write() call, so a crash leaves at most one truncated
+batch at the end of the file; readers stop there and report the offset.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+MAGIC = b"LLMTRACE"
+BATCH_MAGIC = b"LTB1"
+VERSION = 1
+
+# Record kinds.
+SPAN = 0  # a host span: [start_ns, end_ns]
+INSTANT = 1  # a point event at start_ns
+COUNTER = 2  # a counter sample at start_ns; value in attr slot 0 (float bits)
+DEVICE = 3  # device (CUDA event) time of span `span_id`, on the host clock
+
+# Attribute key flags (high bits of attr_key); the low 30 bits are a string id.
+ATTR_STR = 1 << 31  # value is a string id
+ATTR_FLOAT = 1 << 30  # value is the bits of an IEEE double
+ATTR_ID_MASK = (1 << 30) - 1
+N_ATTRS = 4
+
+# start, end, span_id, parent_id, link_id, step, attr_val[4], attr_key[4],
+# name_id, stage_id, tid, kind, flags, pad
+RECORD = struct.Struct("<qqQQQq4q4I3IBBH")
+assert RECORD.size == 112
+
+_HDR = struct.Struct("<8sHHI")
+_BATCH = struct.Struct("<4sII")
+_U32 = struct.Struct("<I")
+_STR = struct.Struct("<II")
+_F64 = struct.Struct("<d")
+_I64 = struct.Struct("<q")
+
+
+def float_bits(x: float) -> int:
+    return _I64.unpack(_F64.pack(x))[0]
+
+
+def bits_float(b: int) -> float:
+    return _F64.unpack(_I64.pack(b))[0]
+
+
+def encode_header(header: dict) -> bytes:
+    body = json.dumps(header, separators=(",", ":")).encode()
+    return _HDR.pack(MAGIC, VERSION, 0, len(body)) + body
+
+
+def encode_batch(strings: list[tuple[int, str]], meta: dict, records: bytes, n_records: int) -> bytes:
+    parts = [_U32.pack(len(strings))]
+    for sid, s in strings:
+        b = s.encode("utf-8", "surrogatepass")
+        parts.append(_STR.pack(sid, len(b)))
+        parts.append(b)
+    mb = json.dumps(meta, separators=(",", ":")).encode() if meta else b""
+    parts += [_U32.pack(len(mb)), mb, _U32.pack(n_records), records]
+    payload = b"".join(parts)
+    return _BATCH.pack(BATCH_MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+class SpoolError(ValueError):
+    """A spool file that cannot be read; names the file and the byte offset."""
+
+    def __init__(self, path: str, offset: int, what: str):
+        super().__init__(f"{path}: at byte {offset}: {what}")
+        self.path, self.offset, self.what = path, offset, what
+
+
+@dataclass
+class Batch:
+    strings: list[tuple[int, str]]
+    meta: dict
+    records: memoryview  # n_records * RECORD.size bytes
+    n_records: int
+
+
+@dataclass
+class SpoolFile:
+    path: str
+    header: dict
+    batches: list[Batch] = field(default_factory=list)
+    truncated_at: int | None = None  # offset of an incomplete/corrupt tail, if any
+    truncation_reason: str = ""
+
+
+def decode_batch(payload: memoryview, path: str = "<stream>", base: int = 0) -> Batch:
+    try:
+        pos = 0
+        (n_str,) = _U32.unpack_from(payload, pos)
+        pos += 4
+        strings = []
+        for _ in range(n_str):
+            sid, ln = _STR.unpack_from(payload, pos)
+            pos += 8
+            strings.append((sid, bytes(payload[pos : pos + ln]).decode("utf-8", "surrogatepass")))
+            pos += ln
+        (mlen,) = _U32.unpack_from(payload, pos)
+        pos += 4
+        meta = json.loads(bytes(payload[pos : pos + mlen])) if mlen else {}
+        pos += mlen
+        (n_rec,) = _U32.unpack_from(payload, pos)
+        pos += 4
+        recs = payload[pos : pos + n_rec * RECORD.size]
+        if len(recs) != n_rec * RECORD.size:
+            raise SpoolError(path, base + pos, f"batch holds {len(recs)} record bytes, header says {n_rec} records")
+        return Batch(strings, meta, recs, n_rec)
+    except (struct.error, ValueError, UnicodeDecodeError) as e:
+        if isinstance(e, SpoolError):
+            raise
+        raise SpoolError(path, base, f"malformed batch: {e}") from None
+
+
+def read_spool(path: str) -> SpoolFile:
+    """Read a whole spool file. A truncated or corrupt tail is tolerated and reported."""
+    with open(path, "rb") as f:
+        data = memoryview(f.read())
+    if len(data) < _HDR.size:
+        raise SpoolError(path, 0, f"file is {len(data)} bytes, too short for a spool header")
+    magic, version, _, hlen = _HDR.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise SpoolError(path, 0, "not an llmtrace spool file (bad magic)")
+    if version != VERSION:
+        raise SpoolError(path, 8, f"spool version {version}, this llmtrace reads version {VERSION}")
+    try:
+        header = json.loads(bytes(data[_HDR.size : _HDR.size + hlen]))
+    except ValueError as e:
+        raise SpoolError(path, _HDR.size, f"malformed header JSON: {e}") from None
+    sf = SpoolFile(path, header)
+    pos = _HDR.size + hlen
+    while pos < len(data):
+        if len(data) - pos < _BATCH.size:
+            sf.truncated_at, sf.truncation_reason = pos, "incomplete batch header"
+            break
+        bmagic, plen, crc = _BATCH.unpack_from(data, pos)
+        if bmagic != BATCH_MAGIC:
+            if bytes(data[pos:]).strip(b"\0") == b"":
+                break  # zero-filled preallocated tail
+            sf.truncated_at, sf.truncation_reason = pos, "bad batch magic"
+            break
+        start = pos + _BATCH.size
+        if start + plen > len(data):
+            sf.truncated_at, sf.truncation_reason = pos, f"batch of {plen} bytes cut at {len(data) - start}"
+            break
+        payload = data[start : start + plen]
+        if zlib.crc32(payload) != crc:
+            sf.truncated_at, sf.truncation_reason = pos, "batch checksum mismatch"
+            break
+        sf.batches.append(decode_batch(payload, path, start))
+        pos = start + plen
+    return sf

@@ -1,0 +1,179 @@
+"""The in-memory timeline: records of every process of a run, loaded into one `Trace`.
+
+Times are host CLOCK_MONOTONIC nanoseconds (shared by all processes of a host). A span
+with device timing carries `device_start_ns`/`device_end_ns` on the same clock.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+
+from .spool_format import (ATTR_FLOAT, ATTR_ID_MASK, ATTR_STR, COUNTER, DEVICE, INSTANT, RECORD, SPAN,
+                           SpoolError, bits_float, read_spool)
+
+
+@dataclass(slots=True)
+class Span:
+    name: str
+    stage: str
+    pid: int
+    tid: int
+    start_ns: int
+    end_ns: int
+    span_id: int
+    parent_id: int = 0
+    link_id: int = 0
+    step: int = -1
+    attrs: dict = field(default_factory=dict)
+    flags: int = 0
+    device_start_ns: int | None = None
+    device_end_ns: int | None = None
+
+    @property
+    def dur_ns(self) -> int:
+        return self.end_ns - self.start_ns
+
+    @property
+    def device_dur_ns(self) -> int | None:
+        if self.device_start_ns is None:
+            return None
+        return self.device_end_ns - self.device_start_ns
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.flags & 1)
+
+
+@dataclass(slots=True)
+class Instant:
+    name: str
+    stage: str
+    pid: int
+    tid: int
+    ts_ns: int
+    step: int = -1
+    parent_id: int = 0
+    attrs: dict = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class CounterSample:
+    name: str
+    pid: int
+    ts_ns: int
+    value: float
+    attrs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Process:
+    pid: int
+    name: str
+    header: dict = field(default_factory=dict)
+    threads: dict[int, str] = field(default_factory=dict)
+    dropped: dict[int, int] = field(default_factory=dict)
+    truncated_at: int | None = None
+    truncation_reason: str = ""
+    source: str = ""
+
+    @property
+    def epoch_offset_ns(self) -> int:
+        return int(self.header.get("epoch_offset_ns", 0))
+
+    @property
+    def span_cost_ns(self) -> float:
+        return float(self.header.get("span_cost_ns", 0.0))
+
+
+@dataclass
+class Trace:
+    processes: dict[int, Process] = field(default_factory=dict)
+    spans: list[Span] = field(default_factory=list)
+    instants: list[Instant] = field(default_factory=list)
+    counters: list[CounterSample] = field(default_factory=list)
+    # Chrome-trace events from other tools (viztracer, py-spy, torch.profiler), already on our clock.
+    foreign_events: list[dict] = field(default_factory=list)
+    # Extra run information written by `llmtrace run` (config, workload results).
+    meta: dict = field(default_factory=dict)
+
+    def sort(self) -> None:
+        self.spans.sort(key=lambda s: s.start_ns)
+        self.instants.sort(key=lambda i: i.ts_ns)
+        self.counters.sort(key=lambda c: c.ts_ns)
+
+    @property
+    def spans_dropped(self) -> int:
+        return sum(sum(p.dropped.values()) for p in self.processes.values())
+
+
+def _decode_attrs(vals, keys, strings) -> dict:
+    out = {}
+    for v, k in zip(vals, keys):
+        if not k:
+            continue
+        name = strings.get(k & ATTR_ID_MASK, "?")
+        if k & ATTR_STR:
+            out[name] = strings.get(v, "?")
+        elif k & ATTR_FLOAT:
+            out[name] = bits_float(v)
+        else:
+            out[name] = v
+    return out
+
+
+def load_spool_file(path: str, trace: Trace) -> Process:
+    """Add one process's spool file to `trace`."""
+    sf = read_spool(path)
+    h = sf.header
+    pid = int(h.get("pid", 0))
+    proc = Process(pid, h.get("process_name", str(pid)), h, truncated_at=sf.truncated_at,
+                   truncation_reason=sf.truncation_reason, source=path)
+    strings: dict[int, str] = {}
+    device: list[tuple] = []
+    by_id: dict[int, Span] = {}
+    for b in sf.batches:
+        strings.update(b.strings)
+        for tid, name in b.meta.get("threads", {}).items():
+            proc.threads[int(tid)] = name
+        for tid, n in b.meta.get("dropped", {}).items():
+            proc.dropped[int(tid)] = proc.dropped.get(int(tid), 0) + int(n)
+        for r in RECORD.iter_unpack(b.records):
+            (start, end, span_id, parent, link, step, a0, a1, a2, a3, k0, k1, k2, k3,
+             name_id, stage_id, tid, kind, flags, _) = r
+            if kind == DEVICE:
+                device.append((span_id, start, end))
+                continue
+            name, stage = strings.get(name_id, "?"), strings.get(stage_id, "?")
+            attrs = _decode_attrs((a0, a1, a2, a3), (k0, k1, k2, k3), strings) if (k0 | k1 | k2 | k3) else {}
+            if kind == SPAN:
+                s = Span(name, stage, pid, tid, start, end, span_id, parent, link, step, attrs, flags)
+                trace.spans.append(s)
+                by_id[span_id] = s
+            elif kind == INSTANT:
+                trace.instants.append(Instant(name, stage, pid, tid, start, step, parent, attrs))
+            elif kind == COUNTER:
+                value = attrs.pop("value", 0.0)
+                trace.counters.append(CounterSample(name, pid, start, value, attrs))
+    for span_id, start, end in device:
+        s = by_id.get(span_id)
+        if s is not None:
+            s.device_start_ns, s.device_end_ns = start, end
+    trace.processes[pid] = proc
+    return proc
+
+
+def spool_files(path: str) -> list[str]:
+    d = os.path.join(path, "spool") if os.path.isdir(os.path.join(path, "spool")) else path
+    return sorted(glob.glob(os.path.join(d, "*.lts")))
+
+
+def load_spool_dir(path: str) -> Trace:
+    files = spool_files(path)
+    if not files:
+        raise SpoolError(path, 0, "no spool files (*.lts) here or under spool/")
+    trace = Trace()
+    for f in files:
+        load_spool_file(f, trace)
+    trace.sort()
+    return trace
