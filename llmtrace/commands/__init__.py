@@ -1,0 +1,1 @@
+"""One module per `llmtrace` subcommand, each with `main(args) -> exit code`."""
