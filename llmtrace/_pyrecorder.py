@@ -92,15 +92,17 @@ def _append(rec: tuple) -> None:
         buf.dropped += 1
 
 
-def emit(kind, name_id, stage_id, start, end, span_id=0, parent_id=0, link_id=0, step=-1, attrs=None, flags=0):
-    """Append one raw record (used by device timing and generator wrappers)."""
+def emit(kind, name_id, stage_id, start, end, span_id=0, parent_id=0, link_id=0, step=-1, attrs=None, flags=0,
+         tid=0):
+    """Append one raw record (device timing, generator wrappers, stack samples).
+    tid=0 means the calling thread; the stack sampler passes the sampled thread's id."""
     if attrs:
         vals, keys, f = _encode_attrs(attrs)
         flags |= f
     else:
         vals = keys = (0, 0, 0, 0)
     _append((start, end, span_id, parent_id, link_id, step, *vals, *keys, name_id, stage_id,
-             threading.get_native_id(), kind, flags, 0))
+             tid or threading.get_native_id(), kind, flags, 0))
 
 
 class Span:

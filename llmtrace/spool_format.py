@@ -25,6 +25,7 @@ SPAN = 0  # a host span: [start_ns, end_ns]
 INSTANT = 1  # a point event at start_ns
 COUNTER = 2  # a counter sample at start_ns; value in attr slot 0 (float bits)
 DEVICE = 3  # device (CUDA event) time of span `span_id`, on the host clock
+SAMPLE = 4  # a stack sample of thread `tid` at start_ns; name = folded stack "outer;...;inner"
 
 # Attribute key flags (high bits of attr_key); the low 30 bits are a string id.
 ATTR_STR = 1 << 31  # value is a string id

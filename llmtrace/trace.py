@@ -9,7 +9,7 @@ import glob
 import os
 from dataclasses import dataclass, field
 
-from .spool_format import (ATTR_FLOAT, ATTR_ID_MASK, ATTR_STR, COUNTER, DEVICE, INSTANT, RECORD, SPAN,
+from .spool_format import (ATTR_FLOAT, ATTR_ID_MASK, ATTR_STR, COUNTER, DEVICE, INSTANT, RECORD, SAMPLE, SPAN,
                            SpoolError, bits_float, read_spool)
 
 
@@ -66,6 +66,17 @@ class CounterSample:
     attrs: dict = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class Sample:
+    """One stack sample (in-process sampler or py-spy): frames outermost first."""
+
+    pid: int
+    tid: int
+    ts_ns: int
+    stack: tuple[str, ...]
+    source: str = "llmtrace"
+
+
 @dataclass
 class Process:
     pid: int
@@ -92,6 +103,7 @@ class Trace:
     spans: list[Span] = field(default_factory=list)
     instants: list[Instant] = field(default_factory=list)
     counters: list[CounterSample] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
     # Chrome-trace events from other tools (viztracer, py-spy, torch.profiler), already on our clock.
     foreign_events: list[dict] = field(default_factory=list)
     # Extra run information written by `llmtrace run` (config, workload results).
@@ -101,6 +113,7 @@ class Trace:
         self.spans.sort(key=lambda s: s.start_ns)
         self.instants.sort(key=lambda i: i.ts_ns)
         self.counters.sort(key=lambda c: c.ts_ns)
+        self.samples.sort(key=lambda s: s.ts_ns)
 
     @property
     def spans_dropped(self) -> int:
@@ -132,6 +145,7 @@ def load_spool_file(path: str, trace: Trace) -> Process:
     strings: dict[int, str] = {}
     device: list[tuple] = []
     by_id: dict[int, Span] = {}
+    stacks: dict[int, tuple[str, ...]] = {}
     for b in sf.batches:
         strings.update(b.strings)
         for tid, name in b.meta.get("threads", {}).items():
@@ -143,6 +157,12 @@ def load_spool_file(path: str, trace: Trace) -> Process:
              name_id, stage_id, tid, kind, flags, _) = r
             if kind == DEVICE:
                 device.append((span_id, start, end))
+                continue
+            if kind == SAMPLE:
+                stack = stacks.get(name_id)
+                if stack is None:
+                    stack = stacks[name_id] = tuple(strings.get(name_id, "?").split(";"))
+                trace.samples.append(Sample(pid, tid, start, stack))
                 continue
             name, stage = strings.get(name_id, "?"), strings.get(stage_id, "?")
             attrs = _decode_attrs((a0, a1, a2, a3), (k0, k1, k2, k3), strings) if (k0 | k1 | k2 | k3) else {}

@@ -1,0 +1,92 @@
+"""In-process stack sampler: which functions a stage spends its time in, without ptrace.
+
+A daemon thread wakes every `interval_s`, reads `sys._current_frames()` and records each
+thread's stack as a SAMPLE record (folded "module:func;...;module:func:line", outermost
+first; the innermost frame carries its line, so a call into C such as np.concatenate is
+still named by the source line that makes it). The analyzer places samples on the span timeline by (pid, tid, time), so every
+stage gets its top functions. Samples are taken when the sampler gets the GIL, so a
+thread running pure Python for a long stretch is sampled at its next switch point
+(sys.getswitchinterval()); py-spy (`llmtrace record --py-spy`) has no such bias.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+from . import recorder
+from .spool_format import SAMPLE
+
+MAX_DEPTH = 48
+_SKIP_THREADS = ("llmtrace-flush", "llmtrace-sampler")
+
+
+class StackSampler:
+    def __init__(self, interval_s: float = 0.001):
+        self.interval_s = interval_s
+        self._labels: dict = {}  # code object -> "module:qualname"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="llmtrace-sampler", daemon=True)
+        self.samples = 0
+
+    def start(self) -> "StackSampler":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=1.0)
+
+    def _label(self, frame) -> str:
+        code = frame.f_code
+        label = self._labels.get(code)
+        if label is None:
+            module = frame.f_globals.get("__name__", "?")
+            label = self._labels[code] = f"{module}:{getattr(code, 'co_qualname', code.co_name)}"
+        return label
+
+    def _folded(self, frame) -> str:
+        labels = [f"{self._label(frame)}:{frame.f_lineno}"]
+        frame = frame.f_back
+        while frame is not None and len(labels) < MAX_DEPTH:
+            labels.append(self._label(frame))
+            frame = frame.f_back
+        labels.reverse()
+        return ";".join(labels)
+
+    def sample_once(self) -> int:
+        if not recorder.is_enabled():
+            return 0
+        native = {t.ident: t.native_id for t in threading.enumerate() if t.name not in _SKIP_THREADS}
+        now = time.perf_counter_ns()
+        n = 0
+        for ident, frame in sys._current_frames().items():
+            tid = native.get(ident)
+            if tid is None:
+                continue
+            recorder.emit(SAMPLE, recorder.intern(self._folded(frame)), 0, now, now, tid=tid)
+            n += 1
+        self.samples += n
+        return n
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample_once()
+
+
+_sampler: StackSampler | None = None
+
+
+def start(interval_s: float = 0.001) -> StackSampler:
+    global _sampler
+    if _sampler is None:
+        _sampler = StackSampler(interval_s).start()
+    return _sampler
+
+
+def stop() -> None:
+    global _sampler
+    if _sampler is not None:
+        _sampler.stop()
+        _sampler = None
