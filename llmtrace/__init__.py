@@ -27,6 +27,8 @@ ENV_ENABLED = "LLMTRACE_ENABLED"
 ENV_TRACE_ID = "LLMTRACE_TRACE_ID"
 ENV_LIVE = "LLMTRACE_LIVE"
 ENV_PROCESS_NAME = "LLMTRACE_PROCESS_NAME"
+ENV_SAMPLE_HZ = "LLMTRACE_SAMPLE_HZ"
+ENV_GC = "LLMTRACE_GC"
 
 
 def _default_process_name() -> str:
@@ -35,11 +37,14 @@ def _default_process_name() -> str:
 
 
 def configure(enabled: bool = True, out: str | None = None, process_name: str | None = None,
-              live: str | None = None, propagate: bool = True) -> None:
+              live: str | None = None, sample_hz: float = 0.0, gc: bool = False,
+              propagate: bool = True) -> None:
     """Turn recording on or off and choose where records go.
 
     out: run directory; records spool to OUT/spool/<pid>.lts. Without it, records stay
     in memory until `recorder.drain()` (useful in tests).
+    sample_hz: also sample every thread's stack this often (function names per stage).
+    gc: record garbage-collector pauses as `gc` spans.
     propagate: export the settings in the environment so child processes record too.
     """
     if out is not None:
@@ -48,10 +53,18 @@ def configure(enabled: bool = True, out: str | None = None, process_name: str | 
     elif process_name is not None and sink.current() is not None:
         sink.start(sink.current().out_dir, process_name, context.trace_id, live=live)
     recorder.set_enabled(enabled)
+    if sample_hz > 0:
+        from . import stack_sampler
+        stack_sampler.start(1.0 / sample_hz)
+    if gc:
+        from . import gc_spans
+        gc_spans.install()
     if propagate and out is not None:
         os.environ[ENV_OUT] = out
         os.environ[ENV_TRACE_ID] = f"{context.trace_id:x}"
         os.environ[ENV_ENABLED] = "1" if enabled else "0"
+        os.environ[ENV_SAMPLE_HZ] = str(sample_hz)
+        os.environ[ENV_GC] = "1" if gc else "0"
         if live:
             os.environ[ENV_LIVE] = live
 
@@ -67,6 +80,8 @@ def flush() -> int:
 
 def shutdown() -> None:
     """Flush and close the spool file; recording stops."""
+    if "llmtrace.stack_sampler" in sys.modules:
+        sys.modules["llmtrace.stack_sampler"].stop()
     recorder.set_enabled(False)
     sink.stop()
 
@@ -75,6 +90,7 @@ def _configure_from_env() -> None:
     out = os.environ.get(ENV_OUT)
     if out and os.environ.get(ENV_ENABLED, "1") != "0":
         configure(True, out, os.environ.get(ENV_PROCESS_NAME) or None, os.environ.get(ENV_LIVE) or None,
+                  sample_hz=float(os.environ.get(ENV_SAMPLE_HZ) or 0), gc=os.environ.get(ENV_GC) == "1",
                   propagate=False)
 
 
