@@ -1,0 +1,278 @@
+"""Scheduler: continuous batching, budgets, preemption by recompute, aborts, stop rules, and a
+long randomized simulation that must leave every KV block free."""
+import random
+import time
+
+import pytest
+
+import llmtrace
+from engine.block_manager import BlockManager
+from engine.config import ConfigError, EngineConfig
+from engine.sampling_params import SamplingParams
+from engine.scheduler import QueueFull, RequestRejected, Scheduler
+from engine.sequence import Sequence, SequenceStatus
+
+EOS = 2
+
+
+def make(num_blocks=64, block_size=4, eos=EOS, prefill_batch_1=False, **engine):
+    engine.setdefault("max_model_len", 64)
+    engine.setdefault("max_batched_tokens", 256)
+    cfg = EngineConfig(block_size=block_size, num_blocks=num_blocks, **engine)
+    return Scheduler(cfg, BlockManager(num_blocks, block_size), eos, prefill_batch_1=prefill_batch_1)
+
+
+def seq(req, n, max_tokens=16, **params):
+    return Sequence(req, range(10, 10 + n), SamplingParams(max_tokens=max_tokens, **params))
+
+
+def step(sched, token=7):
+    """One engine step with every sequence sampling `token`; returns (output, finished)."""
+    out = sched.schedule()
+    finished = sched.postprocess(out, [token] * len(out.scheduled))
+    sched.check_invariants()
+    return out, finished
+
+
+def test_prefill_batches_several_requests_then_decodes():
+    sched = make()
+    seqs = [seq(f"r{i}", n) for i, n in enumerate((5, 6, 7))]
+    for s in seqs:
+        sched.add(s)
+    assert sched.num_waiting == 3 and sched.has_unfinished()
+    out = sched.schedule()
+    assert out.is_prefill and out.preempted == []
+    assert [(s.seq, s.num_new_tokens, s.start_pos) for s in out.scheduled] == [(seqs[0], 5, 0), (seqs[1], 6, 0), (seqs[2], 7, 0)]
+    assert out.num_batched_tokens == 18
+    assert all(s.first_scheduled_ns >= s.arrival_ns and s.status is SequenceStatus.RUNNING for s in seqs)
+    assert sched.postprocess(out, [7, 8, 9]) == []
+    assert [s.output_token_ids for s in seqs] == [[7], [8], [9]]
+    assert [s.num_cached_tokens for s in seqs] == [5, 6, 7]
+    assert all(s.first_token_ns >= s.first_scheduled_ns for s in seqs)
+    out = sched.schedule()
+    assert not out.is_prefill
+    assert [(s.seq, s.num_new_tokens, s.start_pos) for s in out.scheduled] == [(seqs[0], 1, 5), (seqs[1], 1, 6), (seqs[2], 1, 7)]
+    sched.check_invariants()
+
+
+def test_new_requests_join_the_running_batch():
+    sched = make()
+    a, b = seq("a", 4), seq("b", 4)
+    sched.add(a)
+    step(sched)
+    step(sched)
+    sched.add(b)
+    out, _ = step(sched)
+    assert out.is_prefill and [s.seq for s in out.scheduled] == [b]  # prefill first, a waits one step
+    out, _ = step(sched)
+    assert not out.is_prefill and [s.seq for s in out.scheduled] == [a, b]
+    assert a.num_output_tokens == 3 and b.num_output_tokens == 2
+
+
+@pytest.mark.parametrize("prefill_batch_size, prefill_batch_1, sizes", [(2, False, [2, 2, 1]), (8, True, [1, 1, 1, 1, 1])])
+def test_prefill_batch_size_and_the_batch_1_antipattern(prefill_batch_size, prefill_batch_1, sizes):
+    sched = make(prefill_batch_size=prefill_batch_size, prefill_batch_1=prefill_batch_1)
+    for i in range(5):
+        sched.add(seq(f"r{i}", 3))
+    got = []
+    while sched.num_waiting:
+        out, _ = step(sched)
+        assert out.is_prefill
+        got.append(len(out.scheduled))
+    assert got == sizes
+
+
+def test_token_budget_is_respected():
+    sched = make(max_model_len=16, max_batched_tokens=16)
+    for i in range(3):
+        sched.add(seq(f"r{i}", 6))
+    sched.add(seq("r3", 16))
+    budgets = []
+    while sched.num_waiting:
+        out, _ = step(sched)
+        assert out.num_batched_tokens <= 16
+        if out.is_prefill:
+            budgets.append([s.num_new_tokens for s in out.scheduled])
+    assert budgets == [[6, 6], [6], [16]]
+
+
+def test_max_num_seqs_caps_the_running_batch():
+    sched = make(max_num_seqs=2)
+    for i in range(3):
+        sched.add(seq(f"r{i}", 3, max_tokens=3))
+    out, _ = step(sched)
+    assert len(out.scheduled) == 2 and sched.num_running == 2 and sched.num_waiting == 1
+    out, _ = step(sched)
+    assert not out.is_prefill and len(out.scheduled) == 2
+    step(sched)  # both reach max_tokens
+    assert sched.num_running == 0
+    out, _ = step(sched)
+    assert out.is_prefill and out.scheduled[0].seq.req_id == "r2"
+
+
+def test_preemption_by_recompute_and_resume(monkeypatch):
+    instants = []
+    monkeypatch.setattr(llmtrace, "instant", lambda name, **attrs: instants.append((name, attrs)))
+    # 4 blocks of 4 tokens: two 8-token prompts fill the cache.
+    sched = make(num_blocks=4, block_size=4, max_model_len=16, max_batched_tokens=16)
+    a, b = seq("a", 8, max_tokens=4), seq("b", 8, max_tokens=4)
+    sched.add(a)
+    sched.add(b)
+    out, _ = step(sched, token=5)
+    assert len(out.scheduled) == 2 and sched.block_manager.num_free_blocks == 0
+    # Both need a 3rd block for their 9th token: the newest (b) gives its blocks up.
+    out, _ = step(sched, token=6)
+    assert out.preempted == [b] and [s.seq for s in out.scheduled] == [a]
+    assert b.status is SequenceStatus.WAITING and b.num_preemptions == 1 and b.num_cached_tokens == 0
+    assert b.block_table == [] and list(sched.waiting) == [b] and sched.num_preemptions == 1
+    assert instants == [("preempt", {"req": "b"})]
+    first_scheduled = b.first_scheduled_ns
+    while not a.is_finished:
+        out, _ = step(sched, token=6)
+        assert [s.seq for s in out.scheduled] == [a]
+    assert a.finish_reason == "length" and a.output_token_ids == [5, 6, 6, 6]
+    # b is recomputed in one prefill: its prompt and the token it had generated.
+    out, _ = step(sched, token=8)
+    assert out.is_prefill and [(s.seq, s.num_new_tokens, s.start_pos) for s in out.scheduled] == [(b, 9, 0)]
+    assert b.first_scheduled_ns == first_scheduled  # the queue span ends at the first scheduling
+    while sched.has_unfinished():
+        step(sched, token=9)
+    assert b.finish_reason == "length" and b.output_token_ids == [5, 8, 9, 9]
+    assert sched.block_manager.num_free_blocks == 4
+
+
+def test_the_only_running_sequence_never_preempts_itself_out():
+    sched = make(num_blocks=4, block_size=4, max_model_len=16, max_batched_tokens=16)
+    s = seq("a", 3, max_tokens=100)
+    sched.add(s)
+    while sched.has_unfinished():
+        out, _ = step(sched)
+        assert out.preempted == []
+    assert s.finish_reason == "length" and s.num_tokens == 16
+
+
+def test_abort_frees_blocks_wherever_the_sequence_is():
+    sched = make(max_num_seqs=1)
+    running, waiting = seq("run", 9), seq("wait", 5)
+    sched.add(running)
+    sched.add(waiting)
+    step(sched)
+    assert running.block_table and sched.block_manager.num_used_blocks == 3
+    assert sched.abort("wait") is waiting and waiting.finish_reason == "abort" and sched.num_waiting == 0
+    assert sched.abort("run") is running and running.block_table == [] and sched.num_running == 0
+    assert sched.block_manager.num_used_blocks == 0 and not sched.has_unfinished()
+    assert sched.abort("run") is None and sched.abort("never") is None
+    sched.check_invariants()
+
+
+def test_abort_while_the_step_runs():
+    sched = make()
+    a, b = seq("a", 4), seq("b", 4)
+    sched.add(a)
+    sched.add(b)
+    out = sched.schedule()
+    sched.abort("a")
+    assert sched.postprocess(out, [7, 7]) == []
+    assert a.output_token_ids == [] and a.status is SequenceStatus.FINISHED_ABORTED
+    assert b.output_token_ids == [7]
+    sched.check_invariants()
+
+
+@pytest.mark.parametrize("params, tokens, reason, n_out", [
+    ({}, [7, 7, EOS, 7], "stop", 3),
+    ({"ignore_eos": True}, [7, EOS, EOS, EOS, 7, 7], "length", 6),
+    ({"stop_token_ids": [9]}, [7, 9, 7], "stop", 2),
+    ({"ignore_eos": True, "stop_token_ids": [EOS]}, [7, EOS, 7], "stop", 2),
+    ({}, [7] * 10, "length", 6),  # max_tokens
+    ({"max_tokens": 100}, [7] * 100, "length", 60),  # max_model_len (64) with a 4-token prompt
+])
+def test_stop_conditions(params, tokens, reason, n_out):
+    sched = make()
+    s = seq("r", 4, **{"max_tokens": 6, **params})
+    sched.add(s)
+    finished = []
+    for token in tokens:
+        _, finished = step(sched, token)
+        if finished:
+            break
+    assert finished == [s] and s.finish_reason == reason and s.num_output_tokens == n_out
+    assert s.block_table == [] and sched.block_manager.num_used_blocks == 0 and not sched.has_unfinished()
+
+
+def test_add_rejects_what_cannot_run():
+    sched = make(max_model_len=32, max_batched_tokens=32, max_waiting=2)
+    with pytest.raises(RequestRejected, match="the prompt has 33 tokens, more than the 32"):
+        sched.add(seq("long", 33))
+    with pytest.raises(RequestRejected, match="the prompt is empty"):
+        sched.add(seq("empty", 0))
+    sched.add(seq("a", 4))
+    with pytest.raises(RequestRejected, match="request id 'a' is already in use"):
+        sched.add(seq("a", 4))
+    sched.add(seq("b", 4))
+    with pytest.raises(QueueFull, match="2 requests are waiting already"):
+        sched.add(seq("c", 4))
+    assert sched.num_waiting == 2
+
+
+def test_kv_cache_smaller_than_max_model_len_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"engine\.max_model_len: 64 exceeds the KV cache capacity of 32 tokens"):
+        make(num_blocks=8, block_size=4, max_model_len=64)
+
+
+def test_randomized_simulation_leaves_every_block_free():
+    """2,000 requests with random arrivals, lengths, EOS and aborts on a small KV cache."""
+    rng = random.Random(1234)
+    sched = make(num_blocks=48, block_size=8, max_num_seqs=16, max_batched_tokens=128,
+                 prefill_batch_size=4, max_model_len=128, max_waiting=32)
+    cfg, bm = sched.cfg, sched.block_manager
+    pending = [seq(f"r{i}", rng.randint(1, 100), max_tokens=rng.randint(1, 60), ignore_eos=rng.random() < 0.5)
+               for i in range(2000)]
+    pending.reverse()
+    ended: dict[str, Sequence] = {}
+    deadline = time.monotonic() + 20
+    steps = rejected = 0
+    while pending or sched.has_unfinished():
+        assert time.monotonic() < deadline, "simulation too slow or stuck"
+        for _ in range(rng.choice((0, 0, 0, 0, 1, 3))):  # bursts fill the bounded waiting queue
+            if pending:
+                try:
+                    sched.add(pending[-1])
+                    pending.pop()
+                except QueueFull:
+                    rejected += 1
+        if rng.random() < 0.05 and sched._unfinished:
+            victim = sched.abort(rng.choice(list(sched._unfinished)))
+            ended[victim.req_id] = victim
+        out = sched.schedule()
+        assert out.num_batched_tokens <= cfg.max_batched_tokens and len(out.scheduled) <= cfg.max_num_seqs
+        if out.is_prefill:
+            assert len(out.scheduled) <= cfg.prefill_batch_size
+        for s, n, start in out.scheduled:
+            # each step computes every token not yet in the cache, within the sequence's blocks
+            assert start == s.num_cached_tokens and start + n == s.num_tokens
+            assert len(s.block_table) * bm.block_size >= s.num_tokens
+        if rng.random() < 0.05 and sched._unfinished:  # abort while the step "runs"
+            victim = sched.abort(rng.choice(list(sched._unfinished)))
+            ended[victim.req_id] = victim
+        tokens = [EOS if rng.random() < 0.02 else rng.randint(3, 999) for _ in out.scheduled]
+        for s in sched.postprocess(out, tokens):
+            assert s.req_id not in ended
+            ended[s.req_id] = s
+        steps += 1
+        if steps % 10 == 0:
+            sched.check_invariants()
+    sched.check_invariants()
+    assert bm.num_free_blocks == bm.num_blocks and sched.num_running == sched.num_waiting == 0
+    assert len(ended) == 2000
+    assert sched.num_preemptions > 0  # the cache is small enough to exercise recompute
+    assert rejected > 0  # and arrivals outrun the engine at times
+    assert any(s.num_preemptions and s.finish_reason != "abort" for s in ended.values())
+    for s in ended.values():
+        p = s.sampling_params
+        assert s.block_table == []
+        if s.finish_reason == "length":
+            assert s.num_output_tokens == p.max_tokens or s.num_tokens >= cfg.max_model_len
+        elif s.finish_reason == "stop":
+            assert s.output_token_ids[-1] == EOS and not p.ignore_eos and s.num_output_tokens <= p.max_tokens
+        else:
+            assert s.finish_reason == "abort" and s.num_output_tokens < p.max_tokens
