@@ -37,7 +37,7 @@ class BlockManager:
         return self.num_used_blocks / self.num_blocks
 
     def _missing(self, seq: Sequence) -> int:
-        return seq.num_blocks_needed(self.block_size) - len(seq.block_table)
+        return -(-seq.num_tokens // self.block_size) - len(seq.block_table)
 
     def can_allocate(self, seq: Sequence) -> bool:
         return self._missing(seq) <= len(self.free_blocks)
@@ -50,7 +50,10 @@ class BlockManager:
 
     def can_append(self, seqs: Iterable[Sequence]) -> bool:
         """Whether the next decode step of `seqs` finds the new blocks it needs."""
-        return sum(self._missing(s) for s in seqs) <= len(self.free_blocks)
+        need = 0
+        for seq in seqs:
+            need += self._missing(seq)
+        return need <= len(self.free_blocks)
 
     def append_slot(self, seq: Sequence) -> None:
         """Make room for the sequence's last token: a new block when that token starts one."""

@@ -104,6 +104,12 @@ class EngineConfig:
                 f"{path}.max_num_seqs ({self.max_num_seqs}); a decode step of max_num_seqs "
                 f"sequences would not fit, so use at least {self.max_num_seqs}",
                 f"{path}.max_batched_tokens")
+        if self.num_blocks is not None and self.num_blocks * self.block_size < self.max_model_len:
+            need = -(-self.max_model_len // self.block_size)
+            raise ConfigError(
+                f"{path}.num_blocks: {self.num_blocks} blocks of {self.block_size} tokens cannot hold one "
+                f"sequence of {path}.max_model_len ({self.max_model_len}) tokens; use at least {need}",
+                f"{path}.num_blocks")
 
 
 _DIST_KEYS = {"fixed": ("value",), "uniform": ("min", "max"), "normal": ("mean", "std")}

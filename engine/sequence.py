@@ -15,10 +15,6 @@ class SequenceStatus(enum.Enum):
     FINISHED_LENGTH = "length"  # max_tokens or max_model_len
     FINISHED_ABORTED = "abort"
 
-    @property
-    def is_finished(self) -> bool:
-        return self in _FINISHED
-
 
 _FINISHED = frozenset({SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
                        SequenceStatus.FINISHED_ABORTED})
@@ -33,8 +29,8 @@ class Sequence:
     """
 
     __slots__ = ("seq_id", "req_id", "prompt_token_ids", "output_token_ids", "sampling_params", "status",
-                 "block_table", "num_cached_tokens", "arrival_ns", "first_scheduled_ns", "first_token_ns",
-                 "finish_reason", "num_preemptions")
+                 "block_table", "num_tokens", "num_cached_tokens", "arrival_ns", "first_scheduled_ns",
+                 "first_token_ns", "finish_reason", "num_preemptions")
 
     def __init__(self, req_id: str, prompt_token_ids, sampling_params: SamplingParams | None = None,
                  arrival_ns: int | None = None, seq_id: int | None = None):
@@ -45,6 +41,7 @@ class Sequence:
         self.sampling_params = sampling_params or SamplingParams()
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
+        self.num_tokens = len(self.prompt_token_ids)  # prompt + output; kept by append_token (hot path)
         self.num_cached_tokens = 0
         self.arrival_ns = perf_counter_ns() if arrival_ns is None else arrival_ns
         self.first_scheduled_ns: int | None = None  # end of the `queue` span
@@ -65,10 +62,6 @@ class Sequence:
         return len(self.output_token_ids)
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
     def last_token_id(self) -> int:
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
 
@@ -78,7 +71,7 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status.is_finished
+        return self.status in _FINISHED
 
     def num_blocks_needed(self, block_size: int) -> int:
         """Blocks that hold every token of the sequence."""
@@ -86,6 +79,7 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
+        self.num_tokens += 1
 
     def finish(self, status: SequenceStatus) -> None:
         self.status = status

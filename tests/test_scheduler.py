@@ -230,6 +230,14 @@ def test_randomized_simulation_leaves_every_block_free():
     pending.reverse()
     ended: dict[str, Sequence] = {}
     deadline = time.monotonic() + 20
+
+    def abort_random():
+        if live and rng.random() < 0.05:
+            req_id = live.pop(rng.randrange(len(live)))
+            ended[req_id] = sched.abort(req_id)
+            assert ended[req_id].finish_reason == "abort"
+
+    live: list[str] = []  # added and not yet seen to end, in our own bookkeeping
     steps = rejected = 0
     while pending or sched.has_unfinished():
         assert time.monotonic() < deadline, "simulation too slow or stuck"
@@ -237,12 +245,10 @@ def test_randomized_simulation_leaves_every_block_free():
             if pending:
                 try:
                     sched.add(pending[-1])
-                    pending.pop()
+                    live.append(pending.pop().req_id)
                 except QueueFull:
                     rejected += 1
-        if rng.random() < 0.05 and sched._unfinished:
-            victim = sched.abort(rng.choice(list(sched._unfinished)))
-            ended[victim.req_id] = victim
+        abort_random()
         out = sched.schedule()
         assert out.num_batched_tokens <= cfg.max_batched_tokens and len(out.scheduled) <= cfg.max_num_seqs
         if out.is_prefill:
@@ -251,13 +257,12 @@ def test_randomized_simulation_leaves_every_block_free():
             # each step computes every token not yet in the cache, within the sequence's blocks
             assert start == s.num_cached_tokens and start + n == s.num_tokens
             assert len(s.block_table) * bm.block_size >= s.num_tokens
-        if rng.random() < 0.05 and sched._unfinished:  # abort while the step "runs"
-            victim = sched.abort(rng.choice(list(sched._unfinished)))
-            ended[victim.req_id] = victim
+        abort_random()  # while the step "runs"
         tokens = [EOS if rng.random() < 0.02 else rng.randint(3, 999) for _ in out.scheduled]
         for s in sched.postprocess(out, tokens):
             assert s.req_id not in ended
             ended[s.req_id] = s
+            live.remove(s.req_id)
         steps += 1
         if steps % 10 == 0:
             sched.check_invariants()
