@@ -1,0 +1,121 @@
+"""ModelRunner: the model side of one engine step (StepInput -> StepOutput).
+
+Owns the model, its paged KV cache and the sampler. `execute` is instrumented with the
+agent's spans (docs/architecture.md): preprocess, forward, sampling, sync.wait; the host
+waits for the device only in sync.wait.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import llmtrace
+
+from .attention import AttentionMetadata
+from .models.llama import KVCache, LlamaForCausalLM
+from .models.loader import load_model
+from .sampler import Sampler, SamplingTensors
+from .step_io import StepInput, StepOutput
+
+CPU_KV_CACHE_BYTES = 256 << 20  # default KV budget on CPU, where memory is not measured
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    last_token_indices: torch.Tensor  # row of each sequence's last new token: the one sampled
+    sampling: SamplingTensors
+
+
+def prepare_inputs(step: StepInput, device: torch.device) -> ModelInputs:
+    """numpy step arrays -> device tensors (the only host->device copies of a step)."""
+
+    def dev(a: np.ndarray, dtype) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype)).to(device, non_blocking=True)
+
+    qsl = step.query_start_loc
+    meta = AttentionMetadata(
+        is_prefill=step.is_prefill,
+        slot_mapping=dev(step.slot_mapping, np.int64),
+        block_tables=dev(np.maximum(step.block_tables, 0), np.int64),
+        context_lens=dev(step.context_lens, np.int32),
+        query_start_loc=dev(qsl, np.int32),
+        max_query_len=int((qsl[1:] - qsl[:-1]).max()),
+        max_context_len=int(step.context_lens.max()),
+    )
+    sampling = SamplingTensors.from_numpy(step.temperature, step.top_p, step.top_k, step.seed,
+                                          positions=step.context_lens, device=device)
+    return ModelInputs(dev(step.input_ids, np.int64), dev(step.positions, np.int64), meta,
+                       dev(qsl[1:] - 1, np.int64), sampling)
+
+
+def kv_block_bytes(model: LlamaForCausalLM, block_size: int) -> int:
+    c = model.config
+    elem = next(model.parameters()).element_size()
+    return 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim * elem
+
+
+class ModelRunner:
+    """model_cfg: see `models.loader.load_model`. The KV cache holds `num_blocks` blocks when
+    given, else as many as fit in `kv_cache_memory` bytes, else (CUDA) in
+    `gpu_memory_utilization` of the memory free after loading, else (CPU) 256 MiB.
+    `antipatterns` is accepted for the agent's deliberately slow variants."""
+
+    def __init__(self, model_cfg, *, block_size: int = 16, num_blocks: int | None = None,
+                 kv_cache_memory: int | None = None, gpu_memory_utilization: float = 0.9, antipatterns=None):
+        self.model, _ = load_model(model_cfg)
+        self.device = next(self.model.parameters()).device
+        self.block_size = block_size
+        self.antipatterns = antipatterns
+        self.num_blocks = num_blocks or self._blocks_that_fit(kv_cache_memory, gpu_memory_utilization)
+        self.kv_caches = self._allocate_kv_cache()
+        self.sampler = Sampler(self.device, seed=model_cfg.seed)
+
+    def _blocks_that_fit(self, kv_cache_memory: int | None, gpu_memory_utilization: float) -> int:
+        if kv_cache_memory is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                kv_cache_memory = int(free * gpu_memory_utilization)
+            else:
+                kv_cache_memory = CPU_KV_CACHE_BYTES
+        blocks = kv_cache_memory // kv_block_bytes(self.model, self.block_size)
+        if blocks < 1:
+            raise ValueError(f"KV cache budget of {kv_cache_memory} bytes holds no block of {self.block_size} tokens")
+        return int(blocks)
+
+    def _allocate_kv_cache(self) -> list[KVCache]:
+        c = self.model.config
+        dtype = next(self.model.parameters()).dtype
+        shape = (self.num_blocks, self.block_size, c.num_key_value_heads, c.head_dim)
+        return [(torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
+                for _ in range(c.num_hidden_layers)]
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> StepOutput:
+        n = step.step
+        with llmtrace.span("preprocess", step=n, seqs=step.num_seqs, tokens=step.num_tokens):
+            inp = prepare_inputs(step, self.device)
+        with llmtrace.span("forward", step=n, device=True):
+            hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
+            logits = self.model.compute_logits(hidden, inp.last_token_indices)
+        with llmtrace.span("sampling", step=n, device=True):
+            ids, logprobs = self.sampler(logits, inp.sampling)
+            ids_host, logprobs_host = self._copy_to_host(ids.to(torch.int32), logprobs)
+        with llmtrace.span("sync.wait", step=n):
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            return StepOutput(ids_host.numpy(), logprobs_host.numpy())
+
+    def _copy_to_host(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Start async copies into pinned host memory (CUDA); on CPU the tensors already are host memory."""
+        if self.device.type != "cuda":
+            return list(tensors)
+        out = []
+        for t in tensors:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            out.append(host.copy_(t, non_blocking=True))
+        return out
