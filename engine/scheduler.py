@@ -181,9 +181,8 @@ class Scheduler:
                 seq.finish(status)
                 self.block_manager.free(seq)
                 del self._unfinished[seq.req_id]
+                self.running.remove(seq)
                 finished.append(seq)
-        if finished:
-            self.running = deque(s for s in self.running if not s.is_finished)
         return finished
 
     def _stop_status(self, seq: Sequence) -> SequenceStatus | None:
