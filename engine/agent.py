@@ -1,0 +1,169 @@
+"""An engine agent: one process per device/rank that runs the model for the master.
+
+    python -m engine.agent --connect HOST:PORT --rank R
+
+It connects to the master, learns the run config and the shared arenas from the
+handshake, builds the ModelRunner, then executes one step per step message: the inputs
+are read in place from the request arena, the sampled ids written to the reply arena,
+and the reply frame says how many rows are ready. It exits on `shutdown` or when the
+master's connection goes away. Spans follow docs/architecture.md: `agent.step` follows
+the master's carrier, and waiting for the next step is in no span.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from time import perf_counter_ns
+
+import llmtrace
+import llmtrace.gpu
+from llmtrace.context import Carrier
+
+from . import protocol
+from .batch_state import BatchState
+from .ipc import ReceiveSpan
+from .ipc.shm import ArenaLayout, ShmArena
+from .ipc.tcp import ConnectionClosed, FrameSocket
+
+log = logging.getLogger("engine.agent")
+
+TOKEN_ENV = "ENGINE_AGENT_TOKEN"  # set by the master that spawned this agent; proves the connection is its own
+
+
+def process_name(rank: int) -> str:
+    return f"agent-{rank}"
+
+
+class Agent:
+    def __init__(self, conn: FrameSocket, rank: int):
+        self.conn, self.rank = conn, rank
+        self.batch = BatchState()
+        self.runner = None
+        self.request: ShmArena | None = None
+        self.reply: ShmArena | None = None
+
+    def handshake(self) -> None:
+        """hello -> config + arenas -> build the runner -> ready {num_blocks}."""
+        from .config import load_config
+        from .model_runner import ModelRunner
+
+        self.conn.send(protocol.message("hello", rank=self.rank, pid=os.getpid(), token=os.environ.get(TOKEN_ENV, "")))
+        setup = protocol.check(self.conn.recv(), "hello")
+        cfg = load_config(setup["config"])
+        self.conn.set_nodelay(not cfg.antipatterns.no_tcp_nodelay)
+        arenas = setup["arenas"]
+        self.request = ShmArena.attach(arenas["request"]["name"], ArenaLayout.from_wire(arenas["request"]["layout"]))
+        self.reply = ShmArena.attach(arenas["reply"]["name"], ArenaLayout.from_wire(arenas["reply"]["layout"]))
+        self.runner = ModelRunner(cfg.model, block_size=cfg.engine.block_size, num_blocks=cfg.engine.num_blocks,
+                                  antipatterns=cfg.antipatterns)
+        if self.runner.device.type == "cuda":
+            llmtrace.gpu.install()
+        self.conn.send(protocol.message("ready", rank=self.rank, num_blocks=int(self.runner.num_blocks),
+                                        vocab_size=int(self.runner.model.config.vocab_size)))
+
+    def serve(self) -> None:
+        """Execute steps until shutdown or until the master goes away."""
+        while True:
+            try:
+                self.conn.wait()  # idle: in no span
+            except ConnectionClosed:
+                log.info("%s: the master closed the connection", process_name(self.rank))
+                return
+            with ReceiveSpan("agent.step") as span:
+                msg = self.conn.recv()
+                span.follow(Carrier.from_wire(msg.get("carrier")), child="tcp.recv")
+                if protocol.check(msg, "step", "shutdown")["type"] == "shutdown":
+                    span.discard()
+                    return
+                self.step(msg, span.t0)
+
+    def step(self, msg: dict, t_arrival: int) -> None:
+        from .step_io import StepInput
+
+        B, T, W = msg["num_seqs"], msg["num_tokens"], msg["block_width"]
+        with llmtrace.span("shm.read", seqs=B, tokens=T):
+            a = self.request.arrays
+            seq_ids = a["seq_ids"][:B]
+            views = dict(input_ids=a["input_ids"][:T], positions=a["positions"][:T],
+                         slot_mapping=a["slot_mapping"][:T], query_start_loc=a["query_start_loc"][:B + 1],
+                         context_lens=a["context_lens"][:B], block_tables=a["block_tables"][:B, :W])
+        with llmtrace.span("preprocess.batch", new=len(msg["new"]), drop=len(msg["drop"])):
+            self.batch.apply(msg["new"], msg["drop"])
+            temperature, top_p, top_k, seed = self.batch.sampling_arrays(seq_ids)
+            inp = StepInput(step=msg["step"], is_prefill=bool(msg["prefill"]), seq_ids=seq_ids,
+                            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, **views)
+        t0 = perf_counter_ns()
+        out = self.runner.execute(inp)
+        execute_ns = perf_counter_ns() - t0
+        if self.rank != 0:
+            return  # rank 0 answers for the group
+        with llmtrace.span("shm.write", seqs=B):
+            self.reply["token_ids"][:B] = out.token_ids
+            self.reply["logprobs"][:B] = out.logprobs
+        carrier = list(llmtrace.context.current())  # agent.step's: the master's tcp.recv follows it
+        with llmtrace.span("tcp.send"):
+            self.conn.send(protocol.message("reply", step=msg["step"], carrier=carrier, n=B,
+                                            timings={"arrival_ns": t_arrival, "execute_ns": execute_ns,
+                                                     "send_ns": perf_counter_ns()}))
+
+    def close(self) -> None:
+        for arena in (self.request, self.reply):
+            if arena is not None:
+                arena.close()
+        self.conn.close()
+
+
+def _name_process(rank: int) -> None:
+    """Name this process in the spool header (recording was started from the environment)."""
+    spooler = llmtrace.sink.current()
+    if spooler is not None and spooler.process_name != process_name(rank):
+        llmtrace.configure(process_name=process_name(rank), propagate=False)
+
+
+def _parse_address(v: str) -> tuple[str, int]:
+    host, sep, port = v.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{v!r} is not HOST:PORT")
+    return host or "127.0.0.1", int(port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m engine.agent", description=__doc__.split("\n\n")[0])
+    p.add_argument("--connect", required=True, type=_parse_address, metavar="HOST:PORT", help="the master's address")
+    p.add_argument("--rank", type=int, default=0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    _name_process(args.rank)
+    try:
+        conn = FrameSocket.connect(*args.connect)
+    except OSError as e:
+        print(f"{process_name(args.rank)}: cannot connect to the master at {args.connect[0]}:{args.connect[1]}: {e}",
+              file=sys.stderr)
+        return 1
+    agent = Agent(conn, args.rank)
+    try:
+        agent.handshake()
+        agent.serve()
+    except ConnectionClosed:
+        log.info("%s: the master went away", process_name(args.rank))
+    except Exception as e:
+        traceback.print_exc()
+        _report(conn, f"{process_name(args.rank)} (pid {os.getpid()}): {type(e).__name__}: {e}")
+        return 1
+    finally:
+        agent.close()
+    return 0
+
+
+def _report(conn: FrameSocket, message: str) -> None:
+    try:
+        conn.send(protocol.message("error", message=message))
+    except ConnectionClosed:
+        pass  # the master is gone too
+
+
+if __name__ == "__main__":
+    sys.exit(main())

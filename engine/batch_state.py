@@ -1,0 +1,37 @@
+"""The agent's view of the running batch, kept in step with the master's diffs.
+
+A sequence's sampling parameters arrive once (in a step's `new`) and stay until the
+master drops the sequence, so a step message names only what changed and the per-row
+sampling arrays are rebuilt here from the sequence ids in the request arena.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .protocol import ProtocolError
+
+
+class BatchState:
+    def __init__(self):
+        # seq_id -> (temperature, top_p, top_k, seed); seed -1 = unseeded
+        self.params: dict[int, tuple[float, float, int, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def apply(self, new: list, drop: list) -> None:
+        """new: [[seq_id, [temperature, top_p, top_k, seed]], ...]; drop: [seq_id, ...]."""
+        for seq_id in drop:
+            self.params.pop(seq_id, None)
+        for seq_id, (temperature, top_p, top_k, seed) in new:
+            self.params[seq_id] = (float(temperature), float(top_p), int(top_k), int(seed))
+
+    def sampling_arrays(self, seq_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(temperature f32, top_p f32, top_k i32, seed i64), one row per sequence of the step."""
+        try:
+            rows = [self.params[s] for s in seq_ids.tolist()]
+        except KeyError as e:
+            raise ProtocolError(f"step schedules sequence {e.args[0]}, whose sampling parameters "
+                                "were never sent") from None
+        t, p, k, s = zip(*rows) if rows else ((), (), (), ())
+        return (np.array(t, np.float32), np.array(p, np.float32), np.array(k, np.int32), np.array(s, np.int64))
