@@ -48,6 +48,8 @@ def test_prefill_batches_several_requests_then_decodes():
     assert sched.postprocess(out, [7, 8, 9]) == []
     assert [s.output_token_ids for s in seqs] == [[7], [8], [9]]
     assert [s.num_cached_tokens for s in seqs] == [5, 6, 7]
+    assert seqs[0].all_token_ids == [10, 11, 12, 13, 14, 7] and seqs[0].last_token_id == 7
+    assert seqs[0].num_tokens == 6 and seqs[0].num_blocks_needed(4) == 2
     assert all(s.first_token_ns >= s.first_scheduled_ns for s in seqs)
     out = sched.schedule()
     assert not out.is_prefill
