@@ -1,0 +1,294 @@
+"""Where each step's (and each output token's) wall time goes.
+
+A step's wall time is its root span (`master.step`; for a generic pipeline the longest
+top-level span carrying that `step`). Every nanosecond of it is given to exactly one
+label, highest claim first:
+
+  model       device time of `forward`/`sampling` (CUDA events); without device time
+              their host time, less host-side work nested in them
+  <stage>     host-side work nested in a model stage (`logging.debug` inside `forward`,
+              `sampling.host`), reported under that model stage's name
+  <stage>     each span on the critical path (the root's children), by its stage
+  gap         inside a step root (or the agent's `agent.step`) but in no child span
+  tcp         the part of the master's `agent.wait` not covered by the agent's step
+
+`agent.wait` is replaced by the agent's breakdown: the `agent.step` of the same step
+that finished last (the slowest rank is the critical one), clipped to the wait.
+So for every step: model + stages + gap == wall time.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from ..trace import Span
+from .index import TraceIndex
+from .stats import percentile
+
+MASTER_ROOT = "master.step"
+AGENT_ROOT = "agent.step"
+AGENT_WAIT = "agent.wait"
+MODEL_STAGES = ("forward", "sampling")
+MODEL = "model"
+GAP = "gap"
+TRANSPORT = "tcp"
+HOST_SUFFIX = ".host"  # `<stage>.host`: host-side work inside a model stage (e.g. argmax on host logits)
+
+# Claim priorities: a higher one takes the time first; among equals the later-starting
+# (inner) segment wins.
+_P_ROOT, _P_WAIT, _P_AGENT_ROOT, _P_STAGE, _P_HOST_IN_MODEL, _P_DEVICE = range(6)
+
+
+@dataclass(slots=True)
+class _Segment:
+    start: int
+    end: int
+    label: str
+    prio: int
+    span: Span | None = None
+
+
+@dataclass
+class StepCost:
+    step: int
+    root: Span
+    tokens: int
+    prefill: bool
+    batch: int | None
+    parts: dict[str, int] = field(default_factory=dict)  # label -> ns on the critical path
+    counts: dict[str, int] = field(default_factory=dict)  # label -> spans contributing
+    transport_ns: int = 0  # the agent.wait residual alone (part of parts["tcp"])
+    wait: Span | None = None
+    agent_root: Span | None = None
+    # (stage label, span) for every span on the critical path, for function evidence
+    stage_spans: list[tuple[str, Span]] = field(default_factory=list)
+
+    @property
+    def wall_ns(self) -> int:
+        return self.root.dur_ns
+
+
+def is_host_side(s: Span, model_stage: str) -> bool:
+    """A span nested in a model stage that is host work, not model compute."""
+    return s.stage != model_stage or s.name.endswith(HOST_SUFFIX)
+
+
+def step_tokens(root: Span) -> int:
+    """Output tokens a step produced: one per sequence in the batch (prefill and decode alike)."""
+    for key in ("batch", "output_tokens", "tokens"):
+        v = root.attrs.get(key)
+        if isinstance(v, (int, float)) and v > 0:
+            return int(v)
+    return 1
+
+
+def _claim(segments: list[_Segment]) -> list[tuple[_Segment, int]]:
+    """Give every instant to the highest-priority segment covering it; returns (segment, ns)."""
+    taken: list[tuple[int, int]] = []  # disjoint, sorted
+    out = []
+    for seg in sorted(segments, key=lambda g: (-g.prio, -g.start)):
+        free, cur = 0, seg.start
+        for a, b in taken:
+            if b <= cur:
+                continue
+            if a >= seg.end:
+                break
+            if a > cur:
+                free += a - cur
+            cur = max(cur, b)
+            if cur >= seg.end:
+                break
+        if cur < seg.end:
+            free += seg.end - cur
+        if free:
+            taken = _merge(taken, seg.start, seg.end)
+        out.append((seg, free))
+    return out
+
+
+def _merge(taken: list[tuple[int, int]], a: int, b: int) -> list[tuple[int, int]]:
+    out, placed = [], False
+    for x, y in taken:
+        if y < a:
+            out.append((x, y))
+        elif x > b:
+            if not placed:
+                out.append((a, b))
+                placed = True
+            out.append((x, y))
+        else:
+            a, b = min(a, x), max(b, y)
+    if not placed:
+        out.append((a, b))
+    return out
+
+
+class _StepWalker:
+    def __init__(self, index: TraceIndex):
+        self.index = index
+        self.agent_steps: dict[int, list[Span]] = defaultdict(list)
+        for s in index.by_name.get(AGENT_ROOT, ()):
+            self.agent_steps[s.step].append(s)
+
+    def cost(self, root: Span) -> StepCost:
+        sc = StepCost(root.step, root, step_tokens(root), bool(root.attrs.get("prefill")),
+                      _int_or_none(root.attrs.get("batch")))
+        segs = [_Segment(root.start_ns, root.end_ns, GAP, _P_ROOT, root)]
+        self._children(root, root.start_ns, root.end_ns, segs, sc)
+        parts, counts = defaultdict(int), defaultdict(int)
+        for seg, ns in _claim(segs):
+            parts[seg.label] += ns
+            if seg.span is not None and seg.label != GAP and seg.prio != _P_AGENT_ROOT:
+                counts[seg.label] += 1
+            if seg.prio == _P_WAIT:
+                sc.transport_ns += ns
+        sc.parts, sc.counts = dict(parts), dict(counts)
+        return sc
+
+    def _children(self, parent: Span, lo: int, hi: int, segs: list, sc: StepCost) -> None:
+        for c in self.index.children.get(parent.span_id, ()):
+            a, b = max(c.start_ns, lo), min(c.end_ns, hi)
+            if b <= a:
+                continue
+            if c.name == AGENT_WAIT:
+                self._agent(c, a, b, segs, sc)
+            elif c.stage in MODEL_STAGES:
+                self._model_stage(c, a, b, (lo, hi), segs, sc)
+            else:
+                segs.append(_Segment(a, b, c.stage, _P_STAGE, c))
+                sc.stage_spans.append((c.stage, c))
+
+    def _agent(self, wait: Span, a: int, b: int, segs: list, sc: StepCost) -> None:
+        segs.append(_Segment(a, b, TRANSPORT, _P_WAIT, wait))
+        sc.wait = wait
+        candidates = [s for s in self.agent_steps.get(wait.step, ()) if s.start_ns < b and s.end_ns > a]
+        if not candidates:
+            return
+        agent = max(candidates, key=lambda s: s.end_ns)
+        sc.agent_root = agent
+        segs.append(_Segment(max(agent.start_ns, a), min(agent.end_ns, b), GAP, _P_AGENT_ROOT, agent))
+        self._children(agent, a, b, segs, sc)
+
+    def _model_stage(self, c: Span, a: int, b: int, window: tuple[int, int], segs: list, sc: StepCost) -> None:
+        sc.stage_spans.append((c.stage, c))
+        if c.device_start_ns is not None:
+            segs.append(_Segment(a, b, c.stage, _P_STAGE, c))  # host launch, overhead when the device idles
+            # the device runs after the launch returns: clip to the step's window, not the span
+            da, db = max(c.device_start_ns, window[0]), min(c.device_end_ns, window[1])
+            if db > da:
+                segs.append(_Segment(da, db, MODEL, _P_DEVICE, c))
+        else:
+            segs.append(_Segment(a, b, MODEL, _P_STAGE, c))
+        for d in self._outer_host_side(c):
+            da, db = max(d.start_ns, a), min(d.end_ns, b)
+            if db > da:
+                segs.append(_Segment(da, db, c.stage, _P_HOST_IN_MODEL, d))
+
+    def _outer_host_side(self, c: Span):
+        """Outermost host-side spans nested in model stage span `c`."""
+        stack = list(self.index.children.get(c.span_id, ()))
+        while stack:
+            d = stack.pop()
+            if is_host_side(d, c.stage):
+                yield d
+            else:
+                stack.extend(self.index.children.get(d.span_id, ()))
+
+
+def _int_or_none(v) -> int | None:
+    return int(v) if isinstance(v, (int, float)) else None
+
+
+def step_roots(index: TraceIndex) -> list[Span]:
+    """One root span per step id, in time order."""
+    masters = index.by_name.get(MASTER_ROOT)
+    if masters:
+        cand = [s for s in masters if s.step >= 0]
+    else:
+        cand = [s for s in index.trace.spans if s.step >= 0 and index.is_root(s)]
+    best: dict[int, Span] = {}
+    for s in cand:
+        cur = best.get(s.step)
+        if cur is None or s.dur_ns > cur.dur_ns:
+            best[s.step] = s
+    return sorted(best.values(), key=lambda s: s.start_ns)
+
+
+class Breakdown:
+    def __init__(self, steps: list[StepCost]):
+        self.steps = steps
+
+    @classmethod
+    def of(cls, index: TraceIndex) -> "Breakdown":
+        walker = _StepWalker(index)
+        return cls([walker.cost(r) for r in step_roots(index)])
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.steps)
+
+    @property
+    def wall_ns(self) -> int:
+        return sum(s.wall_ns for s in self.steps)
+
+    @property
+    def per_token_ms(self) -> float:
+        return self.wall_ns / self.tokens / 1e6 if self.steps else 0.0
+
+    def ms_per_token(self, label: str, steps: list[StepCost] | None = None) -> float:
+        steps = self.steps if steps is None else steps
+        tokens = sum(s.tokens for s in steps)
+        return sum(s.parts.get(label, 0) for s in steps) / tokens / 1e6 if tokens else 0.0
+
+    def decode_steps(self) -> list[StepCost]:
+        return [s for s in self.steps if not s.prefill]
+
+    def prefill_steps(self) -> list[StepCost]:
+        return [s for s in self.steps if s.prefill]
+
+    def view(self, steps: list[StepCost] | None = None) -> dict | None:
+        """The report's breakdown numbers over `steps` (default all)."""
+        steps = self.steps if steps is None else steps
+        if not steps:
+            return None
+        tokens = sum(s.tokens for s in steps)
+        wall = sum(s.wall_ns for s in steps)
+        per_token = wall / tokens / 1e6
+        model = sum(s.parts.get(MODEL, 0) for s in steps) / tokens / 1e6
+        labels = {lab for s in steps for lab in s.parts if lab != MODEL}
+        stages = []
+        for lab in labels:
+            per_step = sorted(s.parts.get(lab, 0) / 1e6 for s in steps)
+            total = sum(per_step)
+            stages.append({
+                "name": lab,
+                "ms_per_step": total / len(steps),
+                "ms_per_token": total / tokens,
+                "share": total / tokens / per_token if per_token else 0.0,
+                "count": sum(s.counts.get(lab, 0) for s in steps),
+                "p50_ms": percentile(per_step, 50),
+                "p99_ms": percentile(per_step, 99),
+            })
+        stages.sort(key=lambda r: -r["ms_per_token"])
+        return {
+            "steps": len(steps),
+            "tokens": tokens,
+            "ms_per_step": wall / len(steps) / 1e6,
+            "per_token_ms": per_token,
+            "model_ms": model,
+            "overhead_ms": per_token - model,
+            "overhead_fraction": (per_token - model) / per_token if per_token else 0.0,
+            "stages": stages,
+            "headline": headline(per_token, model, stages),
+        }
+
+
+def headline(per_token: float, model: float, stages: list[dict], shown: int = 5) -> str:
+    """'40.0 ms/token = 25.0 model + 12.5 preprocess + 2.5 sampling + 0.9 other'."""
+    fmt = "{:.1f}" if per_token >= 10 else "{:.2f}"
+    visible = [r for r in stages if r["ms_per_token"] >= per_token * 0.005]
+    terms = [f"{fmt.format(model)} model"] + [f"{fmt.format(r['ms_per_token'])} {r['name']}" for r in visible[:shown]]
+    rest = sum(r["ms_per_token"] for r in stages) - sum(r["ms_per_token"] for r in visible[:shown])
+    if rest >= per_token * 0.005:
+        terms.append(f"{fmt.format(rest)} other")
+    return f"{fmt.format(per_token)} ms/token = " + " + ".join(terms)

@@ -1,0 +1,55 @@
+"""Lookups over a `Trace` that the breakdown, the metrics and the rules share."""
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+
+from ..trace import Instant, Span, Trace
+
+
+class TraceIndex:
+    def __init__(self, trace: Trace):
+        self.trace = trace
+        self.by_id: dict[int, Span] = {s.span_id: s for s in trace.spans}
+        self.children: dict[int, list[Span]] = defaultdict(list)
+        self.by_name: dict[str, list[Span]] = defaultdict(list)
+        self.by_stage: dict[str, list[Span]] = defaultdict(list)
+        for s in trace.spans:  # trace.spans is sorted by start, so every list is too
+            if s.parent_id in self.by_id:
+                self.children[s.parent_id].append(s)
+            self.by_name[s.name].append(s)
+            self.by_stage[s.stage].append(s)
+        self.instants: dict[str, list[Instant]] = defaultdict(list)
+        for i in trace.instants:
+            self.instants[i.name].append(i)
+        self._counters: dict[str, tuple[list[int], list[float]]] = {}
+        for c in trace.counters:
+            ts, vals = self._counters.setdefault(c.name, ([], []))
+            ts.append(c.ts_ns)
+            vals.append(c.value)
+
+    def is_root(self, s: Span) -> bool:
+        return s.parent_id not in self.by_id
+
+    def descendants(self, s: Span):
+        stack = list(reversed(self.children.get(s.span_id, ())))
+        while stack:
+            d = stack.pop()
+            yield d
+            stack.extend(reversed(self.children.get(d.span_id, ())))
+
+    def has_counter(self, name: str) -> bool:
+        return name in self._counters
+
+    def counter_series(self, name: str) -> tuple[list[int], list[float]]:
+        return self._counters.get(name, ([], []))
+
+    def counter_at(self, name: str, ts_ns: int) -> float | None:
+        """The counter's last value at or before `ts_ns` (None before its first sample)."""
+        ts, vals = self._counters.get(name, ((), ()))
+        i = bisect.bisect_right(ts, ts_ns) - 1
+        return vals[i] if i >= 0 else None
+
+    def counter_max(self, name: str) -> float | None:
+        vals = self._counters.get(name, (None, None))[1]
+        return max(vals) if vals else None

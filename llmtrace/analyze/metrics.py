@@ -1,0 +1,145 @@
+"""Serving metrics (the report's `summary`): requests, tokens, throughput, latencies, batch
+and KV usage over time.
+
+Sources, each optional: `http.request` spans (req, output_tokens, ttft_us), `queue` spans,
+`token` instants (req, n = tokens so far), `req.finish` instants, and the master's
+counters. A generic pipeline with none of them still gets duration, tokens and
+throughput from its steps.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from .breakdown import Breakdown
+from .index import TraceIndex
+from .stats import summary
+
+TIMELINE_POINTS = 200
+
+
+@dataclass
+class _Request:
+    start: int | None = None
+    end: int | None = None
+    ttft_ns: int | None = None
+    output_tokens: int | None = None
+    tokens: list[tuple[int, int]] = field(default_factory=list)  # (ts, n so far)
+
+    def finish(self) -> int | None:
+        return self.end if self.end is not None else (self.tokens[-1][0] if self.tokens else None)
+
+
+def _requests(index: TraceIndex) -> dict:
+    reqs: dict = defaultdict(_Request)
+    for s in index.by_name.get("http.request", ()):
+        r = reqs[s.attrs.get("req", s.span_id)]
+        r.start, r.end = s.start_ns, s.end_ns
+        if "output_tokens" in s.attrs:
+            r.output_tokens = int(s.attrs["output_tokens"])
+        if "ttft_us" in s.attrs:
+            r.ttft_ns = int(s.attrs["ttft_us"] * 1000)
+    for s in index.by_name.get("queue", ()):
+        if "req" in s.attrs:
+            r = reqs[s.attrs["req"]]
+            r.start = s.start_ns if r.start is None else min(r.start, s.start_ns)
+    for i in index.instants.get("token", ()):
+        if "req" in i.attrs:
+            reqs[i.attrs["req"]].tokens.append((i.ts_ns, int(i.attrs.get("n", 0))))
+    for i in index.instants.get("req.finish", ()):
+        if "req" in i.attrs:
+            r = reqs[i.attrs["req"]]
+            r.end = i.ts_ns if r.end is None else r.end
+    for r in reqs.values():
+        r.tokens.sort()
+        if r.output_tokens is None and r.tokens:
+            r.output_tokens = max(n for _, n in r.tokens)
+        if r.ttft_ns is None and r.tokens and r.start is not None:
+            r.ttft_ns = r.tokens[0][0] - r.start
+    return reqs
+
+
+def _latencies(reqs: dict) -> dict:
+    ttft, tpot, itl, e2e = [], [], [], []
+    for r in reqs.values():
+        if r.ttft_ns is not None:
+            ttft.append(r.ttft_ns)
+        end = r.finish()
+        if r.start is not None and end is not None:
+            e2e.append(end - r.start)
+            if r.ttft_ns is not None and r.output_tokens and r.output_tokens > 1:
+                tpot.append((end - r.start - r.ttft_ns) / (r.output_tokens - 1))
+        for (t0, n0), (t1, n1) in zip(r.tokens, r.tokens[1:]):
+            if n1 > n0:
+                itl.append((t1 - t0) / (n1 - n0))
+    return {"ttft_ms": summary(ttft, 1e-6), "tpot_ms": summary(tpot, 1e-6),
+            "itl_ms": summary(itl, 1e-6), "e2e_ms": summary(e2e, 1e-6)}
+
+
+def _timeline(ts: list[int], vals: list[float], t0: int) -> list[list[float]]:
+    """At most TIMELINE_POINTS [seconds since t0, value] pairs (each the max of its bucket)."""
+    if not ts:
+        return []
+    k = max(1, -(-len(ts) // TIMELINE_POINTS))
+    return [[(ts[i] - t0) / 1e9, max(vals[i:i + k])] for i in range(0, len(ts), k)]
+
+
+def _batch_size(index: TraceIndex, bd: Breakdown, t0: int) -> dict | None:
+    for name in ("batch_size", "running"):
+        ts, vals = index.counter_series(name)
+        if vals:
+            break
+    else:
+        steps = [s for s in bd.steps if s.batch is not None]
+        ts, vals = [s.root.start_ns for s in steps], [float(s.batch) for s in steps]
+    if not vals:
+        return None
+    return {**summary(vals), "max": max(vals), "timeline": _timeline(ts, vals, t0)}
+
+
+def _kv_usage(index: TraceIndex, t0: int) -> dict | None:
+    ts, used = index.counter_series("kv_blocks_used")
+    if not used:
+        return None
+    frac = []
+    for t, u in zip(ts, used):
+        total = index.counter_at("kv_blocks_total", t) or index.counter_max("kv_blocks_total")
+        frac.append(u / total if total else 0.0)
+    return {"peak_fraction": max(frac), "mean_fraction": sum(frac) / len(frac),
+            "peak_blocks": max(used), "total_blocks": index.counter_max("kv_blocks_total"),
+            "timeline": _timeline(ts, frac, t0)}
+
+
+def _extent(index: TraceIndex, reqs: dict, bd: Breakdown) -> tuple[int, int] | None:
+    starts = [r.start for r in reqs.values() if r.start is not None]
+    ends = [r.finish() for r in reqs.values() if r.finish() is not None]
+    if starts and ends:
+        return min(starts), max(ends)
+    if bd.steps:
+        return bd.steps[0].root.start_ns, max(s.root.end_ns for s in bd.steps)
+    spans = index.trace.spans
+    if spans:
+        return spans[0].start_ns, max(s.end_ns for s in spans)
+    return None
+
+
+def serving_metrics(index: TraceIndex, bd: Breakdown) -> dict:
+    reqs = _requests(index)
+    extent = _extent(index, reqs, bd)
+    t0, t1 = extent if extent else (0, 0)
+    counted = [r.output_tokens for r in reqs.values() if r.output_tokens is not None]
+    output_tokens = sum(counted) if counted else bd.tokens
+    duration_s = (t1 - t0) / 1e9
+    queue = [s.dur_ns for s in index.by_name.get("queue", ())]
+    return {
+        "requests": len(reqs) if reqs else None,
+        "output_tokens": output_tokens,
+        "steps": len(bd.steps),
+        "duration_s": duration_s,
+        "throughput_tok_s": output_tokens / duration_s if duration_s > 0 else 0.0,
+        **_latencies(reqs),
+        "queue_ms": summary(queue, 1e-6),
+        "preemptions": len(index.instants.get("preempt", ())),
+        "batch_size": _batch_size(index, bd, t0),
+        "kv_usage": _kv_usage(index, t0),
+    }

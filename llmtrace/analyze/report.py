@@ -1,0 +1,172 @@
+"""The report (`report.json`, DESIGN.md): summary, breakdown, suggestions, tracing; and its
+text (rich tables) and markdown renderings."""
+from __future__ import annotations
+
+import io
+
+from ..trace import Trace
+from .context import Context
+from .rules import run_rules
+
+REPORT_VERSION = 1
+TOP_FUNCTIONS = 5
+
+
+def _stage_functions(ctx: Context, stage: str) -> list[dict]:
+    stats = ctx.functions.stats(ctx.functions.select(stage=stage, host_side=True))
+    return [{"name": f.name, "ms_per_token": round(ctx.ms_per_token(f.total_ns), 4), "count": f.count,
+             "sources": f.sources} for f in stats[:TOP_FUNCTIONS]]
+
+
+def _breakdown(ctx: Context) -> dict | None:
+    bd = ctx.breakdown
+    view = bd.view()
+    if view is None:
+        return None
+    for row in view["stages"]:
+        row["top_functions"] = _stage_functions(ctx, row["name"])
+    return {**view, "decode": bd.view(bd.decode_steps()), "prefill": bd.view(bd.prefill_steps())}
+
+
+def _tracing(ctx: Context) -> dict:
+    tr = ctx.trace
+    counts: dict[int, list[int]] = {pid: [0, 0, 0] for pid in tr.processes}
+    for group, i in ((tr.spans, 0), (tr.instants, 1), (tr.counters, 2)):
+        for r in group:
+            counts.setdefault(r.pid, [0, 0, 0])[i] += 1
+    procs, cost_ns = [], 0.0
+    for pid, (spans, instants, ctrs) in sorted(counts.items()):
+        p = tr.processes.get(pid)
+        span_cost = p.span_cost_ns if p else 0.0
+        cost_ns += (spans + instants + ctrs) * span_cost
+        procs.append({"pid": pid, "name": p.name if p else str(pid), "spans": spans, "instants": instants,
+                      "counters": ctrs, "dropped": sum(p.dropped.values()) if p else 0, "span_cost_ns": span_cost,
+                      "truncated": bool(p and p.truncated_at is not None)})
+    return {"spans_recorded": len(tr.spans), "records": len(tr.spans) + len(tr.instants) + len(tr.counters),
+            "spans_dropped": tr.spans_dropped,
+            "instrumentation_cost_us_per_token": cost_ns / ctx.tokens / 1e3 if ctx.tokens else None,
+            "processes": procs}
+
+
+def build_report(trace: Trace) -> dict:
+    ctx = Context(trace)
+    return {
+        "version": REPORT_VERSION,
+        "summary": ctx.metrics,
+        "breakdown": _breakdown(ctx),
+        "suggestions": [s.to_dict() for s in run_rules(ctx)],
+        "tracing": _tracing(ctx),
+        "meta": trace.meta,
+    }
+
+
+# -- rendering ---------------------------------------------------------------------------
+
+def _pct(d: dict | None, key: str) -> str:
+    return f"{d[key]:.2f}" if d else "-"
+
+
+def _summary_rows(s: dict) -> list[tuple[str, str]]:
+    rows = [("requests", str(s["requests"] if s["requests"] is not None else "-")),
+            ("output tokens", str(s["output_tokens"])), ("steps", str(s["steps"])),
+            ("duration", f"{s['duration_s']:.2f} s"), ("throughput", f"{s['throughput_tok_s']:.1f} tok/s")]
+    for key, label in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"), ("e2e_ms", "e2e"),
+                       ("queue_ms", "queue")):
+        if s.get(key):
+            rows.append((f"{label} ms p50/p90/p99", " / ".join(_pct(s[key], p) for p in ("p50", "p90", "p99"))))
+    if s.get("batch_size"):
+        rows.append(("batch size mean / max", f"{s['batch_size']['mean']:.1f} / {s['batch_size']['max']:.0f}"))
+    if s.get("kv_usage"):
+        rows.append(("KV usage peak", f"{s['kv_usage']['peak_fraction']:.0%}"))
+    if s.get("preemptions"):
+        rows.append(("preemptions", str(s["preemptions"])))
+    return rows
+
+
+def _stage_rows(bd: dict) -> list[tuple]:
+    rows = [("model", "", f"{bd['model_ms']:.3f}",
+             f"{bd['model_ms'] / bd['per_token_ms']:.1%}" if bd["per_token_ms"] else "-", "", "", "", "")]
+    for r in bd["stages"]:
+        top = ", ".join(f"{f['name']} {f['ms_per_token']:.3f}" for f in r.get("top_functions", [])[:2])
+        rows.append((r["name"], f"{r['ms_per_step']:.3f}", f"{r['ms_per_token']:.3f}", f"{r['share']:.1%}",
+                     str(r["count"]), f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}", top))
+    return rows
+
+
+STAGE_HEADER = ("stage", "ms/step", "ms/token", "share", "count", "p50 ms", "p99 ms", "top functions (ms/token)")
+
+
+def render_text(report: dict, color: bool = False, width: int = 130) -> str:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console(file=io.StringIO(), record=True, width=width, force_terminal=color, color_system="auto" if color else None)
+    summary = Table(title="Serving summary", show_header=False)
+    for k, v in _summary_rows(report["summary"]):
+        summary.add_row(k, v)
+    console.print(summary)
+    bd = report["breakdown"]
+    if bd is None:
+        console.print("No steps found: spans need a `step` (engine steps or `llmtrace.span(..., step=i)`).")
+    else:
+        console.print(f"\n[bold]{escape(bd['headline'])}[/bold]  (overhead {bd['overhead_fraction']:.0%}, "
+                      f"{bd['steps']} steps, {bd['tokens']} tokens)")
+        for title, view in (("all steps", bd), ("decode", bd.get("decode")), ("prefill", bd.get("prefill"))):
+            if view is None or (title != "all steps" and view["steps"] == bd["steps"]):
+                continue
+            table = Table(title=f"Per-token breakdown: {title} ({view['per_token_ms']:.3f} ms/token)")
+            for h in STAGE_HEADER:
+                table.add_column(h, justify="left" if h in ("stage", STAGE_HEADER[-1]) else "right")
+            for row in _stage_rows(view):
+                table.add_row(*row)
+            console.print(table)
+    sugg = report["suggestions"]
+    if sugg:
+        table = Table(title="Suggestions (ranked by estimated saving)")
+        for h in ("#", "id", "stage", "finding", "saves ms/token", "speedup"):
+            table.add_column(h, justify="right" if h in ("#", "saves ms/token", "speedup") else "left")
+        for i, s in enumerate(sugg, 1):
+            table.add_row(str(i), s["id"], s["stage"], escape(s["title"]), f"{s['est_saving_ms_per_token']:.3f}",
+                          f"{s['est_speedup']:.2f}x" if s["est_speedup"] else "-")
+        console.print(table)
+        for i, s in enumerate(sugg, 1):
+            console.print(f"{i}. [bold]{s['id']}[/bold]: {escape(s['fix'])}")
+    else:
+        console.print("No suggestions: no known antipattern found in this trace.")
+    t = report["tracing"]
+    cost = t["instrumentation_cost_us_per_token"]
+    console.print(f"Tracing: {t['spans_recorded']} spans, {t['spans_dropped']} dropped, "
+                  f"instrumentation ~{cost:.2f} us/token" if cost is not None else
+                  f"Tracing: {t['spans_recorded']} spans, {t['spans_dropped']} dropped")
+    return console.export_text(styles=color)
+
+
+def _md_table(header, rows) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
+    return out
+
+
+def render_markdown(report: dict) -> str:
+    lines = ["# llmtrace report", "", "## Summary", ""]
+    lines += _md_table(("metric", "value"), _summary_rows(report["summary"]))
+    bd = report["breakdown"]
+    lines += ["", "## Per-token breakdown", ""]
+    if bd is None:
+        lines.append("No steps found.")
+    else:
+        lines += [f"**{bd['headline']}** (overhead {bd['overhead_fraction']:.0%})", ""]
+        lines += _md_table(STAGE_HEADER, _stage_rows(bd))
+    lines += ["", "## Suggestions", ""]
+    for i, s in enumerate(report["suggestions"], 1):
+        speed = f", {s['est_speedup']:.2f}x" if s["est_speedup"] else ""
+        lines += [f"{i}. **{s['title']}** (`{s['id']}`, stage {s['stage']}): saves "
+                  f"~{s['est_saving_ms_per_token']:.3f} ms/token{speed}. {s['fix']}"]
+    if not report["suggestions"]:
+        lines.append("No known antipattern found.")
+    t = report["tracing"]
+    lines += ["", "## Tracing", "", f"{t['spans_recorded']} spans recorded, {t['spans_dropped']} dropped"
+              + (f", ~{t['instrumentation_cost_us_per_token']:.2f} us/token of instrumentation"
+                 if t["instrumentation_cost_us_per_token"] is not None else "") + "."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,66 @@
+"""`gc-pauses`: Python garbage collection stopping the step loop.
+
+Fingerprints: spans named `gc` / `gc.*` or of stage `gc` (the engine records one per
+collection through `gc.callbacks`, attr `generation`), or function events such as
+`gc.collect`, on the steps' critical path; `gc` instants count as evidence. Without gc
+spans, steps whose unaccounted gap spikes (> SPIKE x its median and > 1 ms) are reported
+as unexplained pauses, GC being the usual cause.
+Saving: the gc (or spike) time per token; freezing the long-lived heap after warm-up
+removes most of it.
+"""
+from __future__ import annotations
+
+import re
+
+from ..breakdown import GAP
+from ..context import covered
+from ..stats import median
+
+ID = "gc-pauses"
+PATTERN = re.compile(r"^gc(\.|$)")
+SPIKE = 5.0
+MIN_SPIKES = 2
+FIX = ("Call gc.freeze() after model load and warm-up (moves long-lived objects out of the collected "
+       "generations), raise gc.set_threshold() for generation 0, and avoid per-step allocation of many "
+       "small Python objects (lists of ints, dicts per token).")
+
+
+def _gc_time(ctx):
+    calls = ctx.functions.select(PATTERN, host_side=True)
+    nested_ns, per_step = covered(calls)
+    direct = {sc.step: sc.parts.get("gc", 0) for sc in ctx.steps if sc.parts.get("gc")}
+    steps = set(per_step) | set(direct)
+    return nested_ns + sum(direct.values()), steps, calls
+
+
+def _unexplained(ctx):
+    gaps = [sc.parts.get(GAP, 0) for sc in ctx.steps]
+    if not gaps:
+        return None
+    m = median(gaps)
+    spikes = [(sc.step, g - m) for sc, g in zip(ctx.steps, gaps) if g > max(SPIKE * m, m + 1_000_000)]
+    if len(spikes) < MIN_SPIKES:
+        return None
+    excess = sum(e for _, e in spikes)
+    return ctx.suggestion(
+        ID, f"{len(spikes)} unexplained pauses inside steps (no span covers them; often GC)", GAP,
+        {"pauses": len(spikes), "pause_ms_p50": round(median(e for _, e in spikes) / 1e6, 3),
+         "gap_ms_p50": round(m / 1e6, 4), "example_steps": [s for s, _ in spikes][:5]},
+        ctx.ms_per_token(excess),
+        "Find what runs there: record gc with gc.callbacks (llmtrace's engine does), or run "
+        "`llmtrace record --py-spy`. If it is GC: " + FIX)
+
+
+def check(ctx):
+    ns, steps, calls = _gc_time(ctx)
+    if not ns:
+        found = _unexplained(ctx)
+        return [found] if found else []
+    ctx.claim(c.name for c in calls)
+    instants = ctx.index.instants.get("gc", ())
+    collections = len(calls) + sum(1 for sc in ctx.steps if sc.parts.get("gc"))
+    return [ctx.suggestion(
+        ID, f"GC pauses cost {ctx.ms_per_token(ns):.2f} ms/token ({collections} collections in steps)", "gc",
+        {"collections_in_steps": collections, "gc_ms_per_collection": round(ns / max(1, collections) / 1e6, 4),
+         "gc_instants": len(instants), "steps_affected": len(steps), "example_steps": sorted(steps)[:5]},
+        ctx.ms_per_token(ns), FIX)]

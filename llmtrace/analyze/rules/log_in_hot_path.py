@@ -1,0 +1,37 @@
+"""`log-in-hot-path`: logging (and the formatting of its arguments) inside a step.
+
+Fingerprints, on the steps' critical path:
+- nested llmtrace spans named `logging.<level>` (e.g. `logging.debug`; the engine's
+  `log_in_hot_path` antipattern wraps its log call in one), or any span of stage `logging`;
+- function-level events (viztracer, py-spy) such as `logging.Logger.debug`, `Logger._log`,
+  `Handler.emit`, and numpy's array formatting `_array_repr` / `array2string` that
+  f-strings and %-formatting of arrays run even when the level is disabled.
+Saving: the union time of these calls per token (removing the call removes all of it).
+"""
+from __future__ import annotations
+
+import re
+
+from ..context import covered
+
+ID = "log-in-hot-path"
+PATTERN = re.compile(r"^logging(\.|$)|(^|\.)Logger\.(debug|info|warning|error|exception|log|_log|handle)$"
+                     r"|(^|\.)Handler\.(emit|handle)$|(^|\.)(_array_repr|_array_str|array2string|array_repr)$")
+
+
+def check(ctx):
+    calls = ctx.functions.select(PATTERN, host_side=True)
+    if not calls:
+        return []
+    total_ns, _ = covered(calls)
+    saving = ctx.ms_per_token(total_ns)
+    ev = ctx.function_evidence(calls)
+    stages = sorted({c.stage for c in calls})
+    ctx.claim(f["name"] for f in ev["functions"])
+    return [ctx.suggestion(
+        ID, f"Logging in the hot path costs {saving:.2f} ms/token ({', '.join(stages)})", stages[0],
+        {**ev, "stages": stages, "ms_per_token": round(saving, 4)}, saving,
+        "Remove per-step log calls or guard them with `if logger.isEnabledFor(logging.DEBUG):`; "
+        "never format arrays/tensors in a log message on the step path (pass lazy %-args, log shapes "
+        "not contents, or log every N steps).")]
+

@@ -1,0 +1,88 @@
+"""`unsynced-gpu-timing`: host-timed spans around asynchronous device work, so the time is
+charged to whichever span syncs next, not to the one that queued the work.
+
+Two patterns, both only when `forward`/`sampling` carry no device time:
+- "short launch, long sync": `forward` host time is a small fraction of a later
+  sync/copy span on the critical path (stage `sync`, or a name such as `sync.wait`,
+  `synchronize`, `.item`, `Tensor.cpu`) in most steps: the device time shows up there;
+- "four short, one long": a host stage spikes every k steps (e.g. a periodic `.item()`
+  or a log of a tensor forces a sync) while the steps in between look cheap.
+It saves no time by itself (est_saving 0); evidence gives the ms/token the current
+timing charges to the wrong stage.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from ..breakdown import MODEL, MODEL_STAGES
+from ..stats import median
+
+ID = "unsynced-gpu-timing"
+SYNC = re.compile(r"(^|\.)(sync|synchronize|item|wait)(\.|$)|(^|\.)Tensor\.(cpu|item|tolist)$")
+LAUNCH_RATIO = 3.0  # sync time / forward host time above which forward looks like a launch only
+MIN_SPIKES = 3
+FIX = ("Time device work with CUDA events: `llmtrace.span('forward', device=True)` after "
+       "`llmtrace.gpu.install()` (or torch.cuda.Event pairs); then a host span measures only the host "
+       "and the breakdown puts the device time into the model.")
+
+
+def _host_timed_model(ctx) -> bool:
+    spans = [s for st in MODEL_STAGES for s in ctx.index.by_stage.get(st, ())]
+    return bool(spans) and all(s.device_start_ns is None for s in spans)
+
+
+def _sync_absorbs(ctx):
+    fwd, sync, steps = [], [], []
+    for sc in ctx.steps:
+        f = sum(s.dur_ns for st, s in sc.stage_spans if st == "forward")
+        y = sum(s.dur_ns for st, s in sc.stage_spans if st not in MODEL_STAGES
+                and (st == "sync" or SYNC.search(s.name)))
+        if f and y > LAUNCH_RATIO * f:
+            fwd.append(f)
+            sync.append(y)
+            steps.append(sc.step)
+    if len(steps) * 2 < len(ctx.steps) or not steps:
+        return None
+    return ctx.suggestion(
+        ID, "Device time is charged to the sync: forward is host-timed on an asynchronous device", "sync",
+        {"steps_affected": len(steps), "example_steps": steps[:5],
+         "forward_host_ms_p50": round(median(fwd) / 1e6, 4), "sync_ms_p50": round(median(sync) / 1e6, 4),
+         "misattributed_ms_per_token": round(ctx.ms_per_token(sum(sync)), 4)},
+        0.0, FIX)
+
+
+def _periodic(step_ids: list[int]) -> int | None:
+    diffs = Counter(b - a for a, b in zip(step_ids, step_ids[1:]))
+    if not diffs:
+        return None
+    k, n = diffs.most_common(1)[0]
+    return k if k >= 2 and n >= 0.75 * sum(diffs.values()) else None
+
+
+def _spikes(ctx):
+    out = []
+    labels = {lab for sc in ctx.steps for lab in sc.parts} - {MODEL, "gap", "tcp"}
+    for lab in sorted(labels):
+        vals = [sc.parts.get(lab, 0) for sc in ctx.steps]
+        m = median(vals)
+        spikes = [(sc.step, v - m) for sc, v in zip(ctx.steps, vals) if v > max(3 * m, m + 1_000_000)]
+        k = _periodic([s for s, _ in spikes]) if len(spikes) >= MIN_SPIKES else None
+        if k is None:
+            continue
+        excess = sum(e for _, e in spikes)
+        out.append(ctx.suggestion(
+            ID, f"'{lab}' spikes every {k} steps: a periodic sync absorbs queued device work", lab,
+            {"period_steps": k, "spikes": len(spikes), "example_steps": [s for s, _ in spikes][:5],
+             "stage_ms_p50": round(m / 1e6, 4), "spike_ms_p50": round(median(e for _, e in spikes) / 1e6 + m / 1e6, 4),
+             "misattributed_ms_per_token": round(ctx.ms_per_token(excess), 4)},
+            0.0, FIX))
+    return out
+
+
+def check(ctx):
+    if not ctx.steps or not _host_timed_model(ctx):
+        return []
+    found = _spikes(ctx)
+    absorbed = _sync_absorbs(ctx)
+    return ([absorbed] if absorbed else []) + found

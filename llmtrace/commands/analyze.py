@@ -1,0 +1,24 @@
+"""`llmtrace analyze PATH [--json|--markdown]`: the per-token overhead breakdown and the
+ranked suggestions for a run directory, spool directory or trace.json."""
+from __future__ import annotations
+
+import json
+import sys
+
+from ..errors import UserError
+
+
+def main(args) -> int:
+    from ..analyze import build_report, render_markdown, render_text
+    from ..load import load_trace
+
+    if args.json and args.markdown:
+        raise UserError("choose one of --json and --markdown")
+    report = build_report(load_trace(args.path))
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    elif args.markdown:
+        print(render_markdown(report), end="")
+    else:
+        print(render_text(report, color=sys.stdout.isatty()), end="")
+    return 0

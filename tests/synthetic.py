@@ -1,0 +1,159 @@
+"""Synthetic engine traces for the analyzer's tests.
+
+`EngineTraceBuilder` lays out steps the way the engine records them (docs/architecture.md):
+master.step with its stages around agent.wait, the agent's agent.step with preprocess,
+forward/sampling (device times on a GPU), sync.wait, plus the master's counters. Each
+stage's host duration, the device times, transport latency, nested spans (antipattern
+fingerprints) and the step's gap are parameters, so a test knows the exact cost it
+injected.
+"""
+from __future__ import annotations
+
+import itertools
+
+from llmtrace.trace import CounterSample, Instant, Process, Span, Trace
+
+MS = 1_000_000
+MASTER_PID, AGENT_PID = 1000, 2000
+MASTER_BEFORE = {"schedule": 0.3, "shm.write": 0.1, "tcp.send": 0.05}
+MASTER_AFTER = {"tcp.recv": 0.05, "shm.read": 0.05, "postprocess": 0.3, "detokenize": 0.2, "stream.write": 0.1}
+AGENT_STAGES = {"tcp.recv": 0.05, "shm.read": 0.05, "preprocess": 0.5, "forward": 0.2, "sampling": 0.1,
+                "sync.wait": 0.0, "shm.write": 0.05, "tcp.send": 0.05}
+DEVICE = {"forward": 20.0, "sampling": 0.5}
+LAUNCH_DELAY_MS = 0.01
+IDLE_BETWEEN_STEPS_MS = 0.1
+
+
+def _ms(x: float) -> int:
+    return int(round(x * MS))
+
+
+class EngineTraceBuilder:
+    """gpu: forward/sampling run on a device, sync.wait blocks until it is done.
+    device_timing: forward/sampling carry CUDA-event device times (False = host-timed GPU)."""
+
+    def __init__(self, gpu: bool = True, device_timing: bool = True, span_cost_ns: float = 300.0,
+                 max_num_seqs: int | None = None, kv_blocks_total: int | None = None):
+        self.gpu, self.device_timing = gpu, gpu and device_timing
+        self.trace = Trace()
+        for pid, name in ((MASTER_PID, "master"), (AGENT_PID, "agent-0")):
+            self.trace.processes[pid] = Process(pid, name, {"pid": pid, "process_name": name,
+                                                            "span_cost_ns": span_cost_ns})
+        self.t = 1_000 * MS
+        self.next_step = 0
+        self._seq = {pid: itertools.count(1) for pid in (MASTER_PID, AGENT_PID)}
+        self.kv_blocks_total = kv_blocks_total
+        if max_num_seqs is not None:
+            self.counter("max_num_seqs", max_num_seqs)
+
+    # -- low level -------------------------------------------------------------------
+    def span(self, pid, name, start, end, parent=None, step=-1, attrs=None, stage=None, device=None) -> Span:
+        sid = (pid << 40) | next(self._seq[pid])
+        s = Span(name, stage or name.split(".", 1)[0], pid, pid, start, end, sid,
+                 parent.span_id if parent else 0, 0, step, dict(attrs or {}))
+        if device is not None:
+            s.device_start_ns, s.device_end_ns = device
+        self.trace.spans.append(s)
+        return s
+
+    def counter(self, name, value, ts=None):
+        self.trace.counters.append(CounterSample(name, MASTER_PID, self.t if ts is None else ts, float(value)))
+
+    def instant(self, name, ts=None, step=-1, pid=MASTER_PID, **attrs):
+        self.trace.instants.append(Instant(name, name.split(".", 1)[0], pid, pid,
+                                           self.t if ts is None else ts, step, 0, attrs))
+
+    # -- one engine step ---------------------------------------------------------------
+    def step(self, batch: int = 8, prefill: bool = False, *, master: dict | None = None,
+             agent: dict | None = None, device: dict | None = None, nested: dict | None = None,
+             transport_ms: float = 0.05, reply_ms: float = 0.05, gap_ms: float = 0.0,
+             waiting: int = 0, kv_used: int | None = None, agent_order: list[str] | None = None,
+             attrs: dict | None = None) -> int:
+        """Append one step; returns its step id.
+
+        master/agent: host ms per stage overriding the defaults; device: device ms of
+        forward/sampling; nested: {stage span name: [(name, ms, attrs)]} spans laid at the
+        start of that stage span (which grows by their time; agent stages first);
+        gap_ms: time inside master.step in no stage.
+        """
+        step, nested = self.next_step, nested or {}
+        self.next_step += 1
+        self.counter("batch_size", batch)
+        self.counter("running", batch)
+        self.counter("waiting", waiting)
+        if kv_used is not None:
+            self.counter("kv_blocks_used", kv_used)
+            self.counter("kv_blocks_total", self.kv_blocks_total)
+        m_before = {**MASTER_BEFORE, **{k: v for k, v in (master or {}).items() if k in MASTER_BEFORE}}
+        m_after = {**MASTER_AFTER, **{k: v for k, v in (master or {}).items() if k not in MASTER_BEFORE}}
+        a_stages = {**AGENT_STAGES, **(agent or {})}
+        dev = {**DEVICE, **(device or {})}
+        root = self.span(MASTER_PID, "master.step", self.t, 0, step=step,
+                         attrs={"batch": batch, "tokens": batch, "prefill": int(prefill), **(attrs or {})})
+        t = self._stages(MASTER_PID, root, m_before, self.t, step, nested, skip=set(AGENT_STAGES))
+        wait = self.span(MASTER_PID, "agent.wait", t, 0, root, step)
+        a_end = self._agent_step(t + _ms(transport_ms), step, a_stages, dev, nested, agent_order)
+        wait.end_ns = a_end + _ms(reply_ms)
+        t = self._stages(MASTER_PID, root, m_after, wait.end_ns, step, nested, skip=set(AGENT_STAGES))
+        root.end_ns = t + _ms(gap_ms)
+        self.t = root.end_ns + _ms(IDLE_BETWEEN_STEPS_MS)
+        return step
+
+    def _stages(self, pid, parent, stages, t, step, nested, skip=()):
+        for name, ms in stages.items():
+            t = self._stage(pid, parent, name, ms, t, step, [] if name in skip and pid == MASTER_PID
+                            else nested.get(name, ()))
+        return t
+
+    def _stage(self, pid, parent, name, ms, t, step, nested_spans, device=None):
+        s = self.span(pid, name, t, 0, parent, step, device=device)
+        u = t
+        for n_name, n_ms, n_attrs in nested_spans:
+            self.span(pid, n_name, u, u + _ms(n_ms), s, step, n_attrs)
+            u += _ms(n_ms)
+        s.end_ns = u + _ms(ms)
+        return s.end_ns
+
+    def _agent_step(self, t, step, stages, dev, nested, order):
+        root = self.span(AGENT_PID, "agent.step", t, 0, step=step)
+        device_free = t
+        for name in order or list(stages):
+            ms = stages.get(name, AGENT_STAGES.get(name, 0.0))
+            if name == "sync.wait":
+                if not self.gpu:
+                    continue
+                end = max(t + _ms(ms), device_free + _ms(LAUNCH_DELAY_MS))
+                t = self._stage(AGENT_PID, root, name, (end - t) / MS, t, step, ())
+                continue
+            device = None
+            if self.gpu and name in dev and dev[name]:
+                d0 = max(t + _ms(LAUNCH_DELAY_MS), device_free)
+                device_free = d0 + _ms(dev[name])
+                device = (d0, device_free) if self.device_timing else None
+            elif not self.gpu and name in dev:
+                ms = dev[name]  # CPU: the model runs on the host inside the span
+            t = self._stage(AGENT_PID, root, name, ms, t, step, nested.get(name, ()), device)
+        root.end_ns = t
+        return t
+
+    # -- requests ------------------------------------------------------------------------
+    def request(self, req: str, start: int, token_ts: list[int], queue_ns: int = 0) -> None:
+        """An HTTP request arriving at `start` whose tokens were streamed at `token_ts`."""
+        self.span(MASTER_PID, "http.request", start, token_ts[-1], attrs={"req": req, "output_tokens": len(token_ts)})
+        self.span(MASTER_PID, "queue", start, start + queue_ns, attrs={"req": req})
+        for n, ts in enumerate(token_ts, 1):
+            self.instant("token", ts, req=req, n=n)
+        self.instant("req.finish", token_ts[-1], req=req, reason="length")
+
+    def build(self) -> Trace:
+        self.trace.sort()
+        return self.trace
+
+    def steps(self, n: int, **kw) -> list[int]:
+        return [self.step(**kw) for _ in range(n)]
+
+
+def clean_trace(n: int = 50, **kw) -> Trace:
+    b = EngineTraceBuilder(**kw)
+    b.steps(n)
+    return b.build()
