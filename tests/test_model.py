@@ -41,7 +41,8 @@ class MiniAllocator:
 
 def make_step(step: int, alloc: MiniAllocator, batch: list[tuple[int, list[int], int]], *,
               temperature=0.0, top_p=1.0, top_k=0, seed=-1) -> StepInput:
-    """batch: (seq_id, all token ids, tokens already cached); the rest are this step's new tokens."""
+    """batch: (seq_id, all token ids, tokens already cached); the rest are this step's new tokens.
+    Sampling parameters are scalars or one value per sequence."""
     bs = alloc.block_size
     ids, pos, slots, qsl, tables = [], [], [], [0], []
     for seq_id, tokens, cached in batch:
@@ -53,7 +54,7 @@ def make_step(step: int, alloc: MiniAllocator, batch: list[tuple[int, list[int],
         tables.append(table)
     width = max(map(len, tables))
     b = len(batch)
-    full = lambda v, dt: np.full(b, v, dtype=dt)  # noqa: E731
+    full = lambda v, dt: np.broadcast_to(np.asarray(v, dt), (b,)).copy()  # noqa: E731
     return StepInput(
         step=step, is_prefill=any(len(t) - c > 1 or c == 0 for _, t, c in batch),
         seq_ids=np.array([s for s, _, _ in batch], np.int64), input_ids=np.array(ids, np.int32),

@@ -1,0 +1,80 @@
+"""ModelRunner: spans per step, KV cache sizing, output arrays, seeded sampling through steps."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import llmtrace
+from engine.config import ModelConfig
+from engine.model_runner import ModelRunner, kv_block_bytes
+from llmtrace.trace import load_spool_dir
+from test_model import Driver, MiniAllocator, make_step
+
+TINY = ModelConfig(preset="tiny", dtype="float32", device="cpu", seed=0)
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return ModelRunner(TINY, block_size=16, num_blocks=64)
+
+
+def test_execute_records_the_agent_spans_in_order(runner, tmp_path):
+    llmtrace.configure(out=str(tmp_path), process_name="agent-0", propagate=False)
+    try:
+        d = Driver(runner)
+        d.add(0, [1, 5, 6, 7])
+        d.add(1, [1, 9])
+        d.step()
+        d.step()
+    finally:
+        llmtrace.shutdown()
+    spans = [s for s in load_spool_dir(str(tmp_path)).spans if s.stage != "gc"]
+    for step in (0, 1):
+        got = [s for s in spans if s.step == step]
+        assert [s.name for s in got] == ["preprocess", "forward", "sampling", "sync.wait"]
+        assert all(a.end_ns <= b.start_ns for a, b in zip(got, got[1:]))
+    first = next(s for s in spans if s.name == "preprocess")
+    assert first.attrs == {"seqs": 2, "tokens": 6}
+
+
+def test_kv_cache_sized_from_a_memory_budget():
+    per_block = 2 * 4 * 16 * 4 * 32 * 4  # k+v, layers, block_size, kv heads, head_dim, float32
+    r = ModelRunner(TINY, block_size=16, kv_cache_memory=per_block * 10 + 5)
+    assert kv_block_bytes(r.model, 16) == per_block
+    assert r.num_blocks == 10
+    assert len(r.kv_caches) == 4 and r.kv_caches[0][0].shape == (10, 16, 4, 32)
+    with pytest.raises(ValueError, match="holds no block"):
+        ModelRunner(TINY, block_size=16, kv_cache_memory=per_block - 1)
+
+
+def test_outputs_and_block_table_padding(runner):
+    """StepOutput arrays; -1 and 0 padding of block tables are equivalent (pad entries never read)."""
+    alloc = MiniAllocator(runner.num_blocks, seed=4)
+    batch = [(0, [1] + list(range(100, 140)), 0), (1, [1, 2000, 3000], 0)]
+    step = make_step(0, alloc, batch, temperature=[0.0, 0.8], seed=[-1, 3])
+    assert (step.block_tables == -1).any()
+    a = runner.execute(step)
+    step.block_tables[step.block_tables < 0] = 0
+    b = runner.execute(step)
+    assert a.token_ids.dtype == np.int32 and a.logprobs.dtype == np.float32 and a.token_ids.shape == (2,)
+    np.testing.assert_array_equal(a.token_ids, b.token_ids)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5)
+    assert (a.logprobs <= 0).all()
+
+
+def test_seeded_request_generates_the_same_alone_or_batched(runner):
+    def run(with_neighbours: bool) -> list[int]:
+        d = Driver(runner, seed=int(with_neighbours))
+        d.add(7, [1, 40, 41, 42])
+        ids, temps, seeds = [7], [1.0], [1234]
+        if with_neighbours:
+            d.add(8, [1, 50, 51])
+            d.add(9, [1, 60])
+            ids, temps, seeds = [8, 7, 9], [1.0, 1.0, 0.0], [-1, 1234, -1]
+        for _ in range(6):
+            d.step(ids, temperature=temps, seed=seeds)
+        return d.tokens[7][4:]
+
+    alone = run(False)
+    assert run(True) == alone
+    assert len(set(alone)) > 1  # sampled at temperature 1, not a constant
