@@ -1,0 +1,106 @@
+"""Read a Chrome trace JSON written by `write_chrome_trace` back into a `Trace`, so a shared
+trace.json can be analyzed without the run's spool files."""
+from __future__ import annotations
+
+import orjson
+
+from ..errors import UserError
+from ..trace import CounterSample, Instant, Process, Span, Trace
+from .chrome import FORMAT_VERSION
+
+
+def read_json(path: str):
+    """Parse a JSON file; a syntax error names the file and its byte offset."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        # orjson reports a character position; the user's editor wants bytes.
+        offset = len(data.decode("utf-8", "surrogateescape")[: e.pos].encode("utf-8", "surrogateescape"))
+        raise UserError(f"{path}: at byte {offset}: malformed JSON: {e.msg}") from None
+
+
+def load_chrome_trace(path: str) -> Trace:
+    doc = read_json(path)
+    info = doc.get("otherData", {}).get("llmtrace") if isinstance(doc, dict) else None
+    if not isinstance(info, dict) or not isinstance(doc.get("traceEvents"), list):
+        raise UserError(f"{path}: not a trace written by `llmtrace export` (no otherData.llmtrace); "
+                        "other tools' traces are combined with `llmtrace merge`")
+    if info.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path}: llmtrace trace format {info.get('format_version')}, "
+                        f"this llmtrace reads format {FORMAT_VERSION}")
+    try:
+        return _Loader(info).load(doc["traceEvents"], path)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{path}: malformed otherData.llmtrace: {e!r}") from None
+
+
+class _Loader:
+    def __init__(self, info: dict):
+        self.origin = int(info["origin_ns"])
+        self.ours = int(info["events"])
+        # synthetic track -> the real thread it is a lane of (None: a device track)
+        self.real_tid = {int(t): v["tid"] for t, v in info["tracks"].items()}
+        self.trace = Trace(processes={int(pid): _process(int(pid), p) for pid, p in info["processes"].items()},
+                           meta=info.get("meta") or {})
+        self.device: list[tuple[int, int, int]] = []
+
+    def load(self, events: list, path: str) -> Trace:
+        handlers = {"X": self._complete, "i": self._instant, "C": self._counter}
+        for n, ev in enumerate(events[: self.ours]):
+            try:
+                handler = handlers.get(ev["ph"])
+                if handler is not None:
+                    handler(ev)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise UserError(f"{path}: traceEvents[{n}]: malformed event ({e!r}): {str(ev)[:200]}") from None
+        shift = self.origin / 1000
+        self.trace.foreign_events = [
+            {**e, "ts": e["ts"] + shift} if e.get("ph") != "M" and isinstance(e.get("ts"), (int, float)) else e
+            for e in events[self.ours:]]
+        by_id = {s.span_id: s for s in self.trace.spans}
+        for span_id, start, end in self.device:
+            s = by_id.get(span_id)
+            if s is not None:
+                s.device_start_ns, s.device_end_ns = start, end
+        self.trace.sort()
+        return self.trace
+
+    def _ns(self, us: float) -> int:
+        return self.origin + round(us * 1000)
+
+    def _tid(self, tid: int) -> int:
+        real = self.real_tid.get(tid)
+        return tid if real is None else real
+
+    def _complete(self, ev: dict) -> None:
+        a = ev["args"]
+        start = self._ns(ev["ts"])
+        end = start + round(ev["dur"] * 1000)
+        if a.get("device"):
+            self.device.append((int(a["span_id"], 16), start, end))
+            return
+        flags = int(a.get("flags", 0)) | int(bool(a["failed"]))
+        self.trace.spans.append(Span(ev["name"], a["stage"], ev["pid"], self._tid(ev["tid"]), start, end,
+                                     int(a["span_id"], 16), int(a["parent_id"], 16), int(a["link_id"], 16),
+                                     a["step"], a.get("attrs", {}), flags))
+
+    def _instant(self, ev: dict) -> None:
+        a = ev["args"]
+        self.trace.instants.append(Instant(ev["name"], a["stage"], ev["pid"], ev["tid"], self._ns(ev["ts"]),
+                                           a["step"], int(a["parent_id"], 16), a.get("attrs", {})))
+
+    def _counter(self, ev: dict) -> None:
+        attrs = dict(ev["args"])
+        value = float(attrs.pop("value"))
+        self.trace.counters.append(CounterSample(ev["name"], ev["pid"], self._ns(ev["ts"]), value, attrs))
+
+
+def _process(pid: int, p: dict) -> Process:
+    return Process(pid, p["name"], p["header"], {int(t): n for t, n in p["threads"].items()},
+                   {int(t): n for t, n in p["dropped"].items()}, p["truncated_at"], p["truncation_reason"],
+                   p["source"])

@@ -1,0 +1,46 @@
+"""`load_trace(path)`: the one way the commands open a trace, whatever the user points at.
+
+    run directory      RUN/spool/*.lts (the records), else RUN/trace.json
+    spool directory    *.lts
+    spool file         one process's PID.lts
+    trace file         a Chrome trace JSON written by `llmtrace export`
+
+Bad input raises `UserError` naming the file and the byte offset, never a traceback.
+"""
+from __future__ import annotations
+
+import os
+
+from .errors import UserError
+from .export.load_chrome import load_chrome_trace
+from .spool_format import SpoolError
+from .trace import Trace, load_spool_dir, load_spool_file, spool_files
+
+TRACE_JSON = "trace.json"
+
+
+def load_trace(path: str) -> Trace:
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file or directory")
+    try:
+        if os.path.isdir(path):
+            return _load_dir(path)
+        if path.endswith(".lts"):
+            trace = Trace()
+            load_spool_file(path, trace)
+            trace.sort()
+            return trace
+    except SpoolError as e:
+        raise UserError(str(e)) from None
+    except OSError as e:
+        raise UserError(f"{e.filename or path}: cannot read: {e.strerror}") from None
+    return load_chrome_trace(path)
+
+
+def _load_dir(path: str) -> Trace:
+    if spool_files(path):
+        return load_spool_dir(path)
+    trace_json = os.path.join(path, TRACE_JSON)
+    if os.path.isfile(trace_json):
+        return load_chrome_trace(trace_json)
+    raise UserError(f"{path}: no trace here: expected spool files (*.lts, here or under spool/) or {TRACE_JSON}")
