@@ -10,7 +10,9 @@ injected.
 from __future__ import annotations
 
 import itertools
+import time
 
+import llmtrace
 from llmtrace.trace import CounterSample, Instant, Process, Span, Trace
 
 MS = 1_000_000
@@ -157,3 +159,24 @@ def clean_trace(n: int = 50, **kw) -> Trace:
     b = EngineTraceBuilder(**kw)
     b.steps(n)
     return b.build()
+
+
+def record_pipeline(out, steps: int = 50, inject_s: float = 0.0005) -> int:
+    """Record a REAL in-process trace of a small generic pipeline (llmtrace spans, one step
+    per token) with `time.sleep(inject_s)` inside `postprocess`; returns the ns slept."""
+    slept = 0
+    llmtrace.configure(enabled=True, out=str(out), process_name="pipeline", propagate=False)
+    try:
+        for i in range(steps):
+            with llmtrace.span("step", step=i, batch=1):
+                with llmtrace.span("preprocess"):
+                    sum(range(200))
+                with llmtrace.span("forward"):
+                    time.sleep(0.001)
+                with llmtrace.span("postprocess"):
+                    t = time.perf_counter_ns()
+                    time.sleep(inject_s)
+                    slept += time.perf_counter_ns() - t
+    finally:
+        llmtrace.shutdown()
+    return slept

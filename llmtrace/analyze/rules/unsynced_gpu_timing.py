@@ -6,7 +6,8 @@ Two patterns, both only when `forward`/`sampling` carry no device time:
   sync/copy span on the critical path (stage `sync`, or a name such as `sync.wait`,
   `synchronize`, `.item`, `Tensor.cpu`) in most steps: the device time shows up there;
 - "four short, one long": a host stage spikes every k steps (e.g. a periodic `.item()`
-  or a log of a tensor forces a sync) while the steps in between look cheap.
+  or a log of a tensor forces a sync) while the steps in between look cheap; only in a
+  trace with a device (it has `sync` spans).
 It saves no time by itself (est_saving 0); evidence gives the ms/token the current
 timing charges to the wrong stage.
 """
@@ -83,6 +84,6 @@ def _spikes(ctx):
 def check(ctx):
     if not ctx.steps or not _host_timed_model(ctx):
         return []
-    found = _spikes(ctx)
+    found = _spikes(ctx) if ctx.index.by_stage.get("sync") else []
     absorbed = _sync_absorbs(ctx)
     return ([absorbed] if absorbed else []) + found

@@ -1,0 +1,125 @@
+"""The per-step / per-token breakdown and the serving metrics."""
+import pytest
+
+from llmtrace.analyze.breakdown import GAP, MODEL
+from llmtrace.analyze.context import Context
+from llmtrace.load import load_trace
+from synthetic import MS, EngineTraceBuilder, clean_trace, record_pipeline
+
+
+def _sums_to_wall(ctx):
+    for sc in ctx.steps:
+        assert sum(sc.parts.values()) == sc.wall_ns, (sc.step, sc.parts)
+    view = ctx.breakdown.view()
+    total = view["model_ms"] + sum(r["ms_per_token"] for r in view["stages"])
+    assert total == pytest.approx(view["per_token_ms"], rel=1e-9)
+    assert view["overhead_ms"] == pytest.approx(view["per_token_ms"] - view["model_ms"])
+    return view
+
+
+@pytest.mark.parametrize("kw", [{}, {"gpu": False}, {"device_timing": False}])
+def test_stages_model_and_gap_add_up_to_step_time(kw):
+    _sums_to_wall(Context(clean_trace(30, **kw)))
+
+
+def test_gpu_model_is_device_time_and_agent_wait_is_replaced():
+    b = EngineTraceBuilder()
+    b.steps(10, batch=4, transport_ms=0.2, reply_ms=0.3, gap_ms=0.4)
+    ctx = Context(b.build())
+    view = _sums_to_wall(ctx)
+    sc = ctx.steps[0]
+    assert sc.parts[MODEL] == 20.5 * MS  # forward 20 + sampling 0.5 device ms
+    assert sc.transport_ns == pytest.approx(0.5 * MS, abs=1)  # wait not covered by agent.step
+    assert sc.parts[GAP] == 0.4 * MS
+    assert sc.parts["preprocess"] == 0.5 * MS  # from the agent, not the master's agent.wait
+    assert "agent" not in sc.parts
+    assert view["model_ms"] == pytest.approx(20.5 / 4)
+    assert view["tokens"] == 40
+
+
+def test_cpu_model_is_host_time_less_host_side_nested_work():
+    b = EngineTraceBuilder(gpu=False)
+    b.steps(10, device={"forward": 10.0, "sampling": 1.0},
+            nested={"sampling": [("sampling.host", 2.0, {}), ("logging.debug", 0.5, {})]})
+    ctx = Context(b.build())
+    _sums_to_wall(ctx)
+    sc = ctx.steps[0]
+    assert sc.parts[MODEL] == 11.0 * MS
+    assert sc.parts["sampling"] == 2.5 * MS  # host-side spans inside a model stage are overhead
+
+
+def test_host_timed_gpu_forward_counts_as_model_and_sync_absorbs_device():
+    ctx = Context(clean_trace(10, device_timing=False))
+    sc = ctx.steps[0]
+    assert sc.parts[MODEL] == pytest.approx(0.3 * MS)  # forward + sampling host time
+    assert sc.parts["sync"] > 20 * MS
+
+
+def test_decode_and_prefill_views_normalise_per_output_token():
+    b = EngineTraceBuilder()
+    b.steps(5, batch=1, prefill=True, device={"forward": 40.0})
+    b.steps(20, batch=8)
+    ctx = Context(b.build())
+    bd = ctx.breakdown
+    pre, dec = bd.view(bd.prefill_steps()), bd.view(bd.decode_steps())
+    assert (pre["steps"], pre["tokens"], dec["steps"], dec["tokens"]) == (5, 5, 20, 160)
+    assert pre["per_token_ms"] > 5 * dec["per_token_ms"]
+    assert bd.view()["tokens"] == 165
+
+
+def test_headline_names_model_and_largest_stages():
+    b = EngineTraceBuilder()
+    b.steps(10, batch=1, agent={"preprocess": 12.5})
+    head = Context(b.build()).breakdown.view()["headline"]
+    assert head.startswith("3") and "ms/token = 20.5 model + 12.5 preprocess" in head
+
+
+def test_nested_spans_are_kept_as_top_functions_of_their_stage():
+    b = EngineTraceBuilder()
+    b.steps(10, batch=2, nested={"preprocess": [("logging.debug", 3.0, {})]})
+    ctx = Context(b.build())
+    (f,) = ctx.functions.stats(ctx.functions.select(stage="preprocess"))
+    assert (f.name, f.count, f.total_ns) == ("logging.debug", 10, 30 * MS)
+    assert ctx.steps[0].parts["preprocess"] == 3.5 * MS
+
+
+def test_serving_metrics_from_requests_and_token_instants():
+    b = EngineTraceBuilder()
+    b.steps(4)
+    t0 = 10_000 * MS
+    b.request("a", t0, [t0 + 50 * MS, t0 + 60 * MS, t0 + 70 * MS], queue_ns=5 * MS)
+    b.request("b", t0, [t0 + 100 * MS, t0 + 130 * MS], queue_ns=20 * MS)
+    m = Context(b.build()).metrics
+    assert m["requests"] == 2 and m["output_tokens"] == 5
+    assert m["duration_s"] == pytest.approx(0.13)
+    assert m["throughput_tok_s"] == pytest.approx(5 / 0.13)
+    assert m["ttft_ms"]["p50"] == pytest.approx(50) and m["ttft_ms"]["p99"] == pytest.approx(100)
+    assert sorted([m["tpot_ms"]["p50"], m["tpot_ms"]["p99"]]) == pytest.approx([10, 30])
+    assert m["itl_ms"]["count"] == 3 and m["itl_ms"]["p99"] == pytest.approx(30)
+    assert m["queue_ms"]["p99"] == pytest.approx(20)
+    assert m["batch_size"]["max"] == 8
+
+
+def test_generic_pipeline_without_engine_spans():
+    b = EngineTraceBuilder(gpu=False)
+    for i in range(5):  # a user pipeline: a top-level span per step, tokens from attrs
+        root = b.span(1000, "generate", b.t, b.t + 3 * MS, step=i, attrs={"tokens": 2})
+        b.span(1000, "tokenize", b.t, b.t + MS, root, i)
+        b.span(1000, "forward", b.t + MS, b.t + 3 * MS, root, i)
+        b.t += 4 * MS
+    ctx = Context(b.build())
+    view = _sums_to_wall(ctx)
+    assert view["tokens"] == 10 and view["model_ms"] == pytest.approx(1.0)
+    assert ctx.metrics["requests"] is None and ctx.metrics["output_tokens"] == 10
+
+
+def test_injected_half_millisecond_in_a_real_trace_is_found(tmp_path):
+    slept = record_pipeline(tmp_path)
+    ctx = Context(load_trace(str(tmp_path)))
+    view = _sums_to_wall(ctx)
+    assert view["steps"] == 50 and view["tokens"] == 50
+    post = next(r for r in view["stages"] if r["name"] == "postprocess")
+    injected_ms_per_token = slept / 50 / 1e6
+    assert injected_ms_per_token >= 0.5
+    assert post["ms_per_token"] == pytest.approx(injected_ms_per_token, rel=0.10)
+    assert view["stages"][0]["name"] == "postprocess"  # the largest overhead

@@ -1,0 +1,76 @@
+"""report.json's schema, its text and markdown renderings, and `llmtrace analyze`."""
+import json
+
+import pytest
+
+from llmtrace.analyze import build_report, render_markdown, render_text
+from llmtrace.cli import main
+from synthetic import MS, EngineTraceBuilder, record_pipeline
+
+
+@pytest.fixture(scope="module")
+def report():
+    b = EngineTraceBuilder(span_cost_ns=400.0)
+    b.steps(3, batch=1, prefill=True, device={"forward": 30.0})
+    b.steps(30, batch=4, nested={"preprocess": [("logging.debug", 7.0, {}), ("np.concatenate", 4.8, {})]})
+    t0 = 5_000 * MS
+    b.request("a", t0, [t0 + 40 * MS, t0 + 70 * MS])
+    return build_report(b.build())
+
+
+def test_report_has_the_design_schema(report):
+    assert {"summary", "breakdown", "suggestions", "tracing"} <= report.keys()
+    s = report["summary"]
+    for key in ("requests", "output_tokens", "duration_s", "throughput_tok_s", "ttft_ms", "tpot_ms", "itl_ms"):
+        assert key in s
+    assert set(s["ttft_ms"]) >= {"p50", "p90", "p99"}
+    bd = report["breakdown"]
+    for key in ("per_token_ms", "model_ms", "overhead_ms", "overhead_fraction", "stages", "decode", "prefill",
+                "headline"):
+        assert key in bd
+    for row in bd["stages"]:
+        assert set(row) >= {"name", "ms_per_step", "ms_per_token", "share", "count", "p50_ms", "p99_ms",
+                            "top_functions"}
+    assert bd["decode"]["steps"] == 30 and bd["prefill"]["steps"] == 3
+    for sug in report["suggestions"]:
+        assert set(sug) == {"id", "title", "stage", "evidence", "est_saving_ms_per_token", "est_speedup", "fix"}
+    assert [x["id"] for x in report["suggestions"]][:2] == ["log-in-hot-path", "concat-padding"]
+    t = report["tracing"]
+    assert set(t) >= {"spans_recorded", "spans_dropped", "instrumentation_cost_us_per_token", "processes"}
+    records = t["records"]
+    assert t["instrumentation_cost_us_per_token"] == pytest.approx(records * 400 / bd["tokens"] / 1e3)
+    json.dumps(report)  # JSON-safe as it is
+
+
+def test_text_rendering_has_headline_tables_and_ranked_fixes(report):
+    text = render_text(report)
+    assert report["breakdown"]["headline"] in text
+    assert "Per-token breakdown" in text and "ms/token" in text and "preprocess" in text
+    assert "logging.debug" in text  # top function inside the stage
+    assert text.index("log-in-hot-path") < text.index("concat-padding")
+    assert "[batch]" in render_text({**report, "suggestions": [{**report["suggestions"][0], "fix": "copy [batch] ids"}]})
+
+
+def test_markdown_rendering(report):
+    md = render_markdown(report)
+    assert md.startswith("# llmtrace report")
+    assert "| stage | ms/step | ms/token |" in md
+    assert "1. **Logging in the hot path" in md
+
+
+def test_analyze_command_prints_the_table(tmp_path, capsys):
+    record_pipeline(tmp_path, steps=20, inject_s=0.002)
+    assert main(["analyze", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "ms/token = " in out and "postprocess" in out and "Per-token breakdown" in out
+    assert main(["analyze", str(tmp_path), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["breakdown"]["steps"] == 20 and rep["breakdown"]["stages"][0]["name"] == "postprocess"
+    assert main(["analyze", str(tmp_path), "--markdown"]) == 0
+    assert capsys.readouterr().out.startswith("# llmtrace report")
+
+
+def test_analyze_command_bad_path_is_a_clear_error(tmp_path, capsys):
+    assert main(["analyze", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "missing" in err and "Traceback" not in err

@@ -1,0 +1,227 @@
+"""Each rule fires on a trace built with its antipattern, with the right stage, evidence and
+a saving within 10% of the injected cost, and stays silent on clean traces."""
+import pytest
+
+from llmtrace.analyze.context import Context
+from llmtrace.analyze.rules import RULES, run_rules
+from llmtrace.trace import Sample
+from synthetic import AGENT_PID, MS, EngineTraceBuilder, clean_trace
+
+SAMPLING_AFTER_SYNC = ["tcp.recv", "shm.read", "preprocess", "forward", "sync.wait", "sampling", "shm.write", "tcp.send"]
+
+
+def _only(ctx, rule_id):
+    found = [s for s in run_rules(ctx) if s.id == rule_id]
+    assert found, f"{rule_id} did not fire; got {[s.id for s in run_rules(ctx)]}"
+    return found
+
+
+def _one(ctx, rule_id):
+    (s,) = _only(ctx, rule_id)
+    return s
+
+
+@pytest.mark.parametrize("kw", [{}, {"gpu": False}])
+def test_clean_traces_get_no_suggestions(kw):
+    assert run_rules(Context(clean_trace(60, **kw))) == []
+
+
+def test_rule_ids_are_stable_kebab_case_and_unique():
+    ids = [r.ID for r in RULES]
+    assert len(set(ids)) == len(ids) >= 10
+    assert all(i == i.lower() and " " not in i and "_" not in i for i in ids)
+
+
+def test_log_in_hot_path_from_nested_spans():
+    b = EngineTraceBuilder()
+    b.steps(30, batch=1, nested={"preprocess": [("logging.debug", 7.0, {})]})
+    ctx = Context(b.build())
+    s = _one(ctx, "log-in-hot-path")
+    assert s.stage == "preprocess"
+    assert s.est_saving_ms_per_token == pytest.approx(7.0, rel=0.1)
+    assert s.evidence["functions"][0]["name"] == "logging.debug"
+    assert s.evidence["steps_affected"] == 30 and s.evidence["example_steps"] == [0, 1, 2, 3, 4]
+    per_token = ctx.per_token_ms
+    assert s.est_speedup == pytest.approx(per_token / (per_token - s.est_saving_ms_per_token), rel=1e-3)
+
+
+def _stage_spans(trace, name):
+    return [s for s in trace.spans if s.name == name and s.pid == AGENT_PID]
+
+
+def test_log_in_hot_path_from_viztracer_functions_counts_nested_calls_once():
+    b = EngineTraceBuilder()
+    b.steps(20, batch=1, agent={"preprocess": 3.0})
+    trace = b.build()
+    for s in _stage_spans(trace, "preprocess"):
+        us = s.start_ns / 1000
+        trace.foreign_events += [
+            {"ph": "X", "name": "logging.Logger.debug", "ts": us + 100, "dur": 2000, "pid": s.pid, "tid": s.tid,
+             "cat": "viztracer"},
+            {"ph": "X", "name": "numpy.core.arrayprint._array_repr", "ts": us + 200, "dur": 1500, "pid": s.pid,
+             "tid": s.tid, "cat": "viztracer"}]
+    s = _one(Context(trace), "log-in-hot-path")
+    assert s.est_saving_ms_per_token == pytest.approx(2.0, rel=0.1)
+    assert {f["name"] for f in s.evidence["functions"]} == {"logging.Logger.debug", "numpy.core.arrayprint._array_repr"}
+    assert s.evidence["functions"][0]["sources"] == ["viztracer"]
+
+
+def test_log_in_hot_path_from_stack_samples():
+    b = EngineTraceBuilder()
+    b.steps(20, batch=1, agent={"preprocess": 3.0})
+    trace = b.build()
+    loop = ("engine.agent:main", "engine.agent:Agent.run_step")
+    for s in _stage_spans(trace, "preprocess"):
+        for k in range(30):  # every 0.1 ms; the first 2 ms inside logger.debug formatting an array
+            stack = loop + (("engine.agent:Agent.preprocess", "logging:Logger.debug",
+                             "numpy.core.arrayprint:_array_repr:1580") if k < 20 else
+                            ("engine.agent:Agent.preprocess:212",))
+            trace.samples.append(Sample(s.pid, s.tid, s.start_ns + 50_000 + k * 100_000, stack))
+    s = _one(Context(trace), "log-in-hot-path")
+    assert s.est_saving_ms_per_token == pytest.approx(2.0, rel=0.1)
+    assert "logging.Logger.debug" in {f["name"] for f in s.evidence["functions"]}
+
+
+def test_concat_padding():
+    b = EngineTraceBuilder()
+    b.steps(30, batch=1, nested={"preprocess": [("np.concatenate", 0.6, {})] * 8})
+    s = _one(Context(b.build()), "concat-padding")
+    assert s.stage == "preprocess"
+    assert s.est_saving_ms_per_token == pytest.approx(4.8, rel=0.1)
+    assert s.evidence["functions"][0]["count"] == 240
+
+
+def test_full_logits_transfer_subtracts_device_sampling_estimate():
+    b = EngineTraceBuilder()
+    b.steps(30, batch=8, agent_order=SAMPLING_AFTER_SYNC, device={"sampling": 0},
+            nested={"sampling": [("sampling.host", 2.5, {"logits_bytes": 8 * 128256 * 4})]})
+    s = _one(Context(b.build()), "full-logits-transfer")
+    assert s.stage == "sampling"
+    assert s.est_saving_ms_per_token == pytest.approx(2.5 / 8, rel=0.1)
+    assert s.est_saving_ms_per_token < 2.5 / 8  # less the device estimate
+    assert s.evidence["logits_bytes"] == 8 * 128256 * 4 and s.evidence["device_sampling_ms_est"] > 0
+
+
+def test_unsynced_gpu_timing_short_launch_long_sync():
+    s = _one(Context(clean_trace(30, device_timing=False)), "unsynced-gpu-timing")
+    assert s.stage == "sync" and s.est_saving_ms_per_token == 0
+    assert s.evidence["misattributed_ms_per_token"] == pytest.approx(20.5 / 8, rel=0.1)
+
+
+def test_unsynced_gpu_timing_periodic_spikes():
+    b = EngineTraceBuilder(device_timing=False)
+    for i in range(40):  # a sync every 4th step in postprocess absorbs the queued device work
+        b.step(batch=1, device={"forward": 0.3}, master={"postprocess": 12.0 if i % 4 == 3 else 0.3})
+    (s,) = [x for x in _only(Context(b.build()), "unsynced-gpu-timing") if x.stage == "postprocess"]
+    assert s.evidence["period_steps"] == 4 and s.evidence["spikes"] == 10
+    assert s.evidence["misattributed_ms_per_token"] == pytest.approx(10 * 11.7 / 40, rel=0.1)
+
+
+def test_periodic_spikes_without_a_device_are_not_blamed_on_timing():
+    b = EngineTraceBuilder(gpu=False)
+    for i in range(40):
+        b.step(batch=1, master={"postprocess": 12.0 if i % 4 == 3 else 0.3})
+    assert not [s for s in run_rules(Context(b.build())) if s.id == "unsynced-gpu-timing"]
+
+
+def test_tcp_nodelay_40ms_stalls_while_agent_idle():
+    b = EngineTraceBuilder()
+    for i in range(40):
+        b.step(batch=8, transport_ms=40.0 if i % 5 == 0 else 0.05)
+    s = _one(Context(b.build()), "tcp-nodelay")
+    assert s.stage == "tcp"
+    assert s.est_saving_ms_per_token == pytest.approx(8 * 40.0 / 320, rel=0.1)
+    assert s.evidence["measures"]["agent.wait residual"]["stalls"] == 8
+
+
+def _cpu_overhead_ms():
+    """Non-model host time of a default CPU step (all stages but forward/sampling, plus transport)."""
+    b = EngineTraceBuilder(gpu=False)
+    b.step()
+    sc = Context(b.build()).steps[0]
+    return (sc.wall_ns - sc.parts["model"]) / MS
+
+
+def test_small_prefill_batch():
+    b = EngineTraceBuilder(gpu=False)
+    b.steps(10, batch=1, prefill=True, waiting=5)
+    b.steps(20, batch=8)
+    ctx = Context(b.build())
+    s = _one(ctx, "small-prefill-batch")
+    avoided = 10 - 2  # 10 single prefills, 6 at a time -> 2 steps
+    assert s.evidence["steps_avoidable"] == avoided
+    assert s.est_saving_ms_per_token == pytest.approx(avoided * _cpu_overhead_ms() / ctx.tokens, rel=0.1)
+
+
+def test_kv_cache_pressure_preemptions_and_capped_batch():
+    b = EngineTraceBuilder(max_num_seqs=16, kv_blocks_total=100)
+    b.steps(4, batch=2, prefill=True, kv_used=50)
+    for _ in range(3):
+        b.instant("preempt", req="r1")
+    b.steps(30, batch=4, waiting=4, kv_used=98)
+    ctx = Context(b.build())
+    found = {s.title.split(" ")[1]: s for s in _only(ctx, "kv-cache-pressure")}
+    pre = next(s for s in found.values() if "preemptions" in s.evidence)
+    prefill_wall = ctx.steps[0].wall_ns
+    assert pre.est_saving_ms_per_token == pytest.approx(3 * prefill_wall / MS / ctx.tokens, rel=0.1)
+    capped = next(s for s in found.values() if "steps_capped" in s.evidence)
+    decode_wall = sum(sc.wall_ns for sc in ctx.steps[4:]) / MS
+    assert capped.evidence["batch_possible_p50"] == 8
+    assert capped.est_saving_ms_per_token == pytest.approx(decode_wall / 2 / ctx.tokens, rel=0.1)
+
+
+def test_kv_cache_oversized_budget_saves_memory_not_time():
+    b = EngineTraceBuilder(kv_blocks_total=1000)
+    b.steps(20, kv_used=100)
+    s = _one(Context(b.build()), "kv-cache-pressure")
+    assert s.est_saving_ms_per_token == 0 and s.evidence["kv_usage_peak"] == pytest.approx(0.1)
+
+
+def test_gc_pauses_from_gc_spans():
+    b = EngineTraceBuilder()
+    for i in range(40):
+        b.step(batch=4, nested={"postprocess": [("gc", 6.0, {"generation": 2})]} if i % 10 == 0 else None)
+    s = _one(Context(b.build()), "gc-pauses")
+    assert s.stage == "gc" and s.evidence["collections_in_steps"] == 4
+    assert s.est_saving_ms_per_token == pytest.approx(4 * 6.0 / 160, rel=0.1)
+
+
+def test_gc_pauses_unexplained_gaps():
+    b = EngineTraceBuilder()
+    for i in range(40):
+        b.step(batch=4, gap_ms=8.0 if i % 10 == 0 else 0.0)
+    s = _one(Context(b.build()), "gc-pauses")
+    assert s.stage == "gap" and s.evidence["pauses"] == 4
+    assert s.est_saving_ms_per_token == pytest.approx(4 * 8.0 / 160, rel=0.1)
+
+
+def test_underfilled_batch_max_from_trace():
+    b = EngineTraceBuilder(max_num_seqs=32, kv_blocks_total=100)
+    b.steps(30, batch=4, waiting=10, kv_used=50)
+    ctx = Context(b.build())
+    s = _one(ctx, "underfilled-batch")
+    assert s.evidence["max_num_seqs"] == 32 and s.evidence["batch_possible_p50"] == 14
+    assert s.est_saving_ms_per_token == pytest.approx(ctx.per_token_ms * (1 - 4 / 14), rel=0.1)
+
+
+def test_underfilled_batch_needs_the_max_in_the_trace():
+    b = EngineTraceBuilder(kv_blocks_total=100)
+    b.steps(30, batch=4, waiting=10, kv_used=50)
+    assert not [s for s in run_rules(Context(b.build())) if s.id == "underfilled-batch"]
+
+
+def test_hot_function_in_stage_skips_what_specific_rules_explained():
+    b = EngineTraceBuilder()
+    b.steps(30, batch=2, nested={"detokenize": [("Detokenizer.decode_incremental", 3.0, {})],
+                                 "preprocess": [("logging.debug", 2.0, {})]})
+    ctx = Context(b.build())
+    (s,) = _only(ctx, "hot-function-in-stage")
+    assert s.stage == "detokenize" and s.evidence["function"] == "Detokenizer.decode_incremental"
+    assert s.est_saving_ms_per_token == pytest.approx(3.0 / 2, rel=0.1)
+
+
+def test_suggestions_are_ranked_by_saving():
+    b = EngineTraceBuilder()
+    b.steps(30, batch=1, nested={"preprocess": [("logging.debug", 7.0, {}), ("np.concatenate", 4.8, {})]})
+    found = run_rules(Context(b.build()))
+    assert [s.id for s in found] == ["log-in-hot-path", "concat-padding"]
