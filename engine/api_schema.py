@@ -1,0 +1,277 @@
+"""Request bodies of the two HTTP APIs, validated into one `GenerateRequest`.
+
+`POST /v1/completions` (OpenAI) and `POST /generate` (TGI style) name the same knobs
+differently; both land here so the server has a single path from body to
+SamplingParams. Every rejection is a `RequestError` that names the offending field and
+renders as OpenAI's error object. Checks here are about the wire format (types, names,
+the API's documented ranges); limits that need the tokenized prompt live in the server.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import orjson
+
+from .sampling_params import SamplingParams
+
+MAX_SEED = 2**63 - 1
+MAX_TOP_K = 2**31 - 1
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256
+OPENAI_DEFAULT_MAX_TOKENS = 16   # OpenAI's legacy completions default
+TGI_DEFAULT_MAX_NEW_TOKENS = 20  # TGI's default
+
+
+class RequestError(Exception):
+    """A request the client must fix (4xx); `param` names the field when there is one."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 err_type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.err_type = message, param, status, err_type
+
+    def to_json(self) -> dict:
+        return {"error": {"message": self.message, "type": self.err_type, "param": self.param, "code": None}}
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """What either API asks for, in engine terms. temperature 0 means greedy."""
+
+    prompt: str
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    stream: bool = False
+    include_usage: bool = False  # OpenAI stream_options.include_usage
+    details: bool = False        # TGI details object in the response
+    model: str | None = None
+    # how this API names the prompt and the output budget, for errors found after tokenizing
+    prompt_param: str = "prompt"
+    max_tokens_param: str = "max_tokens"
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_tokens=self.max_tokens, seed=self.seed, ignore_eos=self.ignore_eos)
+
+
+def parse_json(raw: bytes) -> dict:
+    """The body as a JSON object (orjson: rejects NaN/Infinity literals, caps nesting depth)."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise RequestError(f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise RequestError(f"request body must be a JSON object, got {_kind(body)}")
+    return body
+
+
+def parse_completion(body: dict, max_model_len: int) -> GenerateRequest:
+    """OpenAI `POST /v1/completions`."""
+    _reject_unknown(body, _COMPLETION_FIELDS, "")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list):
+        raise RequestError("prompt must be a string; lists of prompts or token ids are not supported", "prompt")
+    _int(body, "n", "n", 1, 1, 1)  # one completion per request is all that is served
+    _str(body, "user", "user", None)
+    stream = _bool(body, "stream", "stream", False)
+    include_usage = False
+    opts = body.get("stream_options")
+    if opts is not None:
+        if not stream:
+            raise RequestError("stream_options is only allowed when stream is true", "stream_options")
+        if not isinstance(opts, dict):
+            raise RequestError(f"stream_options must be an object, got {_kind(opts)}", "stream_options")
+        _reject_unknown(opts, {"include_usage"}, "stream_options.")
+        include_usage = _bool(opts, "include_usage", "stream_options.include_usage", False)
+    return GenerateRequest(
+        prompt=_prompt(body, "prompt"),
+        max_tokens=_int(body, "max_tokens", "max_tokens", OPENAI_DEFAULT_MAX_TOKENS, 1, max_model_len),
+        temperature=_number(body, "temperature", "temperature", 1.0, 0.0, 2.0),
+        top_p=_top_p(body, "top_p", "top_p"),
+        top_k=_top_k(body, "top_k", "top_k", allow_off=True),
+        seed=_int(body, "seed", "seed", None, 0, MAX_SEED),
+        stop=_stop(body, "stop", "stop"),
+        ignore_eos=_bool(body, "ignore_eos", "ignore_eos", False),
+        stream=stream,
+        include_usage=include_usage,
+        model=_str(body, "model", "model", None),
+    )
+
+
+def parse_generate(body: dict, max_model_len: int) -> GenerateRequest:
+    """TGI-style `POST /generate`: {"inputs": ..., "parameters": {...}, "stream": bool}.
+
+    As in TGI, do_sample=false (the default) is greedy unless temperature, top_p or
+    top_k is given."""
+    _reject_unknown(body, _GENERATE_FIELDS, "")
+    params = body.get("parameters")
+    if params is None:
+        params = {}
+    elif not isinstance(params, dict):
+        raise RequestError(f"parameters must be an object, got {_kind(params)}", "parameters")
+    _reject_unknown(params, _GENERATE_PARAMETERS, "parameters.")
+    p = "parameters."
+    do_sample = _bool(params, "do_sample", p + "do_sample", False)
+    sampling = do_sample or any(params.get(k) is not None for k in ("temperature", "top_p", "top_k"))
+    temperature = _number(params, "temperature", p + "temperature", 1.0, 0.0, 2.0, low_open=True)
+    return GenerateRequest(
+        prompt=_prompt(body, "inputs"),
+        max_tokens=_int(params, "max_new_tokens", p + "max_new_tokens", TGI_DEFAULT_MAX_NEW_TOKENS, 1,
+                        max_model_len),
+        temperature=temperature if sampling else 0.0,
+        top_p=_top_p(params, "top_p", p + "top_p"),
+        top_k=_top_k(params, "top_k", p + "top_k", allow_off=False),
+        seed=_int(params, "seed", p + "seed", None, 0, MAX_SEED),
+        stop=_stop(params, "stop", p + "stop"),
+        ignore_eos=_bool(params, "ignore_eos", p + "ignore_eos", False),
+        stream=_bool(body, "stream", "stream", False),
+        details=_bool(params, "details", p + "details", False),
+        prompt_param="inputs",
+        max_tokens_param=p + "max_new_tokens",
+    )
+
+
+_COMPLETION_FIELDS = frozenset({"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed",
+                                "stop", "stream", "stream_options", "ignore_eos", "n", "user"})
+_GENERATE_FIELDS = frozenset({"inputs", "parameters", "stream"})
+_GENERATE_PARAMETERS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "seed",
+                                  "stop", "ignore_eos", "details"})
+
+
+def _kind(v) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+            dict: "an object", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _reject_unknown(obj: dict, known: frozenset | set, prefix: str) -> None:
+    for key in obj:
+        if key not in known:
+            raise RequestError(f"unknown field '{prefix}{key}' (accepted: {', '.join(sorted(known))})",
+                               prefix + key)
+
+
+def _prompt(body: dict, key: str) -> str:
+    v = body.get(key)
+    if v is None:
+        raise RequestError(f"{key} is required", key)
+    if not isinstance(v, str):
+        raise RequestError(f"{key} must be a string, got {_kind(v)}", key)
+    if not v:
+        raise RequestError(f"{key} must not be empty", key)
+    return v
+
+
+def _int(obj: dict, key: str, param: str, default, lo: int, hi: int):
+    v = obj.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise RequestError(f"{param} must be an integer, got {_kind(v)}", param)
+    if not lo <= v <= hi:
+        raise RequestError(f"{param} must be between {lo} and {hi}, got {v}", param)
+    return v
+
+
+def _number(obj: dict, key: str, param: str, default: float, lo: float, hi: float, low_open: bool = False) -> float:
+    v = obj.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise RequestError(f"{param} must be a number, got {_kind(v)}", param)
+    v = float(v)
+    if not math.isfinite(v) or v > hi or v < lo or (low_open and v == lo):
+        bracket = "(" if low_open else "["
+        raise RequestError(f"{param} must be in {bracket}{lo:g}, {hi:g}], got {v:g}", param)
+    return v
+
+
+def _top_p(obj: dict, key: str, param: str) -> float:
+    return _number(obj, key, param, 1.0, 0.0, 1.0, low_open=True)
+
+
+def _top_k(obj: dict, key: str, param: str, allow_off: bool) -> int:
+    """vLLM's convention: -1 turns top-k off (OpenAI side); TGI requires a positive k."""
+    v = _int(obj, key, param, -1, -1 if allow_off else 1, MAX_TOP_K)
+    if v == 0:
+        raise RequestError(f"{param} must be -1 (off) or at least 1, got 0", param)
+    return v
+
+
+def _bool(obj: dict, key: str, param: str, default: bool) -> bool:
+    v = obj.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise RequestError(f"{param} must be a boolean, got {_kind(v)}", param)
+    return v
+
+
+def _str(obj: dict, key: str, param: str, default):
+    v = obj.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, str):
+        raise RequestError(f"{param} must be a string, got {_kind(v)}", param)
+    return v
+
+
+def _stop(obj: dict, key: str, param: str) -> tuple[str, ...]:
+    v = obj.get(key)
+    if v is None:
+        return ()
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise RequestError(f"{param} must be a string or an array of strings", param)
+    if len(items) > MAX_STOP_STRINGS:
+        raise RequestError(f"{param} may hold at most {MAX_STOP_STRINGS} strings, got {len(items)}", param)
+    for s in items:
+        if not s or len(s) > MAX_STOP_CHARS:
+            raise RequestError(f"{param} strings must be 1 to {MAX_STOP_CHARS} characters long", param)
+    return tuple(items)
+
+
+# ---- responses -------------------------------------------------------------------------
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_object(rid: str, created: int, model: str, text: str, finish_reason: str | None,
+                      usage_: dict | None = None) -> dict:
+    """OpenAI text_completion: the whole response, or one stream chunk (usage only at the end)."""
+    obj = {"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": model,
+           "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+    if usage_ is not None:
+        obj["usage"] = usage_
+    return obj
+
+
+def completion_usage_chunk(rid: str, created: int, model: str, usage_: dict) -> dict:
+    """The extra last chunk that stream_options.include_usage asks for (empty choices)."""
+    return {"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": model,
+            "choices": [], "usage": usage_}
+
+
+def tgi_finish_reason(reason: str, by_stop_string: bool) -> str:
+    """Engine reasons (stop/length/abort) in TGI's words."""
+    if reason == "stop":
+        return "stop_sequence" if by_stop_string else "eos_token"
+    return reason
+
+
+def tgi_details(finish_reason: str, generated_tokens: int, seed: int | None) -> dict:
+    return {"finish_reason": finish_reason, "generated_tokens": generated_tokens, "seed": seed}
+
+
+def tgi_token_event(index: int, token_id: int, text: str, generated_text: str | None = None,
+                    details: dict | None = None) -> dict:
+    """One TGI stream event; the last one carries the full text (and details when asked for)."""
+    return {"index": index, "token": {"id": token_id, "text": text, "logprob": None, "special": False},
+            "generated_text": generated_text, "details": details}

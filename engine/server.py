@@ -1,0 +1,342 @@
+"""The engine's HTTP front end (aiohttp), in the master's event loop.
+
+  POST /v1/completions   OpenAI completions (SSE chunks + `data: [DONE]` when streaming)
+  POST /generate         TGI style: {"inputs", "parameters", "stream"}
+  GET  /health           200 while the agents are alive, else 503
+  GET  /metrics          Prometheus text
+
+Per request: validate (api_schema), tokenize, hand the ids to the master, relay its
+deltas, cut at stop strings. A request whose client goes away is aborted so its KV
+blocks are freed. Bad input is always a 4xx JSON error, never a 5xx.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+import orjson
+from aiohttp import web
+
+import llmtrace
+from llmtrace.errors import UserError
+
+from . import api_schema as api
+from .api_schema import GenerateRequest, RequestError
+from .config import RunConfig
+from .master import EngineDead, Master
+from .metrics import CONTENT_TYPE, EngineMetrics
+from .sampling_params import SamplingParams, SamplingParamsError
+from .scheduler import QueueFull, RequestRejected
+from .stop_strings import StopStringMatcher
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "X-Request-Id"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+MIN_BODY_LIMIT = 1 << 20
+BODY_BYTES_PER_TOKEN = 64  # generous: a token is a few bytes of UTF-8 text, JSON escapes x6
+RETRY_AFTER_S = 1
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
+
+
+class Generation:
+    """One request in flight: relays the master's deltas, applies stop strings, keeps counts."""
+
+    def __init__(self, master, rid: str, greq: GenerateRequest, prompt_ids: list[int], params: SamplingParams,
+                 t_arrival: float):
+        self.master, self.rid, self.greq = master, rid, greq
+        self.prompt_tokens = len(prompt_ids)
+        self.t_arrival = t_arrival
+        self.ttft_s: float | None = None
+        self.output_tokens = 0
+        self.last_token_id: int | None = None
+        self.finish_reason: str | None = None
+        self.by_stop_string = False  # finished by the matcher, not by the master
+        self.text: list[str] = []
+        self._stops = StopStringMatcher(greq.stop) if greq.stop else None
+        self.stream = master.add_request(rid, prompt_ids, params)
+
+    def accept(self, token_ids, text: str, finish_reason: str | None) -> str:
+        """Account for one delta from the master; returns the text the client may see."""
+        if token_ids and self.ttft_s is None:
+            self.ttft_s = time.perf_counter() - self.t_arrival
+        self.output_tokens += len(token_ids)
+        if token_ids:
+            self.last_token_id = int(token_ids[-1])
+        if self._stops is not None:
+            text, hit = self._stops.feed(text)
+            if hit:
+                self.by_stop_string, finish_reason = True, "stop"
+            elif finish_reason is not None:
+                text += self._stops.flush()
+        self.finish_reason = finish_reason
+        self.text.append(text)
+        return text
+
+    def close(self, metrics: EngineMetrics) -> None:
+        """Abort what the master still runs (client gone, stop string hit); count the request."""
+        if self.finish_reason is None or self.by_stop_string:
+            self.master.abort(self.rid)
+        metrics.observe_request(prompt_tokens=self.prompt_tokens, output_tokens=self.output_tokens,
+                                ttft_s=self.ttft_s, e2e_s=time.perf_counter() - self.t_arrival,
+                                finish_reason=self.finish_reason or "abort")
+
+    def usage(self) -> dict:
+        return api.usage(self.prompt_tokens, self.output_tokens)
+
+
+class ApiServer:
+    def __init__(self, master, tokenizer, cfg: RunConfig):
+        self.master, self.tokenizer = master, tokenizer
+        self.max_model_len = cfg.engine.max_model_len
+        self.capture_text = cfg.trace.capture_text
+        self.model_name = cfg.model.preset or cfg.model.path
+        self.metrics = EngineMetrics()
+        self._ids = itertools.count(1)
+
+    def build_app(self) -> web.Application:
+        limit = max(MIN_BODY_LIMIT, self.max_model_len * BODY_BYTES_PER_TOKEN)
+        app = web.Application(client_max_size=limit, middlewares=[self._errors])
+        app.add_routes([web.post("/v1/completions", self.completions), web.post("/generate", self.generate),
+                        web.get("/health", self.health), web.get("/metrics", self.metrics_page)])
+        return app
+
+    # ---- endpoints -----------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, api.parse_completion, self._openai_stream, self._openai_response)
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, api.parse_generate, self._tgi_stream, self._tgi_response)
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self.master.healthy:
+            return _json({"status": "ok", **self.master.stats()})
+        return _json({"status": "unavailable", "message": "the engine's agent processes are not running"}, 503)
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(self.master.stats()).encode(),
+                            headers={"Content-Type": CONTENT_TYPE})
+
+    # ---- one request ---------------------------------------------------------------------
+
+    async def _serve(self, request, parse, stream_out, respond) -> web.StreamResponse:
+        t_arrival = time.perf_counter()
+        rid = self._request_id(request)
+        with llmtrace.span("http.request", req=rid) as sp:
+            greq = parse(api.parse_json(await request.read()), self.max_model_len)
+            gen = self._admit(rid, greq, t_arrival)
+            try:
+                if greq.stream:
+                    resp = await stream_out(request, gen)
+                else:
+                    resp = await respond(gen)
+            finally:
+                gen.close(self.metrics)
+                sp.set(prompt_tokens=gen.prompt_tokens, output_tokens=gen.output_tokens,
+                       ttft_us=-1 if gen.ttft_s is None else int(gen.ttft_s * 1e6))
+                if self.capture_text:
+                    llmtrace.instant("http.text", req=rid, prompt=greq.prompt, completion="".join(gen.text))
+        resp.headers[REQUEST_ID_HEADER] = rid
+        return resp
+
+    def _request_id(self, request: web.Request) -> str:
+        given = request.headers.get(REQUEST_ID_HEADER)
+        if given is None:
+            return f"req-{next(self._ids)}"
+        if not _REQUEST_ID.fullmatch(given):
+            raise RequestError(f"{REQUEST_ID_HEADER} must be 1 to 64 characters of A-Z a-z 0-9 . _ : -",
+                               REQUEST_ID_HEADER)
+        return given
+
+    def _admit(self, rid: str, greq: GenerateRequest, t_arrival: float) -> Generation:
+        with llmtrace.span("tokenize", req=rid):
+            prompt_ids = self.tokenizer.encode(greq.prompt)
+        if len(prompt_ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the model's context is "
+                               f"{self.max_model_len} tokens and must leave room for at least one output token",
+                               greq.prompt_param)
+        try:
+            return Generation(self.master, rid, greq, prompt_ids, greq.sampling_params(), t_arrival)
+        except SamplingParamsError as e:
+            raise RequestError(str(e), greq.max_tokens_param if e.field == "max_tokens" else e.field) from None
+        except QueueFull as e:
+            raise RequestError(str(e), None, 429, "rate_limit_error") from None
+        except RequestRejected as e:
+            raise RequestError(str(e), None) from None
+
+    # ---- OpenAI --------------------------------------------------------------------------
+
+    async def _openai_response(self, gen: Generation) -> web.Response:
+        async for token_ids, text, finish in gen.stream:
+            gen.accept(token_ids, text, finish)
+            if gen.finish_reason is not None:
+                break
+        body = api.completion_object(gen.rid, int(time.time()), self._model(gen), "".join(gen.text),
+                                     gen.finish_reason, gen.usage())
+        return _json(body)
+
+    async def _openai_stream(self, request: web.Request, gen: Generation) -> web.StreamResponse:
+        resp = await _open_sse(request)
+        created, model = int(time.time()), self._model(gen)
+        async with _stream_errors(resp):
+            async for token_ids, text, finish in gen.stream:
+                text = gen.accept(token_ids, text, finish)
+                if text or gen.finish_reason is not None:
+                    await _sse(resp, api.completion_object(gen.rid, created, model, text, gen.finish_reason))
+                if gen.finish_reason is not None:
+                    break
+            if gen.greq.include_usage:
+                await _sse(resp, api.completion_usage_chunk(gen.rid, created, model, gen.usage()))
+            await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    def _model(self, gen: Generation) -> str:
+        return gen.greq.model or self.model_name
+
+    # ---- TGI -----------------------------------------------------------------------------
+
+    def _tgi_details(self, gen: Generation) -> dict | None:
+        if not gen.greq.details:
+            return None
+        reason = api.tgi_finish_reason(gen.finish_reason or "abort", gen.by_stop_string)
+        return api.tgi_details(reason, gen.output_tokens, gen.greq.seed)
+
+    async def _tgi_response(self, gen: Generation) -> web.Response:
+        async for token_ids, text, finish in gen.stream:
+            gen.accept(token_ids, text, finish)
+            if gen.finish_reason is not None:
+                break
+        body = {"generated_text": "".join(gen.text)}
+        details = self._tgi_details(gen)
+        if details is not None:
+            body["details"] = details
+        return _json(body)
+
+    async def _tgi_stream(self, request: web.Request, gen: Generation) -> web.StreamResponse:
+        """One event per token; a delta's text rides on its last token, the last event on the
+        final one carries generated_text (and details)."""
+        resp = await _open_sse(request)
+        async with _stream_errors(resp):
+            async for token_ids, text, finish in gen.stream:
+                first_index = gen.output_tokens
+                text = gen.accept(token_ids, text, finish)
+                done = gen.finish_reason is not None
+                ids = list(token_ids) or ([gen.last_token_id] if done and gen.last_token_id is not None else [])
+                for i, tid in enumerate(ids):
+                    last = i == len(ids) - 1
+                    event = api.tgi_token_event(
+                        first_index + i + 1, int(tid), text if last else "",
+                        "".join(gen.text) if done and last else None, self._tgi_details(gen) if done and last else None)
+                    await _sse(resp, event)
+                if done:
+                    break
+        return resp
+
+    # ---- errors --------------------------------------------------------------------------
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        try:
+            return await handler(request)
+        except RequestError as e:
+            err = e
+        except EngineDead as e:
+            err = RequestError(f"the engine is not running: {e}", None, 503, "service_unavailable")
+        except web.HTTPException as e:  # aiohttp's own: 404, 405, 413 (body over client_max_size)
+            if e.status < 400:
+                raise
+            err = RequestError(e.reason if e.status != 413 else e.text, None, e.status)
+        except Exception:
+            log.exception("request %s %s failed", request.method, request.path)
+            err = RequestError("internal error", None, 500, "internal_error")
+        self.metrics.rejected.inc(1, str(err.status))
+        resp = _json(err.to_json(), err.status)
+        if err.status == 429:
+            resp.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return resp
+
+
+def _json(obj, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+
+
+async def _open_sse(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers=SSE_HEADERS)
+    await resp.prepare(request)
+    return resp
+
+
+async def _sse(resp: web.StreamResponse, obj) -> None:
+    await resp.write(b"data: " + orjson.dumps(obj) + b"\n\n")
+
+
+class _stream_errors:
+    """After the SSE headers are out, the engine dying can only be reported as an error event."""
+
+    def __init__(self, resp: web.StreamResponse):
+        self.resp = resp
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, et, ev, tb):
+        if not isinstance(ev, EngineDead):
+            return False
+        err = RequestError(f"the engine stopped while generating: {ev}", None, 503, "service_unavailable")
+        await _sse(self.resp, err.to_json())
+        return True
+
+
+@dataclass
+class EngineHandle:
+    """A running master + HTTP server inside the caller's event loop."""
+
+    url: str
+    master: Master
+    server: ApiServer
+    runner: web.AppRunner
+
+    async def close(self) -> None:
+        """Stop serving, then stop the agents and release the shared memory."""
+        try:
+            await self.runner.cleanup()
+        finally:
+            await self.master.stop()
+
+
+async def start_engine(cfg: RunConfig, host: str | None = None, port: int | None = None) -> EngineHandle:
+    """Start the master (which spawns the agents) and the HTTP server in this event loop.
+
+    host/port default to engine.host (127.0.0.1 unless configured) and engine.port (0: any
+    free port). On any failure everything started so far is stopped again."""
+    host = cfg.engine.host if host is None else host
+    port = cfg.engine.port if port is None else port
+    master = Master(cfg)
+    await master.start()
+    runner = None
+    try:
+        server = ApiServer(master, master.tokenizer, cfg)
+        # handler_cancellation: a client that disconnects cancels its handler, which aborts its request
+        runner = web.AppRunner(server.build_app(), handler_cancellation=True, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+        return EngineHandle(_url(runner.addresses[0]), master, server, runner)
+    except BaseException:
+        if runner is not None:
+            await runner.cleanup()
+        await master.stop()
+        raise
+
+
+def _url(sockname: tuple) -> str:
+    """http://host:port of a bound socket; a wildcard address is reached through loopback."""
+    host, port = sockname[0], sockname[1]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
