@@ -6,10 +6,11 @@ with device timing carries `device_start_ns`/`device_end_ns` on the same clock.
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 from dataclasses import dataclass, field
 
-from .spool_format import (ATTR_FLOAT, ATTR_ID_MASK, ATTR_STR, COUNTER, DEVICE, INSTANT, RECORD, SAMPLE, SPAN,
+from .spool_format import (ATTR_FLOAT, ATTR_ID_MASK, ATTR_STR, COUNTER, DEVICE, INSTANT, RECORD, SAMPLE, SPAN, Batch,
                            SpoolError, bits_float, read_spool)
 
 
@@ -135,51 +136,83 @@ def _decode_attrs(vals, keys, strings) -> dict:
     return out
 
 
-def load_spool_file(path: str, trace: Trace) -> Process:
-    """Add one process's spool file to `trace`."""
-    sf = read_spool(path)
-    h = sf.header
-    pid = int(h.get("pid", 0))
-    proc = Process(pid, h.get("process_name", str(pid)), h, truncated_at=sf.truncated_at,
-                   truncation_reason=sf.truncation_reason, source=path)
-    strings: dict[int, str] = {}
-    device: list[tuple] = []
-    by_id: dict[int, Span] = {}
-    stacks: dict[int, tuple[str, ...]] = {}
-    for b in sf.batches:
+class RecordDecoder:
+    """Turns one process's batches into spans, instants, counters and samples, batch by
+    batch: `load_spool_file` feeds it a whole file, the TUI's live feed each new batch.
+
+    A span's device time (a DEVICE record) arrives after the span, usually a step later;
+    `keep_ids` bounds how many recent spans stay joinable (None: all, for a whole file).
+    """
+
+    def __init__(self, proc: Process, keep_ids: int | None = None):
+        self.proc = proc
+        self.strings: dict[int, str] = {}
+        self.keep_ids = keep_ids
+        self._by_id: dict[int, Span] = {}
+        self._device: dict[int, tuple[int, int]] = {}  # device times whose span is not seen yet
+        self._stacks: dict[int, tuple[str, ...]] = {}
+
+    def add(self, b: Batch, out: Trace) -> None:
+        """Decode batch `b`, appending its records to `out`'s lists."""
+        proc, pid, strings = self.proc, self.proc.pid, self.strings
         strings.update(b.strings)
         for tid, name in b.meta.get("threads", {}).items():
             proc.threads[int(tid)] = name
         for tid, n in b.meta.get("dropped", {}).items():
             proc.dropped[int(tid)] = proc.dropped.get(int(tid), 0) + int(n)
+        by_id, device = self._by_id, self._device
         for r in RECORD.iter_unpack(b.records):
             (start, end, span_id, parent, link, step, a0, a1, a2, a3, k0, k1, k2, k3,
              name_id, stage_id, tid, kind, flags, _) = r
             if kind == DEVICE:
-                device.append((span_id, start, end))
+                s = by_id.get(span_id)
+                if s is None:
+                    device[span_id] = (start, end)
+                else:
+                    s.device_start_ns, s.device_end_ns = start, end
                 continue
             if kind == SAMPLE:
-                stack = stacks.get(name_id)
+                stack = self._stacks.get(name_id)
                 if stack is None:
-                    stack = stacks[name_id] = tuple(strings.get(name_id, "?").split(";"))
-                trace.samples.append(Sample(pid, tid, start, stack))
+                    stack = self._stacks[name_id] = tuple(strings.get(name_id, "?").split(";"))
+                out.samples.append(Sample(pid, tid, start, stack))
                 continue
             name, stage = strings.get(name_id, "?"), strings.get(stage_id, "?")
             attrs = _decode_attrs((a0, a1, a2, a3), (k0, k1, k2, k3), strings) if (k0 | k1 | k2 | k3) else {}
             if kind == SPAN:
                 s = Span(name, stage, pid, tid, start, end, span_id, parent, link, step, attrs, flags)
-                trace.spans.append(s)
+                out.spans.append(s)
                 by_id[span_id] = s
+                if device:
+                    d = device.pop(span_id, None)
+                    if d is not None:
+                        s.device_start_ns, s.device_end_ns = d
             elif kind == INSTANT:
-                trace.instants.append(Instant(name, stage, pid, tid, start, step, parent, attrs))
+                out.instants.append(Instant(name, stage, pid, tid, start, step, parent, attrs))
             elif kind == COUNTER:
                 value = attrs.pop("value", 0.0)
-                trace.counters.append(CounterSample(name, pid, start, value, attrs))
-    for span_id, start, end in device:
-        s = by_id.get(span_id)
-        if s is not None:
-            s.device_start_ns, s.device_end_ns = start, end
-    trace.processes[pid] = proc
+                out.counters.append(CounterSample(name, pid, start, value, attrs))
+        if self.keep_ids is not None:
+            self._forget_old()
+
+    def _forget_old(self) -> None:
+        """Keep the newest `keep_ids` spans (and pending device times) joinable."""
+        for d in (self._by_id, self._device):
+            if len(d) > self.keep_ids:
+                for k in list(itertools.islice(d, len(d) - self.keep_ids)):
+                    del d[k]
+
+
+def load_spool_file(path: str, trace: Trace) -> Process:
+    """Add one process's spool file to `trace`."""
+    sf = read_spool(path)
+    h = sf.header
+    proc = Process(int(h.get("pid", 0)), h.get("process_name", str(h.get("pid", 0))), h,
+                   truncated_at=sf.truncated_at, truncation_reason=sf.truncation_reason, source=path)
+    decoder = RecordDecoder(proc)
+    for b in sf.batches:
+        decoder.add(b, trace)
+    trace.processes[proc.pid] = proc
     return proc
 
 
