@@ -74,10 +74,11 @@ def is_host_side(s: Span, model_stage: str) -> bool:
 
 
 def step_tokens(root: Span) -> int:
-    """Output tokens a step produced: one per sequence in the batch (prefill and decode alike)."""
+    """Output tokens a step produced: one per sequence in the batch (prefill and decode alike);
+    a generic pipeline's `output_tokens`/`tokens` attr, else one."""
     for key in ("batch", "output_tokens", "tokens"):
         v = root.attrs.get(key)
-        if isinstance(v, (int, float)) and v > 0:
+        if isinstance(v, (int, float)) and v >= 0:
             return int(v)
     return 1
 
@@ -233,7 +234,7 @@ class Breakdown:
 
     @property
     def per_token_ms(self) -> float:
-        return self.wall_ns / self.tokens / 1e6 if self.steps else 0.0
+        return self.wall_ns / self.tokens / 1e6 if self.tokens else 0.0
 
     def ms_per_token(self, label: str, steps: list[StepCost] | None = None) -> float:
         steps = self.steps if steps is None else steps
@@ -249,9 +250,9 @@ class Breakdown:
     def view(self, steps: list[StepCost] | None = None) -> dict | None:
         """The report's breakdown numbers over `steps` (default all)."""
         steps = self.steps if steps is None else steps
-        if not steps:
-            return None
         tokens = sum(s.tokens for s in steps)
+        if not tokens:
+            return None
         wall = sum(s.wall_ns for s in steps)
         per_token = wall / tokens / 1e6
         model = sum(s.parts.get(MODEL, 0) for s in steps) / tokens / 1e6

@@ -258,6 +258,7 @@ class Context:
         now, then = sum(s.tokens for s in steps), sum(max(t, s.tokens) for s, t in zip(steps, targets))
         return self.ms_per_token(wall - wall * now / then) if then else 0.0
 
-    def counter_during(self, name: str, sc: StepCost) -> float | None:
-        """The counter's value as of the end of step `sc` (what the scheduler saw)."""
-        return self.index.counter_at(name, sc.root.end_ns)
+    def counter_before(self, name: str, sc: StepCost) -> float | None:
+        """The counter's last value when step `sc` started: what its scheduler saw (the master
+        records its counters after each step)."""
+        return self.index.counter_at(name, sc.root.start_ns)

@@ -37,7 +37,7 @@ def _requests(index: TraceIndex) -> dict:
         r.start, r.end = s.start_ns, s.end_ns
         if "output_tokens" in s.attrs:
             r.output_tokens = int(s.attrs["output_tokens"])
-        if "ttft_us" in s.attrs:
+        if s.attrs.get("ttft_us", -1) >= 0:  # -1: the request produced no token
             r.ttft_ns = int(s.attrs["ttft_us"] * 1000)
     for s in index.by_name.get("queue", ()):
         if "req" in s.attrs:

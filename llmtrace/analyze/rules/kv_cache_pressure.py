@@ -19,7 +19,7 @@ MIN_STEPS = 3
 
 
 def _usage(ctx, sc) -> float | None:
-    used, total = ctx.counter_during("kv_blocks_used", sc), ctx.counter_during("kv_blocks_total", sc)
+    used, total = ctx.counter_before("kv_blocks_used", sc), ctx.counter_before("kv_blocks_total", sc)
     return used / total if used is not None and total else None
 
 
@@ -42,7 +42,7 @@ def _capped(ctx):
     cap = max_num_seqs(ctx)
     steps, targets, peak = [], [], 0.0
     for sc in ctx.breakdown.decode_steps():
-        u, waiting = _usage(ctx, sc), ctx.counter_during("waiting", sc)
+        u, waiting = _usage(ctx, sc), ctx.counter_before("waiting", sc)
         if u is not None and u >= FULL and waiting:
             steps.append(sc)
             targets.append(min(sc.tokens + int(waiting), cap or 1 << 30))

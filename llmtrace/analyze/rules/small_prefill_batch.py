@@ -1,7 +1,7 @@
 """`small-prefill-batch`: prefill steps that admit one request while others wait.
 
-Fingerprint: `master.step` with prefill=1 and batch=1 while the `waiting` counter, as of
-the end of that step, is above 1.
+Fingerprint: `master.step` with prefill=1 and batch=1 while the `waiting` counter before
+that step (the admitted request included) is above 1.
 Saving: those prefills batched g at a time (g = the mean number available, capped by
 `max_num_seqs`) need ceil(n/g) steps instead of n; each step avoided saves its fixed
 cost, the step's non-model time (the model time grows with the prompt tokens and stays).
@@ -20,10 +20,10 @@ ID = "small-prefill-batch"
 def check(ctx):
     singles, avail = [], []
     for sc in ctx.breakdown.prefill_steps():
-        waiting = ctx.counter_during("waiting", sc)
+        waiting = ctx.counter_before("waiting", sc)
         if sc.tokens == 1 and waiting is not None and waiting > 1:
             singles.append(sc)
-            avail.append(waiting + 1)
+            avail.append(waiting)
     if len(singles) < 2:
         return []
     g = sum(avail) / len(avail)
@@ -34,8 +34,9 @@ def check(ctx):
     fixed_ns = median(sc.wall_ns - sc.parts.get(MODEL, 0) for sc in singles)
     saving = ctx.ms_per_token(avoided * fixed_ns)
     return [ctx.suggestion(
-        ID, f"{len(singles)} prefill steps ran one request while {g - 1:.0f} waited", "schedule",
-        {"single_prefill_steps": len(singles), "waiting_mean": round(g - 1, 2), "steps_avoidable": avoided,
+        ID, f"{len(singles)} prefill steps ran one request while {g - 1:.0f} more waited", "schedule",
+        {"single_prefill_steps": len(singles), "waiting_mean": round(sum(avail) / len(avail), 2),
+         "batch_possible": round(g, 2), "steps_avoidable": avoided,
          "fixed_ms_per_step": round(fixed_ns / 1e6, 4), "example_steps": [sc.step for sc in singles[:5]]},
         saving,
         "Admit every waiting request that fits the token budget into one prefill step "

@@ -24,8 +24,8 @@ def check(ctx):
         return []
     steps, targets = [], []
     for sc in ctx.breakdown.decode_steps():
-        waiting = ctx.counter_during("waiting", sc)
-        used, total = ctx.counter_during("kv_blocks_used", sc), ctx.counter_during("kv_blocks_total", sc)
+        waiting = ctx.counter_before("waiting", sc)
+        used, total = ctx.counter_before("kv_blocks_used", sc), ctx.counter_before("kv_blocks_total", sc)
         kv_full = used is not None and total and used / total >= KV_ROOM
         if waiting and sc.tokens < FILL * cap and not kv_full:
             steps.append(sc)
