@@ -123,41 +123,66 @@ def decode_batch(payload: memoryview, path: str = "<stream>", base: int = 0) -> 
         raise SpoolError(path, base, f"malformed batch: {e}") from None
 
 
-def read_spool(path: str) -> SpoolFile:
-    """Read a whole spool file. A truncated or corrupt tail is tolerated and reported."""
-    with open(path, "rb") as f:
-        data = memoryview(f.read())
+def parse_header(data: memoryview, path: str) -> tuple[dict, int] | None:
+    """The file header and the offset of the first batch; None while `data` is shorter than it."""
     if len(data) < _HDR.size:
-        raise SpoolError(path, 0, f"file is {len(data)} bytes, too short for a spool header")
+        return None
     magic, version, _, hlen = _HDR.unpack_from(data, 0)
     if magic != MAGIC:
         raise SpoolError(path, 0, "not an llmtrace spool file (bad magic)")
     if version != VERSION:
         raise SpoolError(path, 8, f"spool version {version}, this llmtrace reads version {VERSION}")
+    if len(data) < _HDR.size + hlen:
+        return None
     try:
-        header = json.loads(bytes(data[_HDR.size : _HDR.size + hlen]))
+        return json.loads(bytes(data[_HDR.size : _HDR.size + hlen])), _HDR.size + hlen
     except ValueError as e:
         raise SpoolError(path, _HDR.size, f"malformed header JSON: {e}") from None
-    sf = SpoolFile(path, header)
-    pos = _HDR.size + hlen
+
+
+@dataclass
+class Scan:
+    batches: list[Batch]
+    end: int  # offset just past the last complete batch
+    problem: str = ""  # why the scan stopped before the end of the data ("" = it did not)
+    incomplete: bool = False  # the problem is a batch not fully written yet: more bytes may complete it
+
+
+def scan_batches(data: memoryview, pos: int, path: str) -> Scan:
+    """Decode the complete, checksummed batches of `data` from offset `pos` on."""
+    scan = Scan([], pos)
     while pos < len(data):
         if len(data) - pos < _BATCH.size:
-            sf.truncated_at, sf.truncation_reason = pos, "incomplete batch header"
+            scan.problem, scan.incomplete = "incomplete batch header", True
             break
         bmagic, plen, crc = _BATCH.unpack_from(data, pos)
         if bmagic != BATCH_MAGIC:
-            if bytes(data[pos:]).strip(b"\0") == b"":
-                break  # zero-filled preallocated tail
-            sf.truncated_at, sf.truncation_reason = pos, "bad batch magic"
+            if bytes(data[pos:]).strip(b"\0") != b"":  # else: a zero-filled preallocated tail
+                scan.problem = "bad batch magic"
             break
         start = pos + _BATCH.size
         if start + plen > len(data):
-            sf.truncated_at, sf.truncation_reason = pos, f"batch of {plen} bytes cut at {len(data) - start}"
+            scan.problem, scan.incomplete = f"batch of {plen} bytes cut at {len(data) - start}", True
             break
         payload = data[start : start + plen]
         if zlib.crc32(payload) != crc:
-            sf.truncated_at, sf.truncation_reason = pos, "batch checksum mismatch"
+            scan.problem = "batch checksum mismatch"
             break
-        sf.batches.append(decode_batch(payload, path, start))
-        pos = start + plen
+        scan.batches.append(decode_batch(payload, path, start))
+        pos = scan.end = start + plen
+    return scan
+
+
+def read_spool(path: str) -> SpoolFile:
+    """Read a whole spool file. A truncated or corrupt tail is tolerated and reported."""
+    with open(path, "rb") as f:
+        data = memoryview(f.read())
+    head = parse_header(data, path)
+    if head is None:
+        raise SpoolError(path, 0, f"file is {len(data)} bytes, too short for a spool header")
+    header, pos = head
+    scan = scan_batches(data, pos, path)
+    sf = SpoolFile(path, header, scan.batches)
+    if scan.problem:
+        sf.truncated_at, sf.truncation_reason = scan.end, scan.problem
     return sf
