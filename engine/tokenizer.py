@@ -15,6 +15,12 @@ _REPLACEMENT = "\ufffd"  # what a partial UTF-8 sequence (byte-fallback pieces) 
 _CONTEXT_TOKENS = 5  # prompt tokens decoded before the first output token (leading-space handling)
 
 
+def tokenizer_path(model_cfg) -> Path:
+    """A ModelConfig's tokenizer: its checkpoint's tokenizer.model when present, else the shipped one."""
+    own = Path(model_cfg.path) / "tokenizer.model" if model_cfg.path else None
+    return own if own is not None and own.exists() else SHIPPED_TOKENIZER
+
+
 class Tokenizer:
     def __init__(self, model_file: str | Path = SHIPPED_TOKENIZER):
         import sentencepiece as spm

@@ -5,7 +5,6 @@
 Deterministic (one thread, no sampling of the input), so rerunning reproduces the
 committed engine/assets/tokenizer.model byte for byte. Llama-style settings: byte
 fallback (any text round-trips), digits split, no normalisation, bos=1, eos=2, unk=0.
-Pieces may span words, which lets a small corpus fill an 8k vocabulary.
 """
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ def train(corpus: Path, out: Path, vocab_size: int) -> None:
     with corpus.open(encoding="utf-8") as lines:
         spm.SentencePieceTrainer.train(
             sentence_iterator=(line.rstrip("\n") for line in lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
-            character_coverage=1.0, byte_fallback=True, split_digits=True, split_by_whitespace=False,
+            character_coverage=1.0, byte_fallback=True, split_digits=True,
             max_sentencepiece_length=16, normalization_rule_name="identity", remove_extra_whitespaces=False,
             add_dummy_prefix=True, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
             num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2,

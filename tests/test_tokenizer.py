@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from engine.tokenizer import SHIPPED_TOKENIZER, IncrementalDetokenizer, Tokenizer
+from engine.tokenizer import SHIPPED_TOKENIZER, IncrementalDetokenizer, Tokenizer, tokenizer_path
 
 TEXTS = [
     "The scheduler preempts the newest sequence when the KV cache is full.",
@@ -78,3 +78,12 @@ def test_build_script_reproduces_the_shipped_model(tmp_path):
     subprocess.run([sys.executable, "scripts/build_tokenizer.py", "--out", str(out)], check=True,
                    capture_output=True, cwd=SHIPPED_TOKENIZER.parents[2])
     assert out.read_bytes() == SHIPPED_TOKENIZER.read_bytes()
+
+
+def test_checkpoint_tokenizer_preferred_over_the_shipped_one(tmp_path):
+    from engine.config import ModelConfig
+
+    assert tokenizer_path(ModelConfig(preset="tiny")) == SHIPPED_TOKENIZER
+    assert tokenizer_path(ModelConfig(path=str(tmp_path))) == SHIPPED_TOKENIZER
+    (tmp_path / "tokenizer.model").write_bytes(SHIPPED_TOKENIZER.read_bytes())
+    assert tokenizer_path(ModelConfig(path=str(tmp_path))) == tmp_path / "tokenizer.model"

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..attention import get_backend
-from ..tokenizer import SHIPPED_TOKENIZER, Tokenizer
+from ..tokenizer import Tokenizer, tokenizer_path
 from .llama import LlamaConfig, LlamaForCausalLM
 from .presets import PRESETS
 
@@ -105,7 +105,7 @@ def load_checkpoint(ckpt_dir: str | Path, dtype: str | torch.dtype = "float32", 
     return model
 
 
-def save_checkpoint(model: LlamaForCausalLM, ckpt_dir: str | Path, tokenizer_path: str | Path | None = None) -> Path:
+def save_checkpoint(model: LlamaForCausalLM, ckpt_dir: str | Path, tokenizer_file: str | Path | None = None) -> Path:
     """Write an HF-compatible directory: config.json, model.safetensors, optionally tokenizer.model."""
     import shutil
 
@@ -118,15 +118,9 @@ def save_checkpoint(model: LlamaForCausalLM, ckpt_dir: str | Path, tokenizer_pat
     (ckpt / "config.json").write_text(json.dumps(cfg, indent=2))
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.hf_weights()}
     save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
-    if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, ckpt / "tokenizer.model")
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, ckpt / "tokenizer.model")
     return ckpt
-
-
-def tokenizer_path(model_cfg) -> Path:
-    """The checkpoint's own tokenizer.model when it has one, else the shipped tokenizer."""
-    own = Path(model_cfg.path) / "tokenizer.model" if model_cfg.path else None
-    return own if own is not None and own.exists() else SHIPPED_TOKENIZER
 
 
 def load_model(model_cfg) -> tuple[LlamaForCausalLM, Tokenizer]:
