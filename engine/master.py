@@ -426,6 +426,7 @@ class Master:
         llmtrace.counter("batch_size", B)
         llmtrace.counter("kv_blocks_used", bm.num_used_blocks)
         llmtrace.counter("kv_blocks_total", bm.num_blocks)
+        llmtrace.counter("max_num_seqs", sched.cfg.max_num_seqs)  # the analyzer's batch-fill reference
 
     def _record_queue_spans(self, out: SchedulerOutput, step: int) -> None:
         """A `queue` span per request scheduled for the first time: arrival -> first scheduled."""
