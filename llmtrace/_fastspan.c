@@ -157,12 +157,17 @@ static uint32_t intern_id(PyObject *s)
         PyErr_Format(PyExc_TypeError, "llmtrace names must be str, not %.100s", Py_TYPE(s)->tp_name);
         return 0;
     }
-    uint32_t id = (uint32_t)PyDict_GET_SIZE(g_strings) + 1;
+    /* The id is taken right before the dict insert: allocating a tuple can run the GC, whose
+     * callbacks (llmtrace.gc_spans) may intern strings themselves. */
     PyObject *key = PyUnicode_CheckExact(s) ? Py_NewRef(s) : PyUnicode_FromObject(s);
+    if (key == NULL)
+        return 0;
+    uint32_t id = (uint32_t)PyDict_GET_SIZE(g_strings) + 1;
     PyObject *idobj = PyLong_FromUnsignedLong(id);
-    PyObject *entry = (key && idobj) ? PyTuple_Pack(2, idobj, key) : NULL;
-    int bad = entry == NULL || PyDict_SetItem(g_strings, key, idobj) < 0 || PyList_Append(g_new_strings, entry) < 0;
-    Py_XDECREF(key);
+    int bad = idobj == NULL || PyDict_SetItem(g_strings, key, idobj) < 0;
+    PyObject *entry = bad ? NULL : PyTuple_Pack(2, idobj, key);
+    bad = bad || entry == NULL || PyList_Append(g_new_strings, entry) < 0;
+    Py_DECREF(key);
     Py_XDECREF(idobj);
     Py_XDECREF(entry);
     return bad ? 0 : id;
@@ -425,6 +430,7 @@ typedef struct {
     uint32_t name_id, stage_id;
     int device;
     int noop; /* the shared span handed out while recording is off */
+    int open; /* entered while recording, not yet left */
     attrs_t attrs;
     PyObject *hook; /* the device hook used at enter, and its token */
     PyObject *dtok;
@@ -450,10 +456,8 @@ static void span_dealloc(SpanObject *s)
 
 static PyObject *span_enter(SpanObject *s)
 {
-    if (!g_enabled || s->noop) {
-        s->span_id = 0;
+    if (!g_enabled || s->noop)
         return Py_NewRef(s);
-    }
     CurObject *c = cur_own();
     if (c == NULL)
         return NULL;
@@ -469,11 +473,11 @@ static PyObject *span_enter(SpanObject *s)
         if (s->dtok == NULL) {
             c->id = s->prev_id;
             c->step = s->prev_step;
-            s->span_id = 0;
             return NULL;
         }
         s->hook = Py_NewRef(g_device_hook);
     }
+    s->open = 1;
     s->t0 = now_ns();
     return Py_NewRef(s);
 }
@@ -481,8 +485,9 @@ static PyObject *span_enter(SpanObject *s)
 /* __exit__(exc_type, exc, tb): records the span; never swallows the exception. */
 static PyObject *span_exit(SpanObject *s, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (s->span_id == 0)
+    if (!s->open)
         Py_RETURN_FALSE;
+    s->open = 0;
     int64_t t1 = now_ns();
     int failed = nargs > 0 && args[0] != Py_None;
     int hook_failed = 0;
@@ -513,7 +518,6 @@ static PyObject *span_exit(SpanObject *s, PyObject *const *args, Py_ssize_t narg
         r->kind = KIND_SPAN;
         r->flags = s->attrs.flags | (failed ? FLAG_EXCEPTION : 0);
     }
-    s->span_id = 0;
     if (hook_failed || c == NULL || PyErr_Occurred())
         return NULL;
     Py_RETURN_FALSE;
@@ -628,7 +632,7 @@ static SpanObject *span_new(void)
     s->exit_b.vectorcall = bound_exit_call;
     s->step = -1;
     s->span_id = s->link = 0;
-    s->device = s->noop = 0;
+    s->device = s->noop = s->open = 0;
     memset(&s->attrs, 0, sizeof s->attrs);
     s->hook = s->dtok = NULL;
     return s;
@@ -657,7 +661,7 @@ static PyMethodDef span_methods[] = {
 };
 
 static PyGetSetDef span_getset[] = {
-    {"span_id", (getter)span_get_id, NULL, "id of the span while it is open, else 0", NULL},
+    {"span_id", (getter)span_get_id, NULL, "id of the span once entered, else 0", NULL},
     {NULL},
 };
 
@@ -886,20 +890,22 @@ static int parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs
     return 0;
 }
 
-/* emit(kind, name_id, stage_id, start, end, span_id=0, parent_id=0, link_id=0, step=-1, attrs=None, flags=0) */
+/* emit(kind, name_id, stage_id, start, end, span_id=0, parent_id=0, link_id=0, step=-1, attrs=None, flags=0, tid=0)
+ * tid=0 means the calling thread; the stack sampler passes the sampled thread's id. */
 static PyObject *fs_emit(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     static const char *const names[] = {"kind", "name_id", "stage_id", "start", "end", "span_id",
-                                        "parent_id", "link_id", "step", "attrs", "flags"};
-    PyObject *a[11] = {NULL};
-    if (parse_args("emit", args, nargs, kwnames, names, 11, 5, a) < 0)
+                                        "parent_id", "link_id", "step", "attrs", "flags", "tid"};
+    PyObject *a[12] = {NULL};
+    if (parse_args("emit", args, nargs, kwnames, names, 12, 5, a) < 0)
         return NULL;
-    int64_t kind, name_id, stage_id, start, end, step = -1, flags = 0;
+    int64_t kind, name_id, stage_id, start, end, step = -1, flags = 0, tid = 0;
     uint64_t span_id = 0, parent_id = 0, link_id = 0;
     if (as_i64(a[0], &kind) < 0 || as_i64(a[1], &name_id) < 0 || as_i64(a[2], &stage_id) < 0 ||
         as_i64(a[3], &start) < 0 || as_i64(a[4], &end) < 0 || (a[5] && as_u64(a[5], &span_id) < 0) ||
         (a[6] && as_u64(a[6], &parent_id) < 0) || (a[7] && as_u64(a[7], &link_id) < 0) ||
-        (a[8] && as_i64(a[8], &step) < 0) || (a[10] && as_i64(a[10], &flags) < 0))
+        (a[8] && as_i64(a[8], &step) < 0) || (a[10] && as_i64(a[10], &flags) < 0) ||
+        (a[11] && as_i64(a[11], &tid) < 0))
         return NULL;
     attrs_t at = {0};
     if (attrs_from_dict(&at, a[9]) < 0)
@@ -918,6 +924,8 @@ static PyObject *fs_emit(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssi
     r->stage_id = (uint32_t)stage_id;
     r->kind = (uint8_t)kind;
     r->flags = (uint8_t)(flags | at.flags);
+    if (tid)
+        r->tid = (uint32_t)tid;
     Py_RETURN_NONE;
 }
 
@@ -1132,16 +1140,20 @@ static PyObject *fs_set_device_hook(PyObject *Py_UNUSED(mod), PyObject *hook)
 /* drain() -> (records bytes, n, new strings, {tid: dropped since last drain}) */
 static PyObject *fs_drain(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(ignored))
 {
-    PyObject *strings = g_new_strings, *fresh = PyList_New(0);
-    if (fresh == NULL)
+    /* GC-tracked objects first: their allocation may run GC callbacks that record, which
+     * must happen before the records are counted. */
+    PyObject *fresh = PyList_New(0), *dropped = PyDict_New(), *records = NULL;
+    if (fresh == NULL || dropped == NULL) {
+        Py_XDECREF(fresh);
+        Py_XDECREF(dropped);
         return NULL;
+    }
+    PyObject *strings = g_new_strings;
     g_new_strings = fresh;
     Py_ssize_t total = 0;
     for (tbuf_t *b = g_bufs; b; b = b->next)
         total += b->n;
-    PyObject *records = PyBytes_FromStringAndSize(NULL, total * (Py_ssize_t)sizeof(record_t));
-    PyObject *dropped = PyDict_New();
-    if (records == NULL || dropped == NULL)
+    if ((records = PyBytes_FromStringAndSize(NULL, total * (Py_ssize_t)sizeof(record_t))) == NULL)
         goto fail;
     char *out = PyBytes_AS_STRING(records);
     for (tbuf_t **link = &g_bufs, *b; (b = *link) != NULL;) {
@@ -1174,6 +1186,28 @@ fail:
     return NULL;
 }
 
+/* requeue_strings(): queue every interned string again, so that the next drain starts a
+ * self-contained spool file (a new sink, a forked child). */
+static PyObject *fs_requeue_strings(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(ignored))
+{
+    PyObject *all = PyList_New(0);
+    if (all == NULL)
+        return NULL;
+    Py_ssize_t pos = 0;
+    PyObject *s, *id;
+    while (PyDict_Next(g_strings, &pos, &s, &id)) { /* insertion order is id order */
+        PyObject *entry = PyTuple_Pack(2, id, s);
+        if (entry == NULL || PyList_Append(all, entry) < 0) {
+            Py_XDECREF(entry);
+            Py_DECREF(all);
+            return NULL;
+        }
+        Py_DECREF(entry);
+    }
+    Py_SETREF(g_new_strings, all);
+    Py_RETURN_NONE;
+}
+
 /* In a forked child (only this thread exists): new id base, drop the parent's records,
  * and queue every interned string again for the child's own spool file. */
 static PyObject *fs_reset_after_fork(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(ignored))
@@ -1194,22 +1228,7 @@ static PyObject *fs_reset_after_fork(PyObject *Py_UNUSED(mod), PyObject *Py_UNUS
         t_buf->dropped = t_buf->reported = 0;
         t_buf->tid = (uint32_t)syscall(SYS_gettid);
     }
-    PyObject *all = PyList_New(0);
-    if (all == NULL)
-        return NULL;
-    Py_ssize_t pos = 0;
-    PyObject *s, *id;
-    while (PyDict_Next(g_strings, &pos, &s, &id)) { /* insertion order is id order */
-        PyObject *entry = PyTuple_Pack(2, id, s);
-        if (entry == NULL || PyList_Append(all, entry) < 0) {
-            Py_XDECREF(entry);
-            Py_DECREF(all);
-            return NULL;
-        }
-        Py_DECREF(entry);
-    }
-    Py_SETREF(g_new_strings, all);
-    Py_RETURN_NONE;
+    return fs_requeue_strings(NULL, NULL);
 }
 
 static PyMethodDef fs_methods[] = {
@@ -1232,6 +1251,8 @@ static PyMethodDef fs_methods[] = {
     {"set_enabled", fs_set_enabled, METH_O, NULL},
     {"is_enabled", fs_is_enabled, METH_NOARGS, NULL},
     {"set_device_hook", fs_set_device_hook, METH_O, NULL},
+    {"requeue_strings", fs_requeue_strings, METH_NOARGS,
+     "Queue every interned string again, so that the next drain starts a self-contained spool file."},
     {"reset_after_fork", fs_reset_after_fork, METH_NOARGS,
      "In a forked child: forget the parent's records and strings, take a new id base."},
     {NULL},

@@ -239,6 +239,12 @@ def drain():
     return bytes(out), n, strings, dropped
 
 
+def requeue_strings() -> None:
+    """Queue every interned string again, so that the next drain starts a self-contained spool file."""
+    with _str_lock:
+        _new_strings[:] = sorted((i, s) for s, i in _strings.items())
+
+
 def reset_after_fork() -> None:
     """In a forked child: forget the parent's records and strings, take a new id base."""
     global _id_base, _tls, _ids, _buffers_lock, _str_lock
@@ -247,4 +253,4 @@ def reset_after_fork() -> None:
     _tls = threading.local()
     _buffers_lock, _str_lock = threading.Lock(), threading.Lock()  # may have been held at fork
     _buffers.clear()
-    _new_strings[:] = sorted((i, s) for s, i in _strings.items())
+    requeue_strings()

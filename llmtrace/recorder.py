@@ -29,4 +29,5 @@ set_enabled = backend.set_enabled
 is_enabled = backend.is_enabled
 set_device_hook = backend.set_device_hook
 reset_after_fork = backend.reset_after_fork
+requeue_strings = backend.requeue_strings
 BACKEND = "c" if backend.__name__.endswith("_fastspan") else "python"

@@ -48,6 +48,7 @@ class Spooler:
             "span_cost_ns": calibrate_span_cost(),
             **(extra_header or {}),
         }
+        recorder.requeue_strings()  # this file's first batch names everything interned so far
         self._head = encode_header(self.header)
         os.write(self._fd, self._head)
         self._lock = threading.Lock()

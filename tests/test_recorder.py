@@ -1,0 +1,317 @@
+"""The recorder backends (C `_fastspan` and pure-Python `_pyrecorder`) behave the same.
+
+Every test runs once per backend through the `backend` fixture, which points
+`llmtrace.recorder` (and so the decorator, sink and context modules) at that backend.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import importlib
+import os
+import threading
+
+import pytest
+
+import llmtrace
+from llmtrace import recorder
+from llmtrace.spool_format import ATTR_FLOAT, ATTR_ID_MASK, ATTR_STR, COUNTER, INSTANT, RECORD, SPAN, bits_float
+
+FUNCTIONS = ("span", "instant", "counter", "traced", "emit", "intern", "drain", "current", "set_current",
+             "reset_current", "new_span_id", "set_enabled", "is_enabled", "set_device_hook", "reset_after_fork",
+             "requeue_strings")
+MODULES = {"c": "llmtrace._fastspan", "python": "llmtrace._pyrecorder"}
+FLAG_EXCEPTION, FLAG_ATTRS_CUT = 1, 2
+_strings: dict[str, dict[int, str]] = {"c": {}, "python": {}}  # every string each backend has sent
+
+
+@pytest.fixture(params=list(MODULES))
+def backend(request, monkeypatch):
+    """Route llmtrace.recorder to one backend, enabled and empty; yields a `Recorded` reader."""
+    try:
+        mod = importlib.import_module(MODULES[request.param])
+    except ImportError:
+        pytest.skip("the C backend is not built")
+    for name in FUNCTIONS:
+        monkeypatch.setattr(recorder, name, getattr(mod, name))
+    for name in ("span", "instant", "counter"):
+        monkeypatch.setattr(llmtrace, name, getattr(mod, name))
+    monkeypatch.setattr(recorder, "backend", mod)
+    monkeypatch.setattr(recorder, "BACKEND", request.param)
+    rec = Recorded(request.param, mod)
+    rec.take()
+    mod.set_enabled(True)
+    yield rec
+    mod.set_enabled(False)
+    mod.set_device_hook(None)
+    rec.take()
+
+
+class Recorded:
+    """Drains a backend and decodes its records into dicts with names resolved."""
+
+    def __init__(self, name, mod):
+        self.name, self.mod = name, mod
+        self.strings = _strings[name]
+        self.dropped: dict[int, int] = {}
+
+    def take(self) -> list[dict]:
+        data, n, strings, dropped = self.mod.drain()
+        self.strings.update(strings)
+        self.dropped = dropped
+        assert len(data) == n * RECORD.size
+        return [self._decode(r) for r in RECORD.iter_unpack(data)]
+
+    def spans(self) -> dict[str, dict]:
+        return {r["name"]: r for r in self.take() if r["kind"] == SPAN}
+
+    def _decode(self, r) -> dict:
+        (start, end, span_id, parent, link, step, *rest) = r
+        vals, keys = rest[:4], rest[4:8]
+        name_id, stage_id, tid, kind, flags, _ = rest[8:]
+        attrs = {}
+        for v, k in zip(vals, keys):
+            if k:
+                key = self.strings[k & ATTR_ID_MASK]
+                attrs[key] = self.strings[v] if k & ATTR_STR else bits_float(v) if k & ATTR_FLOAT else v
+        return dict(start=start, end=end, span_id=span_id, parent=parent, link=link, step=step, attrs=attrs,
+                    name=self.strings.get(name_id), stage=self.strings.get(stage_id), tid=tid, kind=kind, flags=flags)
+
+
+def test_nesting_steps_stages_and_current(backend):
+    span = recorder.span
+    assert recorder.current() == (0, -1)
+    with span("master.step", step=7) as outer:
+        with span("schedule") as inner:
+            cur = recorder.current()
+            with span("tcp.send", stage="transport", step=9):
+                pass
+        assert recorder.current()[1] == 7
+    assert recorder.current() == (0, -1)
+    s = backend.spans()
+    assert s["master.step"]["parent"] == 0 and s["master.step"]["stage"] == "master"
+    assert cur == (s["schedule"]["span_id"], 7)
+    assert s["schedule"]["parent"] == s["master.step"]["span_id"]
+    assert s["schedule"]["step"] == 7 and s["schedule"]["stage"] == "schedule"
+    assert s["tcp.send"]["parent"] == s["schedule"]["span_id"]
+    assert (s["tcp.send"]["stage"], s["tcp.send"]["step"]) == ("transport", 9)
+    assert s["master.step"]["start"] <= s["schedule"]["start"] <= s["schedule"]["end"] <= s["master.step"]["end"]
+    assert outer is not inner
+    for r in s.values():
+        assert r["span_id"] >> 40 == os.getpid() and r["tid"] == threading.get_native_id()
+
+
+def test_attrs_round_trip_and_cut(backend):
+    with recorder.span("forward", batch=8, ratio=0.25, kind="prefill", warm=True) as sp:
+        sp.set(batch=9, extra=[1])
+    with recorder.span("many", a=1, b=2, c=3, d=4, e=5):
+        pass
+    with recorder.span("big", n=1 << 70):
+        pass
+    s = backend.spans()
+    assert s["forward"]["attrs"] == {"batch": 9, "ratio": 0.25, "kind": "prefill", "warm": 1}
+    assert s["forward"]["flags"] & FLAG_ATTRS_CUT  # `extra` was a fifth attribute
+    assert s["many"]["attrs"] == {"a": 1, "b": 2, "c": 3, "d": 4} and s["many"]["flags"] == FLAG_ATTRS_CUT
+    assert s["big"]["attrs"] == {"n": str(1 << 70)} and s["big"]["flags"] == 0
+
+
+def test_set_adds_attributes_inside_the_span(backend):
+    with recorder.span("forward", batch=1) as sp:
+        sp.set(tokens=128, mode="decode")
+    assert backend.spans()["forward"]["attrs"] == {"batch": 1, "tokens": 128, "mode": "decode"}
+
+
+def test_exception_sets_flag_and_propagates(backend):
+    with pytest.raises(KeyError):
+        with recorder.span("outer"):
+            with recorder.span("boom"):
+                raise KeyError("x")
+    s = backend.spans()
+    assert s["boom"]["flags"] == FLAG_EXCEPTION and s["outer"]["flags"] == FLAG_EXCEPTION
+    assert recorder.current() == (0, -1)
+
+
+def test_disabled_records_nothing(backend):
+    recorder.set_enabled(False)
+    assert not recorder.is_enabled()
+    fn = recorder.traced(lambda x: x + 1, "f", "user")
+    with recorder.span("off", a=1) as sp:
+        sp.set(b=2)
+        assert recorder.current() == (0, -1)
+    recorder.instant("i")
+    recorder.counter("c", 1)
+    assert fn(1) == 2
+    assert backend.take() == []
+
+
+def test_instant_and_counter(backend):
+    with recorder.span("step", step=4):
+        recorder.instant("req.finish", req="r1")
+    recorder.counter("kv_blocks_used", 12, pool="gpu")
+    recs = backend.take()
+    inst = next(r for r in recs if r["kind"] == INSTANT)
+    step = next(r for r in recs if r["kind"] == SPAN)
+    cnt = next(r for r in recs if r["kind"] == COUNTER)
+    assert (inst["parent"], inst["step"], inst["stage"], inst["attrs"]) == (step["span_id"], 4, "req", {"req": "r1"})
+    assert inst["start"] == inst["end"]
+    assert cnt["attrs"] == {"value": 12.0, "pool": "gpu"} and cnt["parent"] == 0 and cnt["step"] == -1
+
+
+def test_follows_links_and_takes_step(backend):
+    with recorder.span("agent.step", follows=(1, 12345, 42)):
+        pass
+    with recorder.span("tcp.recv", follows=(1, 777, 42), step=43):
+        pass
+    with recorder.span("plain", follows=None):
+        pass
+    s = backend.spans()
+    assert (s["agent.step"]["link"], s["agent.step"]["step"]) == (12345, 42)
+    assert (s["tcp.recv"]["link"], s["tcp.recv"]["step"]) == (777, 43)
+    assert s["plain"]["link"] == 0
+
+
+def test_set_and_reset_current(backend):
+    tok = recorder.set_current(99, 3)
+    with recorder.span("child"):
+        pass
+    assert recorder.current() == (99, 3)
+    recorder.reset_current(tok)
+    assert recorder.current() == (0, -1)
+    child = backend.spans()["child"]
+    assert (child["parent"], child["step"]) == (99, 3)
+
+
+def test_emit_raw_record(backend):
+    nid, sid = recorder.intern("forward"), recorder.intern("forward")
+    assert nid == sid and recorder.intern("other") != nid
+    recorder.emit(3, nid, sid, 10, 20, span_id=5, step=2, attrs={"dev": 1})
+    (r,) = backend.take()
+    assert (r["kind"], r["start"], r["end"], r["span_id"], r["step"], r["attrs"]) == (3, 10, 20, 5, 2, {"dev": 1})
+
+
+def test_emit_for_another_thread(backend):
+    nid = recorder.intern("sample")
+    recorder.emit(4, nid, 0, 5, 5, tid=4242)
+    recorder.emit(4, nid, 0, 6, 6)
+    assert [r["tid"] for r in backend.take()] == [4242, threading.get_native_id()]
+
+
+def test_span_ids_are_pid_based_and_unique(backend):
+    ids = {recorder.new_span_id() for _ in range(1000)}
+    assert len(ids) == 1000 and {i >> 40 for i in ids} == {os.getpid()}
+
+
+def test_threads_record_their_own_tid_and_parents(backend):
+    barrier = threading.Barrier(4)
+    seen = {}
+
+    def work(i):
+        barrier.wait()
+        with recorder.span(f"outer{i}"):
+            with recorder.span(f"inner{i}"):
+                seen[i] = threading.get_native_id()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    with recorder.span("main"):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    s = backend.spans()
+    for i, tid in seen.items():
+        assert s[f"outer{i}"]["tid"] == s[f"inner{i}"]["tid"] == tid
+        assert s[f"outer{i}"]["parent"] == 0  # a new thread starts without a current span
+        assert s[f"inner{i}"]["parent"] == s[f"outer{i}"]["span_id"]
+    assert len(set(seen.values())) == 4
+
+
+def test_records_of_exited_threads_are_drained(backend):
+    for i in range(3):
+        t = threading.Thread(target=lambda: recorder.span("gone").__enter__().__exit__(None, None, None))
+        t.start()
+        t.join()
+    assert [r["name"] for r in backend.take()] == ["gone"] * 3
+    assert backend.take() == []
+
+
+async def _task(name, rounds):
+    with recorder.span(name):
+        for i in range(rounds):
+            with recorder.span(f"{name}.{i}"):
+                await asyncio.sleep(0)  # let the other task run inside this span
+
+
+def test_interleaved_asyncio_tasks_keep_their_own_parents(backend):
+    async def main():
+        with recorder.span("root"):
+            await asyncio.gather(_task("a", 3), _task("b", 3))
+
+    asyncio.run(main())
+    s = backend.spans()
+    for name in "ab":
+        assert s[name]["parent"] == s["root"]["span_id"]  # tasks inherit the creator's span
+        for i in range(3):
+            assert s[f"{name}.{i}"]["parent"] == s[name]["span_id"]
+    assert s["a.0"]["start"] < s["b.0"]["start"] < s["a.0"]["end"]  # they did interleave
+
+
+def test_copied_context_keeps_the_span_current_at_copy_time(backend):
+    with recorder.span("a"):
+        ctx = contextvars.copy_context()
+        with recorder.span("b"):
+            pass
+    seen = ctx.run(recorder.current)
+    assert recorder.current() == (0, -1)
+    s = backend.spans()
+    assert seen == (s["a"]["span_id"], -1)
+
+
+def test_to_thread_inherits_the_callers_span(backend):
+    def work():
+        with recorder.span("in_thread"):
+            return threading.get_native_id()
+
+    async def main():
+        with recorder.span("caller"):
+            return await asyncio.to_thread(work)
+
+    tid = asyncio.run(main())
+    s = backend.spans()
+    assert s["in_thread"]["parent"] == s["caller"]["span_id"] and s["in_thread"]["tid"] == tid
+
+
+def test_overflow_is_counted_per_thread_not_silent(backend):
+    cap = backend.mod.BUFFER_CAP
+    span = recorder.span
+    for _ in range(cap + 25):
+        with span("x"):
+            pass
+    recs = backend.take()
+    assert len(recs) == cap
+    assert backend.dropped == {threading.get_native_id(): 25}
+    with span("x"):
+        pass
+    assert len(backend.take()) == 1 and backend.dropped == {}  # dropped counts are since the last drain
+
+
+class _Hook:
+    def __init__(self):
+        self.calls = []
+
+    def begin(self):
+        self.calls.append("begin")
+        return "tok"
+
+    def end(self, tok, span_id, name_id, stage_id, step):
+        self.calls.append((tok, span_id, name_id, stage_id, step))
+
+
+def test_device_hook_brackets_device_spans(backend):
+    hook = _Hook()
+    recorder.set_device_hook(hook)
+    with recorder.span("forward", step=5, device=True):
+        pass
+    with recorder.span("host_only", step=5):
+        pass
+    fwd = backend.spans()["forward"]
+    assert hook.calls == ["begin", ("tok", fwd["span_id"], recorder.intern("forward"), recorder.intern("forward"), 5)]
