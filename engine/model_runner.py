@@ -41,7 +41,7 @@ def prepare_inputs(step: StepInput, device: torch.device) -> ModelInputs:
     meta = AttentionMetadata(
         is_prefill=step.is_prefill,
         slot_mapping=dev(step.slot_mapping, np.int64),
-        block_tables=dev(np.maximum(step.block_tables, 0), np.int64),
+        block_tables=dev(np.maximum(step.block_tables, 0), np.int32),
         context_lens=dev(step.context_lens, np.int32),
         query_start_loc=dev(qsl, np.int32),
         max_query_len=int((qsl[1:] - qsl[:-1]).max()),

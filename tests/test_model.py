@@ -255,3 +255,23 @@ def test_random_init_is_deterministic():
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["lm_head.weight"], sc["lm_head.weight"])
     assert 0.015 < sa["lm_head.weight"].std() < 0.025
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model = build_random_model({**SMALL, "tie_word_embeddings": True}, seed=4)
+    save_checkpoint(model, tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    names = sorted(weights)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for fname, keys in shards.items():
+        save_file({k: weights[k] for k in keys}, tmp_path / fname)
+    index = {"weight_map": {k: f for f, keys in shards.items() for k in keys}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
