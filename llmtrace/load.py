@@ -1,6 +1,7 @@
 """`load_trace(path)`: the one way the commands open a trace, whatever the user points at.
 
-    run directory      RUN/spool/*.lts (the records), else RUN/trace.json
+    run directory      RUN/spool/*.lts (the records; run meta from RUN/trace.json if there),
+                       else RUN/trace.json
     spool directory    *.lts
     spool file         one process's PID.lts
     trace file         a Chrome trace JSON written by `llmtrace export`
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 
 from .errors import UserError
-from .export.load_chrome import load_chrome_trace
+from .export.load_chrome import load_chrome_trace, read_export_info
 from .spool_format import SpoolError
 from .trace import Trace, load_spool_dir, load_spool_file, spool_files
 
@@ -38,9 +39,13 @@ def load_trace(path: str) -> Trace:
 
 
 def _load_dir(path: str) -> Trace:
-    if spool_files(path):
-        return load_spool_dir(path)
     trace_json = os.path.join(path, TRACE_JSON)
+    if spool_files(path):
+        trace = load_spool_dir(path)
+        info = read_export_info(trace_json) if os.path.isfile(trace_json) else None
+        if info is not None:
+            trace.meta = info.get("meta") or {}
+        return trace
     if os.path.isfile(trace_json):
         return load_chrome_trace(trace_json)
     raise UserError(f"{path}: no trace here: expected spool files (*.lts, here or under spool/) or {TRACE_JSON}")

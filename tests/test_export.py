@@ -236,6 +236,16 @@ def test_recorded_trace_round_trip(tmp_path):
     assert abs(by_name["forward"].dur_ns - next(s for s in t.spans if s.name == "forward").dur_ns) < 1000
 
 
+def test_run_dir_reads_spool_and_meta_of_its_trace_json(tmp_path):
+    run = str(tmp_path / "run")
+    _record(run)
+    write_chrome_trace(load_trace(run), os.path.join(run, "trace.json"), meta={"config": {"model": "tiny"}})
+    t = load_trace(run)  # the records from the spool, the run's meta from trace.json's tail
+    assert t.meta == {"config": {"model": "tiny"}}
+    assert t.processes[next(iter(t.processes))].source.endswith(".lts")
+    assert len(t.spans) == 5
+
+
 def test_cli_export(tmp_path, capsys):
     _record(str(tmp_path / "run"))
     out = tmp_path / "trace.json"

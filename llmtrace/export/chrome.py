@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import orjson
@@ -29,6 +30,7 @@ from .tracks import Layout, lay_out
 FORMAT_VERSION = 1
 FLOW_NAME = FLOW_CAT = "follows"
 CHUNK_EVENTS = 1024  # events serialized per write
+OTHER_DATA = b'],"otherData":'  # what follows the events; read back from the file's tail
 
 
 def hex_id(i: int) -> str:
@@ -51,17 +53,20 @@ class _EventWriter:
     def __init__(self, f):
         self.f, self.buf, self.count = f, [], 0
 
-    def add(self, ev: dict) -> None:
-        self.buf.append(ev)
-        if len(self.buf) >= CHUNK_EVENTS:
-            self.flush()
+    def extend(self, events: Iterable[dict]) -> None:
+        buf = self.buf
+        for ev in events:
+            buf.append(ev)
+            if len(buf) >= CHUNK_EVENTS:
+                self.flush()
+                buf = self.buf
 
     def flush(self) -> None:
         if not self.buf:
             return
         if self.count:
             self.f.write(b",")
-        self.f.write(orjson.dumps(self.buf)[1:-1])
+        self.f.write(orjson.dumps(self.buf, default=str)[1:-1])
         self.count += len(self.buf)
         self.buf = []
 
@@ -76,28 +81,31 @@ def write_chrome_trace(trace: Trace, path: str, *, meta: dict | None = None) -> 
         return s.start_ns if s.link_id in sources else first_follower.get(s.span_id)
 
     layout = lay_out(trace, near)
+    names = _process_names(trace)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             f.write(b'{"displayTimeUnit":"ns","traceEvents":[')
             w = _EventWriter(f)
-            pids = _write_metadata(w, trace, layout)
-            _write_spans(w, trace, layout, origin)
-            _write_instants(w, trace, origin)
-            _write_counters(w, trace, origin)
-            flows = _write_flows(w, trace, sources, layout, origin)
+            w.extend(_metadata_events(trace, names, layout))
+            w.extend(_span_events(trace, layout, origin))
+            w.extend(_device_events(trace, layout, origin))
+            w.extend(_instant_events(trace, origin))
+            w.extend(_counter_events(trace, origin))
+            w.extend(_flow_events(trace, sources, layout, origin))
             w.flush()
             ours = w.count
-            _write_foreign(w, trace, origin)
+            w.extend(_foreign_events(trace, origin))
             w.flush()
             other = {"llmtrace": _other_data(trace, layout, origin, ours, meta)}
-            f.write(b'],"otherData":' + orjson.dumps(other, default=str, option=orjson.OPT_NON_STR_KEYS) + b"}")
+            f.write(OTHER_DATA + orjson.dumps(other, default=str, option=orjson.OPT_NON_STR_KEYS) + b"}")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return ExportStats(path, w.count, w.count - ours, flows, len(pids), os.path.getsize(path))
+    flows = sum(1 for s in trace.spans if s.link_id in sources)
+    return ExportStats(path, w.count, w.count - ours, flows, len(names), os.path.getsize(path))
 
 
 def _origin_ns(trace: Trace) -> int:
@@ -134,63 +142,65 @@ def _natural_key(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def _write_metadata(w: _EventWriter, trace: Trace, layout: Layout) -> set[int]:
-    """process/thread names and process order (master first, then agents by rank)."""
+def _process_names(trace: Trace) -> dict[int, str]:
+    """Every pid that has events, named (a process without a spool header gets "pid N")."""
     names = {pid: p.name for pid, p in trace.processes.items()}
-    threads: dict[tuple[int, int], str] = {}
-    for pid, p in trace.processes.items():
-        for tid, name in p.threads.items():
-            threads[(pid, tid)] = name
-    for s in trace.spans:
-        names.setdefault(s.pid, f"pid {s.pid}")
-    for e in (*trace.instants, *trace.counters):
-        names.setdefault(e.pid, f"pid {e.pid}")
-    for tid, track in layout.tracks.items():
-        threads[(track.pid, tid)] = track.name
+    for e in (*trace.spans, *trace.instants, *trace.counters):
+        if e.pid not in names:
+            names[e.pid] = f"pid {e.pid}"
+    return names
+
+
+def _metadata_events(trace: Trace, names: dict[int, str], layout: Layout) -> Iterator[dict]:
+    """Process and thread names, and the process order: master first, then agents by rank."""
     order = sorted(names, key=lambda pid: (names[pid] != "master", _natural_key(names[pid]), pid))
     for index, pid in enumerate(order):
-        w.add({"name": "process_name", "ph": "M", "ts": 0, "pid": pid, "tid": pid, "args": {"name": names[pid]}})
-        w.add({"name": "process_sort_index", "ph": "M", "ts": 0, "pid": pid, "tid": pid,
-               "args": {"sort_index": index}})
-    for (pid, tid), name in threads.items():
-        w.add({"name": "thread_name", "ph": "M", "ts": 0, "pid": pid, "tid": tid, "args": {"name": name}})
-    return set(names)
+        yield {"name": "process_name", "ph": "M", "ts": 0, "pid": pid, "tid": pid, "args": {"name": names[pid]}}
+        yield {"name": "process_sort_index", "ph": "M", "ts": 0, "pid": pid, "tid": pid,
+               "args": {"sort_index": index}}
+    for pid, p in trace.processes.items():
+        for tid, name in p.threads.items():
+            yield {"name": "thread_name", "ph": "M", "ts": 0, "pid": pid, "tid": tid, "args": {"name": name}}
+    for tid, track in layout.tracks.items():
+        yield {"name": "thread_name", "ph": "M", "ts": 0, "pid": track.pid, "tid": tid,
+               "args": {"name": track.name}}
 
 
-def _span_args(s: Span) -> dict:
-    args = {"stage": s.stage, "step": s.step, "span_id": hex_id(s.span_id), "parent_id": hex_id(s.parent_id),
-            "link_id": hex_id(s.link_id), "failed": s.failed}
-    if s.flags & ~1:
-        args["flags"] = s.flags
-    if s.attrs:
-        args["attrs"] = s.attrs
-    if s.device_start_ns is not None:
-        args["device_ms"] = s.device_dur_ns / 1e6
-    return args
-
-
-def _write_spans(w: _EventWriter, trace: Trace, layout: Layout, origin: int) -> None:
+def _span_events(trace: Trace, layout: Layout, origin: int) -> Iterator[dict]:
+    moved = layout.moved  # hot loop: hex_id, _us and span_tid are inlined
     for s in trace.spans:
-        w.add({"name": s.name, "cat": s.stage, "ph": "X", "ts": _us(s.start_ns - origin), "dur": _us(s.dur_ns),
-               "pid": s.pid, "tid": layout.span_tid(s), "args": _span_args(s)})
+        args = {"stage": s.stage, "step": s.step, "span_id": f"{s.span_id:#x}", "parent_id": f"{s.parent_id:#x}",
+                "link_id": f"{s.link_id:#x}", "failed": bool(s.flags & 1)}
+        if s.flags & ~1:
+            args["flags"] = s.flags
+        if s.attrs:
+            args["attrs"] = s.attrs
+        if s.device_start_ns is not None:
+            args["device_ms"] = (s.device_end_ns - s.device_start_ns) / 1e6
+        yield {"name": s.name, "cat": s.stage, "ph": "X", "ts": (s.start_ns - origin) / 1000,
+               "dur": (s.end_ns - s.start_ns) / 1000, "pid": s.pid, "tid": moved.get(s.span_id, s.tid),
+               "args": args}
+
+
+def _device_events(trace: Trace, layout: Layout, origin: int) -> Iterator[dict]:
+    """Device execution of each span timed with CUDA events, on its process's device track."""
     for s in trace.spans:
-        if s.device_start_ns is None:
-            continue
-        w.add({"name": s.name, "cat": s.stage, "ph": "X", "ts": _us(s.device_start_ns - origin),
-               "dur": _us(s.device_dur_ns), "pid": s.pid, "tid": layout.device_tid(s),
-               "args": {"device": True, "span_id": hex_id(s.span_id), "step": s.step}})
+        if s.device_start_ns is not None:
+            yield {"name": s.name, "cat": s.stage, "ph": "X", "ts": _us(s.device_start_ns - origin),
+                   "dur": _us(s.device_dur_ns), "pid": s.pid, "tid": layout.device_tid(s),
+                   "args": {"device": True, "span_id": hex_id(s.span_id), "step": s.step}}
 
 
-def _write_instants(w: _EventWriter, trace: Trace, origin: int) -> None:
+def _instant_events(trace: Trace, origin: int) -> Iterator[dict]:
     for e in trace.instants:
         args = {"stage": e.stage, "step": e.step, "parent_id": hex_id(e.parent_id)}
         if e.attrs:
             args["attrs"] = e.attrs
-        w.add({"name": e.name, "cat": e.stage, "ph": "i", "s": "t", "ts": _us(e.ts_ns - origin),
-               "pid": e.pid, "tid": e.tid, "args": args})
+        yield {"name": e.name, "cat": e.stage, "ph": "i", "s": "t", "ts": _us(e.ts_ns - origin),
+               "pid": e.pid, "tid": e.tid, "args": args}
 
 
-def _write_counters(w: _EventWriter, trace: Trace, origin: int) -> None:
+def _counter_events(trace: Trace, origin: int) -> Iterator[dict]:
     """One track per counter name per process; numeric attributes become extra series of
     that track (a counter track cannot carry strings, so string attributes are left out)."""
     for c in trace.counters:
@@ -198,31 +208,28 @@ def _write_counters(w: _EventWriter, trace: Trace, origin: int) -> None:
         for k, v in c.attrs.items():
             if isinstance(v, (int, float)) and k != "value":
                 args[k] = v
-        w.add({"name": c.name, "cat": "counter", "ph": "C", "ts": _us(c.ts_ns - origin), "pid": c.pid,
-               "tid": c.pid, "args": args})
+        yield {"name": c.name, "cat": "counter", "ph": "C", "ts": _us(c.ts_ns - origin), "pid": c.pid,
+               "tid": c.pid, "args": args}
 
 
-def _write_flows(w: _EventWriter, trace: Trace, sources: dict[int, Span], layout: Layout, origin: int) -> int:
+def _flow_events(trace: Trace, sources: dict[int, Span], layout: Layout, origin: int) -> Iterator[dict]:
     """A flow from each linked span to the span that follows it; the flow id is the latter's."""
-    n = 0
     for dst in trace.spans:
         src = sources.get(dst.link_id)
         if src is None:
             continue
         fid = hex_id(dst.span_id)
-        w.add({"name": FLOW_NAME, "cat": FLOW_CAT, "ph": "s", "id": fid,
-               "ts": _us(layout.anchors[src.span_id] - origin), "pid": src.pid, "tid": layout.span_tid(src)})
-        w.add({"name": FLOW_NAME, "cat": FLOW_CAT, "ph": "f", "bp": "e", "id": fid,
-               "ts": _us(layout.anchors[dst.span_id] - origin), "pid": dst.pid, "tid": layout.span_tid(dst)})
-        n += 1
-    return n
+        yield {"name": FLOW_NAME, "cat": FLOW_CAT, "ph": "s", "id": fid,
+               "ts": _us(layout.anchors[src.span_id] - origin), "pid": src.pid, "tid": layout.span_tid(src)}
+        yield {"name": FLOW_NAME, "cat": FLOW_CAT, "ph": "f", "bp": "e", "id": fid,
+               "ts": _us(layout.anchors[dst.span_id] - origin), "pid": dst.pid, "tid": layout.span_tid(dst)}
 
 
-def _write_foreign(w: _EventWriter, trace: Trace, origin: int) -> None:
+def _foreign_events(trace: Trace, origin: int) -> Iterator[dict]:
     """Other tools' events are in µs on CLOCK_MONOTONIC; move them onto the export's origin."""
     shift = _us(origin)
     for e in trace.foreign_events:
-        w.add({**e, "ts": e["ts"] - shift} if _has_ts(e) else e)
+        yield {**e, "ts": e["ts"] - shift} if _has_ts(e) else e
 
 
 def _other_data(trace: Trace, layout: Layout, origin: int, ours: int, meta: dict | None) -> dict:

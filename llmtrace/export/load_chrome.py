@@ -6,7 +6,9 @@ import orjson
 
 from ..errors import UserError
 from ..trace import CounterSample, Instant, Process, Span, Trace
-from .chrome import FORMAT_VERSION
+from .chrome import FORMAT_VERSION, OTHER_DATA
+
+TAIL_BYTES = 1 << 20
 
 
 def read_json(path: str):
@@ -39,12 +41,30 @@ def load_chrome_trace(path: str) -> Trace:
         raise UserError(f"{path}: malformed otherData.llmtrace: {e!r}") from None
 
 
+def read_export_info(path: str) -> dict | None:
+    """`otherData.llmtrace` of an exported trace (run meta, processes, clock), read from the
+    file's tail, where it is written last, without parsing the events. None if not there."""
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(max(0, size - TAIL_BYTES))
+        tail = f.read()
+    i = tail.rfind(OTHER_DATA)
+    if i < 0:
+        return None
+    try:
+        other = orjson.loads(tail[i + len(OTHER_DATA):].rstrip()[:-1])
+    except orjson.JSONDecodeError:
+        return None
+    info = other.get("llmtrace") if isinstance(other, dict) else None
+    return info if isinstance(info, dict) else None
+
+
 class _Loader:
     def __init__(self, info: dict):
         self.origin = int(info["origin_ns"])
         self.ours = int(info["events"])
-        # synthetic track -> the real thread it is a lane of (None: a device track)
-        self.real_tid = {int(t): v["tid"] for t, v in info["tracks"].items()}
+        # lane (synthetic track) -> the real thread it belongs to
+        self.real_tid = {int(t): v["tid"] for t, v in info["tracks"].items() if v["tid"] is not None}
         self.trace = Trace(processes={int(pid): _process(int(pid), p) for pid, p in info["processes"].items()},
                            meta=info.get("meta") or {})
         self.device: list[tuple[int, int, int]] = []
@@ -73,10 +93,6 @@ class _Loader:
     def _ns(self, us: float) -> int:
         return self.origin + round(us * 1000)
 
-    def _tid(self, tid: int) -> int:
-        real = self.real_tid.get(tid)
-        return tid if real is None else real
-
     def _complete(self, ev: dict) -> None:
         a = ev["args"]
         start = self._ns(ev["ts"])
@@ -85,7 +101,7 @@ class _Loader:
             self.device.append((int(a["span_id"], 16), start, end))
             return
         flags = int(a.get("flags", 0)) | int(bool(a["failed"]))
-        self.trace.spans.append(Span(ev["name"], a["stage"], ev["pid"], self._tid(ev["tid"]), start, end,
+        self.trace.spans.append(Span(ev["name"], a["stage"], ev["pid"], self.real_tid.get(ev["tid"], ev["tid"]), start, end,
                                      int(a["span_id"], 16), int(a["parent_id"], 16), int(a["link_id"], 16),
                                      a["step"], a.get("attrs", {}), flags))
 

@@ -81,13 +81,13 @@ class _Lanes:
         self.start_of = attrgetter("device_start_ns" if device else "start_ns")
         self.end_of = attrgetter("device_end_ns" if device else "end_ns")
         self.device, self.near, self.anchors = device, near, anchors
-        self.stacks: list[list[Span]] = []
-        self.open_lane: dict[int, int] = {}  # span id -> lane, while the span is open on it
+        self.stacks: list[list[Span]] = [[]]
+        self.open_lane: dict[int, int] = {}  # span id -> lane, for open spans not on lane 0
         self.open_anchor: dict[int, Anchor] = {}
 
     def place(self, s: Span) -> int:
         start, end = self.start_of(s), self.end_of(s)
-        preferred = None if self.device else self.open_lane.get(s.parent_id)
+        preferred = self.open_lane.get(s.parent_id) if self.open_lane and not self.device else None
         lane = self._fit(start, end, preferred)
         stack = self.stacks[lane]
         if stack and self.open_anchor:
@@ -98,7 +98,8 @@ class _Lanes:
         if near is not None:
             self.open_anchor[s.span_id] = Anchor(start, end, near)
         stack.append(s)
-        self.open_lane[s.span_id] = lane
+        if lane:
+            self.open_lane[s.span_id] = lane
         return lane
 
     def close(self) -> None:
@@ -107,22 +108,26 @@ class _Lanes:
                 self._pop(stack)
 
     def _fit(self, start: int, end: int, preferred: int | None) -> int:
+        """The preferred lane if the interval nests there, else the first lane where it does."""
+        end_of = self.end_of
         candidates = range(len(self.stacks)) if preferred is None else (preferred, *range(len(self.stacks)))
         for lane in candidates:
             stack = self.stacks[lane]
-            while stack and self.end_of(stack[-1]) <= start:
+            while stack and end_of(stack[-1]) <= start:
                 self._pop(stack)
-            if not stack or self.end_of(stack[-1]) >= end:
+            if not stack or end_of(stack[-1]) >= end:
                 return lane
         self.stacks.append([])
         return len(self.stacks) - 1
 
     def _pop(self, stack: list[Span]) -> None:
         span_id = stack.pop().span_id
-        self.open_lane.pop(span_id, None)
-        a = self.open_anchor.pop(span_id, None)
-        if a is not None:
-            self.anchors[span_id] = a.result()
+        if self.open_lane:
+            self.open_lane.pop(span_id, None)
+        if self.open_anchor:
+            a = self.open_anchor.pop(span_id, None)
+            if a is not None:
+                self.anchors[span_id] = a.result()
 
 
 def nest(spans: list[Span], device: bool = False, near: Callable[[Span], int | None] | None = None,
