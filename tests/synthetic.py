@@ -10,8 +10,6 @@ injected.
 from __future__ import annotations
 
 import itertools
-import subprocess
-import sys
 import time
 
 import llmtrace
@@ -164,18 +162,10 @@ def clean_trace(n: int = 50, **kw) -> Trace:
 
 
 def record_pipeline(out, steps: int = 50, inject_s: float = 0.0005) -> int:
-    """Record a REAL trace of a small generic pipeline (llmtrace spans, one step per token)
-    with `time.sleep(inject_s)` inside `postprocess`; returns the ns actually slept.
-    Runs in a fresh process: a process's second spool file would lack the strings its
-    recorder interned for the first."""
-    res = subprocess.run([sys.executable, __file__, str(out), str(steps), str(inject_s)],
-                         capture_output=True, text=True, timeout=60, check=True)
-    return int(res.stdout.split()[-1])
-
-
-def _pipeline(out: str, steps: int, inject_s: float) -> int:
+    """Record a REAL trace, in this process, of a small generic pipeline (llmtrace spans, one
+    step per token) with `time.sleep(inject_s)` inside `postprocess`; returns the ns slept."""
     slept = 0
-    llmtrace.configure(enabled=True, out=out, process_name="pipeline", propagate=False)
+    llmtrace.configure(enabled=True, out=str(out), process_name="pipeline", propagate=False)
     try:
         for i in range(steps):
             with llmtrace.span("step", step=i, batch=1):
@@ -190,7 +180,3 @@ def _pipeline(out: str, steps: int, inject_s: float) -> int:
     finally:
         llmtrace.shutdown()
     return slept
-
-
-if __name__ == "__main__":
-    print(_pipeline(sys.argv[1], int(sys.argv[2]), float(sys.argv[3])))
