@@ -53,7 +53,6 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
         """logits [B, V] -> (token ids [B] int64, logprob of each chosen token under the model [B] float32)."""
         logits = logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)
         greedy_ids = logits.argmax(dim=-1)
         if st.all_greedy:
             ids = greedy_ids
@@ -61,7 +60,7 @@ class Sampler:
             ids = self._sample(logits, st)
             if st.any_greedy:
                 ids = torch.where(st.temperature <= 0, greedy_ids, ids)
-        return ids, logprobs.gather(1, ids[:, None]).squeeze(1)
+        return ids, logits.gather(1, ids[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
     def _sample(self, logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
         temp = torch.where(st.temperature > 0, st.temperature, 1.0)

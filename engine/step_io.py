@@ -12,7 +12,9 @@ class StepInput:
 
     block_tables rows are padded past each sequence's blocks with any value (-1 or 0);
     those entries are never read. seed -1 means unseeded; temperature 0 means greedy;
-    top_k <= 0 and top_p 1 are off.
+    top_k <= 0 and top_p 1 are off. is_prefill must be True when any sequence has more
+    than one new token (see AttentionMetadata.is_prefill). Every sequence gets a token
+    sampled after its last new token; for a partial (chunked) prefill it is meaningless.
     """
 
     step: int

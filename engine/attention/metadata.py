@@ -15,6 +15,8 @@ class AttentionMetadata:
     q_len tokens, so query i sits at position context_lens[b] - q_len + i and sees every
     cached token up to and including itself.
 
+    is_prefill       False promises exactly one new token per sequence (backends may take a
+                     decode fast path); True allows any query lengths, mixed batches included.
     slot_mapping     [T] int64   flat cache slot (block * block_size + offset) per new token
     block_tables     [B, M] int32 physical blocks of each sequence, in order. Entries past a
                      sequence's last block are ignored; they must be valid block ids (the

@@ -54,11 +54,11 @@ class LlamaConfig:
         names = {f for f in cls.__dataclass_fields__ if f != "extra"}
         kw = {k: v for k, v in hf.items() if k in names}
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        kw["rope_theta"] = hf.get("rope_theta", rope.pop("rope_theta", 10000.0))
-        rope.pop("rope_theta", None)
+        theta = rope.pop("rope_theta", 10000.0)  # 5.x keeps it in rope_parameters
+        kw["rope_theta"] = hf.get("rope_theta", theta)
         kind = rope.get("rope_type", rope.get("type", "default"))
         kw["rope_scaling"] = None if kind == "default" else {**rope, "rope_type": kind}
-        kw.setdefault("num_key_value_heads", hf["num_attention_heads"])
+        kw["num_key_value_heads"] = hf.get("num_key_value_heads") or hf["num_attention_heads"]  # absent: MHA
         if isinstance(kw.get("eos_token_id"), list):
             kw["eos_token_id"] = kw["eos_token_id"][0]
         kw["extra"] = {k: v for k, v in hf.items() if k not in names and k not in ("rope_parameters", "torch_dtype", "dtype")}
