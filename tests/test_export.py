@@ -19,7 +19,7 @@ from llmtrace.errors import UserError
 from llmtrace.export import load_chrome_trace, write_chrome_trace
 from llmtrace.export.tracks import Anchor, nest
 from llmtrace.load import load_trace
-from llmtrace.trace import CounterSample, Instant, Process, Span, Trace, load_spool_dir
+from llmtrace.trace import CounterSample, Instant, Process, Sample, Span, Trace, load_spool_dir
 
 MASTER, AGENT0, AGENT1 = 100, 200, 300
 BASE = 5_000_000_000  # CLOCK_MONOTONIC ns of the hand-made trace's first event
@@ -66,6 +66,10 @@ def hand_made() -> Trace:
     t.counters = [CounterSample("running", MASTER, BASE + 1_500, 2.0),
                   CounterSample("kv_blocks_used", MASTER, BASE + 1_500, 17.0, {"total": 64}),
                   CounterSample("kv_blocks_used", MASTER, BASE + 45_000, 19.0, {"total": 64})]
+    loop = ("engine.agent:main", "engine.agent:Agent.run_step")
+    t.samples = [Sample(AGENT0, AGENT0, BASE + 11_000, (*loop, "engine.agent:Agent.preprocess:88")),
+                 Sample(AGENT0, AGENT0, BASE + 12_000, (*loop, "engine.agent:Agent.preprocess:88")),
+                 Sample(MASTER, MASTER, BASE + 3_000, ("engine.master:main",), "py-spy")]
     # A viztracer-style event, already on our clock (µs of CLOCK_MONOTONIC), and its metadata.
     t.foreign_events = [{"name": "process_name", "ph": "M", "pid": AGENT0, "tid": AGENT0,
                          "args": {"name": "agent-0"}},
@@ -136,6 +140,7 @@ def assert_same(a: Trace, b: Trace) -> None:
     assert [span_key(s) for s in a.spans] == [span_key(s) for s in b.spans]
     assert a.instants == b.instants
     assert a.counters == b.counters
+    assert a.samples == b.samples
     assert {p: (x.name, x.header, x.threads, x.dropped) for p, x in a.processes.items()} == \
         {p: (x.name, x.header, x.threads, x.dropped) for p, x in b.processes.items()}
     assert a.meta == b.meta
@@ -179,6 +184,11 @@ def test_hand_made_trace_structure(tmp_path):
         {("running", ("value",)), ("kv_blocks_used", ("total", "value"))}
     failed, = [e for e in ev if e["name"] == "postprocess"]
     assert failed["args"]["failed"] is True and failed["dur"] == 0
+
+    samples = [e for e in ev if e.get("cat") == "sample"]
+    assert [(e["name"], e["args"]["stack"]) for e in samples] == \
+        [("engine.master:main", 0), ("engine.agent:Agent.preprocess:88", 1), ("engine.agent:Agent.preprocess:88", 1)]
+    assert info["stacks"][1][-1] == "engine.agent:Agent.preprocess:88"
 
     # Foreign events come last, shifted onto the export's origin.
     assert ev[info["events"]:] == [hand_made().foreign_events[0],

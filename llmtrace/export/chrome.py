@@ -1,7 +1,8 @@
 """Chrome trace JSON (opens in ui.perfetto.dev and chrome://tracing), written as a stream.
 
     {"displayTimeUnit": "ns",
-     "traceEvents": [metadata, spans, device spans, instants, counters, flows, foreign...],
+     "traceEvents": [metadata, spans, device spans, instants, counters, flows, stack samples,
+                     foreign...],
      "otherData": {"llmtrace": {origin_ns, processes, tracks, events, meta, ...}}}
 
 `ts`/`dur` are microseconds (3 decimals keep the nanoseconds) since `origin_ns`, the
@@ -93,11 +94,13 @@ def write_chrome_trace(trace: Trace, path: str, *, meta: dict | None = None) -> 
             w.extend(_instant_events(trace, origin))
             w.extend(_counter_events(trace, origin))
             w.extend(_flow_events(trace, sources, layout, origin))
+            stacks: dict[tuple[str, ...], int] = {}
+            w.extend(_sample_events(trace, origin, stacks))
             w.flush()
             ours = w.count
             w.extend(_foreign_events(trace, origin))
             w.flush()
-            other = {"llmtrace": _other_data(trace, layout, origin, ours, meta)}
+            other = {"llmtrace": _other_data(trace, layout, origin, ours, stacks, meta)}
             f.write(OTHER_DATA + orjson.dumps(other, default=str, option=orjson.OPT_NON_STR_KEYS) + b"}")
         os.replace(tmp, path)
     except BaseException:
@@ -114,6 +117,7 @@ def _origin_ns(trace: Trace) -> int:
               min((s.device_start_ns for s in trace.spans if s.device_start_ns is not None), default=None),
               min((i.ts_ns for i in trace.instants), default=None),
               min((c.ts_ns for c in trace.counters), default=None),
+              min((smp.ts_ns for smp in trace.samples), default=None),
               min((int(e["ts"] * 1000) for e in trace.foreign_events if _has_ts(e)), default=None)]
     return min((t for t in starts if t is not None), default=0)
 
@@ -225,6 +229,16 @@ def _flow_events(trace: Trace, sources: dict[int, Span], layout: Layout, origin:
                "ts": _us(layout.anchors[dst.span_id] - origin), "pid": dst.pid, "tid": layout.span_tid(dst)}
 
 
+def _sample_events(trace: Trace, origin: int, stacks: dict[tuple[str, ...], int]) -> Iterator[dict]:
+    """Stack samples as instants named by their innermost frame. Each distinct stack is
+    numbered in `stacks` (written once, into otherData) and referenced by its number."""
+    for smp in trace.samples:
+        n = stacks.setdefault(smp.stack, len(stacks))
+        yield {"name": smp.stack[-1] if smp.stack else "?", "cat": "sample", "ph": "i", "s": "t",
+               "ts": _us(smp.ts_ns - origin), "pid": smp.pid, "tid": smp.tid,
+               "args": {"stack": n, "source": smp.source}}
+
+
 def _foreign_events(trace: Trace, origin: int) -> Iterator[dict]:
     """Other tools' events are in µs on CLOCK_MONOTONIC; move them onto the export's origin."""
     shift = _us(origin)
@@ -232,7 +246,8 @@ def _foreign_events(trace: Trace, origin: int) -> Iterator[dict]:
         yield {**e, "ts": e["ts"] - shift} if _has_ts(e) else e
 
 
-def _other_data(trace: Trace, layout: Layout, origin: int, ours: int, meta: dict | None) -> dict:
+def _other_data(trace: Trace, layout: Layout, origin: int, ours: int, stacks: dict[tuple[str, ...], int],
+                meta: dict | None) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "clock": "CLOCK_MONOTONIC",
@@ -243,5 +258,6 @@ def _other_data(trace: Trace, layout: Layout, origin: int, ours: int, meta: dict
                             "truncation_reason": p.truncation_reason, "source": p.source}
                       for pid, p in trace.processes.items()},
         "tracks": {tid: {"pid": t.pid, "tid": t.tid, "name": t.name} for tid, t in layout.tracks.items()},
+        "stacks": list(stacks),  # stack samples' frames (outermost first), by number
         "meta": {**trace.meta, **(meta or {})},
     }

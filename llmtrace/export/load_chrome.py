@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 
 from ..errors import UserError
-from ..trace import CounterSample, Instant, Process, Span, Trace
+from ..trace import CounterSample, Instant, Process, Sample, Span, Trace
 from .chrome import FORMAT_VERSION, OTHER_DATA
 
 TAIL_BYTES = 1 << 20
@@ -67,6 +67,7 @@ class _Loader:
         self.real_tid = {int(t): v["tid"] for t, v in info["tracks"].items() if v["tid"] is not None}
         self.trace = Trace(processes={int(pid): _process(int(pid), p) for pid, p in info["processes"].items()},
                            meta=info.get("meta") or {})
+        self.stacks = [tuple(frames) for frames in info["stacks"]]
         self.device: list[tuple[int, int, int]] = []
 
     def load(self, events: list, path: str) -> Trace:
@@ -107,6 +108,10 @@ class _Loader:
 
     def _instant(self, ev: dict) -> None:
         a = ev["args"]
+        if "stage" not in a:  # a stack sample
+            self.trace.samples.append(Sample(ev["pid"], ev["tid"], self._ns(ev["ts"]), self.stacks[a["stack"]],
+                                             a["source"]))
+            return
         self.trace.instants.append(Instant(ev["name"], a["stage"], ev["pid"], ev["tid"], self._ns(ev["ts"]),
                                            a["step"], int(a["parent_id"], 16), a.get("attrs", {})))
 
