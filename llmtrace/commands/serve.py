@@ -1,0 +1,52 @@
+"""`llmtrace serve --config FILE [--host] [--port] [--out]`: the engine behind its HTTP API.
+
+Serves until Ctrl-C or SIGTERM, then stops the server, the agents and the shared memory
+on every path (a failed start included). With --out the master and agents record a trace.
+"""
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import llmtrace
+from llmtrace.errors import UserError
+
+
+def main(args) -> int:
+    from engine.config import load_config
+
+    cfg = load_config(args.config)
+    out = args.out or cfg.trace.out
+    if out:
+        llmtrace.configure(out=out, process_name="master")
+    try:
+        asyncio.run(_serve(cfg, args.host, args.port))
+    finally:
+        if out:
+            llmtrace.shutdown()
+            print(f"trace recorded in {out}")
+    return 0
+
+
+async def _serve(cfg, host: str | None, port: int | None) -> None:
+    from engine.master import EngineDead
+    from engine.server import start_engine
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        handle = await start_engine(cfg, host, port)
+    except EngineDead as e:
+        if stop.is_set():  # Ctrl-C while the agents loaded: their arenas went with the signal
+            print("stopped while starting", flush=True)
+            return
+        raise UserError(f"the engine did not start: {e}") from None
+    try:
+        print(f"serving {cfg.model.preset or cfg.model.path} at {handle.url}  "
+              f"(POST /v1/completions, POST /generate, GET /health, GET /metrics; Ctrl-C stops)", flush=True)
+        await stop.wait()
+        print("stopping", flush=True)
+    finally:
+        await handle.close()
