@@ -275,3 +275,11 @@ def test_sharded_checkpoint_loads(tmp_path):
     loaded = load_checkpoint(tmp_path)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_attention_backend_choice():
+    from engine.attention import get_backend, torch_ref
+    from engine.attention import triton as triton_backend
+
+    assert get_backend("cpu") is torch_ref
+    assert get_backend("cuda") is (triton_backend if triton_backend.AVAILABLE else torch_ref)

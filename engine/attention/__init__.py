@@ -13,12 +13,16 @@ log = logging.getLogger(__name__)
 
 
 def get_backend(device) -> ModuleType:
-    """The attention backend module for `device`: Triton on CUDA when it imports, else torch_ref."""
+    """The attention backend module for `device`: Triton on CUDA when triton is installed, else torch_ref."""
     from . import torch_ref
 
     if str(device).startswith("cuda"):
         try:
-            return importlib.import_module(f"{__name__}.triton")
+            backend = importlib.import_module(f"{__name__}.triton")
         except ImportError as e:
             log.warning("triton attention unavailable (%s); using the torch reference backend", e)
+        else:
+            if backend.AVAILABLE:
+                return backend
+            log.warning("triton is not installed; using the torch reference attention backend")
     return torch_ref
