@@ -5,9 +5,9 @@ Two patterns, both only when `forward`/`sampling` carry no device time:
 - "short launch, long sync": `forward` host time is a small fraction of a later
   sync/copy span on the critical path (stage `sync`, or a name such as `sync.wait`,
   `synchronize`, `.item`, `Tensor.cpu`) in most steps: the device time shows up there;
-- "four short, one long": a host stage spikes every k steps (e.g. a periodic `.item()`
-  or a log of a tensor forces a sync) while the steps in between look cheap; only in a
-  trace with a device (it has `sync` spans).
+- "four short, one long": a host stage spikes every k steps while the steps in between
+  look cheap, and the spike is a sync: the stage is `sync`, or a span or function matching
+  SYNC runs inside it in the spike steps (e.g. a periodic `.item()` or tensor print).
 It saves no time by itself (est_saving 0); evidence gives the ms/token the current
 timing charges to the wrong stage.
 """
@@ -61,6 +61,15 @@ def _periodic(step_ids: list[int]) -> int | None:
     return k if k >= 2 and n >= 0.75 * sum(diffs.values()) else None
 
 
+def _syncs_in(ctx, stage: str, steps: set) -> bool:
+    if stage == "sync":
+        return True
+    spans = [s for sc in ctx.steps if sc.step in steps for st, s in sc.stage_spans if st == stage]
+    calls = [c for c in ctx.functions.select(SYNC, stage=stage) if c.step in steps]
+    ctx.claim(c.name for c in calls)  # its time is device work, not a hot function to remove
+    return any(SYNC.search(s.name) for s in spans) or bool(calls)
+
+
 def _spikes(ctx):
     out = []
     labels = {lab for sc in ctx.steps for lab in sc.parts} - {MODEL, "gap", "tcp"}
@@ -69,7 +78,7 @@ def _spikes(ctx):
         m = median(vals)
         spikes = [(sc.step, v - m) for sc, v in zip(ctx.steps, vals) if v > max(3 * m, m + 1_000_000)]
         k = _periodic([s for s, _ in spikes]) if len(spikes) >= MIN_SPIKES else None
-        if k is None:
+        if k is None or not _syncs_in(ctx, lab, {s for s, _ in spikes}):
             continue
         excess = sum(e for _, e in spikes)
         out.append(ctx.suggestion(
@@ -84,6 +93,6 @@ def _spikes(ctx):
 def check(ctx):
     if not ctx.steps or not _host_timed_model(ctx):
         return []
-    found = _spikes(ctx) if ctx.index.by_stage.get("sync") else []
+    found = _spikes(ctx)
     absorbed = _sync_absorbs(ctx)
     return ([absorbed] if absorbed else []) + found
