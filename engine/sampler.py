@@ -91,4 +91,5 @@ def _mask_top_k_top_p(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: t
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     # Keep a token while the mass strictly before it is below top_p (the first token always stays).
     drop |= (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    drop[:, 0] = False
     return sorted_logits.masked_fill(drop, float("-inf"))

@@ -29,8 +29,10 @@ def test_greedy_is_argmax_with_model_logprob(logits):
     assert params(6, temperature=0.0).all_greedy
 
 
-def test_top_k_1_equals_greedy_at_any_temperature(logits):
+def test_top_k_1_or_tiny_top_p_equals_greedy_at_any_temperature(logits):
     ids, _ = Sampler("cpu", seed=5)(logits, params(6, temperature=2.0, top_k=1))
+    assert torch.equal(ids, logits.argmax(-1))
+    ids, _ = Sampler("cpu", seed=5)(logits, params(6, temperature=2.0, top_p=1e-6))
     assert torch.equal(ids, logits.argmax(-1))
 
 
