@@ -423,7 +423,7 @@ def test_request_spans_record_counts_not_text(engine):
     assert req.attrs["output_tokens"] == 4 and req.attrs["ttft_us"] > 0
     tok = next(s for s in trace.spans if s.name == "tokenize" and s.attrs.get("req") == "traced-1")
     assert req.start_ns <= tok.start_ns <= tok.end_ns <= req.end_ns
-    recorded = [v for s in trace.spans for v in s.attrs.values()] + [v for i in trace.instants for v in i.attrs.values()]
+    recorded = [v for e in (*trace.spans, *trace.instants) for v in e.attrs.values()]
     assert not any(isinstance(v, str) and "zebra" in v for v in recorded)
 
 
