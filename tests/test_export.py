@@ -17,7 +17,7 @@ from llmtrace import context
 from llmtrace.cli import main as cli_main
 from llmtrace.errors import UserError
 from llmtrace.export import load_chrome_trace, write_chrome_trace
-from llmtrace.export.tracks import Anchor, nest
+from llmtrace.export.tracks import anchor_time, nest
 from llmtrace.load import load_trace
 from llmtrace.trace import CounterSample, Instant, Process, Sample, Span, Trace, load_spool_dir
 
@@ -62,6 +62,7 @@ def hand_made() -> Trace:
         span("tcp.recv", AGENT1, 9_000, 9_500, 2, a1_step, link=sid(999, 1)),  # link outside the trace
     ]
     t.instants = [Instant("token", "token", MASTER, MASTER, BASE + 43_000, 7, m_step, {"req": "r1", "n": 1}),
+                  Instant("batch.ready", "batch", MASTER, MASTER, BASE + 1_200, 7, m_step, {}),
                   Instant("preempt", "preempt", MASTER, MASTER, BASE + 44_000, 7, 0, {})]
     t.counters = [CounterSample("running", MASTER, BASE + 1_500, 2.0),
                   CounterSample("kv_blocks_used", MASTER, BASE + 1_500, 17.0, {"total": 64}),
@@ -113,7 +114,7 @@ def check_chrome(doc: dict) -> None:
             assert not stack or end <= stack[-1][1], f"{e} overlaps {stack[-1][2]} partially"
             stack.append((start, end, e))
 
-    def innermost(e):
+    def innermost(e):  # chrome://tracing binds a flow to the innermost enclosing slice
         t = ns(e["ts"])
         inside = [x for x in slices.get((e["pid"], e["tid"]), []) if x[0] <= t <= x[1]]
         assert inside, f"flow event {e} is not inside any slice of its track"
@@ -123,12 +124,40 @@ def check_chrome(doc: dict) -> None:
     ends = {e["id"]: e for e in events if e["ph"] == "f"}
     assert len(starts) == sum(e["ph"] == "s" for e in events)
     assert starts.keys() == ends.keys()
+    perfetto = perfetto_flow_binding(events)
     for fid, s in starts.items():
         f = ends[fid]
         assert (f["bp"], f["cat"], f["name"]) == ("e", s["cat"], s["name"])
         dst = innermost(f)["args"]
         assert dst["span_id"] == fid
         assert innermost(s)["args"]["span_id"] == dst["link_id"]
+        assert perfetto[fid] == (dst["link_id"], fid)
+
+
+def perfetto_flow_binding(events: list[dict]) -> dict[str, tuple]:
+    """Bind flows as Perfetto's JSON importer does: per track in time order, a slice (an
+    instant is one of length 0) pops the ended slices when it begins, and a flow event binds
+    to the slice on top of the stack. Flows go first among events of equal time (the worst
+    case). Returns flow id -> (span id of the source, span id of the destination)."""
+    order = []
+    for n, e in enumerate(events):
+        if e["ph"] in "Xi":
+            start = ns(e["ts"])
+            order.append(((e["pid"], e["tid"]), start, 1, -ns(e.get("dur", 0)), n, e))
+        elif e["ph"] in "sf":
+            order.append(((e["pid"], e["tid"]), ns(e["ts"]), 0, 0, n, e))
+    stacks: dict[tuple, list] = {}
+    bound: dict[str, list] = {}
+    for track, t, is_slice, neg_dur, _, e in sorted(order, key=lambda x: x[1:5]):
+        stack = stacks.setdefault(track, [])
+        if is_slice:
+            while stack and stack[-1][0] <= t:
+                stack.pop()
+            stack.append((t - neg_dur, e))
+        else:
+            top = stack[-1][1].get("args", {}).get("span_id") if stack else None
+            bound.setdefault(e["id"], [None, None])[e["ph"] == "f"] = top
+    return {fid: tuple(v) for fid, v in bound.items()}
 
 
 def span_key(s: Span) -> tuple:
@@ -302,20 +331,24 @@ def test_load_trace_rejects_malformed_input(tmp_path):
         load_trace(str(tmp_path))
 
 
-def test_nest_lanes_and_anchors():
+def test_nest_lanes_and_first_children():
     def s(start, end, n, parent=0):
         return Span("x", "x", 1, 1, start, end, n, parent)
 
     spans = [s(0, 100, 1), s(10, 20, 2, 1), s(50, 150, 3), s(60, 70, 4, 3), s(100, 120, 5, 3), s(130, 130, 6)]
-    anchors = {}
-    near = {1: 0, 3: 200, 6: 0}
-    assert nest(spans, near=lambda x: near.get(x.span_id), anchors=anchors) == [0, 0, 1, 1, 1, 0]
-    # 3 overlaps 1 partially and goes on lane 1; its children follow it there.
-    assert anchors == {1: 5, 3: 135, 6: 130}  # a margin off the child's edge / the end; no gap: start
-    assert Anchor(0, 10_000, near=20_000).result() == 9_000
-    covered = Anchor(0, 100, near=50)
-    covered.child(0, 100)
-    assert covered.result() == 0
+    first_child = {}
+    lanes = nest(spans, anchored=lambda x: x.span_id in (1, 3, 6), first_child=first_child)
+    assert lanes == [0, 0, 1, 1, 1, 0]  # 3 overlaps 1 partially: lane 1, and its children follow it
+    assert first_child == {1: 10, 3: 60}
+    shuffled = [spans[i] for i in (4, 2, 0, 5, 1, 3)]
+    assert nest(shuffled) == [1, 1, 0, 0, 0, 1]
+
+
+def test_anchor_time():
+    assert anchor_time(0, 100, 10) == 5  # halfway to the first child
+    assert anchor_time(0, 100_000, 50_000) == 1_000  # at most a margin in
+    assert anchor_time(0, 100, None) == 50
+    assert anchor_time(7, 8, None) == 7  # no room: the start
 
 
 BIG = """

@@ -3,7 +3,7 @@
     {"displayTimeUnit": "ns",
      "traceEvents": [metadata, spans, device spans, instants, counters, flows, stack samples,
                      foreign...],
-     "otherData": {"llmtrace": {origin_ns, processes, tracks, events, meta, ...}}}
+     "otherData": {"llmtrace": {origin_ns, processes, tracks, stacks, events, meta, ...}}}
 
 `ts`/`dur` are microseconds (3 decimals keep the nanoseconds) since `origin_ns`, the
 earliest CLOCK_MONOTONIC time in the trace; each process's epoch offset is kept in
@@ -76,12 +76,8 @@ def write_chrome_trace(trace: Trace, path: str, *, meta: dict | None = None) -> 
     """Write `trace` to `path` (via a temporary file, so a failure leaves no partial file)."""
     path = os.fspath(path)
     origin = _origin_ns(trace)
-    sources, first_follower = _link_sources(trace)
-
-    def near(s: Span) -> int | None:  # where a flow should bind to s: near the follower's start
-        return s.start_ns if s.link_id in sources else first_follower.get(s.span_id)
-
-    layout = lay_out(trace, near)
+    sources = _link_sources(trace)
+    layout = lay_out(trace, lambda s: s.span_id in sources or s.link_id in sources)
     names = _process_names(trace)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -131,15 +127,10 @@ def _us(ns: int) -> float:
     return ns / 1000
 
 
-def _link_sources(trace: Trace) -> tuple[dict[int, Span], dict[int, int]]:
-    """The spans that other spans link to (the sources of flow arrows), and by span id the
-    start of the first span following each."""
-    first: dict[int, int] = {}
-    for s in trace.spans:
-        if s.link_id and s.start_ns < first.get(s.link_id, s.start_ns + 1):
-            first[s.link_id] = s.start_ns
-    sources = {s.span_id: s for s in trace.spans if s.span_id in first}
-    return sources, first
+def _link_sources(trace: Trace) -> dict[int, Span]:
+    """The spans that other spans link to (follow): the sources of flow arrows."""
+    targets = {s.link_id for s in trace.spans if s.link_id}
+    return {s.span_id: s for s in trace.spans if s.span_id in targets}
 
 
 def _natural_key(name: str) -> list:

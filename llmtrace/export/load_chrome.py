@@ -102,9 +102,10 @@ class _Loader:
             self.device.append((int(a["span_id"], 16), start, end))
             return
         flags = int(a.get("flags", 0)) | int(bool(a["failed"]))
-        self.trace.spans.append(Span(ev["name"], a["stage"], ev["pid"], self.real_tid.get(ev["tid"], ev["tid"]), start, end,
-                                     int(a["span_id"], 16), int(a["parent_id"], 16), int(a["link_id"], 16),
-                                     a["step"], a.get("attrs", {}), flags))
+        tid = self.real_tid.get(ev["tid"], ev["tid"])
+        self.trace.spans.append(Span(ev["name"], a["stage"], ev["pid"], tid, start, end, int(a["span_id"], 16),
+                                     int(a["parent_id"], 16), int(a["link_id"], 16), a["step"], a.get("attrs", {}),
+                                     flags))
 
     def _instant(self, ev: dict) -> None:
         a = ev["args"]

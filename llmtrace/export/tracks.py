@@ -4,12 +4,17 @@ Trace viewers draw one thread as one stack of slices: a slice must lie inside th
 below it or after it. asyncio tasks break that (request spans of many tasks overlap on the
 event-loop thread), and so can device intervals of several streams. Spans that would
 overlap partially are moved to extra "lanes" of their thread: synthetic tids above any
-real one, named after the thread. Flow arrows bind to the innermost slice open at the
-flow event's time, so the layout also picks, for each span a flow binds to, an anchor
-time inside it that none of its children on its lane covers.
+real one, named after the thread.
+
+Flow events bind to a slice by time. Perfetto binds a flow to the slice on top of its
+track's stack, and pops slices that have ended only when the next slice begins, so the
+one safe time is inside the span before anything else (a child, an instant, a sample)
+starts on its track; chrome://tracing binds to the innermost enclosing slice, which that
+time also satisfies. The layout picks that time ("anchor") for each span a flow binds to.
 """
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Callable
@@ -48,105 +53,69 @@ class Layout:
         return self.device_moved.get(span.span_id) or self.device_track[span.pid]
 
 
-class Anchor:
-    """The time inside [start, end], outside the children (given in start order), nearest to
-    `near`, kept a margin away from slice edges where the gap allows."""
-
-    __slots__ = ("start", "end", "near", "prev", "best")
-
-    def __init__(self, start: int, end: int, near: int):
-        self.start, self.end, self.near, self.prev, self.best = start, end, near, start, None
-
-    def child(self, a: int, b: int) -> None:
-        self._gap(self.prev, a)
-        self.prev = max(self.prev, b)
-
-    def result(self) -> int:
-        self._gap(self.prev, self.end)
-        return self.start if self.best is None else self.best
-
-    def _gap(self, a: int, b: int) -> None:
-        if b <= a:
-            return
-        margin = min((b - a) // 2, FLOW_MARGIN_NS)
-        t = min(max(self.near, a + margin), b - margin)
-        if self.best is None or abs(t - self.near) < abs(self.best - self.near):
-            self.best = t
+def anchor_time(start: int, end: int, first_inner: int | None) -> int:
+    """A time inside [start, end] before `first_inner` (the first thing that starts inside
+    the span on its track), a margin away from both where the room allows."""
+    room = (end if first_inner is None else min(first_inner, end)) - start
+    return start + min(room // 2, FLOW_MARGIN_NS) if room >= 2 else start
 
 
 class _Lanes:
     """Lanes of one thread (or of one process's device intervals), each a stack of open spans."""
 
-    def __init__(self, device: bool, near: Callable[[Span], int | None] | None, anchors: dict[int, int]):
+    def __init__(self, device: bool, anchored: Callable[[Span], bool] | None, first_child: dict[int, int]):
         self.start_of = attrgetter("device_start_ns" if device else "start_ns")
         self.end_of = attrgetter("device_end_ns" if device else "end_ns")
-        self.device, self.near, self.anchors = device, near, anchors
+        self.device, self.anchored, self.first_child = device, anchored, first_child
         self.stacks: list[list[Span]] = [[]]
         self.open_lane: dict[int, int] = {}  # span id -> lane, for open spans not on lane 0
-        self.open_anchor: dict[int, Anchor] = {}
 
     def place(self, s: Span) -> int:
         start, end = self.start_of(s), self.end_of(s)
         preferred = self.open_lane.get(s.parent_id) if self.open_lane and not self.device else None
         lane = self._fit(start, end, preferred)
         stack = self.stacks[lane]
-        if stack and self.open_anchor:
-            parent_anchor = self.open_anchor.get(stack[-1].span_id)
-            if parent_anchor is not None:
-                parent_anchor.child(start, end)
-        near = self.near(s) if self.near is not None else None
-        if near is not None:
-            self.open_anchor[s.span_id] = Anchor(start, end, near)
+        if stack and self.anchored is not None:
+            top = stack[-1]
+            if top.span_id not in self.first_child and self.anchored(top):
+                self.first_child[top.span_id] = start
         stack.append(s)
         if lane:
             self.open_lane[s.span_id] = lane
         return lane
 
-    def close(self) -> None:
-        for stack in self.stacks:
-            while stack:
-                self._pop(stack)
-
     def _fit(self, start: int, end: int, preferred: int | None) -> int:
         """The preferred lane if the interval nests there, else the first lane where it does."""
-        end_of = self.end_of
+        end_of, open_lane = self.end_of, self.open_lane
         candidates = range(len(self.stacks)) if preferred is None else (preferred, *range(len(self.stacks)))
         for lane in candidates:
             stack = self.stacks[lane]
             while stack and end_of(stack[-1]) <= start:
-                self._pop(stack)
+                span_id = stack.pop().span_id
+                if open_lane:
+                    open_lane.pop(span_id, None)
             if not stack or end_of(stack[-1]) >= end:
                 return lane
         self.stacks.append([])
         return len(self.stacks) - 1
 
-    def _pop(self, stack: list[Span]) -> None:
-        span_id = stack.pop().span_id
-        if self.open_lane:
-            self.open_lane.pop(span_id, None)
-        if self.open_anchor:
-            a = self.open_anchor.pop(span_id, None)
-            if a is not None:
-                self.anchors[span_id] = a.result()
 
-
-def nest(spans: list[Span], device: bool = False, near: Callable[[Span], int | None] | None = None,
-         anchors: dict[int, int] | None = None) -> list[int]:
+def nest(spans: list[Span], device: bool = False, anchored: Callable[[Span], bool] | None = None,
+         first_child: dict[int, int] | None = None) -> list[int]:
     """Lanes for the spans of one thread (or the device intervals of one process) such that
     each lane nests properly; returns the lane of each span, in the order given.
 
     A child goes on its parent's lane when it fits there, else on the first lane where it
-    fits. For spans where `near(span)` is not None, `anchors[span_id]` gets the time nearest
-    to it inside the span and outside its children on its lane.
+    fits. For spans that `anchored` selects, `first_child[span_id]` gets the start of the
+    first span inside it on its lane.
     """
-    lanes = _Lanes(device, near, anchors if anchors is not None else {})
+    lanes = _Lanes(device, anchored, first_child if first_child is not None else {})
     order = range(len(spans))
     if not _in_order(spans, lanes.start_of, lanes.end_of):
         order = sorted(order, key=lambda i: (lanes.start_of(spans[i]), -lanes.end_of(spans[i])))
     lane_of = [0] * len(spans)
     for i in order:
         lane_of[i] = lanes.place(spans[i])
-    lanes.close()
     return lane_of
 
 
@@ -157,9 +126,9 @@ def _in_order(spans: list[Span], start_of, end_of) -> bool:
                for a, b in zip(spans, spans[1:]))
 
 
-def lay_out(trace: Trace, near: Callable[[Span], int | None]) -> Layout:
-    """Tracks for every span and device interval, and anchors for the spans flows bind to
-    (those where `near(span)`, the time the anchor should be close to, is not None)."""
+def lay_out(trace: Trace, anchored: Callable[[Span], bool]) -> Layout:
+    """Tracks for every span and device interval, and anchors for the spans that
+    `anchored` selects (those flows bind to)."""
     layout = Layout()
     next_tid = [SYNTHETIC_TID_BASE]
 
@@ -175,14 +144,21 @@ def lay_out(trace: Trace, near: Callable[[Span], int | None]) -> Layout:
         by_thread.setdefault((s.pid, s.tid), []).append(s)
         if s.device_start_ns is not None:
             device_by_pid.setdefault(s.pid, []).append(s)
+    marks = _marks_by_thread(trace)
 
     for (pid, tid), group in by_thread.items():
         lane_tid: dict[int, int] = {}
-        for s, lane in zip(group, nest(group, near=near, anchors=layout.anchors)):
+        first_child: dict[int, int] = {}
+        for s, lane in zip(group, nest(group, anchored=anchored, first_child=first_child)):
             if lane:
                 if lane not in lane_tid:
                     lane_tid[lane] = new_track(pid, tid, f"{_thread_name(trace, pid, tid)} (overlap {lane})")
                 layout.moved[s.span_id] = lane_tid[lane]
+            if anchored(s):
+                first = first_child.get(s.span_id)
+                if not lane:  # instants and samples are drawn on the thread itself
+                    first = _first_mark(marks.get((pid, tid)), s.start_ns, first)
+                layout.anchors[s.span_id] = anchor_time(s.start_ns, s.end_ns, first)
 
     for pid, group in sorted(device_by_pid.items()):
         layout.device_track[pid] = new_track(pid, None, DEVICE_TRACK_NAME)
@@ -193,6 +169,25 @@ def lay_out(trace: Trace, near: Callable[[Span], int | None]) -> Layout:
                     lane_tid[lane] = new_track(pid, None, f"{DEVICE_TRACK_NAME} {lane + 1}")
                 layout.device_moved[s.span_id] = lane_tid[lane]
     return layout
+
+
+def _marks_by_thread(trace: Trace) -> dict[tuple[int, int], list[int]]:
+    """Times of the instants and stack samples of each thread, sorted."""
+    marks: dict[tuple[int, int], list[int]] = {}
+    for e in (*trace.instants, *trace.samples):
+        marks.setdefault((e.pid, e.tid), []).append(e.ts_ns)
+    for ts in marks.values():
+        ts.sort()
+    return marks
+
+
+def _first_mark(marks: list[int] | None, start: int, first: int | None) -> int | None:
+    """The earlier of `first` and the first mark at or after `start`."""
+    if marks:
+        i = bisect_left(marks, start)
+        if i < len(marks) and (first is None or marks[i] < first):
+            return marks[i]
+    return first
 
 
 def _thread_name(trace: Trace, pid: int, tid: int) -> str:
