@@ -298,6 +298,20 @@ def test_cli_export(tmp_path, capsys):
     assert len(load_trace(str(tmp_path / "shared")).spans) == 5
     assert cli_main(["export", str(tmp_path / "missing"), "-o", str(out)]) == 2
     assert "missing: no such file or directory" in capsys.readouterr().err
+    assert cli_main(["export", str(tmp_path / "run"), "-o", str(tmp_path / "nodir" / "t.json")]) == 2
+    assert "nodir does not exist" in capsys.readouterr().err
+
+
+def test_cli_export_of_a_crashed_run_notes_the_cut(tmp_path, capsys):
+    _record(str(tmp_path / "run"))
+    spool, = (tmp_path / "run" / "spool").iterdir()
+    size = spool.stat().st_size
+    with open(spool, "ab") as f:  # a batch the process did not finish writing
+        f.write(b"LTB1" + (1 << 16).to_bytes(4, "little") + bytes(4) + b"partial")
+    out = tmp_path / "t.json"
+    assert cli_main(["export", str(tmp_path / "run"), "-o", str(out)]) == 0
+    assert f"ends early at byte {size}" in capsys.readouterr().out
+    assert len(load_trace(str(out)).spans) == 5
 
 
 def test_load_trace_rejects_malformed_input(tmp_path):

@@ -6,13 +6,14 @@ import os
 from ..errors import UserError
 from ..export import write_chrome_trace
 from ..load import load_trace
+from ..trace import Trace
 
 
 def main(args) -> int:
-    trace = load_trace(args.path)
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise UserError(f"{args.output}: directory {out_dir} does not exist")
+    trace = load_trace(args.path)
     try:
         stats = write_chrome_trace(trace, args.output)
     except OSError as e:
@@ -20,8 +21,18 @@ def main(args) -> int:
     names = ", ".join(p.name for p in sorted(trace.processes.values(), key=lambda p: p.pid))
     print(f"wrote {stats.path}: {stats.events} events ({len(trace.spans)} spans, {stats.flows} flows, "
           f"{stats.foreign_events} foreign), {stats.processes} processes ({names}), {_size(stats.bytes)}")
+    for note in _notes(trace):
+        print(f"note: {note}")
     print("open it in https://ui.perfetto.dev or chrome://tracing")
     return 0
+
+
+def _notes(trace: Trace) -> list[str]:
+    """What the recording lost: spans dropped on full buffers, spool files cut short."""
+    notes = [f"{trace.spans_dropped} spans were dropped while recording (buffers full)"] if trace.spans_dropped else []
+    notes += [f"{p.source} ends early at byte {p.truncated_at} ({p.truncation_reason}); exported what precedes it"
+              for p in trace.processes.values() if p.truncated_at is not None]
+    return notes
 
 
 def _size(n: int) -> str:

@@ -140,7 +140,7 @@ def _natural_key(name: str) -> list:
 def _process_names(trace: Trace) -> dict[int, str]:
     """Every pid that has events, named (a process without a spool header gets "pid N")."""
     names = {pid: p.name for pid, p in trace.processes.items()}
-    for e in (*trace.spans, *trace.instants, *trace.counters):
+    for e in (*trace.spans, *trace.instants, *trace.counters, *trace.samples):
         if e.pid not in names:
             names[e.pid] = f"pid {e.pid}"
     return names
