@@ -52,7 +52,6 @@ class Generation:
         self.t_arrival = t_arrival
         self.ttft_s: float | None = None
         self.output_tokens = 0
-        self.last_token_id: int | None = None
         self.finish_reason: str | None = None
         self.by_stop_string = False  # finished by the matcher, not by the master
         self.text: list[str] = []
@@ -64,8 +63,6 @@ class Generation:
         if token_ids and self.ttft_s is None:
             self.ttft_s = time.perf_counter() - self.t_arrival
         self.output_tokens += len(token_ids)
-        if token_ids:
-            self.last_token_id = int(token_ids[-1])
         if self._stops is not None:
             text, hit = self._stops.feed(text)
             if hit:
@@ -75,6 +72,14 @@ class Generation:
         self.finish_reason = finish_reason
         self.text.append(text)
         return text
+
+    async def collect(self) -> str:
+        """Run to the end (non-streaming responses); the whole text."""
+        async for token_ids, text, finish in self.stream:
+            self.accept(token_ids, text, finish)
+            if self.finish_reason is not None:
+                break
+        return "".join(self.text)
 
     def close(self, metrics: EngineMetrics) -> None:
         """Abort what the master still runs (client gone, stop string hit); count the request."""
@@ -140,7 +145,8 @@ class ApiServer:
                        ttft_us=-1 if gen.ttft_s is None else int(gen.ttft_s * 1e6))
                 if self.capture_text:
                     llmtrace.instant("http.text", req=rid, prompt=greq.prompt, completion="".join(gen.text))
-        resp.headers[REQUEST_ID_HEADER] = rid
+        if not resp.prepared:  # an SSE response sent its headers already
+            resp.headers[REQUEST_ID_HEADER] = rid
         return resp
 
     def _request_id(self, request: web.Request) -> str:
@@ -171,16 +177,12 @@ class ApiServer:
     # ---- OpenAI --------------------------------------------------------------------------
 
     async def _openai_response(self, gen: Generation) -> web.Response:
-        async for token_ids, text, finish in gen.stream:
-            gen.accept(token_ids, text, finish)
-            if gen.finish_reason is not None:
-                break
-        body = api.completion_object(gen.rid, int(time.time()), self._model(gen), "".join(gen.text),
-                                     gen.finish_reason, gen.usage())
-        return _json(body)
+        text = await gen.collect()
+        return _json(api.completion_object(gen.rid, int(time.time()), self._model(gen), text, gen.finish_reason,
+                                           gen.usage()))
 
     async def _openai_stream(self, request: web.Request, gen: Generation) -> web.StreamResponse:
-        resp = await _open_sse(request)
+        resp = await _open_sse(request, gen.rid)
         created, model = int(time.time()), self._model(gen)
         async with _stream_errors(resp):
             async for token_ids, text, finish in gen.stream:
@@ -206,31 +208,29 @@ class ApiServer:
         return api.tgi_details(reason, gen.output_tokens, gen.greq.seed)
 
     async def _tgi_response(self, gen: Generation) -> web.Response:
-        async for token_ids, text, finish in gen.stream:
-            gen.accept(token_ids, text, finish)
-            if gen.finish_reason is not None:
-                break
-        body = {"generated_text": "".join(gen.text)}
+        body = {"generated_text": await gen.collect()}
         details = self._tgi_details(gen)
         if details is not None:
             body["details"] = details
         return _json(body)
 
     async def _tgi_stream(self, request: web.Request, gen: Generation) -> web.StreamResponse:
-        """One event per token; a delta's text rides on its last token, the last event on the
-        final one carries generated_text (and details)."""
-        resp = await _open_sse(request)
+        """One event per token; a delta's text rides on its last token, and the final token's
+        event carries generated_text (and details)."""
+        resp = await _open_sse(request, gen.rid)
         async with _stream_errors(resp):
             async for token_ids, text, finish in gen.stream:
-                first_index = gen.output_tokens
+                index = gen.output_tokens
                 text = gen.accept(token_ids, text, finish)
                 done = gen.finish_reason is not None
-                ids = list(token_ids) or ([gen.last_token_id] if done and gen.last_token_id is not None else [])
-                for i, tid in enumerate(ids):
-                    last = i == len(ids) - 1
-                    event = api.tgi_token_event(
-                        first_index + i + 1, int(tid), text if last else "",
-                        "".join(gen.text) if done and last else None, self._tgi_details(gen) if done and last else None)
+                for i, tid in enumerate(token_ids, 1):
+                    if i < len(token_ids):
+                        event = api.tgi_token_event(index + i, int(tid), "")
+                    elif done:
+                        event = api.tgi_token_event(index + i, int(tid), text, "".join(gen.text),
+                                                    self._tgi_details(gen))
+                    else:
+                        event = api.tgi_token_event(index + i, int(tid), text)
                     await _sse(resp, event)
                 if done:
                     break
@@ -264,8 +264,8 @@ def _json(obj, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
 
 
-async def _open_sse(request: web.Request) -> web.StreamResponse:
-    resp = web.StreamResponse(headers=SSE_HEADERS)
+async def _open_sse(request: web.Request, rid: str) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={**SSE_HEADERS, REQUEST_ID_HEADER: rid})
     await resp.prepare(request)
     return resp
 

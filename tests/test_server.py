@@ -130,6 +130,7 @@ def test_completion_non_stream_and_stream_agree(engine):
     assert status == 200 and resp.getheader("Content-Type").startswith("text/event-stream")
     events = sse_events(raw)
     assert events[-1] == "[DONE]"
+    assert {e["id"] for e in events[:-1]} == {"cmpl-" + resp.getheader("X-Request-Id")}
     chunks, usage_chunk = events[:-2], events[-2]
     assert usage_chunk["choices"] == [] and usage_chunk["usage"] == data["usage"]
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
