@@ -138,6 +138,15 @@ def test_tcp_nodelay_40ms_stalls_while_agent_idle():
     assert s.evidence["measures"]["agent.wait residual"]["stalls"] == 8
 
 
+def test_tcp_nodelay_when_every_reply_stalls():
+    b = EngineTraceBuilder()
+    b.steps(20, batch=4, reply_ms=38.0)
+    s = _one(Context(b.build()), "tcp-nodelay")
+    measure = s.evidence["measures"]["agent.wait residual"]
+    assert measure["stalls"] == 20 and measure["baseline_ms"] == 0.1
+    assert s.est_saving_ms_per_token == pytest.approx(38.0 / 4, rel=0.1)
+
+
 def _cpu_overhead_ms():
     """Non-model host time of a default CPU step (all stages but forward/sampling, plus transport)."""
     b = EngineTraceBuilder(gpu=False)
