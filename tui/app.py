@@ -1,0 +1,202 @@
+"""The llmtrace TUI: a header over four tabs (overview, call chain, suggestions, requests).
+
+Live (`feed` given): the feed is polled every POLL_S, the model aggregates what arrived,
+the widgets redraw at REDRAW_S (never per record), and the analyzer's rules run on the
+recent window every SUGGEST_S in a worker thread. Finished (`report` given): the report
+of the whole run is shown as `llmtrace analyze` computes it.
+"""
+from __future__ import annotations
+
+import os
+
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.widgets import DataTable, Footer, TabbedContent, TabPane
+
+from llmtrace.trace import Trace
+
+from .callchain import CallChain
+from .feed import SpoolFeed
+from .header import RunHeader, RunInfo
+from .model import RunModel, StepView
+from .requests import RequestTable
+from .sparklines import StepSparklines
+from .stages import StagePanel
+from .suggestions import SuggestionScreen, SuggestionTable
+
+POLL_S = 0.1
+REDRAW_S = 0.4
+SUGGEST_S = 3.0
+TRACE_JSON = "trace.json"
+TABS = ("overview", "chain", "suggestions", "requests")
+
+
+class LlmtraceApp(App):
+    CSS_PATH = "app.tcss"
+    TITLE = "llmtrace"
+    ENABLE_COMMAND_PALETTE = False
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("e", "export", "Export"),
+        Binding("1", "tab('overview')", "Overview"),
+        Binding("2", "tab('chain')", "Chain"),
+        Binding("3", "tab('suggestions')", "Hints"),
+        Binding("4", "tab('requests')", "Requests"),
+        Binding("left_square_bracket", "step(-1)", "Prev step"),
+        Binding("right_square_bracket", "step(1)", "Next step"),
+        Binding("s", "slowest", "Slowest"),
+    ]
+
+    def __init__(self, model: RunModel, info: RunInfo, run_dir: str | None, *, feed: SpoolFeed | None = None,
+                 report: dict | None = None, trace: Trace | None = None, source: str | None = None):
+        super().__init__()
+        self.model, self.info, self.run_dir = model, info, run_dir
+        self.feed, self.report, self.trace, self.source = feed, report, trace, source
+        self.state = "live" if feed is not None else "finished run"
+        self.requests_done: int | None = None  # from the workload client, when it reports progress
+        self._drawn = -1
+        self._step_id: int | None = None  # the call chain's step; None follows the latest
+        self._slowest = False
+        # kept, not queried: queries go to the active screen, which may be a suggestion's
+        self.header = RunHeader(id="header")
+        self.tabs = TabbedContent(initial="overview")
+        self.stages = StagePanel(id="stages")
+        self.sparklines = StepSparklines(id="sparklines")
+        self.chain = CallChain(id="callchain")
+        self.suggestions = SuggestionTable(id="suggestion-table")
+        self.request_table = RequestTable(id="request-table")
+
+    @property
+    def live(self) -> bool:
+        return self.feed is not None
+
+    def compose(self) -> ComposeResult:
+        yield self.header
+        with self.tabs:
+            with TabPane("Overview [1]", id="overview"):
+                yield self.stages
+                yield self.sparklines
+            with TabPane("Call chain [2]", id="chain"):
+                yield self.chain
+            with TabPane("Suggestions [3]", id="suggestions"):
+                yield self.suggestions
+            with TabPane("Requests [4]", id="requests"):
+                yield self.request_table
+        yield Footer()
+
+    def on_mount(self) -> None:
+        if self.live:
+            self.set_interval(POLL_S, self.poll)
+            self.set_interval(SUGGEST_S, self.refresh_suggestions)
+        else:
+            self.suggestions.show(self.report["suggestions"])
+        self.set_interval(REDRAW_S, self.redraw)
+        self.redraw()
+
+    # -- data ------------------------------------------------------------------------------
+    def poll(self) -> None:
+        self.model.ingest(self.feed.poll())
+        self.model.settle()
+
+    def refresh_suggestions(self) -> None:
+        if self.model.steps:
+            self._suggest(self.model.window_trace())
+
+    @work(thread=True, exclusive=True, group="suggest")
+    def _suggest(self, window: Trace) -> None:
+        from llmtrace.analyze import build_report
+
+        suggestions = build_report(window)["suggestions"]
+        self.call_from_thread(self.suggestions.show, suggestions)
+
+    def workload_finished(self, message: str) -> None:
+        """Called (from the workload's thread, via call_from_thread) when the workload ends."""
+        self.state = message
+        self.poll()
+        self.model.settle(everything=True)
+        self.refresh_suggestions()
+        self.redraw(force=True)
+
+    # -- drawing ---------------------------------------------------------------------------
+    def redraw(self, force: bool = False) -> None:
+        m = self.model
+        if self.live:
+            summary, breakdown = m.live_summary(), m.breakdown_view()
+            scope = f"the last {len(m.steps)} steps"
+        else:
+            summary, breakdown = self.report["summary"], self.report["breakdown"]
+            scope = f"all {breakdown['steps']} steps" if breakdown else ""
+        done = self.requests_done if self.requests_done is not None else m.requests_done
+        self.header.show(self.info, summary, done, breakdown, self._state_text())
+        if m.version == self._drawn and not force:
+            return
+        self._drawn = m.version
+        self.stages.show(breakdown, scope)
+        self.sparklines.show(m.step_ms, m.batch)
+        self.request_table.show(m.requests)
+        if self._step_id is None:
+            self._show_step(m.steps[-1] if m.steps else None)
+
+    def _state_text(self) -> str:
+        if not self.live:
+            return self.state
+        problems = self.feed.problems
+        return f"{self.state}  {self.model.records_total} records" + (f"  ({problems[0]})" if problems else "")
+
+    def _show_step(self, view: StepView | None) -> None:
+        self.chain.show(view, self.model.processes, self._slowest)
+
+    # -- actions ---------------------------------------------------------------------------
+    def action_tab(self, tab: str) -> None:
+        self.tabs.active = tab
+
+    def action_step(self, delta: int) -> None:
+        steps = self.model.steps
+        if not steps:
+            return
+        ids = [v.cost.step for v in steps]
+        cur = ids.index(self._step_id) if self._step_id in ids else len(ids) - 1
+        i = max(0, min(len(ids) - 1, cur + delta))
+        self._step_id = None if self.live and i == len(ids) - 1 else ids[i]  # the newest: follow again
+        self._slowest = False
+        self._show_step(steps[i])
+        self.action_tab("chain")
+
+    def action_slowest(self) -> None:
+        if not self.model.steps:
+            return
+        view = max(self.model.steps, key=lambda v: v.cost.wall_ns)
+        self._step_id, self._slowest = view.cost.step, True
+        self._show_step(view)
+        self.action_tab("chain")
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        if isinstance(event.data_table, SuggestionTable):
+            i = event.cursor_row
+            self.push_screen(SuggestionScreen(event.data_table.suggestions[i], i + 1))
+
+    def action_export(self) -> None:
+        if self.run_dir is None:
+            self.notify("no run directory to export into", severity="warning")
+            return
+        path = os.path.join(self.run_dir, TRACE_JSON)
+        if self.source and os.path.abspath(self.source) == os.path.abspath(path):
+            self.notify(f"this trace already is {path}")
+            return
+        self.notify(f"exporting to {path}…")
+        self._export(path)
+
+    @work(thread=True, exclusive=True, group="export")
+    def _export(self, path: str) -> None:
+        from llmtrace.errors import UserError
+        from llmtrace.export.chrome import write_chrome_trace
+        from llmtrace.load import load_trace
+
+        try:
+            trace = self.trace if self.trace is not None else load_trace(self.run_dir)  # live: the spool so far
+            stats = write_chrome_trace(trace, path, meta=trace.meta)
+        except (UserError, OSError) as e:
+            self.call_from_thread(self.notify, f"export failed: {e}", severity="error")
+            return
+        self.call_from_thread(self.notify, f"wrote {stats.events} events to {path} (open in ui.perfetto.dev)")
