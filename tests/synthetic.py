@@ -161,11 +161,18 @@ def clean_trace(n: int = 50, **kw) -> Trace:
     return b.build()
 
 
-def record_pipeline(out, steps: int = 50, inject_s: float = 0.0005) -> int:
+def _render_tokens(seconds: float) -> None:
+    """Stands for a slow helper inside a stage: only stack samples can name it."""
+    time.sleep(seconds)
+
+
+def record_pipeline(out, steps: int = 50, inject_s: float = 0.0005, helper_s: float = 0.0,
+                    sample_hz: float = 0.0) -> int:
     """Record a REAL trace, in this process, of a small generic pipeline (llmtrace spans, one
-    step per token) with `time.sleep(inject_s)` inside `postprocess`; returns the ns slept."""
+    step per token) with `time.sleep(inject_s)` inside `postprocess` (plus `helper_s` in a
+    helper function with no span, for the stack sampler); returns the ns slept in both."""
     slept = 0
-    llmtrace.configure(enabled=True, out=str(out), process_name="pipeline", propagate=False)
+    llmtrace.configure(enabled=True, out=str(out), process_name="pipeline", sample_hz=sample_hz, propagate=False)
     try:
         for i in range(steps):
             with llmtrace.span("step", step=i, batch=1):
@@ -176,6 +183,8 @@ def record_pipeline(out, steps: int = 50, inject_s: float = 0.0005) -> int:
                 with llmtrace.span("postprocess"):
                     t = time.perf_counter_ns()
                     time.sleep(inject_s)
+                    if helper_s:
+                        _render_tokens(helper_s)
                     slept += time.perf_counter_ns() - t
     finally:
         llmtrace.shutdown()

@@ -238,3 +238,17 @@ def test_suggestions_are_ranked_by_saving():
     b.steps(30, batch=1, nested={"preprocess": [("logging.debug", 7.0, {}), ("np.concatenate", 4.8, {})]})
     found = run_rules(Context(b.build()))
     assert [s.id for s in found] == ["log-in-hot-path", "concat-padding"]
+
+
+def test_hot_function_found_by_stack_samples_in_a_real_trace(tmp_path):
+    from llmtrace.load import load_trace
+    from synthetic import record_pipeline
+
+    slept = record_pipeline(tmp_path, steps=30, inject_s=0.0, helper_s=0.004, sample_hz=1000)
+    ctx = Context(load_trace(str(tmp_path)))
+    assert ctx.trace.samples
+    (s,) = _only(ctx, "hot-function-in-stage")
+    assert s.stage == "postprocess" and s.evidence["function"].endswith("_render_tokens")
+    assert s.evidence["sources"] == ["samples:llmtrace"]
+    # a sampled estimate: one sampling interval per sample
+    assert s.est_saving_ms_per_token == pytest.approx(slept / 30 / 1e6, rel=0.25)
