@@ -252,3 +252,9 @@ def test_hot_function_found_by_stack_samples_in_a_real_trace(tmp_path):
     assert s.evidence["sources"] == ["samples:llmtrace"]
     # a sampled estimate: one sampling interval per sample
     assert s.est_saving_ms_per_token == pytest.approx(slept / 30 / 1e6, rel=0.25)
+
+
+def test_findings_below_the_noise_floor_are_dropped():
+    b = EngineTraceBuilder()
+    b.steps(30, batch=1, nested={"preprocess": [("logging.debug", 0.05, {})]})  # 0.2% of a ~23 ms token
+    assert run_rules(Context(b.build())) == []

@@ -10,6 +10,7 @@ from .rules import run_rules
 
 REPORT_VERSION = 1
 TOP_FUNCTIONS = 5
+OVERLAP_NOTE = "Each saving is estimated alone; findings can overlap, so savings do not simply add up."
 
 
 def _stage_functions(ctx: Context, stage: str) -> list[dict]:
@@ -132,6 +133,7 @@ def render_text(report: dict, color: bool = False, width: int = 130) -> str:
         console.print(table)
         for i, s in enumerate(sugg, 1):
             console.print(f"{i}. [bold]{s['id']}[/bold]: {escape(s['fix'])}")
+        console.print(f"[dim]{OVERLAP_NOTE}[/dim]")
     else:
         console.print("No suggestions: no known antipattern found in this trace.")
     t = report["tracing"]
@@ -163,8 +165,9 @@ def render_markdown(report: dict) -> str:
         speed = f", {s['est_speedup']:.2f}x" if s["est_speedup"] else ""
         lines += [f"{i}. **{s['title']}** (`{s['id']}`, stage {s['stage']}): saves "
                   f"~{s['est_saving_ms_per_token']:.3f} ms/token{speed}. {s['fix']}"]
-    if not report["suggestions"]:
-        lines.append("No known antipattern found.")
+    lines.append("" if report["suggestions"] else "No known antipattern found.")
+    if report["suggestions"]:
+        lines.append(f"_{OVERLAP_NOTE}_")
     t = report["tracing"]
     lines += ["", "## Tracing", "", f"{t['spans_recorded']} spans recorded, {t['spans_dropped']} dropped"
               + (f", ~{t['instrumentation_cost_us_per_token']:.2f} us/token of instrumentation"

@@ -1,6 +1,10 @@
 """The suggestion rules: one module per finding, each with a stable kebab-case `ID` and
 `check(ctx) -> list[Suggestion]`. The specific rules run first and claim the functions
-they explain, so `hot-function-in-stage` (last) reports only what is left."""
+they explain, so `hot-function-in-stage` (last) reports only what is left.
+
+A finding that promises time but less than MIN_SAVING_SHARE of the per-token time is
+noise and dropped; findings with no time saving by nature (wrong timing, memory) stay.
+"""
 from __future__ import annotations
 
 from . import (concat_padding, full_logits_transfer, gc_pauses, hot_function_in_stage, kv_cache_pressure,
@@ -8,11 +12,12 @@ from . import (concat_padding, full_logits_transfer, gc_pauses, hot_function_in_
 
 RULES = (log_in_hot_path, concat_padding, full_logits_transfer, gc_pauses, tcp_nodelay, unsynced_gpu_timing,
          small_prefill_batch, kv_cache_pressure, underfilled_batch, hot_function_in_stage)
+MIN_SAVING_SHARE = 0.005
 
 
 def run_rules(ctx) -> list:
     """Every rule's suggestions, ranked by estimated saving per token."""
-    found = []
-    for rule in RULES:
-        found.extend(rule.check(ctx))
+    floor = MIN_SAVING_SHARE * ctx.per_token_ms
+    found = [s for rule in RULES for s in rule.check(ctx)
+             if s.est_saving_ms_per_token == 0 or s.est_saving_ms_per_token >= floor]
     return sorted(found, key=lambda s: -s.est_saving_ms_per_token)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from ..context import covered
+from ..functions import covered
 
 ID = "concat-padding"
 PATTERN = re.compile(r"(^|\.)(np|numpy)\.(concatenate|pad|append|vstack|hstack|stack)$"

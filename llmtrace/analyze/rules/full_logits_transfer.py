@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from ..context import covered
+from ..functions import covered
 from ..stats import median
 
 ID = "full-logits-transfer"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 
 from ..breakdown import GAP
-from ..context import covered
+from ..functions import covered
 from ..stats import median
 
 ID = "gc-pauses"

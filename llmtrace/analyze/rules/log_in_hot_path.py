@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from ..context import covered
+from ..functions import covered
 
 ID = "log-in-hot-path"
 PATTERN = re.compile(r"^logging(\.|$)|(^|\.)Logger\.(debug|info|warning|error|exception|log|_log|handle)$"
