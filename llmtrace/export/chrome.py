@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import os
 import re
+from operator import attrgetter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import orjson
 
 from ..trace import Span, Trace
-from .tracks import Layout, lay_out
+from .tracks import Layout, in_order, lay_out
 
 FORMAT_VERSION = 1
 FLOW_NAME = FLOW_CAT = "follows"
@@ -161,9 +162,20 @@ def _metadata_events(trace: Trace, names: dict[int, str], layout: Layout) -> Ite
                "args": {"name": track.name}}
 
 
+def _parents_first(spans: list[Span]) -> list[Span]:
+    """Spans by start, the longer first among equal starts: viewers nest complete events in
+    file order, so a parent must come before a child that starts with it."""
+    start_of, end_of = attrgetter("start_ns"), attrgetter("end_ns")
+    if in_order(spans, start_of, end_of):
+        return spans
+    ordered = sorted(spans, key=end_of, reverse=True)
+    ordered.sort(key=start_of)  # stable: equal starts stay longest first
+    return ordered
+
+
 def _span_events(trace: Trace, layout: Layout, origin: int) -> Iterator[dict]:
     moved = layout.moved  # hot loop: hex_id, _us and span_tid are inlined
-    for s in trace.spans:
+    for s in _parents_first(trace.spans):
         args = {"stage": s.stage, "step": s.step, "span_id": f"{s.span_id:#x}", "parent_id": f"{s.parent_id:#x}",
                 "link_id": f"{s.link_id:#x}", "failed": bool(s.flags & 1)}
         if s.flags & ~1:

@@ -55,7 +55,8 @@ class Layout:
 
 def anchor_time(start: int, end: int, first_inner: int | None) -> int:
     """A time inside [start, end] before `first_inner` (the first thing that starts inside
-    the span on its track), a margin away from both where the room allows."""
+    the span on its track), a margin away from both where the room allows. Without room
+    (a child starts with the span) it is the start, where viewers bind to that child."""
     room = (end if first_inner is None else min(first_inner, end)) - start
     return start + min(room // 2, FLOW_MARGIN_NS) if room >= 2 else start
 
@@ -111,7 +112,7 @@ def nest(spans: list[Span], device: bool = False, anchored: Callable[[Span], boo
     """
     lanes = _Lanes(device, anchored, first_child if first_child is not None else {})
     order = range(len(spans))
-    if not _in_order(spans, lanes.start_of, lanes.end_of):
+    if not in_order(spans, lanes.start_of, lanes.end_of):
         order = sorted(order, key=lambda i: (lanes.start_of(spans[i]), -lanes.end_of(spans[i])))
     lane_of = [0] * len(spans)
     for i in order:
@@ -119,7 +120,7 @@ def nest(spans: list[Span], device: bool = False, anchored: Callable[[Span], boo
     return lane_of
 
 
-def _in_order(spans: list[Span], start_of, end_of) -> bool:
+def in_order(spans: list[Span], start_of, end_of) -> bool:
     """Sorted by start, and a span starting with the one before it is not longer (the usual
     case: `Trace.sort()` ordered them), so no sort key list is needed."""
     return all(start_of(a) < start_of(b) or start_of(a) == start_of(b) and end_of(a) >= end_of(b)
