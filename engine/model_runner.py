@@ -13,6 +13,7 @@ import torch
 
 import llmtrace
 
+from . import antipatterns as mistakes
 from .attention import AttentionMetadata
 from .models.llama import KVCache, LlamaForCausalLM
 from .models.loader import load_model
@@ -74,6 +75,8 @@ class ModelRunner:
         self.num_blocks = num_blocks or self._blocks_that_fit(kv_cache_memory, gpu_memory_utilization)
         self.kv_caches = self._allocate_kv_cache()
         self.sampler = Sampler(self.device, seed=model_cfg.seed)
+        self._churn = mistakes.GarbageChurn()
+        self._host_rng = np.random.default_rng(model_cfg.seed)
 
     def _blocks_that_fit(self, kv_cache_memory: int | None, gpu_memory_utilization: float) -> int:
         if kv_cache_memory is None:
@@ -96,19 +99,44 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
-        n = step.step
+        n, ap = step.step, self.antipatterns
         with llmtrace.span("preprocess", step=n, seqs=step.num_seqs, tokens=step.num_tokens):
+            if ap is not None:
+                step = self._apply_input_mistakes(step)
             inp = prepare_inputs(step, self.device)
-        with llmtrace.span("forward", step=n, device=True):
+        host_timed = ap is not None and ap.host_timed_forward
+        with llmtrace.span("forward", step=n, device=not host_timed):
             hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
             logits = self.model.compute_logits(hidden, inp.last_token_indices)
-        with llmtrace.span("sampling", step=n, device=True):
+        if ap is not None and ap.host_sampling:
+            return self._sample_on_host(step, logits)
+        # d2h_bytes: what this stage copies to the host (ids + logprobs), for the analyzer.
+        with llmtrace.span("sampling", step=n, device=not host_timed, d2h_bytes=8 * step.num_seqs):
             ids, logprobs = self.sampler(logits, inp.sampling)
             ids_host, logprobs_host = self._copy_to_host(ids.to(torch.int32), logprobs)
+            if host_timed:  # the host-timed variant has no sync span: the wait lands here
+                return StepOutput(ids_host.numpy(), logprobs_host.numpy())
         with llmtrace.span("sync.wait", step=n):
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
             return StepOutput(ids_host.numpy(), logprobs_host.numpy())
+
+    def _apply_input_mistakes(self, step: StepInput) -> StepInput:
+        ap = self.antipatterns
+        if ap.log_arrays:
+            mistakes.log_step_arrays(step)
+        if ap.concat_padding:
+            step = mistakes.pad_by_concatenate(step, self.block_size)
+        if ap.gc_churn:
+            self._churn.step(step.num_tokens)
+        return step
+
+    def _sample_on_host(self, step: StepInput, logits: torch.Tensor) -> StepOutput:
+        """The host_sampling mistake: the whole [B, V] logits cross to the host."""
+        with llmtrace.span("sampling", step=step.step, d2h_bytes=logits.numel() * 4):
+            host = logits.float().cpu().numpy()
+            ids, logprobs = mistakes.host_sample(host, step.temperature, step.top_k, step.top_p, self._host_rng)
+        return StepOutput(ids, logprobs)
 
     def _copy_to_host(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         """Start async copies into pinned host memory (CUDA); on CPU the tensors already are host memory."""
