@@ -51,6 +51,7 @@ def hand_made() -> Trace:
         span("tcp.send", MASTER, 5_000, 6_000, 3, m_step),
         span("agent.wait", MASTER, 6_000, 40_000, 4, m_step),
         span("http.request", MASTER, 20_000, 60_000, 11, step=-1, attrs={"req": "r2"}),
+        span("tokenize", MASTER, 600, 900, 12, sid(MASTER, 10), step=-1),  # in r1's tree, no `req`
         span("tcp.recv", MASTER, 40_000, 42_000, 5, m_step, link=a0_step),
         span("postprocess", MASTER, 42_000, 42_000, 6, m_step, flags=3),  # zero length, raised, attrs cut
         # The agent's step starts with the receive of its header (no room before the child),
@@ -209,15 +210,15 @@ def test_hand_made_trace_structure(tmp_path):
     gpu_names = {e["tid"]: e["args"]["name"] for e in ev if e["name"] == "thread_name" and e["pid"] == AGENT0}
     assert gpu_names[dev["tid"]] == "GPU (CUDA events)"
 
-    # Request spans overlap master.step partially (asyncio tasks on one thread): each goes on
-    # its own lane of the thread, and master.step's children follow it onto its lane.
+    # Request spans overlap master.step and each other partially (asyncio tasks on one
+    # thread): they and their children get lanes of their own; the step loop keeps the thread.
     x = [e for e in ev if e["ph"] == "X" and e["pid"] == MASTER]
     tid = {(e["name"], e["args"].get("attrs", {}).get("req")): e["tid"] for e in x}
-    assert len({tid["http.request", "r1"], tid["http.request", "r2"], tid["master.step", None]}) == 3
-    assert tid["http.request", "r1"] == MASTER
-    assert {tid[n, None] for n in ("schedule", "agent.wait", "tcp.recv")} == {tid["master.step", None]}
     lanes = {e["tid"]: e["args"]["name"] for e in ev if e["name"] == "thread_name" and e["pid"] == MASTER}
-    assert lanes[tid["master.step", None]] == "MainThread (overlap 1)"
+    assert {n: tid[n, None] for n in ("master.step", "schedule", "agent.wait", "tcp.recv")} == \
+        dict.fromkeys(("master.step", "schedule", "agent.wait", "tcp.recv"), MASTER)
+    assert lanes[tid["http.request", "r1"]] == "MainThread (requests 1)" == lanes[tid["tokenize", None]]
+    assert lanes[tid["http.request", "r2"]] == "MainThread (requests 2)"
 
     counters = [e for e in ev if e["ph"] == "C"]
     assert {(e["name"], tuple(sorted(e["args"]))) for e in counters} == \
@@ -357,8 +358,8 @@ def test_load_trace_rejects_malformed_input(tmp_path):
 
 
 def test_nest_lanes_and_first_children():
-    def s(start, end, n, parent=0):
-        return Span("x", "x", 1, 1, start, end, n, parent)
+    def s(start, end, n, parent=0, **attrs):
+        return Span("x", "x", 1, 1, start, end, n, parent, attrs=attrs)
 
     spans = [s(0, 100, 1), s(10, 20, 2, 1), s(50, 150, 3), s(60, 70, 4, 3), s(100, 120, 5, 3), s(130, 130, 6)]
     first_child = {}
@@ -367,6 +368,9 @@ def test_nest_lanes_and_first_children():
     assert first_child == {1: 10, 3: 60}
     shuffled = [spans[i] for i in (4, 2, 0, 5, 1, 3)]
     assert nest(shuffled) == [1, 1, 0, 0, 0, 1]
+    # Request trees go apart, first-fit among themselves; the rest keeps lane 0.
+    spans = [s(0, 100, 1, req="a"), s(5, 200, 2), s(10, 20, 3, 1), s(50, 150, 4, req="b"), s(60, 70, 5, 2)]
+    assert nest(spans, apart=lambda x: "req" in x.attrs) == [-1, 0, -1, -2, 0]
 
 
 def test_anchor_time():

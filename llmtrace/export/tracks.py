@@ -4,7 +4,7 @@ Trace viewers draw one thread as one stack of slices: a slice must lie inside th
 below it or after it. asyncio tasks break that (request spans of many tasks overlap on the
 event-loop thread), and so can device intervals of several streams. Spans that would
 overlap partially are moved to extra "lanes" of their thread: synthetic tids above any
-real one, named after the thread.
+real one, named after the thread. Request spans get lanes of their own from the start.
 
 Flow events bind to a slice by time. Perfetto binds a flow to the slice on top of its
 track's stack, and pops slices that have ended only when the next slice begins, so the
@@ -102,21 +102,31 @@ class _Lanes:
 
 
 def nest(spans: list[Span], device: bool = False, anchored: Callable[[Span], bool] | None = None,
-         first_child: dict[int, int] | None = None) -> list[int]:
+         first_child: dict[int, int] | None = None, apart: Callable[[Span], bool] | None = None) -> list[int]:
     """Lanes for the spans of one thread (or the device intervals of one process) such that
     each lane nests properly; returns the lane of each span, in the order given.
 
     A child goes on its parent's lane when it fits there, else on the first lane where it
-    fits. For spans that `anchored` selects, `first_child[span_id]` gets the start of the
-    first span inside it on its lane.
+    fits. Spans that `apart` selects, with everything under them, get lanes of their own,
+    numbered -1, -2, ... For spans that `anchored` selects, `first_child[span_id]` gets the
+    start of the first span inside it on its lane.
     """
-    lanes = _Lanes(device, anchored, first_child if first_child is not None else {})
+    first_child = first_child if first_child is not None else {}
+    lanes = _Lanes(device, anchored, first_child)
+    apart_lanes = _Lanes(device, anchored, first_child)
+    apart_ids: set[int] = set()
+    start_of, end_of = lanes.start_of, lanes.end_of
     order = range(len(spans))
-    if not in_order(spans, lanes.start_of, lanes.end_of):
-        order = sorted(order, key=lambda i: (lanes.start_of(spans[i]), -lanes.end_of(spans[i])))
+    if not in_order(spans, start_of, end_of):
+        order = sorted(order, key=lambda i: (start_of(spans[i]), -end_of(spans[i])))
     lane_of = [0] * len(spans)
     for i in order:
-        lane_of[i] = lanes.place(spans[i])
+        s = spans[i]
+        if apart is not None and (s.parent_id in apart_ids or apart(s)):
+            apart_ids.add(s.span_id)
+            lane_of[i] = -1 - apart_lanes.place(s)
+        else:
+            lane_of[i] = lanes.place(s)
     return lane_of
 
 
@@ -150,10 +160,11 @@ def lay_out(trace: Trace, anchored: Callable[[Span], bool]) -> Layout:
     for (pid, tid), group in by_thread.items():
         lane_tid: dict[int, int] = {}
         first_child: dict[int, int] = {}
-        for s, lane in zip(group, nest(group, anchored=anchored, first_child=first_child)):
+        for s, lane in zip(group, nest(group, anchored=anchored, first_child=first_child, apart=_of_a_request)):
             if lane:
                 if lane not in lane_tid:
-                    lane_tid[lane] = new_track(pid, tid, f"{_thread_name(trace, pid, tid)} (overlap {lane})")
+                    kind = f"overlap {lane}" if lane > 0 else f"requests {-lane}"
+                    lane_tid[lane] = new_track(pid, tid, f"{_thread_name(trace, pid, tid)} ({kind})")
                 layout.moved[s.span_id] = lane_tid[lane]
             if anchored(s):
                 first = first_child.get(s.span_id)
@@ -170,6 +181,13 @@ def lay_out(trace: Trace, anchored: Callable[[Span], bool]) -> Layout:
                     lane_tid[lane] = new_track(pid, None, f"{DEVICE_TRACK_NAME} {lane + 1}")
                 layout.device_moved[s.span_id] = lane_tid[lane]
     return layout
+
+
+def _of_a_request(s: Span) -> bool:
+    """Spans of one request (they carry `req`: http.request, tokenize, queue) overlap each
+    other and the engine's step loop on the event-loop thread; they get lanes of their own
+    so the thread's track keeps the step loop."""
+    return "req" in s.attrs
 
 
 def _marks_by_thread(trace: Trace) -> dict[tuple[int, int], list[int]]:
