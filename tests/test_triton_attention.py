@@ -128,6 +128,8 @@ def test_decode_matches_reference(batch, max_ctx, block_size, heads, kv_heads, d
 # (batch, max_new_tokens, max_prefix, block_size, heads, kv_heads, head_dim, dtype)
 PREFILL_CASES = [
     (1, 1, 0, 16, 8, 8, 64, BF16),
+    (1, 1000, 0, 32, 32, 8, 128, BF16),
+    (1, 100, 700, 16, 32, 32, 128, FP16),
     (4, 200, 0, 16, 32, 32, 128, BF16),
     (3, 130, 500, 32, 32, 8, 128, FP16),
     (2, 64, 4000, 16, 32, 4, 128, BF16),
@@ -141,7 +143,7 @@ PREFILL_CASES = [
 def test_prefill_matches_reference(batch, max_new, max_prefix, block_size, heads, kv_heads, dim, dtype):
     gen = torch.Generator().manual_seed(batch * 31 + max_new + max_prefix)
     new = _lens(batch, max_new, gen)
-    prefix = [0] + torch.randint(0, max_prefix + 1, (batch - 1,), generator=gen).tolist()
+    prefix = [max_prefix] + torch.randint(0, max_prefix + 1, (batch - 1,), generator=gen).tolist()
     ctx = [p + n for p, n in zip(prefix, new)]
     _run_and_check(ctx, new, block_size, heads, kv_heads, dim, dtype, True, seed=batch + max_new)
 

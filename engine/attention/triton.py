@@ -4,8 +4,10 @@ One kernel serves prefill and decode. A program owns one sequence, one KV head a
 of query tokens, and stacks every query head of the GQA group into the rows of its Q tile,
 so each K/V tile is loaded once per group. Keys are read through the block table and
 masked causally (a query at position p sees positions <= p), so a cached prefix needs no
-separate path. Decode splits long contexts across programs (flash-decoding): each split
-writes a partial output with its log-sum-exp and a reduce kernel merges them.
+separate path. When the batch alone would not fill the GPU (decode, short prefills over
+a long prefix), the keys are split across programs (flash-decoding): each split writes a
+partial output with its log-sum-exp and a reduce kernel merges them. A single prompt with
+no cached prefix goes to SDPA's flash kernel instead.
 
 Grids depend only on host ints (token count, batch size, max_query_len, max_context_len)
 and nothing reads a device value on the host, so decode can be captured in a CUDA graph
@@ -16,8 +18,10 @@ context_lens == 0 gets a zero output.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from .metadata import AttentionMetadata
 
@@ -34,11 +38,20 @@ except ImportError:  # CPU-only installs: the module imports, the launchers refu
 
 AVAILABLE = triton is not None
 
+
+class _Config(NamedTuple):
+    block_n: int  # keys per loop iteration
+    num_warps: int
+    num_stages: int
+
+
 _LOG2E = 1.4426950408889634
-_DECODE_BLOCK_N = 64  # keys per loop iteration
-_PREFILL_ROWS = 128  # query rows (tokens x group heads) per prefill program
-_PREFILL_BLOCK_N = 64
+_PREFILL_ROWS = 128  # Q-tile rows (query tokens x group heads) per prefill program
+_PREFILL = _Config(block_n=32, num_warps=8, num_stages=2)
+_DECODE = _Config(block_n=64, num_warps=2, num_stages=2)  # H200 sweep: benchmarks/GPU_NOTES.md
 _MAX_SPLITS = 64
+_MAX_SPLIT_BYTES = 64 << 20  # cap on the float32 partial outputs of a split launch
+_SPLIT_WAVES = 3  # programs per SM to aim for when splitting long contexts
 
 
 @_jit
@@ -57,6 +70,42 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     tl.store(k_cache_ptr + dst, k, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
     tl.store(v_cache_ptr + dst, v, mask=mask)
+
+
+@_jit
+def _attend_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, kv_head_ptrs, start, hi, pos,
+                 scale_log2, stride_cb, stride_cs,
+                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASK: tl.constexpr):
+    """One online-softmax step over keys start..start+BLOCK_N, read through the block table.
+
+    MASK drops keys at or past hi and keys after each row's position; without it every key
+    of the tile must be visible to every row.
+    """
+    j = start + tl.arange(0, BLOCK_N)
+    j_ok = j < hi
+    if MASK:
+        block = tl.load(bt_row + j // BLOCK_SIZE, mask=j_ok, other=0)
+    else:
+        block = tl.load(bt_row + j // BLOCK_SIZE)
+    kv_ptrs = (block.to(tl.int64) * stride_cb + (j % BLOCK_SIZE) * stride_cs)[:, None] + kv_head_ptrs
+    if MASK:
+        k = tl.load(k_cache_ptr + kv_ptrs, mask=j_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_cache_ptr + kv_ptrs)
+    s = tl.dot(q, tl.trans(k)) * scale_log2
+    if MASK:
+        s = tl.where(j_ok[None, :] & (j[None, :] <= pos[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if MASK:
+        v = tl.load(v_cache_ptr + kv_ptrs, mask=j_ok[:, None], other=0.0)
+    else:
+        v = tl.load(v_cache_ptr + kv_ptrs)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
 
 
 @_jit
@@ -100,23 +149,19 @@ def _paged_attention_kernel(
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-    kv_head_off = kv_head * stride_ch
-    for start in range(lo, hi, BLOCK_N):
-        j = start + tl.arange(0, BLOCK_N)
-        j_ok = j < hi
-        block = tl.load(block_tables_ptr + b * stride_bt + j // BLOCK_SIZE, mask=j_ok, other=0)
-        kv_off = block.to(tl.int64) * stride_cb + (j % BLOCK_SIZE) * stride_cs + kv_head_off
-        k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=j_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
-        s = tl.where(j_ok[None, :] & (j[None, :] <= pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=j_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    bt_row = block_tables_ptr + b * stride_bt
+    kv_head_ptrs = kv_head * stride_ch + d[None, :]
+    # Whole tiles below the tile's first query position are visible to every row: no mask.
+    first_pos = ctx - q_len + tile * BLOCK_M
+    full_hi = lo + tl.maximum(tl.minimum(hi, first_pos + 1) - lo, 0) // BLOCK_N * BLOCK_N
+    for start in range(lo, full_hi, BLOCK_N):
+        m_i, l_i, acc = _attend_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, kv_head_ptrs,
+                                     start, hi, pos, scale_log2, stride_cb, stride_cs,
+                                     BLOCK_N, BLOCK_SIZE, False)
+    for start in range(full_hi, hi, BLOCK_N):
+        m_i, l_i, acc = _attend_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, kv_head_ptrs,
+                                     start, hi, pos, scale_log2, stride_cb, stride_cs,
+                                     BLOCK_N, BLOCK_SIZE, True)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = out_ptr + q_row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
@@ -176,19 +221,23 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     if heads % kv_heads or dim != k_cache.shape[3] or q.dtype != k_cache.dtype or q.stride(2) != 1:
         raise ValueError(f"q {tuple(q.shape)} {q.dtype} does not fit the cache "
                          f"{tuple(k_cache.shape)} {k_cache.dtype}")
-    out = torch.empty_like(q)
     if num_tokens == 0:
-        return out
+        return torch.empty_like(q)
+    # One sequence whose context is no longer than its new tokens has no cached prefix
+    # (true even when max_context_len is only an upper bound).
+    if meta.is_prefill and meta.num_seqs == 1 and num_tokens == meta.max_context_len:
+        return _prefill_without_prefix(q, k_cache, v_cache, meta.slot_mapping, scale)
+    out = torch.empty_like(q)
     group = heads // kv_heads
     group_pad = triton.next_power_of_2(group)
     if meta.is_prefill:
-        block_m = max(1, _PREFILL_ROWS // group_pad)
-        block_n, num_splits, kv_chunk = _PREFILL_BLOCK_N, 1, max(meta.max_context_len, 1)
-        num_warps, num_stages = 8, 2
+        cfg, block_m = _PREFILL, max(1, _PREFILL_ROWS // group_pad)
     else:
-        block_m, block_n = 1, _DECODE_BLOCK_N
-        num_splits, kv_chunk = _decode_splits(meta.num_seqs * kv_heads, meta.max_context_len, q.device)
-        num_warps, num_stages = 4, 3
+        cfg, block_m = _DECODE, 1
+    q_tiles = triton.cdiv(meta.max_query_len, block_m)
+    max_splits = min(_MAX_SPLITS, max(1, _MAX_SPLIT_BYTES // (4 * num_tokens * heads * dim)))
+    num_splits, kv_chunk = _kv_splits(meta.num_seqs * kv_heads * q_tiles, meta.max_context_len,
+                                      cfg.block_n, max_splits, q.device)
     rows = max(16, block_m * group_pad)  # tl.dot needs at least 16 rows
     split = num_splits > 1
     if split:
@@ -196,7 +245,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
         target = partial
     else:
         target = lse = out
-    grid = (meta.num_seqs, kv_heads, triton.cdiv(meta.max_query_len, block_m) * num_splits)
+    grid = (meta.num_seqs, kv_heads, q_tiles * num_splits)
     bt = meta.block_tables
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, target, lse, bt, meta.context_lens, meta.query_start_loc,
@@ -204,9 +253,9 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), bt.stride(0),
         target.stride(0), target.stride(1), target.stride(2) if split else 0,
         lse.stride(0), lse.stride(1),
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, ROWS=rows, BLOCK_N=block_n,
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, ROWS=rows, BLOCK_N=cfg.block_n,
         HEAD_DIM=dim, BLOCK_SIZE=k_cache.shape[1], SPLIT=split,
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if split:
         _reduce_splits_kernel[(num_tokens, heads)](
             partial, lse, out, num_splits,
@@ -216,13 +265,28 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     return out
 
 
-def _decode_splits(programs: int, max_context_len: int, device: torch.device) -> tuple[int, int]:
-    """(num_splits, keys per split): enough programs for about two per SM, whole tiles each."""
-    tiles = max(1, triton.cdiv(max_context_len, _DECODE_BLOCK_N))
-    want = triton.cdiv(2 * _sm_count(device), programs)
-    splits = max(1, min(tiles, want, _MAX_SPLITS))
-    chunk = triton.cdiv(tiles, splits) * _DECODE_BLOCK_N
-    return triton.cdiv(tiles * _DECODE_BLOCK_N, chunk), chunk
+def _prefill_without_prefix(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            slot_mapping: torch.Tensor, scale: float) -> torch.Tensor:
+    """One sequence whose context is exactly its new tokens: SDPA's causal (flash) kernel.
+
+    Picking its K/V out of the cache by slot costs a few microseconds; the paged kernel
+    would lose far more than that to flash attention on a long prompt (GPU_NOTES.md).
+    """
+    kv_heads, dim = k_cache.shape[2:]
+    k, v = (c.view(-1, kv_heads, dim)[slot_mapping].transpose(0, 1)[None] for c in (k_cache, v_cache))
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, is_causal=True, scale=scale,
+                                         enable_gqa=q.shape[1] != kv_heads)  # 4-D, or no flash kernel
+    return out[0].transpose(0, 1).contiguous()
+
+
+def _kv_splits(programs: int, max_context_len: int, block_n: int, max_splits: int,
+               device: torch.device) -> tuple[int, int]:
+    """(num_splits, keys per split): about _SPLIT_WAVES programs per SM, whole tiles each."""
+    tiles = max(1, triton.cdiv(max_context_len, block_n))
+    want = triton.cdiv(_SPLIT_WAVES * _sm_count(device), programs)
+    splits = max(1, min(tiles, want, max_splits))
+    chunk = triton.cdiv(tiles, splits) * block_n
+    return triton.cdiv(tiles * block_n, chunk), chunk
 
 
 def _split_buffers(meta: AttentionMetadata, num_tokens: int, heads: int, dim: int, num_splits: int,
