@@ -155,7 +155,7 @@ def lay_out(trace: Trace, anchored: Callable[[Span], bool]) -> Layout:
         by_thread.setdefault((s.pid, s.tid), []).append(s)
         if s.device_start_ns is not None:
             device_by_pid.setdefault(s.pid, []).append(s)
-    marks = _marks_by_thread(trace)
+    marks = _Marks(trace)
 
     for (pid, tid), group in by_thread.items():
         lane_tid: dict[int, int] = {}
@@ -169,7 +169,8 @@ def lay_out(trace: Trace, anchored: Callable[[Span], bool]) -> Layout:
             if anchored(s):
                 first = first_child.get(s.span_id)
                 if not lane:  # instants and samples are drawn on the thread itself
-                    first = _first_mark(marks.get((pid, tid)), s.start_ns, first)
+                    mark = marks.first(pid, tid, s.start_ns, s.end_ns if first is None else first)
+                    first = first if mark is None else mark
                 layout.anchors[s.span_id] = anchor_time(s.start_ns, s.end_ns, first)
 
     for pid, group in sorted(device_by_pid.items()):
@@ -190,23 +191,36 @@ def _of_a_request(s: Span) -> bool:
     return "req" in s.attrs
 
 
-def _marks_by_thread(trace: Trace) -> dict[tuple[int, int], list[int]]:
-    """Times of the instants and stack samples of each thread, sorted."""
-    marks: dict[tuple[int, int], list[int]] = {}
-    for e in (*trace.instants, *trace.samples):
-        marks.setdefault((e.pid, e.tid), []).append(e.ts_ns)
-    for ts in marks.values():
-        ts.sort()
-    return marks
+class _Marks:
+    """Instants and stack samples, which viewers draw as slices of length 0 on their thread."""
+
+    def __init__(self, trace: Trace):
+        self.lists = [_by_time(trace.instants), _by_time(trace.samples)]
+
+    def first(self, pid: int, tid: int, start: int, limit: int) -> int | None:
+        """The time of the first mark of thread (pid, tid) in [start, limit). The window is
+        the room before a span's first child: short, so scanning other threads' marks in it
+        costs little and needs no per-thread index."""
+        best = None
+        for events in self.lists:
+            i = bisect_left(events, start, key=_ts_of)
+            while i < len(events) and events[i].ts_ns < (limit if best is None else best):
+                e = events[i]
+                if e.pid == pid and e.tid == tid:
+                    best = e.ts_ns
+                    break
+                i += 1
+        return best
 
 
-def _first_mark(marks: list[int] | None, start: int, first: int | None) -> int | None:
-    """The earlier of `first` and the first mark at or after `start`."""
-    if marks:
-        i = bisect_left(marks, start)
-        if i < len(marks) and (first is None or marks[i] < first):
-            return marks[i]
-    return first
+_ts_of = attrgetter("ts_ns")
+
+
+def _by_time(events: list) -> list:
+    """`events` if sorted by time (as `Trace.sort()` leaves them), else a sorted copy."""
+    if all(a.ts_ns <= b.ts_ns for a, b in zip(events, events[1:])):
+        return events
+    return sorted(events, key=_ts_of)
 
 
 def _thread_name(trace: Trace, pid: int, tid: int) -> str:
