@@ -22,6 +22,7 @@ import os
 import re
 from operator import attrgetter
 from collections.abc import Iterable, Iterator
+from itertools import chain
 from dataclasses import dataclass
 
 import orjson
@@ -141,7 +142,7 @@ def _natural_key(name: str) -> list:
 def _process_names(trace: Trace) -> dict[int, str]:
     """Every pid that has events, named (a process without a spool header gets "pid N")."""
     names = {pid: p.name for pid, p in trace.processes.items()}
-    for e in (*trace.spans, *trace.instants, *trace.counters, *trace.samples):
+    for e in chain(trace.spans, trace.instants, trace.counters, trace.samples):
         if e.pid not in names:
             names[e.pid] = f"pid {e.pid}"
     return names
