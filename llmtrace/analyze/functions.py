@@ -68,31 +68,39 @@ def _group(items, key) -> dict:
 class FunctionIndex:
     """Which functions dominate stage X: nested spans, foreign complete events ('X', e.g.
     viztracer) and stack samples (in-process sampler, py-spy) that lie inside the stage's
-    critical-path spans (same pid and thread). A sample stands for one sampling interval
-    of each frame below the frames every sample of that stage shares (the step loop)."""
+    critical-path spans (same pid and thread). A sample stands for its share of the
+    sampling interval, for each of its frames that belongs to the stage."""
 
     def __init__(self, index: TraceIndex, breakdown: Breakdown, trace: Trace):
         self.calls: list[Call] = []
         foreign = _foreign_by_thread(trace.foreign_events)
         samples = _samples_by_thread(trace.samples)
-        sampled: dict[str, list[tuple]] = defaultdict(list)
+        sampled: dict[tuple, dict[str, list[tuple]]] = defaultdict(lambda: defaultdict(list))
         for sc in breakdown.steps:
             for stage, s in sc.stage_spans:
                 self._nested(index, stage, s, sc.step)
                 self._foreign(foreign, stage, s, sc.step)
-                for smp, interval in _inside(samples, s):
-                    sampled[stage].append((sc.step, smp, interval))
-        for stage, rows in sampled.items():
-            self._sampled(stage, rows)
+                for smp, a, b in _inside(samples, s):  # clipped to the stage span
+                    sampled[(s.pid, s.tid)][stage].append((sc.step, smp, max(a, s.start_ns), min(b, s.end_ns)))
+        for by_stage in sampled.values():
+            self._sampled(by_stage)
 
-    def _sampled(self, stage: str, rows: list[tuple]) -> None:
-        stacks = [smp.stack for _, smp, _ in rows]
-        shared = _common_prefix(stacks)
-        for step, smp, interval in rows:
-            a, b = smp.ts_ns - interval // 2, smp.ts_ns + interval // 2
-            for frame in smp.stack[shared:]:
-                self.calls.append(Call(stage, step, smp.pid, a, b, frame_name(frame), f"samples:{smp.source}",
-                                       stage not in MODEL_STAGES))
+    def _sampled(self, by_stage: dict[str, list[tuple]]) -> None:
+        """One thread's samples, by stage. Frames every sample of a stage has that also run
+        other stages (the step loop, the function that opens the stage spans) are not
+        the stage's functions; with one stage only, its common frames are dropped."""
+        names = {stage: [tuple(frame_name(f) for f in smp.stack) for _, smp, _, _ in rows]
+                 for stage, rows in by_stage.items()}
+        present = {stage: {f for stack in stacks for f in enumerate(stack)} for stage, stacks in names.items()}
+        for stage, rows in by_stage.items():
+            enclosing = _always(names[stage])
+            if len(by_stage) > 1:
+                enclosing &= set().union(*(p for st, p in present.items() if st != stage))
+            for (step, smp, a, b), stack in zip(rows, names[stage]):
+                for d, name in enumerate(stack):
+                    if (d, name) not in enclosing:
+                        self.calls.append(Call(stage, step, smp.pid, a, b, name, f"samples:{smp.source}",
+                                               stage not in MODEL_STAGES))
 
     def _nested(self, index: TraceIndex, stage: str, s: Span, step: int) -> None:
         model = stage in MODEL_STAGES
@@ -136,29 +144,31 @@ def frame_name(frame: str) -> str:
     return ".".join(parts)
 
 
-def _common_prefix(stacks: list[tuple[str, ...]]) -> int:
-    if len(stacks) < 2:
-        return len(stacks[0]) if stacks else 0
-    n = min(len(st) for st in stacks)
-    first = stacks[0]
-    for i in range(n):
-        # the innermost sampled frame carries its line number; compare by function
-        if any(frame_name(st[i]) != frame_name(first[i]) for st in stacks):
-            return i
-    return n
+def _always(stacks: list[tuple[str, ...]]) -> set[tuple[int, str]]:
+    """(depth, function) pairs present in every stack."""
+    out = set(enumerate(stacks[0])) if stacks else set()
+    for st in stacks[1:]:
+        out &= set(enumerate(st))
+    return out
 
 
 def _samples_by_thread(samples) -> dict:
-    """{(pid, tid): ([ts...], [(sample, interval_ns)...])}; interval = median gap of that thread."""
+    """{(pid, tid): ([ts...], [(sample, start, end)...])}: each sample stands for the time from
+    halfway to the previous sample of its thread to halfway to the next (irregular ticks,
+    e.g. a loaded machine, stay unbiased)."""
     rows = defaultdict(list)
     for smp in samples:
         rows[(smp.pid, smp.tid)].append(smp)
     out = {}
     for key, lst in rows.items():
         lst.sort(key=lambda x: x.ts_ns)
-        gaps = sorted(b.ts_ns - a.ts_ns for a, b in zip(lst, lst[1:]))
-        interval = gaps[len(gaps) // 2] if gaps else 0
-        out[key] = ([x.ts_ns for x in lst], [(x, interval) for x in lst])
+        ts = [x.ts_ns for x in lst]
+        cells = []
+        for i, x in enumerate(lst):
+            before = (ts[i] - ts[i - 1]) // 2 if i else (ts[1] - ts[0]) // 2 if len(ts) > 1 else 0
+            after = (ts[i + 1] - ts[i]) // 2 if i + 1 < len(ts) else before
+            cells.append((x, ts[i] - before, ts[i] + after))
+        out[key] = (ts, cells)
     return out
 
 
