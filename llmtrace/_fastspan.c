@@ -309,7 +309,8 @@ static int attrs_from_dict(attrs_t *a, PyObject *d)
  * Interleaved tasks therefore keep separate parents, like the reference's ContextVar.
  */
 
-/* CPython's PyContext layout (Include/internal/pycore_context.h, unchanged 3.7-3.13). */
+/* CPython's PyContext layout (Include/internal/pycore_context.h, unchanged 3.7-3.13);
+ * the module refuses to import (pure-Python fallback) if the size differs. */
 typedef struct {
     PyObject_HEAD
     PyObject *ctx_prev;
@@ -1284,6 +1285,10 @@ PyMODINIT_FUNC PyInit__fastspan(void)
     if (PyType_Ready(&Cur_Type) < 0 || PyType_Ready(&NameIds_Type) < 0 || span_type_ready() < 0 ||
         PyType_Ready(&Traced_Type) < 0 || intern_names() < 0)
         return NULL;
+    if (PyContext_Type.tp_basicsize != sizeof(ContextLayout)) { /* a CPython whose Context we do not know */
+        PyErr_SetString(PyExc_ImportError, "_fastspan: unknown contextvars.Context layout");
+        return NULL;
+    }
     if (pthread_key_create(&g_buf_key, buf_thread_exit) != 0) {
         PyErr_SetString(PyExc_RuntimeError, "pthread_key_create failed");
         return NULL;
