@@ -22,8 +22,9 @@ def run_live(run_dir: str, info: RunInfo, workload: Workload):
     app = LlmtraceApp(RunModel(), info, run_dir, feed=SpoolFeed(run_dir))
     box: dict = {}
 
-    def progress(done: int, output_tokens: int, errors: int = 0) -> None:
-        app.requests_done = done  # read by the next redraw; an int store needs no lock
+    def progress(p) -> None:
+        """The load generator's callback (engine.workload.Progress): requests done so far."""
+        app.requests_done = p.done  # read by the next redraw; an int store needs no lock
 
     async def main():
         box["loop"], box["task"] = asyncio.get_running_loop(), asyncio.current_task()
