@@ -1,0 +1,205 @@
+"""`llmtrace run --config FILE`: start the engine, drive it through its HTTP API with the
+workload, collect every process's trace, write trace.json + report.json + report.md and
+print the breakdown.
+
+The engine (server + master, which spawns the agents) runs as a child process so the
+load generator in this process does not share a GIL with the code being measured.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import llmtrace
+from llmtrace.errors import UserError
+
+READY_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 30.0
+URL_RE = re.compile(r"(http://[\w.\-\[\]:]+)")
+
+
+def default_out_dir() -> str:
+    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+
+
+class EngineProcess:
+    """The `llmtrace serve` child: started, watched, stopped; its exit status is kept."""
+
+    def __init__(self, config_path: str, out: str):
+        env = dict(os.environ, LLMTRACE_PROCESS_NAME="master", PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "llmtrace.cli", "serve", "--config", config_path, "--port", "0", "--out", out]
+        self.log_path = os.path.join(out, "engine.log")
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, env=env, text=True,
+                                     start_new_session=True)
+        self.url: str | None = None
+        self._lines: list[str] = []
+
+    def wait_ready(self) -> str:
+        """Read the child's stdout until it prints its address (or dies)."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self._lines.append(line)
+            self._log.write(line)
+            m = URL_RE.search(line)
+            if m:
+                self.url = m.group(1).rstrip("/")
+                threading.Thread(target=self._pump, daemon=True).start()
+                return self.url
+        self.stop()
+        raise EngineCrashed(self.describe_exit("the engine did not start"), self.log_tail())
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self._log.write(line)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def describe_exit(self, what: str) -> str:
+        rc = self.proc.poll()
+        if rc is None:
+            return f"{what} (still running)"
+        if rc < 0:
+            return f"{what}: killed by signal {signal.Signals(-rc).name}"
+        return f"{what}: exit code {rc}"
+
+    def log_tail(self, n: int = 20) -> str:
+        self._log.flush()
+        with open(self.log_path) as f:
+            return "".join(f.readlines()[-n:])
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.flush()
+        return self.proc.returncode
+
+
+class EngineCrashed(Exception):
+    def __init__(self, message: str, log_tail: str = ""):
+        super().__init__(message)
+        self.log_tail = log_tail
+
+
+def main(args) -> int:
+    from engine.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    out = os.path.abspath(args.out or cfg.trace.out or default_out_dir())
+    os.makedirs(out, exist_ok=True)
+    config_path = os.path.join(out, "config.yaml")
+    _write_yaml(cfg.to_dict(), config_path)
+    llmtrace.configure(out=out, process_name="client", sample_hz=_sample_hz(cfg), gc=cfg.trace.detail == "full")
+    engine = EngineProcess(config_path, out)
+    failure: str | None = None
+    workload_result = None
+    try:
+        url = engine.wait_ready()
+        print(f"engine ready at {url}  (trace -> {out})")
+        workload_result = _drive(cfg, url, engine, live=out if args.tui else None)
+    except EngineCrashed as e:
+        failure = str(e) + ("\n" + e.log_tail if e.log_tail else "")
+    except KeyboardInterrupt:
+        failure = "interrupted"
+    finally:
+        rc = engine.stop()
+        llmtrace.shutdown()
+    if failure is None and rc not in (0, -signal.SIGTERM):
+        failure = engine.describe_exit("the engine exited abnormally")
+    return _finish(out, cfg, workload_result, failure)
+
+
+def _sample_hz(cfg) -> float:
+    return 1000.0 if cfg.trace.detail == "full" else 0.0
+
+
+def _drive(cfg, url: str, engine: EngineProcess, live: str | None):
+    """Run the workload against the engine, with a progress bar, or under the live TUI
+    watching run directory `live` (the workload then runs in a background thread)."""
+    from engine.tokenizer import Tokenizer, tokenizer_path
+    from engine.workload import run_workload
+
+    from .progress import WorkloadProgress
+
+    tokenizer = Tokenizer(tokenizer_path(cfg.model))
+
+    async def go(progress):
+        task = asyncio.ensure_future(run_workload(url, cfg.workload, tokenizer, max_model_len=cfg.engine.max_model_len,
+                                                  progress=progress))
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.5)
+            if not engine.alive():
+                task.cancel()
+                raise EngineCrashed(engine.describe_exit("the engine died during the workload"),
+                                    engine.log_tail())
+        _, summary = task.result()
+        return summary
+
+    if live:
+        from tui.header import RunInfo
+        from tui.live import run_live
+
+        return run_live(live, RunInfo.from_config(cfg.to_dict()), go)
+
+    async def with_bar():
+        with WorkloadProgress(cfg.workload) as bar:
+            return await go(bar.update)
+
+    return asyncio.run(with_bar())
+
+
+def _finish(out: str, cfg, workload_result, failure: str | None) -> int:
+    """Write trace.json, report.json, report.md from whatever was recorded, then print."""
+    from llmtrace.analyze.report import build_report, render_markdown, render_text
+    from llmtrace.export.chrome import write_chrome_trace
+    from llmtrace.load import load_trace
+
+    trace = load_trace(out)
+    trace.meta["config"] = cfg.to_dict()
+    if workload_result is not None:
+        trace.meta["workload"] = workload_result.to_dict()
+    write_chrome_trace(trace, os.path.join(out, "trace.json"), meta=trace.meta)
+    report = build_report(trace)
+    if failure:
+        report["failure"] = failure
+    _write_json(report, os.path.join(out, "report.json"))
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(render_markdown(report))
+    print(render_text(report))
+    print(f"\nwrote {out}/trace.json (open in https://ui.perfetto.dev), report.json, report.md")
+    if failure:
+        print(f"\nllmtrace run: FAILED: {failure}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _write_yaml(data: dict, path: str) -> None:
+    import yaml
+
+    with open(path, "w") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+
+
+def _write_json(data: dict, path: str) -> None:
+    import orjson
+
+    with open(path, "wb") as f:
+        f.write(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
