@@ -407,25 +407,39 @@ def _drain_trace() -> Trace:
     return out
 
 
-@pytest.mark.skipif(sink.current() is not None, reason="a spooler in this process would take the records")
-def test_request_spans_record_counts_not_text(engine):
-    secret = "zebra quartz " * 3
+def _traced_request(engine, prompt: str, rid: str) -> Trace:
     recorder.drain()
     recorder.set_enabled(True)
     try:
-        status, _, _ = post(engine, C, {"prompt": secret, "max_tokens": 4, "ignore_eos": True},
-                            {"X-Request-Id": "traced-1"})
+        status, _, _ = post(engine, C, {"prompt": prompt, "max_tokens": 4, "ignore_eos": True}, {"X-Request-Id": rid})
     finally:
         recorder.set_enabled(False)
     assert status == 200
-    trace = _drain_trace()
+    return _drain_trace()
+
+
+def _strings(trace: Trace) -> list[str]:
+    return [v for e in (*trace.spans, *trace.instants) for v in e.attrs.values() if isinstance(v, str)]
+
+
+@pytest.mark.skipif(sink.current() is not None, reason="a spooler in this process would take the records")
+def test_request_spans_record_counts_not_text(engine):
+    secret = "zebra quartz " * 3
+    trace = _traced_request(engine, secret, "traced-1")
     req = next(s for s in trace.spans if s.name == "http.request" and s.attrs.get("req") == "traced-1")
     assert req.attrs["prompt_tokens"] == len(engine.handle.server.tokenizer.encode(secret))
     assert req.attrs["output_tokens"] == 4 and req.attrs["ttft_us"] > 0
     tok = next(s for s in trace.spans if s.name == "tokenize" and s.attrs.get("req") == "traced-1")
     assert req.start_ns <= tok.start_ns <= tok.end_ns <= req.end_ns
-    recorded = [v for e in (*trace.spans, *trace.instants) for v in e.attrs.values()]
-    assert not any(isinstance(v, str) and "zebra" in v for v in recorded)
+    assert not any("zebra" in v for v in _strings(trace))
+
+    engine.handle.server.capture_text = True  # what trace.capture_text: true configures
+    try:
+        trace = _traced_request(engine, secret, "traced-2")
+    finally:
+        engine.handle.server.capture_text = False
+    text = next(i for i in trace.instants if i.name == "http.text" and i.attrs["req"] == "traced-2")
+    assert text.attrs["prompt"] == secret and text.attrs["completion"]
 
 
 # ---- must stay last: kills the engine's agent --------------------------------------------------

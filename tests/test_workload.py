@@ -1,26 +1,31 @@
 """The load generator: request building (seeded, exact prompt lengths) and runs against a
-real engine (tiny model, one agent) whose own counts must agree with the client's."""
+real `llmtrace serve` process (tiny model, one agent) whose counts must agree with the
+client's. The last test stops that process and checks its shutdown and its trace."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
+import re
+import signal
 import socket
+import subprocess
+import sys
+import urllib.request
 
 import numpy as np
 import pytest
-import pytest_asyncio
 
 from engine.config import load_config
-from engine.server import start_engine
 from engine.tokenizer import Tokenizer
 from engine.workload import PromptBuilder, iter_requests, percentile, run_workload, sample_length
 from llmtrace import recorder, sink
 from llmtrace.spool_format import Batch
-from llmtrace.trace import Process, RecordDecoder, Trace
+from llmtrace.trace import Process, RecordDecoder, Trace, load_spool_dir
 
 MAX_MODEL_LEN = 128
-ENGINE = {"max_model_len": MAX_MODEL_LEN, "max_batched_tokens": 256, "max_num_seqs": 8, "num_blocks": 96}
+CONFIG = f"engine: {{max_model_len: {MAX_MODEL_LEN}, max_batched_tokens: 256, max_num_seqs: 8, num_blocks: 96}}\n"
 
 
 def workload(**kw):
@@ -32,11 +37,43 @@ def tokenizer():
     return Tokenizer()
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def engine():
-    handle = await start_engine(load_config({"engine": ENGINE}))
-    yield handle
-    await handle.close()
+class ServeProcess:
+    """`llmtrace serve --out DIR` in a child process."""
+
+    def __init__(self, tmp):
+        (tmp / "serve.yaml").write_text(CONFIG)
+        self.out_dir = tmp / "run"
+        self.shm_before = set(os.listdir("/dev/shm"))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llmtrace.cli", "serve", "--config", str(tmp / "serve.yaml"), "--port", "0",
+             "--out", str(self.out_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        line = self.proc.stdout.readline().decode()
+        m = re.search(r"http://[\d.]+:\d+", line)
+        if m is None:
+            self.proc.kill()
+            raise AssertionError(f"llmtrace serve did not start: {line}{self.proc.communicate()[0].decode()}")
+        self.url = m.group()
+        self.agent_pids = [int(p) for p in subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True,
+                                                          text=True).stdout.split()]
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(self.url + "/health", timeout=10) as r:
+            return json.loads(r.read())
+
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM, as a service manager stops it; (exit code, output)."""
+        self.proc.send_signal(signal.SIGTERM)
+        out = self.proc.communicate(timeout=60)[0].decode()
+        return self.proc.returncode, out
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    serve = ServeProcess(tmp_path_factory.mktemp("serve"))
+    yield serve
+    if serve.proc.poll() is None:
+        serve.proc.kill()
+        serve.proc.wait()
 
 
 # ---- building requests -------------------------------------------------------------------------
@@ -90,22 +127,15 @@ def _drain_trace() -> Trace:
     return out
 
 
-@pytest.mark.asyncio(loop_scope="module")
-@pytest.mark.skipif(sink.current() is not None, reason="a spooler in this process would take the records")
 async def test_closed_loop_counts_agree_with_the_server(engine, tokenizer):
     wl = workload(num_requests=8, arrival="closed", concurrency=4, seed=5,
                   input_len={"dist": "uniform", "min": 8, "max": 48},
                   output_len={"dist": "uniform", "min": 3, "max": 8})
     specs = {r.req_id: r for r in iter_requests(wl, tokenizer, MAX_MODEL_LEN)}
     seen = []
-    recorder.drain()
-    recorder.set_enabled(True)
-    try:
-        results, summary = await run_workload(engine.url, wl, tokenizer, max_model_len=MAX_MODEL_LEN,
-                                              progress=seen.append)
-    finally:
-        recorder.set_enabled(False)
-    assert [r.req_id for r in sorted(results, key=lambda r: r.req_id)] == sorted(specs)
+    results, summary = await run_workload(engine.url, wl, tokenizer, max_model_len=MAX_MODEL_LEN,
+                                          progress=seen.append)
+    assert sorted(r.req_id for r in results) == sorted(specs)
     for r in results:
         spec = specs[r.req_id]
         assert r.ok, r.error
@@ -121,19 +151,9 @@ async def test_closed_loop_counts_agree_with_the_server(engine, tokenizer):
     final = seen[-1]
     assert final.done == final.total == 8 and final.output_tokens == summary.output_tokens
     assert [p.done for p in seen] == sorted(p.done for p in seen)
-
-    trace = _drain_trace()
-    client = {s.attrs["req"]: s for s in trace.spans if s.name == "client.request"}
-    server = {s.attrs["req"]: s for s in trace.spans if s.name == "http.request"}
-    assert set(client) == set(server) == set(specs)
-    for rid, c in client.items():
-        s = server[rid]
-        assert c.start_ns <= s.start_ns and s.end_ns <= c.end_ns  # the server's span sits inside the client's
-        assert c.attrs["output_tokens"] == s.attrs["output_tokens"] == specs[rid].max_tokens
-    assert engine.master.stats()["kv_blocks_used"] == 0
+    assert engine.health()["kv_blocks_used"] == 0
 
 
-@pytest.mark.asyncio(loop_scope="module")
 async def test_poisson_arrivals_for_a_duration(engine, tokenizer):
     wl = workload(duration_s=1.0, arrival="poisson", rate=8.0, seed=1, input_len=16, output_len=4, stream=True)
     results, summary = await run_workload(engine.url, wl, tokenizer, max_model_len=MAX_MODEL_LEN)
@@ -145,7 +165,6 @@ async def test_poisson_arrivals_for_a_duration(engine, tokenizer):
     assert summary.completed == len(results)
 
 
-@pytest.mark.asyncio(loop_scope="module")
 async def test_non_streaming_requests_count_tokens_from_usage(engine, tokenizer):
     wl = workload(num_requests=3, concurrency=3, input_len=10, output_len=5, stream=False)
     results, summary = await run_workload(engine.url, wl, tokenizer, max_model_len=MAX_MODEL_LEN)
@@ -154,7 +173,6 @@ async def test_non_streaming_requests_count_tokens_from_usage(engine, tokenizer)
     assert summary.ttft_ms["p50"] is None and summary.e2e_ms["p50"] > 0
 
 
-@pytest.mark.asyncio(loop_scope="module")
 async def test_unreachable_server_counts_errors(tokenizer):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -163,3 +181,31 @@ async def test_unreachable_server_counts_errors(tokenizer):
     results, summary = await run_workload(f"http://127.0.0.1:{port}", wl, tokenizer)
     assert summary.errors == 4 and summary.completed == 0 and summary.output_tokens == 0
     assert all(not r.ok and "Connect" in r.error for r in results)
+
+
+# ---- must stay last: stops the server ----------------------------------------------------------
+
+@pytest.mark.skipif(sink.current() is not None, reason="a spooler in this process would take the records")
+async def test_client_spans_match_the_servers_and_sigterm_stops_everything(engine, tokenizer):
+    wl = workload(num_requests=3, concurrency=3, seed=9, input_len=12, output_len=5)
+    recorder.drain()
+    recorder.set_enabled(True)
+    try:
+        results, _ = await run_workload(engine.url, wl, tokenizer, max_model_len=MAX_MODEL_LEN)
+    finally:
+        recorder.set_enabled(False)
+    assert all(r.ok for r in results)
+    rc, out = engine.stop()
+    assert rc == 0 and "Traceback" not in out, out
+    for pid in engine.agent_pids:  # reaped by the server before it exited
+        assert not os.path.exists(f"/proc/{pid}"), pid
+    assert not [n for n in set(os.listdir("/dev/shm")) - engine.shm_before if n.startswith("llmtrace-")]
+
+    client = {s.attrs["req"]: s for s in _drain_trace().spans if s.name == "client.request"}
+    server = {s.attrs["req"]: s for s in load_spool_dir(str(engine.out_dir)).spans if s.name == "http.request"}
+    assert set(client) == {r.req_id for r in results} and set(client) <= set(server)
+    for rid, c in client.items():
+        s = server[rid]
+        # one host clock: the server starts after the client sent (it may end a moment after [DONE] arrived)
+        assert c.start_ns <= s.start_ns < c.end_ns
+        assert c.attrs["output_tokens"] == s.attrs["output_tokens"] == 5
