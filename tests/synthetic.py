@@ -70,13 +70,13 @@ class EngineTraceBuilder:
              agent: dict | None = None, device: dict | None = None, nested: dict | None = None,
              transport_ms: float = 0.05, reply_ms: float = 0.05, gap_ms: float = 0.0,
              waiting: int = 0, kv_used: int | None = None, agent_order: list[str] | None = None,
-             attrs: dict | None = None) -> int:
+             attrs: dict | None = None, span_attrs: dict | None = None) -> int:
         """Append one step; returns its step id.
 
         master/agent: host ms per stage overriding the defaults; device: device ms of
         forward/sampling; nested: {stage span name: [(name, ms, attrs)]} spans laid at the
         start of that stage span (which grows by their time; agent stages first);
-        gap_ms: time inside master.step in no stage.
+        gap_ms: time inside master.step in no stage; span_attrs: {agent stage: attrs}.
         """
         step, nested = self.next_step, nested or {}
         self.next_step += 1
@@ -94,7 +94,7 @@ class EngineTraceBuilder:
                          attrs={"batch": batch, "tokens": batch, "prefill": int(prefill), **(attrs or {})})
         t = self._stages(MASTER_PID, root, m_before, self.t, step, nested, skip=set(AGENT_STAGES))
         wait = self.span(MASTER_PID, "agent.wait", t, 0, root, step)
-        a_end = self._agent_step(t + _ms(transport_ms), step, a_stages, dev, nested, agent_order)
+        a_end = self._agent_step(t + _ms(transport_ms), step, a_stages, dev, nested, agent_order, span_attrs or {})
         wait.end_ns = a_end + _ms(reply_ms)
         t = self._stages(MASTER_PID, root, m_after, wait.end_ns, step, nested, skip=set(AGENT_STAGES))
         root.end_ns = t + _ms(gap_ms)
@@ -107,8 +107,8 @@ class EngineTraceBuilder:
                             else nested.get(name, ()))
         return t
 
-    def _stage(self, pid, parent, name, ms, t, step, nested_spans, device=None):
-        s = self.span(pid, name, t, 0, parent, step, device=device)
+    def _stage(self, pid, parent, name, ms, t, step, nested_spans, device=None, attrs=None):
+        s = self.span(pid, name, t, 0, parent, step, attrs, device=device)
         u = t
         for n_name, n_ms, n_attrs in nested_spans:
             self.span(pid, n_name, u, u + _ms(n_ms), s, step, n_attrs)
@@ -116,7 +116,7 @@ class EngineTraceBuilder:
         s.end_ns = u + _ms(ms)
         return s.end_ns
 
-    def _agent_step(self, t, step, stages, dev, nested, order):
+    def _agent_step(self, t, step, stages, dev, nested, order, span_attrs):
         root = self.span(AGENT_PID, "agent.step", t, 0, step=step)
         device_free = t
         for name in order or list(stages):
@@ -134,7 +134,7 @@ class EngineTraceBuilder:
                 device = (d0, device_free) if self.device_timing else None
             elif not self.gpu and name in dev:
                 ms = dev[name]  # CPU: the model runs on the host inside the span
-            t = self._stage(AGENT_PID, root, name, ms, t, step, nested.get(name, ()), device)
+            t = self._stage(AGENT_PID, root, name, ms, t, step, nested.get(name, ()), device, span_attrs.get(name))
         root.end_ns = t
         return t
 

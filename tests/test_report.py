@@ -55,7 +55,7 @@ def test_markdown_rendering(report):
     md = render_markdown(report)
     assert md.startswith("# llmtrace report")
     assert "| stage | ms/step | ms/token |" in md
-    assert "1. **Logging in the hot path" in md
+    assert "1. **Logging / array formatting in the hot path" in md
 
 
 def test_analyze_command_prints_the_table(tmp_path, capsys):

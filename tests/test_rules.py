@@ -102,6 +102,18 @@ def test_full_logits_transfer_subtracts_device_sampling_estimate():
     assert s.evidence["logits_bytes"] == 8 * 128256 * 4 and s.evidence["device_sampling_ms_est"] > 0
 
 
+def test_full_logits_transfer_from_the_sampling_span_d2h_bytes():
+    b = EngineTraceBuilder(gpu=False)  # the engine's host_sampling: the sampling span itself copies logits
+    logits = 16 * 32000 * 4
+    b.steps(30, batch=16, device={"sampling": 3.0}, span_attrs={"sampling": {"d2h_bytes": logits}})
+    b.steps(30, batch=16, span_attrs={"sampling": {"d2h_bytes": 8 * 16}})  # ids only: fine
+    ctx = Context(b.build())
+    s = _one(ctx, "full-logits-transfer")
+    assert ctx.steps[0].parts["sampling"] == 3.0 * MS and "sampling" not in ctx.steps[-1].parts
+    assert s.evidence["steps_affected"] == 30 and s.evidence["logits_bytes"] == logits
+    assert s.est_saving_ms_per_token == pytest.approx(30 * 3.0 / ctx.tokens, rel=0.1)
+
+
 def test_unsynced_gpu_timing_short_launch_long_sync():
     s = _one(Context(clean_trace(30, device_timing=False)), "unsynced-gpu-timing")
     assert s.stage == "sync" and s.est_saving_ms_per_token == 0

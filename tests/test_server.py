@@ -117,7 +117,9 @@ def sse_events(raw: bytes) -> list:
 # ---- the endpoints -----------------------------------------------------------------------------
 
 def test_completion_non_stream_and_stream_agree(engine):
-    body = {"model": "m", "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    body = {"model": "m", "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+            # benchmark clients send these unsupported fields at their "off" values
+            "n": 1, "best_of": 1, "logprobs": None, "echo": False, "frequency_penalty": 0.0}
     status, resp, data = post(engine, "/v1/completions", body, {"X-Request-Id": "same-1"})
     assert status == 200 and resp.getheader("X-Request-Id") == "same-1"
     assert data["object"] == "text_completion" and data["model"] == "m" and data["id"] == "cmpl-same-1"
@@ -271,6 +273,8 @@ BAD = [
     (C, {"prompt": "hi", "stream": True, "stream_options": {"x": 1}}, 400, "stream_options.x"),
     (C, {"prompt": "hi", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
     (C, {"prompt": "hi", "n": 2}, 400, "n"),
+    (C, {"prompt": "hi", "echo": True}, 400, "echo"),
+    (C, {"prompt": "hi", "logprobs": 5}, 400, "logprobs"),
     (C, {"prompt": "hi", "ignore_eos": 1}, 400, "ignore_eos"),
     (G, {"inputs": ""}, 400, "inputs"),
     (G, {"prompt": "hi"}, 400, "prompt"),

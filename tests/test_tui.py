@@ -238,7 +238,7 @@ async def test_finished_run_shows_its_stages_and_suggestions(tmp_path):
         assert stages[:2] == ["model", "preprocess"]  # sorted by cost: the injected log is the top overhead
         assert {"schedule", "tcp", "postprocess"} <= set(stages)
         header = str(app.header.content)
-        assert "tiny on cpu" in header and "requests 4/4" in header and "overhead" in header
+        assert "model tiny  device cpu" in header and "requests 4/4" in header and "overhead" in header
         assert "log-in-hot-path" in [s["id"] for s in app.suggestions.suggestions]
         assert _column(app.request_table) == ["r3", "r2", "r1", "r0"]
 
@@ -309,6 +309,7 @@ async def test_live_feed_updates_the_table_as_batches_arrive(tmp_path, monkeypat
         flush(5, len(steps))
         await pilot.pause(0.4)
         assert app.model.steps_total == 20
+        assert "tok/s now" in str(app.header.content)
         assert "steps 20" in str(app.header.content) and "the last 20 steps" in str(app.stages.heading.content)
         app.workload_finished("workload done")  # runs the rules on the window at once
         await app.workers.wait_for_complete()

@@ -5,7 +5,8 @@ top-level span carrying that `step`). Every nanosecond of it is given to exactly
 label, highest claim first:
 
   model       device time of `forward`/`sampling` (CUDA events); without device time
-              their host time, less host-side work nested in them
+              their host time, less host-side work nested in them (and not a span that
+              copied whole logits to the host: that is host sampling)
   <stage>     host-side work nested in a model stage (`logging.debug` inside `forward`,
               `sampling.host`), reported under that model stage's name
   <stage>     each span on the critical path (the root's children), by its stage
@@ -33,6 +34,7 @@ MODEL = "model"
 GAP = "gap"
 TRANSPORT = "tcp"
 HOST_SUFFIX = ".host"  # `<stage>.host`: host-side work inside a model stage (e.g. argmax on host logits)
+LOGITS_BYTES_PER_SEQ = 1024  # ids + logprobs are a few bytes per sequence; a vocab row is > 100 KB
 
 # Claim priorities: a higher one takes the time first; among equals the later-starting
 # (inner) segment wins.
@@ -71,6 +73,17 @@ class StepCost:
 def is_host_side(s: Span, model_stage: str) -> bool:
     """A span nested in a model stage that is host work, not model compute."""
     return s.stage != model_stage or s.name.endswith(HOST_SUFFIX)
+
+
+def moves_logits(s: Span, seqs: int) -> bool:
+    """A model-stage span that copied logits (not ids) to the host (`d2h_bytes` or
+    `logits_bytes` of at least LOGITS_BYTES_PER_SEQ per sequence) samples on the host:
+    its time is host work, not model."""
+    for key in ("d2h_bytes", "logits_bytes"):
+        v = s.attrs.get(key)
+        if isinstance(v, (int, float)) and v >= LOGITS_BYTES_PER_SEQ * max(1, seqs):
+            return True
+    return False
 
 
 def step_tokens(root: Span) -> int:
@@ -153,7 +166,7 @@ class _StepWalker:
                 continue
             if c.name == AGENT_WAIT:
                 self._agent(c, a, b, segs, sc)
-            elif c.stage in MODEL_STAGES:
+            elif c.stage in MODEL_STAGES and not moves_logits(c, sc.tokens):
                 self._model_stage(c, a, b, (lo, hi), segs, sc)
             else:
                 segs.append(_Segment(a, b, c.stage, _P_STAGE, c))

@@ -2,8 +2,10 @@
 
 Fingerprints, on the steps' critical path: nested spans or functions named
 `np.concatenate` / `numpy.concatenate` (also `np.pad`, `np.append`, `np.vstack`,
-`np.hstack`, `torch.cat`, `Tensor.cat`) and the engine's `preprocess.pad` span. Each call
-allocates and copies the whole array; growing a batch row by row is quadratic.
+`np.hstack`, `torch.cat`, `Tensor.cat`), a `preprocess.pad` span, or any host function
+whose name says it concatenates (a stack sampler names a C call by its Python caller,
+e.g. `pad_by_concatenate`). Each call allocates and copies the whole array; growing a
+batch row by row is quadratic.
 Saving: their union time per token. Writing rows into a buffer preallocated once at the
 padded shape copies each element once, which is a small fraction of that (not subtracted:
 the estimate is the upper end).
@@ -16,7 +18,7 @@ from ..functions import covered
 
 ID = "concat-padding"
 PATTERN = re.compile(r"(^|\.)(np|numpy)\.(concatenate|pad|append|vstack|hstack|stack)$"
-                     r"|^(torch\.cat|Tensor\.cat|torch\.stack)$|^preprocess\.pad$")
+                     r"|^(torch\.cat|Tensor\.cat|torch\.stack)$|^preprocess\.pad$|concatenat")
 
 
 def check(ctx):

@@ -1,28 +1,38 @@
 """`full-logits-transfer`: the full [batch, vocab] logits copied to the host and sampled
-there (argmax/softmax in numpy) instead of sampling on the device and copying the ids.
+there (argmax/softmax/sort in numpy) instead of sampling on the device and copying the ids.
 
 Fingerprints, on the steps' critical path:
-- the engine's `sampling.host` span (host-side sampling; attr `logits_bytes` = bytes of
-  logits brought to the host), or any span carrying `logits_bytes`;
+- a span whose attr `d2h_bytes` (bytes the span copies device -> host; the engine's
+  `sampling` span records it) or `logits_bytes` is at least 1 KiB per sequence of the
+  step (`breakdown.moves_logits`): it moved logits, not ids;
+- a `sampling.host` span (host-side sampling nested in `sampling`);
 - function-level events inside the sampling stage: `Tensor.cpu`, `Tensor.numpy`,
-  `Tensor.tolist`, `numpy.argmax`/`np.argmax`, `np.exp`, numpy softmax helpers.
+  `Tensor.tolist`, numpy `argmax`/`argsort`/`exp`, softmax helpers, `host_sample`.
 Saving per step: that host time minus what sampling on the device costs: the measured
-device time of `sampling` spans when the trace has some, else `logits_bytes` read once
-at DEVICE_READ_BYTES_PER_S (GPU) or HOST_READ_BYTES_PER_S (CPU) plus one kernel launch.
+device time of `sampling` spans when the trace has some, else the logits read once at
+DEVICE_READ_BYTES_PER_S (GPU) or HOST_READ_BYTES_PER_S (CPU) plus one kernel launch.
 """
 from __future__ import annotations
 
 import re
 
-from ..functions import covered
+from ..breakdown import moves_logits
+from ..functions import Call, covered
 from ..stats import median
 
 ID = "full-logits-transfer"
-PATTERN = re.compile(r"^sampling\.host$|(^|\.)Tensor\.(cpu|numpy|tolist)$|(^|\.)(np|numpy)\.(argmax|exp|max|sum)$"
-                     r"|(^|\.)(softmax|log_softmax)$")
+PATTERN = re.compile(r"^sampling\.host$|(^|\.)Tensor\.(cpu|numpy|tolist)$"
+                     r"|(^|\.)(np|numpy)\.(argmax|argsort|exp|max|sum)$|(^|\.)(softmax|log_softmax|host_sample)$")
+BYTES_ATTRS = ("d2h_bytes", "logits_bytes")
 DEVICE_READ_BYTES_PER_S = 1.0e12  # conservative HBM read rate of a datacenter GPU
 HOST_READ_BYTES_PER_S = 1.0e10  # conservative DRAM read rate of one CPU core
 LAUNCH_NS = 20_000
+
+
+def _logits_bytes(span, seqs: int) -> float | None:
+    if not moves_logits(span, seqs):
+        return None
+    return float(max(span.attrs.get(k, 0) for k in BYTES_ATTRS))
 
 
 def _device_sampling_ns(ctx, logits_bytes: float | None) -> tuple[float, str]:
@@ -30,29 +40,44 @@ def _device_sampling_ns(ctx, logits_bytes: float | None) -> tuple[float, str]:
     if dev:
         return median(dev), "measured device time of sampling"
     if not logits_bytes:
-        return 0.0, "no device estimate (no logits_bytes)"
+        return 0.0, "no device estimate (no logits size recorded)"
     if ctx.has_device_timing() or ctx.index.by_stage.get("sync"):
-        return logits_bytes / DEVICE_READ_BYTES_PER_S * 1e9 + LAUNCH_NS, "logits_bytes at GPU read rate"
-    return logits_bytes / HOST_READ_BYTES_PER_S * 1e9, "logits_bytes at CPU read rate"
+        return logits_bytes / DEVICE_READ_BYTES_PER_S * 1e9 + LAUNCH_NS, "logits bytes at GPU read rate"
+    return logits_bytes / HOST_READ_BYTES_PER_S * 1e9, "logits bytes at CPU read rate"
+
+
+def _host_sampling(ctx) -> tuple[list[Call], list[float]]:
+    """Calls doing host-side sampling, and the logits sizes seen."""
+    sizes, calls = [], []
+    for sc in ctx.steps:
+        for stage, s in sc.stage_spans:
+            b = _logits_bytes(s, sc.tokens)
+            if b:
+                sizes.append(b)
+                calls.append(Call(stage, sc.step, s.pid, s.start_ns, s.end_ns, s.name, "span", True, s))
+    for c in ctx.functions.select(host_side=True):
+        b = _logits_bytes(c.span, 1) if c.span is not None else None
+        if b or (c.stage == "sampling" and PATTERN.search(c.name)):
+            calls.append(c)
+            if b:
+                sizes.append(b)
+    return calls, sizes
 
 
 def check(ctx):
-    calls = [c for c in ctx.functions.select(host_side=True)
-             if (c.stage == "sampling" and PATTERN.search(c.name)) or (c.span and "logits_bytes" in c.span.attrs)]
+    calls, sizes = _host_sampling(ctx)
     if not calls:
         return []
     _, per_step = covered(calls)
-    sizes = [s.attrs["logits_bytes"] for s in ctx.trace.spans if "logits_bytes" in s.attrs]
     logits_bytes = median(sizes) if sizes else None
     device_ns, basis = _device_sampling_ns(ctx, logits_bytes)
-    saved_ns = sum(max(0.0, ns - device_ns) for ns in per_step.values())
-    saving = ctx.ms_per_token(saved_ns)
+    saving = ctx.ms_per_token(sum(max(0.0, ns - device_ns) for ns in per_step.values()))
     if saving <= 0:
         return []
     ev = ctx.function_evidence(calls)
-    ctx.claim(f["name"] for f in ev["functions"])
+    ctx.claim(f["name"] for f in ev["functions"] if f["name"] != "sampling")
     return [ctx.suggestion(
-        ID, f"Sampling on host over the full logits costs {ctx.ms_per_token(sum(per_step.values())):.2f} ms/token",
+        ID, f"Sampling on the host over the full logits costs {ctx.ms_per_token(sum(per_step.values())):.2f} ms/token",
         "sampling",
         {**ev, "host_ms_per_step": round(median(per_step.values()) / 1e6, 4),
          "logits_bytes": logits_bytes, "device_sampling_ms_est": round(device_ns / 1e6, 4),

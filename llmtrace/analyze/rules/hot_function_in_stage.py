@@ -2,17 +2,53 @@
 overhead stage, and no more specific rule explained it.
 
 Fingerprint: in a stage worth >= MIN_STAGE_SHARE of the per-token time, a host-side
-function (nested llmtrace span, `@llmtrace.trace` function, viztracer/py-spy frame)
-whose time is >= MIN_FUNCTION_SHARE of that stage's overhead. Runs after the specific
-rules and skips the functions they claimed.
-Saving: the function's time per token, i.e. what removing it from the per-step path
-saves; making it cheaper saves part of it.
+function (nested llmtrace span, `@llmtrace.trace` function, viztracer event, sampled
+frame) whose time, less the time of calls other rules explained inside it, is >=
+MIN_FUNCTION_SHARE of that stage. Runs after the specific rules. Not reported: waiting
+(select/poll/wait frames: the stage is blocked, not busy), llmtrace's own frames (the
+tracing section reports them), and a caller whose time is its callee's (the callee is
+named instead).
+Saving: that unexplained time per token, i.e. what removing the function from the
+per-step path saves; making it cheaper saves part of it.
 """
 from __future__ import annotations
+
+import re
+
+from ..functions import covered
 
 ID = "hot-function-in-stage"
 MIN_STAGE_SHARE = 0.05
 MIN_FUNCTION_SHARE = 0.3
+SAME_TIME = 0.1  # a caller within 10% of its callee's time is the same finding
+IDLE = re.compile(r"(^|\.)(select|poll|epoll|wait|wait_for|sleep|acquire|recv|recv_into|accept|_run_once"
+                  r"|run_forever|run_until_complete)$")
+OWN = re.compile(r"^llmtrace\.")
+
+
+def _unexplained(ctx, calls, claimed) -> int:
+    """Time of `calls` not overlapped by `claimed` calls."""
+    return covered(calls + claimed)[0] - covered(claimed)[0]
+
+
+def _stage_findings(ctx, stage: str, stage_ms: float) -> list[tuple]:
+    host = ctx.functions.select(stage=stage, host_side=True)
+    claimed = [c for c in host if c.name in ctx.claimed]
+    by_name: dict[str, list] = {}
+    for c in host:
+        if c.name not in ctx.claimed and not IDLE.search(c.name) and not OWN.search(c.name):
+            by_name.setdefault(c.name, []).append(c)
+    found = []
+    for name, calls in by_name.items():
+        ms = ctx.ms_per_token(_unexplained(ctx, calls, claimed))
+        if stage_ms and ms / stage_ms >= MIN_FUNCTION_SHARE:
+            found.append((ms, name, calls))
+    found.sort(key=lambda f: -f[0])
+    kept: list[tuple] = []
+    for f in found:  # callers come first (more time): a callee with the same time replaces its caller
+        same = [k for k in kept if k[0] - f[0] <= SAME_TIME * k[0]]
+        kept = [k for k in kept if k not in same] + [f]
+    return kept
 
 
 def check(ctx):
@@ -23,18 +59,15 @@ def check(ctx):
     for row in view["stages"]:
         if row["share"] < MIN_STAGE_SHARE:
             continue
-        calls = [c for c in ctx.functions.select(stage=row["name"], host_side=True) if c.name not in ctx.claimed]
-        for f in ctx.functions.stats(calls)[:3]:
-            ms = ctx.ms_per_token(f.total_ns)
-            share = ms / row["ms_per_token"] if row["ms_per_token"] else 0.0
-            if share < MIN_FUNCTION_SHARE:
-                break
+        for ms, name, calls in _stage_findings(ctx, row["name"], row["ms_per_token"]):
+            share = ms / row["ms_per_token"]
+            stat = ctx.functions.stats(calls)[0]
             out.append(ctx.suggestion(
-                ID, f"{f.name} takes {share:.0%} of {row['name']} ({ms:.2f} ms/token)", row["name"],
-                {"function": f.name, "sources": f.sources, "ms_per_token": round(ms, 4),
-                 "ms_per_call": round(f.total_ns / f.count / 1e6, 4), "calls": f.count,
-                 "share_of_stage": round(share, 3), "example_steps": f.example_steps()},
+                ID, f"{name} takes {share:.0%} of {row['name']} ({ms:.2f} ms/token)", row["name"],
+                {"function": name, "sources": stat.sources, "ms_per_token": round(ms, 4),
+                 "ms_per_call": round(stat.total_ns / stat.count / 1e6, 4), "calls": stat.count,
+                 "share_of_stage": round(share, 3), "example_steps": stat.example_steps()},
                 ms,
-                f"Look at {f.name}: hoist it out of the per-step path, cache its result across steps, or "
-                f"vectorize it; it is the largest cost inside {row['name']}."))
+                f"Look at {name}: hoist it out of the per-step path, cache its result across steps, or "
+                f"vectorize it; it is the largest unexplained cost inside {row['name']}."))
     return out

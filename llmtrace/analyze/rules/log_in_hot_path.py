@@ -1,11 +1,12 @@
 """`log-in-hot-path`: logging (and the formatting of its arguments) inside a step.
 
 Fingerprints, on the steps' critical path:
-- nested llmtrace spans named `logging.<level>` (e.g. `logging.debug`; the engine's
-  `log_in_hot_path` antipattern wraps its log call in one), or any span of stage `logging`;
-- function-level events (viztracer, py-spy) such as `logging.Logger.debug`, `Logger._log`,
-  `Handler.emit`, and numpy's array formatting `_array_repr` / `array2string` that
-  f-strings and %-formatting of arrays run even when the level is disabled.
+- nested llmtrace spans named `logging.<level>` (e.g. `logging.debug` around a log call),
+  or any span of stage `logging`;
+- function-level events (viztracer, stack samples) such as `logging.Logger.debug`,
+  `Logger._log`, `Handler.emit`, and array/tensor formatting: any frame of numpy's
+  `arrayprint` (`array2string`, `_array_str_implementation`, `_formatArray`, ...) or of
+  `torch._tensor_str`, which an f-string in a log call runs even when the level is off.
 Saving: the union time of these calls per token (removing the call removes all of it).
 """
 from __future__ import annotations
@@ -16,7 +17,8 @@ from ..functions import covered
 
 ID = "log-in-hot-path"
 PATTERN = re.compile(r"^logging(\.|$)|(^|\.)Logger\.(debug|info|warning|error|exception|log|_log|handle)$"
-                     r"|(^|\.)Handler\.(emit|handle)$|(^|\.)(_array_repr|_array_str|array2string|array_repr)$")
+                     r"|(^|\.)Handler\.(emit|handle)$|(^|\.)(arrayprint|_tensor_str)\."
+                     r"|(^|\.)(_array_repr|_array_str|array2string|array_repr)$")
 
 
 def check(ctx):
@@ -29,7 +31,8 @@ def check(ctx):
     stages = sorted({c.stage for c in calls})
     ctx.claim(f["name"] for f in ev["functions"])
     return [ctx.suggestion(
-        ID, f"Logging in the hot path costs {saving:.2f} ms/token ({', '.join(stages)})", stages[0],
+        ID, f"Logging / array formatting in the hot path costs {saving:.2f} ms/token ({', '.join(stages)})",
+        stages[0],
         {**ev, "stages": stages, "ms_per_token": round(saving, 4)}, saving,
         "Remove per-step log calls or guard them with `if logger.isEnabledFor(logging.DEBUG):`; "
         "never format arrays/tensors in a log message on the step path (pass lazy %-args, log shapes "

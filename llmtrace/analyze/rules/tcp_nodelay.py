@@ -44,6 +44,7 @@ def check(ctx):
             worst += [st for st, _ in stalls]
     if not found:
         return []
+    ctx.claim(c.name for c in ctx.functions.select(stage="tcp"))  # the stall is waiting, whatever the frame
     saving = ctx.ms_per_token(excess)
     return [ctx.suggestion(
         ID, f"Control messages stall up to 40 ms ({sum(f['stalls'] for f in found.values())} times): "
