@@ -121,12 +121,11 @@ class ShmArena:
             unlink_name(self.name)
 
     def close(self) -> None:
-        """Drop the views and unmap; a view still held elsewhere keeps the mapping alive until freed."""
+        """Drop this arena's references to the mapping. It is unmapped when the last view
+        of it is freed: numpy views do not pin the mmap against an explicit close(), so
+        closing it here could leave a view pointing at unmapped memory."""
         self.arrays = {}
-        try:
-            self._mm.close()
-        except BufferError:
-            pass  # released when the last outside view is garbage-collected
+        self._mm = None
 
 
 def _path(name: str) -> str:

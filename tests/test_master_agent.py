@@ -1,0 +1,235 @@
+"""Master + agent processes end to end (no HTTP): streaming, equality with ModelRunner alone,
+aborts, bad input, an agent killed mid-generation, and the spans both processes record."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from engine.config import load_config
+from engine.ipc import shm
+from engine.master import EngineDead, Master
+from engine.sampling_params import SamplingParams, SamplingParamsError
+from engine.scheduler import QueueFull, RequestRejected
+from engine.tokenizer import IncrementalDetokenizer
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
+
+CFG = {"model": {"preset": "tiny", "seed": 0},
+       "engine": {"block_size": 16, "num_blocks": 64, "max_num_seqs": 4, "max_batched_tokens": 256,
+                  "max_model_len": 256, "max_waiting": 8}}
+
+
+def prompt(n: int, offset: int = 0) -> list[int]:
+    return [(37 * i + offset) % 7000 + 100 for i in range(n)]
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+async def collect(stream) -> tuple[list[int], str, list[str | None]]:
+    tokens, text, reasons = [], "", []
+    async for token_ids, delta, finish in stream:
+        tokens += token_ids
+        text += delta
+        reasons.append(finish)
+    return tokens, text, reasons
+
+
+async def until_idle(master: Master) -> None:
+    for _ in range(200):
+        if not master.scheduler.has_unfinished():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the engine did not go idle")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def master():
+    m = Master(load_config(CFG))
+    await m.start()
+    yield m
+    await m.stop()
+    assert not shm.owned_names()
+
+
+async def test_requests_of_different_lengths_stream_and_finish(master):
+    lengths = [(5, 3), (40, 12), (17, 1), (90, 7), (64, 20), (3, 9)]  # (prompt, max_tokens); 6 > max_num_seqs
+    streams = [master.add_request(f"len-{i}", prompt(p, i), greedy(m)) for i, (p, m) in enumerate(lengths)]
+    results = await asyncio.gather(*(collect(s) for s in streams))
+    for (p, m), (tokens, text, reasons) in zip(lengths, results):
+        assert len(tokens) == m
+        assert reasons == [None] * (m - 1) + ["length"]  # one delta per step, the last one says why
+        assert all(0 <= t < master.vocab_size for t in tokens)
+        detok = IncrementalDetokenizer(master.tokenizer, prompt(p, lengths.index((p, m))))
+        assert text == "".join(detok.add([t]) for t in tokens) + detok.flush()
+    stats = master.stats()
+    assert stats["running"] == stats["waiting"] == stats["kv_blocks_used"] == 0
+    assert stats["kv_blocks_total"] == 64
+    master.scheduler.check_invariants()
+
+
+async def test_outputs_equal_the_model_runner_alone(master):
+    """Greedy and seeded sampling through master + agent give what ModelRunner alone gives,
+    while other requests share the batch (sampling parameters travel in the diffs)."""
+    seeded = SamplingParams(temperature=0.8, top_k=50, seed=1234, max_tokens=10, ignore_eos=True)
+    noise = [master.add_request(f"noise-{i}", prompt(30 + i, 9), greedy(6)) for i in range(2)]
+    a = master.add_request("greedy", prompt(21, 1), greedy(10))
+    b = master.add_request("seeded", prompt(33, 2), seeded)
+    (ta, _, _), (tb, _, _), *_ = await asyncio.gather(collect(a), collect(b), *(collect(s) for s in noise))
+    ref = await asyncio.to_thread(reference_generate, [(prompt(21, 1), greedy(10)), (prompt(33, 2), seeded)])
+    assert ta == ref[0]
+    assert tb == ref[1]
+
+
+def reference_generate(requests: list[tuple[list[int], SamplingParams]]) -> list[list[int]]:
+    """Each request alone through ModelRunner.execute: one prefill, then decode steps."""
+    from engine.model_runner import ModelRunner
+    from engine.step_io import StepInput
+
+    cfg = load_config(CFG)
+    runner = ModelRunner(cfg.model, block_size=16, num_blocks=64)
+    outs = []
+    for ids, sp in requests:
+        tokens, out, step = list(ids), [], 0
+        blocks = list(range(-(-(len(ids) + sp.max_tokens) // 16)))
+        while len(out) < sp.max_tokens:
+            start = 0 if not out else len(tokens) - 1
+            new = tokens[start:]
+            step_in = StepInput(
+                step=step, is_prefill=not out, seq_ids=np.array([0]), input_ids=np.array(new, np.int32),
+                positions=np.arange(start, len(tokens), dtype=np.int32),
+                query_start_loc=np.array([0, len(new)], np.int32), context_lens=np.array([len(tokens)], np.int32),
+                block_tables=np.array([blocks], np.int32), slot_mapping=np.arange(start, len(tokens), dtype=np.int64),
+                temperature=np.array([sp.temperature], np.float32), top_p=np.array([sp.top_p], np.float32),
+                top_k=np.array([sp.top_k], np.int32), seed=np.array([-1 if sp.seed is None else sp.seed], np.int64))
+            token = int(runner.execute(step_in).token_ids[0])
+            out.append(token)
+            tokens.append(token)
+            step += 1
+        outs.append(out)
+    return outs
+
+
+async def test_abort_frees_blocks_and_ends_the_stream(master):
+    stream = master.add_request("long", prompt(50), greedy(200))
+    other = master.add_request("short", prompt(10), greedy(5))
+    first = await stream.__anext__()
+    assert first.token_ids and first.finish_reason is None
+    master.abort("long")
+    rest = [d async for d in stream]
+    assert rest[-1].finish_reason == "abort"
+    assert len(rest) <= 2  # at most the delta of the step in flight, then the abort
+    assert len((await collect(other))[0]) == 5
+    await until_idle(master)
+    master.scheduler.check_invariants()
+    assert master.stats()["kv_blocks_used"] == 0
+    master.abort("long")  # a finished request: nothing to do
+    assert master.healthy
+
+
+async def test_bad_requests_are_rejected_with_a_reason(master):
+    with pytest.raises(RequestRejected, match="outside the model's vocabulary"):
+        master.add_request("oov", [5, 8000], greedy(2))
+    with pytest.raises(RequestRejected, match="prompt is empty"):
+        master.add_request("empty", [], greedy(2))
+    with pytest.raises(SamplingParamsError, match="max_tokens"):
+        master.add_request("too-long", prompt(250), greedy(10))
+    streams = [master.add_request(f"q{i}", prompt(8, i), greedy(1)) for i in range(8)]  # nobody scheduled yet
+    with pytest.raises(QueueFull):
+        master.add_request("q-over", prompt(8), greedy(1))
+    with pytest.raises(RequestRejected, match="already in use"):
+        master.add_request("q0", prompt(8), greedy(1))
+    for s in streams:
+        await collect(s)
+    assert master.healthy
+
+
+async def test_killed_agent_fails_streams_promptly_and_unlinks_arenas():
+    m = Master(load_config(CFG))
+    await m.start()
+    try:
+        names = [m._request.name, m._reply.name]
+        assert not any(os.path.exists(os.path.join(shm.SHM_DIR, n)) for n in names)  # unlinked once attached
+        streams = [m.add_request(f"k{i}", prompt(20, i), greedy(200)) for i in range(3)]
+        await streams[0].__anext__()
+        os.kill(m.agent_pids[0], signal.SIGKILL)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for s in streams:
+            with pytest.raises(EngineDead, match=r"agent-0 \(pid \d+\) was killed by SIGKILL"):
+                await asyncio.wait_for(collect(s), 10)
+        assert loop.time() - t0 < 5
+        assert not m.healthy
+        with pytest.raises(EngineDead, match="SIGKILL"):
+            m.add_request("after", prompt(5), greedy(1))
+        assert not shm.owned_names()
+    finally:
+        await m.stop()
+
+
+def test_spans_of_both_processes_link_up(tmp_path):
+    script = textwrap.dedent(f"""
+        import asyncio, llmtrace
+        from engine.config import load_config
+        from engine.master import Master
+        from engine.sampling_params import SamplingParams
+
+        async def main():
+            m = Master(load_config({CFG!r}))
+            await m.start()
+            streams = [m.add_request(f"r{{i}}", [100 + i] * (8 + i), SamplingParams(temperature=0, max_tokens=4))
+                       for i in range(2)]
+            for s in streams:
+                async for _ in s:
+                    pass
+            await m.stop()
+
+        llmtrace.configure(out={str(tmp_path)!r}, process_name="master")
+        asyncio.run(main())
+        llmtrace.shutdown()
+    """)
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    from llmtrace.trace import load_spool_dir
+
+    trace = load_spool_dir(str(tmp_path))
+    names = {proc.name: pid for pid, proc in trace.processes.items()}
+    assert set(names) == {"master", "agent-0"}
+    master_pid, agent_pid = names["master"], names["agent-0"]
+    by_id = {s.span_id: s for s in trace.spans}
+    children = {}
+    for s in trace.spans:
+        children.setdefault(s.parent_id, []).append(s.name)
+    steps = [s for s in trace.spans if s.name == "master.step" and s.attrs.get("batch", 0) > 0]
+    agent_steps = {s.link_id: s for s in trace.spans if s.name == "agent.step"}
+    assert steps and len(agent_steps) == len(steps)
+    assert steps[0].attrs["prefill"] == 1 and steps[0].attrs["tokens"] == 8 + 9
+    for ms in steps:
+        assert ms.pid == master_pid
+        assert children[ms.span_id] == ["schedule", "shm.write", "tcp.send", "agent.wait", "tcp.recv", "shm.read",
+                                        "postprocess", "detokenize", "stream.write"]
+        ag = agent_steps[ms.span_id]  # master.step -> agent.step
+        assert ag.pid == agent_pid and ag.step == ms.step
+        kids = [k for k in children[ag.span_id] if k not in ("preprocess.batch", "gc")]
+        assert kids == ["tcp.recv", "shm.read", "preprocess", "forward", "sampling", "sync.wait", "shm.write",
+                        "tcp.send"]
+        recv = next(by_id[i] for i in by_id if by_id[i].parent_id == ms.span_id and by_id[i].name == "tcp.recv")
+        assert recv.link_id == ag.span_id and recv.step == ms.step  # agent.step -> master tcp.recv
+        assert all(by_id[i].step == ag.step for i in by_id if by_id[i].parent_id == ag.span_id)
+    queue = [s for s in trace.spans if s.name == "queue"]
+    assert sorted(s.attrs["req"] for s in queue) == ["r0", "r1"]
+    tokens = [i for i in trace.instants if i.name == "token"]
+    assert sorted((i.attrs["req"], i.attrs["n"]) for i in tokens) == [(r, n) for r in ("r0", "r1") for n in range(1, 5)]
+    finish = [i for i in trace.instants if i.name == "req.finish"]
+    assert sorted((i.attrs["req"], i.attrs["reason"]) for i in finish) == [("r0", "length"), ("r1", "length")]
+    counters = {c.name for c in trace.counters if c.pid == master_pid}
+    assert {"running", "waiting", "batch_size", "kv_blocks_used", "kv_blocks_total"} <= counters
