@@ -29,7 +29,11 @@ def _add_serve(sub):
 def _add_record(sub):
     p = sub.add_parser("record", help="run any Python program with tracing on: llmtrace record -- python x.py")
     p.add_argument("--out", help="output directory (default runs/<timestamp>/)")
-    p.add_argument("--py-spy", action="store_true", help="sample every process with py-spy")
+    p.add_argument("--sample-hz", type=float, default=500.0,
+                   help="in-process stack samples per second (0 = off): top functions per stage")
+    p.add_argument("--gc", action="store_true", help="record garbage-collector pauses as `gc` spans")
+    p.add_argument("--py-spy", action="store_true",
+                   help="sample every process with py-spy instead (falls back to in-process sampling)")
     p.add_argument("--py-spy-rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument("--viztracer", action="store_true", help="function-level detail inside stages")
     p.add_argument("--viztracer-stages", default="preprocess,sampling,postprocess",
