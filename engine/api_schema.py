@@ -77,7 +77,7 @@ def parse_completion(body: dict, max_model_len: int) -> GenerateRequest:
     prompt = body.get("prompt")
     if isinstance(prompt, list):
         raise RequestError("prompt must be a string; lists of prompts or token ids are not supported", "prompt")
-    _int(body, "n", "n", 1, 1, 1)  # one completion per request is all that is served
+    _only_neutral(body)
     _str(body, "user", "user", None)
     stream = _bool(body, "stream", "stream", False)
     include_usage = False
@@ -137,8 +137,12 @@ def parse_generate(body: dict, max_model_len: int) -> GenerateRequest:
     )
 
 
+# OpenAI fields the engine does not implement, accepted at the value that means "off" so that
+# benchmark clients which always send them work; any other value is refused by name.
+_NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "suffix": None, "presence_penalty": 0,
+            "frequency_penalty": 0}
 _COMPLETION_FIELDS = frozenset({"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed",
-                                "stop", "stream", "stream_options", "ignore_eos", "n", "user"})
+                                "stop", "stream", "stream_options", "ignore_eos", "user", *_NEUTRAL})
 _GENERATE_FIELDS = frozenset({"inputs", "parameters", "stream"})
 _GENERATE_PARAMETERS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "seed",
                                   "stop", "ignore_eos", "details"})
@@ -154,6 +158,14 @@ def _reject_unknown(obj: dict, known: frozenset | set, prefix: str) -> None:
         if key not in known:
             raise RequestError(f"unknown field '{prefix}{key}' (accepted: {', '.join(sorted(known))})",
                                prefix + key)
+
+
+def _only_neutral(body: dict) -> None:
+    for key, off in _NEUTRAL.items():
+        v = body.get(key, off)
+        same_type = type(v) is type(off) or isinstance(off, int) and type(v) is float
+        if v is not None and not (same_type and v == off):
+            raise RequestError(f"{key} is not supported; leave it out or send {orjson.dumps(off).decode()}", key)
 
 
 def _prompt(body: dict, key: str) -> str:
