@@ -105,6 +105,7 @@ def main(args) -> int:
         raise UserError(str(e)) from None
     out = os.path.abspath(args.out or cfg.trace.out or default_out_dir())
     os.makedirs(out, exist_ok=True)
+    _clear_old_spool(out)
     config_path = os.path.join(out, "config.yaml")
     _write_yaml(cfg.to_dict(), config_path)
     llmtrace.configure(out=out, process_name="client", sample_hz=_sample_hz(cfg), gc=cfg.trace.detail == "full")
@@ -125,6 +126,14 @@ def main(args) -> int:
     if failure is None and rc not in (0, -signal.SIGTERM):
         failure = engine.describe_exit("the engine exited abnormally")
     return _finish(out, cfg, workload_result, failure)
+
+
+def _clear_old_spool(out: str) -> None:
+    """A reused output directory must not mix an earlier run's processes into this one."""
+    from llmtrace.trace import spool_files
+
+    for path in spool_files(out) if os.path.isdir(os.path.join(out, "spool")) else ():
+        os.remove(path)
 
 
 def _sample_hz(cfg) -> float:
