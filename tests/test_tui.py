@@ -311,6 +311,9 @@ async def test_live_feed_updates_the_table_as_batches_arrive(tmp_path, monkeypat
         assert app.model.steps_total == 20
         assert "tok/s now" in str(app.header.content)
         assert "steps 20" in str(app.header.content) and "the last 20 steps" in str(app.stages.heading.content)
+        await pilot.press("e")  # live: exports what the spool files hold so far
+        await app.workers.wait_for_complete()
+        assert b"agent.step" in (tmp_path / "trace.json").read_bytes()
         app.workload_finished("workload done")  # runs the rules on the window at once
         await app.workers.wait_for_complete()
         await pilot.pause()
@@ -328,6 +331,19 @@ async def test_every_tab_renders_at_small_and_large_sizes(tmp_path, size):
             assert app.screen.size == size
         svg = app.export_screenshot().replace("&#160;", " ")
         assert "overhead" in svg and "TPOT ms" in svg  # the header and the requests tab
+
+
+def test_a_run_opens_live_only_while_a_process_still_writes_its_spool(tmp_path):
+    import subprocess
+    import sys
+
+    from llmtrace.commands.tui import _writers_alive
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    SpoolWriter(tmp_path, int(done.stdout), "master")
+    assert not _writers_alive(str(tmp_path))
+    SpoolWriter(tmp_path, os.getpid(), "client")
+    assert _writers_alive(str(tmp_path))
 
 
 def test_tui_command_rejects_a_missing_path(tmp_path, capsys):

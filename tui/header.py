@@ -32,10 +32,13 @@ def _p(d: dict | None, unit: str = "ms") -> str:
 class RunHeader(Static):
     def show(self, info: RunInfo, summary: dict, done: int, breakdown: dict | None, state: str) -> None:
         total = info.total_requests or summary.get("requests")
-        t = Text.assemble(("llmtrace ", "bold"), (f"{info.model}", "bold cyan"), f" on {info.device}  ",
-                          (state, "bold green" if state.startswith("live") else "bold"), "\n")
+        now, avg = summary.get("throughput_now_tok_s"), summary.get("throughput_tok_s") or 0.0
+        rate = f"{now:.1f} tok/s now, {avg:.1f} avg  " if now is not None else f"{avg:.1f} tok/s  "
+        t = Text.assemble(("llmtrace  ", "bold"), ("model ", "dim"), (info.model, "bold cyan"), ("  device ", "dim"),
+                          (info.device, "bold cyan"), "  ", (state, "bold green" if state.startswith("live") else "bold"),
+                          "\n")
         t.append_text(Text.assemble(
-            ("throughput ", "dim"), f"{summary.get('throughput_tok_s') or 0:.1f} tok/s  ",
+            ("throughput ", "dim"), rate,
             ("requests ", "dim"), f"{done}/{total if total is not None else '?'}  ",
             ("tokens ", "dim"), f"{summary.get('output_tokens') or 0}  ",
             ("steps ", "dim"), f"{summary.get('steps') or 0}\n",

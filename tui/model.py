@@ -89,7 +89,9 @@ class RunModel:
         self.tokens_total = 0
         self.records_total = 0
         self._open: dict[int, _OpenStep] = {}
-        self._ends: deque[tuple[int, int]] = deque()  # (root end, tokens) for the live throughput
+        self._ends: deque[tuple[int, int]] = deque()  # (root end, tokens) of the last THROUGHPUT_S
+        self._first_start_ns: int | None = None
+        self._last_end_ns: int | None = None
         self._counters: deque[CounterSample] = deque(maxlen=RECENT_RECORDS)
         self._instants: deque[Instant] = deque(maxlen=RECENT_RECORDS)
         self._samples: deque[Sample] = deque(maxlen=RECENT_RECORDS)
@@ -185,6 +187,9 @@ class RunModel:
         self.steps_total += 1
         self.tokens_total += c.tokens
         self._ends.append((c.root.end_ns, c.tokens))
+        if self._first_start_ns is None:
+            self._first_start_ns = c.root.start_ns
+        self._last_end_ns = max(self._last_end_ns or 0, c.root.end_ns)
         while self._ends and self._ends[0][0] < c.root.end_ns - THROUGHPUT_S * 1e9:
             self._ends.popleft()
 
@@ -216,16 +221,21 @@ class RunModel:
         return trace
 
     def live_summary(self) -> dict:
-        """The header's numbers, in the report summary's keys."""
+        """The header's numbers, in the report summary's keys, plus the recent token rate."""
         rows = self.requests.values()
         ttft = [r.ttft for r in rows if r.ttft is not None]
         tpot = [r.tpot for r in rows if r.tpot is not None]
         tokens = sum(r.tokens for r in rows) if self.requests else self.tokens_total
-        span_s = (self._ends[-1][0] - self._ends[0][0]) / 1e9 if len(self._ends) > 1 else 0.0
-        rate = sum(n for _, n in list(self._ends)[1:]) / span_s if span_s > 0 else 0.0
         return {"requests": len(self.requests) or None, "output_tokens": tokens, "steps": self.steps_total,
-                "throughput_tok_s": rate, "ttft_ms": summary(ttft, 1e-6), "tpot_ms": summary(tpot, 1e-6)}
+                "throughput_tok_s": _rate(self.tokens_total, self._first_start_ns, self._last_end_ns),
+                "throughput_now_tok_s": _rate(sum(n for _, n in list(self._ends)[1:]), self._ends[0][0],
+                                              self._last_end_ns) if self._ends else 0.0,
+                "ttft_ms": summary(ttft, 1e-6), "tpot_ms": summary(tpot, 1e-6)}
 
     @property
     def requests_done(self) -> int:
         return sum(1 for r in self.requests.values() if r.done)
+
+
+def _rate(tokens: int, t0: int | None, t1: int | None) -> float:
+    return tokens / ((t1 - t0) / 1e9) if t0 is not None and t1 is not None and t1 > t0 else 0.0
