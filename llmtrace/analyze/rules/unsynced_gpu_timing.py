@@ -2,9 +2,10 @@
 charged to whichever span syncs next, not to the one that queued the work.
 
 Two patterns, both only when `forward`/`sampling` carry no device time:
-- "short launch, long sync": `forward` host time is a small fraction of a later
-  sync/copy span on the critical path (stage `sync`, or a name such as `sync.wait`,
-  `synchronize`, `.item`, `Tensor.cpu`) in most steps: the device time shows up there;
+- "short launch, long sync": `forward` host time is a small fraction of the spans that
+  wait for the device (stage `sync`, a name such as `sync.wait`, `synchronize`, `.item`,
+  `Tensor.cpu`, or host-timed `sampling`, whose copy of the ids waits) in most steps:
+  the device time shows up there;
 - "four short, one long": a host stage spikes every k steps while the steps in between
   look cheap, and the spike is a sync: the stage is `sync`, or a span or function matching
   SYNC runs inside it in the spike steps (e.g. a periodic `.item()` or tensor print).
@@ -16,7 +17,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from ..breakdown import MODEL, MODEL_STAGES
+from ..breakdown import MODEL, MODEL_STAGES, moves_logits
 from ..stats import median
 
 ID = "unsynced-gpu-timing"
@@ -33,20 +34,27 @@ def _host_timed_model(ctx) -> bool:
     return bool(spans) and all(s.device_start_ns is None for s in spans)
 
 
+def _absorbs(st: str, s) -> bool:
+    """A span that waits for the device: a sync, or host-timed sampling (its copy of the ids)."""
+    return st == "sync" or bool(SYNC.search(s.name)) or (st == "sampling" and not moves_logits(s, 1))
+
+
 def _sync_absorbs(ctx):
-    fwd, sync, steps = [], [], []
+    fwd, sync, steps, where = [], [], [], Counter()
     for sc in ctx.steps:
         f = sum(s.dur_ns for st, s in sc.stage_spans if st == "forward")
-        y = sum(s.dur_ns for st, s in sc.stage_spans if st not in MODEL_STAGES
-                and (st == "sync" or SYNC.search(s.name)))
+        absorbing = [(st, s) for st, s in sc.stage_spans if st != "forward" and _absorbs(st, s)]
+        y = sum(s.dur_ns for _, s in absorbing)
         if f and y > LAUNCH_RATIO * f:
             fwd.append(f)
             sync.append(y)
             steps.append(sc.step)
+            where.update({st: s.dur_ns for st, s in absorbing})
     if len(steps) * 2 < len(ctx.steps) or not steps:
         return None
+    stage = where.most_common(1)[0][0]
     return ctx.suggestion(
-        ID, "Device time is charged to the sync: forward is host-timed on an asynchronous device", "sync",
+        ID, f"Device time is charged to {stage}: forward is host-timed on an asynchronous device", stage,
         {"steps_affected": len(steps), "example_steps": steps[:5],
          "forward_host_ms_p50": round(median(fwd) / 1e6, 4), "sync_ms_p50": round(median(sync) / 1e6, 4),
          "misattributed_ms_per_token": round(ctx.ms_per_token(sum(sync)), 4)},
