@@ -307,6 +307,9 @@ static int attrs_from_dict(attrs_t *a, PyObject *d)
  *     longer the one it had when it took the Cur, or someone else holds a reference to it.
  *     The copy keeps the old Cur, frozen at the value it had when it was copied.
  * Interleaved tasks therefore keep separate parents, like the reference's ContextVar.
+ * One case goes unseen: a copy that sets some other ContextVar (dropping the copied
+ * variables) before this context's next span enter/exit, and only later reads the
+ * current span, sees this context's span of that later time instead of the copy time.
  */
 
 /* CPython's PyContext layout (Include/internal/pycore_context.h, unchanged 3.7-3.13);
@@ -405,7 +408,7 @@ static CurObject *cur_own(void)
 /* ---------------------------------------------------------------- device hook */
 
 static PyObject *g_device_hook; /* None or an object with begin() / end(tok, span_id, name_id, stage_id, step) */
-static PyObject *s_begin, *s_end;
+static PyObject *s_begin;
 
 /* ---------------------------------------------------------------- Span
  *
@@ -1273,7 +1276,7 @@ static int intern_names(void)
         PyObject **slot;
         const char *s;
     } names[] = {{&s_stage, "stage"}, {&s_step, "step"},   {&s_follows, "follows"}, {&s_device, "device"},
-                 {&s_value, "value"}, {&s_begin, "begin"}, {&s_end, "end"}};
+                 {&s_value, "value"}, {&s_begin, "begin"}};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if ((*names[i].slot = PyUnicode_InternFromString(names[i].s)) == NULL)
             return -1;
