@@ -6,6 +6,7 @@ Every test runs once per backend through the `backend` fixture, which points
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import importlib
 import os
@@ -99,6 +100,25 @@ def test_nesting_steps_stages_and_current(backend):
     assert outer is not inner
     for r in s.values():
         assert r["span_id"] >> 40 == os.getpid() and r["tid"] == threading.get_native_id()
+
+
+def test_spans_work_through_exit_stack_and_explicit_calls(backend):
+    with contextlib.ExitStack() as stack:
+        outer = stack.enter_context(recorder.span("outer"))  # calls type(cm).__enter__(cm)
+        stack.enter_context(recorder.span("inner"))
+        assert outer is not None
+    sp = recorder.span("manual")
+    assert sp.__enter__() is sp
+    assert sp.__exit__(None, None, None) is False
+    s = backend.spans()
+    assert s["inner"]["parent"] == s["outer"]["span_id"] and s["manual"]["parent"] == 0
+
+
+def test_disabled_c_span_is_one_shared_object(backend):
+    if backend.name != "c":
+        pytest.skip("the pure-Python backend builds a Span either way")
+    recorder.set_enabled(False)
+    assert recorder.span("a", x=1) is recorder.span("b", step=2)
 
 
 def test_attrs_round_trip_and_cut(backend):
