@@ -4,6 +4,7 @@ inside the steps' critical-path stage spans, as `Call`s a rule can select and su
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -122,9 +123,12 @@ class FunctionIndex:
 
     def select(self, pattern: re.Pattern | None = None, stage: str | None = None,
                host_side: bool | None = None) -> list[Call]:
-        return [c for c in self.calls if (stage is None or c.stage == stage)
-                and (pattern is None or pattern.search(c.name))
-                and (host_side is None or c.host_side == host_side)]
+        calls = [c for c in self.calls if (stage is None or c.stage == stage)
+                 and (host_side is None or c.host_side == host_side)]
+        if pattern is None:
+            return calls
+        match = {n for n in {c.name for c in calls} if pattern.search(n)}  # once per distinct name
+        return [c for c in calls if c.name in match]
 
     def stats(self, calls: list[Call]) -> list[FunctionStat]:
         """Per (stage, name) totals of `calls`, largest first."""
@@ -136,6 +140,7 @@ class FunctionIndex:
         return sorted(out, key=lambda f: -f.total_ns)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def frame_name(frame: str) -> str:
     """'module:Class.func:123' (sampler label) -> 'module.Class.func'."""
     parts = frame.split(":")
