@@ -264,17 +264,19 @@ def stack_changes(events: list[dict]) -> dict[tuple[int, int], list[tuple[int, t
             changes[-1] = (ts, snapshot)
         else:
             changes.append((ts, snapshot))
-    return {_native(key, changes): changes for key, changes in out.items()}
+    native = native_tids(events)
+    return {(pid, native.get((pid, tid), tid)): changes for (pid, tid), changes in out.items()}
 
 
-def _native(key: tuple[int, int], changes: list) -> tuple[int, int]:
-    """(pid, pthread id) -> (pid, native tid), read from the "thread (N)" frame."""
-    for _, frames in changes:
-        for name, filename, _ in frames:
-            m = _THREAD.match(name) if not filename else None
+def native_tids(events: list[dict]) -> dict[tuple[int, int], int]:
+    """{(pid, pthread id): native tid}, read from the "thread (N)" frames (`--threads`)."""
+    out = {}
+    for e in events:
+        if e.get("ph") == "B" and not (e.get("args") or {}).get("filename"):
+            m = _THREAD.match(str(e.get("name", "")))
             if m:
-                return key[0], int(m.group(1))
-    return key
+                out[(e.get("pid"), e.get("tid"))] = int(m.group(1))
+    return out
 
 
 def _python_frames(frames: tuple) -> tuple:

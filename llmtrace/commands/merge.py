@@ -1,0 +1,32 @@
+"""`llmtrace merge A.json B.json ... -o merged.json`: llmtrace, viztracer, py-spy and
+torch.profiler Chrome traces on one timeline (llmtrace/merge.py says how clocks align)."""
+from __future__ import annotations
+
+import os
+import sys
+
+from llmtrace.errors import UserError
+
+
+def main(args) -> int:
+    from llmtrace.export.chrome import write_chrome_trace
+    from llmtrace.merge import merge_files
+
+    for p in args.inputs:
+        if not os.path.isfile(p):
+            raise UserError(f"{p}: no such file")
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise UserError(f"{args.output}: directory {out_dir} does not exist")
+    result = merge_files(args.inputs)
+    meta = {"merged": [{"path": s.path, "kind": s.kind, "shift_us": s.shift_applied_us} for s in result.sources]}
+    stats = write_chrome_trace(result.trace, args.output, meta=meta)
+    for s in result.sources:
+        n = len(s.events) if s.trace is None else len(s.trace.spans) + len(s.trace.instants)
+        what = "events" if s.trace is None else "spans+instants"
+        print(f"  {s.kind:15} {n:8} {what:14} {s.path}")
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {stats.path}: {stats.events} events, {stats.processes} processes "
+          f"(open in https://ui.perfetto.dev)")
+    return 0

@@ -1,0 +1,109 @@
+"""`llmtrace merge`: llmtrace + viztracer + torch.profiler traces of one process, recorded
+around the same marker, land on one timeline; every event is kept; pids are renamed apart."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from llmtrace.cli import main as cli_main
+from llmtrace.export.load_chrome import load_chrome_trace
+
+MARKERS = 3
+
+RECORD_MARKERS = textwrap.dedent("""
+    import sys, time
+    import llmtrace, torch
+    from torch.profiler import profile, record_function
+    from viztracer import VizTracer
+
+    run, viz_path, torch_path = sys.argv[1:4]
+    llmtrace.configure(out=run, process_name="markers")
+    vt = VizTracer(verbose=0, register_global=False)
+
+    def marker():
+        time.sleep(0.003)
+
+    with profile() as prof:
+        vt.start()
+        for i in range(%d):
+            with llmtrace.span("marker", step=i):
+                with record_function("marker"):
+                    marker()
+            time.sleep(0.01)
+        vt.stop()
+    vt.save(viz_path)
+    prof.export_chrome_trace(torch_path)
+    llmtrace.shutdown()
+""" % MARKERS)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("merge")
+    run, viz, tp = str(d / "run"), str(d / "viz.json"), str(d / "torch.json")
+    subprocess.run([sys.executable, "-c", RECORD_MARKERS, run, viz, tp], check=True, timeout=120,
+                   env={k: v for k, v in os.environ.items() if not k.startswith("LLMTRACE_")})
+    exported = str(d / "llmtrace.json")
+    assert cli_main(["export", run, "-o", exported]) == 0
+    return d, exported, viz, tp
+
+
+def _events(path):
+    with open(path) as f:
+        doc = json.load(f)
+    return doc["traceEvents"] if isinstance(doc, dict) else doc
+
+
+def _markers(events, pick) -> list[tuple[float, float]]:
+    return sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("ph") == "X" and pick(e))
+
+
+def test_marker_aligned_within_1ms_and_every_event_kept(inputs, capsys):
+    d, exported, viz, tp = inputs
+    merged = str(d / "merged.json")
+    assert cli_main(["merge", exported, viz, tp, "-o", merged]) == 0
+    events = _events(merged)
+    ours = _markers(events, lambda e: e["name"] == "marker" and e.get("cat") not in ("user_annotation", "FEE"))
+    torch_ = _markers(events, lambda e: e["name"] == "marker" and e.get("cat") == "user_annotation")
+    viz_ = _markers(events, lambda e: e.get("cat") == "FEE" and e["name"].startswith("marker ("))
+    assert len(ours) == len(torch_) == len(viz_) == MARKERS
+    # nested llmtrace span > record_function > marker(): each inside the outer one, and the
+    # three ends (back-to-back exits) within 1 ms; the starts differ by the first calls' warm-up
+    slack = 1000  # µs
+    for outer, inner in ((ours, torch_), (torch_, viz_)):
+        for (a0, a1), (b0, b1) in zip(outer, inner):
+            assert a0 - slack <= b0 and b1 <= a1 + slack, (a0, a1, b0, b1)
+            assert abs(a1 - b1) < slack, (a1, b1)
+
+    trace = load_chrome_trace(merged)  # an llmtrace trace again: the other tools' events are foreign
+    src_timed = [e for e in _events(viz) + _events(tp) if e.get("ph") != "M"]
+    assert len([e for e in trace.foreign_events if e.get("ph") != "M"]) == len(src_timed)
+    assert sum(1 for s in trace.spans if s.name == "marker") == MARKERS
+    assert "torch.profiler" in capsys.readouterr().out
+
+
+def test_pid_collisions_renamed_and_named(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    for p, name in ((a, "first"), (b, "second")):
+        p.write_text(json.dumps({"traceEvents": [
+            {"ph": "X", "name": name, "pid": 5, "tid": 1, "ts": 100.0, "dur": 10.0}]}))
+    out = tmp_path / "m.json"
+    assert cli_main(["merge", str(a), str(b), "-o", str(out)]) == 0
+    events = _events(out)
+    pids = {e["name"]: e["pid"] for e in events if e.get("ph") == "X"}
+    assert pids["first"] == 5 and pids["second"] != 5
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e["name"] == "process_name"}
+    assert names[pids["second"]] == "chrome: b.json (pid 5)" and names[5] == "chrome: a.json"
+
+
+def test_bad_input_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert cli_main(["merge", str(bad), "-o", str(tmp_path / "m.json")]) == 2
+    assert "bad.json: at byte" in capsys.readouterr().err
+    assert cli_main(["merge", str(tmp_path / "missing.json"), "-o", str(tmp_path / "m.json")]) == 2
