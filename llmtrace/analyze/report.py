@@ -44,7 +44,7 @@ def _tracing(ctx: Context) -> dict:
                       "counters": ctrs, "dropped": sum(p.dropped.values()) if p else 0, "span_cost_ns": span_cost,
                       "truncated": bool(p and p.truncated_at is not None)})
     return {"spans_recorded": len(tr.spans), "records": len(tr.spans) + len(tr.instants) + len(tr.counters),
-            "spans_dropped": tr.spans_dropped,
+            "spans_dropped": tr.spans_dropped, "stack_samples": len(tr.samples),
             "instrumentation_cost_us_per_token": cost_ns / ctx.tokens / 1e3 if ctx.tokens else None,
             "processes": procs}
 
