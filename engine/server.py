@@ -39,6 +39,7 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 MIN_BODY_LIMIT = 1 << 20
 BODY_BYTES_PER_TOKEN = 64  # generous: a token is a few bytes of UTF-8 text, JSON escapes x6
 RETRY_AFTER_S = 1
+SHUTDOWN_GRACE_S = 5.0  # in-flight requests may finish this long at shutdown, then they are cancelled
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
 
 
@@ -321,7 +322,8 @@ async def start_engine(cfg: RunConfig, host: str | None = None, port: int | None
     try:
         server = ApiServer(master, master.tokenizer, cfg)
         # handler_cancellation: a client that disconnects cancels its handler, which aborts its request
-        runner = web.AppRunner(server.build_app(), handler_cancellation=True, access_log=None)
+        runner = web.AppRunner(server.build_app(), handler_cancellation=True, access_log=None,
+                               shutdown_timeout=SHUTDOWN_GRACE_S)
         await runner.setup()
         try:
             await web.TCPSite(runner, host, port).start()
