@@ -38,17 +38,20 @@ class EngineTraceBuilder:
                  max_num_seqs: int | None = None, kv_blocks_total: int | None = None):
         self.gpu, self.device_timing = gpu, gpu and device_timing
         self.trace = Trace()
+        self._seq: dict[int, itertools.count] = {}
         for pid, name in ((MASTER_PID, "master"), (AGENT_PID, "agent-0")):
-            self.trace.processes[pid] = Process(pid, name, {"pid": pid, "process_name": name,
-                                                            "span_cost_ns": span_cost_ns})
+            self.process(pid, name, span_cost_ns)
         self.t = 1_000 * MS
         self.next_step = 0
-        self._seq = {pid: itertools.count(1) for pid in (MASTER_PID, AGENT_PID)}
         self.kv_blocks_total = kv_blocks_total
         if max_num_seqs is not None:
             self.counter("max_num_seqs", max_num_seqs)
 
     # -- low level -------------------------------------------------------------------
+    def process(self, pid: int, name: str, span_cost_ns: float = 300.0) -> None:
+        self.trace.processes[pid] = Process(pid, name, {"pid": pid, "process_name": name, "span_cost_ns": span_cost_ns})
+        self._seq[pid] = itertools.count(1)
+
     def span(self, pid, name, start, end, parent=None, step=-1, attrs=None, stage=None, device=None) -> Span:
         sid = (pid << 40) | next(self._seq[pid])
         s = Span(name, stage or name.split(".", 1)[0], pid, pid, start, end, sid,

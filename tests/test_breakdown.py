@@ -123,3 +123,21 @@ def test_injected_half_millisecond_in_a_real_trace_is_found(tmp_path):
     assert injected_ms_per_token >= 0.5
     assert post["ms_per_token"] == pytest.approx(injected_ms_per_token, rel=0.10)
     assert view["stages"][0]["name"] == "postprocess"  # the largest overhead
+
+
+def test_tensor_parallel_wait_is_replaced_by_the_slowest_rank():
+    b = EngineTraceBuilder()
+    b.steps(5, batch=4)
+    trace = b.build()
+    rank1 = 3000
+    b.process(rank1, "agent-1")
+    for wait in [s for s in trace.spans if s.name == "agent.wait"]:
+        start, end = wait.start_ns + MS // 10, wait.end_ns - MS // 100  # finishes after rank 0
+        root = b.span(rank1, "agent.step", start, end, step=wait.step)
+        b.span(rank1, "preprocess", start, start + 2 * MS, root, wait.step)
+        b.span(rank1, "forward", start + 2 * MS, end, root, wait.step)
+    ctx = Context(b.build())
+    _sums_to_wall(ctx)
+    for sc in ctx.steps:
+        assert sc.agent_root.pid == rank1
+        assert sc.parts["preprocess"] == 2 * MS
