@@ -59,6 +59,12 @@ def covered(calls: list[Call]) -> tuple[int, dict[int, int]]:
     return sum(per_step.values()), dict(per_step)
 
 
+def main_stage(calls: list[Call]) -> str:
+    """The stage in which `calls` take the most time."""
+    by_stage = _group(calls, lambda c: c.stage)
+    return max(by_stage, key=lambda st: covered(by_stage[st])[0])
+
+
 def _group(items, key) -> dict:
     out = defaultdict(list)
     for it in items:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from ..functions import covered
+from ..functions import covered, main_stage
 
 ID = "concat-padding"
 PATTERN = re.compile(r"(^|\.)(np|numpy)\.(concatenate|pad|append|vstack|hstack|stack)$"
@@ -28,8 +28,8 @@ def check(ctx):
     total_ns, _ = covered(calls)
     saving = ctx.ms_per_token(total_ns)
     ev = ctx.function_evidence(calls)
-    stage = max({c.stage for c in calls}, key=lambda st: covered([c for c in calls if c.stage == st])[0])
-    ctx.claim(f["name"] for f in ev["functions"])
+    stage = main_stage(calls)
+    ctx.claim(c.name for c in calls)
     per_step = ev["functions"][0]["count"] / max(1, ev["steps_affected"])
     return [ctx.suggestion(
         ID, f"Padding by concatenation costs {saving:.2f} ms/token in {stage} "

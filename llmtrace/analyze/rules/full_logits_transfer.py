@@ -75,7 +75,7 @@ def check(ctx):
     if saving <= 0:
         return []
     ev = ctx.function_evidence(calls)
-    ctx.claim(f["name"] for f in ev["functions"] if f["name"] != "sampling")
+    ctx.claim(c.name for c in calls)
     return [ctx.suggestion(
         ID, f"Sampling on the host over the full logits costs {ctx.ms_per_token(sum(per_step.values())):.2f} ms/token",
         "sampling",

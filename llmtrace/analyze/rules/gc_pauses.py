@@ -58,7 +58,7 @@ def check(ctx):
         return [found] if found else []
     ctx.claim(c.name for c in calls)
     instants = ctx.index.instants.get("gc", ())
-    collections = len(calls) + sum(1 for sc in ctx.steps if sc.parts.get("gc"))
+    collections = sum(1 for c in calls if c.source == "span") + sum(sc.counts.get("gc", 0) for sc in ctx.steps)
     return [ctx.suggestion(
         ID, f"GC pauses cost {ctx.ms_per_token(ns):.2f} ms/token ({collections} collections in steps)", "gc",
         {"collections_in_steps": collections, "gc_ms_per_collection": round(ns / max(1, collections) / 1e6, 4),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from ..functions import covered
+from ..functions import covered, main_stage
 
 ID = "log-in-hot-path"
 PATTERN = re.compile(r"^logging(\.|$)|(^|\.)Logger\.(debug|info|warning|error|exception|log|_log|handle)$"
@@ -29,10 +29,10 @@ def check(ctx):
     saving = ctx.ms_per_token(total_ns)
     ev = ctx.function_evidence(calls)
     stages = sorted({c.stage for c in calls})
-    ctx.claim(f["name"] for f in ev["functions"])
+    ctx.claim(c.name for c in calls)
     return [ctx.suggestion(
         ID, f"Logging / array formatting in the hot path costs {saving:.2f} ms/token ({', '.join(stages)})",
-        stages[0],
+        main_stage(calls),
         {**ev, "stages": stages, "ms_per_token": round(saving, 4)}, saving,
         "Remove per-step log calls or guard them with `if logger.isEnabledFor(logging.DEBUG):`; "
         "never format arrays/tensors in a log message on the step path (pass lazy %-args, log shapes "
