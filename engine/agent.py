@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import traceback
 from time import perf_counter_ns
@@ -48,7 +49,6 @@ class Agent:
     def handshake(self) -> None:
         """hello -> config + arenas -> build the runner -> ready {num_blocks}."""
         from .config import load_config
-        from .model_runner import ModelRunner
 
         self.conn.send(protocol.message("hello", rank=self.rank, pid=os.getpid(), token=os.environ.get(TOKEN_ENV, "")))
         setup = protocol.check(self.conn.recv(), "hello")
@@ -57,6 +57,8 @@ class Agent:
         arenas = setup["arenas"]
         self.request = ShmArena.attach(arenas["request"]["name"], ArenaLayout.from_wire(arenas["request"]["layout"]))
         self.reply = ShmArena.attach(arenas["reply"]["name"], ArenaLayout.from_wire(arenas["reply"]["layout"]))
+        from .model_runner import ModelRunner  # torch: only once the master is known to speak our protocol
+
         self.runner = ModelRunner(cfg.model, block_size=cfg.engine.block_size, num_blocks=cfg.engine.num_blocks,
                                   antipatterns=cfg.antipatterns)
         if self.runner.device.type == "cuda":
@@ -135,7 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connect", required=True, type=_parse_address, metavar="HOST:PORT", help="the master's address")
     p.add_argument("--rank", type=int, default=0)
     args = p.parse_args(argv)
+    # The master stops its agents; Ctrl-C in a terminal also reaches them (same process group)
+    # and would only print a KeyboardInterrupt traceback in the middle of that shutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # The master owns this process's lifetime: Ctrl-C in the terminal reaches it too and it
+    # shuts the agents down in order; a master that dies shows up here as a closed connection.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _name_process(args.rank)
     try:
         conn = FrameSocket.connect(*args.connect)

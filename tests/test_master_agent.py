@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -13,8 +14,10 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
+from engine import protocol
 from engine.config import load_config
 from engine.ipc import shm
+from engine.ipc.tcp import FrameSocket
 from engine.master import EngineDead, Master
 from engine.sampling_params import SamplingParams, SamplingParamsError
 from engine.scheduler import QueueFull, RequestRejected
@@ -153,38 +156,54 @@ async def test_bad_requests_are_rejected_with_a_reason(master):
     assert master.healthy
 
 
-async def test_killed_agent_fails_streams_promptly_and_unlinks_arenas():
-    m = Master(load_config(CFG))
-    await m.start()
-    try:
-        names = [m._request.name, m._reply.name]
-        assert not any(os.path.exists(os.path.join(shm.SHM_DIR, n)) for n in names)  # unlinked once attached
-        streams = [m.add_request(f"k{i}", prompt(20, i), greedy(200)) for i in range(3)]
-        await streams[0].__anext__()
-        os.kill(m.agent_pids[0], signal.SIGKILL)
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        for s in streams:
-            with pytest.raises(EngineDead, match=r"agent-0 \(pid \d+\) was killed by SIGKILL"):
-                await asyncio.wait_for(collect(s), 10)
-        assert loop.time() - t0 < 5
-        assert not m.healthy
-        with pytest.raises(EngineDead, match="SIGKILL"):
-            m.add_request("after", prompt(5), greedy(1))
-        assert not shm.owned_names()
-    finally:
-        await m.stop()
+async def test_killed_agent_fails_streams_promptly_and_unlinks_arenas(master):
+    """Runs last on the shared master: it kills the agent."""
+    m = master
+    names = [m._request.name, m._reply.name]
+    assert not any(os.path.exists(os.path.join(shm.SHM_DIR, n)) for n in names)  # unlinked once attached
+    streams = [m.add_request(f"k{i}", prompt(20, i), greedy(200)) for i in range(3)]
+    await streams[0].__anext__()
+    os.kill(m.agent_pids[0], signal.SIGKILL)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    for s in streams:
+        with pytest.raises(EngineDead, match=r"agent-0 \(pid \d+\) was killed by SIGKILL"):
+            await asyncio.wait_for(collect(s), 10)
+    assert loop.time() - t0 < 5
+    assert not m.healthy
+    with pytest.raises(EngineDead, match="SIGKILL"):
+        m.add_request("after", prompt(5), greedy(1))
+    assert not shm.owned_names()
+
+
+def test_agent_refuses_a_master_of_another_protocol_version():
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        agent = subprocess.Popen([sys.executable, "-m", "engine.agent", "--connect", "127.0.0.1:%d" % srv.getsockname()[1],
+                                  "--rank", "0"], stderr=subprocess.PIPE, text=True)
+        srv.settimeout(60)
+        conn, _ = srv.accept()
+        master = FrameSocket(conn)
+        assert protocol.check(master.recv(), "hello")["rank"] == 0
+        master.send({"v": 99, "type": "hello"})
+        _, err = agent.communicate(timeout=60)
+        got_error = master.recv()
+        conn.close()
+    assert agent.returncode == 1
+    assert "protocol version mismatch: peer speaks v99" in err
+    assert got_error["type"] == "error" and "agent-0" in got_error["message"]
 
 
 def test_spans_of_both_processes_link_up(tmp_path):
     script = textwrap.dedent(f"""
         import asyncio, llmtrace
-        from engine.config import load_config
+        from engine import protocol
+from engine.config import load_config
         from engine.master import Master
         from engine.sampling_params import SamplingParams
+        from engine.tokenizer import Tokenizer
 
         async def main():
-            m = Master(load_config({CFG!r}))
+            m = Master(load_config({CFG!r}), Tokenizer())  # the shipped tokenizer: no torch import here
             await m.start()
             streams = [m.add_request(f"r{{i}}", [100 + i] * (8 + i), SamplingParams(temperature=0, max_tokens=4))
                        for i in range(2)]
