@@ -936,6 +936,29 @@ static PyObject *fs_emit(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssi
 /* ---------------------------------------------------------------- traced */
 
 typedef struct {
+    PyObject *type, *value, *tb;
+} saved_exc_t;
+
+static void exc_save(saved_exc_t *e)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    e->type = e->tb = NULL;
+    e->value = PyErr_GetRaisedException();
+#else
+    PyErr_Fetch(&e->type, &e->value, &e->tb);
+#endif
+}
+
+static void exc_restore(saved_exc_t *e)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(e->value);
+#else
+    PyErr_Restore(e->type, e->value, e->tb);
+#endif
+}
+
+typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
     PyObject *fn;
@@ -957,12 +980,13 @@ static PyObject *traced_call(PyObject *self, PyObject *const *args, size_t nargs
     int64_t t0 = now_ns();
     PyObject *res = PyObject_Vectorcall(t->fn, args, nargsf, kwnames);
     int64_t t1 = now_ns();
-    if ((c = cur_own()) == NULL) { /* the call may have copied the context: take ours again */
-        Py_XDECREF(res);
-        return NULL;
+    saved_exc_t exc;
+    if (res == NULL)
+        exc_save(&exc); /* the bookkeeping below needs a clear error indicator */
+    if ((c = cur_own()) != NULL) { /* looked up again: the call may have copied the context */
+        c->id = parent;
+        c->step = step;
     }
-    c->id = parent;
-    c->step = step;
     record_t *r = rec_slot();
     if (r != NULL) {
         r->start = t0;
@@ -976,9 +1000,13 @@ static PyObject *traced_call(PyObject *self, PyObject *const *args, size_t nargs
         r->stage_id = t->stage_id;
         r->kind = KIND_SPAN;
         r->flags = res == NULL ? FLAG_EXCEPTION : 0;
-    } else if (res != NULL && PyErr_Occurred()) {
-        Py_CLEAR(res);
     }
+    if (res == NULL) {
+        exc_restore(&exc); /* the function's exception wins over any of ours */
+        return NULL;
+    }
+    if (PyErr_Occurred())
+        Py_CLEAR(res);
     return res;
 }
 
