@@ -74,3 +74,22 @@ def test_analyze_command_bad_path_is_a_clear_error(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert "missing" in err and "Traceback" not in err
+
+
+def test_the_hand_found_overheads_are_found_automatically():
+    """The motivating case: a 40 ms decode token whose bare model takes 25 ms."""
+    b = EngineTraceBuilder()
+    b.steps(40, batch=1, agent_order=["tcp.recv", "shm.read", "preprocess", "forward", "sync.wait", "sampling",
+                                      "shm.write", "tcp.send"],
+            device={"forward": 25.0, "sampling": 0}, agent={"sampling": 0.0},
+            nested={"preprocess": [("logging.debug", 7.0, {}), ("np.concatenate", 4.8, {})],
+                    "sampling": [("sampling.host", 2.5, {"logits_bytes": 128256 * 4})]})
+    rep = build_report(b.build())
+    bd = rep["breakdown"]
+    assert bd["model_ms"] == pytest.approx(25.0, rel=0.01)
+    assert bd["headline"].startswith(f"{bd['per_token_ms']:.1f} ms/token = 25.0 model + 12.3 preprocess + 2.5 sampling")
+    saving = {s["id"]: s["est_saving_ms_per_token"] for s in rep["suggestions"]}
+    assert saving["log-in-hot-path"] == pytest.approx(7.0, rel=0.1)
+    assert saving["concat-padding"] == pytest.approx(4.8, rel=0.1)
+    assert saving["full-logits-transfer"] == pytest.approx(2.5, rel=0.1)
+    assert [s["id"] for s in rep["suggestions"][:3]] == ["log-in-hot-path", "concat-padding", "full-logits-transfer"]
