@@ -34,6 +34,7 @@ import time
 
 ENV_GATE = "LLMTRACE_PYSPY_GATE"  # the gate file; taken by the first process that starts
 ENV_ACTIVE = "LLMTRACE_PYSPY"  # py-spy samples this process tree
+ENV_EXECUTABLE = "LLMTRACE_PY_SPY"  # which py-spy to run
 DIR = "pyspy"
 OUTPUT, CLOCK, BEACON, GATE = "pyspy.json", "clock.json", "beacon.json", "gate"
 HELD = ".held"  # gate + HELD: the program is at the gate, beaconing
@@ -115,7 +116,9 @@ def _hold_at_gate(gate: str) -> None:
 
 # -- in `llmtrace record` --------------------------------------------------------------
 def find_executable() -> str | None:
-    """py-spy next to this interpreter (a virtualenv's bin/), else on PATH."""
+    """$LLMTRACE_PY_SPY, else py-spy next to this interpreter (a virtualenv's bin/), else on PATH."""
+    if os.environ.get(ENV_EXECUTABLE):
+        return os.environ[ENV_EXECUTABLE]
     here = os.path.join(os.path.dirname(sys.executable), "py-spy")
     return here if os.access(here, os.X_OK) else shutil.which("py-spy")
 

@@ -1,0 +1,133 @@
+"""`llmtrace record`: any program recorded from interpreter start, its stages found by span
+name, the slow function inside a stage named by the in-process sampler; the program's exit
+code comes back and the trace is written however it ended."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PIPELINE = os.path.join(ROOT, "examples", "custom_pipeline.py")
+ARRAY_FORMATTING = ("array2string", "_array_str", "_array_repr", "arrayprint")
+
+
+def record(out, *options, program, timeout=120, env_extra=None, **kw):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTRACE_")} | (env_extra or {})
+    cmd = [sys.executable, "-m", "llmtrace.cli", "record", "--out", str(out), *options, "--", *program]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, **kw)
+
+
+def report(out) -> dict:
+    with open(os.path.join(out, "report.json")) as f:
+        return json.load(f)
+
+
+def stage_functions(rep: dict, stage: str) -> list[dict]:
+    return next(r for r in rep["breakdown"]["stages"] if r["name"] == stage)["top_functions"]
+
+
+def names_array_formatting_in_preprocess(rep: dict, source: str) -> None:
+    """The slow function (numpy formatting an array for a debug log) is named under
+    preprocess, by `source`, in the stage's top functions and in a suggestion."""
+    tops = stage_functions(rep, "preprocess")
+    hits = [f for f in tops if any(k in f["name"] for k in ARRAY_FORMATTING)]
+    assert hits, tops
+    assert any(source in s for f in hits for s in f["sources"]), hits
+    found = [s for s in rep["suggestions"] if s["stage"] == "preprocess"
+             and any(any(k in f["name"] for k in ARRAY_FORMATTING) for f in s["evidence"].get("functions", []))]
+    assert found and found[0]["id"] == "log-in-hot-path", rep["suggestions"]
+
+
+def script(tmp_path, body: str) -> str:
+    path = tmp_path / "prog.py"
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+def test_builtin_sampler_names_the_slow_function_in_its_stage(tmp_path):
+    r = record(tmp_path, "--sample-hz", "1000", program=[sys.executable, PIPELINE, "--steps", "15"])
+    assert r.returncode == 0, r.stderr
+    rep = report(tmp_path)
+    stages = {row["name"] for row in rep["breakdown"]["stages"]}
+    assert {"preprocess", "tokenize", "detokenize"} <= stages  # generic path: the root's children by name
+    assert rep["summary"]["output_tokens"] == 15 * 8  # `batch` attr of the step root
+    names_array_formatting_in_preprocess(rep, "samples:llmtrace")
+    assert "log-in-hot-path" in r.stdout and os.path.isfile(tmp_path / "trace.json")
+
+
+PROGRAM_THAT_RAISES = """
+    import llmtrace, time
+    for i in range(3):
+        with llmtrace.span("pipeline.step", step=i):
+            with llmtrace.span("preprocess"):
+                time.sleep(0.002)
+    raise RuntimeError("boom")
+"""
+
+
+def test_program_that_raises_exit_code_and_trace(tmp_path):
+    r = record(tmp_path / "run", "--sample-hz", "0", program=[sys.executable, script(tmp_path, PROGRAM_THAT_RAISES)])
+    assert r.returncode == 1
+    assert "RuntimeError: boom" in r.stderr and "the program exited with code 1" in r.stderr
+    rep = report(tmp_path / "run")
+    assert rep["failure"] == "the program exited with code 1"
+    assert rep["breakdown"]["steps"] == 3
+    assert os.path.isfile(tmp_path / "run" / "trace.json")
+
+
+def test_exit_code_passed_through(tmp_path):
+    r = record(tmp_path / "run", "--sample-hz", "0",
+               program=[sys.executable, "-c", "import sys, llmtrace\nwith llmtrace.span('x', step=0): pass\nsys.exit(3)"])
+    assert r.returncode == 3, r.stderr
+
+
+SPAWNS_A_PLAIN_CHILD = """
+    import subprocess, sys, time, llmtrace
+    with llmtrace.span("pipeline.step", step=0):
+        with llmtrace.span("preprocess"):
+            subprocess.run([sys.executable, "-c", "import time; time.sleep(0.1)"], check=True)
+    print("spans done", flush=True)
+    time.sleep(30)
+"""
+
+
+def test_sigterm_forwarded_children_recorded_trace_written(tmp_path):
+    """SIGTERM to `record` reaches the program; its child, which never imports llmtrace,
+    has its own spool file (with samples); the trace is written; exit code 128 + 15."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTRACE_")}
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "llmtrace.cli", "record", "--out", str(out), "--sample-hz", "200", "--",
+           sys.executable, script(tmp_path, SPAWNS_A_PLAIN_CHILD)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    assert proc.stdout.readline().strip() == "spans done"
+    time.sleep(0.2)  # a spool flush (50 ms) for the spans
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "killed by SIGTERM" in stderr
+    spools = os.listdir(out / "spool")
+    assert len(spools) == 2, spools
+    rep = report(out)
+    assert rep["breakdown"]["steps"] == 1 and rep["failure"] == "the program was killed by SIGTERM"
+
+
+def test_no_program_is_a_clear_error(tmp_path):
+    r = record(tmp_path, program=[])
+    assert r.returncode == 2 and "give the program to record" in r.stderr
+    r = record(tmp_path, program=["/nonexistent/prog"])
+    assert r.returncode == 2 and "cannot start '/nonexistent/prog'" in r.stderr
+
+
+@pytest.mark.parametrize("rc,expected", [(0, (0, None)), (3, (3, "the program exited with code 3")),
+                                         (-9, (137, "the program was killed by SIGKILL"))])
+def test_exit_status(rc, expected):
+    from llmtrace.commands.record import exit_status
+
+    assert exit_status(rc) == expected
