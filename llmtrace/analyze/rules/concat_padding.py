@@ -33,7 +33,7 @@ def check(ctx):
     per_step = ev["functions"][0]["count"] / max(1, ev["steps_affected"])
     return [ctx.suggestion(
         ID, f"Padding by concatenation costs {saving:.2f} ms/token in {stage} "
-            f"({per_step:.0f} calls/step)", stage,
+            f"({per_step:.0f} call{'s' if round(per_step) != 1 else ''}/step)", stage,
         {**ev, "ms_per_token": round(saving, 4)}, saving,
         "Preallocate the padded arrays once (np.full((max_batch, max_len), pad_id)) and write each "
         "sequence's row in place, or keep persistent per-slot buffers updated by the step's diff; "
