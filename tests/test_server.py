@@ -163,18 +163,18 @@ def test_generate_non_stream_and_stream(engine):
 
 
 def test_stop_string_cuts_the_text_and_frees_the_request(engine):
-    base = {"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    base = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
     full = post(engine, "/v1/completions", base)[2]["choices"][0]["text"]
     stop = full[len(full) // 2:len(full) // 2 + 3]
     cut = full[:full.find(stop)]
     status, _, data = post(engine, "/v1/completions", {**base, "stop": [stop]})
     assert status == 200
     assert data["choices"][0] == {"index": 0, "text": cut, "logprobs": None, "finish_reason": "stop"}
-    assert data["usage"]["completion_tokens"] < 16
+    assert data["usage"]["completion_tokens"] < 12
     events = sse_events(post(engine, "/v1/completions", {**base, "stop": stop, "stream": True})[2])
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == cut
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
-    tgi = post(engine, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 16, "stop": [stop],
+    tgi = post(engine, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 12, "stop": [stop],
                                                                        "ignore_eos": True, "details": True}})[2]
     assert tgi["generated_text"] == cut and tgi["details"]["finish_reason"] == "stop_sequence"
     engine.wait_idle()
@@ -372,7 +372,7 @@ def test_fuzzed_bodies_never_get_a_5xx(engine):
 # ---- load, disconnects, tracing ----------------------------------------------------------------
 
 async def test_queue_full_is_429_with_retry_after(engine):
-    body = {"prompt": PROMPT, "max_tokens": 16, "ignore_eos": True}
+    body = {"prompt": PROMPT, "max_tokens": 6, "ignore_eos": True}
     async with aiohttp.ClientSession() as s:
         async def one():
             async with s.post(engine.url + C, json=body) as r:
@@ -384,7 +384,7 @@ async def test_queue_full_is_429_with_retry_after(engine):
         if status == 429:
             assert retry == "1" and data["error"]["type"] == "rate_limit_error"
         else:
-            assert data["usage"]["completion_tokens"] == 16
+            assert data["usage"]["completion_tokens"] == 6
     engine.wait_idle()
 
 
