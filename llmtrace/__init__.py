@@ -92,6 +92,9 @@ def _configure_from_env() -> None:
         configure(True, out, os.environ.get(ENV_PROCESS_NAME) or None, os.environ.get(ENV_LIVE) or None,
                   sample_hz=float(os.environ.get(ENV_SAMPLE_HZ) or 0), gc=os.environ.get(ENV_GC) == "1",
                   propagate=False)
+        if os.environ.get("LLMTRACE_VIZTRACER"):  # viztracer inside chosen stages (integrations/viztracer.py)
+            from .integrations import viztracer
+            viztracer.install_from_env()
 
 
 _configure_from_env()

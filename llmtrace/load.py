@@ -1,7 +1,7 @@
 """`load_trace(path)`: the one way the commands open a trace, whatever the user points at.
 
-    run directory      RUN/spool/*.lts (the records; run meta from RUN/trace.json if there),
-                       else RUN/trace.json
+    run directory      RUN/spool/*.lts (the records; run meta from RUN/trace.json if there;
+                       RUN/viztracer/, RUN/pyspy/ from `llmtrace record`), else RUN/trace.json
     spool directory    *.lts
     spool file         one process's PID.lts
     trace file         a Chrome trace JSON written by `llmtrace export`
@@ -41,10 +41,13 @@ def load_trace(path: str) -> Trace:
 def _load_dir(path: str) -> Trace:
     trace_json = os.path.join(path, TRACE_JSON)
     if spool_files(path):
+        from .integrations import attach_run_data
+
         trace = load_spool_dir(path)
         info = read_export_info(trace_json) if os.path.isfile(trace_json) else None
         if info is not None:
             trace.meta = info.get("meta") or {}
+        attach_run_data(path, trace)  # viztracer / py-spy data `llmtrace record` left beside the spool
         return trace
     if os.path.isfile(trace_json):
         return load_chrome_trace(trace_json)

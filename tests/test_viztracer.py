@@ -85,11 +85,9 @@ def test_record_with_viztracer_names_the_slow_function(tmp_path):
     rep = report(tmp_path)
     names_array_formatting_in_preprocess(rep, "viztracer")
 
-    from llmtrace.integrations import attach_run_data
     from llmtrace.load import load_trace
 
-    trace = load_trace(str(tmp_path))
-    attach_run_data(str(tmp_path), trace)
+    trace = load_trace(str(tmp_path))  # a recorded run dir: spools + viztracer/
     windows = trace.meta["viztracer"]
     (window,) = windows.values()
     assert sorted(window["steps"]) == list(range(steps))

@@ -111,18 +111,16 @@ def exit_status(rc: int) -> tuple[int, str | None]:
 
 
 def _finish(out: str, command: list[str], rc: int) -> int:
-    from llmtrace.integrations import attach_run_data
     from llmtrace.load import load_trace
     from llmtrace.outputs import write_outputs
 
     code, failure = exit_status(rc)
     try:
-        trace = load_trace(out)
+        trace = load_trace(out)  # spools, plus what viztracer and py-spy left in `out`
     except UserError as e:
         print(f"llmtrace record: nothing recorded ({e}); the program needs to be Python with llmtrace "
               f"importable by its interpreter", file=sys.stderr)
         return code or 1
-    attach_run_data(out, trace)
     trace.meta["record"] = {"command": command, "exit_code": rc}
     write_outputs(out, trace, failure, command="record")
     return code

@@ -48,12 +48,11 @@ def child_env(base: dict, out: str, *, sample_hz: float = 0.0, gc: bool = False,
 
 def start_in_child() -> None:
     """Run by the bootstrap sitecustomize at interpreter start: `import llmtrace` starts
-    recording from the environment; then the windowed viztracer and the py-spy gate."""
+    recording from the environment (spool, sampler, viztracer window); then the py-spy gate."""
     import llmtrace  # noqa: F401  (configures itself from LLMTRACE_OUT)
 
-    from . import pyspy, viztracer
+    from . import pyspy
 
-    viztracer.install_from_env()
     pyspy.child_start()
 
 
