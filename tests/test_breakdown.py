@@ -1,8 +1,13 @@
 """The per-step / per-token breakdown and the serving metrics."""
+import time
+
 import pytest
+
+import llmtrace
 
 from llmtrace.analyze.breakdown import GAP, MODEL
 from llmtrace.analyze.context import Context
+from llmtrace.decorator import trace as traced  # `llmtrace.trace` is shadowed by the llmtrace.trace module
 from llmtrace.load import load_trace
 from synthetic import MS, EngineTraceBuilder, clean_trace, record_pipeline
 
@@ -141,3 +146,40 @@ def test_tensor_parallel_wait_is_replaced_by_the_slowest_rank():
     for sc in ctx.steps:
         assert sc.agent_root.pid == rank1
         assert sc.parts["preprocess"] == 2 * MS
+
+
+@traced
+def _encode():
+    sum(range(100))
+
+
+@traced
+def _decode_slowly():
+    time.sleep(0.001)
+
+
+@traced
+def _generate_token():
+    _encode()
+    _decode_slowly()
+
+
+def test_decorated_pipeline_without_step_ids(tmp_path):
+    """`llmtrace record` on a plain program: the repeated top-level function is the step,
+    `@llmtrace.trace` functions are rows by name."""
+    llmtrace.configure(enabled=True, out=str(tmp_path), process_name="app", propagate=False)
+    try:
+        t = time.perf_counter_ns()
+        for _ in range(30):
+            _generate_token()
+        elapsed = time.perf_counter_ns() - t
+    finally:
+        llmtrace.shutdown()
+    ctx = Context(load_trace(str(tmp_path)))
+    view = _sums_to_wall(ctx)
+    assert view["steps"] == 30 and view["tokens"] == 30
+    rows = {r["name"]: r for r in view["stages"]}
+    assert {"_encode", "_decode_slowly"} <= rows.keys()
+    assert view["stages"][0]["name"] == "_decode_slowly"
+    assert rows["_decode_slowly"]["ms_per_token"] == pytest.approx(1.0, rel=0.3)
+    assert view["per_token_ms"] <= elapsed / 30 / 1e6

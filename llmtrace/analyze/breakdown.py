@@ -1,8 +1,8 @@
 """Where each step's (and each output token's) wall time goes.
 
 A step's wall time is its root span (`master.step`; for a generic pipeline the longest
-top-level span carrying that `step`). Every nanosecond of it is given to exactly one
-label, highest claim first:
+top-level span carrying that `step`, or without step ids the repeated top-level span).
+Every nanosecond of it is given to exactly one label, highest claim first:
 
   model       device time of `forward`/`sampling` (CUDA events); without device time
               their host time, less host-side work nested in them (and not a span that
@@ -10,6 +10,7 @@ label, highest claim first:
   <stage>     host-side work nested in a model stage (`logging.debug` inside `forward`,
               `sampling.host`), reported under that model stage's name
   <stage>     each span on the critical path (the root's children), by its stage
+              (`@llmtrace.trace` functions of stage "user": by their name)
   gap         inside a step root (or the agent's `agent.step`) but in no child span
   tcp         the part of the master's `agent.wait` not covered by the agent's step
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from ..decorator import USER_STAGE
 from ..trace import Span
 from .index import TraceIndex
 from .stats import percentile
@@ -73,6 +75,12 @@ class StepCost:
 def is_host_side(s: Span, model_stage: str) -> bool:
     """A span nested in a model stage that is host work, not model compute."""
     return s.stage != model_stage or s.name.endswith(HOST_SUFFIX)
+
+
+def stage_label(s: Span) -> str:
+    """The breakdown row of a critical-path span: its stage, or for `@llmtrace.trace`
+    functions without one (stage "user") the function's name."""
+    return s.name if s.stage == USER_STAGE else s.stage
 
 
 def moves_logits(s: Span, seqs: int) -> bool:
@@ -144,8 +152,8 @@ class _StepWalker:
         for s in index.by_name.get(AGENT_ROOT, ()):
             self.agent_steps[s.step].append(s)
 
-    def cost(self, root: Span) -> StepCost:
-        sc = StepCost(root.step, root, step_tokens(root), bool(root.attrs.get("prefill")),
+    def cost(self, step: int, root: Span) -> StepCost:
+        sc = StepCost(step, root, step_tokens(root), bool(root.attrs.get("prefill")),
                       _int_or_none(root.attrs.get("batch")))
         segs = [_Segment(root.start_ns, root.end_ns, GAP, _P_ROOT, root)]
         self._children(root, root.start_ns, root.end_ns, segs, sc)
@@ -169,13 +177,14 @@ class _StepWalker:
             elif c.stage in MODEL_STAGES and not moves_logits(c, sc.tokens):
                 self._model_stage(c, a, b, (lo, hi), segs, sc)
             else:
-                segs.append(_Segment(a, b, c.stage, _P_STAGE, c))
-                sc.stage_spans.append((c.stage, c))
+                label = stage_label(c)
+                segs.append(_Segment(a, b, label, _P_STAGE, c))
+                sc.stage_spans.append((label, c))
 
     def _agent(self, wait: Span, a: int, b: int, segs: list, sc: StepCost) -> None:
         segs.append(_Segment(a, b, TRANSPORT, _P_WAIT, wait))
         sc.wait = wait
-        candidates = [s for s in self.agent_steps.get(wait.step, ()) if s.start_ns < b and s.end_ns > a]
+        candidates = [s for s in self.agent_steps.get(sc.step, ()) if s.start_ns < b and s.end_ns > a]
         if not candidates:
             return
         agent = max(candidates, key=lambda s: s.end_ns)
@@ -213,19 +222,34 @@ def _int_or_none(v) -> int | None:
     return int(v) if isinstance(v, (int, float)) else None
 
 
-def step_roots(index: TraceIndex) -> list[Span]:
-    """One root span per step id, in time order."""
+def step_roots(index: TraceIndex) -> list[tuple[int, Span]]:
+    """(step id, root span) per step, in time order: `master.step`s; else the longest
+    top-level span of each `step`; else (a pipeline with no step ids) the top-level spans
+    of the most repeated name, numbered in time order."""
     masters = index.by_name.get(MASTER_ROOT)
     if masters:
         cand = [s for s in masters if s.step >= 0]
     else:
         cand = [s for s in index.trace.spans if s.step >= 0 and index.is_root(s)]
+    if not cand:
+        return _repeated_roots(index)
     best: dict[int, Span] = {}
     for s in cand:
         cur = best.get(s.step)
         if cur is None or s.dur_ns > cur.dur_ns:
             best[s.step] = s
-    return sorted(best.values(), key=lambda s: s.start_ns)
+    return sorted(best.items(), key=lambda kv: kv[1].start_ns)
+
+
+def _repeated_roots(index: TraceIndex) -> list[tuple[int, Span]]:
+    counts: dict[str, int] = defaultdict(int)
+    for s in index.trace.spans:
+        if index.is_root(s) and index.children.get(s.span_id):
+            counts[s.name] += 1
+    if not counts or max(counts.values()) < 2:
+        return []
+    name = max(counts, key=counts.get)
+    return list(enumerate(s for s in index.by_name[name] if index.is_root(s)))
 
 
 class Breakdown:
@@ -235,7 +259,7 @@ class Breakdown:
     @classmethod
     def of(cls, index: TraceIndex) -> "Breakdown":
         walker = _StepWalker(index)
-        return cls([walker.cost(r) for r in step_roots(index)])
+        return cls([walker.cost(step, root) for step, root in step_roots(index)])
 
     @property
     def tokens(self) -> int:
