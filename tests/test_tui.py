@@ -351,3 +351,30 @@ def test_tui_command_rejects_a_missing_path(tmp_path, capsys):
 
     assert main(["tui", str(tmp_path / "nope")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_a_span_arriving_after_its_step_was_costed_does_not_open_it_again():
+    trace = engine_trace(steps=2)
+    late = next(s for s in trace.spans if s.name == "sync.wait" and s.step == 1)  # a leaf
+    model = RunModel(settle_s=0.0)
+    model.ingest(Trace(spans=[s for s in trace.spans if s is not late]))
+    assert model.settle() == 2
+    model.ingest(Trace(spans=[late]))
+    assert model.settle() == 0 and model.pending_steps == 0
+    assert model.late_spans == 1 and model.steps_total == 2
+
+
+def test_a_slow_step_waits_for_its_roots():
+    trace = engine_trace(steps=1)
+    now = [0.0]
+    model = RunModel(settle_s=0.5, clock=lambda: now[0])
+    roots = ("master.step", "agent.step")
+    # the agent's first stages and the master's stages before its wait: the forward is running
+    model.ingest(Trace(spans=[s for s in trace.spans if s.name not in roots and s.name != "agent.wait"]))
+    now[0] = 5.0
+    assert model.settle() == 0
+    model.ingest(Trace(spans=[s for s in trace.spans if s.name in roots or s.name == "agent.wait"]))
+    now[0] = 5.4
+    assert model.settle() == 0
+    now[0] = 5.5
+    assert model.settle() == 1 and model.steps[0].cost.root.name == "master.step"

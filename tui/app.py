@@ -141,8 +141,9 @@ class LlmtraceApp(App):
     def _state_text(self) -> str:
         if not self.live:
             return self.state
-        problems = self.feed.problems
-        return f"{self.state}  {self.model.records_total} records" + (f"  ({problems[0]})" if problems else "")
+        problems, late = self.feed.problems, self.model.late_spans
+        return (f"{self.state}  {self.model.records_total} records" + (f"  {late} late spans ignored" if late else "")
+                + (f"  ({problems[0]})" if problems else ""))
 
     def _show_step(self, view: StepView | None) -> None:
         self.chain.show(view, self.model.processes, self._slowest)

@@ -1,14 +1,15 @@
 """What the TUI shows, aggregated incrementally from records as they arrive.
 
 Steps: a step's spans (every process's, grouped by step id) are costed once, by the
-analyzer's own `Breakdown`, when no record of that step has arrived for `settle_s` (every
-process flushes its spool every 50 ms, so by then the step is whole). The stage table is
+analyzer's own `Breakdown`, once the parents its spans name have arrived and nothing of
+it has arrived for `settle_s` (every process flushes its spool every 50 ms). The stage table is
 the analyzer's view over the last `window` steps; the suggestions are the analyzer's rules
 run on the spans of that window (`window_trace`). Requests: one row per request, updated
 by its `http.request`/`queue` spans and `token`/`req.finish` instants.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -19,10 +20,12 @@ from llmtrace.analyze.stats import summary
 from llmtrace.trace import CounterSample, Instant, Process, Sample, Span, Trace
 
 SETTLE_S = 0.5
+STALE_S = 10.0
 WINDOW_STEPS = 512  # steps behind the live stage table, call chains and suggestions
 SERIES_POINTS = 4096  # step-time / batch-size history for the sparklines
 THROUGHPUT_S = 5.0  # live throughput: tokens of the steps that ended in the last seconds
 RECENT_RECORDS = 1 << 16  # counters / instants / samples kept for the windowed suggestions
+COSTED_IDS = 1 << 14  # costed step ids remembered, to keep a late span from opening its step again
 
 
 @dataclass(slots=True)
@@ -32,7 +35,6 @@ class RequestRow:
     queue_ns: int | None = None
     ttft_ns: int | None = None  # from the http.request span's ttft_us, else the first token
     first_token_ns: int | None = None
-    last_token_ns: int | None = None
     tokens: int = 0
     finish_ns: int | None = None
     reason: str = ""
@@ -73,7 +75,19 @@ class StepView:
 @dataclass
 class _OpenStep:
     spans: list[Span] = field(default_factory=list)
-    seen: float = 0.0
+    seen: float = 0.0  # when its latest span arrived
+    ids: set[int] = field(default_factory=set)
+    # Parents named by its spans that have not arrived: a span is recorded when it ends, so
+    # the master's stages arrive before master.step, and the agent's before agent.step.
+    missing: set[int] = field(default_factory=set)
+
+    def add(self, s: Span, now: float) -> None:
+        self.spans.append(s)
+        self.seen = now
+        self.ids.add(s.span_id)
+        self.missing.discard(s.span_id)
+        if s.parent_id and s.parent_id not in self.ids:
+            self.missing.add(s.parent_id)
 
 
 class RunModel:
@@ -96,6 +110,8 @@ class RunModel:
         self._instants: deque[Instant] = deque(maxlen=RECENT_RECORDS)
         self._samples: deque[Sample] = deque(maxlen=RECENT_RECORDS)
         self._unstepped: deque[Span] = deque(maxlen=RECENT_RECORDS)  # spans outside steps (requests, user)
+        self._costed: dict[int, None] = {}  # ids of the latest costed steps (insertion-ordered set)
+        self.late_spans = 0
         self.version = 0  # bumped whenever something visible changed
 
     # -- ingest ------------------------------------------------------------------------
@@ -105,11 +121,13 @@ class RunModel:
         now = self.clock()
         for s in new.spans:
             if s.step >= 0:
+                if s.step in self._costed:
+                    self.late_spans += 1  # its step was costed already: a process flushed very late
+                    continue
                 st = self._open.get(s.step)
                 if st is None:
                     st = self._open[s.step] = _OpenStep()
-                st.spans.append(s)
-                st.seen = now
+                st.add(s, now)
             else:
                 self._unstepped.append(s)
             if s.name == "http.request" or s.name == "queue":
@@ -141,7 +159,8 @@ class RunModel:
         if s.name == "queue":
             row.queue_ns = s.dur_ns
             return
-        row.finish_ns = s.end_ns if row.finish_ns is None else row.finish_ns
+        if row.finish_ns is None:
+            row.finish_ns = s.end_ns
         if "ttft_us" in s.attrs:
             row.ttft_ns = int(s.attrs["ttft_us"] * 1000)
         if "output_tokens" in s.attrs:
@@ -157,17 +176,25 @@ class RunModel:
             return
         if row.first_token_ns is None or i.ts_ns < row.first_token_ns:
             row.first_token_ns = i.ts_ns
-        row.last_token_ns = i.ts_ns if row.last_token_ns is None else max(row.last_token_ns, i.ts_ns)
         row.tokens = max(row.tokens, int(i.attrs.get("n", row.tokens + 1)))
 
     # -- steps ---------------------------------------------------------------------------
     def settle(self, everything: bool = False) -> int:
-        """Cost the steps that are complete (all open ones when `everything`); returns how many."""
+        """Cost the steps that are complete (all open ones when `everything`); returns how many.
+
+        Complete: every parent its spans name has arrived (the roots end last) and nothing
+        of it arrived for `settle_s` (every process flushes every 50 ms). A step whose
+        parents stay missing (a root outside the step, a lost process) is costed after STALE_S.
+        """
         now = self.clock()
-        ready = [k for k, st in self._open.items() if everything or now - st.seen >= self.settle_s]
+        ready = [k for k, st in self._open.items() if everything or now - st.seen >= STALE_S
+                 or (now - st.seen >= self.settle_s and not st.missing)]
         if not ready:
             return 0
         groups = [self._open.pop(k).spans for k in ready]
+        self._costed.update(dict.fromkeys(ready))
+        for k in list(itertools.islice(self._costed, max(0, len(self._costed) - COSTED_IDS))):
+            del self._costed[k]
         views = []
         for spans in groups:
             spans.sort(key=lambda s: s.start_ns)
