@@ -30,22 +30,29 @@ class _Request:
         return self.end if self.end is not None else (self.tokens[-1][0] if self.tokens else None)
 
 
+def _num(v) -> float | None:
+    """A numeric attribute, or None (attrs of foreign traces can be anything)."""
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
 def _requests(index: TraceIndex) -> dict:
     reqs: dict = defaultdict(_Request)
     for s in index.by_name.get("http.request", ()):
         r = reqs[s.attrs.get("req", s.span_id)]
         r.start, r.end = s.start_ns, s.end_ns
-        if "output_tokens" in s.attrs:
-            r.output_tokens = int(s.attrs["output_tokens"])
-        if s.attrs.get("ttft_us", -1) >= 0:  # -1: the request produced no token
-            r.ttft_ns = int(s.attrs["ttft_us"] * 1000)
+        out, ttft = _num(s.attrs.get("output_tokens")), _num(s.attrs.get("ttft_us"))
+        if out is not None:
+            r.output_tokens = int(out)
+        if ttft is not None and ttft >= 0:  # -1: the request produced no token
+            r.ttft_ns = int(ttft * 1000)
     for s in index.by_name.get("queue", ()):
         if "req" in s.attrs:
             r = reqs[s.attrs["req"]]
             r.start = s.start_ns if r.start is None else min(r.start, s.start_ns)
     for i in index.instants.get("token", ()):
-        if "req" in i.attrs:
-            reqs[i.attrs["req"]].tokens.append((i.ts_ns, int(i.attrs.get("n", 0))))
+        n = _num(i.attrs.get("n"))
+        if "req" in i.attrs and n is not None:
+            reqs[i.attrs["req"]].tokens.append((i.ts_ns, int(n)))
     for i in index.instants.get("req.finish", ()):
         if "req" in i.attrs:
             r = reqs[i.attrs["req"]]

@@ -32,7 +32,7 @@ LAUNCH_NS = 20_000
 def _logits_bytes(span, seqs: int) -> float | None:
     if not moves_logits(span, seqs):
         return None
-    return float(max(span.attrs.get(k, 0) for k in BYTES_ATTRS))
+    return float(max(v for k in BYTES_ATTRS if isinstance(v := span.attrs.get(k), (int, float))))
 
 
 def _device_sampling_ns(ctx, logits_bytes: float | None) -> tuple[float, str]:

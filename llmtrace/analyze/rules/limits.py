@@ -6,6 +6,6 @@ from __future__ import annotations
 def max_num_seqs(ctx) -> int | None:
     v = ctx.index.counter_max("max_num_seqs")
     if v is None:
-        vals = [sc.root.attrs["max_num_seqs"] for sc in ctx.steps if "max_num_seqs" in sc.root.attrs]
+        vals = [v for sc in ctx.steps if isinstance(v := sc.root.attrs.get("max_num_seqs"), (int, float))]
         v = max(vals) if vals else None
     return int(v) if v else None
