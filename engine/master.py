@@ -23,6 +23,7 @@ import signal
 import sys
 from collections import deque
 from dataclasses import dataclass, field
+from time import perf_counter_ns
 from typing import NamedTuple
 
 import llmtrace
@@ -143,6 +144,9 @@ class Master:
         self.scheduler: Scheduler | None = None
         self.vocab_size = 0
         self.num_steps = 0
+        # Sums over steps, from the agents' timings: time in the agent vs the rest of the round trip.
+        self._agent_ns = 0
+        self._transport_ns = 0
         self._agents: list[AgentHandle] = []
         self._request: ShmArena | None = None
         self._reply: ShmArena | None = None
@@ -355,9 +359,12 @@ class Master:
         s = self.scheduler
         if s is None:
             return {"running": 0, "waiting": 0, "kv_blocks_used": 0, "kv_blocks_total": 0, "steps": 0}
+        steps = max(self.num_steps, 1)
         return {"running": s.num_running, "waiting": s.num_waiting,
                 "kv_blocks_used": s.block_manager.num_used_blocks, "kv_blocks_total": s.block_manager.num_blocks,
-                "preemptions": s.num_preemptions, "steps": self.num_steps}
+                "preemptions": s.num_preemptions, "steps": self.num_steps,
+                "agent_ms_per_step": self._agent_ns / steps / 1e6,
+                "transport_ms_per_step": self._transport_ns / steps / 1e6}
 
     # ---- the step loop ---------------------------------------------------------------------
 
@@ -400,18 +407,24 @@ class Master:
             msg = protocol.message("step", step=n, carrier=list(llmtrace.context.current()),
                                    prefill=out.is_prefill, num_seqs=B, num_tokens=T, block_width=W,
                                    new=self._new_seqs(out), drop=self._take_drop())
+            t_send = perf_counter_ns()
             with llmtrace.span("tcp.send"):
                 for a in self._agents:
                     await _guard(a, a.conn.send(msg))
             lead = self._agents[0]
             with llmtrace.span("agent.wait"):
                 await _guard(lead, lead.conn.wait())
+            round_trip_ns = perf_counter_ns() - t_send
             with ReceiveSpan("tcp.recv") as recv_span:
                 reply = protocol.check(await _guard(lead, lead.conn.recv()), "reply")
                 recv_span.follow(Carrier.from_wire(reply.get("carrier")))
             if reply.get("step") != n or reply.get("n") != B:
                 raise ProtocolError(f"reply for step {reply.get('step')} with {reply.get('n')} rows, "
                                     f"expected step {n} with {B}")
+            timings = reply["timings"]
+            agent_ns = timings["send_ns"] - timings["arrival_ns"]
+            self._agent_ns += agent_ns
+            self._transport_ns += round_trip_ns - agent_ns
             with llmtrace.span("shm.read", seqs=B):
                 token_ids = self._reply["token_ids"][:B].tolist()
             with llmtrace.span("postprocess"):

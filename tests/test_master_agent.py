@@ -23,10 +23,11 @@ from engine.sampling_params import SamplingParams, SamplingParamsError
 from engine.scheduler import QueueFull, RequestRejected
 from engine.tokenizer import IncrementalDetokenizer
 
-pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
+on_shared_loop = pytest.mark.asyncio(loop_scope="module")  # the tests that use the module's master
 
 CFG = {"model": {"preset": "tiny", "seed": 0},
-       "engine": {"block_size": 16, "num_blocks": 64, "max_num_seqs": 4, "max_batched_tokens": 256,
+       "engine": {"block_size": 16, "num_blocks": 16, "max_num_seqs": 4, "max_batched_tokens": 256,
                   "max_model_len": 256, "max_waiting": 8}}
 
 
@@ -64,6 +65,7 @@ async def master():
     assert not shm.owned_names()
 
 
+@on_shared_loop
 async def test_requests_of_different_lengths_stream_and_finish(master):
     lengths = [(5, 3), (40, 12), (17, 1), (90, 7), (64, 20), (3, 9)]  # (prompt, max_tokens); 6 > max_num_seqs
     streams = [master.add_request(f"len-{i}", prompt(p, i), greedy(m)) for i, (p, m) in enumerate(lengths)]
@@ -76,10 +78,12 @@ async def test_requests_of_different_lengths_stream_and_finish(master):
         assert text == "".join(detok.add([t]) for t in tokens) + detok.flush()
     stats = master.stats()
     assert stats["running"] == stats["waiting"] == stats["kv_blocks_used"] == 0
-    assert stats["kv_blocks_total"] == 64
+    assert stats["kv_blocks_total"] == 16
+    assert stats["steps"] > 0 and stats["agent_ms_per_step"] > 0 and stats["transport_ms_per_step"] > 0
     master.scheduler.check_invariants()
 
 
+@on_shared_loop
 async def test_outputs_equal_the_model_runner_alone(master):
     """Greedy and seeded sampling through master + agent give what ModelRunner alone gives,
     while other requests share the batch (sampling parameters travel in the diffs)."""
@@ -122,6 +126,22 @@ def reference_generate(requests: list[tuple[list[int], SamplingParams]]) -> list
     return outs
 
 
+@on_shared_loop
+async def test_preemption_under_kv_pressure_recomputes_and_finishes(master):
+    """4 x (40 + 30) tokens need 20 blocks at the end; 16 exist, so some sequences are
+    preempted, re-prefilled with what they generated (their sampling parameters are not
+    sent again) and still finish with every token."""
+    before = master.stats()["preemptions"]
+    streams = [master.add_request(f"p{i}", prompt(40, i), greedy(30)) for i in range(4)]
+    results = await asyncio.gather(*(collect(s) for s in streams))
+    assert [len(t) for t, _, _ in results] == [30] * 4
+    assert master.stats()["preemptions"] > before
+    await until_idle(master)
+    master.scheduler.check_invariants()
+    assert master.stats()["kv_blocks_used"] == 0
+
+
+@on_shared_loop
 async def test_abort_frees_blocks_and_ends_the_stream(master):
     stream = master.add_request("long", prompt(50), greedy(200))
     other = master.add_request("short", prompt(10), greedy(5))
@@ -139,6 +159,7 @@ async def test_abort_frees_blocks_and_ends_the_stream(master):
     assert master.healthy
 
 
+@on_shared_loop
 async def test_bad_requests_are_rejected_with_a_reason(master):
     with pytest.raises(RequestRejected, match="outside the model's vocabulary"):
         master.add_request("oov", [5, 8000], greedy(2))
@@ -156,6 +177,7 @@ async def test_bad_requests_are_rejected_with_a_reason(master):
     assert master.healthy
 
 
+@on_shared_loop
 async def test_killed_agent_fails_streams_promptly_and_unlinks_arenas(master):
     """Runs last on the shared master: it kills the agent."""
     m = master
@@ -196,8 +218,7 @@ def test_agent_refuses_a_master_of_another_protocol_version():
 def test_spans_of_both_processes_link_up(tmp_path):
     script = textwrap.dedent(f"""
         import asyncio, llmtrace
-        from engine import protocol
-from engine.config import load_config
+        from engine.config import load_config
         from engine.master import Master
         from engine.sampling_params import SamplingParams
         from engine.tokenizer import Tokenizer
