@@ -254,6 +254,14 @@ def test_hot_function_in_stage_skips_what_specific_rules_explained():
     assert s.est_saving_ms_per_token == pytest.approx(3.0 / 2, rel=0.1)
 
 
+def test_a_large_stage_with_nothing_recorded_inside_asks_for_function_data():
+    b = EngineTraceBuilder()
+    b.steps(20, batch=1, agent={"preprocess": 12.5})
+    (s,) = _only(Context(b.build()), "hot-function-in-stage")
+    assert s.stage == "preprocess" and s.est_saving_ms_per_token == 0
+    assert "detail: full" in s.fix
+
+
 def test_suggestions_are_ranked_by_saving():
     b = EngineTraceBuilder()
     b.steps(30, batch=1, nested={"preprocess": [("logging.debug", 7.0, {}), ("np.concatenate", 4.8, {})]})

@@ -10,6 +10,8 @@ tracing section reports them), and a caller whose time is its callee's (the call
 named instead).
 Saving: that unexplained time per token, i.e. what removing the function from the
 per-step path saves; making it cheaper saves part of it.
+A host stage worth >= MIN_STAGE_SHARE with no function-level data at all gets a
+finding with no saving: record functions inside it (stack samples, viztracer, py-spy).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from ..functions import covered
 ID = "hot-function-in-stage"
 MIN_STAGE_SHARE = 0.05
 MIN_FUNCTION_SHARE = 0.3
+NOT_BLIND = ("gap", "tcp", "sync")  # no code of their own runs there: pauses, transport, device waits
 SAME_TIME = 0.1  # a caller within 10% of its callee's time is the same finding
 IDLE = re.compile(r"(^|\.)(select|poll|epoll|wait|wait_for|sleep|acquire|recv|recv_into|accept|_run_once"
                   r"|run_forever|run_until_complete)$")
@@ -59,6 +62,8 @@ def check(ctx):
     for row in view["stages"]:
         if row["share"] < MIN_STAGE_SHARE:
             continue
+        if row["name"] not in NOT_BLIND and not ctx.functions.select(stage=row["name"]):
+            out.append(_blind(ctx, row))
         for ms, name, calls in _stage_findings(ctx, row["name"], row["ms_per_token"]):
             share = ms / row["ms_per_token"]
             stat = ctx.functions.stats(calls)[0]
@@ -71,3 +76,13 @@ def check(ctx):
                 f"Look at {name}: hoist it out of the per-step path, cache its result across steps, or "
                 f"vectorize it; it is the largest unexplained cost inside {row['name']}."))
     return out
+
+
+def _blind(ctx, row):
+    return ctx.suggestion(
+        ID, f"{row['name']} takes {row['share']:.0%} of each token and nothing inside it is recorded",
+        row["name"], {"ms_per_token": round(row["ms_per_token"], 4), "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"]},
+        0.0,
+        f"Record what runs inside {row['name']}: `trace.detail: full` (stack samples and gc spans) in the run "
+        f"config, `llmtrace record --py-spy` or `--viztracer --viztracer-stages {row['name']}`, or "
+        f"@llmtrace.trace on its helpers; then this report names the functions and their cost.")
