@@ -5,7 +5,7 @@ master.step with its stages around agent.wait, the agent's agent.step with prepr
 forward/sampling (device times on a GPU), sync.wait, plus the master's counters. Each
 stage's host duration, the device times, transport latency, nested spans (antipattern
 fingerprints) and the step's gap are parameters, so a test knows the exact cost it
-injected.
+injected. `record_pipeline` records a real (not synthetic) trace of a small pipeline.
 """
 from __future__ import annotations
 
