@@ -100,11 +100,10 @@ class Agent:
         t0 = perf_counter_ns()
         out = self.runner.execute(inp)
         execute_ns = perf_counter_ns() - t0
-        if self.rank != 0:
-            return  # rank 0 answers for the group
-        with llmtrace.span("shm.write", seqs=B):
-            self.reply["token_ids"][:B] = out.token_ids
-            self.reply["logprobs"][:B] = out.logprobs
+        if self.rank == 0:  # the ranks sample the same ids; one copy goes back
+            with llmtrace.span("shm.write", seqs=B):
+                self.reply["token_ids"][:B] = out.token_ids
+                self.reply["logprobs"][:B] = out.logprobs
         carrier = list(llmtrace.context.current())  # agent.step's: the master's tcp.recv follows it
         with llmtrace.span("tcp.send"):
             self.conn.send(protocol.message("reply", step=msg["step"], carrier=carrier, n=B,

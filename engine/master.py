@@ -47,6 +47,7 @@ from .tokenizer import IncrementalDetokenizer, Tokenizer
 log = logging.getLogger("engine.master")
 
 START_TIMEOUT_S = 600.0  # model loading included
+HELLO_TIMEOUT_S = 10.0  # an agent says hello as soon as it connects; a silent peer is not one
 STOP_TIMEOUT_S = 10.0
 EXIT_GRACE_S = 2.0  # how long a closed connection may wait for the agent's exit status
 
@@ -228,14 +229,14 @@ class Master:
         while pending:
             conn = AsyncFrameStream(*await incoming.get(), nodelay=nodelay)
             try:
-                hello = protocol.check(await conn.recv(), "hello")
+                hello = protocol.check(await asyncio.wait_for(conn.recv(), HELLO_TIMEOUT_S), "hello")
                 if not hmac.compare_digest(str(hello.get("token", "")), self._token):
                     raise ProtocolError("connection without this master's agent token")
                 agent = pending.pop(hello.get("rank"), None)
                 if agent is None:
                     raise ProtocolError(f"unexpected rank {hello.get('rank')!r}")
-            except (ProtocolError, FrameError) as e:
-                log.warning("rejected an agent connection: %s", e)
+            except (ProtocolError, FrameError, asyncio.TimeoutError) as e:
+                log.warning("rejected an agent connection: %s", e or "no hello")
                 await _send_error(conn, str(e))
                 continue
             agent.conn = conn
@@ -411,20 +412,16 @@ class Master:
             with llmtrace.span("tcp.send"):
                 for a in self._agents:
                     await _guard(a, a.conn.send(msg))
-            lead = self._agents[0]
+            # Every rank replies once it is done with the request arena, which the next step
+            # overwrites; rank 0's reply is the one whose rows are in the reply arena.
             with llmtrace.span("agent.wait"):
-                await _guard(lead, lead.conn.wait())
+                for a in self._agents:
+                    await _guard(a, a.conn.wait())
             round_trip_ns = perf_counter_ns() - t_send
             with ReceiveSpan("tcp.recv") as recv_span:
-                reply = protocol.check(await _guard(lead, lead.conn.recv()), "reply")
-                recv_span.follow(Carrier.from_wire(reply.get("carrier")))
-            if reply.get("step") != n or reply.get("n") != B:
-                raise ProtocolError(f"reply for step {reply.get('step')} with {reply.get('n')} rows, "
-                                    f"expected step {n} with {B}")
-            timings = reply["timings"]
-            agent_ns = timings["send_ns"] - timings["arrival_ns"]
-            self._agent_ns += agent_ns
-            self._transport_ns += round_trip_ns - agent_ns
+                replies = [protocol.check(await _guard(a, a.conn.recv()), "reply") for a in self._agents]
+                recv_span.follow(Carrier.from_wire(replies[0].get("carrier")))
+            self._account(replies, n, B, round_trip_ns)
             with llmtrace.span("shm.read", seqs=B):
                 token_ids = self._reply["token_ids"][:B].tolist()
             with llmtrace.span("postprocess"):
@@ -440,6 +437,16 @@ class Master:
         llmtrace.counter("kv_blocks_used", bm.num_used_blocks)
         llmtrace.counter("kv_blocks_total", bm.num_blocks)
         llmtrace.counter("max_num_seqs", sched.cfg.max_num_seqs)  # the analyzer's batch-fill reference
+
+    def _account(self, replies: list[dict], step: int, num_seqs: int, round_trip_ns: int) -> None:
+        """Check the replies answer this step; split the round trip into agent time and transport."""
+        for r in replies:
+            if r.get("step") != step or r.get("n") != num_seqs:
+                raise ProtocolError(f"reply for step {r.get('step')} with {r.get('n')} rows, "
+                                    f"expected step {step} with {num_seqs}")
+        agent_ns = max(r["timings"]["send_ns"] - r["timings"]["arrival_ns"] for r in replies)
+        self._agent_ns += agent_ns
+        self._transport_ns += round_trip_ns - agent_ns
 
     def _record_queue_spans(self, out: SchedulerOutput, step: int) -> None:
         """A `queue` span per request scheduled for the first time: arrival -> first scheduled."""

@@ -4,11 +4,13 @@ Every message is a small msgpack map with "v" (protocol version) and "type". Bul
 never travel in messages: the master writes them into the request arena, the agent its
 sampled ids into the reply arena; a step message only says how many rows to read.
 
-Handshake (per agent):   agent -> hello {rank, pid}
+Handshake (per agent):   agent -> hello {rank, pid, token}   (token: from the spawning master)
                           master -> hello {config, arenas, world_size}   (or error)
-                          agent -> ready {num_blocks}   (after building the model runner)
-Each step:               master -> step {step, carrier, prefill, num_seqs, num_tokens, new, drop}
-                          agent -> reply {step, carrier, n, timings}      (rank 0 replies)
+                          agent -> ready {rank, num_blocks, vocab_size}  (after building its runner)
+Each step:               master -> step {step, carrier, prefill, num_seqs, num_tokens, block_width,
+                                          new, drop}
+                          agent -> reply {step, carrier, n, timings}      (every rank, once done
+                                   with the request arena; rank 0 writes the reply arena)
 End:                     master -> shutdown; an agent that fails sends error {message}.
 
 Steps carry a diff: a sequence's sampling parameters travel once, in `new`, the first time
@@ -21,7 +23,6 @@ from .ipc.shm import ArenaLayout, Field
 from .sampling_params import SamplingParams
 
 VERSION = 1
-TYPES = ("hello", "ready", "step", "reply", "shutdown", "error")
 
 
 class ProtocolError(Exception):

@@ -215,7 +215,9 @@ def test_agent_refuses_a_master_of_another_protocol_version():
     assert got_error["type"] == "error" and "agent-0" in got_error["message"]
 
 
-def test_spans_of_both_processes_link_up(tmp_path):
+def test_spans_of_all_processes_link_up_with_two_ranks(tmp_path):
+    """Two agents (the N-rank protocol: both get every step and reply, rank 0's rows are read)."""
+    cfg = {**CFG, "engine": {**CFG["engine"], "agents": 2}}
     script = textwrap.dedent(f"""
         import asyncio, llmtrace
         from engine.config import load_config
@@ -224,7 +226,7 @@ def test_spans_of_both_processes_link_up(tmp_path):
         from engine.tokenizer import Tokenizer
 
         async def main():
-            m = Master(load_config({CFG!r}), Tokenizer())  # the shipped tokenizer: no torch import here
+            m = Master(load_config({cfg!r}), Tokenizer())  # the shipped tokenizer: no torch import here
             await m.start()
             streams = [m.add_request(f"r{{i}}", [100 + i] * (8 + i), SamplingParams(temperature=0, max_tokens=4))
                        for i in range(2)]
@@ -242,34 +244,35 @@ def test_spans_of_both_processes_link_up(tmp_path):
     from llmtrace.trace import load_spool_dir
 
     trace = load_spool_dir(str(tmp_path))
-    names = {proc.name: pid for pid, proc in trace.processes.items()}
-    assert set(names) == {"master", "agent-0"}
-    master_pid, agent_pid = names["master"], names["agent-0"]
+    pids = {proc.name: pid for pid, proc in trace.processes.items()}
+    assert set(pids) == {"master", "agent-0", "agent-1"}
     by_id = {s.span_id: s for s in trace.spans}
     children = {}
     for s in trace.spans:
         children.setdefault(s.parent_id, []).append(s.name)
     steps = [s for s in trace.spans if s.name == "master.step" and s.attrs.get("batch", 0) > 0]
-    agent_steps = {s.link_id: s for s in trace.spans if s.name == "agent.step"}
-    assert steps and len(agent_steps) == len(steps)
+    agent_steps = {(s.pid, s.link_id): s for s in trace.spans if s.name == "agent.step"}
+    assert steps and len(agent_steps) == 2 * len(steps)
     assert steps[0].attrs["prefill"] == 1 and steps[0].attrs["tokens"] == 8 + 9
     for ms in steps:
-        assert ms.pid == master_pid
+        assert ms.pid == pids["master"]
         assert children[ms.span_id] == ["schedule", "shm.write", "tcp.send", "agent.wait", "tcp.recv", "shm.read",
                                         "postprocess", "detokenize", "stream.write"]
-        ag = agent_steps[ms.span_id]  # master.step -> agent.step
-        assert ag.pid == agent_pid and ag.step == ms.step
-        kids = [k for k in children[ag.span_id] if k not in ("preprocess.batch", "gc")]
-        assert kids == ["tcp.recv", "shm.read", "preprocess", "forward", "sampling", "sync.wait", "shm.write",
-                        "tcp.send"]
+        for rank in (0, 1):
+            ag = agent_steps[pids[f"agent-{rank}"], ms.span_id]  # master.step -> agent.step
+            assert ag.step == ms.step
+            kids = [k for k in children[ag.span_id] if k not in ("preprocess.batch", "gc")]
+            assert kids == ["tcp.recv", "shm.read", "preprocess", "forward", "sampling", "sync.wait",
+                            *(["shm.write"] if rank == 0 else []), "tcp.send"]
+            assert all(by_id[i].step == ag.step for i in by_id if by_id[i].parent_id == ag.span_id)
         recv = next(by_id[i] for i in by_id if by_id[i].parent_id == ms.span_id and by_id[i].name == "tcp.recv")
-        assert recv.link_id == ag.span_id and recv.step == ms.step  # agent.step -> master tcp.recv
-        assert all(by_id[i].step == ag.step for i in by_id if by_id[i].parent_id == ag.span_id)
+        lead = agent_steps[pids["agent-0"], ms.span_id]
+        assert recv.link_id == lead.span_id and recv.step == ms.step  # agent.step -> master tcp.recv
     queue = [s for s in trace.spans if s.name == "queue"]
     assert sorted(s.attrs["req"] for s in queue) == ["r0", "r1"]
     tokens = [i for i in trace.instants if i.name == "token"]
     assert sorted((i.attrs["req"], i.attrs["n"]) for i in tokens) == [(r, n) for r in ("r0", "r1") for n in range(1, 5)]
     finish = [i for i in trace.instants if i.name == "req.finish"]
     assert sorted((i.attrs["req"], i.attrs["reason"]) for i in finish) == [("r0", "length"), ("r1", "length")]
-    counters = {c.name for c in trace.counters if c.pid == master_pid}
+    counters = {c.name for c in trace.counters if c.pid == pids["master"]}
     assert {"running", "waiting", "batch_size", "kv_blocks_used", "kv_blocks_total"} <= counters
