@@ -28,6 +28,7 @@ from .batch_state import BatchState
 from .ipc import ReceiveSpan
 from .ipc.shm import ArenaLayout, ShmArena
 from .ipc.tcp import ConnectionClosed, FrameSocket
+from .step_io import StepInput
 
 log = logging.getLogger("engine.agent")
 
@@ -50,7 +51,8 @@ class Agent:
         """hello -> config + arenas -> build the runner -> ready {num_blocks}."""
         from .config import load_config
 
-        self.conn.send(protocol.message("hello", rank=self.rank, pid=os.getpid(), token=os.environ.get(TOKEN_ENV, "")))
+        token = os.environ.get(TOKEN_ENV, "")
+        self.conn.send(protocol.message("hello", rank=self.rank, pid=os.getpid(), token=token))
         setup = protocol.check(self.conn.recv(), "hello")
         cfg = load_config(setup["config"])
         self.conn.set_nodelay(not cfg.antipatterns.no_tcp_nodelay)
@@ -83,8 +85,6 @@ class Agent:
                 self.step(msg, span.t0)
 
     def step(self, msg: dict, t_arrival: int) -> None:
-        from .step_io import StepInput
-
         B, T, W = msg["num_seqs"], msg["num_tokens"], msg["block_width"]
         with llmtrace.span("shm.read", seqs=B, tokens=T):
             a = self.request.arrays
@@ -97,9 +97,7 @@ class Agent:
             temperature, top_p, top_k, seed = self.batch.sampling_arrays(seq_ids)
             inp = StepInput(step=msg["step"], is_prefill=bool(msg["prefill"]), seq_ids=seq_ids,
                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, **views)
-        t0 = perf_counter_ns()
         out = self.runner.execute(inp)
-        execute_ns = perf_counter_ns() - t0
         if self.rank == 0:  # the ranks sample the same ids; one copy goes back
             with llmtrace.span("shm.write", seqs=B):
                 self.reply["token_ids"][:B] = out.token_ids
@@ -107,8 +105,7 @@ class Agent:
         carrier = list(llmtrace.context.current())  # agent.step's: the master's tcp.recv follows it
         with llmtrace.span("tcp.send"):
             self.conn.send(protocol.message("reply", step=msg["step"], carrier=carrier, n=B,
-                                            timings={"arrival_ns": t_arrival, "execute_ns": execute_ns,
-                                                     "send_ns": perf_counter_ns()}))
+                                            timings={"arrival_ns": t_arrival, "send_ns": perf_counter_ns()}))
 
     def close(self) -> None:
         for arena in (self.request, self.reply):

@@ -321,7 +321,8 @@ class Master:
 
     # ---- requests --------------------------------------------------------------------------
 
-    def add_request(self, req_id: str, prompt_token_ids, sampling_params: SamplingParams | None = None) -> RequestStream:
+    def add_request(self, req_id: str, prompt_token_ids,
+                    sampling_params: SamplingParams | None = None) -> RequestStream:
         """Queue a request. Raises RequestRejected (a ValueError; QueueFull when the waiting
         queue is full), SamplingParamsError for parameters that do not fit, EngineDead if the
         engine is not running."""

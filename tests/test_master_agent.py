@@ -200,8 +200,9 @@ async def test_killed_agent_fails_streams_promptly_and_unlinks_arenas(master):
 
 def test_agent_refuses_a_master_of_another_protocol_version():
     with socket.create_server(("127.0.0.1", 0)) as srv:
-        agent = subprocess.Popen([sys.executable, "-m", "engine.agent", "--connect", "127.0.0.1:%d" % srv.getsockname()[1],
-                                  "--rank", "0"], stderr=subprocess.PIPE, text=True)
+        address = "127.0.0.1:%d" % srv.getsockname()[1]
+        agent = subprocess.Popen([sys.executable, "-m", "engine.agent", "--connect", address, "--rank", "0"],
+                                 stderr=subprocess.PIPE, text=True)
         srv.settimeout(60)
         conn, _ = srv.accept()
         master = FrameSocket(conn)
