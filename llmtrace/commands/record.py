@@ -58,8 +58,14 @@ def main(args) -> int:
     except OSError as e:
         raise UserError(f"cannot start {command[0]!r}: {e.strerror}") from None
     if pyspy is not None:
-        _start_pyspy(pyspy, proc, float(args.py_spy_rate))
-    rc = wait_forwarding_signals(proc)
+        pyspy.start(proc.pid)  # before the mask below, which children would inherit
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)  # held from here, forwarded by the wait
+    try:
+        if pyspy is not None:
+            _open_pyspy_gate(pyspy, proc, float(args.py_spy_rate))
+        rc = wait_forwarding_signals(proc)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     if pyspy is not None:
         pyspy.finish()
     return _finish(out, command, rc)
@@ -76,9 +82,8 @@ def _pyspy_recorder(out: str, rate: int):
     return PySpyRecorder(exe, out, rate)
 
 
-def _start_pyspy(pyspy, proc: subprocess.Popen, fallback_hz: float) -> None:
-    """Attach py-spy to the program waiting at its gate; open the gate either way."""
-    pyspy.start(proc.pid)
+def _open_pyspy_gate(pyspy, proc: subprocess.Popen, fallback_hz: float) -> None:
+    """Wait for py-spy to sample the program beaconing at its gate; open the gate either way."""
     if pyspy.attach(lambda: proc.poll() is None):
         pyspy.open_gate()
         return
@@ -88,16 +93,12 @@ def _start_pyspy(pyspy, proc: subprocess.Popen, fallback_hz: float) -> None:
 
 
 def wait_forwarding_signals(proc: subprocess.Popen) -> int:
-    """Wait for `proc`; SIGINT/SIGTERM sent to this process go on to it. A terminal's
-    Ctrl-C already reached it (si_code SI_KERNEL), so that one is not sent twice."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)
-    try:
-        while proc.poll() is None:
-            info = signal.sigtimedwait(_FORWARDED, 0.05)
-            if info is not None and info.si_code != _SI_KERNEL and proc.poll() is None:
-                proc.send_signal(info.si_signo)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    """Wait for `proc` with SIGINT/SIGTERM blocked: those sent to this process go on to it.
+    A terminal's Ctrl-C already reached it (si_code SI_KERNEL), so that one is not sent twice."""
+    while proc.poll() is None:
+        info = signal.sigtimedwait(_FORWARDED, 0.05)
+        if info is not None and info.si_code != _SI_KERNEL and proc.poll() is None:
+            proc.send_signal(info.si_signo)
     return proc.returncode
 
 
