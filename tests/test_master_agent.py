@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -214,6 +215,39 @@ def test_agent_refuses_a_master_of_another_protocol_version():
     assert agent.returncode == 1
     assert "protocol version mismatch: peer speaks v99" in err
     assert got_error["type"] == "error" and "agent-0" in got_error["message"]
+
+
+def test_killed_master_leaves_no_agent_and_no_shared_memory():
+    script = textwrap.dedent(f"""
+        import asyncio
+        from engine.config import load_config
+        from engine.master import Master
+        from engine.sampling_params import SamplingParams
+        from engine.tokenizer import Tokenizer
+
+        async def main():
+            m = Master(load_config({CFG!r}), Tokenizer())
+            await m.start()
+            stream = m.add_request("r", [100] * 8, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+            await stream.__anext__()
+            print(m.agent_pids[0], m._request.name, m._reply.name, flush=True)
+            async for _ in stream:
+                pass
+
+        asyncio.run(main())
+    """)
+    master = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    agent_pid, *names = master.stdout.readline().split()
+    master.kill()  # SIGKILL: no handler, no atexit
+    master.wait(timeout=30)
+    for _ in range(500):  # the orphaned agent sees the closed connection and exits
+        if not os.path.exists(f"/proc/{agent_pid}") or " Z " in open(f"/proc/{agent_pid}/stat").read():
+            break
+        time.sleep(0.02)
+    else:
+        os.kill(int(agent_pid), signal.SIGKILL)
+        raise AssertionError("the agent outlived its master by 10 s")
+    assert len(names) == 2 and not any(os.path.exists(os.path.join(shm.SHM_DIR, n)) for n in names)
 
 
 def test_spans_of_all_processes_link_up_with_two_ranks(tmp_path):
