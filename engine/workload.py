@@ -307,7 +307,10 @@ async def run_workload(base_url: str, wl: WorkloadConfig, tokenizer, *, max_mode
                        progress: Callable[[Progress], None] | None = None,
                        corpus: str | None = None) -> tuple[list[RequestResult], WorkloadSummary]:
     """Run the whole workload against a server; returns per-request results and the summary."""
-    gen = LoadGenerator(base_url, wl, iter_requests(wl, tokenizer, max_model_len, corpus), progress)
+    requests = iter_requests(wl, tokenizer, max_model_len, corpus)
+    if wl.num_requests is not None:  # build every prompt up front, off the measured path
+        requests = iter(list(requests))
+    gen = LoadGenerator(base_url, wl, requests, progress)
     t0 = time.perf_counter()
     results = await gen.run()
     return results, summarize(results, time.perf_counter() - t0)

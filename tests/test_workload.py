@@ -22,7 +22,7 @@ from engine.tokenizer import Tokenizer
 from engine.workload import PromptBuilder, iter_requests, percentile, run_workload, sample_length
 from llmtrace import recorder, sink
 from llmtrace.spool_format import Batch
-from llmtrace.trace import Process, RecordDecoder, Trace, load_spool_dir
+from llmtrace.timeline import Process, RecordDecoder, Trace, load_spool_dir
 
 MAX_MODEL_LEN = 128
 CONFIG = f"engine: {{max_model_len: {MAX_MODEL_LEN}, max_batched_tokens: 256, max_num_seqs: 8, num_blocks: 96}}\n"
@@ -43,7 +43,6 @@ class ServeProcess:
     def __init__(self, tmp):
         (tmp / "serve.yaml").write_text(CONFIG)
         self.out_dir = tmp / "run"
-        self.shm_before = set(os.listdir("/dev/shm"))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llmtrace.cli", "serve", "--config", str(tmp / "serve.yaml"), "--port", "0",
              "--out", str(self.out_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -59,6 +58,14 @@ class ServeProcess:
     def health(self) -> dict:
         with urllib.request.urlopen(self.url + "/health", timeout=10) as r:
             return json.loads(r.read())
+
+    def shared_memory(self) -> set[str]:
+        """/dev/shm names the server and its agents have mapped (unlinked ones included)."""
+        names = set()
+        for pid in (self.proc.pid, *self.agent_pids):
+            with open(f"/proc/{pid}/maps") as f:
+                names |= set(re.findall(r"/dev/shm/(llmtrace-[0-9a-f]+)", f.read()))
+        return names
 
     def stop(self) -> tuple[int, str]:
         """SIGTERM, as a service manager stops it; (exit code, output)."""
@@ -195,11 +202,13 @@ async def test_client_spans_match_the_servers_and_sigterm_stops_everything(engin
     finally:
         recorder.set_enabled(False)
     assert all(r.ok for r in results)
+    arenas = engine.shared_memory()
+    assert arenas  # the master's request and reply arenas
     rc, out = engine.stop()
     assert rc == 0 and "Traceback" not in out, out
     for pid in engine.agent_pids:  # reaped by the server before it exited
         assert not os.path.exists(f"/proc/{pid}"), pid
-    assert not [n for n in set(os.listdir("/dev/shm")) - engine.shm_before if n.startswith("llmtrace-")]
+    assert not arenas & set(os.listdir("/dev/shm"))
 
     client = {s.attrs["req"]: s for s in _drain_trace().spans if s.name == "client.request"}
     server = {s.attrs["req"]: s for s in load_spool_dir(str(engine.out_dir)).spans if s.name == "http.request"}
