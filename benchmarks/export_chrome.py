@@ -21,7 +21,7 @@ import tempfile
 
 WORKER = """
 import json, resource, sys, time
-from llmtrace.trace import Process, Span, Trace
+from llmtrace.timeline import Process, Span, Trace
 from llmtrace.export import load_chrome_trace, write_chrome_trace
 
 n, path = int(sys.argv[1]), sys.argv[2]

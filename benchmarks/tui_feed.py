@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import llmtrace  # noqa: E402
 from llmtrace import recorder  # noqa: E402
 from llmtrace.spool_format import parse_header, scan_batches  # noqa: E402
-from llmtrace.trace import Process, RecordDecoder, Trace  # noqa: E402
+from llmtrace.timeline import Process, RecordDecoder, Trace  # noqa: E402
 from tui.app import POLL_S, REDRAW_S, SUGGEST_S  # noqa: E402
 from tui.feed import SpoolFeed  # noqa: E402
 from tui.model import RunModel  # noqa: E402

@@ -37,7 +37,7 @@ def _default_process_name() -> str:
 
 
 def configure(enabled: bool = True, out: str | None = None, process_name: str | None = None,
-              live: str | None = None, sample_hz: float = 0.0, gc: bool = False,
+              live: str | None = None, sample_hz: float | None = None, gc: bool | None = None,
               propagate: bool = True) -> None:
     """Turn recording on or off and choose where records go.
 
@@ -45,6 +45,7 @@ def configure(enabled: bool = True, out: str | None = None, process_name: str | 
     in memory until `recorder.drain()` (useful in tests).
     sample_hz: also sample every thread's stack this often (function names per stage).
     gc: record garbage-collector pauses as `gc` spans.
+    sample_hz and gc left as None keep what the environment says (a parent's settings).
     propagate: export the settings in the environment so child processes record too.
     """
     if out is not None:
@@ -53,6 +54,10 @@ def configure(enabled: bool = True, out: str | None = None, process_name: str | 
     elif process_name is not None and sink.current() is not None:
         sink.start(sink.current().out_dir, process_name, context.trace_id, live=live)
     recorder.set_enabled(enabled)
+    if sample_hz is None:
+        sample_hz = float(os.environ.get(ENV_SAMPLE_HZ) or 0)
+    if gc is None:
+        gc = os.environ.get(ENV_GC) == "1"
     if sample_hz > 0:
         from . import stack_sampler
         stack_sampler.start(1.0 / sample_hz)
@@ -90,7 +95,6 @@ def _configure_from_env() -> None:
     out = os.environ.get(ENV_OUT)
     if out and os.environ.get(ENV_ENABLED, "1") != "0":
         configure(True, out, os.environ.get(ENV_PROCESS_NAME) or None, os.environ.get(ENV_LIVE) or None,
-                  sample_hz=float(os.environ.get(ENV_SAMPLE_HZ) or 0), gc=os.environ.get(ENV_GC) == "1",
                   propagate=False)
         if os.environ.get("LLMTRACE_VIZTRACER"):  # viztracer inside chosen stages (integrations/viztracer.py)
             from .integrations import viztracer

@@ -15,7 +15,7 @@ import os
 from .errors import UserError
 from .export.load_chrome import load_chrome_trace, read_export_info
 from .spool_format import SpoolError
-from .trace import Trace, load_spool_dir, load_spool_file, spool_files
+from .timeline import Trace, load_spool_dir, load_spool_file, spool_files
 
 TRACE_JSON = "trace.json"
 

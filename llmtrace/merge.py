@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from .errors import UserError
 from .export.load_chrome import load_chrome_trace, read_json
 from .integrations import pyspy, torch_profiler
-from .trace import Trace
+from .timeline import Trace
 
 LLMTRACE, VIZTRACER, PYSPY, OTHER = "llmtrace", "viztracer", "py-spy", "chrome"
 _ID_BITS = 40  # span ids are (pid << 40) | seq

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .trace import Trace
+from .timeline import Trace
 
 TRACE_JSON = "trace.json"
 REPORT_JSON = "report.json"

@@ -13,7 +13,7 @@ import itertools
 import time
 
 import llmtrace
-from llmtrace.trace import CounterSample, Instant, Process, Span, Trace
+from llmtrace.timeline import CounterSample, Instant, Process, Span, Trace
 
 MS = 1_000_000
 MASTER_PID, AGENT_PID = 1000, 2000

@@ -10,7 +10,7 @@ import pytest
 import llmtrace
 from engine.config import AntipatternsConfig, ModelConfig
 from engine.model_runner import ModelRunner
-from llmtrace.trace import load_spool_dir
+from llmtrace.timeline import load_spool_dir
 from test_model import Driver
 
 TINY = ModelConfig(preset="tiny", dtype="float32", device="cpu", seed=0)

@@ -7,7 +7,6 @@ import llmtrace
 
 from llmtrace.analyze.breakdown import GAP, MODEL
 from llmtrace.analyze.context import Context
-from llmtrace.decorator import trace as traced  # `llmtrace.trace` is shadowed by the llmtrace.trace module
 from llmtrace.load import load_trace
 from synthetic import MS, EngineTraceBuilder, clean_trace, record_pipeline
 
@@ -148,7 +147,7 @@ def test_tensor_parallel_wait_is_replaced_by_the_slowest_rank():
         assert sc.parts["preprocess"] == 2 * MS
 
 
-@traced
+@llmtrace.trace
 def _encode():
     sum(range(100))
 
@@ -156,14 +155,14 @@ def _encode():
 _slept: list[int] = []
 
 
-@traced
+@llmtrace.trace
 def _decode_slowly():
     t = time.perf_counter_ns()
     time.sleep(0.001)
     _slept.append(time.perf_counter_ns() - t)
 
 
-@traced
+@llmtrace.trace
 def _generate_token():
     _encode()
     _decode_slowly()

@@ -19,7 +19,7 @@ from llmtrace.errors import UserError
 from llmtrace.export import load_chrome_trace, write_chrome_trace
 from llmtrace.export.tracks import anchor_time, nest
 from llmtrace.load import load_trace
-from llmtrace.trace import CounterSample, Instant, Process, Sample, Span, Trace, load_spool_dir
+from llmtrace.timeline import CounterSample, Instant, Process, Sample, Span, Trace, load_spool_dir
 
 MASTER, AGENT0, AGENT1 = 100, 200, 300
 BASE = 5_000_000_000  # CLOCK_MONOTONIC ns of the hand-made trace's first event
@@ -382,7 +382,7 @@ def test_anchor_time():
 
 BIG = """
 import resource, sys, time
-from llmtrace.trace import Trace, Span, Process
+from llmtrace.timeline import Trace, Span, Process
 from llmtrace.export import write_chrome_trace
 n = int(sys.argv[1])
 t = Trace(processes={1: Process(1, "master"), 2: Process(2, "agent-0")})

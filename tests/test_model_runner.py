@@ -7,7 +7,7 @@ import pytest
 import llmtrace
 from engine.config import ModelConfig
 from engine.model_runner import ModelRunner, kv_block_bytes
-from llmtrace.trace import load_spool_dir
+from llmtrace.timeline import load_spool_dir
 from test_model import Driver, MiniAllocator, make_step
 
 TINY = ModelConfig(preset="tiny", dtype="float32", device="cpu", seed=0)

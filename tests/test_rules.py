@@ -4,7 +4,7 @@ import pytest
 
 from llmtrace.analyze.context import Context
 from llmtrace.analyze.rules import RULES, run_rules
-from llmtrace.trace import Sample
+from llmtrace.timeline import Sample
 from synthetic import AGENT_PID, MS, EngineTraceBuilder, clean_trace
 
 SAMPLING_AFTER_SYNC = ["tcp.recv", "shm.read", "preprocess", "forward", "sync.wait", "sampling", "shm.write", "tcp.send"]

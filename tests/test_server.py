@@ -28,7 +28,7 @@ from engine.server import start_engine
 from engine.stop_strings import StopStringMatcher
 from llmtrace import recorder, sink
 from llmtrace.spool_format import Batch
-from llmtrace.trace import Process, RecordDecoder, Trace
+from llmtrace.timeline import Process, RecordDecoder, Trace
 
 MAX_MODEL_LEN = 128
 PROMPT = "The quick brown fox jumps over the lazy dog."  # 17 tokens with BOS

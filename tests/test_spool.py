@@ -13,7 +13,7 @@ from test_recorder import backend  # noqa: F401  (the fixture)
 import llmtrace
 from llmtrace import context, recorder, sink
 from llmtrace.spool_format import read_spool
-from llmtrace.trace import load_spool_dir
+from llmtrace.timeline import load_spool_dir
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from synthetic import MS, EngineTraceBuilder
 
 from llmtrace.spool_format import (ATTR_FLOAT, ATTR_STR, COUNTER, DEVICE, INSTANT, RECORD, SPAN, encode_batch,
                                    encode_header, float_bits)
-from llmtrace.trace import Trace
+from llmtrace.timeline import Trace
 from tui.feed import SpoolFeed
 from tui.model import RunModel
 
@@ -226,6 +226,11 @@ def finished_app(tmp_path, steps: int = 30, log_ms: float = 3.0):
                        source=str(tmp_path))
 
 
+async def _exported(app) -> None:
+    for w in [w for w in app.workers if w.group == "export"]:
+        await w.wait()
+
+
 def _column(table, i: int = 0) -> list[str]:
     return [str(table.get_row_at(r)[i]) for r in range(table.row_count)]
 
@@ -259,7 +264,7 @@ async def test_keys_switch_tabs_open_a_suggestion_export_and_quit(tmp_path):
         assert not isinstance(app.screen, SuggestionScreen)
 
         await pilot.press("e")
-        await app.workers.wait_for_complete()
+        await _exported(app)
         out = tmp_path / "trace.json"
         assert out.exists() and b"master.step" in out.read_bytes()
 
@@ -290,6 +295,7 @@ async def test_live_feed_updates_the_table_as_batches_arrive(tmp_path, monkeypat
     from tui.header import RunInfo
 
     monkeypatch.setattr(app_mod, "REDRAW_S", 0.05)
+    monkeypatch.setattr(app_mod, "SUGGEST_S", 0.1)
     trace = engine_trace(steps=20, log_ms=1.0)
     writers = {pid: SpoolWriter(tmp_path, pid, p.name) for pid, p in trace.processes.items()}
     steps = sorted({s.step for s in trace.spans if s.step >= 0})
@@ -312,11 +318,13 @@ async def test_live_feed_updates_the_table_as_batches_arrive(tmp_path, monkeypat
         assert "tok/s now" in str(app.header.content)
         assert "steps 20" in str(app.header.content) and "the last 20 steps" in str(app.stages.heading.content)
         await pilot.press("e")  # live: exports what the spool files hold so far
-        await app.workers.wait_for_complete()
+        await _exported(app)
         assert b"agent.step" in (tmp_path / "trace.json").read_bytes()
-        app.workload_finished("workload done")  # runs the rules on the window at once
-        await app.workers.wait_for_complete()
-        await pilot.pause()
+        app.workload_finished("workload done")
+        for _ in range(50):  # the rules run on the window in a worker thread
+            await pilot.pause(0.1)
+            if app.suggestions.suggestions:
+                break
         assert [s["id"] for s in app.suggestions.suggestions] == ["log-in-hot-path"]
         assert "workload done" in str(app.header.content)
 

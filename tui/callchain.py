@@ -9,7 +9,7 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Static, Tree
 
-from llmtrace.trace import Process, Span
+from llmtrace.timeline import Process, Span
 
 from .model import StepView
 

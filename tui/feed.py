@@ -11,7 +11,7 @@ import os
 
 from llmtrace.sink import SPOOL_SUFFIX
 from llmtrace.spool_format import SpoolError, parse_header, scan_batches
-from llmtrace.trace import Process, RecordDecoder, Trace
+from llmtrace.timeline import Process, RecordDecoder, Trace
 
 # Recent spans per process that a late DEVICE record can still be joined to (a step or two).
 KEEP_IDS = 1 << 14

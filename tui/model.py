@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from llmtrace.analyze.breakdown import Breakdown, StepCost
 from llmtrace.analyze.index import TraceIndex
 from llmtrace.analyze.stats import summary
-from llmtrace.trace import CounterSample, Instant, Process, Sample, Span, Trace
+from llmtrace.timeline import CounterSample, Instant, Process, Sample, Span, Trace
 
 SETTLE_S = 0.5
 STALE_S = 10.0

@@ -24,7 +24,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from ..decorator import USER_STAGE
-from ..trace import Span
+from ..timeline import Span
 from .index import TraceIndex
 from .stats import percentile
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..trace import Trace
+from ..timeline import Trace
 from .breakdown import Breakdown, StepCost
 from .functions import EXAMPLE_STEPS, Call, FunctionIndex
 from .index import TraceIndex

@@ -9,7 +9,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 
-from ..trace import Span, Trace
+from ..timeline import Span, Trace
 from .breakdown import MODEL_STAGES, Breakdown, is_host_side
 from .index import TraceIndex
 

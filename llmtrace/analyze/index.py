@@ -4,7 +4,7 @@ from __future__ import annotations
 import bisect
 from collections import defaultdict
 
-from ..trace import Instant, Span, Trace
+from ..timeline import Instant, Span, Trace
 
 
 class TraceIndex:

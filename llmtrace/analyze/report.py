@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from ..trace import Trace
+from ..timeline import Trace
 from .context import Context
 from .rules import run_rules
 

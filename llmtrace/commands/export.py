@@ -6,7 +6,7 @@ import os
 from ..errors import UserError
 from ..export import write_chrome_trace
 from ..load import load_trace
-from ..trace import Trace
+from ..timeline import Trace
 
 
 def main(args) -> int:

@@ -130,7 +130,7 @@ def main(args) -> int:
 
 def _clear_old_spool(out: str) -> None:
     """A reused output directory must not mix an earlier run's processes into this one."""
-    from llmtrace.trace import spool_files
+    from llmtrace.timeline import spool_files
 
     for path in spool_files(out) if os.path.isdir(os.path.join(out, "spool")) else ():
         os.remove(path)

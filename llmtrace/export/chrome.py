@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from ..trace import Span, Trace
+from ..timeline import Span, Trace
 from .tracks import Layout, in_order, lay_out
 
 FORMAT_VERSION = 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 
 from ..errors import UserError
-from ..trace import CounterSample, Instant, Process, Sample, Span, Trace
+from ..timeline import CounterSample, Instant, Process, Sample, Span, Trace
 from .chrome import FORMAT_VERSION, OTHER_DATA
 
 TAIL_BYTES = 1 << 20

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Callable
 
-from ..trace import Span, Trace
+from ..timeline import Span, Trace
 
 # Linux tids stay below pid_max (at most 2**22); Perfetto reads tids as uint32.
 SYNTHETIC_TID_BASE = 1 << 30

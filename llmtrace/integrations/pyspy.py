@@ -350,8 +350,7 @@ def _best_offset(obs, marks, cands: list[int]) -> int:
 
 def to_samples(threads: dict, offset_ns: int, rate: int) -> list:
     """`Sample`s, one per sampling interval between stack changes, on our clock."""
-    from ..trace import Sample  # not at import: the bootstrap imports this module, and
-    # importing the submodule `llmtrace.trace` rebinds `llmtrace.trace` (the decorator)
+    from ..timeline import Sample  # not at import: the bootstrap imports this module
 
     period = max(1, int(1e9 / rate))
     out = []
