@@ -108,7 +108,7 @@ def main(args) -> int:
     _clear_old_spool(out)
     config_path = os.path.join(out, "config.yaml")
     _write_yaml(cfg.to_dict(), config_path)
-    llmtrace.configure(out=out, process_name="client", sample_hz=_sample_hz(cfg), gc=cfg.trace.detail == "full")
+    llmtrace.configure(out=out, process_name="client", sample_hz=_sample_hz(cfg), gc=True)
     engine = EngineProcess(config_path, out)
     failure: str | None = None
     workload_result = None
