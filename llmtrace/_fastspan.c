@@ -433,7 +433,6 @@ typedef struct {
     int64_t prev_step;
     uint32_t name_id, stage_id;
     int device;
-    int noop; /* the shared span handed out while recording is off */
     int open; /* entered while recording, not yet left */
     attrs_t attrs;
     PyObject *hook; /* the device hook used at enter, and its token */
@@ -441,7 +440,6 @@ typedef struct {
 } SpanObject;
 
 static PyTypeObject Span_Type;
-static SpanObject *g_nospan;
 
 /* Freed spans kept for reuse: most code opens and closes spans in a loop. */
 #define SPAN_FREELIST 64
@@ -460,7 +458,7 @@ static void span_dealloc(SpanObject *s)
 
 static PyObject *span_enter(SpanObject *s)
 {
-    if (!g_enabled || s->noop)
+    if (!g_enabled)
         return Py_NewRef(s);
     CurObject *c = cur_own();
     if (c == NULL)
@@ -636,7 +634,7 @@ static SpanObject *span_new(void)
     s->exit_b.vectorcall = bound_exit_call;
     s->step = -1;
     s->span_id = s->link = 0;
-    s->device = s->noop = s->open = 0;
+    s->device = s->open = 0;
     memset(&s->attrs, 0, sizeof s->attrs);
     s->hook = s->dtok = NULL;
     return s;
@@ -648,7 +646,7 @@ static PyObject *span_set(SpanObject *s, PyObject *const *args, Py_ssize_t nargs
         PyErr_SetString(PyExc_TypeError, "set() takes keyword arguments only");
         return NULL;
     }
-    if (!s->noop && kwnames != NULL && attrs_from_kwargs(&s->attrs, args, kwnames, 0, PyTuple_GET_SIZE(kwnames)) < 0)
+    if (kwnames != NULL && attrs_from_kwargs(&s->attrs, args, kwnames, 0, PyTuple_GET_SIZE(kwnames)) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -688,9 +686,73 @@ static int span_type_ready(void)
         add_slot_descr("__exit__", offsetof(SpanObject, exit_b)) < 0)
         return -1;
     PyType_Modified(&Span_Type);
-    if ((g_nospan = span_new()) == NULL)
+    return 0;
+}
+
+/* The one span handed out while recording is off. Its type's __enter__/__exit__ are plain
+ * builtin functions bound to it (not descriptors), so `with` neither binds nor allocates,
+ * and CPython's specialised call path for builtins applies. They take any arguments, so
+ * that both `cm.__enter__()` and `type(cm).__enter__(cm)` (contextlib.ExitStack) work. */
+static PyObject *g_nospan;
+
+static PyObject *nospan_enter(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)args, (void)nargs;
+    return Py_NewRef(self);
+}
+
+static PyObject *nospan_exit(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self, (void)args, (void)nargs;
+    Py_RETURN_FALSE;
+}
+
+static PyObject *nospan_set(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    (void)self, (void)args, (void)nargs, (void)kwnames;
+    Py_RETURN_NONE;
+}
+
+static PyObject *nospan_id(PyObject *self, void *closure)
+{
+    (void)self, (void)closure;
+    return PyLong_FromLong(0);
+}
+
+static PyMethodDef nospan_enter_def = {"__enter__", (PyCFunction)(void (*)(void))nospan_enter, METH_FASTCALL, NULL};
+static PyMethodDef nospan_exit_def = {"__exit__", (PyCFunction)(void (*)(void))nospan_exit, METH_FASTCALL, NULL};
+static PyMethodDef nospan_methods[] = {
+    {"set", (PyCFunction)(void (*)(void))nospan_set, METH_FASTCALL | METH_KEYWORDS, "Does nothing: recording is off."},
+    {NULL},
+};
+static PyGetSetDef nospan_getset[] = {
+    {"span_id", nospan_id, NULL, "always 0", NULL},
+    {NULL},
+};
+
+static PyTypeObject NoSpan_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "llmtrace._fastspan.NoSpan",
+    .tp_doc = "What span() returns while recording is off.",
+    .tp_basicsize = sizeof(PyObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_methods = nospan_methods,
+    .tp_getset = nospan_getset,
+};
+
+static int nospan_ready(void)
+{
+    if (PyType_Ready(&NoSpan_Type) < 0 || (g_nospan = PyObject_New(PyObject, &NoSpan_Type)) == NULL)
         return -1;
-    g_nospan->noop = 1;
+    PyMethodDef *defs[] = {&nospan_enter_def, &nospan_exit_def};
+    for (int i = 0; i < 2; i++) {
+        PyObject *fn = PyCFunction_New(defs[i], g_nospan);
+        int rc = fn ? PyDict_SetItemString(NoSpan_Type.tp_dict, defs[i]->ml_name, fn) : -1;
+        Py_XDECREF(fn);
+        if (rc < 0)
+            return -1;
+    }
+    PyType_Modified(&NoSpan_Type);
     return 0;
 }
 
@@ -742,7 +804,7 @@ static int apply_follows(SpanObject *s, PyObject *follows, int step_given)
 static PyObject *fs_span(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     if (!g_enabled)
-        return Py_NewRef((PyObject *)g_nospan);
+        return Py_NewRef(g_nospan);
     if (nargs != 1) {
         PyErr_Format(PyExc_TypeError, "span() takes 1 positional argument (the name), %zd given", nargs);
         return NULL;
@@ -1313,7 +1375,7 @@ static int intern_names(void)
 
 PyMODINIT_FUNC PyInit__fastspan(void)
 {
-    if (PyType_Ready(&Cur_Type) < 0 || PyType_Ready(&NameIds_Type) < 0 || span_type_ready() < 0 ||
+    if (PyType_Ready(&Cur_Type) < 0 || PyType_Ready(&NameIds_Type) < 0 || span_type_ready() < 0 || nospan_ready() < 0 ||
         PyType_Ready(&Traced_Type) < 0 || intern_names() < 0)
         return NULL;
     if (PyContext_Type.tp_basicsize != sizeof(ContextLayout)) { /* a CPython whose Context we do not know */

@@ -157,6 +157,8 @@ def test_disabled_records_nothing(backend):
     with recorder.span("off", a=1) as sp:
         sp.set(b=2)
         assert recorder.current() == (0, -1)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(recorder.span("off2")).set(c=3)
     recorder.instant("i")
     recorder.counter("c", 1)
     assert fn(1) == 2
