@@ -287,3 +287,20 @@ def test_findings_below_the_noise_floor_are_dropped():
     b = EngineTraceBuilder()
     b.steps(30, batch=1, nested={"preprocess": [("logging.debug", 0.05, {})]})  # 0.2% of a ~23 ms token
     assert run_rules(Context(b.build())) == []
+
+
+def test_sampled_leaf_line_names_the_c_call_it_makes(tmp_path):
+    """np.concatenate has no Python frame: a sample inside it names it through its source line."""
+    from llmtrace.analyze.functions import line_callee
+
+    mod = tmp_path / "padmod.py"
+    mod.write_text("import numpy as np\n\ndef pad(a, b):\n    return np.concatenate([a, b])\n")
+    import sys as _sys
+
+    _sys.path.insert(0, str(tmp_path))
+    try:
+        assert line_callee("padmod:pad:4") == "numpy.concatenate"
+        assert line_callee("padmod:pad:3") is None
+        assert line_callee("padmod:pad") is None
+    finally:
+        _sys.path.remove(str(tmp_path))

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import bisect
 import functools
+import importlib.util
+import linecache
 import re
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -96,8 +99,7 @@ class FunctionIndex:
         """One thread's samples, by stage. Frames every sample of a stage has that also run
         other stages (the step loop, the function that opens the stage spans) are not
         the stage's functions; with one stage only, its common frames are dropped."""
-        names = {stage: [tuple(frame_name(f) for f in smp.stack) for _, smp, _, _ in rows]
-                 for stage, rows in by_stage.items()}
+        names = {stage: [_sampled_names(smp.stack) for _, smp, _, _ in rows] for stage, rows in by_stage.items()}
         present = {stage: {f for stack in stacks for f in enumerate(stack)} for stage, stacks in names.items()}
         for stage, rows in by_stage.items():
             enclosing = _always(names[stage])
@@ -153,6 +155,45 @@ def frame_name(frame: str) -> str:
     if len(parts) > 1 and parts[-1].isdigit():
         parts.pop()
     return ".".join(parts)
+
+
+def _sampled_names(stack: tuple[str, ...]) -> tuple[str, ...]:
+    names = tuple(frame_name(f) for f in stack)
+    callee = line_callee(stack[-1]) if stack else None
+    return names + (callee,) if callee else names
+
+
+_CALL = re.compile(r"\b((?:np|numpy|torch|pd|pandas|json|pickle|copy|gc)(?:\.\w+)+)\s*\(")
+_ALIASES = {"np": "numpy", "pd": "pandas"}
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def line_callee(frame: str) -> str | None:
+    """The library call on a sampled leaf frame's source line ('module:func:LINE'), e.g.
+    'numpy.concatenate': a C function has no Python frame of its own, so a sample taken
+    inside np.concatenate shows only the line that calls it."""
+    parts = frame.split(":")
+    if len(parts) < 3 or not parts[-1].isdigit():
+        return None
+    text = linecache.getline(_module_file(parts[0]), int(parts[-1]))
+    m = _CALL.search(text)
+    if not m:
+        return None
+    root, _, rest = m.group(1).partition(".")
+    return f"{_ALIASES.get(root, root)}.{rest}"
+
+
+@functools.lru_cache(maxsize=1 << 10)
+def _module_file(module: str) -> str:
+    mod = sys.modules.get(module)
+    path = getattr(mod, "__file__", None)
+    if path is None:
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            spec = None
+        path = spec.origin if spec is not None and spec.origin else ""
+    return path
 
 
 def _always(stacks: list[tuple[str, ...]]) -> set[tuple[int, str]]:
