@@ -65,11 +65,13 @@ class Delta(NamedTuple):
 
 class RequestStream:
     """One request's deltas, as an async iterator. It ends after the delta that carries a
-    finish_reason, or raises EngineDead if the engine dies first."""
+    finish_reason, or raises EngineDead if the engine dies first. With
+    `SamplingParams.logprobs`, `logprobs` collects each output token's log-probability."""
 
     def __init__(self, seq: Sequence, detokenizer: IncrementalDetokenizer):
         self.seq = seq
         self.detokenizer = detokenizer
+        self.logprobs: list[float] = []
         self.queue_recorded = False  # its `queue` span is emitted when it is first scheduled
         self._deltas: deque[Delta] = deque()
         self._waiter: asyncio.Future | None = None
@@ -425,10 +427,11 @@ class Master:
             self._account(replies, n, B, round_trip_ns)
             with llmtrace.span("shm.read", seqs=B):
                 token_ids = self._reply["token_ids"][:B].tolist()
+                logprobs = self._reply["logprobs"][:B].tolist()
             with llmtrace.span("postprocess"):
                 sched.postprocess(out, token_ids)
             with llmtrace.span("detokenize"):
-                deltas = self._detokenize(out, token_ids)
+                deltas = self._detokenize(out, token_ids, logprobs)
             with llmtrace.span("stream.write"):
                 self._publish(deltas)
         bm = sched.block_manager
@@ -501,13 +504,16 @@ class Master:
         drop, self._drop = self._drop, []
         return drop
 
-    def _detokenize(self, out: SchedulerOutput, token_ids: list[int]) -> list[tuple[RequestStream, Delta]]:
+    def _detokenize(self, out: SchedulerOutput, token_ids: list[int],
+                    logprobs: list[float]) -> list[tuple[RequestStream, Delta]]:
         deltas = []
-        for s, token_id in zip(out.scheduled, token_ids):
+        for s, token_id, logprob in zip(out.scheduled, token_ids, logprobs):
             seq = s.seq
             stream = self._streams.get(seq.req_id)
             if stream is None or stream.seq is not seq:
                 continue  # aborted while the step ran
+            if seq.sampling_params.logprobs:
+                stream.logprobs.append(logprob)
             text = stream.detokenizer.add((token_id,))
             if seq.is_finished:
                 text += stream.detokenizer.flush()

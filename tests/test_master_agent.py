@@ -90,16 +90,18 @@ async def test_outputs_equal_the_model_runner_alone(master):
     while other requests share the batch (sampling parameters travel in the diffs)."""
     seeded = SamplingParams(temperature=0.8, top_k=50, seed=1234, max_tokens=10, ignore_eos=True)
     noise = [master.add_request(f"noise-{i}", prompt(30 + i, 9), greedy(6)) for i in range(2)]
-    a = master.add_request("greedy", prompt(21, 1), greedy(10))
+    a = master.add_request("greedy", prompt(21, 1), greedy(10, logprobs=True))
     b = master.add_request("seeded", prompt(33, 2), seeded)
     (ta, _, _), (tb, _, _), *_ = await asyncio.gather(collect(a), collect(b), *(collect(s) for s in noise))
     ref = await asyncio.to_thread(reference_generate, [(prompt(21, 1), greedy(10)), (prompt(33, 2), seeded)])
-    assert ta == ref[0]
-    assert tb == ref[1]
+    assert ta == ref[0][0]
+    assert tb == ref[1][0]
+    assert a.logprobs == pytest.approx(ref[0][1], abs=1e-4) and not b.logprobs  # only when asked for
 
 
-def reference_generate(requests: list[tuple[list[int], SamplingParams]]) -> list[list[int]]:
-    """Each request alone through ModelRunner.execute: one prefill, then decode steps."""
+def reference_generate(requests: list[tuple[list[int], SamplingParams]]) -> list[tuple[list[int], list[float]]]:
+    """Each request alone through ModelRunner.execute: one prefill, then decode steps.
+    Returns (token ids, their logprobs) per request."""
     from engine.model_runner import ModelRunner
     from engine.step_io import StepInput
 
@@ -107,7 +109,7 @@ def reference_generate(requests: list[tuple[list[int], SamplingParams]]) -> list
     runner = ModelRunner(cfg.model, block_size=16, num_blocks=64)
     outs = []
     for ids, sp in requests:
-        tokens, out, step = list(ids), [], 0
+        tokens, out, logprobs, step = list(ids), [], [], 0
         blocks = list(range(-(-(len(ids) + sp.max_tokens) // 16)))
         while len(out) < sp.max_tokens:
             start = 0 if not out else len(tokens) - 1
@@ -119,11 +121,12 @@ def reference_generate(requests: list[tuple[list[int], SamplingParams]]) -> list
                 block_tables=np.array([blocks], np.int32), slot_mapping=np.arange(start, len(tokens), dtype=np.int64),
                 temperature=np.array([sp.temperature], np.float32), top_p=np.array([sp.top_p], np.float32),
                 top_k=np.array([sp.top_k], np.int32), seed=np.array([-1 if sp.seed is None else sp.seed], np.int64))
-            token = int(runner.execute(step_in).token_ids[0])
-            out.append(token)
-            tokens.append(token)
+            result = runner.execute(step_in)
+            out.append(int(result.token_ids[0]))
+            logprobs.append(float(result.logprobs[0]))
+            tokens.append(out[-1])
             step += 1
-        outs.append(out)
+        outs.append((out, logprobs))
     return outs
 
 
@@ -276,7 +279,7 @@ def test_spans_of_all_processes_link_up_with_two_ranks(tmp_path):
     """)
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    from llmtrace.trace import load_spool_dir
+    from llmtrace.timeline import load_spool_dir
 
     trace = load_spool_dir(str(tmp_path))
     pids = {proc.name: pid for pid, proc in trace.processes.items()}
