@@ -13,8 +13,9 @@ from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.widgets import DataTable, Footer, TabbedContent, TabPane
+from textual.worker import Worker
 
-from llmtrace.trace import Trace
+from llmtrace.timeline import Trace
 
 from .callchain import CallChain
 from .feed import SpoolFeed
@@ -55,7 +56,10 @@ class LlmtraceApp(App):
         self.feed, self.report, self.trace, self.source = feed, report, trace, source
         self.state = "live" if feed is not None else "finished run"
         self.requests_done: int | None = None  # from the workload client, when it reports progress
-        self._drawn = -1
+        self._drawn = -1  # the model version on screen
+        self._breakdown: dict | None = None  # live: the window's breakdown as of that version
+        self._suggesting: Worker | None = None
+        self._suggested = -1  # the model version the suggestions were computed on
         self._step_id: int | None = None  # the call chain's step; None follows the latest
         self._slowest = False
         # kept, not queried: queries go to the active screen, which may be a suggestion's
@@ -100,10 +104,16 @@ class LlmtraceApp(App):
         self.model.settle()
 
     def refresh_suggestions(self) -> None:
-        if self.model.steps:
-            self._suggest(self.model.window_trace())
+        """Run the rules on the window if it changed and no run of them is still going
+        (a thread cannot be cancelled: starting another would only add load)."""
+        m = self.model
+        busy = self._suggesting is not None and not self._suggesting.is_finished
+        if busy or not m.steps or m.version == self._suggested:
+            return
+        self._suggested = m.version
+        self._suggesting = self._suggest(m.window_trace())
 
-    @work(thread=True, exclusive=True, group="suggest")
+    @work(thread=True, group="suggest")
     def _suggest(self, window: Trace) -> None:
         from llmtrace.analyze import build_report
 
@@ -115,23 +125,26 @@ class LlmtraceApp(App):
         self.state = message
         self.poll()
         self.model.settle(everything=True)
-        self.refresh_suggestions()
         self.redraw(force=True)
 
     # -- drawing ---------------------------------------------------------------------------
     def redraw(self, force: bool = False) -> None:
+        """The header every time (its rates and counts move); the rest when the model changed."""
         m = self.model
-        if self.live:
-            summary, breakdown = m.live_summary(), m.breakdown_view()
-            scope = f"the last {len(m.steps)} steps"
-        else:
+        changed = force or m.version != self._drawn
+        self._drawn = m.version
+        if not self.live:
             summary, breakdown = self.report["summary"], self.report["breakdown"]
             scope = f"all {breakdown['steps']} steps" if breakdown else ""
+        else:
+            summary, scope = m.live_summary(), f"the last {len(m.steps)} steps"
+            if changed:
+                self._breakdown = m.breakdown_view()
+            breakdown = self._breakdown
         done = self.requests_done if self.requests_done is not None else m.requests_done
         self.header.show(self.info, summary, done, breakdown, self._state_text())
-        if m.version == self._drawn and not force:
+        if not changed:
             return
-        self._drawn = m.version
         self.stages.show(breakdown, scope)
         self.sparklines.show(m.step_ms, m.batch)
         self.request_table.show(m.requests)
