@@ -180,11 +180,10 @@ def _reference_epoch_offset(base: Trace, sources: list[Source]) -> int:
 
 
 def _timeline_start_us(base: Trace, aligned: list[Source]) -> float | None:
-    starts = [s.start_ns / 1000 for s in base.spans[:1]]
-    starts += [float(e["ts"]) for e in base.foreign_events if _timed(e)][:1]
-    for s in aligned:
-        starts += [min((float(e["ts"]) for e in s.events if _timed(e)), default=None)]
-    starts = [t for t in starts if t is not None]
+    """The earliest CLOCK_MONOTONIC µs of the records and the aligned sources' events."""
+    starts = [r.start_ns / 1000 for r in base.spans[:1]] + [r.ts_ns / 1000 for r in base.instants[:1]]
+    starts += [float(e["ts"]) for e in base.foreign_events if _timed(e)]
+    starts += [float(e["ts"]) + s.shift_us for s in aligned for e in s.events if _timed(e)]
     return min(starts) if starts else None
 
 

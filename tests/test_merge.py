@@ -107,3 +107,31 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert cli_main(["merge", str(bad), "-o", str(tmp_path / "m.json")]) == 2
     assert "bad.json: at byte" in capsys.readouterr().err
     assert cli_main(["merge", str(tmp_path / "missing.json"), "-o", str(tmp_path / "m.json")]) == 2
+
+
+def test_pyspy_trace_of_a_record_run_is_aligned_else_placed_at_the_start(tmp_path):
+    """py-spy's µs-since-start times move by the run's clock.json; a bare py-spy file has no
+    clock and is placed at the timeline's start, with a note."""
+    from test_pyspy import chrometrace
+
+    run = tmp_path / "run" / "pyspy"
+    run.mkdir(parents=True)
+    events = chrometrace(7, 140000000000009, 77, [(0, ["main", "work"]), (10_000, ["main", "idle"])])
+    (run / "pyspy.json").write_text(json.dumps(events))
+    (run / "clock.json").write_text(json.dumps({"started_ns": 5_000_000_000, "attached_ns": 5_100_000_000,
+                                                "rate": 100}))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"traceEvents": [{"ph": "X", "name": "x", "pid": 9, "tid": 9, "ts": 6_000_000.0,
+                                                  "dur": 5.0}]}))
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps(events))
+    from llmtrace.merge import merge_files
+
+    result = merge_files([str(other), str(run / "pyspy.json"), str(bare)])
+    pyspy_src = result.sources[1]
+    assert pyspy_src.kind == "py-spy" and pyspy_src.shift_applied_us == 5_000_000
+    assert {e["tid"] for e in result.trace.foreign_events if e.get("cat") == "py-spy"} == {77}
+    assert any("bare.json" in n and "without clock information" in n for n in result.notes)
+    # the clockless files start where the aligned py-spy trace starts
+    assert result.sources[2].shift_applied_us == 5_000_000
+    assert result.sources[0].shift_applied_us == 5_000_000 - 6_000_000

@@ -101,10 +101,12 @@ def _beacon(gate: str, timeout_s: float) -> list[int]:
 
 
 def _hold_at_gate(gate: str) -> None:
-    marks = _beacon(gate, GATE_TIMEOUT_S)
-    run_dir = os.path.dirname(os.path.dirname(gate))
-    _write_json({"pid": os.getpid(), "tid": threading.get_native_id(), "marks": marks},
-                os.path.join(run_dir, DIR, BEACON))
+    """Beacon until `record` opens the gate, then follow its verdict. A process arriving
+    at an open gate (a sibling of the first, started by a shell) just follows it."""
+    if not os.path.exists(gate):
+        marks = _beacon(gate, GATE_TIMEOUT_S)
+        _write_json({"pid": os.getpid(), "tid": threading.get_native_id(), "marks": marks},
+                    os.path.join(os.path.dirname(gate), BEACON))
     verdict = _read(gate).strip()
     if verdict.startswith(FALLBACK):
         from .. import ENV_SAMPLE_HZ, stack_sampler
