@@ -33,17 +33,21 @@ def span_label(s: Span, parent: Span | None, processes: dict[int, Process]) -> T
 
 
 def build_tree(root_node, view: StepView, processes: dict[int, Process]) -> None:
-    """Nest the step's spans under `root_node`; other processes' roots go under agent.wait."""
+    """Nest the step's spans under `root_node`: the step's root, with the roots other
+    processes recorded for this step (the agents' steps) under its agent.wait; the root's
+    own process's other spans of the step (e.g. requests' `queue`) follow it."""
     ids = {s.span_id for s in view.spans}
     children: dict[int, list[Span]] = defaultdict(list)
-    roots = []
-    for s in view.spans:  # sorted by start
-        (children[s.parent_id] if s.parent_id in ids else roots).append(s)
     main = view.cost.root
     hop = view.cost.wait or main
-    for r in roots:
-        if r is not main:
-            children[hop.span_id].append(r)
+    tops = [main]
+    for s in view.spans:  # sorted by start
+        if s.parent_id in ids:
+            children[s.parent_id].append(s)
+        elif s.pid != main.pid:
+            children[hop.span_id].append(s)
+        elif s is not main:
+            tops.append(s)
     children[hop.span_id].sort(key=lambda s: s.start_ns)
 
     def add(node, s: Span, parent: Span | None) -> None:
@@ -58,7 +62,8 @@ def build_tree(root_node, view: StepView, processes: dict[int, Process]) -> None
         for k in kids:
             add(sub, k, s)
 
-    add(root_node, main, None)
+    for top in tops:
+        add(root_node, top, None)
 
 
 class CallChain(Vertical):
