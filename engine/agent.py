@@ -133,9 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connect", required=True, type=_parse_address, metavar="HOST:PORT", help="the master's address")
     p.add_argument("--rank", type=int, default=0)
     args = p.parse_args(argv)
-    # The master stops its agents; Ctrl-C in a terminal also reaches them (same process group)
-    # and would only print a KeyboardInterrupt traceback in the middle of that shutdown.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     # The master owns this process's lifetime: Ctrl-C in the terminal reaches it too and it
     # shuts the agents down in order; a master that dies shows up here as a closed connection.

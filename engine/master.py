@@ -42,7 +42,7 @@ from .protocol import PeerError, ProtocolError
 from .sampling_params import SamplingParams
 from .scheduler import RequestRejected, Scheduler, SchedulerOutput
 from .sequence import Sequence
-from .tokenizer import IncrementalDetokenizer, Tokenizer
+from .tokenizer import IncrementalDetokenizer, Tokenizer, tokenizer_path
 
 log = logging.getLogger("engine.master")
 
@@ -140,7 +140,6 @@ class _AgentLost(Exception):
 class Master:
     def __init__(self, cfg: RunConfig, tokenizer: Tokenizer | None = None):
         if tokenizer is None:
-            from .models.loader import tokenizer_path
             tokenizer = Tokenizer(tokenizer_path(cfg.model))
         self.cfg = cfg
         self.tokenizer = tokenizer
