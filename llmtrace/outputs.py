@@ -13,6 +13,13 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 
 
+def default_out_dir() -> str:
+    """runs/<timestamp>/, for a run that names no directory."""
+    import time
+
+    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+
+
 def write_outputs(out: str, trace: Trace, failure: str | None = None, command: str = "run") -> int:
     """Write trace.json, report.json, report.md for `trace` into `out`, print the report;
     returns 1 when `failure` says the recorded program failed, else 0."""

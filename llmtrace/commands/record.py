@@ -25,15 +25,10 @@ _FORWARDED = {signal.SIGINT, signal.SIGTERM}
 _SI_KERNEL = 0x80  # si_code of a signal the terminal sent (to the whole foreground group)
 
 
-def default_out_dir() -> str:
-    import time
-
-    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-
-
 def main(args) -> int:
     from llmtrace.integrations import child_env
     from llmtrace.integrations.viztracer import WindowSpec
+    from llmtrace.outputs import default_out_dir
 
     command = list(args.command)
     if command and command[0] == "--":

@@ -27,6 +27,7 @@ import bisect
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -67,7 +68,7 @@ def _allow_any_tracer() -> None:
     import ctypes
 
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PTRACER, _PR_SET_PTRACER_ANY, 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PTRACER, ctypes.c_ulong(_PR_SET_PTRACER_ANY), 0, 0, 0)
     except (OSError, AttributeError):
         pass
 
@@ -191,7 +192,7 @@ class PySpyRecorder:
         try:
             self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            self.proc.send_signal(2)  # SIGINT: py-spy writes its output and exits
+            self.proc.send_signal(signal.SIGINT)  # py-spy writes its output and exits
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
