@@ -123,6 +123,10 @@ def test_no_program_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "give the program to record" in r.stderr
     r = record(tmp_path, program=["/nonexistent/prog"])
     assert r.returncode == 2 and "cannot start '/nonexistent/prog'" in r.stderr
+    (tmp_path / "spool").mkdir()
+    (tmp_path / "spool" / "1.lts").write_bytes(b"")
+    r = record(tmp_path, program=[sys.executable, "-c", "pass"])
+    assert r.returncode == 2 and "already holds a recording" in r.stderr
 
 
 @pytest.mark.parametrize("rc,expected", [(0, (0, None)), (3, (3, "the program exited with code 3")),

@@ -39,6 +39,8 @@ def main(args) -> int:
         raise UserError("--py-spy-rate must be >= 1 and --sample-hz >= 0")
     window = WindowSpec.parse(args.viztracer_stages, args.viztracer_steps) if args.viztracer else None
     out = os.path.abspath(args.out or default_out_dir())
+    if os.path.isdir(os.path.join(out, "spool")) and os.listdir(os.path.join(out, "spool")):
+        raise UserError(f"{out} already holds a recording (spool/); choose another --out")
     os.makedirs(out, exist_ok=True)
 
     pyspy = _pyspy_recorder(out, args.py_spy_rate) if args.py_spy else None
