@@ -18,14 +18,11 @@ import time
 
 import llmtrace
 from llmtrace.errors import UserError
+from llmtrace.outputs import default_out_dir
 
 READY_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
 URL_RE = re.compile(r"(http://[\w.\-\[\]:]+)")
-
-
-def default_out_dir() -> str:
-    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
 
 
 class EngineProcess:
@@ -109,6 +106,10 @@ def main(args) -> int:
     config_path = os.path.join(out, "config.yaml")
     _write_yaml(cfg.to_dict(), config_path)
     llmtrace.configure(out=out, process_name="client", sample_hz=_sample_hz(cfg), gc=True)
+    if cfg.trace.viztracer is not None:  # the engine's processes trace inside these stages, N steps
+        from llmtrace.integrations.viztracer import ENV, WindowSpec
+
+        os.environ[ENV] = WindowSpec.parse(cfg.trace.viztracer.stages, cfg.trace.viztracer.steps).to_env()
     engine = EngineProcess(config_path, out)
     failure: str | None = None
     workload_result = None
@@ -177,27 +178,14 @@ def _drive(cfg, url: str, engine: EngineProcess, live: str | None):
 
 def _finish(out: str, cfg, workload_result, failure: str | None) -> int:
     """Write trace.json, report.json, report.md from whatever was recorded, then print."""
-    from llmtrace.analyze.report import build_report, render_markdown, render_text
-    from llmtrace.export.chrome import write_chrome_trace
     from llmtrace.load import load_trace
+    from llmtrace.outputs import write_outputs
 
     trace = load_trace(out)
     trace.meta["config"] = cfg.to_dict()
     if workload_result is not None:
         trace.meta["workload"] = workload_result.to_dict()
-    write_chrome_trace(trace, os.path.join(out, "trace.json"), meta=trace.meta)
-    report = build_report(trace)
-    if failure:
-        report["failure"] = failure
-    _write_json(report, os.path.join(out, "report.json"))
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(render_markdown(report))
-    print(render_text(report))
-    print(f"\nwrote {out}/trace.json (open in https://ui.perfetto.dev), report.json, report.md")
-    if failure:
-        print(f"\nllmtrace run: FAILED: {failure}", file=sys.stderr)
-        return 1
-    return 0
+    return write_outputs(out, trace, failure, command="run")
 
 
 def _write_yaml(data: dict, path: str) -> None:
@@ -206,9 +194,3 @@ def _write_yaml(data: dict, path: str) -> None:
     with open(path, "w") as f:
         yaml.safe_dump(data, f, sort_keys=False)
 
-
-def _write_json(data: dict, path: str) -> None:
-    import orjson
-
-    with open(path, "wb") as f:
-        f.write(orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
