@@ -42,9 +42,8 @@ class Source:
     kind: str
     events: list[dict] = field(default_factory=list)
     trace: Trace | None = None
-    epoch_base_ns: int | None = None  # Unix time = ts * 1000 + this (torch.profiler)
-    shift_us: float | None = None  # µs onto CLOCK_MONOTONIC when known directly
-    shift_applied_us: float = 0.0
+    epoch_base_ns: int | None = None  # Unix time = ts * 1000 + this (viztracer, torch.profiler)
+    shift_us: float | None = None  # µs onto CLOCK_MONOTONIC; None: not known (yet)
 
 
 @dataclass
@@ -59,9 +58,11 @@ def load_source(path: str) -> Source:
     if isinstance(doc, dict) and isinstance(doc.get("otherData"), dict) and "llmtrace" in doc["otherData"]:
         return Source(path, LLMTRACE, trace=load_chrome_trace(path))
     if isinstance(doc, dict) and "viztracer_metadata" in doc:
-        return Source(path, VIZTRACER, _event_list(doc, path), shift_us=0.0)
+        base = doc["viztracer_metadata"].get("baseTimeNanoseconds")
+        return Source(path, VIZTRACER, _event_list(doc, path), epoch_base_ns=base, shift_us=0.0)
     if torch_profiler.is_torch_trace(doc):
-        return Source(path, torch_profiler.KIND, torch_profiler.events(doc), epoch_base_ns=torch_profiler.epoch_base_ns(doc))
+        return Source(path, torch_profiler.KIND, torch_profiler.events(doc),
+                      epoch_base_ns=torch_profiler.epoch_base_ns(doc))
     events = _event_list(doc, path)
     if any(e.get("cat") == pyspy.SOURCE for e in events[:50]):
         return _pyspy_source(path, events)
@@ -101,7 +102,7 @@ def merge_files(paths: list[str]) -> MergeResult:
     ref_epoch = _reference_epoch_offset(base, sources)
     foreign = [s for s in sources if s.trace is None]
     for s in foreign:
-        if s.epoch_base_ns is not None:
+        if s.shift_us is None and s.epoch_base_ns is not None:
             s.shift_us = (s.epoch_base_ns - ref_epoch) / 1000
     start_us = _timeline_start_us(base, [s for s in foreign if s.shift_us is not None])
     known = set(base.processes)
@@ -110,7 +111,6 @@ def merge_files(paths: list[str]) -> MergeResult:
             first = min((float(e["ts"]) for e in s.events if _timed(e)), default=0.0)
             s.shift_us = (start_us if start_us is not None else first) - first
             notes.append(f"{s.path}: {s.kind} trace without clock information; placed at the timeline's start")
-        s.shift_applied_us = s.shift_us
         base.foreign_events.extend(_moved_events(s, known, used))
     base.sort()
     return MergeResult(base, sources, notes)
@@ -171,11 +171,8 @@ def _reference_epoch_offset(base: Trace, sources: list[Source]) -> int:
     if offsets:
         return int(statistics.median(offsets))
     for s in sources:
-        if s.kind == VIZTRACER:
-            doc = read_json(s.path)
-            base_ns = doc.get("viztracer_metadata", {}).get("baseTimeNanoseconds")
-            if base_ns:
-                return int(base_ns)
+        if s.kind == VIZTRACER and s.epoch_base_ns:
+            return int(s.epoch_base_ns)
     return time.time_ns() - time.perf_counter_ns()
 
 

@@ -129,9 +129,9 @@ def test_pyspy_trace_of_a_record_run_is_aligned_else_placed_at_the_start(tmp_pat
 
     result = merge_files([str(other), str(run / "pyspy.json"), str(bare)])
     pyspy_src = result.sources[1]
-    assert pyspy_src.kind == "py-spy" and pyspy_src.shift_applied_us == 5_000_000
+    assert pyspy_src.kind == "py-spy" and pyspy_src.shift_us == 5_000_000
     assert {e["tid"] for e in result.trace.foreign_events if e.get("cat") == "py-spy"} == {77}
     assert any("bare.json" in n and "without clock information" in n for n in result.notes)
     # the clockless files start where the aligned py-spy trace starts
-    assert result.sources[2].shift_applied_us == 5_000_000
-    assert result.sources[0].shift_applied_us == 5_000_000 - 6_000_000
+    assert result.sources[2].shift_us == 5_000_000
+    assert result.sources[0].shift_us == 5_000_000 - 6_000_000

@@ -19,7 +19,7 @@ def main(args) -> int:
     if not os.path.isdir(out_dir):
         raise UserError(f"{args.output}: directory {out_dir} does not exist")
     result = merge_files(args.inputs)
-    meta = {"merged": [{"path": s.path, "kind": s.kind, "shift_us": s.shift_applied_us} for s in result.sources]}
+    meta = {"merged": [{"path": s.path, "kind": s.kind, "shift_us": s.shift_us or 0.0} for s in result.sources]}
     stats = write_chrome_trace(result.trace, args.output, meta=meta)
     for s in result.sources:
         n = len(s.events) if s.trace is None else len(s.trace.spans) + len(s.trace.instants)
