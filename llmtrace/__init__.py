@@ -99,6 +99,9 @@ def _configure_from_env() -> None:
         if os.environ.get("LLMTRACE_VIZTRACER"):  # viztracer inside chosen stages (integrations/viztracer.py)
             from .integrations import viztracer
             viztracer.install_from_env()
+        if os.environ.get("LLMTRACE_PYSPY"):  # py-spy samples this process tree (integrations/pyspy.py)
+            from .integrations import pyspy
+            pyspy.child_start()
 
 
 _configure_from_env()

@@ -7,23 +7,24 @@ import sys
 
 
 def _start() -> None:
+    """`import llmtrace` records from the environment (spool, sampler, viztracer window,
+    py-spy gate: llmtrace/__init__.py)."""
     if not os.environ.get("LLMTRACE_OUT"):
         return
     try:
         import llmtrace  # noqa: F401
+        return
     except ImportError:
-        # another interpreter than the one llmtrace is installed in: find the package
-        # last on the path, so it shadows nothing of the program's
-        home = os.environ.get("LLMTRACE_HOME")
-        if not home:
-            return
+        pass
+    # another interpreter than the one llmtrace is installed in: find the package last on
+    # the path, so it shadows nothing of the program's
+    home = os.environ.get("LLMTRACE_HOME")
+    if home:
         sys.path.append(home)
     try:
-        from llmtrace.integrations import start_in_child
+        import llmtrace  # noqa: F401,F811
     except ImportError as e:
         print(f"llmtrace: not recording this process ({sys.executable}): {e}", file=sys.stderr)
-        return
-    start_in_child()
 
 
 def _chain() -> None:

@@ -27,6 +27,7 @@ _SI_KERNEL = 0x80  # si_code of a signal the terminal sent (to the whole foregro
 
 def main(args) -> int:
     from llmtrace.integrations import child_env
+    from llmtrace.integrations.pyspy import recorder_for
     from llmtrace.integrations.viztracer import WindowSpec
     from llmtrace.outputs import default_out_dir
 
@@ -43,13 +44,18 @@ def main(args) -> int:
         raise UserError(f"{out} already holds a recording (spool/); choose another --out")
     os.makedirs(out, exist_ok=True)
 
-    pyspy = _pyspy_recorder(out, args.py_spy_rate) if args.py_spy else None
+    pyspy = recorder_for(out, args.py_spy_rate, "record") if args.py_spy else None
     if args.py_spy:  # in-process sampling only where py-spy is missing
         sample_hz = 0.0 if pyspy is not None else float(args.py_spy_rate)
     else:
         sample_hz = args.sample_hz
     env = child_env(os.environ, out, sample_hz=sample_hz, gc=args.gc,
                     viztracer=window.to_env() if window else None, pyspy_gate=pyspy.gate if pyspy else None)
+    return _finish(out, command, _run(command, env, pyspy, float(args.py_spy_rate)))
+
+
+def _run(command: list[str], env: dict, pyspy, fallback_hz: float) -> int:
+    """Start the program (and py-spy on it); wait for it, forwarding signals; its return code."""
     try:
         proc = subprocess.Popen(command, env=env)
     except OSError as e:
@@ -59,34 +65,13 @@ def main(args) -> int:
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARDED)  # held from here, forwarded by the wait
     try:
         if pyspy is not None:
-            _open_pyspy_gate(pyspy, proc, float(args.py_spy_rate))
+            pyspy.open_gate_when_sampling(lambda: proc.poll() is None, fallback_hz, "record")
         rc = wait_forwarding_signals(proc)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     if pyspy is not None:
         pyspy.finish()
-    return _finish(out, command, rc)
-
-
-def _pyspy_recorder(out: str, rate: int):
-    from llmtrace.integrations.pyspy import PySpyRecorder, find_executable
-
-    exe = find_executable()
-    if exe is None:
-        print(f"llmtrace record: py-spy not found (pip install py-spy); sampling in-process at {rate} Hz instead",
-              file=sys.stderr)
-        return None
-    return PySpyRecorder(exe, out, rate)
-
-
-def _open_pyspy_gate(pyspy, proc: subprocess.Popen, fallback_hz: float) -> None:
-    """Wait for py-spy to sample the program beaconing at its gate; open the gate either way."""
-    if pyspy.attach(lambda: proc.poll() is None):
-        pyspy.open_gate()
-        return
-    print(f"llmtrace record: {pyspy.failure()}\nllmtrace record: sampling in-process at {fallback_hz:g} Hz instead",
-          file=sys.stderr)
-    pyspy.open_gate(fallback_hz)
+    return rc
 
 
 def wait_forwarding_signals(proc: subprocess.Popen) -> int:

@@ -1,5 +1,5 @@
 """Other tools in an llmtrace recording: how a recorded program's processes start
-(`child_env`, `start_in_child`), what the tools leave in the run directory
+(`child_env`), what the tools leave in the run directory
 (`attach_run_data`), and how their function names become the analyzer's
 ("logging.Logger.debug", whatever tool saw the frame).
 
@@ -41,19 +41,8 @@ def child_env(base: dict, out: str, *, sample_hz: float = 0.0, gc: bool = False,
     if viztracer:
         env[viztracer_mod.ENV] = viztracer
     if pyspy_gate:
-        env[pyspy_mod.ENV_GATE] = pyspy_gate
-        env[pyspy_mod.ENV_ACTIVE] = "1"
+        env.update(pyspy_mod.gate_env(pyspy_gate))
     return env
-
-
-def start_in_child() -> None:
-    """Run by the bootstrap sitecustomize at interpreter start: `import llmtrace` starts
-    recording from the environment (spool, sampler, viztracer window); then the py-spy gate."""
-    import llmtrace  # noqa: F401  (configures itself from LLMTRACE_OUT)
-
-    from . import pyspy
-
-    pyspy.child_start()
 
 
 def attach_run_data(run_dir: str, trace) -> None:

@@ -126,6 +126,21 @@ def find_executable() -> str | None:
     return here if os.access(here, os.X_OK) else shutil.which("py-spy")
 
 
+def recorder_for(run_dir: str, rate: int, command: str) -> "PySpyRecorder | None":
+    """A recorder, or None (said on stderr) when py-spy is not installed."""
+    exe = find_executable()
+    if exe is None:
+        print(f"llmtrace {command}: py-spy not found (pip install py-spy); sampling in-process at {rate} Hz instead",
+              file=sys.stderr)
+        return None
+    return PySpyRecorder(exe, run_dir, rate)
+
+
+def gate_env(gate: str) -> dict[str, str]:
+    """What makes a program's first Python process wait at `gate` for py-spy."""
+    return {ENV_GATE: gate, ENV_ACTIVE: "1"}
+
+
 class PySpyRecorder:
     """`py-spy record --pid PID --subprocesses` into RUN/pyspy/, and the gate it opens."""
 
@@ -167,6 +182,16 @@ class PySpyRecorder:
                     os.path.join(self.dir, CLOCK))
         time.sleep(BEACON_AFTER_ATTACH_S)
         return True
+
+    def open_gate_when_sampling(self, program_alive, fallback_hz: float, command: str) -> None:
+        """Open the gate once py-spy samples the program; if it cannot, say why and let
+        the program sample itself at `fallback_hz`."""
+        if self.attach(program_alive):
+            self.open_gate()
+            return
+        print(f"llmtrace {command}: {self.failure()}\nllmtrace {command}: sampling in-process at {fallback_hz:g} Hz "
+              f"instead", file=sys.stderr)
+        self.open_gate(fallback_hz)
 
     def open_gate(self, fallback_hz: float | None = None) -> None:
         tmp = self.gate + ".tmp"
