@@ -110,7 +110,11 @@ def main(args) -> int:
         from llmtrace.integrations.viztracer import ENV, WindowSpec
 
         os.environ[ENV] = WindowSpec.parse(cfg.trace.viztracer.stages, cfg.trace.viztracer.steps).to_env()
+    pyspy = _pyspy_env(cfg, out)
     engine = EngineProcess(config_path, out)
+    if pyspy is not None:  # the engine waits at its py-spy gate until py-spy samples it
+        pyspy.start(engine.proc.pid)
+        pyspy.open_gate_when_sampling(engine.alive, float(cfg.trace.py_spy.rate), "run")
     failure: str | None = None
     workload_result = None
     try:
@@ -123,6 +127,8 @@ def main(args) -> int:
         failure = "interrupted"
     finally:
         rc = engine.stop()
+        if pyspy is not None:
+            pyspy.finish()
         llmtrace.shutdown()
     if failure is None and rc not in (0, -signal.SIGTERM):
         failure = engine.describe_exit("the engine exited abnormally")
@@ -135,6 +141,19 @@ def _clear_old_spool(out: str) -> None:
 
     for path in spool_files(out) if os.path.isdir(os.path.join(out, "spool")) else ():
         os.remove(path)
+
+
+def _pyspy_env(cfg, out: str):
+    """With trace.py_spy: a py-spy recorder whose gate the engine's processes will wait at
+    (in-process sampling at that rate where py-spy is missing)."""
+    if cfg.trace.py_spy is None:
+        return None
+    from llmtrace import ENV_SAMPLE_HZ
+    from llmtrace.integrations.pyspy import gate_env, recorder_for
+
+    pyspy = recorder_for(out, cfg.trace.py_spy.rate, "run")
+    os.environ.update(gate_env(pyspy.gate) if pyspy else {ENV_SAMPLE_HZ: str(cfg.trace.py_spy.rate)})
+    return pyspy
 
 
 def _sample_hz(cfg) -> float:
