@@ -1,7 +1,7 @@
 """Other tools in an llmtrace recording: how a recorded program's processes start
-(`child_env`), what the tools leave in the run directory
-(`attach_run_data`), and how their function names become the analyzer's
-("logging.Logger.debug", whatever tool saw the frame).
+(`child_env`), what the tools leave in the run directory (`attach_run_data`), and how
+their function names become the analyzer's ("logging.Logger.debug", whatever tool saw
+the frame).
 
 Run directory, besides spool/:
     viztracer/<pid>.json   viztracer's events inside the chosen stages (viztracer.py)
@@ -23,7 +23,7 @@ def child_env(base: dict, out: str, *, sample_hz: float = 0.0, gc: bool = False,
     """The environment that makes every Python process of a program record into `out`
     from interpreter start: the bootstrap directory first on PYTHONPATH (its
     sitecustomize configures llmtrace from these variables), plus the settings."""
-    from .. import ENV_ENABLED, ENV_GC, ENV_OUT, ENV_SAMPLE_HZ, ENV_TRACE_ID, context
+    from .. import ENV_ENABLED, ENV_GC, ENV_OUT, ENV_PROCESS_NAME, ENV_SAMPLE_HZ, ENV_TRACE_ID, context
     from . import pyspy as pyspy_mod
     from . import viztracer as viztracer_mod
 
@@ -36,8 +36,8 @@ def child_env(base: dict, out: str, *, sample_hz: float = 0.0, gc: bool = False,
     env[ENV_TRACE_ID] = f"{context.trace_id:x}"
     env[ENV_SAMPLE_HZ] = str(sample_hz)
     env[ENV_GC] = "1" if gc else "0"
-    env.pop(viztracer_mod.ENV, None)
-    env.pop(pyspy_mod.ENV_GATE, None)
+    for stale in (ENV_PROCESS_NAME, viztracer_mod.ENV, pyspy_mod.ENV_GATE, pyspy_mod.ENV_ACTIVE):
+        env.pop(stale, None)  # each process names itself; tools only where asked
     if viztracer:
         env[viztracer_mod.ENV] = viztracer
     if pyspy_gate:

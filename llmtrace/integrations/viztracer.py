@@ -68,7 +68,9 @@ def _stage_of(name: str) -> str:
 
 
 class Window:
-    """One process's viztracer window over the chosen stages' first `steps` steps."""
+    """One process's viztracer window over the chosen stages' first `steps` steps. VizTracer
+    traces the thread that started it: when chosen spans overlap on several threads, the
+    first one's thread is traced until the last one ends."""
 
     def __init__(self, spec: WindowSpec, out_dir: str, span_factory, traced_factory):
         self.stages = frozenset(spec.stages)
