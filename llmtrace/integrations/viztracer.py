@@ -127,7 +127,7 @@ class Window:
 
     def exit(self) -> None:
         self._depth -= 1
-        if self._depth == 0:
+        if self._depth == 0 and self._tracer is not None:  # None: saved at exit inside the span
             self._tracer.stop()
 
     def _tracer_obj(self):
