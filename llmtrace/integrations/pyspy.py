@@ -89,6 +89,7 @@ def _beacon(gate: str, timeout_s: float) -> list[int]:
     marks: list[int] = []
     deadline = time.perf_counter_ns() + int(timeout_s * 1e9)
     state = 0x2545F491
+    parent = os.getppid()  # if `record` dies, nobody opens the gate
     open(gate + HELD, "w").close()
     while True:
         for fn in (_beacon_tick, _beacon_tock):
@@ -96,7 +97,7 @@ def _beacon(gate: str, timeout_s: float) -> list[int]:
             now = time.perf_counter_ns()
             marks.append(now)
             fn(now + 400_000 + state % 2_000_000)
-        if os.path.exists(gate) or marks[-1] > deadline:
+        if os.path.exists(gate) or marks[-1] > deadline or os.getppid() != parent:
             marks.append(time.perf_counter_ns())
             return marks
 
