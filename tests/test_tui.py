@@ -116,9 +116,10 @@ def test_feed_decodes_only_appended_batches_and_waits_for_a_truncated_one(tmp_pa
     w.append(chunks[1])
     assert len(feed.poll().spans) == n_per[1]
     cut = len(chunks[2]) // 2
+    done = os.path.getsize(w.path)
     w.append(chunks[2][:cut])  # the writer is mid-batch
     assert feed.poll().spans == []
-    assert tail.offset == os.path.getsize(w.path) and not tail.problem
+    assert tail.offset == done and not tail.problem  # the partial batch is read again next time
     w.append(chunks[2][cut:])
     new = feed.poll()
     assert len(new.spans) == n_per[2]
@@ -270,6 +271,11 @@ async def test_keys_switch_tabs_open_a_suggestion_export_and_quit(tmp_path):
 
         await pilot.press("s")
         assert app.tabs.active == "chain" and "slowest" in str(app.chain.heading.content)
+        await pilot.press("p")  # decode steps only: all of this run's steps
+        assert app.tabs.active == "overview"
+        assert "the 30 decode steps of all 30 steps" in str(app.stages.heading.content)
+        await pilot.press("p")  # prefill: none
+        assert "no steps" in str(app.stages.heading.content) and app.stages.table.row_count == 0
         await pilot.press("q")
     assert not app.is_running
 

@@ -20,7 +20,7 @@ from llmtrace.timeline import Trace
 from .callchain import CallChain
 from .feed import SpoolFeed
 from .header import RunHeader, RunInfo
-from .model import RunModel, StepView
+from .model import ALL, PHASES, RunModel, StepView
 from .requests import RequestTable
 from .sparklines import StepSparklines
 from .stages import StagePanel
@@ -47,6 +47,7 @@ class LlmtraceApp(App):
         Binding("left_square_bracket", "step(-1)", "Prev step"),
         Binding("right_square_bracket", "step(1)", "Next step"),
         Binding("s", "slowest", "Slowest"),
+        Binding("p", "phase", "All/decode/prefill"),
     ]
 
     def __init__(self, model: RunModel, info: RunInfo, run_dir: str | None, *, feed: SpoolFeed | None = None,
@@ -62,6 +63,7 @@ class LlmtraceApp(App):
         self._suggested = -1  # the model version the suggestions were computed on
         self._step_id: int | None = None  # the call chain's step; None follows the latest
         self._slowest = False
+        self._phase = ALL  # the steps the breakdown covers
         # kept, not queried: queries go to the active screen, which may be a suggestion's
         self.header = RunHeader(id="header")
         self.tabs = TabbedContent(initial="overview")
@@ -134,13 +136,16 @@ class LlmtraceApp(App):
         changed = force or m.version != self._drawn
         self._drawn = m.version
         if not self.live:
-            summary, breakdown = self.report["summary"], self.report["breakdown"]
-            scope = f"all {breakdown['steps']} steps" if breakdown else ""
+            summary, overall = self.report["summary"], self.report["breakdown"]
+            breakdown = overall if self._phase == ALL or overall is None else overall[self._phase]
+            scope = f"all {overall['steps']} steps" if overall else ""
         else:
             summary, scope = m.live_summary(), f"the last {len(m.steps)} steps"
             if changed:
-                self._breakdown = m.breakdown_view()
+                self._breakdown = m.breakdown_view(self._phase)
             breakdown = self._breakdown
+        if self._phase != ALL:
+            scope = f"the {breakdown['steps'] if breakdown else 0} {self._phase} steps of " + scope
         done = self.requests_done if self.requests_done is not None else m.requests_done
         self.header.show(self.info, summary, done, breakdown, self._state_text())
         if not changed:
@@ -164,6 +169,12 @@ class LlmtraceApp(App):
     # -- actions ---------------------------------------------------------------------------
     def action_tab(self, tab: str) -> None:
         self.tabs.active = tab
+
+    def action_phase(self) -> None:
+        """Cycle the breakdown over all steps, the decode steps only, the prefill steps only."""
+        self._phase = PHASES[(PHASES.index(self._phase) + 1) % len(PHASES)]
+        self.redraw(force=True)
+        self.action_tab("overview")
 
     def action_step(self, delta: int) -> None:
         steps = self.model.steps

@@ -1,7 +1,8 @@
 """The live data source: tails every process's spool file of a run (OUT/spool/<pid>.lts).
 
-Each file is read from where the last poll stopped; only complete, checksummed batches are
-decoded (a batch the writer is still appending waits, in memory, for its last bytes), so a
+Each file is read from the end of the last batch decoded; only complete, checksummed
+batches are decoded (a batch the writer is still writing is read again at the next poll,
+and so is a mapped spool file's zero-filled tail, which the writer fills in place), so a
 poll costs what was appended since the previous one, never a re-read of the file.
 """
 from __future__ import annotations
@@ -23,10 +24,9 @@ class SpoolTail:
 
     def __init__(self, path: str):
         self.path = path
-        self.offset = 0  # bytes of the file read so far
+        self.offset = 0  # bytes of the file decoded so far (header and complete batches)
         self.problem = ""  # set when the file is corrupt: it is not read any further
         self.process: Process | None = None
-        self._pending = b""  # read but not yet decodable: the header or a batch being written
         self._decoder: RecordDecoder | None = None
         self.batches = 0
 
@@ -39,12 +39,10 @@ class SpoolTail:
             new = f.read()
         if not new:
             return 0
-        self.offset += len(new)
-        data = memoryview(self._pending + new if self._pending else new)
         try:
-            return self._decode(data, out)
+            return self._decode(memoryview(new), out)
         except SpoolError as e:
-            self.problem, self._pending = str(e), b""
+            self.problem = str(e)
             return 0
 
     def _decode(self, data: memoryview, out: Trace) -> int:
@@ -52,18 +50,19 @@ class SpoolTail:
         if self._decoder is None:
             head = parse_header(data, self.path)
             if head is None:
-                self._pending = bytes(data)
                 return 0
             header, pos = head
+            self.offset = pos
             pid = int(header.get("pid", 0))
             self.process = Process(pid, header.get("process_name", str(pid)), header, source=self.path)
             self._decoder = RecordDecoder(self.process, keep_ids=KEEP_IDS)
         scan = scan_batches(data, pos, self.path)
         for b in scan.batches:
             self._decoder.add(b, out)
+        base = self.offset - pos  # the file offset of data[0]
         if scan.problem and not scan.incomplete:
-            raise SpoolError(self.path, self.offset - len(data) + scan.end, scan.problem)
-        self._pending = bytes(data[scan.end:])
+            raise SpoolError(self.path, base + scan.end, scan.problem)
+        self.offset = base + scan.end
         self.batches += len(scan.batches)
         return len(scan.batches)
 

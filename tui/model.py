@@ -19,6 +19,7 @@ from llmtrace.analyze.index import TraceIndex
 from llmtrace.analyze.stats import summary
 from llmtrace.timeline import CounterSample, Instant, Process, Sample, Span, Trace
 
+ALL, DECODE, PREFILL = PHASES = ("all", "decode", "prefill")  # which steps a breakdown covers
 SETTLE_S = 0.5
 STALE_S = 10.0
 WINDOW_STEPS = 512  # steps behind the live stage table, call chains and suggestions
@@ -228,9 +229,12 @@ class RunModel:
         return next((v for v in self.steps if v.cost.step == step_id), None)
 
     # -- views -----------------------------------------------------------------------------
-    def breakdown_view(self) -> dict | None:
-        """The analyzer's breakdown over the steps in the window."""
-        return Breakdown([v.cost for v in self.steps]).view()
+    def breakdown_view(self, phase: str = ALL) -> dict | None:
+        """The analyzer's breakdown over the window's steps: all, or only decode / prefill ones."""
+        bd = Breakdown([v.cost for v in self.steps])
+        if phase == ALL:
+            return bd.view()
+        return bd.view(bd.decode_steps() if phase == DECODE else bd.prefill_steps())
 
     def window_trace(self) -> Trace:
         """The window's steps (all their spans) with the counters, instants and samples of

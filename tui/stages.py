@@ -89,10 +89,13 @@ class StagePanel(Vertical):
 
     def show(self, view: dict | None, scope: str) -> None:
         if view is None:
-            self.heading.update(Text("Per-token breakdown: no steps yet", style="dim"))
+            self.heading.update(Text(f"Per-token breakdown: no steps ({scope})", style="dim"))
+            self.bar.show([])
+            self.table.clear()
             return
         self.heading.update(Text.assemble(("Per-token breakdown ", "bold"),
-                                        f"{view['per_token_ms']:.3f} ms/token over {scope}"))
+                                          f"{view['per_token_ms']:.3f} ms/token over {scope}",
+                                          ("  p: all/decode/prefill", "dim")))
         rows = stage_rows(view)
         self.bar.show(rows)
         col = colors(rows)
