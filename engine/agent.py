@@ -61,8 +61,10 @@ class Agent:
         self.reply = ShmArena.attach(arenas["reply"]["name"], ArenaLayout.from_wire(arenas["reply"]["layout"]))
         from .model_runner import ModelRunner  # torch: only once the master is known to speak our protocol
 
-        self.runner = ModelRunner(cfg.model, block_size=cfg.engine.block_size, num_blocks=cfg.engine.num_blocks,
-                                  antipatterns=cfg.antipatterns)
+        e = cfg.engine
+        self.runner = ModelRunner(cfg.model, block_size=e.block_size, num_blocks=e.num_blocks,
+                                  cuda_graphs=e.cuda_graphs, max_num_seqs=e.max_num_seqs,
+                                  max_model_len=e.max_model_len, antipatterns=cfg.antipatterns)
         if self.runner.device.type == "cuda":
             llmtrace.gpu.install()
         self.conn.send(protocol.message("ready", rank=self.rank, num_blocks=int(self.runner.num_blocks),

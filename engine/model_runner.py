@@ -15,6 +15,7 @@ import llmtrace
 
 from . import antipatterns as mistakes
 from .attention import AttentionMetadata
+from .cuda_graphs import DecodeGraphRunner
 from .models.llama import KVCache, LlamaForCausalLM
 from .models.loader import load_model
 from .sampler import Sampler, SamplingTensors
@@ -64,16 +65,24 @@ class ModelRunner:
     """model_cfg: see `models.loader.load_model`. The KV cache holds `num_blocks` blocks when
     given, else as many as fit in `kv_cache_memory` bytes, else (CUDA) in
     `gpu_memory_utilization` of the memory free after loading, else (CPU) 256 MiB.
+    With `cuda_graphs` on a CUDA device, decode steps of up to `max_num_seqs` sequences
+    replay CUDA graphs captured for contexts up to `max_model_len` (engine.cuda_graphs).
     `antipatterns` is accepted for the agent's deliberately slow variants."""
 
     def __init__(self, model_cfg, *, block_size: int = 16, num_blocks: int | None = None,
-                 kv_cache_memory: int | None = None, gpu_memory_utilization: float = 0.9, antipatterns=None):
+                 kv_cache_memory: int | None = None, gpu_memory_utilization: float = 0.9,
+                 cuda_graphs: bool = False, max_num_seqs: int = 32, max_model_len: int = 2048, antipatterns=None):
         self.model, _ = load_model(model_cfg)
         self.device = next(self.model.parameters()).device
         self.block_size = block_size
         self.antipatterns = antipatterns
         self.num_blocks = num_blocks or self._blocks_that_fit(kv_cache_memory, gpu_memory_utilization)
         self.kv_caches = self._allocate_kv_cache()
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda":
+            self.graphs = DecodeGraphRunner(self.model, self.kv_caches, max_num_seqs=max_num_seqs,
+                                            max_model_len=max_model_len, block_size=block_size)
+        self._host_out = {}  # pinned reply buffers by dtype, reused every step
         self.sampler = Sampler(self.device, seed=model_cfg.seed)
         self._churn = mistakes.GarbageChurn()
         self._host_rng = np.random.default_rng(model_cfg.seed)
@@ -100,26 +109,40 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
         n, ap = step.step, self.antipatterns
+        host_timed = ap is not None and ap.host_timed_forward
         with llmtrace.span("preprocess", step=n, seqs=step.num_seqs, tokens=step.num_tokens):
             if ap is not None:
                 step = self._apply_input_mistakes(step)
-            inp = prepare_inputs(step, self.device)
-        host_timed = ap is not None and ap.host_timed_forward
-        with llmtrace.span("forward", step=n, device=not host_timed):
-            hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
-            logits = self.model.compute_logits(hidden, inp.last_token_indices)
+            graphed = self.graphs is not None and self.graphs.can_run(step)
+            if graphed:
+                bucket = self.graphs.stage(step)
+                sampling = self._sampling_tensors(step)
+            else:
+                inp = prepare_inputs(step, self.device)
+                sampling = inp.sampling
+        with llmtrace.span("forward", step=n, device=not host_timed, graph=graphed):
+            if graphed:
+                logits = self.graphs.replay(bucket, step.num_seqs)
+            else:
+                hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
+                logits = self.model.compute_logits(hidden, inp.last_token_indices)
         if ap is not None and ap.host_sampling:
             return self._sample_on_host(step, logits)
         # d2h_bytes: what this stage copies to the host (ids + logprobs), for the analyzer.
         with llmtrace.span("sampling", step=n, device=not host_timed, d2h_bytes=8 * step.num_seqs):
-            ids, logprobs = self.sampler(logits, inp.sampling)
+            ids, logprobs = self.sampler(logits, sampling)
+            if host_timed:  # no sync span: the blocking copy waits for forward, inside sampling
+                return StepOutput(ids.to(torch.int32).cpu().numpy(), logprobs.cpu().numpy())
             ids_host, logprobs_host = self._copy_to_host(ids.to(torch.int32), logprobs)
-            if host_timed:  # the host-timed variant has no sync span: the wait lands here
-                return StepOutput(ids_host.numpy(), logprobs_host.numpy())
         with llmtrace.span("sync.wait", step=n):
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
-            return StepOutput(ids_host.numpy(), logprobs_host.numpy())
+            # Copies: the pinned buffers are rewritten by the next step.
+            return StepOutput(ids_host.numpy().copy(), logprobs_host.numpy().copy())
+
+    def _sampling_tensors(self, step: StepInput) -> SamplingTensors:
+        return SamplingTensors.from_numpy(step.temperature, step.top_p, step.top_k, step.seed,
+                                          positions=step.context_lens, device=self.device)
 
     def _apply_input_mistakes(self, step: StepInput) -> StepInput:
         ap = self.antipatterns
@@ -139,11 +162,15 @@ class ModelRunner:
         return StepOutput(ids, logprobs)
 
     def _copy_to_host(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """Start async copies into pinned host memory (CUDA); on CPU the tensors already are host memory."""
+        """Start async copies into pinned host memory (CUDA); on CPU the tensors already are host memory.
+
+        The pinned buffers are reused: a step's outputs are read (sync.wait) before the next step."""
         if self.device.type != "cuda":
             return list(tensors)
         out = []
         for t in tensors:
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            out.append(host.copy_(t, non_blocking=True))
+            buf = self._host_out.get(t.dtype)
+            if buf is None or buf.numel() < t.numel():
+                buf = self._host_out[t.dtype] = torch.empty(max(t.numel(), 256), dtype=t.dtype, pin_memory=True)
+            out.append(buf[:t.numel()].view(t.shape).copy_(t, non_blocking=True))
         return out

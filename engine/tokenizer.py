@@ -39,8 +39,10 @@ class Tokenizer:
         return [self.bos_id, *ids] if add_bos and self.bos_id >= 0 else ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of ids; control tokens (bos/eos) decode to nothing."""
-        return self._sp.decode(list(ids))
+        """Text of ids; control tokens (bos/eos) decode to nothing. Ids past the tokenizer's
+        vocabulary (a preset model with a larger one, e.g. llama2-7b's 32000) decode as unk."""
+        n = self.vocab_size
+        return self._sp.decode([i if i < n else self._sp.unk_id() for i in ids])
 
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(token_id)
