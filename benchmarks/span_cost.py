@@ -11,16 +11,16 @@ not installed are skipped.
 Run:  .venv/bin/python benchmarks/span_cost.py [--repeats 15] [--quick]
 
 Goals: enabled span <= 300 ns, disabled <= 50 ns. On the 2-core dev VM (CPython 3.11.7
-built --enable-shared without PGO; load average ~1.5), median ns per span:
-    llmtrace C: span 187, span(step=, 1 attr) 230, @trace 114; disabled: span 75, @trace 31
-    `with` on a no-op C object 55, plain Python context manager 462
-    llmtrace pure Python: span 3050, @trace 2618
-    OpenTelemetry SDK 56188, torch record_function 22165 (23135 profiling),
-    viztracer log_sparse 2444, nvtx.annotate 1147
-The disabled `with span(...)` misses 50 ns because the `with` statement alone costs 55 ns
-here: two special-method lookups and two calls into C, even when both do nothing; the
-disabled span adds only the span() call (~20 ns). A disabled @trace function meets it.
-Under load the medians grow 1.5-2x; the min column stays close to the quiet numbers.
+built --enable-shared without PGO; load average 0.8), median ns per span:
+    llmtrace C: span 208, span(step=, 1 attr) 263, @trace 124; disabled: span 56, @trace 32
+    `with` on a no-op C object 42, plain Python context manager 473
+    llmtrace pure Python: span 2978, @trace 2558
+    OpenTelemetry SDK 32045, torch record_function 11589 (12793 profiling),
+    viztracer log_sparse 4000, nvtx.annotate 1464
+The disabled `with span(...)` misses 50 ns because the `with` statement alone costs 42 ns
+here (two special-method lookups and two calls into C that do nothing) and the span()
+call ~14 ns more; a disabled @trace function meets it. Other jobs on the machine make the
+medians swing by up to 2x (the other tools' rows most); the min column shows the spread.
 """
 from __future__ import annotations
 
