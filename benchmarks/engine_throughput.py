@@ -13,13 +13,16 @@ Every system runs the same requests: max(MIN_REQUESTS, 2*C) prompts of 64-128 to
 from the engine's workload generator, token ids from the engine's tokenizer), 64 greedy
 output tokens each with EOS ignored, on the same random weights (the engine's tiny model
 saved with `save_checkpoint` and loaded with `from_pretrained`). Tokens/s = output tokens /
-wall time of the whole set, after one short warm-up request. Torch uses the same number of
-threads in every process that runs the model (`--threads`; the agent gets OMP_NUM_THREADS).
+wall time of the whole set, after a short warm-up. The machine is shared, so the systems run
+in interleaved rounds (`--repeats`, the order rotating) and each keeps its best round; both
+engines (traced, untraced) stay up meanwhile, the idle one blocked on a socket. Torch uses
+the same number of threads in every process that runs the model (`--threads`; the agent
+gets OMP_NUM_THREADS).
 Per concurrency it also prints the engine's own per-step breakdown from its trace (the
 analyzer's report), and keeps the traced run directories for `llmtrace analyze`.
 
 Run:  .venv/bin/python benchmarks/engine_throughput.py [--quick] [--concurrency 1 8 32] [--threads 1]
-                                                       [--out DIR]
+                                                       [--repeats 2] [--out DIR]
 
 Goal: the engine beats both transformers paths at concurrency >= 8 on the CPU.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import re
 import signal
@@ -104,11 +108,13 @@ def prompt_token_ids(cfg, tokenizer) -> list[list[int]]:
 # ---- the engine --------------------------------------------------------------------------
 
 class ServeProcess:
-    """`llmtrace serve` in a child process (it spawns the agent); records into `out` when given."""
+    """`llmtrace serve` in a child process (it spawns the agent); records into `out` when given.
+    The process starts at construction; `wait_url` waits until it serves."""
 
     def __init__(self, cfg, workdir: str, threads: int, out: str | None):
         import yaml
 
+        os.makedirs(workdir, exist_ok=True)
         config_path = os.path.join(workdir, "engine.yaml")
         with open(config_path, "w") as f:
             yaml.safe_dump(cfg.to_dict(), f)
@@ -152,23 +158,14 @@ def warmup_workload():
     return load_config({"workload": {"num_requests": 1, "concurrency": 1, "input_len": 16, "output_len": 4}}).workload
 
 
-def bench_engine(cfg, tokenizer, threads: int, out: str | None) -> float:
-    """Output tokens/s of the workload through the engine's HTTP API (closed loop)."""
+def drive_engine(url: str, wl, tokenizer, max_model_len: int | None = None) -> tuple[float, int]:
+    """(output tokens/s, output tokens) of workload `wl` through the engine's HTTP API."""
     from engine.workload import run_workload
 
-    async def drive(url: str):
-        await run_workload(url, warmup_workload(), tokenizer)
-        return await run_workload(url, cfg.workload, tokenizer, max_model_len=cfg.engine.max_model_len)
-
-    with tempfile.TemporaryDirectory(prefix="engine-throughput-") as workdir:
-        server = ServeProcess(cfg, workdir, threads, out)
-        try:
-            results, summary = asyncio.run(drive(server.wait_url()))
-        finally:
-            server.stop()
+    results, summary = asyncio.run(run_workload(url, wl, tokenizer, max_model_len=max_model_len))
     if summary.errors:
         raise RuntimeError(f"{summary.errors} engine requests failed, e.g. {next(r.error for r in results if not r.ok)}")
-    return summary.throughput_tok_s
+    return summary.throughput_tok_s, summary.output_tokens
 
 
 def step_breakdown(run_dir: str) -> dict:
@@ -225,28 +222,28 @@ def _generate(model, prompts: list[list[int]], gen_cfg) -> int:
 
 def bench_generate(model, prompts: list[list[int]], concurrency: int, gen_cfg) -> tuple[float, int]:
     """(output tokens/s, new tokens) of static batches of `concurrency` prompts, one after another."""
-    _generate(model, prompts[:1], _short(gen_cfg))
     t0 = time.perf_counter()
     tokens = sum(_generate(model, prompts[i:i + concurrency], gen_cfg) for i in range(0, len(prompts), concurrency))
     return tokens / (time.perf_counter() - t0), tokens
 
 
+def continuous_batching_config(concurrency: int, longest: int, max_batch_tokens: int):
+    """At most `concurrency` requests a step, KV pages for that many sequences of `longest` tokens."""
+    from transformers.generation import ContinuousBatchingConfig
+
+    pages = -(-longest // ContinuousBatchingConfig().page_size)
+    return ContinuousBatchingConfig(max_requests_per_batch=concurrency, max_batch_tokens=max_batch_tokens,
+                                    num_blocks=concurrency * pages)
+
+
 def bench_generate_batch(model, prompts: list[list[int]], concurrency: int, gen_cfg,
                          max_batch_tokens: int) -> tuple[float, int]:
     """(output tokens/s, new tokens) of continuous batching with at most `concurrency` requests a step."""
-    from transformers.generation import ContinuousBatchingConfig
-
-    longest = max(map(len, prompts)) + gen_cfg.max_new_tokens
-    page_size = ContinuousBatchingConfig().page_size
-    cb_cfg = ContinuousBatchingConfig(max_requests_per_batch=concurrency, max_batch_tokens=max_batch_tokens,
-                                      num_blocks=concurrency * -(-longest // page_size))
-
-    def run(batch, cfg):
-        return model.generate_batch(batch, generation_config=cfg, continuous_batching_config=cb_cfg, progress_bar=False)
-
-    run(prompts[:1], _short(gen_cfg))
+    cb_cfg = continuous_batching_config(concurrency, max(map(len, prompts)) + gen_cfg.max_new_tokens,
+                                        max_batch_tokens)
     t0 = time.perf_counter()
-    outputs = run(prompts, gen_cfg)
+    outputs = model.generate_batch(prompts, generation_config=gen_cfg, continuous_batching_config=cb_cfg,
+                                   progress_bar=False)
     elapsed = time.perf_counter() - t0
     if len(outputs) != len(prompts) or any(o.error for o in outputs.values()):
         raise RuntimeError(f"generate_batch finished {len(outputs)} of {len(prompts)} requests")
@@ -254,13 +251,15 @@ def bench_generate_batch(model, prompts: list[list[int]], concurrency: int, gen_
     return tokens / elapsed, tokens
 
 
-def _short(gen_cfg):
-    """The warm-up's config: a few tokens."""
+def warm_up_transformers(model, prompt: list[int], gen_cfg) -> None:
+    """A few tokens through both paths (first calls pay one-time setup)."""
     import copy
 
-    cfg = copy.deepcopy(gen_cfg)
-    cfg.max_new_tokens = cfg.min_new_tokens = 4
-    return cfg
+    short = copy.deepcopy(gen_cfg)
+    short.max_new_tokens = short.min_new_tokens = 4
+    _generate(model, [prompt], short)
+    model.generate_batch([prompt], generation_config=short, progress_bar=False,
+                         continuous_batching_config=continuous_batching_config(1, len(prompt) + 4, len(prompt)))
 
 
 # ---- one run -----------------------------------------------------------------------------
@@ -271,7 +270,7 @@ HF_GENERATE = "transformers generate (static batch)"
 HF_GENERATE_BATCH = "transformers generate_batch (continuous)"
 
 
-def run(concurrencies: list[int], sizes: Sizes, threads: int, out: str, log=print) -> Result:
+def run(concurrencies: list[int], sizes: Sizes, threads: int, out: str, repeats: int = 1, log=print) -> Result:
     import torch
 
     from engine.tokenizer import Tokenizer
@@ -281,23 +280,45 @@ def run(concurrencies: list[int], sizes: Sizes, threads: int, out: str, log=prin
     result = Result()
     with tempfile.TemporaryDirectory(prefix="engine-throughput-ckpt-") as ckpt:
         model = load_hf_model(save_tiny_checkpoint(ckpt))
+    warm_up_transformers(model, tokenizer.encode("warm up"), generation_config(4, tokenizer))
     for c in concurrencies:
-        cfg = run_config(c, sizes)
-        prompts = prompt_token_ids(cfg, tokenizer)
-        expected = len(prompts) * sizes.output_len
-        gen_cfg = generation_config(sizes.output_len, tokenizer)
         run_dir = os.path.join(out, f"c{c}")
-        result.add(ENGINE_TRACED, c, bench_engine(cfg, tokenizer, threads, run_dir))
+        measure(c, sizes, threads, run_dir, model, tokenizer, repeats, result)
         result.breakdown[c] = step_breakdown(run_dir)
-        result.add(ENGINE_PLAIN, c, bench_engine(cfg, tokenizer, threads, None))
-        for system, (tok_s, tokens) in (
-                (HF_GENERATE, bench_generate(model, prompts, c, gen_cfg)),
-                (HF_GENERATE_BATCH, bench_generate_batch(model, prompts, c, gen_cfg, cfg.engine.max_batched_tokens))):
-            result.add(system, c, tok_s)
-            if tokens != expected:
-                result.notes.append(f"{system} at concurrency {c}: {tokens} new tokens, not {expected}")
         log(f"concurrency {c}: " + ", ".join(f"{s} {v[c]:.0f}" for s, v in result.tok_s.items()) + " tok/s")
     return result
+
+
+def measure(c: int, sizes: Sizes, threads: int, run_dir: str, model, tokenizer, repeats: int, result: Result) -> None:
+    """Every system at concurrency c, `repeats` interleaved rounds (the order rotating, so load
+    changes on the shared machine hit all alike); keeps each system's best round. Both engines
+    (traced into run_dir, untraced) are up the whole time; the idle one waits on a socket."""
+    cfg = run_config(c, sizes)
+    prompts = prompt_token_ids(cfg, tokenizer)
+    gen_cfg = generation_config(sizes.output_len, tokenizer)
+    expected = len(prompts) * sizes.output_len
+    with tempfile.TemporaryDirectory(prefix="engine-throughput-") as workdir:
+        servers = {ENGINE_TRACED: ServeProcess(cfg, os.path.join(workdir, "on"), threads, run_dir),
+                   ENGINE_PLAIN: ServeProcess(cfg, os.path.join(workdir, "off"), threads, None)}
+        try:
+            urls = {name: server.wait_url() for name, server in servers.items()}
+            systems = {name: functools.partial(drive_engine, url, cfg.workload, tokenizer, cfg.engine.max_model_len)
+                       for name, url in urls.items()}
+            systems[HF_GENERATE] = functools.partial(bench_generate, model, prompts, c, gen_cfg)
+            systems[HF_GENERATE_BATCH] = functools.partial(bench_generate_batch, model, prompts, c, gen_cfg,
+                                                           cfg.engine.max_batched_tokens)
+            for url in urls.values():
+                drive_engine(url, warmup_workload(), tokenizer)
+            names = list(systems)
+            for r in range(repeats):
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    tok_s, tokens = systems[name]()
+                    result.add(name, c, max(tok_s, result.tok_s.get(name, {}).get(c, 0.0)))
+                    if tokens != expected:
+                        result.notes.append(f"{name} at concurrency {c}: {tokens} output tokens, not {expected}")
+        finally:
+            for server in servers.values():
+                server.stop()
 
 
 # ---- printing ----------------------------------------------------------------------------
@@ -312,7 +333,7 @@ def cpu_name() -> str:
         return platform.machine()
 
 
-def header(sizes: Sizes, threads: int) -> str:
+def header(sizes: Sizes, threads: int, repeats: int) -> str:
     import torch
     import transformers
 
@@ -324,7 +345,7 @@ def header(sizes: Sizes, threads: int) -> str:
             f"(float32, {p['num_hidden_layers']} layers, hidden {p['hidden_size']}, heads {p['num_attention_heads']}/"
             f"{p['num_key_value_heads']} kv, vocab {p['vocab_size']}) | prompts {sizes.input_min}-{sizes.input_max} "
             f"tokens, {sizes.output_len} output tokens, greedy, EOS ignored, "
-            f"max({sizes.min_requests}, {sizes.requests_per_slot}*C) requests")
+            f"max({sizes.min_requests}, {sizes.requests_per_slot}*C) requests | best of {repeats} interleaved round(s)")
 
 
 def render(result: Result, concurrencies: list[int], title: str) -> None:
@@ -362,16 +383,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--threads", type=int, default=1, help="torch threads in every process that runs the model")
-    p.add_argument("--quick", action="store_true", help="short prompts and outputs, fewer requests")
+    p.add_argument("--repeats", type=int, help="interleaved rounds per concurrency, best kept (default 2, quick 1)")
+    p.add_argument("--quick", action="store_true", help="short prompts and outputs, fewer requests, one round")
     p.add_argument("--out", help="where the traced engine runs go (DIR/c<C>); default runs/engine_throughput-<time>")
     args = p.parse_args(argv)
-    if min(args.concurrency) < 1 or args.threads < 1:
-        p.error("--concurrency and --threads take positive integers")
+    repeats = args.repeats or (1 if args.quick else 2)
+    if min(args.concurrency) < 1 or args.threads < 1 or repeats < 1:
+        p.error("--concurrency, --threads and --repeats take positive integers")
     sizes = QUICK if args.quick else Sizes()
     out = os.path.abspath(args.out or os.path.join("runs", time.strftime("engine_throughput-%Y%m%d-%H%M%S")))
     t0 = time.perf_counter()
-    result = run(args.concurrency, sizes, args.threads, out)
-    render(result, args.concurrency, header(sizes, args.threads))
+    result = run(args.concurrency, sizes, args.threads, out, repeats)
+    render(result, args.concurrency, header(sizes, args.threads, repeats))
     print(f"traced engine runs: {out}/c<C> (llmtrace analyze {out}/c{args.concurrency[-1]}); "
           f"benchmark took {time.perf_counter() - t0:.0f} s")
     return 0

@@ -63,7 +63,7 @@ def test_prompts_match_the_engine_workload():
 
 def test_tables_print(result, capsys):
     res, _ = result
-    bench.render(res, [CONCURRENCY], bench.header(SIZES, 1))
+    bench.render(res, [CONCURRENCY], bench.header(SIZES, 1, 1))
     text = capsys.readouterr().out
     assert "transformers generate_batch (continuous)" in text and "tracing cost" in text
     assert f"C={CONCURRENCY}" in text and "torch threads per model process: 1" in text
