@@ -42,15 +42,23 @@ def serve_and_analyze(config_path: str, run_dir: str, log) -> dict:
     from engine.tokenizer import Tokenizer, tokenizer_path
 
     cfg = load_config(config_path)
+    tokenizer = Tokenizer(tokenizer_path(cfg.model))
     t0 = time.perf_counter()
-    tok_s = et.bench_engine(cfg, Tokenizer(tokenizer_path(cfg.model)), THREADS, run_dir)
-    log(f"{os.path.basename(config_path)}: {tok_s:,.0f} tok/s ({time.perf_counter() - t0:.0f} s with start-up)")
+    server = et.ServeProcess(cfg, run_dir + ".work", THREADS, run_dir)
+    try:
+        url = server.wait_url()
+        log(f"{os.path.basename(config_path)}: engine up in {time.perf_counter() - t0:.0f} s")
+        et.drive_engine(url, et.warmup_workload(), tokenizer)
+        tok_s, tokens = et.drive_engine(url, cfg.workload, tokenizer, cfg.engine.max_model_len)
+    finally:
+        server.stop()
+    log(f"{os.path.basename(config_path)}: {tok_s:,.0f} tok/s, {tokens} tokens")
     report = json.loads(analyze(run_dir, "--json"))
     md = analyze(run_dir, "--markdown")
     with open(os.path.join(run_dir, "report.md"), "w") as f:
         f.write(md)
-    return {"tok_s": tok_s, "breakdown": report["breakdown"], "suggestions": report.get("suggestions"),
-            "report_md": md}
+    return {"tok_s": tok_s, "tokens": tokens, "breakdown": report["breakdown"],
+            "suggestions": report.get("suggestions"), "report_md": md}
 
 
 def analyze(run_dir: str, fmt: str) -> str:
@@ -74,9 +82,11 @@ def bench_transformers(config_path: str, log) -> dict:
     out_lens = [s.max_tokens for s in iter_requests(cfg.workload, tokenizer, cfg.engine.max_model_len)]
     mean_out = round(statistics.mean(out_lens))
     model = hf_model()
+    gen_cfg = et.generation_config(mean_out, tokenizer)
+    et.warm_up_transformers(model, prompts[0], gen_cfg)
     t0 = time.perf_counter()
-    tok_s, tokens = et.bench_generate_batch(model, prompts, cfg.engine.max_num_seqs,
-                                            et.generation_config(mean_out, tokenizer), cfg.engine.max_batched_tokens)
+    tok_s, tokens = et.bench_generate_batch(model, prompts, cfg.engine.max_num_seqs, gen_cfg,
+                                            cfg.engine.max_batched_tokens)
     log(f"transformers generate_batch: {tok_s:,.0f} tok/s, {tokens} tokens ({time.perf_counter() - t0:.0f} s)")
     return {"tok_s": tok_s, "tokens": tokens, "engine_tokens": sum(out_lens), "max_new_tokens": mean_out}
 
