@@ -231,7 +231,8 @@ def continuous_batching_config(concurrency: int, longest: int, max_batch_tokens:
     """At most `concurrency` requests a step, KV pages for that many sequences of `longest` tokens."""
     from transformers.generation import ContinuousBatchingConfig
 
-    pages = -(-longest // ContinuousBatchingConfig().page_size)
+    default = ContinuousBatchingConfig()
+    pages = -(-longest // (getattr(default, "page_size", None) or default.block_size))  # block_size before 5.23
     return ContinuousBatchingConfig(max_requests_per_batch=concurrency, max_batch_tokens=max_batch_tokens,
                                     num_blocks=concurrency * pages)
 
