@@ -6,8 +6,10 @@ Payload: u32 n_strings, n x (u32 id, u32 len, utf-8 bytes)
          u32 meta_len, meta JSON ({"threads": {tid: name}, "dropped": {tid: n}, ...})
          u32 n_records, n x RECORD (fixed 112 bytes, layout below)
 
-A batch is written with one write() call, so a crash leaves at most one truncated
-batch at the end of the file; readers stop there and report the offset.
+Batches are append-only and become visible whole: the writer (llmtrace/sink.py) either
+appends a batch with one write() call or copies it into a mapping of the file magic last,
+after a zero-filled (preallocated) tail. A crash leaves at most one unfinished batch at
+the end, and a mapped file a zero tail; readers stop there and report the offset.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 
 MAGIC = b"LLMTRACE"
 BATCH_MAGIC = b"LTB1"
+_NO_MAGIC = bytes(4)
 VERSION = 1
 
 # Record kinds.
@@ -157,7 +160,10 @@ def scan_batches(data: memoryview, pos: int, path: str) -> Scan:
             break
         bmagic, plen, crc = _BATCH.unpack_from(data, pos)
         if bmagic != BATCH_MAGIC:
-            if bytes(data[pos:]).strip(b"\0") != b"":  # else: a zero-filled preallocated tail
+            if bmagic == _NO_MAGIC:  # a mapped writer's batch without its magic yet, or the zero tail
+                if plen or bytes(data[pos:]).strip(b"\0"):
+                    scan.problem, scan.incomplete = "batch not finished (no magic yet)", True
+            elif bytes(data[pos:]).strip(b"\0"):
                 scan.problem = "bad batch magic"
             break
         start = pos + _BATCH.size
@@ -183,6 +189,6 @@ def read_spool(path: str) -> SpoolFile:
     header, pos = head
     scan = scan_batches(data, pos, path)
     sf = SpoolFile(path, header, scan.batches)
-    if scan.problem:
-        sf.truncated_at, sf.truncation_reason = scan.end, scan.problem
+    if scan.problem:  # the batches before it are kept
+        sf.truncated_at, sf.truncation_reason = scan.end, f"batch {len(scan.batches) + 1}: {scan.problem}"
     return sf
