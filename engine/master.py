@@ -168,6 +168,11 @@ class Master:
         return self.scheduler is not None and self._dead is None and not self._stopped
 
     @property
+    def failure(self) -> str | None:
+        """Why the engine can no longer generate (which process, how it ended); None until then."""
+        return None if self._dead is None else str(self._dead)
+
+    @property
     def agent_pids(self) -> list[int]:
         return [a.proc.pid for a in self._agents]
 
