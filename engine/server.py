@@ -121,7 +121,7 @@ class ApiServer:
     async def health(self, request: web.Request) -> web.Response:
         if self.master.healthy:
             return _json({"status": "ok", **self.master.stats()})
-        return _json({"status": "unavailable", "message": "the engine's agent processes are not running"}, 503)
+        return _json({"status": "unavailable", "message": self.master.failure or "the engine is not running"}, 503)
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(self.master.stats()).encode(),
