@@ -326,7 +326,7 @@ async def test_live_feed_updates_the_table_as_batches_arrive(tmp_path, monkeypat
         await pilot.press("e")  # live: exports what the spool files hold so far
         await _exported(app)
         assert b"agent.step" in (tmp_path / "trace.json").read_bytes()
-        app.workload_finished("workload done")
+        app.workload_ended = "workload done"  # as the workload's thread does
         for _ in range(50):  # the rules run on the window in a worker thread
             await pilot.pause(0.1)
             if app.suggestions.suggestions:
@@ -392,3 +392,67 @@ def test_a_slow_step_waits_for_its_roots():
     assert model.settle() == 0
     now[0] = 5.5
     assert model.settle() == 1 and model.steps[0].cost.root.name == "master.step"
+
+
+# -- llmtrace run --tui: the workload in a thread, the app in the foreground -------------------
+
+@pytest.fixture
+def headless_live(monkeypatch):
+    """run_live with a headless app that quits as soon as the workload ends (or at once)."""
+    from textual.app import App
+
+    from tui.app import LlmtraceApp
+
+    def run(self):
+        return App.run(self, headless=True, size=(80, 24))
+
+    def finished(self, message):
+        self.finished_message = message
+        self.exit()
+
+    monkeypatch.setattr(LlmtraceApp, "run", run)
+    monkeypatch.setattr(LlmtraceApp, "workload_finished", finished)
+    return monkeypatch
+
+
+def test_run_live_returns_the_workload_result(tmp_path, headless_live):
+    from tui.header import RunInfo
+    from tui.live import run_live
+
+    async def workload(progress):
+        return "summary"
+
+    assert run_live(str(tmp_path), RunInfo(), workload) == "summary"
+
+
+def test_run_live_raises_the_workload_error_after_the_app_closes(tmp_path, headless_live):
+    from tui.header import RunInfo
+    from tui.live import run_live
+
+    async def workload(progress):
+        raise RuntimeError("the engine died")
+
+    with pytest.raises(RuntimeError, match="the engine died"):
+        run_live(str(tmp_path), RunInfo(), workload)
+
+
+def test_quitting_early_cancels_the_workload(tmp_path, headless_live):
+    import asyncio
+
+    from tui.app import LlmtraceApp
+    from tui.header import RunInfo
+    from tui.live import run_live
+
+    headless_live.setattr(LlmtraceApp, "on_mount", lambda self: self.set_timer(0.2, self.exit))
+    cancelled = []
+
+    async def workload(progress):
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    with pytest.raises(KeyboardInterrupt):
+        run_live(str(tmp_path), RunInfo(), workload)
+    assert cancelled == [True]

@@ -56,7 +56,11 @@ class LlmtraceApp(App):
         self.model, self.info, self.run_dir = model, info, run_dir
         self.feed, self.report, self.trace, self.source = feed, report, trace, source
         self.state = "live" if feed is not None else "finished run"
-        self.requests_done: int | None = None  # from the workload client, when it reports progress
+        # Set from the workload's thread (plain stores, read by the timers): requests done,
+        # and what to show once the workload ended.
+        self.requests_done: int | None = None
+        self.workload_ended: str | None = None
+        self._ended_shown = False
         self._drawn = -1  # the model version on screen
         self._breakdown: dict | None = None  # live: the window's breakdown as of that version
         self._suggesting: Worker | None = None
@@ -103,6 +107,9 @@ class LlmtraceApp(App):
     # -- data ------------------------------------------------------------------------------
     def poll(self) -> None:
         self.model.ingest(self.feed.poll())
+        if self.workload_ended is not None and not self._ended_shown:
+            self._ended_shown = True
+            self.workload_finished(self.workload_ended)
         self.model.settle()
 
     def refresh_suggestions(self) -> None:
@@ -123,9 +130,8 @@ class LlmtraceApp(App):
         self.call_from_thread(self.suggestions.show, suggestions)
 
     def workload_finished(self, message: str) -> None:
-        """Called (from the workload's thread, via call_from_thread) when the workload ends."""
+        """The workload ended: every step recorded so far is whole."""
         self.state = message
-        self.poll()
         self.model.settle(everything=True)
         self.redraw(force=True)
 

@@ -20,38 +20,46 @@ def run_live(run_dir: str, info: RunInfo, workload: Workload):
     Quitting before the workload ends cancels it and raises KeyboardInterrupt; an error
     of the workload (the engine died) is raised here after the TUI closes."""
     app = LlmtraceApp(RunModel(), info, run_dir, feed=SpoolFeed(run_dir))
-    box: dict = {}
 
     def progress(p) -> None:
         """The load generator's callback (engine.workload.Progress): requests done so far."""
-        app.requests_done = p.done  # read by the next redraw; an int store needs no lock
+        app.requests_done = p.done
 
-    async def main():
-        box["loop"], box["task"] = asyncio.get_running_loop(), asyncio.current_task()
-        return await workload(progress)
+    # Made here, run by the thread: quitting can cancel the task whenever it happens.
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(workload(progress))
+    box: dict = {}
 
     def target() -> None:
-        message = "workload done: q writes the report"
+        asyncio.set_event_loop(loop)
         try:
-            box["result"] = asyncio.run(main())
+            box["result"] = loop.run_until_complete(task)
+            app.workload_ended = "workload done: q writes the report"
         except BaseException as e:  # handed to the caller's thread below
             box["error"] = e
-            message = f"workload stopped: {e}"
-        if app.is_running:
-            try:
-                app.call_from_thread(app.workload_finished, message)
-            except RuntimeError:
-                pass  # the app closed meanwhile
+            app.workload_ended = f"workload stopped: {e}"
+        finally:
+            _close(loop)
 
     thread = threading.Thread(target=target, name="llmtrace-workload", daemon=True)
     thread.start()
     app.run()
     if thread.is_alive():
-        loop, task = box.get("loop"), box.get("task")
-        if loop is not None:
-            loop.call_soon_threadsafe(task.cancel)
+        loop.call_soon_threadsafe(task.cancel)
         thread.join()
         raise KeyboardInterrupt
     if "error" in box:
         raise box["error"]
-    return box.get("result")
+    return box["result"]
+
+
+def _close(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what the workload left running (its requests) and close the loop, as asyncio.run does."""
+    pending = asyncio.all_tasks(loop)
+    for t in pending:
+        t.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    asyncio.set_event_loop(None)
+    loop.close()
