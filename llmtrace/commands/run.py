@@ -22,6 +22,7 @@ from llmtrace.outputs import default_out_dir
 
 READY_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
+HEALTH_TIMEOUT_S = 5.0
 URL_RE = re.compile(r"(http://[\w.\-\[\]:]+)")
 
 
@@ -173,12 +174,13 @@ def _drive(cfg, url: str, engine: EngineProcess, live: str | None):
     async def go(progress):
         task = asyncio.ensure_future(run_workload(url, cfg.workload, tokenizer, max_model_len=cfg.engine.max_model_len,
                                                   progress=progress))
-        while not task.done():
-            await asyncio.wait({task}, timeout=0.5)
-            if not engine.alive():
-                task.cancel()
-                raise EngineCrashed(engine.describe_exit("the engine died during the workload"),
-                                    engine.log_tail())
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.5)
+                await _check_engine(engine, url)
+            await _check_engine(engine, url)  # a death near the end fails the last requests quickly
+        finally:
+            task.cancel()
         _, summary = task.result()
         return summary
 
@@ -193,6 +195,24 @@ def _drive(cfg, url: str, engine: EngineProcess, live: str | None):
             return await go(bar.update)
 
     return asyncio.run(with_bar())
+
+
+async def _check_engine(engine: EngineProcess, url: str) -> None:
+    """Raise EngineCrashed if the server process died, or if it is up but its engine is not
+    (an agent died: the server answers 503 and /health says which process and how)."""
+    import aiohttp
+
+    if not engine.alive():
+        raise EngineCrashed(engine.describe_exit("the engine died during the workload"), engine.log_tail())
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)) as s:
+            async with s.get(url + "/health") as r:
+                if r.status != 503:
+                    return
+                message = (await r.json()).get("message", "unavailable")
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        return  # busy or going away; the process check above or the next poll tells
+    raise EngineCrashed(f"the engine stopped during the workload: {message}", engine.log_tail())
 
 
 def _finish(out: str, cfg, workload_result, failure: str | None) -> int:
