@@ -77,9 +77,10 @@ class Result:
 
 # ---- the requests ------------------------------------------------------------------------
 
-def run_config(concurrency: int, sizes: Sizes):
+def run_config(concurrency: int, sizes: Sizes, seed: int = 0):
     """The engine's config for one concurrency: tiny float32 model on the CPU, at most
-    `concurrency` sequences per step (as generate_batch gets), the closed-loop workload."""
+    `concurrency` sequences per step (as generate_batch gets), the closed-loop workload
+    (its seed picks the prompts and the request ids)."""
     from engine.config import load_config
 
     return load_config({
@@ -88,7 +89,7 @@ def run_config(concurrency: int, sizes: Sizes):
         "workload": {"arrival": "closed", "concurrency": concurrency,
                      "num_requests": sizes.num_requests(concurrency),
                      "input_len": {"dist": "uniform", "min": sizes.input_min, "max": sizes.input_max},
-                     "output_len": sizes.output_len, "ignore_eos": True, "seed": 0},
+                     "output_len": sizes.output_len, "ignore_eos": True, "seed": seed},
     })
 
 
@@ -153,9 +154,11 @@ class ServeProcess:
 
 
 def warmup_workload():
+    """One short request; seed -1 is no round's seed, so its request id is its own."""
     from engine.config import load_config
 
-    return load_config({"workload": {"num_requests": 1, "concurrency": 1, "input_len": 16, "output_len": 4}}).workload
+    return load_config({"workload": {"num_requests": 1, "concurrency": 1, "input_len": 16, "output_len": 4,
+                                     "seed": -1}}).workload
 
 
 def drive_engine(url: str, wl, tokenizer, max_model_len: int | None = None) -> tuple[float, int]:
@@ -292,31 +295,34 @@ def run(concurrencies: list[int], sizes: Sizes, threads: int, out: str, repeats:
 
 def measure(c: int, sizes: Sizes, threads: int, run_dir: str, model, tokenizer, repeats: int, result: Result) -> None:
     """Every system at concurrency c, `repeats` interleaved rounds (the order rotating, so load
-    changes on the shared machine hit all alike); keeps each system's best round. Both engines
-    (traced into run_dir, untraced) are up the whole time; the idle one waits on a socket."""
-    cfg = run_config(c, sizes)
-    prompts = prompt_token_ids(cfg, tokenizer)
+    changes on the shared machine hit all alike); keeps each system's best round. Round r runs
+    the workload of seed r on every system (its own request ids, so the trace's requests stay
+    apart). Both engines (traced into run_dir, untraced) are up the whole time; the idle one
+    waits on a socket."""
     gen_cfg = generation_config(sizes.output_len, tokenizer)
-    expected = len(prompts) * sizes.output_len
+    cfg = run_config(c, sizes)
     with tempfile.TemporaryDirectory(prefix="engine-throughput-") as workdir:
         servers = {ENGINE_TRACED: ServeProcess(cfg, os.path.join(workdir, "on"), threads, run_dir),
                    ENGINE_PLAIN: ServeProcess(cfg, os.path.join(workdir, "off"), threads, None)}
         try:
             urls = {name: server.wait_url() for name, server in servers.items()}
-            systems = {name: functools.partial(drive_engine, url, cfg.workload, tokenizer, cfg.engine.max_model_len)
-                       for name, url in urls.items()}
-            systems[HF_GENERATE] = functools.partial(bench_generate, model, prompts, c, gen_cfg)
-            systems[HF_GENERATE_BATCH] = functools.partial(bench_generate_batch, model, prompts, c, gen_cfg,
-                                                           cfg.engine.max_batched_tokens)
             for url in urls.values():
                 drive_engine(url, warmup_workload(), tokenizer)
-            names = list(systems)
             for r in range(repeats):
+                cfg = run_config(c, sizes, seed=r)
+                prompts = prompt_token_ids(cfg, tokenizer)
+                systems = {name: functools.partial(drive_engine, url, cfg.workload, tokenizer,
+                                                   cfg.engine.max_model_len) for name, url in urls.items()}
+                systems[HF_GENERATE] = functools.partial(bench_generate, model, prompts, c, gen_cfg)
+                systems[HF_GENERATE_BATCH] = functools.partial(bench_generate_batch, model, prompts, c, gen_cfg,
+                                                               cfg.engine.max_batched_tokens)
+                names = list(systems)
                 for name in names[r % len(names):] + names[:r % len(names)]:
                     tok_s, tokens = systems[name]()
                     result.add(name, c, max(tok_s, result.tok_s.get(name, {}).get(c, 0.0)))
-                    if tokens != expected:
-                        result.notes.append(f"{name} at concurrency {c}: {tokens} output tokens, not {expected}")
+                    if tokens != len(prompts) * sizes.output_len:
+                        result.notes.append(f"{name} at concurrency {c}, round {r}: {tokens} output tokens, "
+                                            f"not {len(prompts) * sizes.output_len}")
         finally:
             for server in servers.values():
                 server.stop()

@@ -13,6 +13,7 @@ pytest.importorskip("transformers")
 
 SCRIPT = Path(__file__).parent.parent / "benchmarks" / "engine_throughput.py"
 CONCURRENCY = 2
+REPEATS = 2
 
 
 def _load_script():
@@ -30,7 +31,7 @@ SIZES = bench.Sizes(input_min=8, input_max=12, output_len=4, min_requests=2, req
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("throughput")
-    return bench.run([CONCURRENCY], SIZES, threads=1, out=str(out), log=lambda _: None), out
+    return bench.run([CONCURRENCY], SIZES, threads=1, out=str(out), repeats=REPEATS, log=lambda _: None), out
 
 
 def test_every_system_measured_with_exact_lengths(result):
@@ -41,11 +42,17 @@ def test_every_system_measured_with_exact_lengths(result):
 
 
 def test_breakdown_from_the_traced_run(result):
+    from llmtrace.analyze.report import build_report
+    from llmtrace.load import load_trace
+
     res, out = result
     d = res.breakdown[CONCURRENCY]
-    assert (out / f"c{CONCURRENCY}" / "spool").is_dir()  # kept for `llmtrace analyze`
-    # the warm-up's and the workload's steps: at least one per output token of each batch
-    assert d["steps"] >= SIZES.output_len
+    run_dir = out / f"c{CONCURRENCY}"
+    assert (run_dir / "spool").is_dir()  # kept for `llmtrace analyze`
+    # the warm-up request plus each round's own requests (distinct ids, so not merged)
+    requests = 1 + REPEATS * SIZES.num_requests(CONCURRENCY)
+    assert build_report(load_trace(str(run_dir)))["summary"]["requests"] == requests
+    assert d["steps"] >= REPEATS * SIZES.output_len  # at least one step per output token of a round
     assert d["model_ms_per_step"] > 0 and d["other_ms_per_step"] > 0
     assert d["model_ms_per_step"] + d["other_ms_per_step"] == pytest.approx(d["ms_per_step"])
     assert d["top"] and all(name != "model" for name, _ in d["top"])
