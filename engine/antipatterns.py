@@ -42,8 +42,9 @@ def pad_by_concatenate(step: StepInput, block_size: int) -> StepInput:
             input_ids = np.concatenate([input_ids, step.input_ids[t:t + 1]])
             positions = np.concatenate([positions, step.positions[t:t + 1]])
             slots = np.concatenate([slots, step.slot_mapping[t:t + 1]])
-        used = -(-int(step.context_lens[i]) // block_size)
-        row = np.concatenate([step.block_tables[i, :used], np.full(width - used, -1, np.int32)])
+        row = step.block_tables[i, : -(-int(step.context_lens[i]) // block_size)]
+        while len(row) < width:  # pad one entry at a time
+            row = np.concatenate([row, np.array([-1], np.int32)])
         tables = np.concatenate([tables, row[None, :]])
     return StepInput(step.step, step.is_prefill, step.seq_ids, input_ids, positions, qsl, step.context_lens,
                      tables, slots, step.temperature, step.top_p, step.top_k, step.seed)

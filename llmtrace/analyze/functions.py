@@ -91,21 +91,24 @@ class FunctionIndex:
                 self._nested(index, stage, s, sc.step)
                 self._foreign(foreign, stage, s, sc.step)
                 for smp, a, b in _inside(samples, s):  # clipped to the stage span
-                    sampled[(s.pid, s.tid)][stage].append((sc.step, smp, max(a, s.start_ns), min(b, s.end_ns)))
+                    sampled[(s.pid, s.tid)][(stage, s.name)].append(
+                        (sc.step, smp, max(a, s.start_ns), min(b, s.end_ns)))
         for by_stage in sampled.values():
             self._sampled(by_stage)
 
-    def _sampled(self, by_stage: dict[str, list[tuple]]) -> None:
-        """One thread's samples, by stage. Frames every sample of a stage has that also run
-        other stages (the step loop, the function that opens the stage spans) are not
-        the stage's functions; with one stage only, its common frames are dropped."""
-        names = {stage: [_sampled_names(smp.stack) for _, smp, _, _ in rows] for stage, rows in by_stage.items()}
-        present = {stage: {f for stack in stacks for f in enumerate(stack)} for stage, stacks in names.items()}
-        for stage, rows in by_stage.items():
-            enclosing = _always(names[stage])
-            if len(by_stage) > 1:
-                enclosing &= set().union(*(p for st, p in present.items() if st != stage))
-            for (step, smp, a, b), stack in zip(rows, names[stage]):
+    def _sampled(self, by_site: dict[tuple[str, str], list[tuple]]) -> None:
+        """One thread's samples, by (stage, span name): spans of one name open at one place
+        in the code. Frames every sample of such a span has that also run other spans (the
+        step loop, the function that opens the span) are not the stage's functions; with
+        one span name only, its common frames are dropped."""
+        names = {site: [_sampled_names(smp.stack) for _, smp, _, _ in rows] for site, rows in by_site.items()}
+        present = {site: {f for stack in stacks for f in enumerate(stack)} for site, stacks in names.items()}
+        for site, rows in by_site.items():
+            stage = site[0]
+            enclosing = _always(names[site])
+            if len(by_site) > 1:
+                enclosing &= set().union(*(p for st, p in present.items() if st != site))
+            for (step, smp, a, b), stack in zip(rows, names[site]):
                 for d, name in enumerate(stack):
                     if (d, name) not in enclosing:
                         self.calls.append(Call(stage, step, smp.pid, a, b, name, f"samples:{smp.source}",
