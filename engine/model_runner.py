@@ -49,10 +49,13 @@ def prepare_inputs(step: StepInput, device: torch.device) -> ModelInputs:
         max_query_len=int((qsl[1:] - qsl[:-1]).max()),
         max_context_len=int(step.context_lens.max()),
     )
-    sampling = SamplingTensors.from_numpy(step.temperature, step.top_p, step.top_k, step.seed,
-                                          positions=step.context_lens, device=device)
     return ModelInputs(dev(step.input_ids, np.int64), dev(step.positions, np.int64), meta,
-                       dev(qsl[1:] - 1, np.int64), sampling)
+                       dev(qsl[1:] - 1, np.int64), sampling_tensors(step, device))
+
+
+def sampling_tensors(step: StepInput, device: torch.device) -> SamplingTensors:
+    return SamplingTensors.from_numpy(step.temperature, step.top_p, step.top_k, step.seed,
+                                      positions=step.context_lens, device=device)
 
 
 def kv_block_bytes(model: LlamaForCausalLM, block_size: int) -> int:
@@ -116,7 +119,7 @@ class ModelRunner:
             graphed = self.graphs is not None and self.graphs.can_run(step)
             if graphed:
                 bucket = self.graphs.stage(step)
-                sampling = self._sampling_tensors(step)
+                sampling = sampling_tensors(step, self.device)
             else:
                 inp = prepare_inputs(step, self.device)
                 sampling = inp.sampling
@@ -139,10 +142,6 @@ class ModelRunner:
                 torch.cuda.current_stream(self.device).synchronize()
             # Copies: the pinned buffers are rewritten by the next step.
             return StepOutput(ids_host.numpy().copy(), logprobs_host.numpy().copy())
-
-    def _sampling_tensors(self, step: StepInput) -> SamplingTensors:
-        return SamplingTensors.from_numpy(step.temperature, step.top_p, step.top_k, step.seed,
-                                          positions=step.context_lens, device=self.device)
 
     def _apply_input_mistakes(self, step: StepInput) -> StepInput:
         ap = self.antipatterns
