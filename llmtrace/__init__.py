@@ -25,7 +25,6 @@ __version__ = "0.1.0"
 ENV_OUT = "LLMTRACE_OUT"
 ENV_ENABLED = "LLMTRACE_ENABLED"
 ENV_TRACE_ID = "LLMTRACE_TRACE_ID"
-ENV_LIVE = "LLMTRACE_LIVE"
 ENV_PROCESS_NAME = "LLMTRACE_PROCESS_NAME"
 ENV_SAMPLE_HZ = "LLMTRACE_SAMPLE_HZ"
 ENV_GC = "LLMTRACE_GC"
@@ -37,22 +36,26 @@ def _default_process_name() -> str:
 
 
 def configure(enabled: bool = True, out: str | None = None, process_name: str | None = None,
-              live: str | None = None, sample_hz: float | None = None, gc: bool | None = None,
+              sample_hz: float | None = None, gc: bool | None = None,
               propagate: bool = True) -> None:
     """Turn recording on or off and choose where records go.
 
     out: run directory; records spool to OUT/spool/<pid>.lts. Without it, records stay
     in memory until `recorder.drain()` (useful in tests).
+    process_name: how exports name this process; naming an already spooling process
+    (e.g. one that started recording from the environment) renames it, losing nothing.
     sample_hz: also sample every thread's stack this often (function names per stage).
     gc: record garbage-collector pauses as `gc` spans.
     sample_hz and gc left as None keep what the environment says (a parent's settings).
     propagate: export the settings in the environment so child processes record too.
     """
+    running = sink.current()
     if out is not None:
         out = os.path.abspath(out)
-        sink.start(out, process_name or _default_process_name(), context.trace_id, live=live)
-    elif process_name is not None and sink.current() is not None:
-        sink.start(sink.current().out_dir, process_name, context.trace_id, live=live)
+    if out is not None and (running is None or running.out_dir != out):
+        sink.start(out, process_name or _default_process_name(), context.trace_id)
+    elif process_name is not None and running is not None:
+        running.rename(process_name)
     recorder.set_enabled(enabled)
     if sample_hz is None:
         sample_hz = float(os.environ.get(ENV_SAMPLE_HZ) or 0)
@@ -70,8 +73,6 @@ def configure(enabled: bool = True, out: str | None = None, process_name: str | 
         os.environ[ENV_ENABLED] = "1" if enabled else "0"
         os.environ[ENV_SAMPLE_HZ] = str(sample_hz)
         os.environ[ENV_GC] = "1" if gc else "0"
-        if live:
-            os.environ[ENV_LIVE] = live
 
 
 def enabled() -> bool:
@@ -94,8 +95,7 @@ def shutdown() -> None:
 def _configure_from_env() -> None:
     out = os.environ.get(ENV_OUT)
     if out and os.environ.get(ENV_ENABLED, "1") != "0":
-        configure(True, out, os.environ.get(ENV_PROCESS_NAME) or None, os.environ.get(ENV_LIVE) or None,
-                  propagate=False)
+        configure(True, out, os.environ.get(ENV_PROCESS_NAME) or None, propagate=False)
         if os.environ.get("LLMTRACE_VIZTRACER"):  # viztracer inside chosen stages (integrations/viztracer.py)
             from .integrations import viztracer
             viztracer.install_from_env()

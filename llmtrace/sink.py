@@ -1,5 +1,5 @@
-"""Where records go: a spool file per process (`OUT/spool/<pid>.lts`), and optionally a live
-socket that receives the same batches (the TUI's feed).
+"""Where records go: a spool file per process (`OUT/spool/<pid>.lts`). Live viewers (the
+TUI) tail these files; the mapped spool makes new batches visible within milliseconds.
 
 A background thread drains the recorder every `interval_s` and appends one CRC-checked
 batch; it also flushes at exit and on SIGTERM. By default (`mapped=True`) batches are
@@ -15,7 +15,6 @@ import atexit
 import mmap
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -84,7 +83,7 @@ def _thread_names() -> dict[str, str]:
 
 class Spooler:
     def __init__(self, out_dir: str, process_name: str, trace_id: int, interval_s: float | None = None,
-                 live: str | None = None, extra_header: dict | None = None, mapped: bool = True):
+                 extra_header: dict | None = None, mapped: bool = True):
         self.out_dir = out_dir
         self.process_name = process_name
         self.mapped = mapped
@@ -114,7 +113,6 @@ class Spooler:
         self._file: _AppendFile | _MappedFile | None = _MappedFile(fd, len(self._head)) if mapped else _AppendFile(fd, len(self._head))
         self._lock = threading.Lock()
         self._names_sent: dict[str, str] = {}
-        self._live = _connect_live(live) if live else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llmtrace-flush", daemon=True)
         self._thread.start()
@@ -156,16 +154,12 @@ class Spooler:
             batch = encode_batch(strings, m, records, n)
             self._file.append(batch)
             self.batches += 1
-            if self._live is not None:
-                self._send_live(batch)
             return n
 
-    def _send_live(self, batch: bytes) -> None:
-        try:
-            self._live.sendall(batch)
-        except OSError:
-            self._live.close()  # the viewer went away; the spool file still has everything
-            self._live = None
+    def rename(self, process_name: str) -> None:
+        """Name this process differently from now on (readers apply the batch's meta)."""
+        self.process_name = process_name
+        self.flush({"process_name": process_name})
 
     def close(self) -> None:
         self._stop.set()
@@ -176,20 +170,6 @@ class Spooler:
             if self._file is not None:
                 self._file.close()
                 self._file = None
-            if self._live is not None:
-                self._live.close()
-                self._live = None
-
-
-def _connect_live(path: str) -> socket.socket | None:
-    """Connect to a live viewer's UNIX socket; the first bytes sent are the spool header."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-    except OSError:
-        s.close()
-        return None
-    return s
 
 
 def calibrate_span_cost(n: int = 2000) -> float:
@@ -213,13 +193,11 @@ _spooler: Spooler | None = None
 _prev_sigterm = None
 
 
-def start(out_dir: str, process_name: str, trace_id: int, live: str | None = None,
+def start(out_dir: str, process_name: str, trace_id: int,
           extra_header: dict | None = None, mapped: bool = True) -> Spooler:
     global _spooler
     stop()
-    _spooler = Spooler(out_dir, process_name, trace_id, live=live, extra_header=extra_header, mapped=mapped)
-    if _spooler._live is not None:
-        _spooler._send_live(_spooler._head)
+    _spooler = Spooler(out_dir, process_name, trace_id, extra_header=extra_header, mapped=mapped)
     _install_exit_hooks()
     return _spooler
 

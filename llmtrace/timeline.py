@@ -156,6 +156,8 @@ class RecordDecoder:
         """Decode batch `b`, appending its records to `out`'s lists."""
         proc, pid, strings = self.proc, self.proc.pid, self.strings
         strings.update(b.strings)
+        if "process_name" in b.meta:
+            proc.name = b.meta["process_name"]
         for tid, name in b.meta.get("threads", {}).items():
             proc.threads[int(tid)] = name
         for tid, n in b.meta.get("dropped", {}).items():

@@ -26,3 +26,18 @@ def test_public_names():
     for name in ("span", "trace", "counter", "instant", "configure", "enabled", "flush", "shutdown"):
         assert callable(getattr(llmtrace, name)), name
     assert callable(llmtrace.context.current)
+
+
+def test_naming_a_process_that_records_from_the_environment_keeps_its_records(tmp_path):
+    code = ("import llmtrace\n"
+            "with llmtrace.span('before.rename'): pass\n"
+            "llmtrace.flush()\n"
+            "llmtrace.configure(process_name='agent-7')\n"
+            "with llmtrace.span('after.rename'): pass\n")
+    env = {**__import__("os").environ, "LLMTRACE_OUT": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    from llmtrace.timeline import load_spool_dir
+
+    trace = load_spool_dir(str(tmp_path))
+    assert [p.name for p in trace.processes.values()] == ["agent-7"]
+    assert {"before.rename", "after.rename"} <= {s.name for s in trace.spans}
