@@ -19,21 +19,32 @@ import subprocess
 import sys
 import tempfile
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+def engine_like_trace(n: int):
+    """n spans: per step a master.step, the agent.step following it, forward (with device
+    time) and sampling. Also used by tests/test_export.py."""
+    from llmtrace.timeline import Process, Span, Trace
+
+    t = Trace(processes={1: Process(1, "master"), 2: Process(2, "agent-0")})
+    for i in range(n // 4):
+        base, top, agent = i * 10_000, (1 << 40) + i, (2 << 40) + 3 * i
+        t.spans.append(Span("master.step", "master", 1, 1, base, base + 9_000, top, 0, 0, i, {"batch": 8}))
+        t.spans.append(Span("agent.step", "agent", 2, 2, base + 100, base + 8_000, agent, 0, top, i))
+        t.spans.append(Span("forward", "forward", 2, 2, base + 200, base + 4_000, agent + 1, agent, 0, i,
+                            device_start_ns=base + 300, device_end_ns=base + 5_000))
+        t.spans.append(Span("sampling", "sampling", 2, 2, base + 4_000, base + 7_000, agent + 2, agent, 0, i))
+    t.sort()
+    return t
+
+
 WORKER = """
 import json, resource, sys, time
-from llmtrace.timeline import Process, Span, Trace
+from export_chrome import engine_like_trace
 from llmtrace.export import load_chrome_trace, write_chrome_trace
 
 n, path = int(sys.argv[1]), sys.argv[2]
-t = Trace(processes={1: Process(1, "master"), 2: Process(2, "agent-0")})
-for i in range(n // 4):
-    base, top, agent = i * 10_000, (1 << 40) + i, (2 << 40) + 3 * i
-    t.spans.append(Span("master.step", "master", 1, 1, base, base + 9_000, top, 0, 0, i, {"batch": 8}))
-    t.spans.append(Span("agent.step", "agent", 2, 2, base + 100, base + 8_000, agent, 0, top, i))
-    t.spans.append(Span("forward", "forward", 2, 2, base + 200, base + 4_000, agent + 1, agent, 0, i,
-                        device_start_ns=base + 300, device_end_ns=base + 5_000))
-    t.spans.append(Span("sampling", "sampling", 2, 2, base + 4_000, base + 7_000, agent + 2, agent, 0, i))
-t.sort()
+t = engine_like_trace(n)
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 stats = write_chrome_trace(t, path)
@@ -56,7 +67,7 @@ def main() -> None:
         for n in args.spans:
             path = os.path.join(d, "trace.json")
             out = subprocess.run([sys.executable, "-c", WORKER, str(n), path], check=True, capture_output=True,
-                                 text=True).stdout
+                                 text=True, env={**os.environ, "PYTHONPATH": HERE}).stdout
             r = json.loads(out)
             print(f"{n:>9} {r['events']:>9} {r['bytes'] / 2**20:>9.1f} {r['export_s']:>9.2f} "
                   f"{n / r['export_s']:>9.0f} {r['rss_growth'] / 2**20:>9.1f} {r['load_s']:>7.2f}")

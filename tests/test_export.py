@@ -382,18 +382,10 @@ def test_anchor_time():
 
 BIG = """
 import resource, sys, time
-from llmtrace.timeline import Trace, Span, Process
 from llmtrace.export import write_chrome_trace
+from export_chrome import engine_like_trace  # benchmarks/: the same synthetic engine trace
 n = int(sys.argv[1])
-t = Trace(processes={1: Process(1, "master"), 2: Process(2, "agent-0")})
-for i in range(n // 4):  # a master step and an agent step with two children, linked
-    base, top, agent = i * 10_000, (1 << 40) + i, (2 << 40) + 3 * i
-    t.spans.append(Span("master.step", "master", 1, 1, base, base + 9_000, top, 0, 0, i, {"batch": 8}))
-    t.spans.append(Span("agent.step", "agent", 2, 2, base + 100, base + 8_000, agent, 0, top, i))
-    t.spans.append(Span("forward", "forward", 2, 2, base + 200, base + 4_000, agent + 1, agent, 0, i,
-                        device_start_ns=base + 300, device_end_ns=base + 5_000))
-    t.spans.append(Span("sampling", "sampling", 2, 2, base + 4_000, base + 7_000, agent + 2, agent, 0, i))
-t.sort()
+t = engine_like_trace(n)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 stats = write_chrome_trace(t, sys.argv[2])
@@ -407,7 +399,9 @@ def test_large_trace_streams_with_bounded_memory(tmp_path):
     writes (holding the events would take several times the file size); what it keeps is
     per flow (an anchor time per linked span), not per event."""
     out = tmp_path / "big.json"
-    r = subprocess.run([sys.executable, "-c", BIG, "200000", str(out)], capture_output=True, text=True, timeout=120)
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    r = subprocess.run([sys.executable, "-c", BIG, "200000", str(out)], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": bench})
     assert r.returncode == 0, r.stderr
     events, flows, size, growth, _secs = r.stdout.split()
     steps = 200_000 // 4
