@@ -3,8 +3,14 @@
 `Master` owns the Scheduler, BlockManager and Tokenizer and drives the agent processes
 (`engine.agent`) it spawns. One background task steps the engine while there is work:
 
-    master.step: schedule -> shm.write -> tcp.send -> agent.wait -> tcp.recv -> shm.read
-                 -> postprocess -> detokenize -> stream.write
+    master.step n: schedule -> shm.write -> tcp.send -> agent.wait -> tcp.recv -> shm.read
+                   -> postprocess
+                   (inside agent.wait: detokenize -> stream.write of step n-1)
+
+Step n's outputs are detokenized and streamed while the agents run step n+1, so that host
+work is off the critical path (vLLM's async output processing); postprocess stays before
+the next schedule because it frees blocks and finishes sequences. The last step before
+the engine idles (or a step that schedules nothing) streams its outputs at once.
 
 Inputs go to the agents through the request arena, sampled ids come back through the
 reply arena; the TCP frames carry a step's counts and its diff (sampling parameters of
@@ -61,6 +67,14 @@ class Delta(NamedTuple):
     token_ids: list[int]
     text: str
     finish_reason: str | None  # "stop" | "length" | "abort" on the last delta
+
+
+class StepOutput(NamedTuple):
+    """A postprocessed step whose tokens are not streamed yet."""
+    step: int
+    out: SchedulerOutput
+    token_ids: list[int]
+    logprobs: list[float]
 
 
 class RequestStream:
@@ -340,6 +354,8 @@ class Master:
             bad = next(t for t in ids if not 0 <= t < self.vocab_size)
             raise RequestRejected(f"token id {bad} is outside the model's vocabulary (0..{self.vocab_size - 1})")
         params.check_fits(len(ids), self.cfg.engine.max_model_len)
+        if req_id in self._streams:  # finished in the scheduler, its last delta not streamed yet
+            raise RequestRejected(f"request id {req_id!r} is already in use")
         seq = Sequence(req_id, ids, params)
         self.scheduler.add(seq)
         stream = RequestStream(seq, IncrementalDetokenizer(self.tokenizer, ids))
@@ -378,12 +394,13 @@ class Master:
 
     async def _run(self) -> None:
         try:
+            pending: StepOutput | None = None
             while self._dead is None:
                 if not self.scheduler.has_unfinished():
                     self._work.clear()
                     await self._work.wait()
                     continue
-                await self._step()
+                pending = await self._step(pending)
         except _AgentLost as e:
             try:
                 await asyncio.wait_for(e.agent.proc.wait(), EXIT_GRACE_S)
@@ -398,7 +415,9 @@ class Master:
             log.exception("engine step failed")
             self._die(EngineDead(f"engine step failed: {type(e).__name__}: {e}"))
 
-    async def _step(self) -> None:
+    async def _step(self, prev: StepOutput | None) -> StepOutput | None:
+        """Run step n, streaming `prev` (step n-1's outputs) while the agents compute.
+        Returns step n's outputs when a next step will stream them, else streams them now."""
         n = self.num_steps
         self.num_steps += 1
         sched = self.scheduler
@@ -407,8 +426,9 @@ class Master:
                 out = sched.schedule()
             B = len(out.scheduled)
             step_span.set(batch=B, tokens=out.num_batched_tokens, prefill=int(out.is_prefill))
-            if B == 0:
-                return  # everything was preempted; the next step prefills it again
+            if B == 0:  # everything was preempted; the next step prefills it again
+                self._stream_outputs(prev)
+                return None
             self._record_queue_spans(out, n)
             with llmtrace.span("shm.write", seqs=B):
                 T, W = self._write_inputs(out)
@@ -422,6 +442,7 @@ class Master:
             # Every rank replies once it is done with the request arena, which the next step
             # overwrites; rank 0's reply is the one whose rows are in the reply arena.
             with llmtrace.span("agent.wait"):
+                self._stream_outputs(prev)
                 for a in self._agents:
                     await _guard(a, a.conn.wait())
             round_trip_ns = perf_counter_ns() - t_send
@@ -434,10 +455,10 @@ class Master:
                 logprobs = self._reply["logprobs"][:B].tolist()
             with llmtrace.span("postprocess"):
                 sched.postprocess(out, token_ids)
-            with llmtrace.span("detokenize"):
-                deltas = self._detokenize(out, token_ids, logprobs)
-            with llmtrace.span("stream.write"):
-                self._publish(deltas)
+            output = StepOutput(n, out, token_ids, logprobs)
+            if not sched.has_unfinished():  # no next step to hide behind
+                self._stream_outputs(output)
+                output = None
         bm = sched.block_manager
         llmtrace.counter("running", sched.num_running)
         llmtrace.counter("waiting", sched.num_waiting)
@@ -445,6 +466,16 @@ class Master:
         llmtrace.counter("kv_blocks_used", bm.num_used_blocks)
         llmtrace.counter("kv_blocks_total", bm.num_blocks)
         llmtrace.counter("max_num_seqs", sched.cfg.max_num_seqs)  # the analyzer's batch-fill reference
+        return output
+
+    def _stream_outputs(self, output: StepOutput | None) -> None:
+        """Detokenize a postprocessed step's tokens and push the deltas (spans carry its step)."""
+        if output is None:
+            return
+        with llmtrace.span("detokenize", step=output.step):
+            deltas = self._detokenize(output.out, output.token_ids, output.logprobs)
+        with llmtrace.span("stream.write", step=output.step):
+            self._publish(deltas)
 
     def _account(self, replies: list[dict], step: int, num_seqs: int, round_trip_ns: int) -> None:
         """Check the replies answer this step; split the round trip into agent time and transport."""

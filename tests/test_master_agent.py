@@ -292,10 +292,15 @@ def test_spans_of_all_processes_link_up_with_two_ranks(tmp_path):
     agent_steps = {(s.pid, s.link_id): s for s in trace.spans if s.name == "agent.step"}
     assert steps and len(agent_steps) == 2 * len(steps)
     assert steps[0].attrs["prefill"] == 1 and steps[0].attrs["tokens"] == 8 + 9
-    for ms in steps:
+    for i, ms in enumerate(steps):
         assert ms.pid == pids["master"]
+        last = i == len(steps) - 1  # nothing follows: it streams its own outputs at once
         assert children[ms.span_id] == ["schedule", "shm.write", "tcp.send", "agent.wait", "tcp.recv", "shm.read",
-                                        "postprocess", "detokenize", "stream.write"]
+                                        "postprocess", *(["detokenize", "stream.write"] if last else [])]
+        wait = next(s for s in trace.spans if s.parent_id == ms.span_id and s.name == "agent.wait")
+        output = [s for s in trace.spans if s.parent_id == wait.span_id]  # the previous step's, while agents run
+        assert [(s.name, s.step) for s in output] == ([] if i == 0 else
+                                                      [("detokenize", ms.step - 1), ("stream.write", ms.step - 1)])
         for rank in (0, 1):
             ag = agent_steps[pids[f"agent-{rank}"], ms.span_id]  # master.step -> agent.step
             assert ag.step == ms.step
