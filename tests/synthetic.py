@@ -19,6 +19,7 @@ MS = 1_000_000
 MASTER_PID, AGENT_PID = 1000, 2000
 MASTER_BEFORE = {"schedule": 0.3, "shm.write": 0.1, "tcp.send": 0.05}
 MASTER_AFTER = {"tcp.recv": 0.05, "shm.read": 0.05, "postprocess": 0.3, "detokenize": 0.2, "stream.write": 0.1}
+MASTER_OUTPUT = ("detokenize", "stream.write")  # what the engine defers into the next step's agent.wait
 AGENT_STAGES = {"tcp.recv": 0.05, "shm.read": 0.05, "preprocess": 0.5, "forward": 0.2, "sampling": 0.1,
                 "sync.wait": 0.0, "shm.write": 0.05, "tcp.send": 0.05}
 DEVICE = {"forward": 20.0, "sampling": 0.5}
@@ -73,13 +74,16 @@ class EngineTraceBuilder:
              agent: dict | None = None, device: dict | None = None, nested: dict | None = None,
              transport_ms: float = 0.05, reply_ms: float = 0.05, gap_ms: float = 0.0,
              waiting: int = 0, kv_used: int | None = None, agent_order: list[str] | None = None,
-             attrs: dict | None = None, span_attrs: dict | None = None) -> int:
+             attrs: dict | None = None, span_attrs: dict | None = None, output_in_wait: bool = False) -> int:
         """Append one step; returns its step id.
 
         master/agent: host ms per stage overriding the defaults; device: device ms of
         forward/sampling; nested: {stage span name: [(name, ms, attrs)]} spans laid at the
         start of that stage span (which grows by their time; agent stages first);
-        gap_ms: time inside master.step in no stage; span_attrs: {agent stage: attrs}.
+        gap_ms: time inside master.step in no stage; span_attrs: {agent stage: attrs};
+        output_in_wait: as the engine does, the previous step's detokenize/stream.write
+        (their `master` durations, step id one less) run inside agent.wait from its start,
+        and this step ends at postprocess; the wait ends at the later of them and the reply.
         """
         step, nested = self.next_step, nested or {}
         self.next_step += 1
@@ -97,8 +101,12 @@ class EngineTraceBuilder:
                          attrs={"batch": batch, "tokens": batch, "prefill": int(prefill), **(attrs or {})})
         t = self._stages(MASTER_PID, root, m_before, self.t, step, nested, skip=set(AGENT_STAGES))
         wait = self.span(MASTER_PID, "agent.wait", t, 0, root, step)
+        busy_until = t
+        if output_in_wait:
+            for name in MASTER_OUTPUT:
+                busy_until = self._stage(MASTER_PID, wait, name, m_after.pop(name), busy_until, step - 1, ())
         a_end = self._agent_step(t + _ms(transport_ms), step, a_stages, dev, nested, agent_order, span_attrs or {})
-        wait.end_ns = a_end + _ms(reply_ms)
+        wait.end_ns = max(a_end + _ms(reply_ms), busy_until)
         t = self._stages(MASTER_PID, root, m_after, wait.end_ns, step, nested, skip=set(AGENT_STAGES))
         root.end_ns = t + _ms(gap_ms)
         self.t = root.end_ns + _ms(IDLE_BETWEEN_STEPS_MS)

@@ -147,6 +147,26 @@ def test_tensor_parallel_wait_is_replaced_by_the_slowest_rank():
         assert sc.parts["preprocess"] == 2 * MS
 
 
+def test_output_work_inside_agent_wait_is_hidden_until_it_outlasts_the_agent():
+    b = EngineTraceBuilder()
+    b.step(batch=4)
+    b.steps(3, batch=4, output_in_wait=True)  # 0.3 ms of output work under a ~21 ms agent step
+    b.step(batch=4, output_in_wait=True, master={"detokenize": 25.0}, transport_ms=0.2)
+    trace = b.build()
+    ctx = Context(trace)
+    _sums_to_wall(ctx)
+    for sc in ctx.steps[1:4]:
+        assert "detokenize" not in sc.parts and "stream" not in sc.parts
+        assert sc.transport_ns == pytest.approx(0.1 * MS, abs=1)  # transport 0.05 + reply 0.05
+    sc = ctx.steps[4]
+    detok = next(s for s in trace.spans if s.name == "detokenize" and s.parent_id == sc.wait.span_id)
+    assert detok.step == sc.step - 1
+    assert sc.parts["detokenize"] == detok.end_ns - sc.agent_root.end_ns  # the part past the agent's reply
+    assert sc.parts["stream"] == 0.1 * MS
+    assert sc.transport_ns == 0.2 * MS  # before the agent's step: transport, the work stays hidden
+    assert sc.counts["detokenize"] == 1 and "detokenize" not in ctx.steps[1].counts
+
+
 @llmtrace.trace
 def _encode():
     sum(range(100))

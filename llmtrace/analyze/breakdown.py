@@ -16,6 +16,10 @@ Every nanosecond of it is given to exactly one label, highest claim first:
 
 `agent.wait` is replaced by the agent's breakdown: the `agent.step` of the same step
 that finished last (the slowest rank is the critical one), clipped to the wait.
+Master work nested in the wait (the previous step's `detokenize`/`stream.write`, run
+while the agent computes) is hidden while the agent's step or the transport before it
+covers it; only what outlasts the agent's step (its reply) counts, under its stage
+(all of it when no agent step is traced).
 So for every step: model + stages + gap == wall time.
 """
 from __future__ import annotations
@@ -185,12 +189,23 @@ class _StepWalker:
         segs.append(_Segment(a, b, TRANSPORT, _P_WAIT, wait))
         sc.wait = wait
         candidates = [s for s in self.agent_steps.get(sc.step, ()) if s.start_ns < b and s.end_ns > a]
-        if not candidates:
+        agent = max(candidates, key=lambda s: s.end_ns) if candidates else None
+        self._overlapped(wait, a if agent is None else max(a, agent.end_ns), b, segs, sc)
+        if agent is None:
             return
-        agent = max(candidates, key=lambda s: s.end_ns)
         sc.agent_root = agent
         segs.append(_Segment(max(agent.start_ns, a), min(agent.end_ns, b), GAP, _P_AGENT_ROOT, agent))
         self._children(agent, a, b, segs, sc)
+
+    def _overlapped(self, wait: Span, lo: int, hi: int, segs: list, sc: StepCost) -> None:
+        """Master spans nested in `agent.wait`: only their part in [lo, hi), after the
+        agent's reply, is on the critical path."""
+        for c in self.index.children.get(wait.span_id, ()):
+            a, b = max(c.start_ns, lo), min(c.end_ns, hi)
+            if b > a:
+                label = stage_label(c)
+                segs.append(_Segment(a, b, label, _P_STAGE, c))
+                sc.stage_spans.append((label, c))
 
     def _model_stage(self, c: Span, a: int, b: int, window: tuple[int, int], segs: list, sc: StepCost) -> None:
         sc.stage_spans.append((c.stage, c))
