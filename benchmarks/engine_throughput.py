@@ -65,14 +65,16 @@ QUICK = Sizes(input_min=32, input_max=64, output_len=16, min_requests=4, request
 
 @dataclass
 class Result:
-    """Tokens/s per system and concurrency, and the engine's breakdown per concurrency."""
+    """Best tokens/s per system and concurrency, and the engine's breakdown per concurrency."""
 
     tok_s: dict[str, dict[int, float]] = field(default_factory=dict)
     breakdown: dict[int, dict] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def add(self, system: str, concurrency: int, tok_s: float) -> None:
-        self.tok_s.setdefault(system, {})[concurrency] = tok_s
+        """One round's measurement; the best round is kept."""
+        by_c = self.tok_s.setdefault(system, {})
+        by_c[concurrency] = max(tok_s, by_c.get(concurrency, 0.0))
 
 
 # ---- the requests ------------------------------------------------------------------------
@@ -319,7 +321,7 @@ def measure(c: int, sizes: Sizes, threads: int, run_dir: str, model, tokenizer, 
                 names = list(systems)
                 for name in names[r % len(names):] + names[:r % len(names)]:
                     tok_s, tokens = systems[name]()
-                    result.add(name, c, max(tok_s, result.tok_s.get(name, {}).get(c, 0.0)))
+                    result.add(name, c, tok_s)
                     if tokens != len(prompts) * sizes.output_len:
                         result.notes.append(f"{name} at concurrency {c}, round {r}: {tokens} output tokens, "
                                             f"not {len(prompts) * sizes.output_len}")
