@@ -38,6 +38,13 @@ def load_trace(path: str) -> Trace:
     return load_chrome_trace(path)
 
 
+def truncation_warnings(trace: Trace) -> list[str]:
+    """One line per spool file that ends early (a crash, or corruption from some batch on):
+    which file, where, why; the batches before that point were read."""
+    return [f"warning: {p.source}: at byte {p.truncated_at}: {p.truncation_reason}; read what precedes it"
+            for p in trace.processes.values() if p.truncated_at is not None]
+
+
 def _load_dir(path: str) -> Trace:
     trace_json = os.path.join(path, TRACE_JSON)
     if spool_files(path):

@@ -73,7 +73,10 @@ def _event_list(doc, path: str) -> list[dict]:
     events = doc.get("traceEvents") if isinstance(doc, dict) else doc
     if not isinstance(events, list):
         raise UserError(f"{path}: not a Chrome trace (expected a list of events or an object with traceEvents)")
-    return [e for e in events if isinstance(e, dict)]
+    kept = [e for e in events if isinstance(e, dict)]
+    if events and not kept:
+        raise UserError(f"{path}: not a Chrome trace (its {len(events)} events are not objects)")
+    return kept
 
 
 def _pyspy_source(path: str, events: list[dict]) -> Source:

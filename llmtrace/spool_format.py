@@ -113,6 +113,9 @@ def decode_batch(payload: memoryview, path: str = "<stream>", base: int = 0) -> 
         (mlen,) = _U32.unpack_from(payload, pos)
         pos += 4
         meta = json.loads(bytes(payload[pos : pos + mlen])) if mlen else {}
+        if not _meta_ok(meta):
+            raise SpoolError(path, base + pos, "batch meta is not an object of {tid: name} threads, "
+                                               "{tid: count} dropped")
         pos += mlen
         (n_rec,) = _U32.unpack_from(payload, pos)
         pos += 4
@@ -124,6 +127,15 @@ def decode_batch(payload: memoryview, path: str = "<stream>", base: int = 0) -> 
         if isinstance(e, SpoolError):
             raise
         raise SpoolError(path, base, f"malformed batch: {e}") from None
+
+
+def _meta_ok(meta) -> bool:
+    if not isinstance(meta, dict):
+        return False
+    threads, dropped = meta.get("threads", {}), meta.get("dropped", {})
+    return (isinstance(threads, dict) and isinstance(dropped, dict)
+            and all(k.isdigit() for k in (*threads, *dropped))
+            and all(isinstance(v, str) for v in threads.values()) and all(isinstance(v, int) for v in dropped.values()))
 
 
 def parse_header(data: memoryview, path: str) -> tuple[dict, int] | None:
@@ -138,9 +150,13 @@ def parse_header(data: memoryview, path: str) -> tuple[dict, int] | None:
     if len(data) < _HDR.size + hlen:
         return None
     try:
-        return json.loads(bytes(data[_HDR.size : _HDR.size + hlen])), _HDR.size + hlen
+        header = json.loads(bytes(data[_HDR.size : _HDR.size + hlen]))
     except ValueError as e:
         raise SpoolError(path, _HDR.size, f"malformed header JSON: {e}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("pid", 0), int) \
+            or not isinstance(header.get("process_name", ""), str):
+        raise SpoolError(path, _HDR.size, "the header is not an object with an integer pid and a process_name")
+    return header, _HDR.size + hlen
 
 
 @dataclass

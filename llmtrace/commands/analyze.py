@@ -10,11 +10,14 @@ from ..errors import UserError
 
 def main(args) -> int:
     from ..analyze import build_report, render_markdown, render_text
-    from ..load import load_trace
+    from ..load import load_trace, truncation_warnings
 
     if args.json and args.markdown:
         raise UserError("choose one of --json and --markdown")
-    report = build_report(load_trace(args.path))
+    trace = load_trace(args.path)
+    for warning in truncation_warnings(trace):
+        print(f"llmtrace analyze: {warning}", file=sys.stderr)
+    report = build_report(trace)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     elif args.markdown:

@@ -4,6 +4,7 @@ directory or file, a trace.json) opens with the full report of the run."""
 from __future__ import annotations
 
 import os
+import sys
 
 from ..errors import UserError
 
@@ -38,10 +39,12 @@ def _finished(path: str, run_dir: str) -> None:
     from tui.model import RunModel
 
     from ..analyze import build_report
-    from ..load import load_trace
+    from ..load import load_trace, truncation_warnings
 
     print(f"loading {path}…", flush=True)
     trace = load_trace(path)
+    for warning in truncation_warnings(trace):
+        print(f"llmtrace tui: {warning}", file=sys.stderr)
     report = build_report(trace)
     model = RunModel(window=None, series=None)
     model.ingest(trace)
