@@ -26,7 +26,7 @@ from llmtrace.context import Carrier
 from . import protocol
 from .batch_state import BatchState
 from .ipc import ReceiveSpan
-from .ipc.shm import ArenaLayout, ShmArena
+from .ipc.shm import ArenaLayout, ShmArena, unlink_name
 from .ipc.tcp import ConnectionClosed, FrameSocket
 from .step_io import StepInput
 
@@ -112,6 +112,9 @@ class Agent:
     def close(self) -> None:
         for arena in (self.request, self.reply):
             if arena is not None:
+                # The master unlinks the names once every agent has attached; if it died before
+                # that (SIGKILL while the model loaded), the last process to know them is this one.
+                unlink_name(arena.name)
                 arena.close()
         self.conn.close()
 
