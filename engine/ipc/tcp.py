@@ -48,7 +48,9 @@ def encode(msg: dict, limit: int = MAX_FRAME) -> tuple[bytes, bytes]:
 
 def decode(body: bytes) -> dict:
     try:
-        msg = msgpack.unpackb(body, raw=False)
+        # Plain data only: no ext types (the protocol has none); str map keys; lengths are
+        # bounded by the frame (msgpack's defaults), the frame by MAX_FRAME.
+        msg = msgpack.unpackb(body, raw=False, strict_map_key=True, max_ext_len=0)
     except (ValueError, msgpack.UnpackException) as e:
         raise FrameError(f"undecodable frame of {len(body)} bytes: {e}") from None
     if not isinstance(msg, dict):
