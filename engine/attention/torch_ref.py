@@ -43,7 +43,8 @@ def _gather(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     """The first max_context_len cached tokens of each sequence: [B, kv_heads, K, head_dim]."""
     block_size, kv_heads, dim = cache.shape[1:]
     n_blocks = -(-meta.max_context_len // block_size)
-    x = cache[meta.block_tables[:, :n_blocks]]  # [B, n_blocks, block_size, kv_heads, D]
+    # index_select on the flat table: half the time of advanced indexing on CPU
+    x = cache.index_select(0, meta.block_tables[:, :n_blocks].reshape(-1))  # [B * n_blocks, bs, kv, D]
     x = x.view(meta.num_seqs, n_blocks * block_size, kv_heads, dim)[:, :meta.max_context_len]
     return x.transpose(1, 2)
 
