@@ -12,10 +12,10 @@ from types import ModuleType
 from typing import Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..attention import AttentionMetadata
+from . import fused_ops
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # per layer: k, v [num_blocks, block_size, kv_heads, head_dim]
 
@@ -103,30 +103,21 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 like the reference, then scale in the model dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x), or with `residual` (norm(x + residual), x + residual): the add rides along."""
+        return fused_ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin per position, looked up once per step and shared by every layer."""
+    """[cos | sin] rows [T, head_dim] float32 per position, looked up once per step and shared by every layer."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         freqs = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float32), rope_inv_freq(cfg))
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1), persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.cos_sin[positions].to(dtype).unsqueeze(1).chunk(2, dim=-1)
-        return cos, sin
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim] rotated in half-split layout (HF `rotate_half`)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.cos_sin[positions]
 
 
 class LlamaAttention(nn.Module):
@@ -139,12 +130,11 @@ class LlamaAttention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(n, self.heads, self.head_dim), *rope)
-        k = apply_rotary(k.view(n, self.kv_heads, self.head_dim), *rope)
+        q, k = fused_ops.apply_rotary(q.view(n, self.heads, self.head_dim),
+                                      k.view(n, self.kv_heads, self.head_dim), rope)
         k_cache, v_cache = kv_cache
         self.backend.store_kv(k, v.view(n, self.kv_heads, self.head_dim), k_cache, v_cache, meta.slot_mapping)
         out = self.backend.attention(q, k_cache, v_cache, meta, self.scale)
@@ -158,8 +148,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(fused_ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -170,9 +159,15 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x, rope, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope, kv_cache, meta):
+        """x: the last sublayer's output, not yet added to `residual` (None at the first layer),
+        so each add runs inside the next RMSNorm; returns the same pair for the next layer."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, rope, kv_cache, meta), residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -184,11 +179,11 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg)
 
     def forward(self, input_ids, positions, kv_caches, meta):
-        x = self.embed_tokens(input_ids)
-        rope = self.rotary_emb(positions, x.dtype)
+        x, residual = self.embed_tokens(input_ids), None
+        rope = self.rotary_emb(positions)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, rope, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, kv_cache, meta)
+        return self.norm(x, residual)[0]
 
 
 # HF projection name -> (fused parameter, index of its part along dim 0)
