@@ -106,7 +106,8 @@ def main(args) -> int:
     _clear_old_spool(out)
     config_path = os.path.join(out, "config.yaml")
     _write_yaml(cfg.to_dict(), config_path)
-    llmtrace.configure(out=out, process_name="client", sample_hz=_sample_hz(cfg), gc=True)
+    llmtrace.configure(out=out, process_name="client", sample_hz=0, gc=True)
+    os.environ[llmtrace.ENV_SAMPLE_HZ] = str(_sample_hz(cfg))  # the engine's processes, not the load generator
     if cfg.trace.viztracer is not None:  # the engine's processes trace inside these stages, N steps
         from llmtrace.integrations.viztracer import ENV, WindowSpec
 
@@ -158,7 +159,8 @@ def _pyspy_env(cfg, out: str):
 
 
 def _sample_hz(cfg) -> float:
-    return 1000.0 if cfg.trace.detail == "full" else 0.0
+    """Stack samples per second with `trace.detail: full` (function names inside stages)."""
+    return 200.0 if cfg.trace.detail == "full" else 0.0
 
 
 def _drive(cfg, url: str, engine: EngineProcess, live: str | None):
