@@ -8,8 +8,11 @@ Nothing is flushed by hand: what survives is what the spooler had handed to the 
 
 Run:  .venv/bin/python benchmarks/crash_survival.py [--trials 20] [--rate 20000]
 
-On the 2-core dev VM (20 trials, 20,000 spans/s, kill 0.2-0.8 s after the first span):
-see the table this prints; the mapped spool flushes every 5 ms, the write() spool every 50 ms.
+On the 2-core dev VM (20 trials per mode, 20,000 spans/s, kill 0.2-0.8 s after the first span):
+    write() per batch (50 ms): lost mean 638, p50 690, max 1010 spans (50.5 ms); kept 94.39 %
+    mapped (5 ms, default):    lost mean  36, p50  30, max   80 spans ( 4.0 ms); kept 99.68 %
+The cost: the flush thread wakes every 5 ms instead of 50 (~15 ms CPU per second more in
+an idle process on this VM, mostly the wake-up itself; an idle flush skips the thread-name scan).
 """
 from __future__ import annotations
 

@@ -10,6 +10,13 @@ the real HTTP server (tiny model, one agent, loopback) running in this process.
              process (the server, and the clients) before and after each burst.
 
 Run:  .venv/bin/python benchmarks/soak.py [--requests 2000] [--burst 3000]
+
+On the 2-core dev VM: 2,000 requests in 67 s (2,540 steps, 194 preemptions; 419 streamed,
+413 hung up mid-stream, 406 aborted by the master, 387 plain, 339 gave up while queued):
+every block free, invariants hold. 3 x 3,000 requests beyond a full queue: all 9,000 got
+429 + Retry-After (~1,100/s), waiting stayed at 4; RSS 79.9 -> 96.7 -> 96.9 -> 97.0 MiB
+(the first burst's high-water mark of 200 concurrent connections, then flat); the 6 held
+requests finished with 200.
 """
 from __future__ import annotations
 
