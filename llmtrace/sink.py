@@ -110,7 +110,7 @@ class Spooler:
         recorder.requeue_strings()  # this file's first batch names everything interned so far
         self._head = encode_header(self.header)
         os.write(fd, self._head)
-        self._file: _AppendFile | _MappedFile | None = _MappedFile(fd, len(self._head)) if mapped else _AppendFile(fd, len(self._head))
+        self._file: _AppendFile | _MappedFile | None = (_MappedFile if mapped else _AppendFile)(fd, len(self._head))
         self._lock = threading.Lock()
         self._names_sent: dict[str, str] = {}
         self._stop = threading.Event()

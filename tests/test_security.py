@@ -90,8 +90,9 @@ def test_msgpack_frames_are_plain_data_only():
         {"type": "step", "ids": [1, 2], "blob": b"\x00"}
 
 
-UNSAFE_LOADERS = re.compile(r"^\s*(import|from)\s+(pickle|cPickle|_pickle|marshal|shelve|dill|cloudpickle|joblib)\b"
-                            r"|pickle\.loads?\(|marshal\.loads?\(|yaml\.load\(|yaml\.unsafe_load|allow_pickle\s*=\s*True"
+UNSAFE_LOADERS = re.compile(r"^\s*(import|from)\s+(pickle|_pickle|marshal|shelve|dill|cloudpickle|joblib)\b"
+                            r"|pickle\.loads?\(|marshal\.loads?\(|yaml\.load\(|yaml\.unsafe_load"
+                            r"|allow_pickle\s*=\s*True"
                             r"|torch\.load\((?![^)]*weights_only\s*=\s*True)", re.M)
 
 
