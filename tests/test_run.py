@@ -57,3 +57,14 @@ def test_missing_and_broken_config_files(tmp_path):
     bad.write_text("engine:\n  block_size: [16\n")
     r = _run("--config", str(bad), timeout=60)
     assert r.returncode == 2 and "bad.yaml:3: invalid YAML" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_fixed_prompt_stays_out_of_the_shared_trace_without_capture_text():
+    from engine.config import load_config
+    from llmtrace.commands.run import _shareable_config
+
+    secret = "the launch codes are 0000"
+    cfg = load_config("examples/quickstart.yaml", [f"workload.prompt={secret!r}"])
+    assert secret not in str(_shareable_config(cfg))
+    shared = load_config("examples/quickstart.yaml", [f"workload.prompt={secret!r}", "trace.capture_text=true"])
+    assert _shareable_config(shared)["workload"]["prompt"] == secret

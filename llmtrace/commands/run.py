@@ -223,10 +223,19 @@ def _finish(out: str, cfg, workload_result, failure: str | None) -> int:
     from llmtrace.outputs import write_outputs
 
     trace = load_trace(out)
-    trace.meta["config"] = cfg.to_dict()
+    trace.meta["config"] = _shareable_config(cfg)
     if workload_result is not None:
         trace.meta["workload"] = workload_result.to_dict()
     return write_outputs(out, trace, failure, command="run")
+
+
+def _shareable_config(cfg) -> dict:
+    """The config as trace.json carries it: a fixed prompt's text only with capture_text."""
+    conf = cfg.to_dict()
+    prompt = conf["workload"].get("prompt")
+    if not cfg.trace.capture_text and prompt not in (None, "random"):
+        conf["workload"]["prompt"] = f"<{len(prompt)} characters; trace.capture_text is off>"
+    return conf
 
 
 def _write_yaml(data: dict, path: str) -> None:
