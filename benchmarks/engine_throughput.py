@@ -243,10 +243,14 @@ def continuous_batching_config(concurrency: int, longest: int, max_batch_tokens:
 
 
 def bench_generate_batch(model, prompts: list[list[int]], concurrency: int, gen_cfg,
-                         max_batch_tokens: int) -> tuple[float, int]:
-    """(output tokens/s, new tokens) of continuous batching with at most `concurrency` requests a step."""
+                         max_batch_tokens: int, size_cache: bool = True) -> tuple[float, int]:
+    """(output tokens/s, new tokens) of continuous batching with at most `concurrency` requests a step.
+    size_cache: a KV cache for `concurrency` sequences of the longest length (else transformers
+    sizes it from free memory)."""
     cb_cfg = continuous_batching_config(concurrency, max(map(len, prompts)) + gen_cfg.max_new_tokens,
                                         max_batch_tokens)
+    if not size_cache:
+        cb_cfg.num_blocks = None
     t0 = time.perf_counter()
     outputs = model.generate_batch(prompts, generation_config=gen_cfg, continuous_batching_config=cb_cfg,
                                    progress_bar=False)

@@ -85,26 +85,11 @@ def bench_transformers(config_path: str, log) -> dict:
     gen_cfg = et.generation_config(mean_out, tokenizer)
     et.warm_up_transformers(model, prompts[0], gen_cfg)
     t0 = time.perf_counter()
-    tok_s, tokens = generate_batch(model, prompts, cfg.engine.max_num_seqs, gen_cfg, cfg.engine.max_batched_tokens)
+    # a cache for max_num_seqs sequences of the longest length does not fit next to the weights
+    tok_s, tokens = et.bench_generate_batch(model, prompts, cfg.engine.max_num_seqs, gen_cfg,
+                                            cfg.engine.max_batched_tokens, size_cache=False)
     log(f"transformers generate_batch: {tok_s:,.0f} tok/s, {tokens} tokens ({time.perf_counter() - t0:.0f} s)")
     return {"tok_s": tok_s, "tokens": tokens, "engine_tokens": sum(out_lens), "max_new_tokens": mean_out}
-
-
-def generate_batch(model, prompts: list[list[int]], max_seqs: int, gen_cfg, max_batch_tokens: int) -> tuple[float, int]:
-    """(output tokens/s, tokens) of generate_batch with at most max_seqs requests a step and its KV
-    cache sized by transformers from the free GPU memory: a cache for max_seqs sequences of the
-    longest length (engine_throughput's sizing) does not fit next to the weights."""
-    cb_cfg = et.continuous_batching_config(max_seqs, max(map(len, prompts)) + gen_cfg.max_new_tokens,
-                                           max_batch_tokens)
-    cb_cfg.num_blocks = None
-    t0 = time.perf_counter()
-    outputs = model.generate_batch(prompts, generation_config=gen_cfg, continuous_batching_config=cb_cfg,
-                                   progress_bar=False)
-    elapsed = time.perf_counter() - t0
-    if len(outputs) != len(prompts) or any(o.error for o in outputs.values()):
-        raise RuntimeError(f"generate_batch finished {len(outputs)} of {len(prompts)} requests")
-    tokens = sum(len(o.generated_tokens) for o in outputs.values())
-    return tokens / elapsed, tokens
 
 
 def stage_ms(bd: dict) -> dict:

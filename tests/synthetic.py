@@ -200,3 +200,18 @@ def record_pipeline(out, steps: int = 50, inject_s: float = 0.0005, helper_s: fl
     finally:
         llmtrace.shutdown()
     return slept
+
+
+def drain_recorded_trace() -> Trace:
+    """Everything this process has recorded so far (no sink), decoded into a Trace."""
+    import os
+
+    from llmtrace import recorder
+    from llmtrace.spool_format import Batch
+    from llmtrace.timeline import RecordDecoder
+
+    recorder.requeue_strings()
+    records, n, strings, _ = recorder.drain()
+    out = Trace()
+    RecordDecoder(Process(os.getpid(), "test")).add(Batch(strings, {}, memoryview(records), n), out)
+    return out

@@ -27,8 +27,8 @@ from engine.config import load_config
 from engine.server import start_engine
 from engine.stop_strings import StopStringMatcher
 from llmtrace import recorder, sink
-from llmtrace.spool_format import Batch
-from llmtrace.timeline import Process, RecordDecoder, Trace
+from llmtrace.timeline import Trace
+from synthetic import drain_recorded_trace
 
 MAX_MODEL_LEN = 128
 PROMPT = "The quick brown fox jumps over the lazy dog."  # 17 tokens with BOS
@@ -418,14 +418,6 @@ def _finished(metrics: bytes, reason: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def _drain_trace() -> Trace:
-    recorder.requeue_strings()
-    records, n, strings, _ = recorder.drain()
-    out = Trace()
-    RecordDecoder(Process(os.getpid(), "test")).add(Batch(strings, {}, memoryview(records), n), out)
-    return out
-
-
 def _traced_request(engine, prompt: str, rid: str) -> Trace:
     recorder.drain()
     recorder.set_enabled(True)
@@ -434,7 +426,7 @@ def _traced_request(engine, prompt: str, rid: str) -> Trace:
     finally:
         recorder.set_enabled(False)
     assert status == 200
-    return _drain_trace()
+    return drain_recorded_trace()
 
 
 def _strings(trace: Trace) -> list[str]:

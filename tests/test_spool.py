@@ -11,7 +11,7 @@ import pytest
 from test_recorder import backend  # noqa: F401  (the fixture)
 
 import llmtrace
-from llmtrace import context, recorder, sink
+from llmtrace import context, sink
 from llmtrace.spool_format import read_spool
 from llmtrace.timeline import load_spool_dir
 

@@ -21,8 +21,8 @@ from engine.config import load_config
 from engine.tokenizer import Tokenizer
 from engine.workload import PromptBuilder, iter_requests, percentile, run_workload, sample_length
 from llmtrace import recorder, sink
-from llmtrace.spool_format import Batch
-from llmtrace.timeline import Process, RecordDecoder, Trace, load_spool_dir
+from llmtrace.timeline import load_spool_dir
+from synthetic import drain_recorded_trace
 
 MAX_MODEL_LEN = 128
 CONFIG = f"engine: {{max_model_len: {MAX_MODEL_LEN}, max_batched_tokens: 256, max_num_seqs: 8, num_blocks: 96}}\n"
@@ -126,13 +126,6 @@ def test_percentile_matches_numpy():
 
 # ---- against the engine ------------------------------------------------------------------------
 
-def _drain_trace() -> Trace:
-    recorder.requeue_strings()
-    records, n, strings, _ = recorder.drain()
-    out = Trace()
-    RecordDecoder(Process(os.getpid(), "test")).add(Batch(strings, {}, memoryview(records), n), out)
-    return out
-
 
 async def test_closed_loop_counts_agree_with_the_server(engine, tokenizer):
     wl = workload(num_requests=8, arrival="closed", concurrency=4, seed=5,
@@ -210,7 +203,7 @@ async def test_client_spans_match_the_servers_and_sigterm_stops_everything(engin
         assert not os.path.exists(f"/proc/{pid}"), pid
     assert not arenas & set(os.listdir("/dev/shm"))
 
-    client = {s.attrs["req"]: s for s in _drain_trace().spans if s.name == "client.request"}
+    client = {s.attrs["req"]: s for s in drain_recorded_trace().spans if s.name == "client.request"}
     server = {s.attrs["req"]: s for s in load_spool_dir(str(engine.out_dir)).spans if s.name == "http.request"}
     assert set(client) == {r.req_id for r in results} and set(client) <= set(server)
     for rid, c in client.items():
