@@ -25,6 +25,7 @@ from .spool_format import encode_batch, encode_header
 SPOOL_SUFFIX = ".lts"
 MAPPED_INTERVAL_S = 0.005
 APPEND_INTERVAL_S = 0.05
+IDLE_INTERVAL_S = 0.05  # an idle process flushes this often (no more than the write() spool loses)
 CHUNK = 1 << 20  # the mapping grows by this much (rounded to pages)
 
 
@@ -126,11 +127,15 @@ class Spooler:
         return f.pos if f is not None else os.path.getsize(self.path)
 
     def _run(self) -> None:
+        # Every interval_s while records flow; an idle process backs off to IDLE_INTERVAL_S
+        # so a quiet process does not wake 200 times a second for nothing.
+        wait = self.interval_s
         while True:
-            time.sleep(self.interval_s)  # cheaper than Event.wait(timeout) at a 5 ms period
+            time.sleep(wait)  # cheaper than Event.wait(timeout) at a 5 ms period
             if self._stop.is_set():
                 return
-            self.flush()
+            busy = self.flush() > 0
+            wait = self.interval_s if busy else min(IDLE_INTERVAL_S, wait * 2)
 
     def flush(self, meta: dict | None = None) -> int:
         """Drain the recorder and append one batch; returns the number of records written."""
