@@ -32,19 +32,15 @@ import argparse
 import asyncio
 import functools
 import os
-import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 
+from llmtrace.engine_process import EngineProcess
+
 MIN_REQUESTS = 8
 REQUESTS_PER_SLOT = 2
-SERVE_START_TIMEOUT_S = 300
-STOP_TIMEOUT_S = 60
-URL_RE = re.compile(r"http://[\w.\-\[\]:]+")
 TOP_STAGES = 3
 
 
@@ -110,49 +106,18 @@ def prompt_token_ids(cfg, tokenizer) -> list[list[int]]:
 
 # ---- the engine --------------------------------------------------------------------------
 
-class ServeProcess:
-    """`llmtrace serve` in a child process (it spawns the agent); records into `out` when given.
-    The process starts at construction; `wait_url` waits until it serves."""
+def start_engine(cfg, workdir: str, threads: int, out: str | None) -> EngineProcess:
+    """`llmtrace serve` in a child process (it spawns the agent), recording into `out` when
+    given, with no recording settings inherited from this process."""
+    import yaml
 
-    def __init__(self, cfg, workdir: str, threads: int, out: str | None):
-        import yaml
-
-        os.makedirs(workdir, exist_ok=True)
-        config_path = os.path.join(workdir, "engine.yaml")
-        with open(config_path, "w") as f:
-            yaml.safe_dump(cfg.to_dict(), f)
-        cmd = [sys.executable, "-m", "llmtrace.cli", "serve", "--config", config_path, "--port", "0"]
-        if out is not None:
-            cmd += ["--out", out]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTRACE_")}  # no inherited recording
-        env.update(OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-        self.log_path = os.path.join(workdir, "engine.log")
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, text=True)
-
-    def wait_url(self) -> str:
-        deadline = time.monotonic() + SERVE_START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            m = URL_RE.search(line)
-            if m:
-                return m.group()
-        self.stop()
-        with open(self.log_path) as f:
-            raise RuntimeError(f"llmtrace serve did not start:\n{f.read()[-2000:]}")
-
-    def stop(self) -> None:
-        """SIGTERM: the server stops the agent and flushes the trace."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stdout.close()
+    os.makedirs(workdir, exist_ok=True)
+    config_path = os.path.join(workdir, "engine.yaml")
+    with open(config_path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTRACE_")}
+    env["OMP_NUM_THREADS"] = str(threads)
+    return EngineProcess(config_path, workdir, out=out, env=env)
 
 
 def warmup_workload():
@@ -308,10 +273,10 @@ def measure(c: int, sizes: Sizes, threads: int, run_dir: str, model, tokenizer, 
     gen_cfg = generation_config(sizes.output_len, tokenizer)
     cfg = run_config(c, sizes)
     with tempfile.TemporaryDirectory(prefix="engine-throughput-") as workdir:
-        servers = {ENGINE_TRACED: ServeProcess(cfg, os.path.join(workdir, "on"), threads, run_dir),
-                   ENGINE_PLAIN: ServeProcess(cfg, os.path.join(workdir, "off"), threads, None)}
+        servers = {ENGINE_TRACED: start_engine(cfg, os.path.join(workdir, "on"), threads, run_dir),
+                   ENGINE_PLAIN: start_engine(cfg, os.path.join(workdir, "off"), threads, None)}
         try:
-            urls = {name: server.wait_url() for name, server in servers.items()}
+            urls = {name: server.wait_ready() for name, server in servers.items()}
             for url in urls.values():
                 drive_engine(url, warmup_workload(), tokenizer)
             for r in range(repeats):

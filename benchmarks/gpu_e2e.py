@@ -44,9 +44,9 @@ def serve_and_analyze(config_path: str, run_dir: str, log) -> dict:
     cfg = load_config(config_path)
     tokenizer = Tokenizer(tokenizer_path(cfg.model))
     t0 = time.perf_counter()
-    server = et.ServeProcess(cfg, run_dir + ".work", THREADS, run_dir)
+    server = et.start_engine(cfg, run_dir + ".work", THREADS, run_dir)
     try:
-        url = server.wait_url()
+        url = server.wait_ready()
         log(f"{os.path.basename(config_path)}: engine up in {time.perf_counter() - t0:.0f} s")
         et.drive_engine(url, et.warmup_workload(), tokenizer)
         tok_s, tokens = et.drive_engine(url, cfg.workload, tokenizer, cfg.engine.max_model_len)
