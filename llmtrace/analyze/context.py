@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..timeline import Trace
 from .breakdown import Breakdown, StepCost
-from .functions import EXAMPLE_STEPS, Call, FunctionIndex
+from .functions import EXAMPLE_STEPS, Call, FunctionIndex, covered
 from .index import TraceIndex
 from .metrics import serving_metrics
 
@@ -67,6 +67,17 @@ class Context:
 
     def claim(self, names) -> None:
         self.claimed.update(names)
+
+    def removable(self, pattern) -> tuple[list[Call], float, dict] | None:
+        """Host-side calls matching `pattern` whose whole time a fix removes (log calls,
+        padding by concatenation): (calls, ms/token saved, evidence), the calls claimed."""
+        calls = self.functions.select(pattern, host_side=True)
+        if not calls:
+            return None
+        total_ns, _ = covered(calls)
+        evidence = self.function_evidence(calls)
+        self.claim(c.name for c in calls)
+        return calls, self.ms_per_token(total_ns), evidence
 
     def suggestion(self, id: str, title: str, stage: str, evidence: dict, saving_ms: float, fix: str) -> Suggestion:
         per_token = self.per_token_ms

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from ..functions import covered, main_stage
+from ..functions import main_stage
 
 ID = "concat-padding"
 PATTERN = re.compile(r"(^|\.)(np|numpy)\.(concatenate|pad|append|vstack|hstack|stack)$"
@@ -22,14 +22,11 @@ PATTERN = re.compile(r"(^|\.)(np|numpy)\.(concatenate|pad|append|vstack|hstack|s
 
 
 def check(ctx):
-    calls = ctx.functions.select(PATTERN, host_side=True)
-    if not calls:
+    found = ctx.removable(PATTERN)
+    if found is None:
         return []
-    total_ns, _ = covered(calls)
-    saving = ctx.ms_per_token(total_ns)
-    ev = ctx.function_evidence(calls)
+    calls, saving, ev = found
     stage = main_stage(calls)
-    ctx.claim(c.name for c in calls)
     per_step = ev["functions"][0]["count"] / max(1, ev["steps_affected"])
     return [ctx.suggestion(
         ID, f"Padding by concatenation costs {saving:.2f} ms/token in {stage} "

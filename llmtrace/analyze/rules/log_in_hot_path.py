@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from ..functions import covered, main_stage
+from ..functions import main_stage
 
 ID = "log-in-hot-path"
 PATTERN = re.compile(r"^logging(\.|$)|(^|\.)Logger\.(debug|info|warning|error|exception|log|_log|handle)$"
@@ -22,14 +22,11 @@ PATTERN = re.compile(r"^logging(\.|$)|(^|\.)Logger\.(debug|info|warning|error|ex
 
 
 def check(ctx):
-    calls = ctx.functions.select(PATTERN, host_side=True)
-    if not calls:
+    found = ctx.removable(PATTERN)
+    if found is None:
         return []
-    total_ns, _ = covered(calls)
-    saving = ctx.ms_per_token(total_ns)
-    ev = ctx.function_evidence(calls)
+    calls, saving, ev = found
     stages = sorted({c.stage for c in calls})
-    ctx.claim(c.name for c in calls)
     return [ctx.suggestion(
         ID, f"Logging / array formatting in the hot path costs {saving:.2f} ms/token ({', '.join(stages)})",
         main_stage(calls),
