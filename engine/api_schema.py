@@ -215,22 +215,21 @@ def _top_k(obj: dict, key: str, param: str, allow_off: bool) -> int:
     return v
 
 
-def _bool(obj: dict, key: str, param: str, default: bool) -> bool:
+def _typed(obj: dict, key: str, param: str, default, typ: type, what: str):
     v = obj.get(key)
     if v is None:
         return default
-    if not isinstance(v, bool):
-        raise RequestError(f"{param} must be a boolean, got {_kind(v)}", param)
+    if not isinstance(v, typ):
+        raise RequestError(f"{param} must be {what}, got {_kind(v)}", param)
     return v
+
+
+def _bool(obj: dict, key: str, param: str, default: bool) -> bool:
+    return _typed(obj, key, param, default, bool, "a boolean")
 
 
 def _str(obj: dict, key: str, param: str, default):
-    v = obj.get(key)
-    if v is None:
-        return default
-    if not isinstance(v, str):
-        raise RequestError(f"{param} must be a string, got {_kind(v)}", param)
-    return v
+    return _typed(obj, key, param, default, str, "a string")
 
 
 def _stop(obj: dict, key: str, param: str) -> tuple[str, ...]:
