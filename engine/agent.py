@@ -4,10 +4,14 @@
 
 It connects to the master, learns the run config and the shared arenas from the
 handshake, builds the ModelRunner, then executes one step per step message: the inputs
-are read in place from the request arena, the sampled ids written to the reply arena,
-and the reply frame says how many rows are ready. It exits on `shutdown` or when the
-master's connection goes away. Spans follow docs/architecture.md: `agent.step` follows
-the master's carrier, and waiting for the next step is in no span.
+are read in place from the step's request slot, the sampled ids written to its reply
+slot, and the reply frame says how many rows are ready. While the device runs step n
+the agent takes in step n+1 if the master sent it (async scheduling) and launches it
+behind n, then waits for n and replies: the device never waits for the host between
+them. It exits on `shutdown` or when the master's connection goes away. Spans follow
+docs/architecture.md: `agent.step` n spans the work for reply n (with the launch of n+1
+inside it when that arrived meanwhile) and follows the master's carrier; waiting for the
+next step is in no span.
 """
 from __future__ import annotations
 
@@ -17,7 +21,9 @@ import os
 import signal
 import sys
 import traceback
+from collections import deque
 from time import perf_counter_ns
+from typing import NamedTuple
 
 import llmtrace
 import llmtrace.gpu
@@ -25,13 +31,14 @@ from llmtrace.context import Carrier
 
 from . import protocol
 from .batch_state import BatchState
-from .ipc import ReceiveSpan
+from .ipc import ReceiveSpan, record_receive
 from .ipc.shm import ArenaLayout, ShmArena, unlink_name
 from .ipc.tcp import ConnectionClosed, FrameSocket
 from .step_io import StepInput
 
 log = logging.getLogger("engine.agent")
 
+POLL_S = 0.0002  # while the device runs a step, how often to look for the next one
 TOKEN_ENV = "ENGINE_AGENT_TOKEN"  # set by the master that spawned this agent; proves the connection is its own
 
 
@@ -39,9 +46,20 @@ def process_name(rank: int) -> str:
     return f"agent-{rank}"
 
 
+class LaunchedStep(NamedTuple):
+    """A step whose device work is queued; `output` is the runner's handle on its result."""
+    step: int
+    num_seqs: int
+    carrier: Carrier | None
+    arrival_ns: int
+    output: object  # model_runner.PendingOutput
+
+
 class Agent:
     def __init__(self, conn: FrameSocket, rank: int):
         self.conn, self.rank = conn, rank
+        self.launched: deque[LaunchedStep] = deque()  # at most protocol.SLOTS, oldest first
+        self.stopping = False  # a shutdown arrived while steps were in flight
         self.batch = BatchState()
         self.runner = None
         self.request: ShmArena | None = None
@@ -72,7 +90,12 @@ class Agent:
 
     def serve(self) -> None:
         """Execute steps until shutdown or until the master goes away."""
-        while True:
+        while not self.stopping:
+            if self.launched:  # step n was launched during the previous agent.step
+                oldest = self.launched[0]
+                with llmtrace.span("agent.step", step=oldest.step, follows=oldest.carrier):
+                    self._finish_oldest()
+                continue
             try:
                 self.conn.wait()  # idle: in no span
             except ConnectionClosed:
@@ -80,34 +103,62 @@ class Agent:
                 return
             with ReceiveSpan("agent.step") as span:
                 msg = self.conn.recv()
-                span.follow(Carrier.from_wire(msg.get("carrier")), child="tcp.recv")
+                carrier = Carrier.from_wire(msg.get("carrier"))
+                span.follow(carrier, child="tcp.recv")
                 if protocol.check(msg, "step", "shutdown")["type"] == "shutdown":
                     span.discard()
                     return
-                self.step(msg, span.t0)
+                self._launch(msg, carrier, span.t0)
+                self._finish_oldest()
 
-    def step(self, msg: dict, t_arrival: int) -> None:
-        B, T, W = msg["num_seqs"], msg["num_tokens"], msg["block_width"]
-        with llmtrace.span("shm.read", seqs=B, tokens=T):
-            a = self.request.arrays
+    def _finish_oldest(self) -> None:
+        """Wait for the oldest launched step and reply to it. While the device still runs it,
+        take in and launch the master's next step (async scheduling) so the device goes from
+        one step straight to the next."""
+        oldest = self.launched[0]
+        while len(self.launched) < protocol.SLOTS and not oldest.output.done() and not self.stopping:
+            if self.conn.poll(POLL_S):
+                self._receive_next()
+        if self.stopping:
+            return
+        out = oldest.output.result()
+        self.launched.popleft()
+        n, B = oldest.step, oldest.num_seqs
+        if self.rank == 0:  # the ranks sample the same ids; one copy goes back
+            with llmtrace.span("shm.write", seqs=B):
+                reply = protocol.slot_views(self.reply, n)
+                reply["token_ids"][:B] = out.token_ids
+                reply["logprobs"][:B] = out.logprobs
+        carrier = list(llmtrace.context.current())  # agent.step's: the master's tcp.recv follows it
+        with llmtrace.span("tcp.send"):
+            self.conn.send(protocol.message("reply", step=n, carrier=carrier, n=B,
+                                            timings={"arrival_ns": oldest.arrival_ns, "send_ns": perf_counter_ns()}))
+
+    def _receive_next(self) -> None:
+        t0 = perf_counter_ns()
+        msg = self.conn.recv()
+        if protocol.check(msg, "step", "shutdown")["type"] == "shutdown":
+            self.stopping = True
+            return
+        carrier = Carrier.from_wire(msg.get("carrier"))
+        record_receive("tcp.recv", t0, carrier)
+        self._launch(msg, carrier, t0)
+
+    def _launch(self, msg: dict, carrier: Carrier | None, t_arrival: int) -> None:
+        """Read step `msg`'s inputs from its request slot and queue its device work."""
+        n, B, T, W = msg["step"], msg["num_seqs"], msg["num_tokens"], msg["block_width"]
+        with llmtrace.span("shm.read", step=n, seqs=B, tokens=T):
+            a = protocol.slot_views(self.request, n)
             seq_ids = a["seq_ids"][:B]
             views = dict(input_ids=a["input_ids"][:T], positions=a["positions"][:T],
                          slot_mapping=a["slot_mapping"][:T], query_start_loc=a["query_start_loc"][:B + 1],
                          context_lens=a["context_lens"][:B], block_tables=a["block_tables"][:B, :W])
-        with llmtrace.span("preprocess.batch", new=len(msg["new"]), drop=len(msg["drop"])):
+        with llmtrace.span("preprocess.batch", step=n, new=len(msg["new"]), drop=len(msg["drop"])):
             self.batch.apply(msg["new"], msg["drop"])
             temperature, top_p, top_k, seed = self.batch.sampling_arrays(seq_ids)
-            inp = StepInput(step=msg["step"], is_prefill=bool(msg["prefill"]), seq_ids=seq_ids,
+            inp = StepInput(step=n, is_prefill=bool(msg["prefill"]), seq_ids=seq_ids,
                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, **views)
-        out = self.runner.execute(inp)
-        if self.rank == 0:  # the ranks sample the same ids; one copy goes back
-            with llmtrace.span("shm.write", seqs=B):
-                self.reply["token_ids"][:B] = out.token_ids
-                self.reply["logprobs"][:B] = out.logprobs
-        carrier = list(llmtrace.context.current())  # agent.step's: the master's tcp.recv follows it
-        with llmtrace.span("tcp.send"):
-            self.conn.send(protocol.message("reply", step=msg["step"], carrier=carrier, n=B,
-                                            timings={"arrival_ns": t_arrival, "send_ns": perf_counter_ns()}))
+        self.launched.append(LaunchedStep(n, B, carrier, t_arrival, self.runner.launch(inp)))
 
     def close(self) -> None:
         for arena in (self.request, self.reply):

@@ -36,8 +36,9 @@ class BlockManager:
     def usage(self) -> float:
         return self.num_used_blocks / self.num_blocks
 
-    def _missing(self, seq: Sequence) -> int:
-        return -(-seq.num_tokens // self.block_size) - len(seq.block_table)
+    def _missing(self, seq: Sequence, extra: int = 0) -> int:
+        """Blocks the sequence lacks to hold its tokens plus `extra` more."""
+        return -(-(seq.num_tokens + extra) // self.block_size) - len(seq.block_table)
 
     def can_allocate(self, seq: Sequence) -> bool:
         return self._missing(seq) <= len(self.free_blocks)
@@ -48,11 +49,12 @@ class BlockManager:
             raise RuntimeError(f"{seq!r} already holds blocks")
         self._grow(seq)
 
-    def can_append(self, seqs: Iterable[Sequence]) -> bool:
-        """Whether the next decode step of `seqs` finds the new blocks it needs."""
+    def can_append(self, seqs: Iterable[Sequence], ahead: frozenset[int] = frozenset()) -> bool:
+        """Whether the next decode step of `seqs` finds the new blocks it needs; sequences
+        whose seq_id is in `ahead` will hold one more token (being sampled) by then."""
         need = 0
         for seq in seqs:
-            need += self._missing(seq)
+            need += self._missing(seq, seq.seq_id in ahead)
         return need <= len(self.free_blocks)
 
     def append_slot(self, seq: Sequence) -> None:

@@ -88,6 +88,7 @@ class EngineConfig:
     port: int = _opt(0, ge=0, le=65535)  # 0: any free port
     max_waiting: int = _opt(1024, ge=1)
     cuda_graphs: bool = True
+    async_scheduling: bool = True  # plan and send step n+1 while the agents run step n
 
     def _check(self, path: str) -> None:
         # A preempted sequence is recomputed in one prefill step, so the longest sequence

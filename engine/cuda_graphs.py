@@ -20,6 +20,7 @@ from .step_io import StepInput
 
 SMALL_BUCKETS = (1, 2, 4, 8)
 BUCKET_STRIDE = 8  # buckets above 8 go 16, 24, 32, ...
+STAGING_SETS = 2  # host twins in turn: one per step in flight
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -38,27 +39,33 @@ class StagedInputs:
     """The decode inputs a graph reads: static device buffers plus pinned host twins.
 
     `stage(step, bucket)` writes the step's rows (and harmless padding up to `bucket`)
-    into the host twins and starts non-blocking copies of the first `bucket` rows.
-    The host twins are rewritten only after the runner waited for the previous step.
+    into a set of host twins and starts non-blocking copies of the first `bucket` rows.
+    There are STAGING_SETS sets, taken in turn: a step can be staged while the one before
+    still runs (async scheduling), and a set is rewritten only after the step that used it
+    two launches earlier was waited for (ModelRunner.PIPELINE_DEPTH).
     """
 
     def __init__(self, max_batch: int, max_blocks: int, device: torch.device):
         pin = device.type == "cuda"
-        self.host = {name: torch.zeros(shape, dtype=dtype, pin_memory=pin) for name, shape, dtype in (
-            ("input_ids", (max_batch,), torch.int64), ("positions", (max_batch,), torch.int64),
-            ("slot_mapping", (max_batch,), torch.int64), ("context_lens", (max_batch,), torch.int32),
-            ("block_tables", (max_batch, max_blocks), torch.int32))}
-        self.np = {name: t.numpy() for name, t in self.host.items()}
-        self.dev = {name: t.to(device) for name, t in self.host.items()}
+        shapes = (("input_ids", (max_batch,), torch.int64), ("positions", (max_batch,), torch.int64),
+                  ("slot_mapping", (max_batch,), torch.int64), ("context_lens", (max_batch,), torch.int32),
+                  ("block_tables", (max_batch, max_blocks), torch.int32))
+        self.hosts = [{name: torch.zeros(shape, dtype=dtype, pin_memory=pin) for name, shape, dtype in shapes}
+                      for _ in range(STAGING_SETS)]
+        self._np = [{name: t.numpy() for name, t in host.items()} for host in self.hosts]
+        self.dev = {name: torch.zeros(shape, dtype=dtype, device=device) for name, shape, dtype in shapes}
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
         self.last_token_indices = torch.arange(max_batch, dtype=torch.int64, device=device)
         self.max_blocks = max_blocks
+        self._turn = 0
 
     def stage(self, step: StepInput, bucket: int) -> None:
-        b, a = step.num_seqs, self.np
+        b = step.num_seqs
         width = step.block_tables.shape[1]
         if width > self.max_blocks:
             raise ValueError(f"decode step needs {width} blocks per sequence; graphs were captured for {self.max_blocks}")
+        host, a = self.hosts[self._turn], self._np[self._turn]
+        self._turn = (self._turn + 1) % STAGING_SETS
         a["input_ids"][:b] = step.input_ids
         a["positions"][:b] = step.positions
         a["slot_mapping"][:b] = step.slot_mapping
@@ -68,8 +75,11 @@ class StagedInputs:
         # blocks are never read and are valid ids anyway.
         a["slot_mapping"][b:bucket] = -1
         a["context_lens"][b:bucket] = 0
-        for name, host in self.host.items():
-            self.dev[name][:bucket].copy_(host[:bucket], non_blocking=True)
+        self.copy_in(host, bucket)
+
+    def copy_in(self, host: dict[str, torch.Tensor], bucket: int) -> None:
+        for name, t in host.items():
+            self.dev[name][:bucket].copy_(t[:bucket], non_blocking=True)
 
     def metadata(self, bucket: int, max_context_len: int) -> AttentionMetadata:
         d = self.dev
@@ -110,11 +120,11 @@ class DecodeGraphRunner:
     def _capture_all(self) -> None:
         # Largest first: the smaller graphs reuse its pool's blocks.
         pool = torch.cuda.graph_pool_handle()
-        self.inputs.np["slot_mapping"][:] = -1  # capture and warm-up on padding rows: no KV written
-        self.inputs.np["context_lens"][:] = 0
+        padding = self.inputs.hosts[0]
+        padding["slot_mapping"].fill_(-1)  # capture and warm-up on padding rows: no KV written
+        padding["context_lens"].fill_(0)
         for bucket in reversed(self.sizes):
-            for name, host in self.inputs.host.items():
-                self.inputs.dev[name][:bucket].copy_(host[:bucket])
+            self.inputs.copy_in(padding, bucket)
             self._forward(bucket)  # compiles the Triton kernels for this shape outside the capture
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()

@@ -3,14 +3,17 @@
 `Master` owns the Scheduler, BlockManager and Tokenizer and drives the agent processes
 (`engine.agent`) it spawns. One background task steps the engine while there is work:
 
-    master.step n: schedule -> shm.write -> tcp.send -> agent.wait -> tcp.recv -> shm.read
-                   -> postprocess
+    master.step n: [schedule -> shm.write -> tcp.send of step n+1] -> agent.wait (n)
+                   -> tcp.recv -> shm.read -> postprocess (n)
                    (inside agent.wait: detokenize -> stream.write of step n-1)
 
-Step n's outputs are detokenized and streamed while the agents run step n+1, so that host
-work is off the critical path (vLLM's async output processing); postprocess stays before
-the next schedule because it frees blocks and finishes sequences. The last step before
-the engine idles (or a step that schedules nothing) streams its outputs at once.
+With `engine.async_scheduling` (the default) step n+1 is scheduled and sent before step n's
+reply arrives (Scheduler.schedule_ahead: the tokens being sampled are placeholders), so the
+agents start it the moment step n is done and the master's work overlaps theirs; without
+it, or when lookahead would need a preemption, an iteration schedules and sends step n
+itself. Step n's outputs are detokenized and streamed while the agents run step n+1
+(vLLM's async output processing). The last step before the engine idles (or a step that
+schedules nothing) streams its outputs at once.
 
 Inputs go to the agents through the request arena, sampled ids come back through the
 reply arena; the TCP frames carry a step's counts and its diff (sampling parameters of
@@ -69,6 +72,13 @@ class Delta(NamedTuple):
     finish_reason: str | None  # "stop" | "length" | "abort" on the last delta
 
 
+class InFlight(NamedTuple):
+    """A step sent to the agents whose reply is not read yet."""
+    step: int
+    out: SchedulerOutput
+    sent_ns: int
+
+
 class StepOutput(NamedTuple):
     """A postprocessed step whose tokens are not streamed yet."""
     step: int
@@ -87,6 +97,7 @@ class RequestStream:
         self.detokenizer = detokenizer
         self.logprobs: list[float] = []
         self.queue_recorded = False  # its `queue` span is emitted when it is first scheduled
+        self.num_streamed = 0  # tokens put so far (the sequence may hold later ones already)
         self._deltas: deque[Delta] = deque()
         self._waiter: asyncio.Future | None = None
         self._error: BaseException | None = None
@@ -394,13 +405,14 @@ class Master:
 
     async def _run(self) -> None:
         try:
+            in_flight: deque[InFlight] = deque()  # sent, reply not read yet; oldest first
             pending: StepOutput | None = None
             while self._dead is None:
-                if not self.scheduler.has_unfinished():
+                if not in_flight and not self.scheduler.has_unfinished():
                     self._work.clear()
                     await self._work.wait()
                     continue
-                pending = await self._step(pending)
+                pending = await self._step(in_flight, pending)
         except _AgentLost as e:
             try:
                 await asyncio.wait_for(e.agent.proc.wait(), EXIT_GRACE_S)
@@ -415,47 +427,53 @@ class Master:
             log.exception("engine step failed")
             self._die(EngineDead(f"engine step failed: {type(e).__name__}: {e}"))
 
-    async def _step(self, prev: StepOutput | None) -> StepOutput | None:
-        """Run step n, streaming `prev` (step n-1's outputs) while the agents compute.
-        Returns step n's outputs when a next step will stream them, else streams them now."""
-        n = self.num_steps
-        self.num_steps += 1
+    async def _step(self, in_flight: deque[InFlight], prev: StepOutput | None) -> StepOutput | None:
+        """One iteration, `master.step` n for the step n whose reply it reads: schedule and
+        send n if nothing is in flight; with async scheduling schedule and send n+1 too
+        (the agents start it as soon as n is done); then wait for n, streaming `prev`
+        (step n-1's outputs) meanwhile, and postprocess n. Returns step n's outputs when a
+        next step will stream them, else streams them now."""
         sched = self.scheduler
+        n = in_flight[0].step if in_flight else self.num_steps
         with llmtrace.span("master.step", step=n) as step_span:
-            with llmtrace.span("schedule"):
-                out = sched.schedule()
-            B = len(out.scheduled)
+            if not in_flight:
+                with llmtrace.span("schedule"):
+                    out = sched.schedule()
+                if out.is_empty:  # everything was preempted; the next step prefills it again
+                    self.num_steps += 1  # this root's step id is used up
+                    step_span.set(batch=0, tokens=0, prefill=0)
+                    self._stream_outputs(prev)
+                    return None
+                await self._send(out, in_flight)
+            if self.cfg.engine.async_scheduling and len(in_flight) < protocol.SLOTS:
+                with llmtrace.span("schedule", ahead=1):
+                    ahead = sched.schedule_ahead(in_flight[-1].out)
+                if ahead is not None:
+                    await self._send(ahead, in_flight)
+            done = in_flight.popleft()
+            out, B = done.out, len(done.out.scheduled)
             step_span.set(batch=B, tokens=out.num_batched_tokens, prefill=int(out.is_prefill))
-            if B == 0:  # everything was preempted; the next step prefills it again
-                self._stream_outputs(prev)
-                return None
-            self._record_queue_spans(out, n)
-            with llmtrace.span("shm.write", seqs=B):
-                T, W = self._write_inputs(out)
-            msg = protocol.message("step", step=n, carrier=list(llmtrace.context.current()),
-                                   prefill=out.is_prefill, num_seqs=B, num_tokens=T, block_width=W,
-                                   new=self._new_seqs(out), drop=self._take_drop())
-            t_send = perf_counter_ns()
-            with llmtrace.span("tcp.send"):
-                for a in self._agents:
-                    await _guard(a, a.conn.send(msg))
-            # Every rank replies once it is done with the request arena, which the next step
-            # overwrites; rank 0's reply is the one whose rows are in the reply arena.
+            # Every rank replies once it is done with the step's request slot; rank 0's reply
+            # is the one whose rows are in the reply arena.
             with llmtrace.span("agent.wait"):
                 self._stream_outputs(prev)
                 for a in self._agents:
                     await _guard(a, a.conn.wait())
-            round_trip_ns = perf_counter_ns() - t_send
+            round_trip_ns = perf_counter_ns() - done.sent_ns
             with ReceiveSpan("tcp.recv") as recv_span:
                 replies = [protocol.check(await _guard(a, a.conn.recv()), "reply") for a in self._agents]
                 recv_span.follow(Carrier.from_wire(replies[0].get("carrier")))
-            self._account(replies, n, B, round_trip_ns)
+            self._account(replies, done.step, B, round_trip_ns)
             with llmtrace.span("shm.read", seqs=B):
-                token_ids = self._reply["token_ids"][:B].tolist()
-                logprobs = self._reply["logprobs"][:B].tolist()
+                reply = protocol.slot_views(self._reply, done.step)
+                token_ids = reply["token_ids"][:B].tolist()
+                logprobs = reply["logprobs"][:B].tolist()
             with llmtrace.span("postprocess"):
+                # rows of sequences that the step before stopped (or that were aborted) are discarded
+                kept = sum(1 for s in out.scheduled if not s.seq.is_finished)
                 sched.postprocess(out, token_ids)
-            output = StepOutput(n, out, token_ids, logprobs)
+            step_span.set(output_tokens=kept)
+            output = StepOutput(done.step, out, token_ids, logprobs)
             if not sched.has_unfinished():  # no next step to hide behind
                 self._stream_outputs(output)
                 output = None
@@ -467,6 +485,23 @@ class Master:
         llmtrace.counter("kv_blocks_total", bm.num_blocks)
         llmtrace.counter("max_num_seqs", sched.cfg.max_num_seqs)  # the analyzer's batch-fill reference
         return output
+
+    async def _send(self, out: SchedulerOutput, in_flight: deque[InFlight]) -> None:
+        """Write a scheduled step into its request slot and send its header to every agent."""
+        n = self.num_steps
+        self.num_steps += 1
+        B = len(out.scheduled)
+        self._record_queue_spans(out, n)
+        with llmtrace.span("shm.write", seqs=B):
+            T, W = self._write_inputs(out, n)
+        # The carrier names the step sent, which is not the enclosing master.step's when ahead.
+        carrier = list(llmtrace.context.current()._replace(step=n))
+        msg = protocol.message("step", step=n, carrier=carrier, prefill=out.is_prefill, num_seqs=B,
+                               num_tokens=T, block_width=W, new=self._new_seqs(out), drop=self._take_drop())
+        in_flight.append(InFlight(n, out, perf_counter_ns()))
+        with llmtrace.span("tcp.send", sent=n):  # the step sent: this root's, or the next one's ahead
+            for a in self._agents:
+                await _guard(a, a.conn.send(msg))
 
     def _stream_outputs(self, output: StepOutput | None) -> None:
         """Detokenize a postprocessed step's tokens and push the deltas (spans carry its step)."""
@@ -499,9 +534,9 @@ class Master:
                 recorder.emit(SPAN, name, name, s.seq.arrival_ns, s.seq.first_scheduled_ns,
                               recorder.new_span_id(), 0, 0, step, {"req": s.seq.req_id})
 
-    def _write_inputs(self, out: SchedulerOutput) -> tuple[int, int]:
-        """Fill the request arena with the step's flattened inputs; returns (tokens, block-table width)."""
-        a, bs = self._request.arrays, self.cfg.engine.block_size
+    def _write_inputs(self, out: SchedulerOutput, step: int) -> tuple[int, int]:
+        """Fill the step's request slot with its flattened inputs; returns (tokens, block-table width)."""
+        a, bs = protocol.slot_views(self._request, step), self.cfg.engine.block_size
         B = len(out.scheduled)
         W = max(len(s.seq.block_table) for s in out.scheduled)
         tables = a["block_tables"]
@@ -560,7 +595,8 @@ class Master:
     def _publish(self, deltas: list[tuple[RequestStream, Delta]]) -> None:
         for stream, delta in deltas:
             stream.put(delta)
-            llmtrace.instant("token", req=stream.req_id, n=stream.seq.num_output_tokens)
+            stream.num_streamed += len(delta.token_ids)
+            llmtrace.instant("token", req=stream.req_id, n=stream.num_streamed)
             if delta.finish_reason is not None:
                 llmtrace.instant("req.finish", req=stream.req_id, reason=delta.finish_reason)
 

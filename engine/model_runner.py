@@ -1,8 +1,10 @@
 """ModelRunner: the model side of one engine step (StepInput -> StepOutput).
 
-Owns the model, its paged KV cache and the sampler. `execute` is instrumented with the
-agent's spans (docs/architecture.md): preprocess, forward, sampling, sync.wait; the host
-waits for the device only in sync.wait.
+Owns the model, its paged KV cache and the sampler. `launch` queues a step's device work
+and returns a `PendingOutput`; its `result()` waits for the sampled ids. Step n+1 can be
+launched before step n is read (async scheduling): its placeholder input ids are step n's
+samples, gathered on the device. Spans (docs/architecture.md): preprocess, forward,
+sampling at launch, sync.wait in result(); the host waits for the device only there.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from .sampler import Sampler, SamplingTensors
 from .step_io import StepInput, StepOutput
 
 CPU_KV_CACHE_BYTES = 256 << 20  # default KV budget on CPU, where memory is not measured
+PIPELINE_DEPTH = 2  # launched steps whose results are not read yet, at most (async scheduling)
 
 
 @dataclass
@@ -85,7 +88,10 @@ class ModelRunner:
         if cuda_graphs and self.device.type == "cuda":
             self.graphs = DecodeGraphRunner(self.model, self.kv_caches, max_num_seqs=max_num_seqs,
                                             max_model_len=max_model_len, block_size=block_size)
-        self._host_out = {}  # pinned reply buffers by dtype, reused every step
+        self._host_out = [{} for _ in range(PIPELINE_DEPTH)]  # pinned reply buffers by dtype
+        self._launches = 0
+        self._unread = 0  # launched steps whose result() has not run
+        self._last_ids: tuple[np.ndarray, torch.Tensor] | None = None  # (seq ids, sampled ids) of the last launch
         self.sampler = Sampler(self.device, seed=model_cfg.seed)
         self._churn = mistakes.GarbageChurn()
         self._host_rng = np.random.default_rng(model_cfg.seed)
@@ -109,20 +115,31 @@ class ModelRunner:
         return [(torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
                 for _ in range(c.num_hidden_layers)]
 
-    @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
+        """Run one step to completion."""
+        return self.launch(step).result()
+
+    @torch.inference_mode()
+    def launch(self, step: StepInput) -> PendingOutput:
+        """Queue the step's device work and return at once (CPU: run it). At most
+        PIPELINE_DEPTH launched steps may be unread; step n+1 may be launched before step
+        n's result is read, its placeholder input ids then come from step n's samples."""
         n, ap = step.step, self.antipatterns
         host_timed = ap is not None and ap.host_timed_forward
+        if self._unread >= PIPELINE_DEPTH:
+            raise RuntimeError(f"{PIPELINE_DEPTH} launched steps are unread; read one before launching step {n}")
         with llmtrace.span("preprocess", step=n, seqs=step.num_seqs, tokens=step.num_tokens):
             if ap is not None:
                 step = self._apply_input_mistakes(step)
             graphed = self.graphs is not None and self.graphs.can_run(step)
             if graphed:
                 bucket = self.graphs.stage(step)
+                input_ids = self.graphs.inputs.dev["input_ids"]
                 sampling = sampling_tensors(step, self.device)
             else:
                 inp = prepare_inputs(step, self.device)
-                sampling = inp.sampling
+                input_ids, sampling = inp.input_ids, inp.sampling
+            self._fill_placeholders(step, input_ids)
         with llmtrace.span("forward", step=n, device=not host_timed, graph=graphed):
             if graphed:
                 logits = self.graphs.replay(bucket, step.num_seqs)
@@ -130,18 +147,40 @@ class ModelRunner:
                 hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
                 logits = self.model.compute_logits(hidden, inp.last_token_indices)
         if ap is not None and ap.host_sampling:
-            return self._sample_on_host(step, logits)
+            out = self._sample_on_host(step, logits)
+            return self._pending(step, torch.from_numpy(out.token_ids).to(self.device), output=out)
         # d2h_bytes: what this stage copies to the host (ids + logprobs), for the analyzer.
         with llmtrace.span("sampling", step=n, device=not host_timed, d2h_bytes=8 * step.num_seqs):
             ids, logprobs = self.sampler(logits, sampling)
             if host_timed:  # no sync span: the blocking copy waits for forward, inside sampling
-                return StepOutput(ids.to(torch.int32).cpu().numpy(), logprobs.cpu().numpy())
-            ids_host, logprobs_host = self._copy_to_host(ids.to(torch.int32), logprobs)
-        with llmtrace.span("sync.wait", step=n):
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()
-            # Copies: the pinned buffers are rewritten by the next step.
-            return StepOutput(ids_host.numpy().copy(), logprobs_host.numpy().copy())
+                out = StepOutput(ids.to(torch.int32).cpu().numpy(), logprobs.cpu().numpy())
+                return self._pending(step, ids, output=out)
+            host = self._copy_to_host(ids.to(torch.int32), logprobs)
+        return self._pending(step, ids, *host)
+
+    def _pending(self, step: StepInput, ids: torch.Tensor, *host: torch.Tensor,
+                 output: StepOutput | None = None) -> PendingOutput:
+        """The step's handle; its sampled ids (on the device) stay for the next step's placeholders."""
+        self._last_ids = (step.seq_ids.copy(), ids)
+        return PendingOutput(self, step.step, *host, output=output)
+
+    def _fill_placeholders(self, step: StepInput, input_ids: torch.Tensor) -> None:
+        """Input ids the master wrote as PLACEHOLDER are the tokens the previous launched step
+        sampled for the same sequences: gather them on the device, no host round trip."""
+        rows = np.flatnonzero(step.input_ids[:step.num_tokens] < 0)
+        if not rows.size:
+            return
+        seq_rows = np.searchsorted(step.query_start_loc, rows, side="right") - 1
+        prev_seq_ids, prev_ids = self._last_ids if self._last_ids is not None else (np.empty(0, np.int64), None)
+        where = {int(s): i for i, s in enumerate(prev_seq_ids)}
+        try:
+            src = [where[int(s)] for s in step.seq_ids[seq_rows]]
+        except KeyError as e:
+            raise ValueError(f"step {step.step}: a placeholder input for sequence {e.args[0]}, "
+                             "which the step before did not sample") from None
+        dst = torch.from_numpy(rows.astype(np.int64)).to(self.device, non_blocking=True)
+        src_t = torch.tensor(src, dtype=torch.int64).to(self.device, non_blocking=True)
+        input_ids.index_copy_(0, dst, prev_ids.index_select(0, src_t).to(input_ids.dtype))
 
     def _apply_input_mistakes(self, step: StepInput) -> StepInput:
         ap = self.antipatterns
@@ -163,13 +202,48 @@ class ModelRunner:
     def _copy_to_host(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         """Start async copies into pinned host memory (CUDA); on CPU the tensors already are host memory.
 
-        The pinned buffers are reused: a step's outputs are read (sync.wait) before the next step."""
+        Pinned buffers come from a ring of PIPELINE_DEPTH sets: a set is rewritten two
+        launches later, when the step that used it has been read."""
         if self.device.type != "cuda":
             return list(tensors)
+        ring = self._host_out[self._launches % PIPELINE_DEPTH]
+        self._launches += 1
         out = []
         for t in tensors:
-            buf = self._host_out.get(t.dtype)
+            buf = ring.get(t.dtype)
             if buf is None or buf.numel() < t.numel():
-                buf = self._host_out[t.dtype] = torch.empty(max(t.numel(), 256), dtype=t.dtype, pin_memory=True)
+                buf = ring[t.dtype] = torch.empty(max(t.numel(), 256), dtype=t.dtype, pin_memory=True)
             out.append(buf[:t.numel()].view(t.shape).copy_(t, non_blocking=True))
         return out
+
+
+class PendingOutput:
+    """A launched step's result: `done()` asks the device without blocking, `result()` waits
+    for it (the `sync.wait` span, the step's only wait) and returns the StepOutput."""
+
+    def __init__(self, runner: ModelRunner, step: int, ids: torch.Tensor | None = None,
+                 logprobs: torch.Tensor | None = None, output: StepOutput | None = None):
+        self.runner, self.step, self.ids, self.logprobs, self.output = runner, step, ids, logprobs, output
+        self.event = None
+        if output is None and runner.device.type == "cuda":
+            self.event = torch.cuda.Event()
+            self.event.record()
+        runner._unread += 1
+
+    def done(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def result(self) -> StepOutput:
+        """The step's output; the first call waits for the device."""
+        if self.runner is None:
+            return self.output
+        if self.output is None:
+            with llmtrace.span("sync.wait", step=self.step):
+                if self.event is not None:
+                    self.event.synchronize()
+                # Copies: the pinned buffers are rewritten two launches later.
+                self.output = StepOutput(self.ids.numpy().copy(), self.logprobs.numpy().copy())
+            self.ids = self.logprobs = None
+        self.runner._unread -= 1
+        self.runner = None
+        return self.output

@@ -16,13 +16,25 @@ End:                     master -> shutdown; an agent that fails sends error {me
 Steps carry a diff: a sequence's sampling parameters travel once, in `new`, the first time
 it is scheduled; `drop` names sequences the agent can forget (finished or aborted).
 Every rank gets the same step message, so tensor-parallel ranks keep identical state.
+
+Up to two steps are in flight (async scheduling: step n+1 is sent before step n's reply),
+so each arena holds SLOTS copies of its arrays and step n uses slot `n % SLOTS`: the master
+rewrites a request slot only after the reply of the step that used it, and an agent
+rewrites a reply slot only for a step sent after the master read it. An input token id of
+-1 (engine.sequence.PLACEHOLDER) is the token the agent sampled for that sequence in the
+step before.
 """
 from __future__ import annotations
 
 from .ipc.shm import ArenaLayout, Field
 from .sampling_params import SamplingParams
 
-VERSION = 1
+VERSION = 2
+SLOTS = 2  # steps in flight at most, one arena slot each
+
+
+def slot(step: int) -> int:
+    return step % SLOTS
 
 
 class ProtocolError(Exception):
@@ -60,23 +72,30 @@ def sampling_to_wire(sp: SamplingParams) -> list:
 
 
 def request_layout(max_num_seqs: int, max_batched_tokens: int, max_blocks_per_seq: int) -> ArenaLayout:
-    """The step's input arrays (StepInput's names and dtypes), written by the master; rows past
-    num_tokens / num_seqs are stale."""
-    T, B, M = max_batched_tokens, max_num_seqs, max_blocks_per_seq
+    """The step's input arrays (StepInput's names and dtypes, after the slot index), written
+    by the master; rows past num_tokens / num_seqs are stale."""
+    T, B, M, S = max_batched_tokens, max_num_seqs, max_blocks_per_seq, SLOTS
     return ArenaLayout([
-        Field("input_ids", "int32", (T,)),
-        Field("positions", "int32", (T,)),
-        Field("slot_mapping", "int64", (T,)),
-        Field("query_start_loc", "int32", (B + 1,)),
-        Field("context_lens", "int32", (B,)),
-        Field("block_tables", "int32", (B, M)),
-        Field("seq_ids", "int64", (B,)),
+        Field("input_ids", "int32", (S, T)),
+        Field("positions", "int32", (S, T)),
+        Field("slot_mapping", "int64", (S, T)),
+        Field("query_start_loc", "int32", (S, B + 1)),
+        Field("context_lens", "int32", (S, B)),
+        Field("block_tables", "int32", (S, B, M)),
+        Field("seq_ids", "int64", (S, B)),
     ])
 
 
 def reply_layout(max_num_seqs: int) -> ArenaLayout:
-    """The step's outputs, written by agent rank 0: one sampled token per sequence."""
+    """The step's outputs (after the slot index), written by agent rank 0: one sampled token
+    per sequence."""
     return ArenaLayout([
-        Field("token_ids", "int32", (max_num_seqs,)),
-        Field("logprobs", "float32", (max_num_seqs,)),
+        Field("token_ids", "int32", (SLOTS, max_num_seqs)),
+        Field("logprobs", "float32", (SLOTS, max_num_seqs)),
     ])
+
+
+def slot_views(arena, step: int) -> dict:
+    """Step `step`'s slot of every array of `arena` (an ShmArena)."""
+    i = slot(step)
+    return {name: a[i] for name, a in arena.arrays.items()}

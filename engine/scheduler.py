@@ -6,6 +6,14 @@ order while KV blocks, `max_num_seqs`, `prefill_batch_size` and `max_batched_tok
 allow. When a decode step runs out of blocks, the most recently admitted running sequence
 is preempted by recompute: its blocks are freed and it goes back to the front of the
 waiting queue, to be prefilled again with the tokens it has generated so far.
+
+Async scheduling (vLLM's): `schedule_ahead(in_flight)` plans step n+1 while the device
+still runs step n. A sequence of step n takes a PLACEHOLDER for the token being sampled
+(postprocess(n) writes the real id over it; the agent feeds step n+1 from its own
+output); a sequence that token finishes by length sits step n+1 out, one that a stop
+token finishes is known only at postprocess(n), and its row in step n+1 is discarded.
+Lookahead never preempts: when step n+1 would need to, it returns None and the caller
+schedules after step n's outputs are in.
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ import llmtrace
 
 from .block_manager import BlockManager
 from .config import ConfigError, EngineConfig
-from .sequence import Sequence, SequenceStatus
+from .sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 
 class RequestRejected(ValueError):
@@ -114,6 +122,29 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         return self._schedule_prefill() or self._schedule_decode()
 
+    def schedule_ahead(self, in_flight: SchedulerOutput) -> SchedulerOutput | None:
+        """The step after `in_flight`, planned before its tokens are known; None when
+        there is nothing to run without them (see the module docstring)."""
+        out = self._schedule_prefill()
+        if out is not None:
+            return out
+        ahead = frozenset(s.seq.seq_id for s in in_flight.scheduled if not s.seq.is_finished)
+        batch = [seq for seq in self.running if seq.seq_id not in ahead or not self._last_by_length(seq)]
+        if not batch or not self.block_manager.can_append(batch, ahead):
+            return None
+        out = SchedulerOutput(False)
+        for seq in batch:
+            if seq.seq_id in ahead:
+                seq.append_token(PLACEHOLDER)
+            self.block_manager.append_slot(seq)
+            out.scheduled.append(ScheduledSeq(seq, 1, seq.num_tokens - 1))
+        return out
+
+    def _last_by_length(self, seq: Sequence) -> bool:
+        """Whether the token being sampled for `seq` ends it by max_tokens or max_model_len."""
+        return (seq.num_output_tokens + 1 >= seq.sampling_params.max_tokens
+                or seq.num_tokens + 1 >= self.cfg.max_model_len)
+
     def _schedule_prefill(self) -> SchedulerOutput | None:
         bm, now = self.block_manager, perf_counter_ns()
         scheduled: list[ScheduledSeq] = []
@@ -165,15 +196,16 @@ class Scheduler:
         llmtrace.instant("preempt", req=seq.req_id)
 
     def postprocess(self, output: SchedulerOutput, token_ids) -> list[Sequence]:
-        """Append each scheduled sequence's sampled token, apply the stop rules and free the
-        finished ones' blocks. Returns the sequences that finished in this step."""
+        """Put each scheduled sequence's sampled token in place (over its placeholder when
+        the next step was scheduled ahead), apply the stop rules and free the finished ones'
+        blocks. Returns the sequences that finished in this step."""
         now = perf_counter_ns()
         finished: list[Sequence] = []
         for (seq, num_new_tokens, start_pos), token_id in zip(output.scheduled, token_ids, strict=True):
-            if seq.is_finished:  # aborted while the step ran
+            if seq.is_finished:  # aborted while the step ran, or stopped by the step before
                 continue
             seq.num_cached_tokens = start_pos + num_new_tokens
-            seq.append_token(int(token_id))
+            seq.set_token(start_pos + num_new_tokens, int(token_id))
             if seq.first_token_ns is None:
                 seq.first_token_ns = now
             status = self._stop_status(seq)

@@ -20,6 +20,11 @@ _FINISHED = frozenset({SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_
                        SequenceStatus.FINISHED_ABORTED})
 _seq_ids = itertools.count()
 
+# An output token the device is sampling while the scheduler already plans the next step
+# (async scheduling): postprocess writes the real id over it; the agent feeds the next
+# step from its own sampled ids wherever the master wrote this.
+PLACEHOLDER = -1
+
 
 class Sequence:
     """Prompt + generated tokens, the KV blocks holding them and the request's timestamps.
@@ -81,6 +86,22 @@ class Sequence:
         self.output_token_ids.append(token_id)
         self.num_tokens += 1
 
+    def set_token(self, pos: int, token_id: int) -> None:
+        """The token sampled for position `pos`: fills its placeholder, or appends it."""
+        i = pos - len(self.prompt_token_ids)
+        out = self.output_token_ids
+        if i == len(out):
+            self.append_token(token_id)
+        elif 0 <= i < len(out) and out[i] == PLACEHOLDER:
+            out[i] = token_id
+        else:
+            raise ValueError(f"{self!r}: no room for a token at position {pos}")
+
     def finish(self, status: SequenceStatus) -> None:
+        """Finished: placeholders of tokens sampled after the last one are dropped."""
+        out = self.output_token_ids
+        while out and out[-1] == PLACEHOLDER:
+            out.pop()
+            self.num_tokens -= 1
         self.status = status
         self.finish_reason = status.value

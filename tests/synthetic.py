@@ -215,3 +215,26 @@ def drain_recorded_trace() -> Trace:
     out = Trace()
     RecordDecoder(Process(os.getpid(), "test")).add(Batch(strings, {}, memoryview(records), n), out)
     return out
+
+
+def pipelined_trace() -> Trace:
+    """Three async-scheduled steps by hand (ms): the device runs steps 0, 1, 2 back to back
+    over [1, 11), [11, 21), [21, 31); master.step 0 spans [0, 12), master.step n
+    [10n + 2, 10n + 12); agent.step n
+    holds the launch of step n+1 (its forward, a span of step n+1) and waits for step n."""
+    b = EngineTraceBuilder()
+    m = lambda x: int(x * MS)  # noqa: E731
+    dev = {0: (1, 11), 1: (11, 21), 2: (21, 31)}
+    launches = {0: (0, 0.7), 1: (0, 2.0), 2: (1, 12.3)}  # step: (agent step it runs in, host start)
+    agents = {}
+    for n in range(3):
+        lo, hi = 10 * n + (0 if n == 0 else 2), 10 * n + 12
+        root = b.span(MASTER_PID, "master.step", m(lo), m(hi), step=n, attrs={"batch": 4, "prefill": 0})
+        b.span(MASTER_PID, "schedule", m(lo), m(lo + 0.1), root, n)
+        b.span(MASTER_PID, "agent.wait", m(lo + 0.2), m(hi - 0.5), root, n)
+        b.span(MASTER_PID, "postprocess", m(hi - 0.3), m(hi), root, n)
+        agents[n] = b.span(AGENT_PID, "agent.step", m(lo + 0.3 if n == 0 else hi - 10.7), m(hi - 0.7), step=n)
+        b.span(AGENT_PID, "sync.wait", m(hi - 9.5), m(hi - 0.9), agents[n], n)
+    for n, (parent, t) in launches.items():
+        b.span(AGENT_PID, "forward", m(t), m(t + 0.2), agents[parent], n, device=tuple(m(x) for x in dev[n]))
+    return b.build()

@@ -8,7 +8,7 @@ import llmtrace
 from llmtrace.analyze.breakdown import GAP, MODEL
 from llmtrace.analyze.context import Context
 from llmtrace.load import load_trace
-from synthetic import MS, EngineTraceBuilder, clean_trace, record_pipeline
+from synthetic import MS, EngineTraceBuilder, clean_trace, pipelined_trace, record_pipeline
 
 
 def _sums_to_wall(ctx):
@@ -207,3 +207,17 @@ def test_decorated_pipeline_without_step_ids(tmp_path):
     assert view["stages"][0]["name"] == "_decode_slowly"
     assert rows["_decode_slowly"]["ms_per_token"] == pytest.approx(sum(_slept[-30:]) / 30 / 1e6, rel=0.1)
     assert view["per_token_ms"] <= elapsed / 30 / 1e6
+
+
+def test_async_scheduling_counts_the_next_steps_device_time_in_the_window():
+    """Pipelined steps: agent.step n launches step n+1 (its forward is a child of agent.step n)
+    and the device runs the steps back to back; each master.step window's model time is the
+    device work inside it, whichever step that work belongs to."""
+    ctx = Context(pipelined_trace())
+    _sums_to_wall(ctx)
+    first, second, third = ctx.steps
+    m = lambda x: int(x * MS)  # noqa: E731
+    assert first.parts[MODEL] == m(12 - 1)  # step 0 from 1 ms, then step 1 from 11 ms
+    assert second.parts[MODEL] == m(22 - 12)  # steps 1 and 2 back to back: the whole window
+    assert third.parts[MODEL] == m(31 - 22)
+    assert second.parts.get("sync", 0) == 0  # the wait overlaps device work only

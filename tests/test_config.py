@@ -96,7 +96,7 @@ def test_overrides_do_not_touch_the_callers_dict():
      "engine.max_batched_tokens: 16 is smaller than engine.max_num_seqs (32)"),
     ({"engine": {"num_blocks": 100, "block_size": 8}},
      "engine.num_blocks: 100 blocks of 8 tokens cannot hold one sequence of engine.max_model_len (2048) tokens; use at least 256"),
-    ({"engine": 5}, "engine: 5 is not allowed; expected a mapping with keys agents, block_size,"),
+    ({"engine": 5}, "engine: 5 is not allowed; expected a mapping with keys agents, async_scheduling, block_size,"),
     ({"workload": {"rate": 0}}, "workload.rate: 0.0 is not allowed; use a value greater than 0"),
     ({"workload": {"rate": float("nan")}}, "workload.rate: nan is not allowed; expected a finite number"),
     ({"workload": {"arrival": "poisson"}}, "workload.rate: missing; arrival poisson needs rate"),

@@ -253,9 +253,11 @@ def test_killed_master_leaves_no_agent_and_no_shared_memory():
     assert len(names) == 2 and not any(os.path.exists(os.path.join(shm.SHM_DIR, n)) for n in names)
 
 
-def test_spans_of_all_processes_link_up_with_two_ranks(tmp_path):
-    """Two agents (the N-rank protocol: both get every step and reply, rank 0's rows are read)."""
-    cfg = {**CFG, "engine": {**CFG["engine"], "agents": 2}}
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_spans_of_all_processes_link_up_with_two_ranks(tmp_path, async_scheduling):
+    """Two agents (the N-rank protocol: both get every step and reply, rank 0's rows are read).
+    With async scheduling, master.step n sends step n+1 before it waits for step n."""
+    cfg = {**CFG, "engine": {**CFG["engine"], "agents": 2, "async_scheduling": async_scheduling}}
     script = textwrap.dedent(f"""
         import asyncio, llmtrace
         from engine.config import load_config
@@ -289,27 +291,32 @@ def test_spans_of_all_processes_link_up_with_two_ranks(tmp_path):
     for s in trace.spans:
         children.setdefault(s.parent_id, []).append(s.name)
     steps = [s for s in trace.spans if s.name == "master.step" and s.attrs.get("batch", 0) > 0]
-    agent_steps = {(s.pid, s.link_id): s for s in trace.spans if s.name == "agent.step"}
-    assert steps and len(agent_steps) == 2 * len(steps)
+    agent_steps = {(s.pid, s.step): s for s in trace.spans if s.name == "agent.step"}
+    assert len(steps) == 4 and len(agent_steps) == 2 * len(steps)  # a prefill and 3 decodes: max_tokens 4
     assert steps[0].attrs["prefill"] == 1 and steps[0].attrs["tokens"] == 8 + 9
+    send = ["schedule", "shm.write", "tcp.send"]
     for i, ms in enumerate(steps):
-        assert ms.pid == pids["master"]
+        assert ms.pid == pids["master"] and ms.step == i and ms.attrs["output_tokens"] == 2
         last = i == len(steps) - 1  # nothing follows: it streams its own outputs at once
-        assert children[ms.span_id] == ["schedule", "shm.write", "tcp.send", "agent.wait", "tcp.recv", "shm.read",
+        if not async_scheduling:
+            sends, sender = send, ms
+        else:  # the first iteration sends steps 0 and 1; the last has nothing left to send ahead
+            sends, sender = (send * 2 if i == 0 else ["schedule"] if last else send), steps[max(i - 1, 0)]
+        assert children[ms.span_id] == [*sends, "agent.wait", "tcp.recv", "shm.read",
                                         "postprocess", *(["detokenize", "stream.write"] if last else [])]
         wait = next(s for s in trace.spans if s.parent_id == ms.span_id and s.name == "agent.wait")
         output = [s for s in trace.spans if s.parent_id == wait.span_id]  # the previous step's, while agents run
         assert [(s.name, s.step) for s in output] == ([] if i == 0 else
                                                       [("detokenize", ms.step - 1), ("stream.write", ms.step - 1)])
         for rank in (0, 1):
-            ag = agent_steps[pids[f"agent-{rank}"], ms.span_id]  # master.step -> agent.step
-            assert ag.step == ms.step
+            ag = agent_steps[pids[f"agent-{rank}"], ms.step]
+            assert ag.link_id == sender.span_id  # master.step that sent it -> agent.step
             kids = [k for k in children[ag.span_id] if k not in ("preprocess.batch", "gc")]
             assert kids == ["tcp.recv", "shm.read", "preprocess", "forward", "sampling", "sync.wait",
                             *(["shm.write"] if rank == 0 else []), "tcp.send"]
             assert all(by_id[i].step == ag.step for i in by_id if by_id[i].parent_id == ag.span_id)
         recv = next(by_id[i] for i in by_id if by_id[i].parent_id == ms.span_id and by_id[i].name == "tcp.recv")
-        lead = agent_steps[pids["agent-0"], ms.span_id]
+        lead = agent_steps[pids["agent-0"], ms.step]
         assert recv.link_id == lead.span_id and recv.step == ms.step  # agent.step -> master tcp.recv
     queue = [s for s in trace.spans if s.name == "queue"]
     assert sorted(s.attrs["req"] for s in queue) == ["r0", "r1"]

@@ -7,6 +7,7 @@ import pytest
 import llmtrace
 from engine.config import ModelConfig
 from engine.model_runner import ModelRunner, kv_block_bytes
+from engine.sequence import PLACEHOLDER
 from llmtrace.timeline import load_spool_dir
 from test_model import Driver, MiniAllocator, make_step
 
@@ -78,3 +79,47 @@ def test_seeded_request_generates_the_same_alone_or_batched(runner):
     alone = run(False)
     assert run(True) == alone
     assert len(set(alone)) > 1  # sampled at temperature 1, not a constant
+
+
+def test_a_step_launched_before_the_last_is_read_takes_its_placeholders_from_it(runner):
+    """Async scheduling: step n+1 is launched with PLACEHOLDER inputs before step n's result
+    is read; the runner feeds it step n's samples (matched by sequence, in any row order), so
+    the tokens equal those of synchronous steps, greedy and seeded alike."""
+    prompts = {0: [1, 5, 6, 7], 1: [1, 9, 10], 2: [1, 30]}
+    sampling = dict(temperature=[0.0, 0.9, 0.0], seed=[-1, 77, -1])
+    ref = Driver(runner)
+    for s, p in prompts.items():
+        ref.add(s, p)
+    for _ in range(6):
+        ref.step(**sampling)
+
+    alloc = MiniAllocator(runner.num_blocks, seed=0)
+    toks = {s: list(p) for s, p in prompts.items()}
+    order = list(toks)
+    pending = runner.launch(make_step(0, alloc, [(s, toks[s], 0) for s in order], **sampling)), order
+    for n in range(1, 6):
+        order = order[::-1]  # rows need not keep their places
+        for s in order:
+            toks[s].append(PLACEHOLDER)
+        rows = {k: [v[s] for s in order] for k, v in sampling.items()}
+        nxt = runner.launch(make_step(n, alloc, [(s, toks[s], len(toks[s]) - 1) for s in order], **rows)), order
+        handle, done_order = pending
+        for s, t in zip(done_order, handle.result().token_ids.tolist()):
+            toks[s][-1] = t
+        pending = nxt
+    handle, done_order = pending
+    for s, t in zip(done_order, handle.result().token_ids.tolist()):
+        toks[s].append(t)
+    assert toks == ref.tokens
+
+
+def test_launch_refuses_a_third_unread_step_and_an_unknown_placeholder(runner):
+    alloc = MiniAllocator(runner.num_blocks, seed=2)
+    a = runner.launch(make_step(0, alloc, [(0, [1, 5], 0)]))
+    b = runner.launch(make_step(1, alloc, [(1, [1, 6], 0)]))
+    with pytest.raises(RuntimeError, match="unread"):
+        runner.launch(make_step(2, alloc, [(2, [1, 7], 0)]))
+    a.result(), b.result()
+    with pytest.raises(ValueError, match="placeholder input for sequence 0"):
+        runner.launch(make_step(3, alloc, [(0, [1, 5, PLACEHOLDER], 2)]))  # step 1 sampled seq 1 only
+    assert b.result() is b.result()  # reading twice is harmless

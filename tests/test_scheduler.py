@@ -2,6 +2,8 @@
 long randomized simulation that must leave every KV block free."""
 import random
 import time
+import zlib
+from collections import deque
 
 import pytest
 
@@ -10,7 +12,8 @@ from engine.block_manager import BlockManager
 from engine.config import ConfigError, EngineConfig
 from engine.sampling_params import SamplingParams
 from engine.scheduler import QueueFull, RequestRejected, Scheduler
-from engine.sequence import Sequence, SequenceStatus
+from engine.master import _token_ids
+from engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 EOS = 2
 
@@ -283,3 +286,110 @@ def test_randomized_simulation_leaves_every_block_free():
             assert s.output_token_ids[-1] == EOS and not p.ignore_eos and s.num_output_tokens <= p.max_tokens
         else:
             assert s.finish_reason == "abort" and s.num_output_tokens < p.max_tokens
+
+
+def _model(req_id: str, pos: int) -> int:
+    """A deterministic 'model': the token a request samples for position `pos`."""
+    h = zlib.crc32(f"{req_id}:{pos}".encode())
+    return EOS if h % 50 == 0 else 3 + h % 996
+
+
+def _serve(async_scheduling: bool, seed: int, aborts: bool) -> tuple[dict[str, Sequence], Scheduler]:
+    """The master's loop over a simulated agent: with async scheduling, step n+1 is scheduled
+    and 'launched' before step n is postprocessed. The agent fills placeholder inputs from its
+    own previous samples, and every input token is checked against what the model sampled
+    for that position."""
+    rng = random.Random(seed)
+    sched = make(num_blocks=40, block_size=8, max_num_seqs=12, max_batched_tokens=128,
+                 prefill_batch_size=4, max_model_len=128, max_waiting=16)
+    pending = [seq(f"r{i}", rng.randint(1, 90), max_tokens=rng.randint(1, 50), ignore_eos=rng.random() < 0.3)
+               for i in range(400)]
+    pending.reverse()
+    ended: dict[str, Sequence] = {}
+    in_flight: deque = deque()
+    last: dict[int, int] = {}  # the agent's samples of the step launched last
+
+    def launch(out):
+        nonlocal last
+        tokens = []
+        for s, n, start in out.scheduled:
+            ids = _token_ids(s, start, n)
+            assert PLACEHOLDER not in ids[:-1]  # only the newest token can be in flight
+            if ids[-1] == PLACEHOLDER:
+                ids[-1] = last[s.seq_id]
+            for p, t in enumerate(ids, start):
+                assert p < s.num_prompt_tokens or t == _model(s.req_id, p), (s, p)
+            tokens.append(_model(s.req_id, start + n))
+        last = {s.seq.seq_id: t for s, t in zip(out.scheduled, tokens)}
+        in_flight.append((out, tokens))
+
+    while pending or sched.has_unfinished() or in_flight:
+        for _ in range(rng.choice((0, 0, 1, 3))):
+            if pending:
+                try:
+                    sched.add(pending[-1])
+                    pending.pop()
+                except QueueFull:
+                    pass
+        if not in_flight:
+            out = sched.schedule()
+            if out.is_empty:
+                continue
+            launch(out)
+        if async_scheduling:
+            ahead = sched.schedule_ahead(in_flight[-1][0])
+            if ahead is not None:
+                launch(ahead)
+        if aborts and rng.random() < 0.03 and sched.num_running:
+            victim = rng.choice(list(sched.running))
+            ended[victim.req_id] = sched.abort(victim.req_id)
+        out, tokens = in_flight.popleft()
+        for s in sched.postprocess(out, tokens):
+            ended[s.req_id] = s
+        sched.check_invariants()
+    return ended, sched
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_async_scheduling_generates_what_sync_scheduling_does(seed):
+    """Same requests, outputs and finish reasons with and without scheduling ahead, through
+    EOS finishes, length finishes and preemption by recompute."""
+    sync, s1 = _serve(False, seed, aborts=False)
+    ahead, s2 = _serve(True, seed, aborts=False)
+    assert len(sync) == len(ahead) == 400
+    for req_id, s in sync.items():
+        assert (ahead[req_id].output_token_ids, ahead[req_id].finish_reason) == (s.output_token_ids, s.finish_reason)
+    assert s1.num_preemptions > 0 and s2.num_preemptions > 0
+    assert any(s.finish_reason == "stop" for s in ahead.values())
+    assert s2.block_manager.num_free_blocks == s2.block_manager.num_blocks
+
+
+def test_async_scheduling_with_aborts_leaves_every_block_free():
+    ended, sched = _serve(True, 7, aborts=True)
+    bm = sched.block_manager
+    assert bm.num_free_blocks == bm.num_blocks and not sched.has_unfinished()
+    assert any(s.finish_reason == "abort" for s in ended.values())
+    assert all(PLACEHOLDER not in s.output_token_ids for s in ended.values())
+
+
+def test_schedule_ahead_skips_length_finishes_and_never_preempts():
+    sched = make(num_blocks=4, block_size=4, max_model_len=16)
+    a, b = seq("a", 4, max_tokens=1), seq("b", 3, max_tokens=8)
+    sched.add(a)
+    sched.add(b)
+    prefill = sched.schedule()
+    ahead = sched.schedule_ahead(prefill)  # a's first token is its last: only b decodes
+    assert [(s.seq, s.start_pos) for s in ahead.scheduled] == [(b, 3)]
+    assert b.output_token_ids == [PLACEHOLDER] and a.output_token_ids == []
+    sched.postprocess(prefill, [7, 8])
+    assert a.finish_reason == "length" and b.output_token_ids == [8]
+    sched.postprocess(ahead, [9])
+    assert b.output_token_ids == [8, 9]
+    full = make(num_blocks=3, block_size=4, max_model_len=12)
+    b, c = seq("b", 4), seq("c", 8)  # fill the cache: their next tokens need blocks nobody has
+    full.add(b)
+    full.add(c)
+    prefill = full.schedule()
+    assert full.schedule_ahead(prefill) is None  # a sync schedule after postprocess preempts instead
+    assert full.num_preemptions == 0 and b.output_token_ids == c.output_token_ids == []
+

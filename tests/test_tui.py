@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from synthetic import MS, EngineTraceBuilder
+from synthetic import MS, EngineTraceBuilder, pipelined_trace
 
 from llmtrace.spool_format import (ATTR_FLOAT, ATTR_STR, COUNTER, DEVICE, INSTANT, RECORD, SPAN, encode_batch,
                                    encode_header, float_bits)
@@ -180,6 +180,22 @@ def test_model_costs_each_step_as_the_analyzer_does():
     rows = model.requests
     assert set(rows) == {"r0", "r1", "r2", "r3"} and all(r.done and r.tokens == 30 for r in rows.values())
     assert rows["r1"].queue_ns == 2 * MS
+
+
+def test_model_costs_async_scheduled_steps_whose_parents_sit_in_the_step_before():
+    """agent.step n holds step n+1's launch: step n+1's group names a parent of step n's, and
+    each window counts the next step's device time, as the analyzer does on the whole trace."""
+    from llmtrace.analyze.breakdown import Breakdown
+    from llmtrace.analyze.index import TraceIndex
+
+    trace = pipelined_trace()
+    now = [0.0]
+    model = RunModel(settle_s=0.5, clock=lambda: now[0])
+    model.ingest(trace)
+    now[0] = 0.6
+    assert model.settle() == 3  # no wait for STALE_S
+    whole = Breakdown.of(TraceIndex(trace)).steps
+    assert [v.cost.parts for v in model.steps] == [c.parts for c in whole]
 
 
 def test_model_settles_a_step_only_once_no_record_of_it_arrived_for_settle_s():

@@ -26,6 +26,7 @@ WINDOW_STEPS = 512  # steps behind the live stage table, call chains and suggest
 SERIES_POINTS = 4096  # step-time / batch-size history for the sparklines
 THROUGHPUT_S = 5.0  # live throughput: tokens of the steps that ended in the last seconds
 RECENT_RECORDS = 1 << 16  # counters / instants / samples kept for the windowed suggestions
+RECENT_GROUPS = 8  # costed steps whose span ids still count as arrived parents
 COSTED_IDS = 1 << 14  # costed step ids remembered, to keep a late span from opening its step again
 
 
@@ -112,6 +113,7 @@ class RunModel:
         self._samples: deque[Sample] = deque(maxlen=RECENT_RECORDS)
         self._unstepped: deque[Span] = deque(maxlen=RECENT_RECORDS)  # spans outside steps (requests, user)
         self._costed: dict[int, None] = {}  # ids of the latest costed steps (insertion-ordered set)
+        self._recent_ids: deque[set[int]] = deque(maxlen=RECENT_GROUPS)  # span ids of the last costed steps
         self.late_spans = 0
         self.version = 0  # bumped whenever something visible changed
 
@@ -188,22 +190,27 @@ class RunModel:
         parents stay missing (a root outside the step, a lost process) is costed after STALE_S.
         """
         now = self.clock()
+        # A parent may sit in another step's group: with async scheduling agent.step n holds
+        # the launch of step n+1 (spans of step n+1).
+        present = set().union(*(st.ids for st in self._open.values()), *self._recent_ids)
         ready = [k for k, st in self._open.items() if everything or now - st.seen >= STALE_S
-                 or (now - st.seen >= self.settle_s and not st.missing)]
+                 or (now - st.seen >= self.settle_s and not st.missing - present)]
         if not ready:
             return 0
-        groups = [self._open.pop(k).spans for k in ready]
+        groups = {k: self._open.pop(k).spans for k in ready}
         self._costed.update(dict.fromkeys(ready))
         for k in list(itertools.islice(self._costed, max(0, len(self._costed) - COSTED_IDS))):
             del self._costed[k]
-        views = []
-        for spans in groups:
-            spans.sort(key=lambda s: s.start_ns)
-            index = TraceIndex(Trace(spans=spans))
-            views += [StepView(c, spans) for c in Breakdown.of(index).steps]
+        # One index over the ready steps and those still open: a step's window can hold the
+        # next step's device time and its agent step the next step's launch.
+        spans = [x for g in groups.values() for x in g] + [x for st in self._open.values() for x in st.spans]
+        spans.sort(key=lambda x: x.start_ns)
+        views = [StepView(c, sorted(groups[c.step], key=lambda x: x.start_ns))
+                 for c in Breakdown.of(TraceIndex(Trace(spans=spans))).steps if c.step in groups]
         views.sort(key=lambda v: v.cost.root.start_ns)
         for v in views:
             self._add_step(v)
+        self._recent_ids.extend({x.span_id for x in g} for g in groups.values())
         self.version += 1
         return len(views)
 

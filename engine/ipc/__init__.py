@@ -64,6 +64,15 @@ class ReceiveSpan:
         return False
 
 
+def record_receive(name: str, t0: int, carrier: Carrier | None) -> None:
+    """A child span of the open one, [t0, now), for decoding a frame that is not what the
+    open span follows (a later step arriving while it runs): it carries the sender's step."""
+    if recorder.is_enabled():
+        parent, step = recorder.current()
+        _emit(name, t0, perf_counter_ns(), recorder.new_span_id(), parent, 0,
+              step if carrier is None else carrier.step)
+
+
 def _emit(name: str, start: int, end: int, sid: int, parent: int, link: int, step: int, flags: int = 0) -> None:
     recorder.emit(SPAN, recorder.intern(name), recorder.intern(name.split(".", 1)[0]), start, end,
                   sid, parent, link, step, None, flags)

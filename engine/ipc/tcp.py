@@ -14,6 +14,7 @@ then body) -- the write-write-read pattern that stalls on the peer's delayed ACK
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 import struct
 
@@ -120,6 +121,14 @@ class FrameSocket:
         self.wait()
         n, self._pending = self._pending, None
         return decode(self._read_exactly(n))
+
+    def poll(self, timeout_s: float) -> bool:
+        """Whether a frame (or the peer's close, which recv then raises) has arrived,
+        waiting at most timeout_s."""
+        if self._pending is not None:
+            return True
+        readable, _, _ = select.select([self.sock], [], [], timeout_s)
+        return bool(readable)
 
     def close(self) -> None:
         self.sock.close()

@@ -4,7 +4,8 @@ A step's wall time is its root span (`master.step`; for a generic pipeline the l
 top-level span carrying that `step`, or without step ids the repeated top-level span).
 Every nanosecond of it is given to exactly one label, highest claim first:
 
-  model       device time of `forward`/`sampling` (CUDA events); without device time
+  model       device time of `forward`/`sampling` (CUDA events) inside the root's window,
+              of whichever step (async scheduling overlaps steps); without device time
               their host time, less host-side work nested in them (and not a span that
               copied whole logits to the host: that is host sampling)
   <stage>     host-side work nested in a model stage (`logging.debug` inside `forward`,
@@ -24,6 +25,7 @@ So for every step: model + stages + gap == wall time.
 """
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -99,9 +101,10 @@ def moves_logits(s: Span, seqs: int) -> bool:
 
 
 def step_tokens(root: Span) -> int:
-    """Output tokens a step produced: one per sequence in the batch (prefill and decode alike);
-    a generic pipeline's `output_tokens`/`tokens` attr, else one."""
-    for key in ("batch", "output_tokens", "tokens"):
+    """Output tokens a step produced: its `output_tokens` (the engine's: rows not discarded),
+    else one per sequence in the batch (prefill and decode alike), else a generic
+    pipeline's `tokens` attr, else one."""
+    for key in ("output_tokens", "batch", "tokens"):
         v = root.attrs.get(key)
         if isinstance(v, (int, float)) and v >= 0:
             return int(v)
@@ -149,9 +152,41 @@ def _merge(taken: list[tuple[int, int]], a: int, b: int) -> list[tuple[int, int]
     return out
 
 
+class _DeviceTimeline:
+    """Device intervals of the model stages, of every step, by process and start time: a
+    step root's model time is the device work inside its window, whichever step it belongs
+    to (with async scheduling step n+1 runs on the device while the host still finishes
+    step n), on the critical rank's device when an agent step stands for the wait."""
+
+    def __init__(self, index: TraceIndex):
+        by_pid: dict[int, list[Span]] = defaultdict(list)
+        for stage in MODEL_STAGES:
+            for s in index.by_stage.get(stage, ()):
+                if s.device_start_ns is not None:
+                    by_pid[s.pid].append(s)
+        self.tracks = {}
+        for pid, spans in by_pid.items():
+            spans.sort(key=lambda s: s.device_start_ns)
+            self.tracks[pid] = (spans, [s.device_start_ns for s in spans],
+                                max(s.device_end_ns - s.device_start_ns for s in spans))
+
+    def segments(self, lo: int, hi: int, pid: int | None):
+        """pid None: every process's device."""
+        for p in self.tracks if pid is None else (pid,):
+            spans, starts, longest = self.tracks.get(p, ((), (), 0))
+            i = bisect_left(starts, lo - longest)
+            while i < len(spans) and starts[i] < hi:
+                s = spans[i]
+                a, b = max(s.device_start_ns, lo), min(s.device_end_ns, hi)
+                if b > a:
+                    yield _Segment(a, b, MODEL, _P_DEVICE, s)
+                i += 1
+
+
 class _StepWalker:
     def __init__(self, index: TraceIndex):
         self.index = index
+        self.device = _DeviceTimeline(index)
         self.agent_steps: dict[int, list[Span]] = defaultdict(list)
         for s in index.by_name.get(AGENT_ROOT, ()):
             self.agent_steps[s.step].append(s)
@@ -161,6 +196,7 @@ class _StepWalker:
                       _int_or_none(root.attrs.get("batch")))
         segs = [_Segment(root.start_ns, root.end_ns, GAP, _P_ROOT, root)]
         self._children(root, root.start_ns, root.end_ns, segs, sc)
+        segs += self.device.segments(root.start_ns, root.end_ns, sc.agent_root and sc.agent_root.pid)
         parts, counts = defaultdict(int), defaultdict(int)
         for seg, ns in _claim(segs):
             parts[seg.label] += ns
@@ -179,7 +215,7 @@ class _StepWalker:
             if c.name == AGENT_WAIT:
                 self._agent(c, a, b, segs, sc)
             elif c.stage in MODEL_STAGES and not moves_logits(c, sc.tokens):
-                self._model_stage(c, a, b, (lo, hi), segs, sc)
+                self._model_stage(c, a, b, segs, sc)
             else:
                 label = stage_label(c)
                 segs.append(_Segment(a, b, label, _P_STAGE, c))
@@ -207,14 +243,12 @@ class _StepWalker:
                 segs.append(_Segment(a, b, label, _P_STAGE, c))
                 sc.stage_spans.append((label, c))
 
-    def _model_stage(self, c: Span, a: int, b: int, window: tuple[int, int], segs: list, sc: StepCost) -> None:
+    def _model_stage(self, c: Span, a: int, b: int, segs: list, sc: StepCost) -> None:
         sc.stage_spans.append((c.stage, c))
         if c.device_start_ns is not None:
-            segs.append(_Segment(a, b, c.stage, _P_STAGE, c))  # host launch, overhead when the device idles
-            # the device runs after the launch returns: clip to the step's window, not the span
-            da, db = max(c.device_start_ns, window[0]), min(c.device_end_ns, window[1])
-            if db > da:
-                segs.append(_Segment(da, db, MODEL, _P_DEVICE, c))
+            # host launch, overhead when the device idles; the device time itself comes
+            # from _DeviceTimeline, by time window
+            segs.append(_Segment(a, b, c.stage, _P_STAGE, c))
         else:
             segs.append(_Segment(a, b, MODEL, _P_STAGE, c))
         for d in self._outer_host_side(c):
