@@ -2,15 +2,20 @@
 decode and against the bandwidth floor, random-weight Llama-2-7B in bf16, on one GPU.
 
 What it measures, per batch B (context 512: B prompts of 512 tokens prefilled first):
-  engine        ModelRunner.execute of a greedy decode step, host wall time (staging,
-                graph replay, sampling, the wait for the ids), median of STEPS steps;
+  engine        the step period of greedy decode as the engine serves it (async
+                scheduling): step n+1 is launched, its input ids placeholders, before
+                step n's ids are read; median interval between consecutive results.
+  one step      ModelRunner.execute of one step alone, host wall time (staging, graph
+                replay, sampling, the wait for the ids): what a step costs when the host
+                waits for each step before preparing the next.
                 "graph" is the replay alone, timed with CUDA events.
   transformers  LlamaForCausalLM (sdpa) forward of one token per sequence with its
                 DynamicCache + argmax, host wall time with a synchronize, median of STEPS.
   floor         bytes a step must read (every weight but the embedding table, plus the
                 K/V of B x 512 tokens) over the measured copy bandwidth (read + write
                 of a 1 GiB device-to-device copy).
-It first checks that graph and eager decode give the same greedy tokens on this model.
+It first checks that graph and eager decode give the same greedy tokens on this model, and
+per batch that pipelined and one-at-a-time decode do.
 
 Run (GPU):  python3 benchmarks/gpu_decode.py [--batches 1 8 32 128] [--json FILE]
 Goal: <= 1.4x the floor at batch 1, >= 6,000 tok/s at batch 128.
@@ -119,6 +124,34 @@ def run_decode(runner, tokens: list[list[int]], steps: int, block_tables) -> lis
     return times
 
 
+def run_decode_pipelined(runner, tokens: list[list[int]], steps: int, block_tables) -> list[float]:
+    """Prefill, then `steps` greedy decode steps, each launched before the one before is read
+    (placeholder inputs); host seconds between consecutive results."""
+    from engine.sequence import PLACEHOLDER
+
+    for step in prefill_steps(tokens, block_tables):
+        out = runner.execute(step)
+        for row, tok in zip(step.seq_ids.tolist(), out.token_ids.tolist(), strict=True):
+            tokens[row].append(tok)
+    pending = runner.launch(decode_step(1, tokens, block_tables))
+    done = []
+    for i in range(1, steps + 1):
+        nxt = None
+        if i < steps:
+            for t in tokens:
+                t.append(PLACEHOLDER)
+            nxt = runner.launch(decode_step(i + 1, tokens, block_tables))
+        ids = pending.result().token_ids.tolist()
+        done.append(time.perf_counter())
+        for t, tok in zip(tokens, ids, strict=True):
+            if nxt is not None:
+                t[-1] = tok  # the placeholder the next step was launched with
+            else:
+                t.append(tok)
+        pending = nxt
+    return [b - a for a, b in zip(done, done[1:])]
+
+
 def graph_replay_s(runner, batch: int, torch) -> float:
     """Device seconds of one replay of the bucket holding `batch` (inputs as last staged)."""
     from engine.cuda_graphs import bucket_for
@@ -152,11 +185,16 @@ def bench_engine(batches: list[int], bandwidth: float, log, profile: bool = Fals
     same = all([check_graphs_equal_eager(runner, tables, vocab, log, batch) for batch in (8, 6)])
     rows = {}
     for b in batches:
-        times = run_decode(runner, prompts(b, vocab, b), WARMUP + STEPS, tables[:b])[WARMUP:]
-        step = statistics.median(times)
-        rows[b] = {"engine_ms": step * 1e3, "graph_ms": graph_replay_s(runner, b, torch) * 1e3,
-                   "floor_ms": floor_s(runner.model, b, CONTEXT, bandwidth) * 1e3}
+        alone, piped = prompts(b, vocab, b), prompts(b, vocab, b)
+        times = run_decode(runner, alone, WARMUP + STEPS, tables[:b])[WARMUP:]
+        periods = run_decode_pipelined(runner, piped, WARMUP + STEPS + 1, tables[:b])[WARMUP:]
+        rows[b] = {"engine_ms": statistics.median(periods) * 1e3, "one_step_ms": statistics.median(times) * 1e3,
+                   "graph_ms": graph_replay_s(runner, b, torch) * 1e3,
+                   "floor_ms": floor_s(runner.model, b, CONTEXT, bandwidth) * 1e3,
+                   "pipelined_equal": [t[:len(a)] for t, a in zip(piped, alone)] == alone}
         log(f"engine batch {b}: {rows[b]}")
+        if not rows[b]["pipelined_equal"]:
+            log(f"engine batch {b}: pipelined decode gave other tokens than one step at a time")
     if profile:
         log(kernel_profile(runner, min(batches), torch))
     del runner
@@ -231,12 +269,12 @@ def bench_transformers(batches: list[int], log) -> dict:
 
 
 def render(batches, engine: dict, hf: dict, bandwidth: float) -> str:
-    lines = ["| batch | engine ms/step | graph replay ms | floor ms | engine / floor | engine tok/s "
-             "| transformers ms/step | transformers tok/s | speedup |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| batch | engine ms/step | one step alone ms | graph replay ms | floor ms | engine / floor "
+             "| engine tok/s | transformers ms/step | transformers tok/s | speedup |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for b in batches:
         e, h = engine[b], hf[b]
-        lines.append(f"| {b} | {e['engine_ms']:.2f} | {e['graph_ms']:.2f} | {e['floor_ms']:.2f} | "
+        lines.append(f"| {b} | {e['engine_ms']:.2f} | {e['one_step_ms']:.2f} | {e['graph_ms']:.2f} | {e['floor_ms']:.2f} | "
                      f"{e['engine_ms'] / e['floor_ms']:.2f}x | {b / e['engine_ms'] * 1e3:,.0f} | {h:.1f} | "
                      f"{b / h * 1e3:,.0f} | {h / e['engine_ms']:.1f}x |")
     return f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, context {CONTEXT}\n" + "\n".join(lines)

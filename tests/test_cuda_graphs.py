@@ -9,6 +9,7 @@ from engine.config import ModelConfig
 from engine.cuda_graphs import StagedInputs, bucket_for, graph_batch_sizes
 from engine.model_runner import ModelRunner
 from test_model import Driver, MiniAllocator, make_step
+from test_model_runner import run_pipelined, run_synchronous
 
 
 def test_bucket_sizes_cover_every_batch_up_to_max_num_seqs():
@@ -62,3 +63,14 @@ def test_greedy_tokens_with_graphs_equal_eager(num_seqs):
             d.step()
         runs.append(d.tokens)
     assert runs[0] == runs[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_pipelined_graph_steps_take_their_placeholders_on_the_device():
+    """With graphs, a step launched before the last is read fills its PLACEHOLDER inputs on
+    the device (staged through the other set of pinned buffers): same tokens as one step at a time."""
+    cfg = ModelConfig(preset="tiny", dtype="float32", device="cuda", seed=0)
+    runner = ModelRunner(cfg, block_size=16, num_blocks=128, cuda_graphs=True, max_num_seqs=8, max_model_len=256)
+    prompts = {s: [1] + list(range(100 + 7 * s, 140 + 9 * s)) for s in range(5)}
+    sampling = dict(temperature=[0.0, 0.8, 0.0, 1.0, 0.0], seed=[-1, 5, -1, 9, -1])
+    assert run_pipelined(runner, prompts, 24, **sampling) == run_synchronous(runner, prompts, 24, **sampling)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -326,3 +327,70 @@ def test_spans_of_all_processes_link_up_with_two_ranks(tmp_path, async_schedulin
     assert sorted((i.attrs["req"], i.attrs["reason"]) for i in finish) == [("r0", "length"), ("r1", "length")]
     counters = {c.name for c in trace.counters if c.pid == pids["master"]}
     assert {"running", "waiting", "batch_size", "kv_blocks_used", "kv_blocks_total"} <= counters
+
+
+class _DeviceStub:
+    """A runner whose device finishes a step only once the next one was launched (or after
+    0.5 s), like a GPU still busy when the master's next step arrives; logs the order."""
+
+    def __init__(self):
+        self.events: list[tuple[str, int]] = []
+
+    def launch(self, step):
+        self.events.append(("launch", step.step))
+        return _PendingStub(self, step, time.monotonic() + 0.5)
+
+
+class _PendingStub:
+    def __init__(self, device, step, deadline):
+        self.device, self.step, self.deadline = device, step, deadline
+
+    def done(self) -> bool:
+        return ("launch", self.step.step + 1) in self.device.events or time.monotonic() > self.deadline
+
+    def result(self):
+        from engine.step_io import StepOutput
+
+        self.device.events.append(("result", self.step.step))
+        return StepOutput(np.full(self.step.num_seqs, 100 + self.step.step, np.int32),
+                          np.zeros(self.step.num_seqs, np.float32))
+
+
+def test_agent_launches_the_next_step_while_the_device_runs_and_replies_in_order():
+    from engine.agent import Agent
+
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        a = socket.create_connection(srv.getsockname())
+        b, _ = srv.accept()
+    request = shm.ShmArena.create(protocol.request_layout(4, 16, 2))
+    reply = shm.ShmArena.create(protocol.reply_layout(4))
+    try:
+        agent = Agent(FrameSocket(a), rank=0)
+        agent.request, agent.reply, agent.runner = request, reply, _DeviceStub()
+        master = FrameSocket(b)
+        for n in range(3):
+            slot = protocol.slot_views(request, n)
+            slot["seq_ids"][:2] = [7, 8]
+            slot["input_ids"][:2] = [5, 6] if n == 0 else [-1, -1]
+            slot["query_start_loc"][:3] = [0, 1, 2]
+            master.send(protocol.message("step", step=n, carrier=None, prefill=False, num_seqs=2, num_tokens=2,
+                                         block_width=1, drop=[],
+                                         new=[[7, [0.0, 1.0, -1, -1]], [8, [0.0, 1.0, -1, -1]]] if n == 0 else []))
+        serving = threading.Thread(target=agent.serve)
+        serving.start()
+        replies = []
+        for n in range(3):
+            replies.append(master.recv())
+            replies[-1]["ids"] = protocol.slot_views(reply, n)["token_ids"][:2].tolist()
+        master.send(protocol.message("shutdown"))
+        serving.join(timeout=10)
+        assert not serving.is_alive()
+    finally:
+        for arena in (request, reply):
+            arena.unlink()
+        a.close()
+        b.close()
+    assert [(r["step"], r["ids"]) for r in replies] == [(n, [100 + n] * 2) for n in range(3)]
+    # step n+1 went to the device before the host waited for step n
+    assert agent.runner.events == [("launch", 0), ("launch", 1), ("result", 0), ("launch", 2), ("result", 1),
+                                   ("result", 2)]

@@ -81,23 +81,14 @@ def test_seeded_request_generates_the_same_alone_or_batched(runner):
     assert len(set(alone)) > 1  # sampled at temperature 1, not a constant
 
 
-def test_a_step_launched_before_the_last_is_read_takes_its_placeholders_from_it(runner):
-    """Async scheduling: step n+1 is launched with PLACEHOLDER inputs before step n's result
-    is read; the runner feeds it step n's samples (matched by sequence, in any row order), so
-    the tokens equal those of synchronous steps, greedy and seeded alike."""
-    prompts = {0: [1, 5, 6, 7], 1: [1, 9, 10], 2: [1, 30]}
-    sampling = dict(temperature=[0.0, 0.9, 0.0], seed=[-1, 77, -1])
-    ref = Driver(runner)
-    for s, p in prompts.items():
-        ref.add(s, p)
-    for _ in range(6):
-        ref.step(**sampling)
-
+def run_pipelined(runner, prompts: dict[int, list[int]], steps: int, **sampling) -> dict[int, list[int]]:
+    """Async scheduling by hand: each step after the first is launched with PLACEHOLDER inputs
+    before the step before is read, its rows in the opposite order. Returns the tokens."""
     alloc = MiniAllocator(runner.num_blocks, seed=0)
     toks = {s: list(p) for s, p in prompts.items()}
     order = list(toks)
     pending = runner.launch(make_step(0, alloc, [(s, toks[s], 0) for s in order], **sampling)), order
-    for n in range(1, 6):
+    for n in range(1, steps):
         order = order[::-1]  # rows need not keep their places
         for s in order:
             toks[s].append(PLACEHOLDER)
@@ -110,7 +101,27 @@ def test_a_step_launched_before_the_last_is_read_takes_its_placeholders_from_it(
     handle, done_order = pending
     for s, t in zip(done_order, handle.result().token_ids.tolist()):
         toks[s].append(t)
-    assert toks == ref.tokens
+    return toks
+
+
+def run_synchronous(runner, prompts: dict[int, list[int]], steps: int, **sampling) -> dict[int, list[int]]:
+    ref = Driver(runner)
+    for s, p in prompts.items():
+        ref.add(s, p)
+    for _ in range(steps):
+        ref.step(**sampling)
+    return ref.tokens
+
+
+PROMPTS = {0: [1, 5, 6, 7], 1: [1, 9, 10], 2: [1, 30]}
+SAMPLING = dict(temperature=[0.0, 0.9, 0.0], seed=[-1, 77, -1])
+
+
+def test_a_step_launched_before_the_last_is_read_takes_its_placeholders_from_it(runner):
+    """Step n+1 launched with PLACEHOLDER inputs before step n is read gets step n's samples
+    (matched by sequence, in any row order): the tokens equal those of synchronous steps,
+    greedy and seeded alike."""
+    assert run_pipelined(runner, PROMPTS, 6, **SAMPLING) == run_synchronous(runner, PROMPTS, 6, **SAMPLING)
 
 
 def test_launch_refuses_a_third_unread_step_and_an_unknown_placeholder(runner):
