@@ -71,8 +71,11 @@ class StagedInputs:
         a["slot_mapping"][:b] = step.slot_mapping
         a["context_lens"][:b] = step.context_lens
         np.maximum(step.block_tables, 0, out=a["block_tables"][:b, :width])
-        # Padding rows: store nothing, attend to nothing. Stale block ids past a row's
-        # blocks are never read and are valid ids anyway.
+        # Padding rows: token 0 at position 0 (a stale placeholder id would index the
+        # embedding out of bounds), store nothing, attend to nothing. Stale block ids past
+        # a row's blocks are never read and are valid ids anyway.
+        a["input_ids"][b:bucket] = 0
+        a["positions"][b:bucket] = 0
         a["slot_mapping"][b:bucket] = -1
         a["context_lens"][b:bucket] = 0
         self.copy_in(host, bucket)

@@ -8,6 +8,7 @@ import torch
 from engine.config import ModelConfig
 from engine.cuda_graphs import StagedInputs, bucket_for, graph_batch_sizes
 from engine.model_runner import ModelRunner
+from engine.sequence import PLACEHOLDER
 from test_model import Driver, MiniAllocator, make_step
 from test_model_runner import run_pipelined, run_synchronous
 
@@ -27,20 +28,24 @@ def test_bucket_sizes_cover_every_batch_up_to_max_num_seqs():
 def test_staged_inputs_pad_rows_so_they_store_and_read_nothing():
     staged = StagedInputs(max_batch=8, max_blocks=4, device=torch.device("cpu"))
     alloc = MiniAllocator(32, seed=1)
-    full = make_step(0, alloc, [(s, [1] * 20 + [5], 20) for s in range(4)])
+    # a full step of placeholders (async scheduling) in the first host set, then another
+    # step in the second: the short step reuses the first set, whose stale rows hold -1
+    full = make_step(0, alloc, [(s, [1] * 20 + [PLACEHOLDER], 20) for s in range(4)])
     staged.stage(full, 4)
-    short = make_step(1, alloc, [(0, [1] * 21 + [6], 21), (1, [1] * 40 + [7], 40)])
+    staged.stage(make_step(1, alloc, [(s, [1] * 21 + [3], 21) for s in range(4)]), 4)
+    short = make_step(2, alloc, [(0, [1] * 21 + [6], 21), (1, [1] * 40 + [7], 40)])
     assert (short.block_tables == -1).any()
     staged.stage(short, 4)
     d = staged.dev
-    np.testing.assert_array_equal(d["input_ids"][:2].numpy(), [6, 7])
+    np.testing.assert_array_equal(d["input_ids"][:4].numpy(), [6, 7, 0, 0])  # padding: a valid token
+    np.testing.assert_array_equal(d["positions"][:4].numpy(), [21, 40, 0, 0])
     np.testing.assert_array_equal(d["slot_mapping"][:4].numpy(), list(short.slot_mapping) + [-1, -1])
     np.testing.assert_array_equal(d["context_lens"][:4].numpy(), [22, 41, 0, 0])
     np.testing.assert_array_equal(d["block_tables"][:2, :3].numpy(), np.maximum(short.block_tables, 0))
     meta = staged.metadata(4, 64)
     assert (meta.num_seqs, meta.max_context_len, meta.is_prefill) == (4, 64, False)
     np.testing.assert_array_equal(meta.query_start_loc.numpy(), [0, 1, 2, 3, 4])
-    wide = make_step(2, alloc, [(9, [1] * 80 + [2], 80)])
+    wide = make_step(3, alloc, [(9, [1] * 80 + [2], 80)])
     with pytest.raises(ValueError, match="captured for 4"):
         staged.stage(wide, 1)
 
