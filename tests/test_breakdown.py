@@ -8,7 +8,7 @@ import llmtrace
 from llmtrace.analyze.breakdown import GAP, MODEL
 from llmtrace.analyze.context import Context
 from llmtrace.load import load_trace
-from synthetic import MS, EngineTraceBuilder, clean_trace, pipelined_trace, record_pipeline
+from synthetic import AGENT_PID, MASTER_PID, MS, EngineTraceBuilder, clean_trace, pipelined_trace, record_pipeline
 
 
 def _sums_to_wall(ctx):
@@ -221,3 +221,28 @@ def test_async_scheduling_counts_the_next_steps_device_time_in_the_window():
     assert second.parts[MODEL] == m(22 - 12)  # steps 1 and 2 back to back: the whole window
     assert third.parts[MODEL] == m(31 - 22)
     assert second.parts.get("sync", 0) == 0  # the wait overlaps device work only
+
+
+def test_async_scheduling_master_work_under_the_next_agent_step_is_not_overhead():
+    """CPU (host-timed forward): the agent starts step 1 as soon as it replies to step 0,
+    while the master still postprocesses step 0. That postprocess is off the critical path:
+    step 0's window counts step 1's forward as model time, not the postprocess."""
+    b = EngineTraceBuilder()
+    m = lambda x: int(x * MS)  # noqa: E731
+    for n in range(2):
+        t = 12 * n
+        root = b.span(MASTER_PID, "master.step", m(t), m(t + 12), step=n, attrs={"batch": 4, "prefill": 0})
+        b.span(MASTER_PID, "schedule", m(t), m(t + 0.1), root, n)
+        b.span(MASTER_PID, "agent.wait", m(t + 0.2), m(t + 10.5), root, n)
+        b.span(MASTER_PID, "postprocess", m(t + 10.6), m(t + 12), root, n)
+    a0 = b.span(AGENT_PID, "agent.step", m(0.3), m(10.3), step=0)
+    b.span(AGENT_PID, "forward", m(0.5), m(10.0), a0, 0)
+    a1 = b.span(AGENT_PID, "agent.step", m(10.4), m(22.3), step=1)
+    b.span(AGENT_PID, "forward", m(10.5), m(22.0), a1, 1)
+    ctx = Context(b.build())
+    _sums_to_wall(ctx)
+    first = ctx.steps[0]
+    assert first.parts.get("postprocess", 0) == 0
+    assert first.parts[MODEL] == m(10.0 - 0.5) + m(12 - 10.5)  # its own forward, then step 1's
+    # step 1's postprocess has no agent step under it: the agent is idle, it is overhead
+    assert ctx.steps[1].parts["postprocess"] == m(1.4)

@@ -25,7 +25,7 @@ So for every step: model + stages + gap == wall time.
 """
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -46,7 +46,9 @@ LOGITS_BYTES_PER_SEQ = 1024  # ids + logprobs are a few bytes per sequence; a vo
 
 # Claim priorities: a higher one takes the time first; among equals the later-starting
 # (inner) segment wins.
-_P_ROOT, _P_WAIT, _P_AGENT_ROOT, _P_STAGE, _P_HOST_IN_MODEL, _P_DEVICE = range(6)
+# The root's own stages rank below the agent's step: with async scheduling the master's
+# work overlaps the agent's, and only counts while the agent (the critical path) is idle.
+_P_ROOT, _P_WAIT, _P_ROOT_STAGE, _P_AGENT_ROOT, _P_STAGE, _P_HOST_IN_MODEL, _P_DEVICE = range(7)
 
 
 @dataclass(slots=True)
@@ -188,14 +190,21 @@ class _StepWalker:
         self.index = index
         self.device = _DeviceTimeline(index)
         self.agent_steps: dict[int, list[Span]] = defaultdict(list)
+        self.agent_timeline: dict[int, list[Span]] = defaultdict(list)  # pid -> its agent steps by start
         for s in index.by_name.get(AGENT_ROOT, ()):
             self.agent_steps[s.step].append(s)
+            self.agent_timeline[s.pid].append(s)
+        for steps in self.agent_timeline.values():
+            steps.sort(key=lambda s: s.start_ns)
+        self.agent_ends = {pid: [s.end_ns for s in steps] for pid, steps in self.agent_timeline.items()}
 
     def cost(self, step: int, root: Span) -> StepCost:
         sc = StepCost(step, root, step_tokens(root), bool(root.attrs.get("prefill")),
                       _int_or_none(root.attrs.get("batch")))
         segs = [_Segment(root.start_ns, root.end_ns, GAP, _P_ROOT, root)]
-        self._children(root, root.start_ns, root.end_ns, segs, sc)
+        self._children(root, root.start_ns, root.end_ns, segs, sc, _P_ROOT_STAGE)
+        if sc.agent_root is not None:
+            self._neighbours(sc.agent_root, root.start_ns, root.end_ns, segs, sc)
         segs += self.device.segments(root.start_ns, root.end_ns, sc.agent_root and sc.agent_root.pid)
         parts, counts = defaultdict(int), defaultdict(int)
         for seg, ns in _claim(segs):
@@ -207,7 +216,8 @@ class _StepWalker:
         sc.parts, sc.counts = dict(parts), dict(counts)
         return sc
 
-    def _children(self, parent: Span, lo: int, hi: int, segs: list, sc: StepCost) -> None:
+    def _children(self, parent: Span, lo: int, hi: int, segs: list, sc: StepCost, prio: int = _P_STAGE) -> None:
+        """Segments of `parent`'s children in [lo, hi); `prio` ranks its plain stage spans."""
         for c in self.index.children.get(parent.span_id, ()):
             a, b = max(c.start_ns, lo), min(c.end_ns, hi)
             if b <= a:
@@ -218,7 +228,7 @@ class _StepWalker:
                 self._model_stage(c, a, b, segs, sc)
             else:
                 label = stage_label(c)
-                segs.append(_Segment(a, b, label, _P_STAGE, c))
+                segs.append(_Segment(a, b, label, prio, c))
                 sc.stage_spans.append((label, c))
 
     def _agent(self, wait: Span, a: int, b: int, segs: list, sc: StepCost) -> None:
@@ -230,8 +240,25 @@ class _StepWalker:
         if agent is None:
             return
         sc.agent_root = agent
-        segs.append(_Segment(max(agent.start_ns, a), min(agent.end_ns, b), GAP, _P_AGENT_ROOT, agent))
-        self._children(agent, a, b, segs, sc)
+        # the whole root window: with async scheduling the agent starts step n before the
+        # master's wait for it (the master is still sending step n+1)
+        self._walk_agent(agent, sc.root.start_ns, sc.root.end_ns, segs, sc)
+
+    def _walk_agent(self, agent: Span, lo: int, hi: int, segs: list, sc: StepCost) -> None:
+        a, b = max(agent.start_ns, lo), min(agent.end_ns, hi)
+        if b > a:
+            segs.append(_Segment(a, b, GAP, _P_AGENT_ROOT, agent))
+            self._children(agent, lo, hi, segs, sc)
+
+    def _neighbours(self, agent: Span, lo: int, hi: int, segs: list, sc: StepCost) -> None:
+        """The critical rank's other agent steps inside the root's window: with async
+        scheduling the agent runs step n+1 while the master still postprocesses step n."""
+        steps, ends = self.agent_timeline[agent.pid], self.agent_ends[agent.pid]
+        i = bisect_right(ends, lo)
+        while i < len(steps) and steps[i].start_ns < hi:
+            if steps[i] is not agent:
+                self._walk_agent(steps[i], lo, hi, segs, sc)
+            i += 1
 
     def _overlapped(self, wait: Span, lo: int, hi: int, segs: list, sc: StepCost) -> None:
         """Master spans nested in `agent.wait`: only their part in [lo, hi), after the
@@ -240,7 +267,7 @@ class _StepWalker:
             a, b = max(c.start_ns, lo), min(c.end_ns, hi)
             if b > a:
                 label = stage_label(c)
-                segs.append(_Segment(a, b, label, _P_STAGE, c))
+                segs.append(_Segment(a, b, label, _P_ROOT_STAGE, c))
                 sc.stage_spans.append((label, c))
 
     def _model_stage(self, c: Span, a: int, b: int, segs: list, sc: StepCost) -> None:
