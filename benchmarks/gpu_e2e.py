@@ -40,13 +40,18 @@ def serve_and_analyze(config_path: str, run_dir: str, log) -> dict:
     """Engine tokens/s of the config's workload (traced into run_dir), then its report."""
     from engine.config import load_config
     from engine.tokenizer import Tokenizer, tokenizer_path
+    from llmtrace.engine_process import EngineCrashed
 
     cfg = load_config(config_path)
     tokenizer = Tokenizer(tokenizer_path(cfg.model))
     t0 = time.perf_counter()
     server = et.start_engine(cfg, run_dir + ".work", THREADS, run_dir)
     try:
-        url = server.wait_ready()
+        try:
+            url = server.wait_ready()
+        except EngineCrashed as e:
+            log(e.log_tail)
+            raise
         log(f"{os.path.basename(config_path)}: engine up in {time.perf_counter() - t0:.0f} s")
         et.drive_engine(url, et.warmup_workload(), tokenizer)
         tok_s, tokens = et.drive_engine(url, cfg.workload, tokenizer, cfg.engine.max_model_len)
