@@ -150,7 +150,8 @@ class ModelRunner:
             out = self._sample_on_host(step, logits)
             return self._pending(step, torch.from_numpy(out.token_ids).to(self.device), output=out)
         # d2h_bytes: what this stage copies to the host (ids + logprobs), for the analyzer.
-        with llmtrace.span("sampling", step=n, device=not host_timed, d2h_bytes=8 * step.num_seqs):
+        with llmtrace.span("sampling", step=n, device=not host_timed, seqs=step.num_seqs,
+                           d2h_bytes=8 * step.num_seqs):
             ids, logprobs = self.sampler(logits, sampling)
             if host_timed:  # no sync span: the blocking copy waits for forward, inside sampling
                 out = StepOutput(ids.to(torch.int32).cpu().numpy(), logprobs.cpu().numpy())
@@ -194,7 +195,7 @@ class ModelRunner:
 
     def _sample_on_host(self, step: StepInput, logits: torch.Tensor) -> StepOutput:
         """The host_sampling mistake: the whole [B, V] logits cross to the host."""
-        with llmtrace.span("sampling", step=step.step, d2h_bytes=logits.numel() * 4):
+        with llmtrace.span("sampling", step=step.step, seqs=step.num_seqs, d2h_bytes=logits.numel() * 4):
             host = logits.float().cpu().numpy()
             ids, logprobs = mistakes.host_sample(host, step.temperature, step.top_k, step.top_p, self._host_rng)
         return StepOutput(ids, logprobs)

@@ -5,7 +5,7 @@ import pytest
 from llmtrace.analyze.context import Context
 from llmtrace.analyze.rules import RULES, run_rules
 from llmtrace.timeline import Sample
-from synthetic import AGENT_PID, MS, EngineTraceBuilder, clean_trace
+from synthetic import AGENT_PID, MASTER_PID, MS, EngineTraceBuilder, clean_trace
 
 SAMPLING_AFTER_SYNC = ["tcp.recv", "shm.read", "preprocess", "forward", "sync.wait", "sampling", "shm.write", "tcp.send"]
 
@@ -114,10 +114,43 @@ def test_full_logits_transfer_from_the_sampling_span_d2h_bytes():
     assert s.est_saving_ms_per_token == pytest.approx(30 * 3.0 / ctx.tokens, rel=0.1)
 
 
+def _async_steps_with_one_token_windows(sampling_attrs: dict):
+    """Async scheduling, batch 128: agent.step n+1 (and its sampling launch, 8 bytes of ids
+    per sequence) starts inside master.step n's window; odd steps output one token."""
+    b = EngineTraceBuilder()
+    m = lambda x: int(x * MS)  # noqa: E731
+    for n in range(12):
+        t = 12 * n
+        root = b.span(MASTER_PID, "master.step", m(t), m(t + 12), step=n,
+                      attrs={"batch": 128, "prefill": 0, "output_tokens": 1 if n % 2 else 128})
+        b.span(MASTER_PID, "schedule", m(t), m(t + 0.1), root, n)
+        b.span(MASTER_PID, "agent.wait", m(t + 0.2), m(t + 10.5), root, n)
+        b.span(MASTER_PID, "postprocess", m(t + 10.6), m(t + 12), root, n)
+        a = m(0.3) if n == 0 else m(t - 1.6)
+        agent = b.span(AGENT_PID, "agent.step", a, m(t + 10.3), step=n)
+        b.span(AGENT_PID, "forward", a + m(0.1), a + m(0.2), agent, n, device=(m(t + 0.5), m(t + 12.45)))
+        b.span(AGENT_PID, "sampling", a + m(0.2), a + m(0.5), agent, n, attrs=sampling_attrs,
+               device=(m(t + 12.45), m(t + 12.5)))
+        b.span(AGENT_PID, "sync.wait", m(t + 1), m(t + 10.2), agent, n)
+    return Context(b.build())
+
+
+def test_full_logits_transfer_judges_a_span_by_its_own_sequences():
+    """A window holds the next step's sampling span: 1024 bytes of ids for 128 sequences
+    is not logits, even where the window's own step output a single token."""
+    ids_only = {"d2h_bytes": 8 * 128}
+    assert "full-logits-transfer" in [s.id for s in run_rules(_async_steps_with_one_token_windows(ids_only))]
+    ctx = _async_steps_with_one_token_windows({**ids_only, "seqs": 128})
+    assert "full-logits-transfer" not in [s.id for s in run_rules(ctx)]
+    assert all(sc.parts.get("sampling", 0) == 0 for sc in ctx.steps)  # launches hidden by the device
+
+
 def test_unsynced_gpu_timing_short_launch_long_sync():
     s = _one(Context(clean_trace(30, device_timing=False)), "unsynced-gpu-timing")
     assert s.stage == "sync" and s.est_saving_ms_per_token == 0
     assert s.evidence["misattributed_ms_per_token"] == pytest.approx(20.5 / 8, rel=0.1)
+    assert s.impact == f"a true breakdown: {s.evidence['misattributed_ms_per_token']:.3f} ms/token of device " \
+                       "work now shows as sync"
 
 
 def test_unsynced_gpu_timing_wait_lands_in_host_timed_sampling():
@@ -209,6 +242,7 @@ def test_kv_cache_oversized_budget_saves_memory_not_time():
     b.steps(20, kv_used=100)
     s = _one(Context(b.build()), "kv-cache-pressure")
     assert s.est_saving_ms_per_token == 0 and s.evidence["kv_usage_peak"] == pytest.approx(0.1)
+    assert s.impact == "memory: 900 of 1000 KV blocks were never used"
 
 
 def test_gc_pauses_from_gc_spans():

@@ -94,7 +94,11 @@ def stage_label(s: Span) -> str:
 def moves_logits(s: Span, seqs: int) -> bool:
     """A model-stage span that copied logits (not ids) to the host (`d2h_bytes` or
     `logits_bytes` of at least LOGITS_BYTES_PER_SEQ per sequence) samples on the host:
-    its time is host work, not model."""
+    its time is host work, not model. Sequences: the span's own `seqs` attr when it has
+    one (with async scheduling a window holds the next step's spans too), else `seqs`."""
+    own = s.attrs.get("seqs")
+    if isinstance(own, int):
+        seqs = own
     for key in ("d2h_bytes", "logits_bytes"):
         v = s.attrs.get(key)
         if isinstance(v, (int, float)) and v >= LOGITS_BYTES_PER_SEQ * max(1, seqs):
