@@ -33,7 +33,8 @@ def test_report_has_the_design_schema(report):
                             "top_functions"}
     assert bd["decode"]["steps"] == 30 and bd["prefill"]["steps"] == 3
     for sug in report["suggestions"]:
-        assert set(sug) == {"id", "title", "stage", "evidence", "est_saving_ms_per_token", "est_speedup", "fix"}
+        assert set(sug) == {"id", "title", "stage", "evidence", "est_saving_ms_per_token", "est_speedup", "fix",
+                            "impact"}
     assert [x["id"] for x in report["suggestions"]][:2] == ["log-in-hot-path", "concat-padding"]
     t = report["tracing"]
     assert set(t) >= {"spans_recorded", "spans_dropped", "instrumentation_cost_us_per_token", "processes"}
@@ -56,6 +57,19 @@ def test_markdown_rendering(report):
     assert md.startswith("# llmtrace report")
     assert "| stage | ms/step | ms/token |" in md
     assert "1. **Logging / array formatting in the hot path" in md
+    assert "saves ~" in md and "no time saved" not in md
+
+
+def test_a_finding_that_saves_no_time_says_what_it_buys_instead():
+    b = EngineTraceBuilder(device_timing=False)  # forward timed on the host: the device time lands in sync.wait
+    b.steps(30)
+    rep = build_report(b.build())
+    (s,) = [s for s in rep["suggestions"] if s["id"] == "unsynced-gpu-timing"]
+    assert s["est_saving_ms_per_token"] == 0 and "ms/token of device work now shows as sync" in s["impact"]
+    md = render_markdown(rep)
+    assert f"(`unsynced-gpu-timing`, stage sync): no time saved; {s['impact']}." in md
+    assert "saves ~0.000" not in md
+    assert s["impact"] in render_text(rep)
 
 
 def test_analyze_command_prints_the_table(tmp_path, capsys):

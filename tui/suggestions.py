@@ -10,6 +10,8 @@ from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
+from llmtrace.analyze.context import saving_text
+
 COLUMNS = ("#", "saves ms/tok", "speedup", "stage", "finding")
 
 
@@ -63,8 +65,7 @@ class SuggestionScreen(ModalScreen):
     def compose(self) -> ComposeResult:
         s = self.suggestion
         head = Text.assemble((f"#{self.rank} {s['title']}\n", "bold"), (s["id"], "cyan"), f"  stage {s['stage']}\n",
-                             ("saves ", "dim"), (f"~{s['est_saving_ms_per_token']:.3f} ms/token", "bold green"),
-                             ("  speedup ", "dim"), (_speedup(s), "bold green"))
+                             (saving_text(s), "bold green"))
         with Vertical(id="suggestion-dialog"):
             yield Static(head)
             with VerticalScroll():

@@ -20,11 +20,20 @@ class Suggestion:
     est_saving_ms_per_token: float
     est_speedup: float | None  # None when the saving is the whole per-token time
     fix: str
+    impact: str | None = None  # what acting on it buys when that is not time (a true breakdown, memory)
 
     def to_dict(self) -> dict:
         return {"id": self.id, "title": self.title, "stage": self.stage, "evidence": self.evidence,
                 "est_saving_ms_per_token": self.est_saving_ms_per_token, "est_speedup": self.est_speedup,
-                "fix": self.fix}
+                "fix": self.fix, "impact": self.impact}
+
+
+def saving_text(s: dict) -> str:
+    """A suggestion's payoff in words: its time saving, else what `impact` says it buys."""
+    if s["est_saving_ms_per_token"] <= 0 and s.get("impact"):
+        return f"no time saved; {s['impact']}"
+    speed = f", {s['est_speedup']:.2f}x" if s["est_speedup"] else ""
+    return f"saves ~{s['est_saving_ms_per_token']:.3f} ms/token{speed}"
 
 
 class Context:
@@ -79,11 +88,12 @@ class Context:
         self.claim(c.name for c in calls)
         return calls, self.ms_per_token(total_ns), evidence
 
-    def suggestion(self, id: str, title: str, stage: str, evidence: dict, saving_ms: float, fix: str) -> Suggestion:
+    def suggestion(self, id: str, title: str, stage: str, evidence: dict, saving_ms: float, fix: str,
+                   impact: str | None = None) -> Suggestion:
         per_token = self.per_token_ms
         saving_ms = max(0.0, min(saving_ms, per_token))
         speedup = round(per_token / (per_token - saving_ms), 3) if per_token > saving_ms else None
-        return Suggestion(id, title, stage, evidence, round(saving_ms, 4), speedup, fix)
+        return Suggestion(id, title, stage, evidence, round(saving_ms, 4), speedup, fix, impact)
 
     def saving_if_batched(self, steps: list[StepCost], targets: list[int]) -> float:
         """ms/token saved if each step had produced `targets[i]` tokens in the same wall time

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 from ..timeline import Trace
-from .context import Context
+from .context import Context, saving_text
 from .rules import run_rules
 
 REPORT_VERSION = 1
@@ -132,7 +132,8 @@ def render_text(report: dict, color: bool = False, width: int = 130) -> str:
                           f"{s['est_speedup']:.2f}x" if s["est_speedup"] else "-")
         console.print(table)
         for i, s in enumerate(sugg, 1):
-            console.print(f"{i}. [bold]{s['id']}[/bold]: {escape(s['fix'])}")
+            impact = f" ({escape(s['impact'])})" if s.get("impact") else ""
+            console.print(f"{i}. [bold]{s['id']}[/bold]{impact}: {escape(s['fix'])}")
         console.print(f"[dim]{OVERLAP_NOTE}[/dim]")
     else:
         console.print("No suggestions: no known antipattern found in this trace.")
@@ -162,9 +163,7 @@ def render_markdown(report: dict) -> str:
         lines += _md_table(STAGE_HEADER, _stage_rows(bd))
     lines += ["", "## Suggestions", ""]
     for i, s in enumerate(report["suggestions"], 1):
-        speed = f", {s['est_speedup']:.2f}x" if s["est_speedup"] else ""
-        lines += [f"{i}. **{s['title']}** (`{s['id']}`, stage {s['stage']}): saves "
-                  f"~{s['est_saving_ms_per_token']:.3f} ms/token{speed}. {s['fix']}"]
+        lines += [f"{i}. **{s['title']}** (`{s['id']}`, stage {s['stage']}): {saving_text(s)}. {s['fix']}"]
     lines.append("" if report["suggestions"] else "No known antipattern found.")
     if report["suggestions"]:
         lines.append(f"_{OVERLAP_NOTE}_")

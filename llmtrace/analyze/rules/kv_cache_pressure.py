@@ -70,7 +70,8 @@ def _oversized(ctx):
          "kv_usage_peak": round(kv["peak_fraction"], 3)},
         0.0,
         "The KV budget is far above peak use: lower num_kv_blocks / gpu_memory_utilization to free memory, "
-        "or raise max_num_seqs if requests queue.")
+        "or raise max_num_seqs if requests queue.",
+        f"memory: {kv['total_blocks'] - kv['peak_blocks']:.0f} of {kv['total_blocks']:.0f} KV blocks were never used")
 
 
 def check(ctx):
