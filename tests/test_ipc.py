@@ -204,6 +204,7 @@ def test_arenas_unlinked_on_every_exit_path(how):
     script = textwrap.dedent(f"""
         import os, signal, sys, time
         from engine.ipc.shm import ArenaLayout, Field, ShmArena
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a background parent may have ignored it
         a = ShmArena.create(ArenaLayout([Field("x", "int32", (4,))]))
         print(a.name, flush=True)
         if {how!r} == "sigterm":

@@ -35,7 +35,7 @@ def test_record_with_pyspy_names_the_slow_function(tmp_path):
     reason = ptrace_denied()
     if reason:
         pytest.skip(reason)
-    r = record(tmp_path, "--py-spy", "--py-spy-rate", "250", program=[sys.executable, PIPELINE, "--steps", "25"])
+    r = record(tmp_path, "--py-spy", "--py-spy-rate", "250", program=[sys.executable, PIPELINE, "--steps", "100"])
     assert r.returncode == 0, r.stderr
     assert "sampling in-process" not in r.stderr
     names_array_formatting_in_preprocess(report(tmp_path), "samples:py-spy")
