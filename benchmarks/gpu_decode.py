@@ -273,10 +273,10 @@ def render(batches, engine: dict, hf: dict, bandwidth: float) -> str:
              "| engine tok/s | transformers ms/step | transformers tok/s | speedup |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for b in batches:
-        e, h = engine[b], hf[b]
+        e, h = engine[b], hf.get(b)
+        hf_cols = f"{h:.1f} | {b / h * 1e3:,.0f} | {h / e['engine_ms']:.1f}x" if h else "- | - | -"
         lines.append(f"| {b} | {e['engine_ms']:.2f} | {e['one_step_ms']:.2f} | {e['graph_ms']:.2f} | {e['floor_ms']:.2f} | "
-                     f"{e['engine_ms'] / e['floor_ms']:.2f}x | {b / e['engine_ms'] * 1e3:,.0f} | {h:.1f} | "
-                     f"{b / h * 1e3:,.0f} | {h / e['engine_ms']:.1f}x |")
+                     f"{e['engine_ms'] / e['floor_ms']:.2f}x | {b / e['engine_ms'] * 1e3:,.0f} | {hf_cols} |")
     return f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, context {CONTEXT}\n" + "\n".join(lines)
 
 
@@ -295,9 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda m: print(m, flush=True)  # noqa: E731
     bandwidth = copy_bandwidth(torch)
     engine, same = bench_engine(args.batches, bandwidth, log, args.profile)
-    if args.skip_transformers:
-        return 0
-    hf = bench_transformers(args.batches, log)
+    hf = {} if args.skip_transformers else bench_transformers(args.batches, log)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print(render(args.batches, engine, hf, bandwidth))
     if args.json:
