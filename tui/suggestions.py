@@ -10,13 +10,9 @@ from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
-from llmtrace.analyze.context import saving_text
+from llmtrace.analyze.context import saving_cells, saving_text
 
 COLUMNS = ("#", "saves ms/tok", "speedup", "stage", "finding")
-
-
-def _speedup(s: dict) -> str:
-    return f"{s['est_speedup']:.2f}x" if s.get("est_speedup") else "-"
 
 
 class SuggestionTable(DataTable):
@@ -34,8 +30,7 @@ class SuggestionTable(DataTable):
         self.suggestions = suggestions
         self.clear()
         for i, s in enumerate(suggestions):
-            self.add_row(str(i + 1), f"{s['est_saving_ms_per_token']:.3f}", _speedup(s), s["stage"], s["title"],
-                         key=str(i))
+            self.add_row(str(i + 1), *saving_cells(s), s["stage"], s["title"], key=str(i))
         if suggestions:
             self.move_cursor(row=min(row, len(suggestions) - 1))
 

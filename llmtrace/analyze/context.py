@@ -28,6 +28,13 @@ class Suggestion:
                 "fix": self.fix, "impact": self.impact}
 
 
+def saving_cells(s: dict) -> tuple[str, str]:
+    """(ms/token saved, speedup) as table cells; '-' where the finding saves no time."""
+    if s["est_saving_ms_per_token"] <= 0:
+        return "-", "-"
+    return f"{s['est_saving_ms_per_token']:.3f}", f"{s['est_speedup']:.2f}x" if s["est_speedup"] else "-"
+
+
 def saving_text(s: dict) -> str:
     """A suggestion's payoff in words: its time saving, else what `impact` says it buys."""
     if s["est_saving_ms_per_token"] <= 0 and s.get("impact"):

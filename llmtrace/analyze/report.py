@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 from ..timeline import Trace
-from .context import Context, saving_text
+from .context import Context, saving_cells, saving_text
 from .rules import run_rules
 
 REPORT_VERSION = 1
@@ -128,8 +128,7 @@ def render_text(report: dict, color: bool = False, width: int = 130) -> str:
         for h in ("#", "id", "stage", "finding", "saves ms/token", "speedup"):
             table.add_column(h, justify="right" if h in ("#", "saves ms/token", "speedup") else "left")
         for i, s in enumerate(sugg, 1):
-            table.add_row(str(i), s["id"], s["stage"], escape(s["title"]), f"{s['est_saving_ms_per_token']:.3f}",
-                          f"{s['est_speedup']:.2f}x" if s["est_speedup"] else "-")
+            table.add_row(str(i), s["id"], s["stage"], escape(s["title"]), *saving_cells(s))
         console.print(table)
         for i, s in enumerate(sugg, 1):
             impact = f" ({escape(s['impact'])})" if s.get("impact") else ""
