@@ -37,8 +37,8 @@ def saving_cells(s: dict) -> tuple[str, str]:
 
 def saving_text(s: dict) -> str:
     """A suggestion's payoff in words: its time saving, else what `impact` says it buys."""
-    if s["est_saving_ms_per_token"] <= 0 and s.get("impact"):
-        return f"no time saved; {s['impact']}"
+    if s["est_saving_ms_per_token"] <= 0:
+        return "no time saved" + (f"; {s['impact']}" if s.get("impact") else "")
     speed = f", {s['est_speedup']:.2f}x" if s["est_speedup"] else ""
     return f"saves ~{s['est_saving_ms_per_token']:.3f} ms/token{speed}"
 
