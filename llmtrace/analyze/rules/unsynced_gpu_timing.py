@@ -93,13 +93,13 @@ def _spikes(ctx):
         k = _periodic([s for s, _ in spikes]) if len(spikes) >= MIN_SPIKES else None
         if k is None or not _syncs_in(ctx, lab, {s for s, _ in spikes}):
             continue
-        excess = sum(e for _, e in spikes)
+        wrong = round(ctx.ms_per_token(sum(e for _, e in spikes)), 4)
         out.append(ctx.suggestion(
             ID, f"'{lab}' spikes every {k} steps: a periodic sync absorbs queued device work", lab,
             {"period_steps": k, "spikes": len(spikes), "example_steps": [s for s, _ in spikes][:5],
              "stage_ms_p50": round(m / 1e6, 4), "spike_ms_p50": round(median(e for _, e in spikes) / 1e6 + m / 1e6, 4),
-             "misattributed_ms_per_token": round(ctx.ms_per_token(excess), 4)},
-            0.0, FIX, _impact(ctx.ms_per_token(excess), lab)))
+             "misattributed_ms_per_token": wrong},
+            0.0, FIX, _impact(wrong, lab)))
     return out
 
 
