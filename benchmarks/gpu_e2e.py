@@ -10,10 +10,12 @@ the engine's per-token breakdown, and the `unsynced-gpu-timing` demonstration.
            device time of forward + sampling) as a share of the step.
   table 4  examples/gpu_host_timed.yaml (antipatterns.host_timed_forward): forward and
            sampling as the report shows them, and the rule's text from report.md.
+  table 5  (--tracing-cost N) the cost of tracing: table 2's workload with tracing on and
+           off, N rounds interleaved (the order alternates), median and spread of each.
 The engine side reuses benchmarks/engine_throughput.py (serve process, workload driver,
 breakdown, transformers helpers).
 
-Run (GPU):  python3 benchmarks/gpu_e2e.py --out DIR [--skip-transformers]
+Run (GPU):  python3 benchmarks/gpu_e2e.py --out DIR [--skip-transformers] [--tracing-cost N]
 Goal: engine >= 5x generate_batch; service overhead <= 5% of the step.
 """
 from __future__ import annotations
@@ -66,6 +68,36 @@ def serve_and_analyze(config_path: str, run_dir: str, log) -> dict:
             "suggestions": report.get("suggestions"), "report_md": md}
 
 
+def engine_tok_s(config_path: str, workdir: str, out: str | None) -> float:
+    """Output tokens/s of the config's workload through a fresh engine, traced into out or untraced."""
+    from engine.config import load_config
+    from engine.tokenizer import Tokenizer, tokenizer_path
+
+    cfg = load_config(config_path)
+    tokenizer = Tokenizer(tokenizer_path(cfg.model))
+    server = et.start_engine(cfg, workdir, THREADS, out)
+    try:
+        url = server.wait_ready()
+        et.drive_engine(url, et.warmup_workload(), tokenizer)
+        return et.drive_engine(url, cfg.workload, tokenizer, cfg.engine.max_model_len)[0]
+    finally:
+        server.stop()
+
+
+def tracing_cost(rounds: int, out_dir: str, log) -> dict:
+    """Table 2's workload with tracing on and off, interleaved, the order alternating by round."""
+    import statistics
+
+    runs: dict[str, list[float]] = {"on": [], "off": []}
+    for r in range(rounds):
+        for mode in (("on", "off") if r % 2 == 0 else ("off", "on")):
+            out = os.path.join(out_dir, f"cost_{r}_{mode}")
+            runs[mode].append(engine_tok_s(MAIN_CONFIG, out + ".work", out if mode == "on" else None))
+            log(f"tracing {mode}, round {r}: {runs[mode][-1]:,.1f} tok/s")
+    med = {m: statistics.median(v) for m, v in runs.items()}
+    return {"runs": runs, "median": med, "cost": 1 - med["on"] / med["off"]}
+
+
 def analyze(run_dir: str, fmt: str) -> str:
     """`llmtrace analyze` of a run directory, as the user runs it."""
     return subprocess.run([sys.executable, "-m", "llmtrace.cli", "analyze", fmt, run_dir], check=True,
@@ -116,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="run directories and results.json go here")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--skip-engine", action="store_true", help="only transformers (results.json is rewritten)")
+    p.add_argument("--tracing-cost", type=int, default=0, metavar="N",
+                   help="also N rounds of tracing on vs off, interleaved (table 5)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     log = lambda m: print(m, flush=True)  # noqa: E731
@@ -133,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_transformers:
         results["transformers"] = bench_transformers(MAIN_CONFIG, log)
         save()
+    if args.tracing_cost:
+        results["tracing_cost"] = tracing_cost(args.tracing_cost, args.out, log)
+        save()
+        print_tracing_cost(results["tracing_cost"])
     if args.skip_engine:
         return 0
 
@@ -154,6 +192,22 @@ def main(argv: list[str] | None = None) -> int:
     print("stages ms/step:", stage_ms(h["breakdown"]))
     print(rule_section(h["report_md"]))
     return 0
+
+
+def print_tracing_cost(c: dict) -> None:
+    print(f"\n## table 5: tracing cost (recorder backend {recorder_backend()})")
+    for m in ("on", "off"):
+        v = c["runs"][m]
+        print(f"tracing {m}: median {c['median'][m]:,.1f} tok/s, runs {', '.join(f'{x:,.1f}' for x in v)} "
+              f"(spread {max(v) - min(v):,.1f})")
+    print(f"cost: {100 * c['cost']:.2f}% of throughput")
+
+
+def recorder_backend() -> str:
+    """Which recorder the engine's processes load: they import llmtrace as this one does."""
+    from llmtrace import recorder
+
+    return recorder.BACKEND
 
 
 if __name__ == "__main__":

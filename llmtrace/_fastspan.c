@@ -617,6 +617,17 @@ static int add_slot_descr(const char *name, size_t offset)
     return rc;
 }
 
+/* An embedded slot starts unreferenced. Its header is cleared with memset, not
+ * Py_SET_REFCNT: since 3.12 that is a no-op on a count that looks immortal (low 32 bits
+ * negative), and fresh PyObject_New memory may hold one; the slot would then never take
+ * its reference to the span, which was freed and reused while still inside `with`. */
+static void slot_init(BoundSlot *b, PyTypeObject *type, vectorcallfunc call)
+{
+    memset(b, 0, sizeof *b);
+    Py_SET_TYPE(b, type);
+    b->vectorcall = call;
+}
+
 static SpanObject *span_new(void)
 {
     SpanObject *s;
@@ -626,12 +637,8 @@ static SpanObject *span_new(void)
     } else if ((s = PyObject_New(SpanObject, &Span_Type)) == NULL) {
         return NULL;
     }
-    Py_SET_TYPE(&s->enter_b, &BoundEnter_Type);
-    Py_SET_REFCNT(&s->enter_b, 0);
-    s->enter_b.vectorcall = bound_enter_call;
-    Py_SET_TYPE(&s->exit_b, &BoundExit_Type);
-    Py_SET_REFCNT(&s->exit_b, 0);
-    s->exit_b.vectorcall = bound_exit_call;
+    slot_init(&s->enter_b, &BoundEnter_Type, bound_enter_call);
+    slot_init(&s->exit_b, &BoundExit_Type, bound_exit_call);
     s->step = -1;
     s->span_id = s->link = 0;
     s->device = s->open = 0;
