@@ -37,7 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from llmtrace.engine_process import EngineProcess
+from engine.engine_process import EngineProcess
 
 MIN_REQUESTS = 8
 REQUESTS_PER_SLOT = 2

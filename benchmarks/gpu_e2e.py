@@ -42,7 +42,7 @@ def serve_and_analyze(config_path: str, run_dir: str, log) -> dict:
     """Engine tokens/s of the config's workload (traced into run_dir), then its report."""
     from engine.config import load_config
     from engine.tokenizer import Tokenizer, tokenizer_path
-    from llmtrace.engine_process import EngineCrashed
+    from engine.engine_process import EngineCrashed
 
     cfg = load_config(config_path)
     tokenizer = Tokenizer(tokenizer_path(cfg.model))

@@ -31,7 +31,6 @@ from llmtrace.context import Carrier
 
 from . import protocol
 from .batch_state import BatchState
-from .ipc import ReceiveSpan, record_receive
 from .ipc.shm import ArenaLayout, ShmArena, unlink_name
 from .ipc.tcp import ConnectionClosed, FrameSocket
 from .step_io import StepInput
@@ -101,14 +100,16 @@ class Agent:
             except ConnectionClosed:
                 log.info("%s: the master closed the connection", process_name(self.rank))
                 return
-            with ReceiveSpan("agent.step") as span:
-                msg = self.conn.recv()
-                carrier = Carrier.from_wire(msg.get("carrier"))
-                span.follow(carrier, child="tcp.recv")
-                if protocol.check(msg, "step", "shutdown")["type"] == "shutdown":
-                    span.discard()
-                    return
-                self._launch(msg, carrier, span.t0)
+            t0 = perf_counter_ns()
+            msg = self.conn.recv()
+            decoded = perf_counter_ns()
+            if protocol.check(msg, "step", "shutdown")["type"] == "shutdown":
+                return
+            carrier = Carrier.from_wire(msg.get("carrier"))
+            # the step's span starts with the frame's arrival; whom it follows is in the frame
+            with llmtrace.span("agent.step", start_ns=t0, follows=carrier):
+                llmtrace.record_span("tcp.recv", t0, decoded)
+                self._launch(msg, carrier, t0)
                 self._finish_oldest()
 
     def _finish_oldest(self) -> None:
@@ -141,7 +142,8 @@ class Agent:
             self.stopping = True
             return
         carrier = Carrier.from_wire(msg.get("carrier"))
-        record_receive("tcp.recv", t0, carrier)
+        # a later step arriving inside this agent.step: its decoding carries the sender's step
+        llmtrace.record_span("tcp.recv", t0, perf_counter_ns(), step=carrier.step if carrier else -1)
         self._launch(msg, carrier, t0)
 
     def _launch(self, msg: dict, carrier: Carrier | None, t_arrival: int) -> None:

@@ -36,15 +36,12 @@ from time import perf_counter_ns
 from typing import NamedTuple
 
 import llmtrace
-from llmtrace import recorder
 from llmtrace.context import Carrier
-from llmtrace.spool_format import SPAN
 
 from . import protocol
 from .agent import TOKEN_ENV
 from .block_manager import BlockManager, slot_mapping
 from .config import RunConfig
-from .ipc import ReceiveSpan
 from .ipc.shm import ShmArena
 from .ipc.tcp import AsyncFrameStream, ConnectionClosed, FrameError
 from .protocol import PeerError, ProtocolError
@@ -460,7 +457,7 @@ class Master:
                 for a in self._agents:
                     await _guard(a, a.conn.wait())
             round_trip_ns = perf_counter_ns() - done.sent_ns
-            with ReceiveSpan("tcp.recv") as recv_span:
+            with llmtrace.span("tcp.recv") as recv_span:
                 replies = [protocol.check(await _guard(a, a.conn.recv()), "reply") for a in self._agents]
                 recv_span.follow(Carrier.from_wire(replies[0].get("carrier")))
             self._account(replies, done.step, B, round_trip_ns)
@@ -483,7 +480,6 @@ class Master:
         llmtrace.counter("batch_size", B)
         llmtrace.counter("kv_blocks_used", bm.num_used_blocks)
         llmtrace.counter("kv_blocks_total", bm.num_blocks)
-        llmtrace.counter("max_num_seqs", sched.cfg.max_num_seqs)  # the analyzer's batch-fill reference
         return output
 
     async def _send(self, out: SchedulerOutput, in_flight: deque[InFlight]) -> None:
@@ -524,15 +520,14 @@ class Master:
 
     def _record_queue_spans(self, out: SchedulerOutput, step: int) -> None:
         """A `queue` span per request scheduled for the first time: arrival -> first scheduled."""
-        if not out.is_prefill or not recorder.is_enabled():
+        if not out.is_prefill or not llmtrace.enabled():
             return
-        name = recorder.intern("queue")
         for s in out.scheduled:
             stream = self._streams.get(s.seq.req_id)
             if stream is not None and not stream.queue_recorded:
                 stream.queue_recorded = True
-                recorder.emit(SPAN, name, name, s.seq.arrival_ns, s.seq.first_scheduled_ns,
-                              recorder.new_span_id(), 0, 0, step, {"req": s.seq.req_id})
+                llmtrace.record_span("queue", s.seq.arrival_ns, s.seq.first_scheduled_ns, parent=0, step=step,
+                                     req=s.seq.req_id)
 
     def _write_inputs(self, out: SchedulerOutput, step: int) -> tuple[int, int]:
         """Fill the step's request slot with its flattened inputs; returns (tokens, block-table width)."""

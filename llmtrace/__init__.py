@@ -4,7 +4,9 @@
     @llmtrace.trace / @llmtrace.trace("tokenize") / @llmtrace.trace(stage="sampling")
     llmtrace.counter("kv_blocks_used", 123)
     llmtrace.instant("preempt", req="r7")
-    llmtrace.configure(enabled=True, out="runs/x", process_name="agent-0")
+    llmtrace.configure(enabled=True, out="runs/x", process_name="agent-0", resource={"max_num_seqs": 64})
+    with llmtrace.span("agent.step", start_ns=t0) as s: s.follow(carrier)   # late link, explicit start
+    llmtrace.record_span("queue", arrival_ns, scheduled_ns, req="r7")       # times known afterwards
 
 Importing llmtrace imports neither torch, numpy nor textual. A process started with
 LLMTRACE_OUT set (by `llmtrace run/record` or by a parent that called configure) starts
@@ -18,8 +20,10 @@ import sys
 from . import context, recorder, sink
 from .decorator import trace
 from .recorder import counter, instant, span
+from .timed import record_span
 
-__all__ = ["span", "trace", "counter", "instant", "configure", "enabled", "flush", "context", "shutdown"]
+__all__ = ["span", "trace", "counter", "instant", "record_span", "configure", "enabled", "flush", "context",
+           "shutdown"]
 __version__ = "0.1.0"
 
 ENV_OUT = "LLMTRACE_OUT"
@@ -37,7 +41,7 @@ def _default_process_name() -> str:
 
 def configure(enabled: bool = True, out: str | None = None, process_name: str | None = None,
               sample_hz: float | None = None, gc: bool | None = None,
-              propagate: bool = True) -> None:
+              propagate: bool = True, resource: dict | None = None) -> None:
     """Turn recording on or off and choose where records go.
 
     out: run directory; records spool to OUT/spool/<pid>.lts. Without it, records stay
@@ -48,7 +52,11 @@ def configure(enabled: bool = True, out: str | None = None, process_name: str | 
     gc: record garbage-collector pauses as `gc` spans.
     sample_hz and gc left as None keep what the environment says (a parent's settings).
     propagate: export the settings in the environment so child processes record too.
+    resource: attributes of the whole process (limits, model name), kept with its trace
+    once instead of as a counter per step.
     """
+    if resource:
+        sink.set_resource(resource)
     running = sink.current()
     if out is not None:
         out = os.path.abspath(out)

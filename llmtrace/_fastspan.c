@@ -433,7 +433,8 @@ typedef struct {
     int64_t prev_step;
     uint32_t name_id, stage_id;
     int device;
-    int open; /* entered while recording, not yet left */
+    int open;     /* entered while recording, not yet left */
+    int has_t0;   /* start_ns= given: t0 is the span's start, not the time of __enter__ */
     attrs_t attrs;
     PyObject *hook; /* the device hook used at enter, and its token */
     PyObject *dtok;
@@ -480,7 +481,8 @@ static PyObject *span_enter(SpanObject *s)
         s->hook = Py_NewRef(g_device_hook);
     }
     s->open = 1;
-    s->t0 = now_ns();
+    if (!s->has_t0)
+        s->t0 = now_ns();
     return Py_NewRef(s);
 }
 
@@ -641,7 +643,7 @@ static SpanObject *span_new(void)
     slot_init(&s->exit_b, &BoundExit_Type, bound_exit_call);
     s->step = -1;
     s->span_id = s->link = 0;
-    s->device = s->open = 0;
+    s->device = s->open = s->has_t0 = 0;
     memset(&s->attrs, 0, sizeof s->attrs);
     s->hook = s->dtok = NULL;
     return s;
@@ -663,14 +665,51 @@ static PyObject *span_get_id(SpanObject *s, void *Py_UNUSED(closure))
     return PyLong_FromUnsignedLongLong(s->span_id);
 }
 
+static int apply_follows(SpanObject *s, PyObject *follows);
+
+/* follow(carrier): link to a span of another process known only once the span is open
+ * (the frame it times carries it). A span without a step, and the children opened in it
+ * from now on, take the carrier's step. */
+static PyObject *span_follow(SpanObject *s, PyObject *carrier)
+{
+    int adopt = s->step == -1;
+    if (carrier == Py_None)
+        Py_RETURN_NONE;
+    if (apply_follows(s, carrier) < 0)
+        return NULL;
+    if (adopt && s->open) {
+        CurObject *c = cur_own();
+        if (c == NULL)
+            return NULL;
+        if (c->id == s->span_id)
+            c->step = s->step;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *span_get_start(SpanObject *s, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLongLong(s->span_id || s->has_t0 ? s->t0 : 0);
+}
+
+static PyObject *span_get_step(SpanObject *s, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLongLong(s->step);
+}
+
 static PyMethodDef span_methods[] = {
     {"set", (PyCFunction)(void (*)(void))span_set, METH_FASTCALL | METH_KEYWORDS,
      "Add attributes known only inside the span (e.g. the batch size)."},
+    {"follow", (PyCFunction)span_follow, METH_O,
+     "Link to the sender's span once its carrier is known; a span without a step takes the carrier's."},
     {NULL},
 };
 
 static PyGetSetDef span_getset[] = {
     {"span_id", (getter)span_get_id, NULL, "id of the span once entered, else 0", NULL},
+    {"start_ns", (getter)span_get_start, NULL, "start time (perf_counter_ns clock) once entered or given, else 0",
+     NULL},
+    {"step", (getter)span_get_step, NULL, "the span's step (-1: none)", NULL},
     {NULL},
 };
 
@@ -726,14 +765,29 @@ static PyObject *nospan_id(PyObject *self, void *closure)
     return PyLong_FromLong(0);
 }
 
+static PyObject *nospan_step(PyObject *self, void *closure)
+{
+    (void)self, (void)closure;
+    return PyLong_FromLong(-1);
+}
+
 static PyMethodDef nospan_enter_def = {"__enter__", (PyCFunction)(void (*)(void))nospan_enter, METH_FASTCALL, NULL};
 static PyMethodDef nospan_exit_def = {"__exit__", (PyCFunction)(void (*)(void))nospan_exit, METH_FASTCALL, NULL};
+static PyObject *nospan_follow(PyObject *self, PyObject *carrier)
+{
+    (void)self, (void)carrier;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef nospan_methods[] = {
     {"set", (PyCFunction)(void (*)(void))nospan_set, METH_FASTCALL | METH_KEYWORDS, "Does nothing: recording is off."},
+    {"follow", nospan_follow, METH_O, "Does nothing: recording is off."},
     {NULL},
 };
 static PyGetSetDef nospan_getset[] = {
     {"span_id", nospan_id, NULL, "always 0", NULL},
+    {"start_ns", nospan_id, NULL, "always 0", NULL},
+    {"step", nospan_step, NULL, "always -1", NULL},
     {NULL},
 };
 
@@ -765,7 +819,7 @@ static int nospan_ready(void)
 
 /* ---------------------------------------------------------------- argument parsing */
 
-static PyObject *s_stage, *s_step, *s_follows, *s_device, *s_value;
+static PyObject *s_stage, *s_step, *s_follows, *s_device, *s_value, *s_start_ns;
 
 static int kw_is(PyObject *key, PyObject *name)
 {
@@ -790,8 +844,9 @@ static int as_u64(PyObject *o, uint64_t *out)
     return 0;
 }
 
-/* follows: a (trace_id, span_id, step) carrier; sets the link and, unless given, the step. */
-static int apply_follows(SpanObject *s, PyObject *follows, int step_given)
+/* follows: a (trace_id, span_id, step) carrier; sets the link and, when the span has no
+ * step (none given, none inherited yet or none to inherit), takes the carrier's. */
+static int apply_follows(SpanObject *s, PyObject *follows)
 {
     if (follows == Py_None)
         return 0;
@@ -802,12 +857,12 @@ static int apply_follows(SpanObject *s, PyObject *follows, int step_given)
     if (PySequence_Fast_GET_SIZE(seq) != 3)
         PyErr_SetString(PyExc_ValueError, "follows must be a (trace_id, span_id, step) carrier");
     else if (as_u64(PySequence_Fast_GET_ITEM(seq, 1), &s->link) == 0)
-        rc = step_given ? 0 : as_i64(PySequence_Fast_GET_ITEM(seq, 2), &s->step);
+        rc = s->step != -1 ? 0 : as_i64(PySequence_Fast_GET_ITEM(seq, 2), &s->step);
     Py_DECREF(seq);
     return rc;
 }
 
-/* span(name, *, stage=None, step=-1, follows=None, device=False, **attrs) */
+/* span(name, *, stage=None, step=-1, follows=None, device=False, start_ns=None, **attrs) */
 static PyObject *fs_span(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     if (!g_enabled)
@@ -823,7 +878,6 @@ static PyObject *fs_span(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssi
         goto fail;
     if (kwnames != NULL) {
         PyObject *follows = Py_None;
-        int step_given = 0;
         Py_ssize_t nkw = PyTuple_GET_SIZE(kwnames);
         for (Py_ssize_t i = 0; i < nkw; i++) {
             PyObject *k = PyTuple_GET_ITEM(kwnames, i), *v = args[1 + i];
@@ -833,7 +887,10 @@ static PyObject *fs_span(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssi
             } else if (kw_is(k, s_step)) {
                 if (as_i64(v, &s->step) < 0)
                     goto fail;
-                step_given = s->step != -1;
+            } else if (kw_is(k, s_start_ns)) {
+                if (v != Py_None && as_i64(v, &s->t0) < 0)
+                    goto fail;
+                s->has_t0 = v != Py_None;
             } else if (kw_is(k, s_follows)) {
                 follows = v;
             } else if (kw_is(k, s_device)) {
@@ -843,7 +900,7 @@ static PyObject *fs_span(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssi
                 goto fail;
             }
         }
-        if (apply_follows(s, follows, step_given) < 0)
+        if (apply_follows(s, follows) < 0)
             goto fail;
     }
     return (PyObject *)s;
@@ -1334,7 +1391,7 @@ static PyObject *fs_reset_after_fork(PyObject *Py_UNUSED(mod), PyObject *Py_UNUS
 
 static PyMethodDef fs_methods[] = {
     {"span", (PyCFunction)(void (*)(void))fs_span, METH_FASTCALL | METH_KEYWORDS,
-     "span(name, *, stage=None, step=-1, follows=None, device=False, **attrs)"},
+     "span(name, *, stage=None, step=-1, follows=None, device=False, start_ns=None, **attrs)"},
     {"instant", (PyCFunction)(void (*)(void))fs_instant, METH_FASTCALL | METH_KEYWORDS,
      "instant(name, *, step=-1, **attrs)"},
     {"counter", (PyCFunction)(void (*)(void))fs_counter, METH_FASTCALL | METH_KEYWORDS, "counter(name, value, **attrs)"},
@@ -1373,7 +1430,7 @@ static int intern_names(void)
         PyObject **slot;
         const char *s;
     } names[] = {{&s_stage, "stage"}, {&s_step, "step"},   {&s_follows, "follows"}, {&s_device, "device"},
-                 {&s_value, "value"}, {&s_begin, "begin"}};
+                 {&s_value, "value"}, {&s_begin, "begin"}, {&s_start_ns, "start_ns"}};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if ((*names[i].slot = PyUnicode_InternFromString(names[i].s)) == NULL)
             return -1;

@@ -108,17 +108,39 @@ def emit(kind, name_id, stage_id, start, end, span_id=0, parent_id=0, link_id=0,
 class Span:
     """A timed region; use through `llmtrace.span(...)`."""
 
-    __slots__ = ("name_id", "stage_id", "step", "link", "attrs", "device", "t0", "span_id", "parent", "token", "dtok")
+    __slots__ = ("name_id", "stage_id", "step", "link", "attrs", "device", "t0", "has_t0", "span_id",
+                 "parent", "token", "dtok")
 
-    def __init__(self, name, stage=None, step=-1, follows=None, device=False, attrs=None):
+    def __init__(self, name, stage=None, step=-1, follows=None, device=False, attrs=None, start_ns=None):
         self.name_id = intern(name)
         self.stage_id = intern(stage if stage is not None else _stage_of(name))
-        self.link = 0
-        if follows is not None:
-            self.link = follows[1]
-            if step == -1:
-                step = follows[2]
-        self.step, self.attrs, self.device = step, attrs, device
+        self.step, self.link, self.span_id = step, 0, 0
+        self.has_t0, self.t0 = start_ns is not None, start_ns or 0
+        self.attrs, self.device = attrs, device
+        self._follow(follows)
+
+    def _follow(self, carrier) -> bool:
+        """Link to `carrier`; a span without a step (none given, none inherited) takes its
+        step. Returns whether it did."""
+        if carrier is None:
+            return False
+        if len(carrier) != 3:
+            raise ValueError("follows must be a (trace_id, span_id, step) carrier")
+        self.link = int(carrier[1])
+        adopt = self.step == -1
+        if adopt:
+            self.step = int(carrier[2])
+        return adopt
+
+    def follow(self, carrier):
+        """Link to the sender's span once its carrier is known; a span without a step, and
+        the children opened in it from now on, take the carrier's step."""
+        if self._follow(carrier) and self.span_id and _current.get()[0] == self.span_id:
+            _current.set((self.span_id, self.step))  # __exit__ still resets to the token of __enter__
+
+    @property
+    def start_ns(self) -> int:
+        return self.t0 if self.span_id or self.has_t0 else 0
 
     def __enter__(self):
         if not _enabled:
@@ -131,18 +153,20 @@ class Span:
             self.step = cur[1]
         self.token = _current.set((sid, self.step))
         self.dtok = _device_hook.begin() if self.device and _device_hook is not None else None
-        self.t0 = perf_counter_ns()
+        if not self.has_t0:
+            self.t0 = perf_counter_ns()
         return self
 
     def __exit__(self, et, ev, tb):
         t1 = perf_counter_ns()
-        if not self.span_id:
+        if not self.span_id or self.token is None:
             return False
         if self.dtok is not None:
             _device_hook.end(self.dtok, self.span_id, self.name_id, self.stage_id, self.step)
         _current.reset(self.token)
         emit(SPAN, self.name_id, self.stage_id, self.t0, t1, self.span_id, self.parent, self.link, self.step,
              self.attrs, FLAG_EXCEPTION if et is not None else 0)
+        self.token = None
         return False
 
     def set(self, **attrs):
@@ -150,8 +174,8 @@ class Span:
         self.attrs = {**(self.attrs or {}), **attrs}
 
 
-def span(name, *, stage=None, step=-1, follows=None, device=False, **attrs):
-    return Span(name, stage, step, follows, device, attrs or None)
+def span(name, *, stage=None, step=-1, follows=None, device=False, start_ns=None, **attrs):
+    return Span(name, stage, step, follows, device, attrs or None, start_ns)
 
 
 def instant(name, *, step=-1, **attrs):
@@ -178,6 +202,7 @@ def traced(fn, name, stage):
             return fn(*args, **kwargs)
         s = Span.__new__(Span)
         s.name_id, s.stage_id, s.step, s.link, s.attrs, s.device = name_id, stage_id, -1, 0, None, False
+        s.has_t0 = False
         with s:
             return fn(*args, **kwargs)
 

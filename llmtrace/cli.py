@@ -1,29 +1,18 @@
 """The `llmtrace` command. Each subcommand lives in `llmtrace/commands/<name>.py` and is
-imported only when used, so `llmtrace export` never pays for torch or textual."""
+imported only when used, so `llmtrace export` never pays for torch or textual.
+
+Other packages add subcommands through the `llmtrace.commands` entry-point group: each
+entry names a module with `add_parser(subparsers)` and `main(args) -> exit code` (the
+engine's `run` and `serve`, the TUI's `tui`). The library imports none of them.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from importlib.metadata import entry_points
 
 from .errors import UserError
-
-
-def _add_run(sub):
-    p = sub.add_parser("run", help="run the engine on a workload, trace it, write trace + report")
-    p.add_argument("--config", required=True, help="YAML config (see examples/quickstart.yaml)")
-    p.add_argument("--out", help="output directory (default runs/<timestamp>/)")
-    p.add_argument("--tui", action="store_true", help="show the live TUI while the workload runs")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set workload.num_requests=8")
-
-
-def _add_serve(sub):
-    p = sub.add_parser("serve", help="start the engine's HTTP server (Ctrl-C stops every process)")
-    p.add_argument("--config", required=True)
-    p.add_argument("--host", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default from config, 0 = any free)")
-    p.add_argument("--out", help="also record a trace into this directory")
 
 
 def _add_record(sub):
@@ -49,11 +38,6 @@ def _add_analyze(sub):
     p.add_argument("--markdown", action="store_true", help="print the markdown report")
 
 
-def _add_tui(sub):
-    p = sub.add_parser("tui", help="browse a finished run (or a live one) in the terminal")
-    p.add_argument("path", help="run directory or trace.json")
-
-
 def _add_export(sub):
     p = sub.add_parser("export", help="write Chrome trace JSON (opens in ui.perfetto.dev)")
     p.add_argument("path", help="run directory or spool directory")
@@ -67,27 +51,41 @@ def _add_merge(sub):
 
 
 COMMANDS = {
-    "run": _add_run,
-    "serve": _add_serve,
     "record": _add_record,
     "analyze": _add_analyze,
-    "tui": _add_tui,
     "export": _add_export,
     "merge": _add_merge,
 }
+PLUGIN_GROUP = "llmtrace.commands"
+DESCRIPTION = ("Tracing and per-token overhead analysis for LLM serving pipelines: record a program, "
+               "see where each token's time goes outside the model, and what to fix.")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmtrace", description=__doc__.split("\n")[0])
+def plugin_modules() -> dict[str, str]:
+    """Subcommand name -> module, of every installed `llmtrace.commands` entry point."""
+    return {ep.name: ep.value for ep in entry_points(group=PLUGIN_GROUP) if ep.name not in COMMANDS}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
+    """The parser and the module of each subcommand."""
+    parser = argparse.ArgumentParser(prog="llmtrace", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
+    modules = {name: f"llmtrace.commands.{name}" for name in COMMANDS}
     for add in COMMANDS.values():
         add(sub)
-    return parser
+    for name, module in sorted(plugin_modules().items()):
+        try:
+            importlib.import_module(module).add_parser(sub)
+        except ImportError as e:  # a plugin whose own dependencies are missing
+            sub.add_parser(name, help=f"(unavailable: {e})")
+        modules[name] = module
+    return parser, modules
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    module = importlib.import_module(f"llmtrace.commands.{args.command_name}")
+    parser, modules = build_parser()
+    args = parser.parse_args(argv)
+    module = importlib.import_module(modules[args.command_name])
     try:
         return int(module.main(args) or 0)
     except UserError as e:

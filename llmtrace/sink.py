@@ -106,6 +106,7 @@ class Spooler:
             "argv": sys.argv[:8],
             "backend": recorder.BACKEND,
             "span_cost_ns": calibrate_span_cost(),
+            "resource": dict(_resource),
             **(extra_header or {}),
         }
         recorder.requeue_strings()  # this file's first batch names everything interned so far
@@ -196,6 +197,15 @@ def calibrate_span_cost(n: int = 2000) -> float:
 
 _spooler: Spooler | None = None
 _prev_sigterm = None
+_resource: dict = {}  # this process's descriptive attributes (configure(resource=...))
+
+
+def set_resource(attrs: dict) -> None:
+    """Add attributes that describe the whole process (a scheduler's limits, a model
+    name): in the spool header of files started later, and as batch metadata now."""
+    _resource.update(attrs)
+    if _spooler is not None:
+        _spooler.flush({"resource": dict(attrs)})
 
 
 def start(out_dir: str, process_name: str, trace_id: int,

@@ -97,6 +97,11 @@ class Process:
     def span_cost_ns(self) -> float:
         return float(self.header.get("span_cost_ns", 0.0))
 
+    @property
+    def resource(self) -> dict:
+        """What the process said of itself with `llmtrace.configure(resource=...)`."""
+        return self.header.get("resource") or {}
+
 
 @dataclass
 class Trace:
@@ -158,6 +163,8 @@ class RecordDecoder:
         strings.update(b.strings)
         if "process_name" in b.meta:
             proc.name = b.meta["process_name"]
+        if "resource" in b.meta:
+            proc.header.setdefault("resource", {}).update(b.meta["resource"])
         for tid, name in b.meta.get("threads", {}).items():
             proc.threads[int(tid)] = name
         for tid, n in b.meta.get("dropped", {}).items():

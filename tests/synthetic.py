@@ -13,6 +13,7 @@ import itertools
 import time
 
 import llmtrace
+from llmtrace import names
 from llmtrace.timeline import CounterSample, Instant, Process, Span, Trace
 
 MS = 1_000_000
@@ -45,8 +46,8 @@ class EngineTraceBuilder:
         self.t = 1_000 * MS
         self.next_step = 0
         self.kv_blocks_total = kv_blocks_total
-        if max_num_seqs is not None:
-            self.counter("max_num_seqs", max_num_seqs)
+        if max_num_seqs is not None:  # the master's resource, as engine/trace_resource.py writes it
+            self.trace.processes[MASTER_PID].header["resource"] = {names.R_MAX_NUM_SEQS: max_num_seqs}
 
     # -- low level -------------------------------------------------------------------
     def process(self, pid: int, name: str, span_cost_ns: float = 300.0) -> None:

@@ -15,11 +15,9 @@ import pytest
 
 from engine import protocol
 from engine.batch_state import BatchState
-from engine.ipc import ReceiveSpan, shm
+from engine.ipc import shm
 from engine.ipc.shm import ArenaLayout, Field, ShmArena, ShmError
 from engine.ipc.tcp import AsyncFrameStream, ConnectionClosed, FrameError, FrameSocket, FrameTooLarge
-from llmtrace import recorder
-from llmtrace.context import Carrier
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -231,29 +229,3 @@ def test_batch_state_applies_diffs():
     assert len(bs) == 1
     with pytest.raises(protocol.ProtocolError, match="sequence 3"):
         bs.sampling_arrays(np.array([3]))
-
-
-def test_receive_span_links_to_the_sender_and_adopts_its_step():
-    recorder.set_enabled(True)
-    try:
-        recorder.drain()
-        with recorder.span("outer", step=-1):
-            with ReceiveSpan("agent.step") as s:
-                s.follow(Carrier(1, 4242, 17), child="tcp.recv")
-                with recorder.span("preprocess"):
-                    pass
-            with ReceiveSpan("ignored") as s:
-                s.discard()
-        raw = recorder.drain()[0]
-    finally:
-        recorder.set_enabled(False)
-    from llmtrace.spool_format import RECORD
-    ids = {recorder.intern(n): n for n in ("outer", "agent.step", "tcp.recv", "preprocess", "ignored")}
-    recs = {ids[r[14]]: r for r in RECORD.iter_unpack(raw) if r[14] in ids}
-    assert "ignored" not in recs
-    step_rec, recv_rec, pre_rec = recs["agent.step"], recs["tcp.recv"], recs["preprocess"]
-    assert step_rec[4] == 4242 and step_rec[5] == 17  # link_id, step
-    assert recv_rec[3] == step_rec[2] and recv_rec[5] == 17  # child of agent.step, on the sender's step
-    assert pre_rec[3] == step_rec[2] and pre_rec[5] == 17
-    assert step_rec[3] == recs["outer"][2]
-    assert recv_rec[0] >= step_rec[0] and recv_rec[1] <= step_rec[1]

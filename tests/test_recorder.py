@@ -11,6 +11,7 @@ import contextvars
 import importlib
 import os
 import threading
+import time
 
 import pytest
 
@@ -337,3 +338,44 @@ def test_device_hook_brackets_device_spans(backend):
         pass
     fwd = backend.spans()["forward"]
     assert hook.calls == ["begin", ("tok", fwd["span_id"], recorder.intern("forward"), recorder.intern("forward"), 5)]
+
+
+def test_late_follow_links_and_gives_the_step_to_later_children(backend):
+    """A span whose sender is known only once its frame is decoded (the agent's step)."""
+    with recorder.span("outer"):  # no step: the frame's carrier brings it
+        with recorder.span("agent.step") as s:
+            s.follow((1, 4242, 17))
+            with recorder.span("preprocess"):
+                pass
+    with recorder.span("master.step", step=3):
+        with recorder.span("tcp.recv") as r:  # inherited step 3 stays
+            r.follow((1, 99, 2))
+    got = backend.spans()
+    assert got["agent.step"]["link"] == 4242 and got["agent.step"]["step"] == 17
+    assert got["preprocess"]["parent"] == got["agent.step"]["span_id"] and got["preprocess"]["step"] == 17
+    assert got["tcp.recv"]["link"] == 99 and got["tcp.recv"]["step"] == 3
+
+
+def test_explicit_start_and_record_span(backend):
+    t0 = time.perf_counter_ns() - 5_000_000
+    with recorder.span("agent.step", start_ns=t0, follows=(1, 7, 4)) as s:
+        assert s.start_ns == t0 and s.step == 4
+        sid = llmtrace.record_span("tcp.recv", t0, t0 + 1_000, bytes=64)
+    queue_id = llmtrace.record_span("queue", t0, t0 + 10, parent=0, step=9, req="r1")
+    got = backend.spans()
+    assert got["agent.step"]["start"] == t0 and got["agent.step"]["link"] == 7
+    recv = got["tcp.recv"]
+    assert (recv["span_id"], recv["parent"], recv["step"], recv["attrs"]) == (sid, got["agent.step"]["span_id"], 4,
+                                                                              {"bytes": 64})
+    assert (recv["start"], recv["end"]) == (t0, t0 + 1_000)
+    q = got["queue"]
+    assert (q["span_id"], q["parent"], q["step"], q["attrs"]) == (queue_id, 0, 9, {"req": "r1"})
+
+
+def test_record_span_and_follow_are_free_when_off(backend):
+    backend.mod.set_enabled(False)
+    assert llmtrace.record_span("x", 1, 2) == 0
+    with recorder.span("x", start_ns=5) as s:
+        s.follow((1, 2, 3))
+    backend.mod.set_enabled(True)
+    assert backend.spans() == {}

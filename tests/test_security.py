@@ -77,7 +77,7 @@ def test_engine_listens_on_loopback_only_unless_told_otherwise(served):
     assert info["listening"] == ["127.0.0.1"]  # the HTTP server; the agents' listener is closed after the handshake
     assert info["agents"] and all(not v for v in info["agents"].values())  # agents listen on nothing
     assert load_config({}).engine.host == "127.0.0.1"
-    assert build_parser().parse_args(["serve", "--config", "x"]).host is None  # None: the config's host
+    assert build_parser()[0].parse_args(["serve", "--config", "x"]).host is None  # None: the config's host
 
 
 def test_msgpack_frames_are_plain_data_only():

@@ -367,7 +367,7 @@ def test_a_run_opens_live_only_while_a_process_still_writes_its_spool(tmp_path):
     import subprocess
     import sys
 
-    from llmtrace.commands.tui import _writers_alive
+    from tui.command import _writers_alive
 
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     SpoolWriter(tmp_path, int(done.stdout), "master")

@@ -12,11 +12,20 @@ import os
 import signal
 
 import llmtrace
-from llmtrace.engine_process import EngineCrashed, EngineProcess
+from engine.engine_process import EngineCrashed, EngineProcess
 from llmtrace.errors import UserError
 from llmtrace.outputs import default_out_dir
 
 HEALTH_TIMEOUT_S = 5.0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="run the engine on a workload, trace it, write trace + report")
+    p.add_argument("--config", required=True, help="YAML config (see examples/quickstart.yaml)")
+    p.add_argument("--out", help="output directory (default runs/<timestamp>/)")
+    p.add_argument("--tui", action="store_true", help="show the live TUI while the workload runs")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set workload.num_requests=8")
 
 
 def main(args) -> int:

@@ -6,7 +6,12 @@ from __future__ import annotations
 import os
 import sys
 
-from ..errors import UserError
+from llmtrace.errors import UserError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("tui", help="browse a finished run (or a live one) in the terminal")
+    p.add_argument("path", help="run directory or trace.json")
 
 
 def main(args) -> int:
@@ -38,8 +43,8 @@ def _finished(path: str, run_dir: str) -> None:
     from tui.header import RunInfo
     from tui.model import RunModel
 
-    from ..analyze import build_report
-    from ..load import load_trace, truncation_warnings
+    from llmtrace.analyze import build_report
+    from llmtrace.load import load_trace, truncation_warnings
 
     print(f"loading {path}…", flush=True)
     trace = load_trace(path)

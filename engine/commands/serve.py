@@ -12,13 +12,22 @@ import llmtrace
 from llmtrace.errors import UserError
 
 
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="start the engine's HTTP server (Ctrl-C stops every process)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default from config, 0 = any free)")
+    p.add_argument("--out", help="also record a trace into this directory")
+
+
 def main(args) -> int:
     from engine.config import load_config
+    from engine.trace_resource import resource
 
     cfg = load_config(args.config)
     out = args.out or cfg.trace.out
     if out:
-        llmtrace.configure(out=out, process_name="master")
+        llmtrace.configure(out=out, process_name="master", resource=resource(cfg))
     try:
         asyncio.run(_serve(cfg, args.host, args.port))
     finally:

@@ -1,0 +1,16 @@
+"""What the master tells its trace about itself once (`llmtrace.configure(resource=...)`):
+the scheduler's limits the analyzer compares batches with, and the engine's pipeline
+profile (which spans are its steps, waits and model stages)."""
+from __future__ import annotations
+
+from llmtrace import names
+
+from .config import RunConfig
+
+MASTER_ROOT = "master.step"
+AGENT_ROOT = "agent.step"
+AGENT_WAIT = "agent.wait"
+
+
+def resource(cfg: RunConfig) -> dict:
+    return {names.R_MAX_NUM_SEQS: cfg.engine.max_num_seqs}

@@ -1,0 +1,57 @@
+"""Names that producers (the engine, llmtrace's automatic instrumentation, users' spans)
+and the analyzer both rely on: one place, imported by both sides, never a string literal
+repeated across the boundary. docs/architecture.md describes them; this module owns them.
+
+A span's stage is the first dotted part of its name (`tcp.send` -> `tcp`) unless given.
+"""
+from __future__ import annotations
+
+# ---- stages
+HTTP = "http"
+TOKENIZE = "tokenize"
+DETOKENIZE = "detokenize"
+QUEUE = "queue"
+SCHEDULE = "schedule"
+TCP = "tcp"  # sockets
+IPC = "ipc"  # pipes, multiprocessing connections and queues, zmq
+SHM = "shm"  # shared memory, mmap
+SERIALIZE = "serialize"  # pickle / json / msgpack encode and decode
+PREPROCESS = "preprocess"
+FORWARD = "forward"
+SAMPLING = "sampling"
+SYNC = "sync"  # the host blocked on the device
+POSTPROCESS = "postprocess"
+STREAM = "stream"
+LOGGING = "logging"
+SLEEP = "sleep"
+GC = "gc"
+STEP = "step"  # llmtrace.step() / llmtrace.steps(): a user-marked step of the serving loop
+MODEL_STAGES = (FORWARD, SAMPLING)  # device work on a GPU; their host-side children are overhead
+
+# ---- span names with a meaning of their own
+SYNC_WAIT = "sync.wait"
+HTTP_REQUEST = "http.request"
+
+# ---- attributes
+A_TOKENS = "tokens"  # tokens a step (or span) processed
+A_BATCH = "batch"  # sequences in a step
+A_OUTPUT_TOKENS = "output_tokens"  # tokens a step emitted (rows not discarded)
+A_SEQS = "seqs"  # sequences a span worked on
+A_PREFILL = "prefill"
+A_D2H_BYTES = "d2h_bytes"  # bytes a span copied from the device to the host
+A_LOGITS_BYTES = "logits_bytes"
+A_BYTES = "bytes"  # bytes a transport call moved
+A_NODELAY = "nodelay"  # TCP_NODELAY of the socket a tcp span used (1/0)
+A_REQ = "req"  # request id
+A_FUNCTION = "fn"  # the instrumented library function (auto-instrumentation)
+
+# ---- counters
+C_RUNNING = "running"
+C_WAITING = "waiting"
+C_BATCH_SIZE = "batch_size"
+C_KV_BLOCKS_USED = "kv_blocks_used"
+C_KV_BLOCKS_TOTAL = "kv_blocks_total"
+
+# ---- process resource (llmtrace.configure(resource=...))
+R_MAX_NUM_SEQS = "max_num_seqs"
+R_PROFILE = "llmtrace.profile"  # a pipeline's declared profile (analyze/profile.py)
