@@ -7,6 +7,8 @@
     llmtrace.configure(enabled=True, out="runs/x", process_name="agent-0", resource={"max_num_seqs": 64})
     with llmtrace.span("agent.step", start_ns=t0) as s: s.follow(carrier)   # late link, explicit start
     llmtrace.record_span("queue", arrival_ns, scheduled_ns, req="r7")       # times known afterwards
+    for batch in llmtrace.steps(loader): ...     # or `with llmtrace.step(tokens=n):` marks the loop
+    llmtrace.instrument()                        # sockets, pipes, logging, sleep, torch, tokenizers, HTTP
 
 Importing llmtrace imports neither torch, numpy nor textual. A process started with
 LLMTRACE_OUT set (by `llmtrace run/record` or by a parent that called configure) starts
@@ -20,10 +22,11 @@ import sys
 from . import context, recorder, sink
 from .decorator import trace
 from .recorder import counter, instant, span
+from .steps import step, steps
 from .timed import record_span
 
-__all__ = ["span", "trace", "counter", "instant", "record_span", "configure", "enabled", "flush", "context",
-           "shutdown"]
+__all__ = ["span", "trace", "counter", "instant", "record_span", "step", "steps", "instrument", "uninstrument",
+           "configure", "enabled", "flush", "context", "shutdown"]
 __version__ = "0.1.0"
 
 ENV_OUT = "LLMTRACE_OUT"
@@ -32,6 +35,21 @@ ENV_TRACE_ID = "LLMTRACE_TRACE_ID"
 ENV_PROCESS_NAME = "LLMTRACE_PROCESS_NAME"
 ENV_SAMPLE_HZ = "LLMTRACE_SAMPLE_HZ"
 ENV_GC = "LLMTRACE_GC"
+ENV_AUTO = "LLMTRACE_AUTO"  # "1": automatic instrumentation in every recorded process
+
+
+def instrument(groups=None) -> list[str]:
+    """Spans at the boundaries every serving stack has (llmtrace/auto/); returns
+    the groups newly patched. `llmtrace record` does this unless --no-auto."""
+    from .auto import instrument as _instrument
+
+    return _instrument(groups)
+
+
+def uninstrument() -> None:
+    from .auto import uninstrument as _uninstrument
+
+    _uninstrument()
 
 
 def _default_process_name() -> str:
@@ -104,6 +122,8 @@ def _configure_from_env() -> None:
     out = os.environ.get(ENV_OUT)
     if out and os.environ.get(ENV_ENABLED, "1") != "0":
         configure(True, out, os.environ.get(ENV_PROCESS_NAME) or None, propagate=False)
+        if os.environ.get(ENV_AUTO) == "1":
+            instrument()
         if os.environ.get("LLMTRACE_VIZTRACER"):  # viztracer inside chosen stages (integrations/viztracer.py)
             from .integrations import viztracer
             viztracer.install_from_env()

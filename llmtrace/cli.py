@@ -18,8 +18,12 @@ from .errors import UserError
 def _add_record(sub):
     p = sub.add_parser("record", help="run any Python program with tracing on: llmtrace record -- python x.py")
     p.add_argument("--out", help="output directory (default runs/<timestamp>/)")
-    p.add_argument("--sample-hz", type=float, default=500.0,
-                   help="in-process stack samples per second (0 = off): top functions per stage")
+    p.add_argument("--sample-hz", type=float, default=100.0,
+                   help="in-process stack samples per second (0 = off): the functions each stage and "
+                        "the unannotated code between stages spend their time in")
+    p.add_argument("--no-auto", action="store_true",
+                   help="no automatic spans at sockets, pipes, logging, sleep, serialization, torch, "
+                        "tokenizers and HTTP handlers (llmtrace.instrument)")
     p.add_argument("--gc", action="store_true", help="record garbage-collector pauses as `gc` spans")
     p.add_argument("--py-spy", action="store_true",
                    help="sample every process with py-spy instead (falls back to in-process sampling)")

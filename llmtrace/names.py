@@ -44,6 +44,7 @@ A_BYTES = "bytes"  # bytes a transport call moved
 A_NODELAY = "nodelay"  # TCP_NODELAY of the socket a tcp span used (1/0)
 A_REQ = "req"  # request id
 A_FUNCTION = "fn"  # the instrumented library function (auto-instrumentation)
+A_CALLER = "caller"  # the program's function that called it ('module.qualname')
 
 # ---- counters
 C_RUNNING = "running"

@@ -13,6 +13,7 @@ import itertools
 import time
 
 import llmtrace
+from engine.trace_resource import PROFILE as ENGINE_PROFILE
 from llmtrace import names
 from llmtrace.timeline import CounterSample, Instant, Process, Span, Trace
 
@@ -43,11 +44,12 @@ class EngineTraceBuilder:
         self._seq: dict[int, itertools.count] = {}
         for pid, name in ((MASTER_PID, "master"), (AGENT_PID, "agent-0")):
             self.process(pid, name, span_cost_ns)
+        self.trace.processes[MASTER_PID].header["resource"] = {names.R_PROFILE: ENGINE_PROFILE.to_resource()}
         self.t = 1_000 * MS
         self.next_step = 0
         self.kv_blocks_total = kv_blocks_total
         if max_num_seqs is not None:  # the master's resource, as engine/trace_resource.py writes it
-            self.trace.processes[MASTER_PID].header["resource"] = {names.R_MAX_NUM_SEQS: max_num_seqs}
+            self.trace.processes[MASTER_PID].header["resource"][names.R_MAX_NUM_SEQS] = max_num_seqs
 
     # -- low level -------------------------------------------------------------------
     def process(self, pid: int, name: str, span_cost_ns: float = 300.0) -> None:

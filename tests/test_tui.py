@@ -18,12 +18,13 @@ pytest.importorskip("textual")
 class SpoolWriter:
     """Writes a synthetic process's records as the spooler does: a header, then CRC-checked batches."""
 
-    def __init__(self, run_dir, pid: int, name: str):
+    def __init__(self, run_dir, pid: int, name: str, resource: dict | None = None):
         os.makedirs(os.path.join(run_dir, "spool"), exist_ok=True)
         self.path = os.path.join(run_dir, "spool", f"{pid}.lts")
         self.pid, self.strings = pid, {}
         with open(self.path, "wb") as f:
-            f.write(encode_header({"pid": pid, "process_name": name, "span_cost_ns": 300.0}))
+            f.write(encode_header({"pid": pid, "process_name": name, "span_cost_ns": 300.0,
+                                   "resource": resource or {}}))
 
     def _id(self, s: str, new: list) -> int:
         if s not in self.strings:
@@ -71,7 +72,7 @@ def write_run(trace: Trace, run_dir) -> dict[int, SpoolWriter]:
     """Every process of `trace` as a spool file of `run_dir`, one batch each."""
     writers = {}
     for pid, proc in trace.processes.items():
-        w = writers[pid] = SpoolWriter(run_dir, pid, proc.name)
+        w = writers[pid] = SpoolWriter(run_dir, pid, proc.name, proc.resource)
         w.append(w.batch([s for s in trace.spans if s.pid == pid], [i for i in trace.instants if i.pid == pid],
                          [c for c in trace.counters if c.pid == pid]))
     return writers
@@ -103,7 +104,7 @@ def _split(trace: Trace, pid: int, parts: int) -> list[tuple]:
 
 def test_feed_decodes_only_appended_batches_and_waits_for_a_truncated_one(tmp_path):
     trace = engine_trace(steps=6)
-    w = SpoolWriter(tmp_path, 1000, "master")
+    w = SpoolWriter(tmp_path, 1000, "master", trace.processes[1000].resource)
     parts = _split(trace, 1000, 3)
     chunks, n_per = [w.batch(*p) for p in parts], [len(p[0]) for p in parts]
     w.append(chunks[0])
@@ -202,8 +203,8 @@ def test_model_settles_a_step_only_once_no_record_of_it_arrived_for_settle_s():
     trace = engine_trace(steps=1)
     now = [0.0]
     model = RunModel(settle_s=0.5, clock=lambda: now[0])
-    agent = Trace(spans=[s for s in trace.spans if s.pid == 2000])
-    master = Trace(spans=[s for s in trace.spans if s.pid == 1000])
+    agent = Trace(trace.processes, [s for s in trace.spans if s.pid == 2000])
+    master = Trace(trace.processes, [s for s in trace.spans if s.pid == 1000])
     model.ingest(agent)
     now[0] = 0.4
     model.ingest(master)
@@ -319,7 +320,7 @@ async def test_live_feed_updates_the_table_as_batches_arrive(tmp_path, monkeypat
     monkeypatch.setattr(app_mod, "REDRAW_S", 0.05)
     monkeypatch.setattr(app_mod, "SUGGEST_S", 0.1)
     trace = engine_trace(steps=20, log_ms=1.0)
-    writers = {pid: SpoolWriter(tmp_path, pid, p.name) for pid, p in trace.processes.items()}
+    writers = {pid: SpoolWriter(tmp_path, pid, p.name, p.resource) for pid, p in trace.processes.items()}
     steps = sorted({s.step for s in trace.spans if s.step >= 0})
 
     def flush(lo: int, hi: int) -> None:
@@ -387,7 +388,7 @@ def test_a_span_arriving_after_its_step_was_costed_does_not_open_it_again():
     trace = engine_trace(steps=2)
     late = next(s for s in trace.spans if s.name == "sync.wait" and s.step == 1)  # a leaf
     model = RunModel(settle_s=0.0)
-    model.ingest(Trace(spans=[s for s in trace.spans if s is not late]))
+    model.ingest(Trace(trace.processes, [s for s in trace.spans if s is not late]))
     assert model.settle() == 2
     model.ingest(Trace(spans=[late]))
     assert model.settle() == 0 and model.pending_steps == 0
@@ -400,7 +401,7 @@ def test_a_slow_step_waits_for_its_roots():
     model = RunModel(settle_s=0.5, clock=lambda: now[0])
     roots = ("master.step", "agent.step")
     # the agent's first stages and the master's stages before its wait: the forward is running
-    model.ingest(Trace(spans=[s for s in trace.spans if s.name not in roots and s.name != "agent.wait"]))
+    model.ingest(Trace(trace.processes, [s for s in trace.spans if s.name not in roots and s.name != "agent.wait"]))
     now[0] = 5.0
     assert model.settle() == 0
     model.ingest(Trace(spans=[s for s in trace.spans if s.name in roots or s.name == "agent.wait"]))

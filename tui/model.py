@@ -206,7 +206,7 @@ class RunModel:
         spans = [x for g in groups.values() for x in g] + [x for st in self._open.values() for x in st.spans]
         spans.sort(key=lambda x: x.start_ns)
         views = [StepView(c, sorted(groups[c.step], key=lambda x: x.start_ns))
-                 for c in Breakdown.of(TraceIndex(Trace(spans=spans))).steps if c.step in groups]
+                 for c in Breakdown.of(TraceIndex(Trace(self.processes, spans))).steps if c.step in groups]
         views.sort(key=lambda v: v.cost.root.start_ns)
         for v in views:
             self._add_step(v)

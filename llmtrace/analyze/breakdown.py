@@ -1,7 +1,8 @@
 """Where each step's (and each output token's) wall time goes.
 
-A step's wall time is its root span (`master.step`; for a generic pipeline the longest
-top-level span carrying that `step`, or without step ids the repeated top-level span).
+A step's wall time is its root span, as the pipeline profile says (profile.py: the
+engine declares `master.step`; other pipelines' steps are `llmtrace.step()` spans, the
+longest top-level span of each step id, or inferred from the model's cadence).
 Every nanosecond of it is given to exactly one label, highest claim first:
 
   model       device time of `forward`/`sampling` (CUDA events) inside the root's window,
@@ -14,9 +15,14 @@ Every nanosecond of it is given to exactly one label, highest claim first:
               (`@llmtrace.trace` functions of stage "user": by their name)
   gap         inside a step root (or the agent's `agent.step`) but in no child span
   tcp         the part of the master's `agent.wait` not covered by the agent's step
+  <stage>     in a pipeline without a declared wait, the peer's work during a blocking
+              receive (tcp / ipc): the spans of the thread in another process whose
+              send ended the wait (peers.py's hop matching, `_peer_work`), and `gap`
+              for the rest of that thread's time up to its send
 
-`agent.wait` is replaced by the agent's breakdown: the `agent.step` of the same step
-that finished last (the slowest rank is the critical one), clipped to the wait.
+A declared wait (the engine's `agent.wait`) is replaced by the remote root's breakdown:
+the `agent.step` of the same step that finished last (the slowest rank is the critical
+one), clipped to the wait.
 Master work nested in the wait (the previous step's `detokenize`/`stream.write`, run
 while the agent computes) is hidden while the agent's step or the transport before it
 covers it; only what outlasts the agent's step (its reply) counts, under its stage
@@ -29,18 +35,18 @@ from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from .. import names
 from ..decorator import USER_STAGE
 from ..timeline import Span
 from .index import TraceIndex
+from .peers import Peers
+from .profile import Profile, Steps, find_steps
 from .stats import percentile
 
-MASTER_ROOT = "master.step"
-AGENT_ROOT = "agent.step"
-AGENT_WAIT = "agent.wait"
-MODEL_STAGES = ("forward", "sampling")
+MODEL_STAGES = names.MODEL_STAGES
 MODEL = "model"
 GAP = "gap"
-TRANSPORT = "tcp"
+TRANSPORT = names.TCP
 HOST_SUFFIX = ".host"  # `<stage>.host`: host-side work inside a model stage (e.g. argmax on host logits)
 LOGITS_BYTES_PER_SEQ = 1024  # ids + logprobs are a few bytes per sequence; a vocab row is > 100 KB
 
@@ -74,6 +80,8 @@ class StepCost:
     agent_root: Span | None = None
     # (stage label, span) for every span on the critical path, for function evidence
     stage_spans: list[tuple[str, Span]] = field(default_factory=list)
+    # (pid, tid, start, end, label of the wait) of peer threads' work standing for a blocking receive
+    peer_windows: list[tuple[int, int, int, int, str]] = field(default_factory=list)
 
     @property
     def wall_ns(self) -> int:
@@ -91,15 +99,19 @@ def stage_label(s: Span) -> str:
     return s.name if s.stage == USER_STAGE else s.stage
 
 
+LOGITS_BYTES_ATTRS = (names.A_D2H_BYTES, names.A_LOGITS_BYTES, names.A_BYTES)
+
+
 def moves_logits(s: Span, seqs: int) -> bool:
-    """A model-stage span that copied logits (not ids) to the host (`d2h_bytes` or
-    `logits_bytes` of at least LOGITS_BYTES_PER_SEQ per sequence) samples on the host:
-    its time is host work, not model. Sequences: the span's own `seqs` attr when it has
-    one (with async scheduling a window holds the next step's spans too), else `seqs`."""
-    own = s.attrs.get("seqs")
+    """A span that moved logits (not ids): `d2h_bytes`, `logits_bytes` or (a host copy,
+    a transport send) `bytes` of at least LOGITS_BYTES_PER_SEQ per sequence. In a model
+    stage that is host sampling: its time is host work, not model. Sequences: the span's
+    own `seqs` attr when it has one (with async scheduling a window holds the next
+    step's spans too), else `seqs`."""
+    own = s.attrs.get(names.A_SEQS)
     if isinstance(own, int):
         seqs = own
-    for key in ("d2h_bytes", "logits_bytes"):
+    for key in LOGITS_BYTES_ATTRS:
         v = s.attrs.get(key)
         if isinstance(v, (int, float)) and v >= LOGITS_BYTES_PER_SEQ * max(1, seqs):
             return True
@@ -164,9 +176,9 @@ class _DeviceTimeline:
     to (with async scheduling step n+1 runs on the device while the host still finishes
     step n), on the critical rank's device when an agent step stands for the wait."""
 
-    def __init__(self, index: TraceIndex):
+    def __init__(self, index: TraceIndex, model_stages: tuple[str, ...]):
         by_pid: dict[int, list[Span]] = defaultdict(list)
-        for stage in MODEL_STAGES:
+        for stage in model_stages:
             for s in index.by_stage.get(stage, ()):
                 if s.device_start_ns is not None:
                     by_pid[s.pid].append(s)
@@ -190,12 +202,14 @@ class _DeviceTimeline:
 
 
 class _StepWalker:
-    def __init__(self, index: TraceIndex):
-        self.index = index
-        self.device = _DeviceTimeline(index)
+    def __init__(self, index: TraceIndex, profile: Profile):
+        self.index, self.profile = index, profile
+        self.model_stages = profile.model_stages
+        self.device = _DeviceTimeline(index, profile.model_stages)
+        self.peers = None if profile.waits else Peers(index)
         self.agent_steps: dict[int, list[Span]] = defaultdict(list)
-        self.agent_timeline: dict[int, list[Span]] = defaultdict(list)  # pid -> its agent steps by start
-        for s in index.by_name.get(AGENT_ROOT, ()):
+        self.agent_timeline: dict[int, list[Span]] = defaultdict(list)  # pid -> its remote roots by start
+        for s in (s for n in profile.remote_roots for s in index.by_name.get(n, ())):
             self.agent_steps[s.step].append(s)
             self.agent_timeline[s.pid].append(s)
         for steps in self.agent_timeline.values():
@@ -226,14 +240,16 @@ class _StepWalker:
             a, b = max(c.start_ns, lo), min(c.end_ns, hi)
             if b <= a:
                 continue
-            if c.name == AGENT_WAIT:
+            if c.name in self.profile.waits:
                 self._agent(c, a, b, segs, sc)
-            elif c.stage in MODEL_STAGES and not moves_logits(c, sc.tokens):
+            elif c.stage in self.model_stages and not moves_logits(c, sc.tokens):
                 self._model_stage(c, a, b, segs, sc)
             else:
                 label = stage_label(c)
                 segs.append(_Segment(a, b, label, prio, c))
                 sc.stage_spans.append((label, c))
+                if self.peers is not None:
+                    self._peer_work(c, a, b, segs, sc)
 
     def _agent(self, wait: Span, a: int, b: int, segs: list, sc: StepCost) -> None:
         segs.append(_Segment(a, b, TRANSPORT, _P_WAIT, wait))
@@ -274,6 +290,24 @@ class _StepWalker:
                 segs.append(_Segment(a, b, label, _P_ROOT_STAGE, c))
                 sc.stage_spans.append((label, c))
 
+    def _peer_work(self, wait: Span, a: int, b: int, segs: list, sc: StepCost) -> None:
+        """A blocking receive: what the sending thread of the other process did meanwhile
+        is on the critical path, by its stages (the wait's own label keeps the rest)."""
+        peer = self.peers.sender_of(wait)
+        if peer is None:
+            return
+        hi = min(b, peer.send.start_ns)  # from there on: the send and the delivery, the wait's own
+        if hi <= a:
+            return
+        sc.peer_windows.append((peer.pid, peer.tid, a, hi, GAP))
+        segs.append(_Segment(a, hi, GAP, _P_AGENT_ROOT, None))  # the peer's unannotated code
+        for c in peer.spans(a, hi):
+            ca, cb = max(c.start_ns, a), min(c.end_ns, b)
+            if cb > ca:
+                label = stage_label(c)
+                segs.append(_Segment(ca, cb, label, _P_STAGE, c))
+                sc.stage_spans.append((label, c))
+
     def _model_stage(self, c: Span, a: int, b: int, segs: list, sc: StepCost) -> None:
         sc.stage_spans.append((c.stage, c))
         if c.device_start_ns is not None:
@@ -302,44 +336,20 @@ def _int_or_none(v) -> int | None:
     return int(v) if isinstance(v, (int, float)) else None
 
 
-def step_roots(index: TraceIndex) -> list[tuple[int, Span]]:
-    """(step id, root span) per step, in time order: `master.step`s; else the longest
-    top-level span of each `step`; else (a pipeline with no step ids) the top-level spans
-    of the most repeated name, numbered in time order."""
-    masters = index.by_name.get(MASTER_ROOT)
-    if masters:
-        cand = [s for s in masters if s.step >= 0]
-    else:
-        cand = [s for s in index.trace.spans if s.step >= 0 and index.is_root(s)]
-    if not cand:
-        return _repeated_roots(index)
-    best: dict[int, Span] = {}
-    for s in cand:
-        cur = best.get(s.step)
-        if cur is None or s.dur_ns > cur.dur_ns:
-            best[s.step] = s
-    return sorted(best.items(), key=lambda kv: kv[1].start_ns)
-
-
-def _repeated_roots(index: TraceIndex) -> list[tuple[int, Span]]:
-    counts: dict[str, int] = defaultdict(int)
-    for s in index.trace.spans:
-        if index.is_root(s) and index.children.get(s.span_id):
-            counts[s.name] += 1
-    if not counts or max(counts.values()) < 2:
-        return []
-    name = max(counts, key=counts.get)
-    return list(enumerate(s for s in index.by_name[name] if index.is_root(s)))
-
-
 class Breakdown:
-    def __init__(self, steps: list[StepCost]):
+    def __init__(self, steps: list[StepCost], found: Steps | None = None):
         self.steps = steps
+        self.found = found if found is not None else Steps(Profile(source="none"))
 
     @classmethod
     def of(cls, index: TraceIndex) -> "Breakdown":
-        walker = _StepWalker(index)
-        return cls([walker.cost(step, root) for step, root in step_roots(index)])
+        found = find_steps(index)
+        walker = _StepWalker(index, found.profile)
+        return cls([walker.cost(step, root) for step, root in found.roots], found)
+
+    @property
+    def profile(self) -> Profile:
+        return self.found.profile
 
     @property
     def tokens(self) -> int:

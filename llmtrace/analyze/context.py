@@ -77,6 +77,9 @@ class Context:
             "functions": [{"name": f.name, "stage": f.stage, "ms_per_token": round(self.ms_per_token(f.total_ns), 4),
                            "ms_per_call": round(f.total_ns / f.count / 1e6, 4), "count": f.count,
                            "sources": f.sources} for f in stats[:top]],
+            # where the fix goes: the program's own functions (with the line when sampled innermost)
+            "responsible": [{"function": name, "ms_per_token": round(self.ms_per_token(ns), 4)}
+                            for name, ns in self.functions.responsible(calls)[:3]],
             "steps_affected": len({c.step for c in calls}),
             "example_steps": sorted({c.step for c in calls})[:EXAMPLE_STEPS],
         }
@@ -84,16 +87,41 @@ class Context:
     def claim(self, names) -> None:
         self.claimed.update(names)
 
+    def explained(self) -> list[Call]:
+        """Calls of the functions earlier rules claimed (their callees included by time)."""
+        return [c for c in self.functions.calls if c.name in self.claimed]
+
+    def unexplained(self, calls: list[Call]) -> tuple[list[Call], int]:
+        """`calls` less what earlier findings explain: the calls not inside a claimed call
+        (a torch.cat run by a tensor printer is the log finding's), and their time not
+        overlapped by claimed calls."""
+        claimed = self.explained()
+        cells = {(c.pid, c.start, c.end) for c in claimed}
+        left = [c for c in calls if c.name not in self.claimed and (c.pid, c.start, c.end) not in cells]
+        return left, covered(left + claimed)[0] - covered(claimed)[0]
+
     def removable(self, pattern) -> tuple[list[Call], float, dict] | None:
         """Host-side calls matching `pattern` whose whole time a fix removes (log calls,
-        padding by concatenation): (calls, ms/token saved, evidence), the calls claimed."""
-        calls = self.functions.select(pattern, host_side=True)
-        if not calls:
+        padding by concatenation), less what earlier findings explain: (calls, ms/token
+        saved, evidence), the calls claimed."""
+        calls, ns = self.unexplained(self.functions.select(pattern, host_side=True))
+        if not calls or ns <= 0:
             return None
-        total_ns, _ = covered(calls)
         evidence = self.function_evidence(calls)
         self.claim(c.name for c in calls)
-        return calls, self.ms_per_token(total_ns), evidence
+        return calls, self.ms_per_token(ns), evidence
+
+    def stage_cost(self, label: str) -> tuple[float, list[int], dict] | None:
+        """A breakdown row's time on the critical path: (ms/token, steps where it ran,
+        evidence: the spans' count and the functions found inside them), None if absent."""
+        steps = [sc for sc in self.steps if sc.parts.get(label)]
+        if not steps:
+            return None
+        calls = self.functions.select(stage=label)
+        ev = self.function_evidence(calls) if calls else {"functions": []}
+        ev.update(spans=sum(sc.counts.get(label, 0) for sc in steps), steps_affected=len(steps),
+                  example_steps=[sc.step for sc in steps[:5]])
+        return self.breakdown.ms_per_token(label), [sc.step for sc in steps], ev
 
     def suggestion(self, id: str, title: str, stage: str, evidence: dict, saving_ms: float, fix: str,
                    impact: str | None = None) -> Suggestion:

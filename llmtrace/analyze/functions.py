@@ -1,6 +1,13 @@
 """Which functions a stage spends its time in: nested spans, foreign function events
 (viztracer's complete events) and stack samples (in-process sampler, py-spy) that lie
-inside the steps' critical-path stage spans, as `Call`s a rule can select and sum."""
+inside the steps' critical-path stage spans, as `Call`s a rule can select and sum.
+
+Stack samples count wherever they fall in a step: inside a stage span (that stage), in
+the root's own thread outside every stage span (`gap`: unannotated code), and in a peer
+thread's work that stood for a blocking receive (the receive's stage). A sample stands
+for the time between its neighbours (half the interval on each side), not clipped to
+the span it falls in: clipping made a sample in a span shorter than the interval count
+for the span's length, and estimates came out low by interval / span length."""
 from __future__ import annotations
 
 import bisect
@@ -9,11 +16,13 @@ import importlib.util
 import linecache
 import re
 import sys
+import sysconfig
 from collections import defaultdict
 from dataclasses import dataclass
 
-from ..timeline import Span, Trace
-from .breakdown import MODEL_STAGES, Breakdown, is_host_side
+from ..names import A_CALLER
+from ..timeline import Sample, Span, Trace
+from .breakdown import GAP, MODEL_STAGES, Breakdown, StepCost, is_host_side
 from .index import TraceIndex
 
 EXAMPLE_STEPS = 5
@@ -32,6 +41,7 @@ class Call:
     source: str  # "span" (nested llmtrace span) or the foreign tool (e.g. "viztracer")
     host_side: bool  # host work (in a model stage: not model compute)
     span: Span | None = None  # the nested span (None for foreign events)
+    sample: Sample | None = None  # the stack sample it comes from (its stack, its time)
 
 
 @dataclass
@@ -84,15 +94,19 @@ class FunctionIndex:
     def __init__(self, index: TraceIndex, breakdown: Breakdown, trace: Trace):
         self.calls: list[Call] = []
         foreign = _foreign_by_thread(trace.foreign_events)
-        samples = _samples_by_thread(trace.samples)
+        self._samples = samples = _samples_by_thread(trace.samples)
         sampled: dict[tuple, dict[str, list[tuple]]] = defaultdict(lambda: defaultdict(list))
         for sc in breakdown.steps:
             for stage, s in sc.stage_spans:
                 self._nested(index, stage, s, sc.step)
                 self._foreign(foreign, stage, s, sc.step)
-                for smp, a, b in _inside(samples, s):  # clipped to the stage span
-                    sampled[(s.pid, s.tid)][(stage, s.name)].append(
-                        (sc.step, smp, max(a, s.start_ns), min(b, s.end_ns)))
+                for smp, a, b in _inside(samples, s.pid, s.tid, s.start_ns, s.end_ns):
+                    sampled[(s.pid, s.tid)][(stage, s.name)].append((sc.step, smp, a, b))
+            root = sc.root
+            windows = [(root.pid, root.tid, root.start_ns, root.end_ns, GAP)] + sc.peer_windows
+            for pid, tid, lo, hi, label in windows:
+                for smp, a, b in _outside_stages(samples, sc, pid, tid, lo, hi):
+                    sampled[(pid, tid)][(label, label)].append((sc.step, smp, a, b))
         for by_stage in sampled.values():
             self._sampled(by_stage)
 
@@ -112,7 +126,7 @@ class FunctionIndex:
                 for d, name in enumerate(stack):
                     if (d, name) not in enclosing:
                         self.calls.append(Call(stage, step, smp.pid, a, b, name, f"samples:{smp.source}",
-                                               stage not in MODEL_STAGES))
+                                               stage not in MODEL_STAGES, sample=smp))
 
     def _nested(self, index: TraceIndex, stage: str, s: Span, step: int) -> None:
         model = stage in MODEL_STAGES
@@ -131,6 +145,32 @@ class FunctionIndex:
             if end <= s.end_ns:
                 self.calls.append(Call(stage, step, s.pid, start, end, name, source, stage not in MODEL_STAGES))
             i += 1
+
+    def samples_in(self, c: Call) -> list[tuple[Sample, int, int]]:
+        """The stack samples (with their cells) a call holds: its own, or those inside its span."""
+        if c.sample is not None:
+            return [(c.sample, c.start, c.end)]
+        if c.span is None:
+            return []
+        return _inside(self._samples, c.span.pid, c.span.tid, c.span.start_ns, c.span.end_ns)
+
+    def responsible(self, calls: list[Call]) -> list[tuple[str, int]]:
+        """The program's own functions behind `calls` (the innermost frame of each sample
+        they hold that is the program's code, not a library's), with their sampled ns."""
+        per: dict[str, int] = defaultdict(int)
+        seen: set[int] = set()
+        for c in calls:
+            by = c.span.attrs.get(A_CALLER) if c.span is not None else None
+            if isinstance(by, str) and is_user_code(by):  # an instrumented call names its caller
+                per[by] += c.end - c.start
+                continue
+            for smp, a, b in self.samples_in(c):
+                if id(smp) not in seen:
+                    seen.add(id(smp))
+                    owner = next((n for n in reversed(_sampled_names(smp.stack)) if is_user_code(n)), None)
+                    if owner is not None:
+                        per[owner] += b - a
+        return sorted(per.items(), key=lambda kv: -kv[1])
 
     def select(self, pattern: re.Pattern | None = None, stage: str | None = None,
                host_side: bool | None = None) -> list[Call]:
@@ -161,9 +201,17 @@ def frame_name(frame: str) -> str:
 
 
 def _sampled_names(stack: tuple[str, ...]) -> tuple[str, ...]:
+    """The functions of a sampled stack, plus the innermost frame's line ('mod.func:LINE',
+    so a finding can name the line of an unannotated function) and the library call on
+    that line ('numpy.concatenate': a C call has no frame of its own)."""
+    stack = tuple(f for f in stack if not f.startswith("llmtrace."))  # instrumentation wrappers
     names = tuple(frame_name(f) for f in stack)
-    callee = line_callee(stack[-1]) if stack else None
-    return names + (callee,) if callee else names
+    if not stack:
+        return names
+    leaf = stack[-1].rsplit(":", 1)
+    line = (f"{names[-1]}:{leaf[1]}",) if len(leaf) == 2 and leaf[1].isdigit() else ()
+    callee = line_callee(stack[-1])
+    return names + line + ((callee,) if callee else ())
 
 
 _CALL = re.compile(r"\b((?:np|numpy|torch|pd|pandas|json|pickle|copy|gc)(?:\.\w+)+)\s*\(")
@@ -210,7 +258,9 @@ def _always(stacks: list[tuple[str, ...]]) -> set[tuple[int, str]]:
 def _samples_by_thread(samples) -> dict:
     """{(pid, tid): ([ts...], [(sample, start, end)...])}: each sample stands for the time from
     halfway to the previous sample of its thread to halfway to the next (irregular ticks,
-    e.g. a loaded machine, stay unbiased)."""
+    e.g. a loaded machine, stay unbiased), but never more than half the thread's median
+    interval on a side: a sample next to a long pause in sampling (samples taken only in
+    some spans, a call that held the GIL) does not stand for the pause."""
     rows = defaultdict(list)
     for smp in samples:
         rows[(smp.pid, smp.tid)].append(smp)
@@ -218,21 +268,40 @@ def _samples_by_thread(samples) -> dict:
     for key, lst in rows.items():
         lst.sort(key=lambda x: x.ts_ns)
         ts = [x.ts_ns for x in lst]
+        gaps = [b - a for a, b in zip(ts, ts[1:])]
+        half = sorted(gaps)[len(gaps) // 2] // 2 if gaps else 0
         cells = []
         for i, x in enumerate(lst):
-            before = (ts[i] - ts[i - 1]) // 2 if i else (ts[1] - ts[0]) // 2 if len(ts) > 1 else 0
-            after = (ts[i + 1] - ts[i]) // 2 if i + 1 < len(ts) else before
+            before = min(half, gaps[i - 1] // 2) if i else half
+            after = min(half, gaps[i] // 2) if i < len(gaps) else half
             cells.append((x, ts[i] - before, ts[i] + after))
         out[key] = (ts, cells)
     return out
 
 
-def _inside(by_thread: dict, s: Span):
-    rows = by_thread.get((s.pid, s.tid))
+def _inside(by_thread: dict, pid: int, tid: int, start: int, end: int):
+    rows = by_thread.get((pid, tid))
     if not rows:
         return []
-    lo, hi = bisect.bisect_left(rows[0], s.start_ns), bisect.bisect_left(rows[0], s.end_ns)
+    lo, hi = bisect.bisect_left(rows[0], start), bisect.bisect_left(rows[0], end)
     return rows[1][lo:hi]
+
+
+def _outside_stages(by_thread: dict, sc: StepCost, pid: int, tid: int, start: int, end: int):
+    """Samples of one thread in [start, end) that lie in none of the step's stage spans."""
+    union: list[list[int]] = []
+    for a, b in sorted((s.start_ns, s.end_ns) for _, s in sc.stage_spans if s.pid == pid and s.tid == tid):
+        if union and a <= union[-1][1]:
+            union[-1][1] = max(union[-1][1], b)
+        else:
+            union.append([a, b])
+    starts = [a for a, _ in union]
+    out = []
+    for row in _inside(by_thread, pid, tid, start, end):
+        i = bisect.bisect_right(starts, row[0].ts_ns) - 1
+        if i < 0 or row[0].ts_ns >= union[i][1]:
+            out.append(row)
+    return out
 
 
 def _foreign_by_thread(events: list[dict]) -> dict:
@@ -249,3 +318,25 @@ def _foreign_by_thread(events: list[dict]) -> dict:
         lst.sort()
         out[key] = ([r[0] for r in lst], lst)
     return out
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def is_user_code(name: str) -> bool:
+    """A function of the profiled program itself, not of the standard library, an installed
+    package or llmtrace: where a finding's fix goes. Judged by its top-level package; one
+    this interpreter cannot find is taken for the program's own."""
+    top = name.split(":", 1)[0].split(".", 1)[0]
+    if top == "__main__":
+        return True
+    if top in ("llmtrace", "<frozen") or top in sys.stdlib_module_names:
+        return False
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        spec = None
+    origin = (spec.origin or "") if spec is not None else ""
+    return not ("site-packages" in origin or "dist-packages" in origin or origin.startswith(_STDLIB)
+                or origin in ("built-in", "frozen"))
+
+
+_STDLIB = sysconfig.get_paths()["stdlib"]

@@ -23,10 +23,27 @@ class TraceIndex:
         for i in trace.instants:
             self.instants[i.name].append(i)
         self._counters: dict[str, tuple[list[int], list[float]]] = {}
+        self._top: dict[tuple[int, int], list[Span]] | None = None
         for c in trace.counters:
             ts, vals = self._counters.setdefault(c.name, ([], []))
             ts.append(c.ts_ns)
             vals.append(c.value)
+
+    def top_level(self, pid: int, tid: int) -> list[Span]:
+        """One thread's spans whose parent is not a span of that thread, by start."""
+        if self._top is None:
+            self._top = defaultdict(list)
+            for s in self.trace.spans:
+                p = self.by_id.get(s.parent_id)
+                if p is None or p.tid != s.tid or p.pid != s.pid:
+                    self._top[(s.pid, s.tid)].append(s)
+        return self._top.get((pid, tid), [])
+
+    def add_synthetic(self, root: Span, children: list[Span]) -> None:
+        """A step root the analyzer made up (an inferred step window): findable by id, with
+        `children` as its stages; not part of the trace."""
+        self.by_id[root.span_id] = root
+        self.children[root.span_id] = children
 
     def is_root(self, s: Span) -> bool:
         return s.parent_id not in self.by_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+from .. import names
 from ..timeline import Trace
 from .context import Context, saving_cells, saving_text
 from .rules import run_rules
@@ -11,6 +12,9 @@ from .rules import run_rules
 REPORT_VERSION = 1
 TOP_FUNCTIONS = 5
 OVERLAP_NOTE = "Each saving is estimated alone; findings can overlap, so savings do not simply add up."
+NO_STEPS = ("No step loop found (no `llmtrace.step()` spans, no step ids, no repeated model call). "
+            "Mark the serving loop with `for batch in llmtrace.steps(batches):` or `with llmtrace.step():`; "
+            "time per stage over the whole run:")
 
 
 def _stage_functions(ctx: Context, stage: str) -> list[dict]:
@@ -26,7 +30,29 @@ def _breakdown(ctx: Context) -> dict | None:
         return None
     for row in view["stages"]:
         row["top_functions"] = _stage_functions(ctx, row["name"])
-    return {**view, "decode": bd.view(bd.decode_steps()), "prefill": bd.view(bd.prefill_steps())}
+    return {**view, "decode": bd.view(bd.decode_steps()), "prefill": bd.view(bd.prefill_steps()),
+            "steps_from": _steps_from(ctx)}
+
+
+def _steps_from(ctx: Context) -> dict:
+    """How the steps were found, and what the report assumed, in words for the reader."""
+    found = ctx.breakdown.found
+    notes = [found.note] if found.note else []
+    if not any(isinstance(sc.root.attrs.get(k), (int, float)) for sc in ctx.steps
+               for k in (names.A_OUTPUT_TOKENS, names.A_BATCH, names.A_TOKENS)):
+        notes.append("no step recorded its tokens: one token per step assumed "
+                     "(`llmtrace.step(tokens=n)` or a `tokens` attr says how many)")
+    return {"source": found.profile.source, "idle_windows": found.idle_windows, "notes": notes}
+
+
+def _whole_run(ctx: Context) -> list[dict]:
+    """Without steps: where the run's time went, by stage (each thread's top-level spans)."""
+    totals: dict[str, int] = {}
+    threads = {(s.pid, s.tid) for s in ctx.trace.spans}
+    for pid, tid in threads:
+        for s in ctx.index.top_level(pid, tid):
+            totals[s.stage] = totals.get(s.stage, 0) + s.dur_ns
+    return [{"stage": k, "ms": round(v / 1e6, 3)} for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
 
 
 def _tracing(ctx: Context) -> dict:
@@ -55,6 +81,7 @@ def build_report(trace: Trace) -> dict:
         "version": REPORT_VERSION,
         "summary": ctx.metrics,
         "breakdown": _breakdown(ctx),
+        "whole_run": None if ctx.steps else _whole_run(ctx),
         "suggestions": [s.to_dict() for s in run_rules(ctx)],
         "tracing": _tracing(ctx),
         "meta": trace.meta,
@@ -109,10 +136,14 @@ def render_text(report: dict, color: bool = False, width: int = 130) -> str:
     console.print(summary)
     bd = report["breakdown"]
     if bd is None:
-        console.print("No steps found: spans need a `step` (engine steps or `llmtrace.span(..., step=i)`).")
+        console.print(escape(NO_STEPS))
+        for row in report.get("whole_run") or []:
+            console.print(f"  {row['stage']:<16} {row['ms']:>10.3f} ms")
     else:
         console.print(f"\n[bold]{escape(bd['headline'])}[/bold]  (overhead {bd['overhead_fraction']:.0%}, "
                       f"{bd['steps']} steps, {bd['tokens']} tokens)")
+        for note in bd.get("steps_from", {}).get("notes", []):
+            console.print(f"[dim]{escape(note)}[/dim]")
         for title, view in (("all steps", bd), ("decode", bd.get("decode")), ("prefill", bd.get("prefill"))):
             if view is None or (title != "all steps" and view["steps"] == bd["steps"]):
                 continue
@@ -156,9 +187,11 @@ def render_markdown(report: dict) -> str:
     bd = report["breakdown"]
     lines += ["", "## Per-token breakdown", ""]
     if bd is None:
-        lines.append("No steps found.")
+        lines.append(NO_STEPS)
+        lines += [""] + _md_table(("stage", "ms (whole run)"), [(r["stage"], r["ms"]) for r in report.get("whole_run") or []])
     else:
         lines += [f"**{bd['headline']}** (overhead {bd['overhead_fraction']:.0%})", ""]
+        lines += [f"_{note}_" for note in bd.get("steps_from", {}).get("notes", [])] + [""]
         lines += _md_table(STAGE_HEADER, _stage_rows(bd))
     lines += ["", "## Suggestions", ""]
     for i, s in enumerate(report["suggestions"], 1):

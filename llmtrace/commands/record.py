@@ -3,7 +3,10 @@ in all its Python processes, then write trace.json, report.json, report.md like 
 
 The program records from interpreter start without importing llmtrace: its environment
 puts llmtrace's bootstrap sitecustomize first on PYTHONPATH (`integrations.child_env`).
-Its own spans (`llmtrace.span`, `@llmtrace.trace`) are classified into stages by name.
+Its own spans (`llmtrace.span`, `@llmtrace.trace`) are classified into stages by name, and
+unless --no-auto every process is instrumented at the boundaries every serving stack has
+(`llmtrace.instrument()`: sockets, pipes, logging, sleep, serialization, torch's forward
+and host copies, tokenizers, HTTP handlers), so an unannotated program gets its stages.
 Deeper attribution: the in-process stack sampler (`--sample-hz`), py-spy from outside
 (`--py-spy`, falling back to the sampler where ptrace is not permitted) and viztracer
 inside chosen stages for a bounded number of steps (`--viztracer`).
@@ -49,7 +52,7 @@ def main(args) -> int:
         sample_hz = 0.0 if pyspy is not None else float(args.py_spy_rate)
     else:
         sample_hz = args.sample_hz
-    env = child_env(os.environ, out, sample_hz=sample_hz, gc=args.gc,
+    env = child_env(os.environ, out, sample_hz=sample_hz, gc=args.gc, auto=not args.no_auto,
                     viztracer=window.to_env() if window else None, pyspy_gate=pyspy.gate if pyspy else None)
     return _finish(out, command, _run(command, env, pyspy, float(args.py_spy_rate)))
 

@@ -18,12 +18,12 @@ PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath
 ENV_HOME = "LLMTRACE_HOME"
 
 
-def child_env(base: dict, out: str, *, sample_hz: float = 0.0, gc: bool = False,
+def child_env(base: dict, out: str, *, sample_hz: float = 0.0, gc: bool = False, auto: bool = False,
               viztracer: str | None = None, pyspy_gate: str | None = None) -> dict:
     """The environment that makes every Python process of a program record into `out`
     from interpreter start: the bootstrap directory first on PYTHONPATH (its
     sitecustomize configures llmtrace from these variables), plus the settings."""
-    from .. import ENV_ENABLED, ENV_GC, ENV_OUT, ENV_PROCESS_NAME, ENV_SAMPLE_HZ, ENV_TRACE_ID, context
+    from .. import ENV_AUTO, ENV_ENABLED, ENV_GC, ENV_OUT, ENV_PROCESS_NAME, ENV_SAMPLE_HZ, ENV_TRACE_ID, context
     from . import pyspy as pyspy_mod
     from . import viztracer as viztracer_mod
 
@@ -36,6 +36,7 @@ def child_env(base: dict, out: str, *, sample_hz: float = 0.0, gc: bool = False,
     env[ENV_TRACE_ID] = f"{context.trace_id:x}"
     env[ENV_SAMPLE_HZ] = str(sample_hz)
     env[ENV_GC] = "1" if gc else "0"
+    env[ENV_AUTO] = "1" if auto else "0"
     for stale in (ENV_PROCESS_NAME, viztracer_mod.ENV, pyspy_mod.ENV_GATE, pyspy_mod.ENV_ACTIVE):
         env.pop(stale, None)  # each process names itself; tools only where asked
     if viztracer:

@@ -3,11 +3,15 @@ there (argmax/softmax/sort in numpy) instead of sampling on the device and copyi
 
 Fingerprints, on the steps' critical path:
 - a span whose attr `d2h_bytes` (bytes the span copies device -> host; the engine's
-  `sampling` span records it) or `logits_bytes` is at least 1 KiB per sequence of the
-  step (`breakdown.moves_logits`): it moved logits, not ids;
+  `sampling` span records it), `logits_bytes` or `bytes` (automatic instrumentation's
+  `sync.wait` around Tensor.tolist/.cpu/.numpy, a transport send) is at least 1 KiB per
+  sequence of the step (`breakdown.moves_logits`): it moved logits, not ids;
 - a `sampling.host` span (host-side sampling nested in `sampling`);
 - function-level events inside the sampling stage: `Tensor.cpu`, `Tensor.numpy`,
   `Tensor.tolist`, numpy `argmax`/`argsort`/`exp`, softmax helpers, `host_sample`.
+- the program's functions that made such a copy (from the stack samples inside it),
+  where the host argmax / softmax over the copied rows runs, unless they also run the
+  model (the step loop itself).
 Saving per step: that host time minus what sampling on the device costs: the measured
 device time of `sampling` spans when the trace has some, else the logits read once at
 DEVICE_READ_BYTES_PER_S (GPU) or HOST_READ_BYTES_PER_S (CPU) plus one kernel launch.
@@ -16,14 +20,14 @@ from __future__ import annotations
 
 import re
 
-from ..breakdown import moves_logits
-from ..functions import Call, covered
+from ..breakdown import LOGITS_BYTES_ATTRS, MODEL_STAGES, moves_logits
+from ...names import A_CALLER
+from ..functions import Call, covered, is_user_code
 from ..stats import median
 
 ID = "full-logits-transfer"
 PATTERN = re.compile(r"^sampling\.host$|(^|\.)Tensor\.(cpu|numpy|tolist)$"
                      r"|(^|\.)(np|numpy)\.(argmax|argsort|exp|max|sum)$|(^|\.)(softmax|log_softmax|host_sample)$")
-BYTES_ATTRS = ("d2h_bytes", "logits_bytes")
 DEVICE_READ_BYTES_PER_S = 1.0e12  # conservative HBM read rate of a datacenter GPU
 HOST_READ_BYTES_PER_S = 1.0e10  # conservative DRAM read rate of one CPU core
 LAUNCH_NS = 20_000
@@ -32,7 +36,7 @@ LAUNCH_NS = 20_000
 def _logits_bytes(span, seqs: int) -> float | None:
     if not moves_logits(span, seqs):
         return None
-    return float(max(v for k in BYTES_ATTRS if isinstance(v := span.attrs.get(k), (int, float))))
+    return float(max(v for k in LOGITS_BYTES_ATTRS if isinstance(v := span.attrs.get(k), (int, float))))
 
 
 def _device_sampling_ns(ctx, logits_bytes: float | None) -> tuple[float, str]:
@@ -46,17 +50,22 @@ def _device_sampling_ns(ctx, logits_bytes: float | None) -> tuple[float, str]:
     return logits_bytes / HOST_READ_BYTES_PER_S * 1e9, "logits bytes at CPU read rate"
 
 
+def _transfer(s) -> bool:
+    """A copy or a send (not a receive, whose time is mostly waiting for the sender)."""
+    return not s.name.endswith((".recv", ".get"))
+
+
 def _host_sampling(ctx) -> tuple[list[Call], list[float]]:
     """Calls doing host-side sampling, and the logits sizes seen."""
     sizes, calls = [], []
     for sc in ctx.steps:
         for stage, s in sc.stage_spans:
-            b = _logits_bytes(s, sc.tokens)
+            b = _logits_bytes(s, sc.tokens) if _transfer(s) else None
             if b:
                 sizes.append(b)
                 calls.append(Call(stage, sc.step, s.pid, s.start_ns, s.end_ns, s.name, "span", True, s))
     for c in ctx.functions.select(host_side=True):
-        b = _logits_bytes(c.span, 1) if c.span is not None else None
+        b = _logits_bytes(c.span, 1) if c.span is not None and _transfer(c.span) else None
         if b or (c.stage == "sampling" and PATTERN.search(c.name)):
             calls.append(c)
             if b:
@@ -64,10 +73,21 @@ def _host_sampling(ctx) -> tuple[list[Call], list[float]]:
     return calls, sizes
 
 
+def _with_sampling_functions(ctx, calls: list[Call]) -> list[Call]:
+    """The transfers plus the program's functions that made them (the Python argmax over
+    the copied rows runs there), unless such a function also runs the model (the step
+    loop itself: only its transfer is the finding's)."""
+    model_side = {c.name for st in MODEL_STAGES for c in ctx.functions.select(stage=st) if c.sample is not None}
+    by = {c.span.attrs.get(A_CALLER) for c in calls if c.span is not None}  # named by the instrumentation
+    owners = {name for name in by if isinstance(name, str) and name not in model_side and is_user_code(name)}
+    return calls + [c for c in ctx.functions.select(host_side=True) if c.name in owners]
+
+
 def check(ctx):
     calls, sizes = _host_sampling(ctx)
     if not calls:
         return []
+    calls = _with_sampling_functions(ctx, calls)
     _, per_step = covered(calls)
     logits_bytes = median(sizes) if sizes else None
     device_ns, basis = _device_sampling_ns(ctx, logits_bytes)

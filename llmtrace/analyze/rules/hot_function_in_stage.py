@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 
-from ..functions import covered
 
 ID = "hot-function-in-stage"
 MIN_STAGE_SHARE = 0.05
@@ -29,21 +28,15 @@ IDLE = re.compile(r"(^|\.)(select|poll|epoll|wait|wait_for|sleep|acquire|recv|re
 OWN = re.compile(r"^llmtrace\.")
 
 
-def _unexplained(ctx, calls, claimed) -> int:
-    """Time of `calls` not overlapped by `claimed` calls."""
-    return covered(calls + claimed)[0] - covered(claimed)[0]
-
-
 def _stage_findings(ctx, stage: str, stage_ms: float) -> list[tuple]:
     host = ctx.functions.select(stage=stage, host_side=True)
-    claimed = [c for c in host if c.name in ctx.claimed]
     by_name: dict[str, list] = {}
     for c in host:
         if c.name not in ctx.claimed and not IDLE.search(c.name) and not OWN.search(c.name):
             by_name.setdefault(c.name, []).append(c)
     found = []
     for name, calls in by_name.items():
-        ms = ctx.ms_per_token(_unexplained(ctx, calls, claimed))
+        ms = ctx.ms_per_token(ctx.unexplained(calls)[1])
         if stage_ms and ms / stage_ms >= MIN_FUNCTION_SHARE:
             found.append((ms, name, calls))
     found.sort(key=lambda f: -f[0])

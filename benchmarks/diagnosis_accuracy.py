@@ -1,0 +1,129 @@
+"""How well `llmtrace record` diagnoses serving programs it did not write
+(examples/pipelines/, none of which imports llmtrace).
+
+For each pipeline and each planted mistake:
+  truth     the mistake's cost per token: the program run untraced with every mistake on
+            and with that one off (PLANT_<NAME>=0), interleaved, --repeats times each;
+            ms/token = wall time / output tokens; the saving is the difference of medians
+  found     in how many of --recordings recordings (`llmtrace record`, no change to the
+            program, every mistake on) a suggestion of the expected rule names the
+            program's function responsible (evidence "responsible" or "function")
+  estimate  that suggestion's est_saving_ms_per_token, median over the recordings
+  false +   expected-rule suggestions in recordings of the clean variant (PIPELINE_CLEAN=1)
+Goal (issue 14): every mistake found with its function, its estimate within 25% of the
+truth or 0.3 ms/token, none on the clean variants, the same findings in every recording.
+
+    python benchmarks/diagnosis_accuracy.py [--repeats 3] [--recordings 3] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PIPELINES = os.path.join(ROOT, "examples", "pipelines")
+# pipeline -> (its arguments, {planted mistake: (rule ids that diagnose it, function responsible)})
+CORPUS = {
+    "thread_queue_server": (["--requests", "32"], {
+        "log_arrays": (("log-in-hot-path",), "Engine.step"),
+        "host_argmax": (("full-logits-transfer",), "Engine.argmax_on_host"),
+        "poll_sleep": (("polling-sleep",), "Engine.admit"),
+    }),
+    "tcp_master_agent": (["--requests", "16"], {
+        "nagle": (("tcp-nodelay",), None),
+        "json_logits": (("serialization-in-hot-path", "full-logits-transfer"), "send_frame"),
+        "concat_padding": (("concat-padding",), "Master.pad"),
+        "log_arrays": (("log-in-hot-path",), "Master.step"),
+    }),
+}
+
+
+def run_untraced(pipeline: str, args: list[str], env: dict) -> float:
+    """ms per output token of one untraced run."""
+    out = subprocess.run([sys.executable, os.path.join(PIPELINES, pipeline + ".py"), *args], capture_output=True,
+                         text=True, env={**os.environ, **env}, check=True, timeout=600).stdout
+    r = json.loads(out.strip().splitlines()[-1])
+    return 1000 * r["seconds"] / r["tokens"]
+
+
+def truth(pipeline: str, args: list[str], mistakes: list[str], repeats: int) -> dict:
+    """{mistake: (saving ms/token, spread)}: all-on vs that one off, interleaved."""
+    runs: dict[str, list[float]] = {m: [] for m in ["all", *mistakes]}
+    for _ in range(repeats):
+        for m in runs:
+            runs[m].append(run_untraced(pipeline, args, {} if m == "all" else {f"PLANT_{m.upper()}": "0"}))
+    on = statistics.median(runs["all"])
+    return {m: (on - statistics.median(runs[m]), max(runs[m]) - min(runs[m])) for m in mistakes} | {
+        "_all": (on, max(runs["all"]) - min(runs["all"]))}
+
+
+def record(pipeline: str, args: list[str], env: dict) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        subprocess.run([sys.executable, "-m", "llmtrace.cli", "record", "--out", out, "--", sys.executable,
+                        os.path.join(PIPELINES, pipeline + ".py"), *args], capture_output=True, text=True,
+                       env={**os.environ, **env}, check=True, timeout=600)
+        with open(os.path.join(out, "report.json")) as f:
+            return json.load(f)
+
+
+def named(s: dict, function: str | None) -> bool:
+    if function is None:
+        return True
+    ev = s["evidence"]
+    names = [r["function"] for r in ev.get("responsible", [])] + [ev.get("function") or ""]
+    names += [f["name"] for f in ev.get("functions", [])]
+    return any(function in n for n in names)
+
+
+def diagnose(report: dict, rules: tuple, function: str | None) -> float | None:
+    """The best matching suggestion's saving, or None when the mistake was not found."""
+    hits = [s for s in report["suggestions"] if s["id"] in rules and named(s, function)]
+    return max(s["est_saving_ms_per_token"] for s in hits) if hits else None
+
+
+def evaluate(pipeline: str, repeats: int, recordings: int) -> list[dict]:
+    args, mistakes = CORPUS[pipeline]
+    true = truth(pipeline, args, list(mistakes), repeats)
+    reports = [record(pipeline, args, {}) for _ in range(recordings)]
+    clean = record(pipeline, args, {"PIPELINE_CLEAN": "1"})
+    rows = []
+    for m, (rules, function) in mistakes.items():
+        est = [e for e in (diagnose(r, rules, function) for r in reports) if e is not None]
+        saving, spread = true[m]
+        median_est = statistics.median(est) if est else None
+        rows.append({"pipeline": pipeline, "mistake": m, "rules": list(rules), "function": function,
+                     "truth_ms": saving, "truth_spread_ms": spread, "found": len(est), "recordings": recordings,
+                     "estimate_ms": median_est,
+                     "within_goal": median_est is not None and abs(median_est - saving) <= max(0.25 * saving, 0.3),
+                     "false_positive": any(s["id"] in rules for s in clean["suggestions"])})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3, help="untraced runs per variant (default 3)")
+    ap.add_argument("--recordings", type=int, default=3, help="recordings of each pipeline (default 3)")
+    ap.add_argument("--pipelines", nargs="+", default=list(CORPUS), choices=list(CORPUS))
+    ap.add_argument("--json", help="also write the rows here")
+    args = ap.parse_args(argv)
+    rows = [r for p in args.pipelines for r in evaluate(p, args.repeats, args.recordings)]
+    print("| pipeline | mistake | rule | truth ms/token (spread) | estimate | found | within goal | false + on clean |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        est = f"{r['estimate_ms']:.3f}" if r["estimate_ms"] is not None else "-"
+        print(f"| {r['pipeline']} | {r['mistake']} | {'/'.join(r['rules'])} | {r['truth_ms']:.3f} "
+              f"({r['truth_spread_ms']:.3f}) | {est} | {r['found']}/{r['recordings']} | "
+              f"{'yes' if r['within_goal'] else 'no'} | {'YES' if r['false_positive'] else 'no'} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""What the example pipelines share and llmtrace does not provide: a tiny random-weight
+torch language model, the repo's sentencepiece tokenizer, a load generator, and the
+switches for the planted mistakes. None of the pipelines imports llmtrace.
+
+Mistakes are on by default and switched off one by one with PLANT_<NAME>=0, or all at
+once with PIPELINE_CLEAN=1 (the clean variant)."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import urllib.request
+
+import sentencepiece
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOKENIZER = os.path.join(HERE, "..", "..", "engine", "assets", "tokenizer.model")
+VOCAB = 8000  # the shipped sentencepiece model's vocabulary
+EOS = 2
+
+
+def planted(name: str) -> bool:
+    """Whether mistake `name` is switched on (PLANT_<NAME>, default on; PIPELINE_CLEAN=1 off)."""
+    if os.environ.get("PIPELINE_CLEAN") == "1":
+        return False
+    return os.environ.get(f"PLANT_{name.upper()}", "1") != "0"
+
+
+def tokenizer() -> sentencepiece.SentencePieceProcessor:
+    return sentencepiece.SentencePieceProcessor(model_file=TOKENIZER)
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding, a few residual MLP blocks over the last token, and an LM head: enough
+    compute to look like a model step on a CPU (a few ms at batch 8)."""
+
+    def __init__(self, hidden: int = 512, layers: int = 4, vocab: int = VOCAB, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(hidden, 2 * hidden), torch.nn.GELU(),
+                                                              torch.nn.Linear(2 * hidden, hidden))
+                                          for _ in range(layers))
+        self.head = torch.nn.Linear(hidden, vocab)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [batch, tokens] -> logits of the last position [batch, vocab]."""
+        x = self.embed(input_ids).mean(dim=1)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+PROMPTS = ["The quick brown fox jumps over the lazy dog", "Tell me a story about a robot",
+           "What is the capital of France", "Write a poem about the sea", "Explain attention in transformers",
+           "How do I cook rice", "List three prime numbers", "Summarize the plot of Hamlet"]
+
+
+def drive(url: str, requests: int, concurrency: int, max_tokens: int) -> dict:
+    """POST `requests` generate calls, `concurrency` at a time; returns {tokens, seconds}."""
+    lock, done, tokens = threading.Lock(), [0], [0]
+
+    def worker(k: int) -> None:
+        while True:
+            with lock:
+                if done[0] >= requests:
+                    return
+                i = done[0]
+                done[0] += 1
+            body = json.dumps({"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens}).encode()
+            req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                n = len(json.loads(r.read())["token_ids"])
+            with lock:
+                tokens[0] += n
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"tokens": tokens[0], "seconds": time.perf_counter() - t0}

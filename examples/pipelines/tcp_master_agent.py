@@ -1,0 +1,216 @@
+"""The motivating stack's shape: an HTTP front end and a scheduler (the master) in one
+process, the model in an agent process reached over TCP, token ids passed through shared
+memory. Each step the master writes the batch's token windows into the shared block,
+sends a small header frame, and waits for the agent's reply with the next token ids.
+
+    python examples/pipelines/tcp_master_agent.py [--requests 32 --concurrency 8]
+    llmtrace record -- python examples/pipelines/tcp_master_agent.py
+
+Planted mistakes (on by default; PLANT_<NAME>=0 switches one off, PIPELINE_CLEAN=1 all):
+  nagle          the socket keeps Nagle's algorithm and frames go out as two writes
+                 (length, then body): the classic write-write-read stall
+  json_logits    the agent replies with the full logits rows as JSON and the master
+                 takes the argmax in Python
+  concat_padding the master pads each sequence's window with np.concatenate
+  log_arrays     the master logs the padded batch with %-formatting of the array
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from multiprocessing import resource_tracker, shared_memory
+
+import numpy as np
+from common import EOS, drive, planted, tokenizer
+
+log = logging.getLogger("tcp_master_agent")
+WINDOW, MAX_BATCH = 16, 8
+HEADER = struct.Struct("<I")
+
+
+def send_frame(sock: socket.socket, obj: dict, split: bool) -> None:
+    body = json.dumps(obj).encode()
+    if split:  # two small writes: with Nagle on, the second waits for the peer's delayed ACK
+        sock.sendall(HEADER.pack(len(body)))
+        sock.sendall(body)
+    else:
+        sock.sendall(HEADER.pack(len(body)) + body)
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("peer closed")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_frame(sock: socket.socket) -> dict:
+    (n,) = HEADER.unpack(recv_exact(sock, HEADER.size))
+    return json.loads(recv_exact(sock, n))
+
+
+# ---------------------------------------------------------------- agent process
+
+def agent_main(port: int, shm_name: str) -> None:
+    import torch
+    from common import TinyLM
+
+    torch.set_num_threads(1)
+    model = TinyLM()
+    shm = shared_memory.SharedMemory(name=shm_name)
+    resource_tracker.unregister(shm._name, "shared_memory")  # the master owns (and unlinks) it
+    ids = np.ndarray((MAX_BATCH, WINDOW), dtype=np.int64, buffer=shm.buf)
+    sock = socket.create_connection(("127.0.0.1", port))
+    nagle = planted("nagle")
+    if not nagle:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    json_logits = planted("json_logits")
+    with torch.no_grad():
+        while True:
+            msg = recv_frame(sock)
+            if msg.get("stop"):
+                break
+            logits = model(torch.from_numpy(ids[:msg["batch"]].copy()))
+            reply = {"logits": logits.tolist()} if json_logits else {"ids": logits.argmax(dim=-1).tolist()}
+            send_frame(sock, reply, split=nagle)
+    del ids
+    shm.close()
+
+
+# ---------------------------------------------------------------- master process
+
+class Request:
+    def __init__(self, prompt_ids: list[int], max_tokens: int):
+        self.ids, self.max_tokens, self.out = list(prompt_ids), max_tokens, []
+        self.done = threading.Event()
+
+
+class Master(threading.Thread):
+    def __init__(self, sock: socket.socket, shm: shared_memory.SharedMemory):
+        super().__init__(name="scheduler", daemon=True)
+        self.sock, self.shm = sock, shm
+        self.ids = np.ndarray((MAX_BATCH, WINDOW), dtype=np.int64, buffer=shm.buf)
+        self.pending: list[Request] = []
+        self.lock = threading.Condition()
+        self.running: list[Request] = []
+        self.nagle, self.concat, self.log_arrays = planted("nagle"), planted("concat_padding"), planted("log_arrays")
+
+    def submit(self, req: Request) -> None:
+        with self.lock:
+            self.pending.append(req)
+            self.lock.notify()
+
+    def run(self) -> None:
+        while True:
+            with self.lock:
+                while not self.pending and not self.running:
+                    self.lock.wait()
+                take = MAX_BATCH - len(self.running)
+                self.running += self.pending[:take]
+                del self.pending[:take]
+            self.step()
+
+    def pad(self, seq: list[int]) -> np.ndarray:
+        tail = np.asarray(seq[-WINDOW:], dtype=np.int64)
+        if self.concat:
+            row = np.zeros(0, dtype=np.int64)
+            for t in tail:  # grows the row one element at a time
+                row = np.concatenate([row, np.array([t], dtype=np.int64)])
+            return np.concatenate([row, np.zeros(WINDOW - len(row), dtype=np.int64)])
+        out = np.zeros(WINDOW, dtype=np.int64)
+        out[:len(tail)] = tail
+        return out
+
+    def step(self) -> None:
+        batch = np.stack([self.pad(r.ids) for r in self.running])
+        if self.log_arrays:
+            log.debug("batch %s" % batch)
+        self.ids[:len(batch)] = batch
+        send_frame(self.sock, {"batch": len(batch)}, split=self.nagle)
+        reply = recv_frame(self.sock)
+        if "logits" in reply:
+            next_ids = [max(range(len(row)), key=row.__getitem__) for row in reply["logits"]]
+        else:
+            next_ids = reply["ids"]
+        still = []
+        for r, t in zip(self.running, next_ids):
+            r.ids.append(t)
+            r.out.append(t)
+            if len(r.out) >= r.max_tokens or t == EOS:
+                r.done.set()
+            else:
+                still.append(r)
+        self.running = still
+
+
+def make_handler(master: Master, sp):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            req = Request(sp.encode(body["prompt"]), int(body.get("max_tokens", 16)))
+            master.submit(req)
+            req.done.wait()
+            out = json.dumps({"text": sp.decode(req.out), "token_ids": req.out}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    return Handler
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--agent", nargs=2, metavar=("PORT", "SHM"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.agent:
+        agent_main(int(args.agent[0]), args.agent[1])
+        return
+    shm = shared_memory.SharedMemory(create=True, size=MAX_BATCH * WINDOW * 8)
+    listener = socket.create_server(("127.0.0.1", 0))
+    agent = subprocess.Popen([sys.executable, __file__, "--agent", str(listener.getsockname()[1]), shm.name])
+    try:
+        sock, _ = listener.accept()
+        if not planted("nagle"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        master = Master(sock, shm)
+        master.start()
+        server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(master, tokenizer()))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        result = drive(f"http://127.0.0.1:{server.server_address[1]}/generate", args.requests, args.concurrency,
+                       args.max_tokens)
+        server.shutdown()
+        with master.lock:
+            send_frame(sock, {"stop": True}, split=False)
+        agent.wait(timeout=30)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        del master.ids
+        shm.close()
+        shm.unlink()
+    print(json.dumps({"pipeline": "tcp_master_agent", **result,
+                      "tok_s": round(result["tokens"] / result["seconds"], 1)}))
+
+
+if __name__ == "__main__":
+    main()

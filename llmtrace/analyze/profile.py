@@ -1,0 +1,169 @@
+"""Which spans of a trace play which part in its serving loop: the pipeline profile.
+
+A pipeline declares its profile (the engine does, in its process resource
+`llmtrace.profile`: `{"roots": [...], "waits": [...], "remote_roots": [...]}`), or the
+analyzer infers one, in this order:
+  1. `step` spans (`llmtrace.step()` / `llmtrace.steps()`): each is a step;
+  2. spans carrying step ids: per step id, its longest top-level span;
+  3. a repeated span that holds about one model-stage span each (not an HTTP handler
+     that holds a whole request's decode loop);
+  4. the cadence of the model stage: on each thread that runs `forward`, one step from
+     the start of one outermost forward to the start of the next (its tail: the spans
+     that follow the last one). A window longer than IDLE_FACTOR times the thread's
+     median held an idle wait for new work and is left out (counted in the profile).
+Steps of kind 4 are synthetic root spans (named `step`, stage `step`) whose children are
+the thread's top-level spans in the window. Tokens per step: the root's `tokens`/`batch`
+attrs, else the batch of its forward (auto-instrumentation records it), else one.
+"""
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from .. import names
+from ..timeline import Span
+from .index import TraceIndex
+
+IDLE_FACTOR = 3.0  # a cadence window this many medians long held an idle wait
+ONE_MODEL_SPAN = 1.5  # a repeated span holding more model spans than this on average is no step
+_SYNTHETIC_ID = 1 << 62
+
+
+@dataclass(frozen=True)
+class Profile:
+    roots: tuple[str, ...] = ()  # step root span names (empty: by step ids or inferred)
+    waits: tuple[str, ...] = ()  # spans in a root that wait for a remote root (the engine's agent.wait)
+    remote_roots: tuple[str, ...] = ()  # the remote step spans that stand for a wait (agent.step)
+    model_stages: tuple[str, ...] = names.MODEL_STAGES
+    source: str = "declared"  # declared | step-spans | step-ids | repeated-span | model-cadence | none
+
+    @classmethod
+    def from_resource(cls, d: dict) -> "Profile":
+        return cls(tuple(d.get("roots", ())), tuple(d.get("waits", ())), tuple(d.get("remote_roots", ())),
+                   tuple(d.get("model_stages", names.MODEL_STAGES)))
+
+    def to_resource(self) -> dict:
+        return {"roots": list(self.roots), "waits": list(self.waits), "remote_roots": list(self.remote_roots),
+                "model_stages": list(self.model_stages)}
+
+
+@dataclass
+class Steps:
+    """The step roots the breakdown walks, and how they were found."""
+
+    profile: Profile
+    roots: list[tuple[int, Span]] = field(default_factory=list)
+    idle_windows: int = 0  # cadence windows left out for holding idle time
+    note: str = ""  # said in the report when the steps were inferred
+
+
+def declared(index: TraceIndex) -> Profile | None:
+    for p in index.trace.processes.values():
+        d = p.resource.get(names.R_PROFILE)
+        if isinstance(d, dict) and d.get("roots"):
+            return Profile.from_resource(d)
+    return None
+
+
+def find_steps(index: TraceIndex) -> Steps:
+    profile = declared(index)
+    if profile is not None:
+        roots = _longest_per_step([s for n in profile.roots for s in index.by_name.get(n, ()) if s.step >= 0])
+        if roots:  # a declared profile whose roots were not recorded: infer as for anyone else
+            return Steps(profile, roots)
+    marked = [s for s in index.by_name.get(names.STEP, ()) if s.step >= 0 and s.stage == names.STEP]
+    if marked:
+        return Steps(Profile(source="step-spans"), _longest_per_step(marked))
+    with_ids = [s for s in index.trace.spans if s.step >= 0 and index.is_root(s)]
+    if with_ids:
+        return Steps(Profile(source="step-ids"), _longest_per_step(with_ids))
+    repeated = _repeated_roots(index)
+    if repeated:
+        return Steps(Profile(source="repeated-span"), repeated,
+                     note=f"steps inferred: each `{repeated[0][1].name}` span is one step (no step ids recorded)")
+    return _model_cadence(index)
+
+
+def _longest_per_step(cand: list[Span]) -> list[tuple[int, Span]]:
+    best: dict[int, Span] = {}
+    for s in cand:
+        cur = best.get(s.step)
+        if cur is None or s.dur_ns > cur.dur_ns:
+            best[s.step] = s
+    return sorted(best.items(), key=lambda kv: kv[1].start_ns)
+
+
+def _model_spans(index: TraceIndex, under: Span) -> int:
+    return sum(1 for d in index.descendants(under) if d.stage in names.MODEL_STAGES)
+
+
+def _repeated_roots(index: TraceIndex) -> list[tuple[int, Span]]:
+    """Top-level spans of the most repeated name that hold about one model span each."""
+    by_name: dict[str, list[Span]] = defaultdict(list)
+    for s in index.trace.spans:
+        if index.is_root(s) and s.stage not in names.MODEL_STAGES and index.children.get(s.span_id):
+            by_name[s.name].append(s)
+    for name in sorted(by_name, key=lambda n: -len(by_name[n])):
+        spans = by_name[name]
+        if len(spans) < 2:
+            break
+        model = sum(_model_spans(index, s) for s in spans)
+        if 0 < model <= ONE_MODEL_SPAN * len(spans) or (model == 0 and not index.by_stage.get(names.FORWARD)):
+            return list(enumerate(spans))
+    return []
+
+
+def _outermost_forwards(index: TraceIndex) -> dict[tuple[int, int], list[Span]]:
+    by_thread: dict[tuple[int, int], list[Span]] = defaultdict(list)
+    for s in index.by_stage.get(names.FORWARD, ()):
+        parent = index.by_id.get(s.parent_id)
+        while parent is not None and parent.stage != names.FORWARD:
+            parent = index.by_id.get(parent.parent_id)
+        if parent is None:
+            by_thread[(s.pid, s.tid)].append(s)
+    return by_thread
+
+
+def _model_cadence(index: TraceIndex) -> Steps:
+    threads = _outermost_forwards(index)
+    steps = Steps(Profile(source="model-cadence"))
+    if not any(len(f) >= 2 for f in threads.values()):
+        steps.profile = Profile(source="none")
+        return steps
+    windows = []
+    for (pid, tid), fwds in threads.items():
+        if len(fwds) < 2:
+            continue
+        top = index.top_level(pid, tid)
+        starts = [f.start_ns for f in fwds]
+        tail_end = max((s.end_ns for s in top if s.start_ns >= starts[-1]), default=fwds[-1].end_ns)
+        bounds = list(zip(starts, starts[1:] + [tail_end]))
+        usual = statistics.median(b - a for a, b in bounds[:-1])
+        for a, b in bounds:
+            if b - a > IDLE_FACTOR * usual:
+                steps.idle_windows += 1
+                continue
+            windows.append((a, b, pid, tid, [s for s in top if s.start_ns < b and s.end_ns > a]))
+    windows.sort(key=lambda w: w[0])
+    for n, (a, b, pid, tid, children) in enumerate(windows):
+        root = Span(names.STEP, names.STEP, pid, tid, a, b, _SYNTHETIC_ID | n, step=n,
+                    attrs=_window_tokens(children))
+        index.add_synthetic(root, children)
+        steps.roots.append((n, root))
+    steps.note = ("steps inferred from the model's cadence: one per outermost `forward` on its thread "
+                  "(mark the loop with `llmtrace.steps(...)` to say where a step starts)")
+    if steps.idle_windows:
+        n = steps.idle_windows
+        steps.note += f"; {n} window{'s' if n != 1 else ''} holding idle waits left out"
+    return steps
+
+
+def _window_tokens(children: list[Span]) -> dict:
+    """A synthetic step's tokens: its forward's batch (one token per sequence)."""
+    for s in children:
+        if s.stage == names.FORWARD:
+            b = s.attrs.get(names.A_BATCH)
+            if isinstance(b, int) and b > 0:
+                return {names.A_BATCH: b}
+    return {}

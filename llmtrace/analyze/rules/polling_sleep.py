@@ -1,0 +1,30 @@
+"""`polling-sleep`: the step loop sleeps (time.sleep / asyncio.sleep) on its critical path,
+typically polling for work or waiting "for more requests to batch".
+
+Fingerprint: spans of stage `sleep` (automatic instrumentation wraps time.sleep and
+asyncio.sleep) inside steps, on the critical path; the functions that sleep come from
+the stack samples taken during them.
+Saving: their time per token: a loop that blocks on its queue or event instead wakes
+the moment work arrives, and a step never waits on a clock.
+"""
+from __future__ import annotations
+
+from ... import names
+
+ID = "polling-sleep"
+
+
+def check(ctx):
+    found = ctx.stage_cost(names.SLEEP)
+    if found is None:
+        return []
+    ms, steps, ev = found
+    ctx.claim(f["name"] for f in ev["functions"])
+    where = f" in {ev['functions'][0]['name']}" if ev["functions"] else ""
+    return [ctx.suggestion(
+        ID, f"The step loop sleeps{where}: {ms:.2f} ms/token in {len(steps)} steps", names.SLEEP,
+        {**ev, "ms_per_token": round(ms, 4)}, ms,
+        "Do not sleep on the step path: block on the work queue with a timeout (queue.get(timeout=...), "
+        "threading.Condition.wait, asyncio.Event / asyncio.Queue.get) so the loop wakes as soon as a request "
+        "arrives; to batch arrivals, take what is queued now and let continuous batching add the rest at "
+        "the next step instead of waiting a fixed time.")]

@@ -1,0 +1,29 @@
+"""`serialization-in-hot-path`: encoding or decoding messages (json, pickle, msgpack,
+orjson) on the step's critical path, typically whole arrays (logits, hidden states,
+token lists) converted to Python objects and text for a transport.
+
+Fingerprint: spans of stage `serialize` (automatic instrumentation wraps json/pickle/
+msgpack/orjson dumps and loads) inside steps, on the critical path.
+Saving: their time per token: send only what the receiver needs (the sampled ids, not
+the logits), as raw buffers (numpy `tobytes`, shared memory) instead of text.
+"""
+from __future__ import annotations
+
+from ... import names
+
+ID = "serialization-in-hot-path"
+
+
+def check(ctx):
+    found = ctx.stage_cost(names.SERIALIZE)
+    if found is None:
+        return []
+    ms, steps, ev = found
+    ctx.claim(f["name"] for f in ev["functions"])
+    return [ctx.suggestion(
+        ID, f"Serializing messages costs {ms:.2f} ms/token ({ev['spans']} encode/decode calls "
+            f"in {len(steps)} steps)", names.SERIALIZE,
+        {**ev, "ms_per_token": round(ms, 4)}, ms,
+        "Move less and encode it cheaply: send token ids instead of logits or hidden states, pass arrays "
+        "as raw bytes (ndarray.tobytes / np.frombuffer, torch shared memory, multiprocessing.shared_memory) "
+        "with a small header, and keep json/pickle for control messages off the per-step path.")]

@@ -1,0 +1,59 @@
+"""Python-level costs every stack can have: log records (`logging`: Logger._log runs only
+for enabled levels, with formatting and handlers), sleeps (`sleep`: time.sleep,
+asyncio.sleep; a sleep inside a step is a polling loop), and serialization (`serialize`:
+json, pickle, msgpack, orjson encode and decode)."""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+from .. import names, recorder
+from .caller import caller
+from .patching import on_import, replace
+
+
+def _traced(name: str, stage: str):
+    return lambda orig: recorder.traced(orig, name, stage)
+
+
+def _async_sleep(orig):
+    @functools.wraps(orig)
+    async def sleep(delay, *args, **kwargs):
+        if not recorder.is_enabled():
+            return await orig(delay, *args, **kwargs)
+        with recorder.span("sleep.async", stage=names.SLEEP):
+            return await orig(delay, *args, **kwargs)
+
+    return sleep
+
+
+def _codec(name: str):
+    """A serialize span naming its caller: the C encoders hold the GIL, so no stack sample
+    ever lands inside them."""
+    def wrap(orig):
+        @functools.wraps(orig)
+        def codec(*args, **kwargs):
+            if not recorder.is_enabled():
+                return orig(*args, **kwargs)
+            with recorder.span(name, stage=names.SERIALIZE, **{names.A_CALLER: caller()}):
+                return orig(*args, **kwargs)
+        return codec
+    return wrap
+
+
+def _patch_encoders(mod, pairs) -> None:
+    for attr, name in pairs:
+        replace(mod, attr, _codec(name))
+
+
+def install() -> None:
+    replace(logging.Logger, "_log", _traced("logging", names.LOGGING))
+    replace(time, "sleep", _traced("sleep", names.SLEEP))
+    on_import("asyncio.tasks", lambda mod: replace(mod, "sleep", _async_sleep))
+    on_import("asyncio", lambda mod: replace(mod, "sleep", _async_sleep))
+    codecs = (("dumps", "serialize.encode"), ("loads", "serialize.decode"))
+    for module in ("json", "pickle", "orjson"):  # patched where the program uses them; llmtrace unpickles nothing
+        on_import(module, lambda mod: _patch_encoders(mod, codecs))
+    on_import("msgpack", lambda mod: _patch_encoders(mod, (("packb", "serialize.encode"),
+                                                            ("unpackb", "serialize.decode"))))

@@ -1,0 +1,97 @@
+"""Transport boundaries: sockets (stage `tcp`, or `ipc` for Unix sockets) with bytes and,
+on TCP, the socket's TCP_NODELAY; multiprocessing connections and queues and pyzmq
+sockets (`ipc`). A receive span that blocks is the time the process waited for its peer,
+which the analyzer replaces by what the peer did meanwhile (analyze/profile.py)."""
+from __future__ import annotations
+
+import socket
+
+from .. import names, recorder
+from .caller import caller
+from .patching import on_import, replace
+
+_TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
+def _stage(sock) -> str:
+    return names.TCP if sock.family in _TCP_FAMILIES else names.IPC
+
+
+def _nbytes(data) -> int:
+    n = getattr(data, "nbytes", None)
+    return n if n is not None else len(data)
+
+
+def _nodelay(sock) -> int:
+    try:
+        return int(bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
+    except OSError:
+        return -1
+
+
+def _sender(orig):
+    def send(sock, data, *args):
+        if not recorder.is_enabled():
+            return orig(sock, data, *args)
+        stage = _stage(sock)
+        attrs = {names.A_BYTES: _nbytes(data), names.A_CALLER: caller()}
+        if stage == names.TCP and sock.type == socket.SOCK_STREAM:
+            attrs[names.A_NODELAY] = _nodelay(sock)
+        with recorder.span(stage + ".send", stage=stage, **attrs):
+            return orig(sock, data, *args)
+
+    return send
+
+
+def _receiver(orig, counts_result: bool):
+    def recv(sock, *args, **kwargs):
+        if not recorder.is_enabled():
+            return orig(sock, *args, **kwargs)
+        stage = _stage(sock)
+        with recorder.span(stage + ".recv", stage=stage) as sp:
+            got = orig(sock, *args, **kwargs)
+            n = got if counts_result else len(got[0] if isinstance(got, tuple) else got)
+            sp.set(**{names.A_BYTES: n})
+            return got
+
+    return recv
+
+
+def install_sockets() -> None:
+    cls = socket.socket
+    for attr in ("send", "sendall", "sendto"):
+        replace(cls, attr, _sender)
+    for attr in ("recv", "recvfrom"):
+        replace(cls, attr, lambda orig: _receiver(orig, counts_result=False))
+    for attr in ("recv_into", "recvfrom_into"):
+        replace(cls, attr, lambda orig: _receiver(orig, counts_result=True))
+
+
+def _traced(name: str):
+    return lambda orig: recorder.traced(orig, name, names.IPC)
+
+
+def _patch_connection(mod) -> None:
+    base = mod._ConnectionBase
+    for attr, name in (("send", "ipc.send"), ("send_bytes", "ipc.send"), ("recv", "ipc.recv"),
+                       ("recv_bytes", "ipc.recv"), ("recv_bytes_into", "ipc.recv")):
+        replace(base, attr, _traced(name))
+
+
+def _patch_queues(mod) -> None:
+    for attr, name in (("put", "ipc.put"), ("get", "ipc.get")):
+        replace(mod.Queue, attr, _traced(name))
+
+
+def _patch_zmq(mod) -> None:
+    cls = mod.Socket
+    for attr, name in (("send", "ipc.send"), ("send_multipart", "ipc.send"), ("recv", "ipc.recv"),
+                       ("recv_multipart", "ipc.recv")):
+        replace(cls, attr, _traced(name))
+
+
+def install() -> None:
+    install_sockets()
+    on_import("multiprocessing.connection", _patch_connection)
+    on_import("multiprocessing.queues", _patch_queues)
+    on_import("zmq.sugar.socket", _patch_zmq)

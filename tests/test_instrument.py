@@ -1,0 +1,126 @@
+"""Automatic instrumentation (llmtrace/instrument/): the spans it records at library
+boundaries, and that it changes nothing else about the program."""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import sys
+import time
+
+import pytest
+
+import llmtrace
+from llmtrace import names, recorder
+from llmtrace.auto import patching
+from llmtrace.spool_format import ATTR_FLOAT, ATTR_ID_MASK, ATTR_STR, RECORD, SPAN, bits_float
+
+
+@pytest.fixture
+def spans():
+    """Instrumented and recording; yields a function returning the spans since the last call."""
+    strings: dict[int, str] = {}
+    recorder.drain()
+    recorder.requeue_strings()  # the first take names every string interned so far
+    llmtrace.instrument()
+    recorder.set_enabled(True)
+
+    def take() -> list[dict]:
+        data, _, new, _ = recorder.drain()
+        strings.update(new)
+        out = []
+        for r in RECORD.iter_unpack(data):
+            if r[17] != SPAN:  # kind
+                continue
+            attrs = {}
+            for v, k in zip(r[6:10], r[10:14]):
+                if k:
+                    key = strings[k & ATTR_ID_MASK]
+                    attrs[key] = strings[v] if k & ATTR_STR else bits_float(v) if k & ATTR_FLOAT else v
+            out.append({"name": strings[r[14]], "stage": strings[r[15]], "dur": r[1] - r[0], "attrs": attrs})
+        return out
+
+    yield take
+    recorder.set_enabled(False)
+    llmtrace.uninstrument()
+    recorder.drain()
+
+
+def test_transport_runtime_and_serialization_spans(spans):
+    srv = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(srv.getsockname())
+    b, _ = srv.accept()
+    a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    a.sendall(b"x" * 300)
+    assert b.recv(1000) == b"x" * 300
+    json.loads(json.dumps({"k": [1, 2, 3]}))
+    time.sleep(0.002)
+    logging.getLogger("test_instrument").warning("a record")
+    got = spans()
+    by = {s["name"]: s for s in got}
+    send, recv = by["tcp.send"], by["tcp.recv"]
+    assert send["stage"] == names.TCP and send["attrs"][names.A_BYTES] == 300 and send["attrs"][names.A_NODELAY] == 1
+    assert send["attrs"][names.A_CALLER] == f"{__name__}.test_transport_runtime_and_serialization_spans"
+    assert recv["attrs"][names.A_BYTES] == 300
+    assert by["serialize.encode"]["stage"] == names.SERIALIZE and "serialize.decode" in by
+    assert by["sleep"]["stage"] == names.SLEEP and by["sleep"]["dur"] >= 2_000_000
+    assert by["logging"]["stage"] == names.LOGGING
+    for s in (a, b, srv):
+        s.close()
+
+
+def test_behaviour_and_exceptions_are_the_programs(spans):
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        json.dumps(object())
+    a, b = socket.socketpair()
+    b.close()
+    with pytest.raises(OSError):
+        for _ in range(100):
+            a.sendall(b"y" * 65536)
+    a.close()
+    assert json.dumps([1, "é"], ensure_ascii=False) == '[1, "é"]'
+    assert {s["name"] for s in spans()} >= {"serialize.encode", "ipc.send"}  # Unix sockets are ipc
+    recorder.set_enabled(False)  # off: the same calls record nothing
+    json.dumps([1])
+    time.sleep(0)
+    assert spans() == []
+
+
+def test_uninstrument_restores_every_attribute():
+    before = (socket.socket.__dict__.get("send"), time.sleep, logging.Logger._log, json.dumps)
+    llmtrace.instrument()
+    assert time.sleep is not before[1] and "send" in socket.socket.__dict__
+    assert llmtrace.instrument() == []  # once only
+    llmtrace.uninstrument()
+    assert (socket.socket.__dict__.get("send"), time.sleep, logging.Logger._log, json.dumps) == before
+
+
+def test_a_module_imported_later_is_patched_after_its_import(tmp_path, monkeypatch):
+    (tmp_path / "late_lib.py").write_text("def work(x):\n    return x * 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    patching.on_import("late_lib", lambda mod: patching.replace(
+        mod, "work", lambda orig: recorder.traced(orig, "late.work", "late")))
+    try:
+        import late_lib
+
+        assert late_lib.work(21) == 42 and hasattr(late_lib.work, "__llmtrace_original__")
+    finally:
+        patching.restore()
+        sys.modules.pop("late_lib", None)
+
+
+def test_torch_forward_and_host_copies(spans):
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Sequential(torch.nn.Embedding(100, 8), torch.nn.Flatten(), torch.nn.Linear(32, 2048))
+    with torch.no_grad():
+        logits = model(torch.zeros(3, 4, dtype=torch.long))
+        ids = logits.argmax(dim=-1).tolist()  # 3 ids: too small for a span on a CPU
+        rows = logits.tolist()  # the whole [3, 2048] logits: a host copy worth a span
+    assert len(ids) == 3 and len(rows) == 3
+    got = spans()
+    forwards = [s for s in got if s["stage"] == names.FORWARD]
+    assert len(forwards) == 1  # the outermost module only
+    assert forwards[0]["attrs"][names.A_BATCH] == 3 and forwards[0]["attrs"][names.A_TOKENS] == 12
+    (copy,) = [s for s in got if s["name"] == names.SYNC_WAIT]
+    assert copy["attrs"][names.A_BYTES] == 3 * 2048 * 4 and copy["attrs"]["fn"] == "tolist"
+    assert copy["attrs"][names.A_CALLER].endswith("test_torch_forward_and_host_copies")

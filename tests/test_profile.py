@@ -1,0 +1,118 @@
+"""Pipelines llmtrace did not write: how the analyzer finds their steps (profile.py) and
+charges a blocking receive to the peer's work (peers.py)."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+import llmtrace
+from llmtrace import names
+from llmtrace.analyze.context import Context
+from llmtrace.timeline import Process, Span, Trace
+
+MS = 1_000_000
+_ids = itertools.count(1)
+
+
+def span(trace: Trace, name: str, start_ms: float, end_ms: float, pid: int = 1, tid: int = 1,
+         parent: Span | None = None, step: int = -1, **attrs) -> Span:
+    s = Span(name, name.split(".", 1)[0], pid, tid, int(start_ms * MS), int(end_ms * MS), next(_ids),
+             parent.span_id if parent else 0, 0, step, attrs)
+    trace.spans.append(s)
+    return s
+
+
+def trace_of(*pids: int) -> Trace:
+    return Trace(processes={p: Process(p, f"p{p}", {"pid": p}) for p in pids})
+
+
+def done(trace: Trace) -> Context:
+    trace.sort()
+    return Context(trace)
+
+
+def test_model_cadence_makes_the_steps_and_leaves_out_idle_windows():
+    t = trace_of(1)
+    start = 0.0
+    for k in range(20):
+        if k == 10:
+            start += 500  # idle: no request for half a second
+        span(t, "forward", start, start + 2, batch=4)
+        span(t, "sleep", start + 2, start + 3)  # a polling sleep after each forward
+        start += 4
+    ctx = done(t)
+    found = ctx.breakdown.found
+    assert found.profile.source == "model-cadence" and found.idle_windows == 1
+    assert len(ctx.steps) == 19 and ctx.breakdown.tokens == 19 * 4  # one token per sequence of the forward
+    view = ctx.breakdown.view()
+    sleep = next(r for r in view["stages"] if r["name"] == names.SLEEP)
+    assert sleep["ms_per_step"] == pytest.approx(1.0) and view["model_ms"] == pytest.approx(2.0 / 4)
+    assert "model's cadence" in found.note and "idle" in found.note
+
+
+def test_a_handler_that_holds_a_whole_decode_loop_is_not_the_step():
+    t = trace_of(1)
+    for r in range(3):  # three requests, each handler span holding 10 forwards
+        h = span(t, names.HTTP_REQUEST, r * 100, r * 100 + 60)
+        for k in range(10):
+            span(t, "forward", r * 100 + k * 5, r * 100 + k * 5 + 3, parent=h)
+    ctx = done(t)
+    assert ctx.breakdown.profile.source == "model-cadence"
+    assert ctx.breakdown.found.idle_windows == 2  # the waits between the requests
+    assert len(ctx.steps) == 28 and all(sc.root.name == names.STEP for sc in ctx.steps)
+
+
+def test_a_repeated_span_holding_one_forward_is_the_step():
+    t = trace_of(1)
+    for k in range(5):
+        root = span(t, "loop.iteration", k * 10, k * 10 + 8, tokens=2)
+        span(t, "preprocess", k * 10, k * 10 + 2, parent=root)
+        span(t, "forward", k * 10 + 2, k * 10 + 8, parent=root)
+    ctx = done(t)
+    assert ctx.breakdown.profile.source == "repeated-span" and len(ctx.steps) == 5
+    assert ctx.breakdown.tokens == 10
+
+
+def test_llmtrace_steps_marks_the_loop_even_under_another_span():
+    from llmtrace import recorder
+    from llmtrace.timeline import RecordDecoder
+    from llmtrace.spool_format import Batch
+
+    recorder.drain()
+    recorder.requeue_strings()
+    recorder.set_enabled(True)
+    try:
+        with llmtrace.span("worker.request"):  # the README's follows= wrapper: steps nested under it
+            for batch in llmtrace.steps([[1, 2], [3, 4, 5]]):
+                with llmtrace.span("forward"):  # the loop body runs inside the step's span
+                    pass
+    finally:
+        recorder.set_enabled(False)
+    data, n, strings, _ = recorder.drain()
+    t = Trace()
+    RecordDecoder(Process(1, "p", {})).add(Batch(strings, {}, memoryview(data), n), t)
+    ctx = done(t)
+    assert ctx.breakdown.profile.source == "step-spans" and len(ctx.steps) == 2
+    assert all(sc.root.name == names.STEP for sc in ctx.steps)
+
+
+def test_a_blocking_receive_is_charged_to_the_senders_work():
+    """The worker (pid 2) runs the model and waits on its socket; the master (pid 1)
+    formats a log line for 4 ms before it sends the next step's frame."""
+    t = trace_of(1, 2)
+    for k in range(6):
+        base = k * 20
+        span(t, "forward", base, base + 5, pid=2, batch=1)
+        span(t, "tcp.send", base + 5, base + 5.1, pid=2, bytes=64)
+        span(t, "tcp.recv", base + 5.1, base + 20, pid=2, bytes=128)  # waits for the master
+        span(t, "tcp.recv", base + 5.2, base + 5.3, pid=1, bytes=64)
+        span(t, "logging", base + 6, base + 10, pid=1)
+        span(t, "tcp.send", base + 19.8, base + 19.9, pid=1, bytes=128)
+        span(t, "tcp.send", base + 10, base + 10.1, pid=3, bytes=999)  # some other process: not the sender
+    ctx = done(t)
+    view = ctx.breakdown.view()
+    rows = {r["name"]: r for r in view["stages"]}
+    assert rows[names.LOGGING]["ms_per_step"] == pytest.approx(4.0, abs=0.01)
+    assert rows["gap"]["ms_per_step"] == pytest.approx(10.6, abs=0.01)  # the master's unannotated work
+    assert rows[names.TCP]["ms_per_step"] < 1.0  # the transport itself
