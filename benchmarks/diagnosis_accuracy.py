@@ -36,9 +36,18 @@ CORPUS = {
     }),
     "tcp_master_agent": (["--requests", "16"], {
         "nagle": (("tcp-nodelay",), None),
-        "json_logits": (("serialization-in-hot-path", "full-logits-transfer"), "send_frame"),
+        "json_topk": (("serialization-in-hot-path",), "send_frame"),
         "concat_padding": (("concat-padding",), "Master.pad"),
         "log_arrays": (("log-in-hot-path",), "Master.step"),
+    }),
+    "asyncio_pipe_worker": (["--requests", "32"], {
+        "poll_sleep": (("polling-sleep",), "Scheduler.reply"),
+        "pickle_logits": (("full-logits-transfer", "serialization-in-hot-path"), "worker"),
+        "log_arrays": (("log-in-hot-path",), "Scheduler.run"),
+    }),
+    "mp_queue_workers": (["--requests", "32", "--workers", "1", "--concurrency", "6"], {
+        "wait_for_work": (("wait-in-step",), "take_new"),
+        "log_arrays": (("log-in-hot-path",), "worker"),
     }),
 }
 

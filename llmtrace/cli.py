@@ -18,7 +18,7 @@ from .errors import UserError
 def _add_record(sub):
     p = sub.add_parser("record", help="run any Python program with tracing on: llmtrace record -- python x.py")
     p.add_argument("--out", help="output directory (default runs/<timestamp>/)")
-    p.add_argument("--sample-hz", type=float, default=100.0,
+    p.add_argument("--sample-hz", type=float, default=250.0,
                    help="in-process stack samples per second (0 = off): the functions each stage and "
                         "the unannotated code between stages spend their time in")
     p.add_argument("--no-auto", action="store_true",

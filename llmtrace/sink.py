@@ -2,7 +2,7 @@
 TUI) tail these files; the mapped spool makes new batches visible within milliseconds.
 
 A background thread drains the recorder every `interval_s` and appends one CRC-checked
-batch; it also flushes at exit and on SIGTERM. By default (`mapped=True`) batches are
+batch; it also flushes at exit and on SIGTERM and SIGHUP. By default (`mapped=True`) batches are
 copied into a shared memory mapping of the spool file, grown in zero-filled chunks: no
 syscall per batch, so the thread flushes every 5 ms, and the dirty pages belong to the
 kernel, so a SIGKILLed process loses only the last few milliseconds. `mapped=False`
@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from time import sleep as _sleep  # bound before llmtrace.instrument() wraps time.sleep: the flush loop is ours
 
 from . import gpu, recorder
 from .spool_format import encode_batch, encode_header
@@ -104,6 +105,7 @@ class Spooler:
             "epoch_offset_ns": time.time_ns() - time.perf_counter_ns(),
             "clock": "CLOCK_MONOTONIC",
             "argv": sys.argv[:8],
+            "cwd": os.getcwd(),  # argv[0] (the program's __main__, for source lines) is relative to it
             "backend": recorder.BACKEND,
             "span_cost_ns": calibrate_span_cost(),
             "resource": dict(_resource),
@@ -132,7 +134,7 @@ class Spooler:
         # so a quiet process does not wake 200 times a second for nothing.
         wait = self.interval_s
         while True:
-            time.sleep(wait)  # cheaper than Event.wait(timeout) at a 5 ms period
+            _sleep(wait)  # cheaper than Event.wait(timeout) at a 5 ms period
             if self._stop.is_set():
                 return
             busy = self.flush() > 0
@@ -196,7 +198,6 @@ def calibrate_span_cost(n: int = 2000) -> float:
 
 
 _spooler: Spooler | None = None
-_prev_sigterm = None
 _resource: dict = {}  # this process's descriptive attributes (configure(resource=...))
 
 
@@ -233,28 +234,32 @@ def stop() -> None:
 
 
 _hooks_installed = False
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # both end a process by default: keep its trace
+_prev_handlers: dict = {}
 
 
 def _install_exit_hooks() -> None:
-    global _hooks_installed, _prev_sigterm
+    global _hooks_installed
     if _hooks_installed:
         return
     _hooks_installed = True
     atexit.register(stop)
     if threading.current_thread() is threading.main_thread():
-        _prev_sigterm = signal.getsignal(signal.SIGTERM)
-        if _prev_sigterm in (signal.SIG_DFL, None) or callable(_prev_sigterm):
-            signal.signal(signal.SIGTERM, _on_sigterm)
+        for sig in _STOP_SIGNALS:
+            prev = signal.getsignal(sig)
+            if prev in (signal.SIG_DFL, None) or callable(prev):  # an ignored signal stays ignored
+                _prev_handlers[sig] = prev
+                signal.signal(sig, _on_stop_signal)
 
 
-def _on_sigterm(signum, frame):
+def _on_stop_signal(signum, frame):
     stop()
-    prev = _prev_sigterm
+    prev = _prev_handlers.get(signum)
     if callable(prev):
         prev(signum, frame)
     else:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
 
 def _after_fork_in_child() -> None:

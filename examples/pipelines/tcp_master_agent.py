@@ -7,11 +7,12 @@ sends a small header frame, and waits for the agent's reply with the next token 
     llmtrace record -- python examples/pipelines/tcp_master_agent.py
 
 Planted mistakes (on by default; PLANT_<NAME>=0 switches one off, PIPELINE_CLEAN=1 all):
-  nagle          the socket keeps Nagle's algorithm and frames go out as two writes
-                 (length, then body): the classic write-write-read stall
-  json_logits    the agent replies with the full logits rows as JSON and the master
-                 takes the argmax in Python
-  concat_padding the master pads each sequence's window with np.concatenate
+  nagle          the master's socket keeps Nagle's algorithm and sends each step header
+                 as two writes (length, then body): the classic write-write-read stall
+  json_topk      the agent replies with the top-256 logits of every row as JSON and the
+                 master picks the token from them in Python
+  concat_padding the master builds each sequence's window by growing an array with
+                 np.concatenate, one token at a time, over the whole sequence
   log_arrays     the master logs the padded batch with %-formatting of the array
 """
 from __future__ import annotations
@@ -71,18 +72,20 @@ def agent_main(port: int, shm_name: str) -> None:
     resource_tracker.unregister(shm._name, "shared_memory")  # the master owns (and unlinks) it
     ids = np.ndarray((MAX_BATCH, WINDOW), dtype=np.int64, buffer=shm.buf)
     sock = socket.create_connection(("127.0.0.1", port))
-    nagle = planted("nagle")
-    if not nagle:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    json_logits = planted("json_logits")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # replies go out in one write anyway
+    json_topk = planted("json_topk")
     with torch.no_grad():
         while True:
             msg = recv_frame(sock)
             if msg.get("stop"):
                 break
             logits = model(torch.from_numpy(ids[:msg["batch"]].copy()))
-            reply = {"logits": logits.tolist()} if json_logits else {"ids": logits.argmax(dim=-1).tolist()}
-            send_frame(sock, reply, split=nagle)
+            if json_topk:
+                top = logits.topk(256, dim=-1)
+                reply = {"top_logits": top.values.tolist(), "top_ids": top.indices.tolist()}
+            else:
+                reply = {"ids": logits.argmax(dim=-1).tolist()}
+            send_frame(sock, reply, split=False)
     del ids
     shm.close()
 
@@ -121,12 +124,13 @@ class Master(threading.Thread):
             self.step()
 
     def pad(self, seq: list[int]) -> np.ndarray:
-        tail = np.asarray(seq[-WINDOW:], dtype=np.int64)
         if self.concat:
             row = np.zeros(0, dtype=np.int64)
-            for t in tail:  # grows the row one element at a time
+            for t in seq:  # grows the whole sequence one element at a time, keeps its window
                 row = np.concatenate([row, np.array([t], dtype=np.int64)])
+            row = row[-WINDOW:]
             return np.concatenate([row, np.zeros(WINDOW - len(row), dtype=np.int64)])
+        tail = seq[-WINDOW:]
         out = np.zeros(WINDOW, dtype=np.int64)
         out[:len(tail)] = tail
         return out
@@ -138,8 +142,9 @@ class Master(threading.Thread):
         self.ids[:len(batch)] = batch
         send_frame(self.sock, {"batch": len(batch)}, split=self.nagle)
         reply = recv_frame(self.sock)
-        if "logits" in reply:
-            next_ids = [max(range(len(row)), key=row.__getitem__) for row in reply["logits"]]
+        if "top_logits" in reply:
+            next_ids = [ids[max(range(len(row)), key=row.__getitem__)]
+                        for row, ids in zip(reply["top_logits"], reply["top_ids"])]
         else:
             next_ids = reply["ids"]
         still = []

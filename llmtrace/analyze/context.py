@@ -100,11 +100,18 @@ class Context:
         left = [c for c in calls if c.name not in self.claimed and (c.pid, c.start, c.end) not in cells]
         return left, covered(left + claimed)[0] - covered(claimed)[0]
 
-    def removable(self, pattern) -> tuple[list[Call], float, dict] | None:
-        """Host-side calls matching `pattern` whose whole time a fix removes (log calls,
-        padding by concatenation), less what earlier findings explain: (calls, ms/token
-        saved, evidence), the calls claimed."""
-        calls, ns = self.unexplained(self.functions.select(pattern, host_side=True))
+    def stage_calls(self, label: str) -> list[Call]:
+        """The critical-path spans of breakdown row `label` themselves, as calls (an
+        automatic `logging` span is a log call even when no sample landed in it)."""
+        return [Call(label, sc.step, s.pid, s.start_ns, s.end_ns, s.name, "span", True, s)
+                for sc in self.steps for st, s in sc.stage_spans if st == label]
+
+    def removable(self, pattern, stage: str | None = None) -> tuple[list[Call], float, dict] | None:
+        """Host-side calls matching `pattern` (and the spans of breakdown row `stage`) whose
+        whole time a fix removes (log calls, padding by concatenation), less what earlier
+        findings explain: (calls, ms/token saved, evidence), the calls claimed."""
+        found = self.functions.select(pattern, host_side=True) + (self.stage_calls(stage) if stage else [])
+        calls, ns = self.unexplained(found)
         if not calls or ns <= 0:
             return None
         evidence = self.function_evidence(calls)
@@ -117,11 +124,21 @@ class Context:
         steps = [sc for sc in self.steps if sc.parts.get(label)]
         if not steps:
             return None
-        calls = self.functions.select(stage=label)
-        ev = self.function_evidence(calls) if calls else {"functions": []}
+        calls = self.stage_calls(label) + self.functions.select(stage=label)
+        ev = self.function_evidence(calls)
         ev.update(spans=sum(sc.counts.get(label, 0) for sc in steps), steps_affected=len(steps),
                   example_steps=[sc.step for sc in steps[:5]])
         return self.breakdown.ms_per_token(label), [sc.step for sc in steps], ev
+
+    def stage_suggestion(self, id: str, label: str, title, fix: str) -> list[Suggestion]:
+        """The finding of a rule whose fix removes a breakdown row's time (a sleep, a
+        serialization): saving = the row's ms/token; title(ms, steps, evidence) says it."""
+        found = self.stage_cost(label)
+        if found is None:
+            return []
+        ms, steps, ev = found
+        self.claim(f["name"] for f in ev["functions"])
+        return [self.suggestion(id, title(ms, steps, ev), label, {**ev, "ms_per_token": round(ms, 4)}, ms, fix)]
 
     def suggestion(self, id: str, title: str, stage: str, evidence: dict, saving_ms: float, fix: str,
                    impact: str | None = None) -> Suggestion:

@@ -14,6 +14,7 @@ import bisect
 import functools
 import importlib.util
 import linecache
+import os
 import re
 import sys
 import sysconfig
@@ -95,6 +96,8 @@ class FunctionIndex:
         self.calls: list[Call] = []
         foreign = _foreign_by_thread(trace.foreign_events)
         self._samples = samples = _samples_by_thread(trace.samples)
+        self._main = _main_files(trace)
+        self._sampled_by_pid: dict[int, list[Call]] | None = None
         sampled: dict[tuple, dict[str, list[tuple]]] = defaultdict(lambda: defaultdict(list))
         for sc in breakdown.steps:
             for stage, s in sc.stage_spans:
@@ -115,7 +118,8 @@ class FunctionIndex:
         in the code. Frames every sample of such a span has that also run other spans (the
         step loop, the function that opens the span) are not the stage's functions; with
         one span name only, its common frames are dropped."""
-        names = {site: [_sampled_names(smp.stack) for _, smp, _, _ in rows] for site, rows in by_site.items()}
+        names = {site: [_sampled_names(smp.stack, self._main.get(smp.pid, "")) for _, smp, _, _ in rows]
+                 for site, rows in by_site.items()}
         present = {site: {f for stack in stacks for f in enumerate(stack)} for site, stacks in names.items()}
         for site, rows in by_site.items():
             stage = site[0]
@@ -154,6 +158,22 @@ class FunctionIndex:
             return []
         return _inside(self._samples, c.span.pid, c.span.tid, c.span.start_ns, c.span.end_ns)
 
+    def sampled_in(self, c: Call) -> list[Call]:
+        """The sampled calls whose sample lies inside call `c`'s span (same process)."""
+        if c.span is None:
+            return []
+        if self._sampled_by_pid is None:
+            self._sampled_by_pid = defaultdict(list)
+            for x in self.calls:
+                if x.sample is not None:
+                    self._sampled_by_pid[x.pid].append(x)
+            for lst in self._sampled_by_pid.values():
+                lst.sort(key=lambda x: x.sample.ts_ns)
+        rows = self._sampled_by_pid.get(c.pid, [])
+        lo = bisect.bisect_left(rows, c.span.start_ns, key=lambda x: x.sample.ts_ns)
+        hi = bisect.bisect_left(rows, c.span.end_ns, key=lambda x: x.sample.ts_ns)
+        return [x for x in rows[lo:hi] if x.sample.tid == c.span.tid]
+
     def responsible(self, calls: list[Call]) -> list[tuple[str, int]]:
         """The program's own functions behind `calls` (the innermost frame of each sample
         they hold that is the program's code, not a library's), with their sampled ns."""
@@ -167,7 +187,8 @@ class FunctionIndex:
             for smp, a, b in self.samples_in(c):
                 if id(smp) not in seen:
                     seen.add(id(smp))
-                    owner = next((n for n in reversed(_sampled_names(smp.stack)) if is_user_code(n)), None)
+                    names = _sampled_names(smp.stack, self._main.get(smp.pid, ""))
+                    owner = next((n for n in reversed(names) if is_user_code(n)), None)
                     if owner is not None:
                         per[owner] += b - a
         return sorted(per.items(), key=lambda kv: -kv[1])
@@ -200,33 +221,60 @@ def frame_name(frame: str) -> str:
     return ".".join(parts)
 
 
-def _sampled_names(stack: tuple[str, ...]) -> tuple[str, ...]:
-    """The functions of a sampled stack, plus the innermost frame's line ('mod.func:LINE',
-    so a finding can name the line of an unannotated function) and the library call on
-    that line ('numpy.concatenate': a C call has no frame of its own)."""
+def _main_files(trace: Trace) -> dict[int, str]:
+    """pid -> the file of that process's __main__ (its argv[0], from its spool header)."""
+    out = {}
+    for pid, p in trace.processes.items():
+        argv, cwd = p.header.get("argv") or [], p.header.get("cwd") or ""
+        if argv and argv[0].endswith(".py"):
+            out[pid] = os.path.join(cwd, argv[0])
+    return out
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _sampled_names(stack: tuple[str, ...], main_file: str = "") -> tuple[str, ...]:
+    """The functions of a sampled stack, plus, for the innermost frame and for the
+    innermost frame of the program's own code, the line ('mod.func:LINE': a finding names
+    the line of an unannotated function) and the call on that line ('numpy.concatenate':
+    a C call has no frame of its own; 'logging.Logger.debug': a log call's arguments are
+    formatted on its line, whichever library does the formatting)."""
     stack = tuple(f for f in stack if not f.startswith("llmtrace."))  # instrumentation wrappers
     names = tuple(frame_name(f) for f in stack)
     if not stack:
         return names
-    leaf = stack[-1].rsplit(":", 1)
-    line = (f"{names[-1]}:{leaf[1]}",) if len(leaf) == 2 and leaf[1].isdigit() else ()
-    callee = line_callee(stack[-1])
-    return names + line + ((callee,) if callee else ())
+    extra: list[str] = []
+    user = next((i for i in range(len(stack) - 1, -1, -1) if is_user_code(names[i])), None)
+    for i in dict.fromkeys(j for j in (len(stack) - 1, user) if j is not None):
+        line = stack[i].rsplit(":", 1)
+        if len(line) == 2 and line[1].isdigit():
+            extra.append(f"{names[i]}:{line[1]}")
+        callee = line_callee(stack[i], main_file)
+        if callee and callee not in extra:
+            extra.append(callee)
+    return names + tuple(extra)
 
 
 _CALL = re.compile(r"\b((?:np|numpy|torch|pd|pandas|json|pickle|copy|gc)(?:\.\w+)+)\s*\(")
+# a log call's line: its time there is the formatting of its arguments (an f-string or a
+# %-format runs before the call, whether or not the level is enabled)
+_LOG_CALL = re.compile(r"\b(?:log|logger|logging|LOG|LOGGER|_log|_logger)\.(debug|info|warning|warn|error|exception|critical|log)\s*\(")
 _ALIASES = {"np": "numpy", "pd": "pandas"}
 
 
 @functools.lru_cache(maxsize=1 << 14)
-def line_callee(frame: str) -> str | None:
+def line_callee(frame: str, main_file: str = "") -> str | None:
     """The library call on a sampled leaf frame's source line ('module:func:LINE'), e.g.
     'numpy.concatenate': a C function has no Python frame of its own, so a sample taken
-    inside np.concatenate shows only the line that calls it."""
+    inside np.concatenate shows only the line that calls it. `main_file`: the sampled
+    process's __main__ (not this one's)."""
     parts = frame.split(":")
     if len(parts) < 3 or not parts[-1].isdigit():
         return None
-    text = linecache.getline(_module_file(parts[0]), int(parts[-1]))
+    path = main_file if parts[0] == "__main__" else _module_file(parts[0])
+    text = linecache.getline(path, int(parts[-1])) if path else ""
+    log_call = _LOG_CALL.search(text)
+    if log_call:
+        return f"logging.Logger.{log_call.group(1)}"
     m = _CALL.search(text)
     if not m:
         return None

@@ -39,6 +39,20 @@ class TraceIndex:
                     self._top[(s.pid, s.tid)].append(s)
         return self._top.get((pid, tid), [])
 
+    def in_window(self, spans: list[Span], lo: int, hi: int) -> list[Span]:
+        """The spans of `spans` (one thread's, by start) overlapping [lo, hi), each one that
+        holds the whole window replaced by its own children there: a request handler around
+        a decode loop, or an asyncio task's sleep beside the loop, is not the window's work."""
+        out = []
+        for s in spans:
+            if s.end_ns <= lo or s.start_ns >= hi:
+                continue
+            if s.start_ns <= lo and s.end_ns >= hi:
+                out += self.in_window(self.children.get(s.span_id, []), lo, hi)
+            else:
+                out.append(s)
+        return out
+
     def add_synthetic(self, root: Span, children: list[Span]) -> None:
         """A step root the analyzer made up (an inferred step window): findable by id, with
         `children` as its stages; not part of the trace."""

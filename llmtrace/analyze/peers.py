@@ -36,18 +36,11 @@ class Peer:
     tid: int
     send: Span
     top: list[Span]  # the sending thread's top-level spans, by start
-    starts: list[int]
+    index: TraceIndex
 
     def spans(self, lo: int, hi: int) -> list[Span]:
-        """The sending thread's top-level spans overlapping [lo, hi), the send excluded."""
-        i = max(0, bisect.bisect_left(self.starts, lo) - 1)
-        out = []
-        while i < len(self.top) and self.top[i].start_ns < hi:
-            s = self.top[i]
-            if s.end_ns > lo and s is not self.send:
-                out.append(s)
-            i += 1
-        return out
+        """The sending thread's spans in [lo, hi) (TraceIndex.in_window), the send excluded."""
+        return [s for s in self.index.in_window(self.top, lo, hi) if s is not self.send]
 
 
 class Peers:
@@ -55,7 +48,6 @@ class Peers:
         self.index = index
         self.sends = sorted((s for s in index.trace.spans if is_send(s)), key=lambda s: s.end_ns)
         self.ends = [s.end_ns for s in self.sends]
-        self._top: dict[tuple[int, int], tuple[list[Span], list[int]]] = {}
 
     def sender_of(self, recv: Span) -> Peer | None:
         if not is_receive(recv) or recv.dur_ns < MIN_WAIT_NS:
@@ -68,12 +60,4 @@ class Peers:
         n = recv.attrs.get(names.A_BYTES)
         same = [s for s in cands if n is not None and s.attrs.get(names.A_BYTES) == n]
         send = (same or cands)[-1]
-        top, starts = self._thread(send.pid, send.tid)
-        return Peer(send.pid, send.tid, send, top, starts)
-
-    def _thread(self, pid: int, tid: int) -> tuple[list[Span], list[int]]:
-        key = (pid, tid)
-        if key not in self._top:
-            top = self.index.top_level(pid, tid)
-            self._top[key] = (top, [s.start_ns for s in top])
-        return self._top[key]
+        return Peer(send.pid, send.tid, send, self.index.top_level(send.pid, send.tid), self.index)

@@ -144,7 +144,7 @@ def _model_cadence(index: TraceIndex) -> Steps:
             if b - a > IDLE_FACTOR * usual:
                 steps.idle_windows += 1
                 continue
-            windows.append((a, b, pid, tid, [s for s in top if s.start_ns < b and s.end_ns > a]))
+            windows.append((a, b, pid, tid, index.in_window(top, a, b)))
     windows.sort(key=lambda w: w[0])
     for n, (a, b, pid, tid, children) in enumerate(windows):
         root = Span(names.STEP, names.STEP, pid, tid, a, b, _SYNTHETIC_ID | n, step=n,

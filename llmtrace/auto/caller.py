@@ -1,20 +1,39 @@
 """The program's function that called an instrumented library function, as a span attr
 (`caller`): a C call that holds the GIL (Tensor.tolist, json.dumps) is never seen from
-inside by the in-process sampler, so its span names who made it. One dict lookup per
-call: labels are cached per code object."""
+inside by the in-process sampler, and a coroutine waiting in asyncio.sleep is on no
+thread's stack, so the span names who made it. Frames of the standard library and of
+llmtrace (the call may go through multiprocessing, asyncio, json ...) are skipped; each
+code object's label and verdict are cached, so a call costs a short frame walk."""
 from __future__ import annotations
 
 import sys
 
-_labels: dict = {}
+_labels: dict = {}  # code object -> 'module.qualname', or None for a library frame
+_LIBRARY = frozenset(sys.stdlib_module_names) | {"llmtrace"}
 
 
-def caller(depth: int = 2) -> str:
-    """'module.qualname' of the frame `depth` levels above this call."""
-    frame = sys._getframe(depth)
+def _label(frame) -> str | None:
     code = frame.f_code
-    label = _labels.get(code)
-    if label is None:
-        label = _labels[code] = f"{frame.f_globals.get('__name__', '?')}.{getattr(code, 'co_qualname', code.co_name)}"
-    return label
+    try:
+        return _labels[code]
+    except KeyError:
+        module = frame.f_globals.get("__name__", "?")
+        label = None if module.split(".", 1)[0] in _LIBRARY else \
+            f"{module}.{getattr(code, 'co_qualname', code.co_name)}"
+        _labels[code] = label
+        return label
 
+
+def caller(depth: int = 2, max_walk: int = 12) -> str:
+    """The innermost frame above `depth` that is not the standard library's or llmtrace's
+    ('module.qualname'); the frame at `depth` when none is found within max_walk."""
+    frame = first = sys._getframe(depth)
+    for _ in range(max_walk):
+        if frame is None:
+            break
+        label = _label(frame)
+        if label is not None:
+            return label
+        frame = frame.f_back
+    code = first.f_code
+    return f"{first.f_globals.get('__name__', '?')}.{getattr(code, 'co_qualname', code.co_name)}"

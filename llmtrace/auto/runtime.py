@@ -13,8 +13,18 @@ from .caller import caller
 from .patching import on_import, replace
 
 
-def _traced(name: str, stage: str):
-    return lambda orig: recorder.traced(orig, name, stage)
+def _spanned(name: str, stage: str):
+    """A span that names its caller: the C encoders hold the GIL (no stack sample ever
+    lands inside them) and a log record's cost is the program's call, not logging's."""
+    def wrap(orig):
+        @functools.wraps(orig)
+        def call(*args, **kwargs):
+            if not recorder.is_enabled():
+                return orig(*args, **kwargs)
+            with recorder.span(name, stage=stage, **{names.A_CALLER: caller()}):
+                return orig(*args, **kwargs)
+        return call
+    return wrap
 
 
 def _async_sleep(orig):
@@ -22,34 +32,20 @@ def _async_sleep(orig):
     async def sleep(delay, *args, **kwargs):
         if not recorder.is_enabled():
             return await orig(delay, *args, **kwargs)
-        with recorder.span("sleep.async", stage=names.SLEEP):
+        with recorder.span("sleep.async", stage=names.SLEEP, **{names.A_CALLER: caller()}):
             return await orig(delay, *args, **kwargs)
 
     return sleep
 
 
-def _codec(name: str):
-    """A serialize span naming its caller: the C encoders hold the GIL, so no stack sample
-    ever lands inside them."""
-    def wrap(orig):
-        @functools.wraps(orig)
-        def codec(*args, **kwargs):
-            if not recorder.is_enabled():
-                return orig(*args, **kwargs)
-            with recorder.span(name, stage=names.SERIALIZE, **{names.A_CALLER: caller()}):
-                return orig(*args, **kwargs)
-        return codec
-    return wrap
-
-
 def _patch_encoders(mod, pairs) -> None:
     for attr, name in pairs:
-        replace(mod, attr, _codec(name))
+        replace(mod, attr, _spanned(name, names.SERIALIZE))
 
 
 def install() -> None:
-    replace(logging.Logger, "_log", _traced("logging", names.LOGGING))
-    replace(time, "sleep", _traced("sleep", names.SLEEP))
+    replace(logging.Logger, "_log", _spanned("logging", names.LOGGING))
+    replace(time, "sleep", _spanned("sleep", names.SLEEP))
     on_import("asyncio.tasks", lambda mod: replace(mod, "sleep", _async_sleep))
     on_import("asyncio", lambda mod: replace(mod, "sleep", _async_sleep))
     codecs = (("dumps", "serialize.encode"), ("loads", "serialize.decode"))

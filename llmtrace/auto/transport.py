@@ -71,11 +71,23 @@ def _traced(name: str):
     return lambda orig: recorder.traced(orig, name, names.IPC)
 
 
+def _pipe_write(orig):
+    """The bytes a Connection writes (its send pickles first): nested in `ipc.send`."""
+    def _send_bytes(conn, buf, *args):
+        if not recorder.is_enabled():
+            return orig(conn, buf, *args)
+        with recorder.span("ipc.write", stage=names.IPC, **{names.A_BYTES: _nbytes(buf), names.A_CALLER: caller()}):
+            return orig(conn, buf, *args)
+
+    return _send_bytes
+
+
 def _patch_connection(mod) -> None:
     base = mod._ConnectionBase
     for attr, name in (("send", "ipc.send"), ("send_bytes", "ipc.send"), ("recv", "ipc.recv"),
                        ("recv_bytes", "ipc.recv"), ("recv_bytes_into", "ipc.recv")):
         replace(base, attr, _traced(name))
+    replace(mod.Connection, "_send_bytes", _pipe_write)
 
 
 def _patch_queues(mod) -> None:

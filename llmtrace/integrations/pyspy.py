@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+from time import sleep as _sleep  # the original: llmtrace.instrument() wraps time.sleep
 
 ENV_GATE = "LLMTRACE_PYSPY_GATE"  # the gate file; taken by the first process that starts
 ENV_ACTIVE = "LLMTRACE_PYSPY"  # py-spy samples this process tree
@@ -178,10 +179,10 @@ class PySpyRecorder:
                 return False
         attached_ns = time.perf_counter_ns()
         while not os.path.exists(self.gate + HELD) and program_alive() and time.monotonic() < deadline:
-            time.sleep(0.005)
+            _sleep(0.005)
         _write_json({"started_ns": self.started_ns, "attached_ns": attached_ns, "rate": self.rate},
                     os.path.join(self.dir, CLOCK))
-        time.sleep(BEACON_AFTER_ATTACH_S)
+        _sleep(BEACON_AFTER_ATTACH_S)
         return True
 
     def open_gate_when_sampling(self, program_alive, fallback_hz: float, command: str) -> None:
@@ -205,7 +206,7 @@ class PySpyRecorder:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        time.sleep(0.05)  # let the reader thread take py-spy's last lines
+        _sleep(0.05)  # let the reader thread take py-spy's last lines
         said = " | ".join(line for line in self._lines if line.strip())[-600:] or f"exit code {self.proc.returncode}"
         if re.search(r"permission denied|operation not permitted|EPERM", said, re.I):
             return f"py-spy was not allowed to read the program ({said}). {ptrace_advice()}"

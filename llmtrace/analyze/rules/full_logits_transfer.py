@@ -64,8 +64,9 @@ def _host_sampling(ctx) -> tuple[list[Call], list[float]]:
             if b:
                 sizes.append(b)
                 calls.append(Call(stage, sc.step, s.pid, s.start_ns, s.end_ns, s.name, "span", True, s))
+    seqs = {sc.step: sc.tokens for sc in ctx.steps}
     for c in ctx.functions.select(host_side=True):
-        b = _logits_bytes(c.span, 1) if c.span is not None and _transfer(c.span) else None
+        b = _logits_bytes(c.span, seqs.get(c.step, 1)) if c.span is not None and _transfer(c.span) else None
         if b or (c.stage == "sampling" and PATTERN.search(c.name)):
             calls.append(c)
             if b:

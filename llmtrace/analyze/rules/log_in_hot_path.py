@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 
+from ... import names
 from ..functions import main_stage
 
 ID = "log-in-hot-path"
@@ -22,7 +23,7 @@ PATTERN = re.compile(r"^logging(\.|$)|(^|\.)Logger\.(debug|info|warning|error|ex
 
 
 def check(ctx):
-    found = ctx.removable(PATTERN)
+    found = ctx.removable(PATTERN, names.LOGGING)
     if found is None:
         return []
     calls, saving, ev = found

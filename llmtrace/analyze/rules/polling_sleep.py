@@ -14,17 +14,16 @@ from ... import names
 ID = "polling-sleep"
 
 
-def check(ctx):
-    found = ctx.stage_cost(names.SLEEP)
-    if found is None:
-        return []
-    ms, steps, ev = found
-    ctx.claim(f["name"] for f in ev["functions"])
+FIX = ("Do not sleep on the step path: block on the work queue with a timeout (queue.get(timeout=...), "
+       "threading.Condition.wait, asyncio.Event / asyncio.Queue.get) so the loop wakes as soon as a request "
+       "arrives; to batch arrivals, take what is queued now and let continuous batching add the rest at "
+       "the next step instead of waiting a fixed time.")
+
+
+def _title(ms, steps, ev) -> str:
     where = f" in {ev['functions'][0]['name']}" if ev["functions"] else ""
-    return [ctx.suggestion(
-        ID, f"The step loop sleeps{where}: {ms:.2f} ms/token in {len(steps)} steps", names.SLEEP,
-        {**ev, "ms_per_token": round(ms, 4)}, ms,
-        "Do not sleep on the step path: block on the work queue with a timeout (queue.get(timeout=...), "
-        "threading.Condition.wait, asyncio.Event / asyncio.Queue.get) so the loop wakes as soon as a request "
-        "arrives; to batch arrivals, take what is queued now and let continuous batching add the rest at "
-        "the next step instead of waiting a fixed time.")]
+    return f"The step loop sleeps{where}: {ms:.2f} ms/token in {len(steps)} steps"
+
+
+def check(ctx):
+    return ctx.stage_suggestion(ID, names.SLEEP, _title, FIX)

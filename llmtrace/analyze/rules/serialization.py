@@ -14,16 +14,14 @@ from ... import names
 ID = "serialization-in-hot-path"
 
 
+FIX = ("Move less and encode it cheaply: send token ids instead of logits or hidden states, pass arrays "
+       "as raw bytes (ndarray.tobytes / np.frombuffer, torch shared memory, multiprocessing.shared_memory) "
+       "with a small header, and keep json/pickle for control messages off the per-step path.")
+
+
+def _title(ms, steps, ev) -> str:
+    return f"Serializing messages costs {ms:.2f} ms/token ({ev['spans']} encode/decode calls in {len(steps)} steps)"
+
+
 def check(ctx):
-    found = ctx.stage_cost(names.SERIALIZE)
-    if found is None:
-        return []
-    ms, steps, ev = found
-    ctx.claim(f["name"] for f in ev["functions"])
-    return [ctx.suggestion(
-        ID, f"Serializing messages costs {ms:.2f} ms/token ({ev['spans']} encode/decode calls "
-            f"in {len(steps)} steps)", names.SERIALIZE,
-        {**ev, "ms_per_token": round(ms, 4)}, ms,
-        "Move less and encode it cheaply: send token ids instead of logits or hidden states, pass arrays "
-        "as raw bytes (ndarray.tobytes / np.frombuffer, torch shared memory, multiprocessing.shared_memory) "
-        "with a small header, and keep json/pickle for control messages off the per-step path.")]
+    return ctx.stage_suggestion(ID, names.SERIALIZE, _title, FIX)

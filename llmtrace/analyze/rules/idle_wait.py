@@ -1,0 +1,40 @@
+"""`wait-in-step`: the step loop blocks on a receive that no other process ended: a
+`queue.get(timeout=...)`, `poll(timeout)` or socket read that waits for new work (or for
+its timeout) while requests are running.
+
+Fingerprint: receive spans (stage tcp / ipc, named *.recv / *.get) on a step's critical
+path, each at least MIN_WAIT_MS long, that no send of another process ended
+(peers.py finds none); the program's function that waits comes from the stack samples
+taken during the wait.
+Saving: their time per token: take new work without blocking while a batch is running
+(get_nowait / poll(0)) and block only when idle.
+"""
+from __future__ import annotations
+
+from ..functions import Call, covered
+from ..peers import Peers, is_receive
+
+ID = "wait-in-step"
+MIN_WAIT_MS = 0.5
+
+
+def check(ctx):
+    peers = Peers(ctx.index)
+    calls = [Call(stage, sc.step, s.pid, s.start_ns, s.end_ns, s.name, "span", True, s)
+             for sc in ctx.steps for stage, s in sc.stage_spans
+             if is_receive(s) and s.dur_ns >= MIN_WAIT_MS * 1e6 and peers.sender_of(s) is None]
+    if not calls:
+        return []
+    ns, per_step = covered(calls)
+    ms = ctx.ms_per_token(ns)
+    ev = ctx.function_evidence(calls)
+    ctx.claim(c.name for c in calls)
+    ctx.claim(smp_call.name for c in calls for smp_call in ctx.functions.sampled_in(c))  # the wait's frames
+    ev["ms_per_wait"] = round(ns / len(calls) / 1e6, 4)
+    where = f" in {ev['responsible'][0]['function']}" if ev["responsible"] else ""
+    return [ctx.suggestion(
+        ID, f"Steps block{where} on {calls[0].name} that no peer answered: {len(calls)} waits, "
+            f"{ms:.2f} ms/token", calls[0].stage, ev, ms,
+        "While a batch is running, take new work without blocking (queue.get_nowait(), conn.poll(0), a "
+        "non-blocking socket) and block only when nothing is running; a timeout meant for the idle loop "
+        "otherwise costs every step its full length.")]
