@@ -1,6 +1,7 @@
-"""`llmtrace record` on a serving program it has never seen (examples/pipelines/), with no
-change to its code: the steps are inferred, the planted mistakes are found with the
-program's function responsible, and the clean variant gets none of those findings."""
+"""`llmtrace record` on serving programs it has never seen (examples/pipelines/), with no
+change to their code: the steps are inferred, the planted mistakes are found with the
+program's function responsible, and the clean variants get none of those findings.
+(benchmarks/diagnosis_accuracy.py scores the estimates against measured savings.)"""
 from __future__ import annotations
 
 import json
@@ -11,35 +12,50 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PIPELINE = os.path.join(ROOT, "examples", "pipelines", "thread_queue_server.py")
-PLANTED = {"polling-sleep": "Engine.admit", "full-logits-transfer": "Engine.argmax_on_host",
-           "log-in-hot-path": "Engine.step"}
+# pipeline -> (arguments, {rule: function responsible}) for the findings that rest on spans
+# (the sample-based ones are scored by the benchmark over repeated recordings)
+CASES = {
+    "thread_queue_server": (["--requests", "24"], {"polling-sleep": "Engine.admit",
+                                                    "full-logits-transfer": "Engine.argmax_on_host",
+                                                    "log-in-hot-path": "Engine.step"}),
+    "tcp_master_agent": (["--requests", "8"], {"tcp-nodelay": None, "serialization-in-hot-path": "send_frame"}),
+    "mp_queue_workers": (["--requests", "16", "--workers", "1", "--concurrency", "6"], {"wait-in-step": "take_new"}),
+    "asyncio_pipe_worker": (["--requests", "24"], {"full-logits-transfer": "worker",
+                                                    "log-in-hot-path": "Scheduler.run"}),
+}
 
 pytestmark = pytest.mark.slow
 
 
-def record(out, **env) -> dict:
-    cmd = [sys.executable, "-m", "llmtrace.cli", "record", "--out", str(out), "--", sys.executable, PIPELINE,
-           "--requests", "24", "--max-tokens", "32"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, **env})
+def record(out, pipeline: str, args: list[str], **env) -> dict:
+    cmd = [sys.executable, "-m", "llmtrace.cli", "record", "--out", str(out), "--", sys.executable,
+           os.path.join(ROOT, "examples", "pipelines", pipeline + ".py"), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
     assert r.returncode == 0, r.stderr[-2000:]
     with open(os.path.join(out, "report.json")) as f:
         return json.load(f)
 
 
-def test_unannotated_pipeline_gets_steps_and_its_planted_mistakes(tmp_path):
-    report = record(tmp_path / "planted")
-    bd = report["breakdown"]
-    assert bd["steps"] >= 24 * 32 / 8 * 0.8 and bd["tokens"] == 24 * 32  # batch of each forward = tokens
+def responsible(s: dict) -> list[str]:
+    return [r["function"] for r in s["evidence"].get("responsible", [])]
+
+
+@pytest.mark.parametrize("pipeline", list(CASES))
+def test_planted_mistakes_are_found_with_their_function(tmp_path, pipeline):
+    args, expected = CASES[pipeline]
+    report = record(tmp_path / "planted", pipeline, args)
+    assert report["breakdown"]["steps"] > 10 and report["breakdown"]["steps_from"]["source"] == "model-cadence"
     found = {s["id"]: s for s in report["suggestions"]}
-    for rule, function in PLANTED.items():
+    for rule, function in expected.items():
         assert rule in found, (rule, sorted(found))
-        who = [r["function"] for r in found[rule]["evidence"]["responsible"]]
-        assert any(function in w for w in who), (rule, who)
         assert found[rule]["est_saving_ms_per_token"] > 0
+        if function is not None:
+            assert any(function in f for f in responsible(found[rule])), (rule, responsible(found[rule]))
 
 
-def test_clean_variant_has_none_of_them(tmp_path):
-    report = record(tmp_path / "clean", PIPELINE_CLEAN="1")
-    assert report["breakdown"]["steps"] > 0
-    assert not set(PLANTED) & {s["id"] for s in report["suggestions"]}, report["suggestions"]
+@pytest.mark.parametrize("pipeline", list(CASES))
+def test_clean_variant_has_none_of_them(tmp_path, pipeline):
+    args, expected = CASES[pipeline]
+    report = record(tmp_path / "clean", pipeline, args, PIPELINE_CLEAN="1")
+    assert report["breakdown"]["steps"] > 10
+    assert not set(expected) & {s["id"] for s in report["suggestions"]}, report["suggestions"]

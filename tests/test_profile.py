@@ -116,3 +116,42 @@ def test_a_blocking_receive_is_charged_to_the_senders_work():
     assert rows[names.LOGGING]["ms_per_step"] == pytest.approx(4.0, abs=0.01)
     assert rows["gap"]["ms_per_step"] == pytest.approx(10.6, abs=0.01)  # the master's unannotated work
     assert rows[names.TCP]["ms_per_step"] < 1.0  # the transport itself
+
+
+def test_a_receive_no_peer_answered_is_a_wait_in_the_step():
+    from llmtrace.analyze.rules import run_rules
+
+    t = trace_of(1, 2)
+    for k in range(8):
+        base = k * 10
+        span(t, "forward", base, base + 5, pid=2, batch=4)
+        span(t, "ipc.get", base + 5, base + 9, pid=2)  # a get(timeout=...) that timed out
+    span(t, "ipc.put", 18, 18.1, pid=1)  # a request put at 18 ms ended the wait of step 1 only
+    ctx = done(t)
+    (s,) = [s for s in run_rules(ctx) if s.id == "wait-in-step"]
+    assert s.evidence["steps_affected"] == 7 and s.est_saving_ms_per_token == pytest.approx(7 * 4 / 32, rel=0.01)
+
+
+def test_a_log_call_line_names_the_formatting_of_its_arguments(tmp_path):
+    from llmtrace.analyze.functions import line_callee
+
+    main = tmp_path / "server.py"
+    main.write_text("import logging\nlog = logging.getLogger()\n"
+                    "def step(x):\n    log.debug(f'logits {x.tolist()}')\n    return np.concatenate([x])\n")
+    assert line_callee("__main__:step:4", str(main)) == "logging.Logger.debug"
+    assert line_callee("__main__:step:5", str(main)) == "numpy.concatenate"
+    assert line_callee("__main__:step:4") is None  # without the process's main file: not this process's
+
+
+def test_caller_skips_library_frames():
+    import json
+
+    from llmtrace.auto.caller import caller
+
+    def instrumented(obj):  # stands for a wrapper: its caller is two frames up
+        return caller()
+
+    def program_function():
+        return json.loads("[1]", object_hook=None) and instrumented(1)
+
+    assert program_function() == f"{__name__}.test_caller_skips_library_frames.<locals>.program_function"

@@ -135,3 +135,63 @@ def test_exit_status(rc, expected):
     from llmtrace.commands.record import exit_status
 
     assert exit_status(rc) == expected
+
+
+FORKING = """
+import multiprocessing as mp, time
+
+def busy(n):
+    t = time.perf_counter()
+    while time.perf_counter() - t < 0.3:
+        sum(range(1000))
+
+if __name__ == "__main__":
+    p = mp.Process(target=busy, args=(1,), name="model-worker-7")
+    p.start()
+    p.join()
+"""
+
+
+def test_a_forked_child_keeps_sampling_under_its_multiprocessing_name(tmp_path):
+    from llmtrace.load import load_trace
+
+    r = record(tmp_path / "run", "--sample-hz", "200", program=[sys.executable, script(tmp_path, FORKING)])
+    assert r.returncode == 0, r.stderr
+    trace = load_trace(str(tmp_path / "run"))
+    (child,) = [p for p in trace.processes.values() if p.name == "model-worker-7"]
+    busy = [s for s in trace.samples if s.pid == child.pid and any(":busy" in f for f in s.stack)]
+    assert len(busy) >= 10  # 0.3 s at 200/s, sampled in the child by its own sampler
+
+
+HANGS_UP = """
+import time, llmtrace
+with llmtrace.span("before.hangup"):
+    pass
+print("ready", flush=True)
+time.sleep(30)
+"""
+
+
+def test_sighup_keeps_the_trace_like_sigterm(tmp_path):
+    from llmtrace.load import load_trace
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTRACE_")}
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "llmtrace.cli", "record", "--out", str(out), "--", sys.executable,
+                             script(tmp_path, HANGS_UP)], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    assert proc.stdout.readline().strip() == "ready"
+    (child,) = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == proc.pid]
+    os.kill(child, signal.SIGHUP)
+    assert proc.wait(timeout=30) == 128 + signal.SIGHUP
+    trace = load_trace(str(out))
+    assert "before.hangup" in {s.name for s in trace.spans}
+    (prog,) = [p for p in trace.processes.values() if p.pid == child]
+    assert prog.truncated_at is None  # the spool was closed, not cut off by the signal
+
+
+def _ppid(pid: str) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().split(") ", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1

@@ -4,6 +4,8 @@ token lists) converted to Python objects and text for a transport.
 
 Fingerprint: spans of stage `serialize` (automatic instrumentation wraps json/pickle/
 msgpack/orjson dumps and loads) inside steps, on the critical path.
+Reported when it is at least MIN_SHARE of the per-token time: encoding a small control
+message per step is normal, and costs less.
 Saving: their time per token: send only what the receiver needs (the sampled ids, not
 the logits), as raw buffers (numpy `tobytes`, shared memory) instead of text.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 from ... import names
 
 ID = "serialization-in-hot-path"
+MIN_SHARE = 0.03
 
 
 FIX = ("Move less and encode it cheaply: send token ids instead of logits or hidden states, pass arrays "
@@ -24,4 +27,6 @@ def _title(ms, steps, ev) -> str:
 
 
 def check(ctx):
+    if ctx.breakdown.ms_per_token(names.SERIALIZE) < MIN_SHARE * ctx.per_token_ms:
+        return []
     return ctx.stage_suggestion(ID, names.SERIALIZE, _title, FIX)
