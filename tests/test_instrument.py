@@ -13,6 +13,7 @@ import pytest
 import llmtrace
 from llmtrace import names, recorder
 from llmtrace.auto import patching
+from llmtrace.auto.caller import SLOW_NS
 from llmtrace.spool_format import ATTR_FLOAT, ATTR_ID_MASK, ATTR_STR, RECORD, SPAN, bits_float
 
 
@@ -54,15 +55,20 @@ def test_transport_runtime_and_serialization_spans(spans):
     a.sendall(b"x" * 300)
     assert b.recv(1000) == b"x" * 300
     json.loads(json.dumps({"k": [1, 2, 3]}))
+    json.dumps(list(range(200_000)))  # a slow call: it names its caller
     time.sleep(0.002)
     logging.getLogger("test_instrument").warning("a record")
     got = spans()
     by = {s["name"]: s for s in got}
     send, recv = by["tcp.send"], by["tcp.recv"]
     assert send["stage"] == names.TCP and send["attrs"][names.A_BYTES] == 300 and send["attrs"][names.A_NODELAY] == 1
-    assert send["attrs"][names.A_CALLER] == f"{__name__}.test_transport_runtime_and_serialization_spans"
+    if send["dur"] < SLOW_NS:
+        assert names.A_CALLER not in send["attrs"]  # a fast call does not pay for finding its caller
     assert recv["attrs"][names.A_BYTES] == 300
-    assert by["serialize.encode"]["stage"] == names.SERIALIZE and "serialize.decode" in by
+    encodes = sorted((s for s in got if s["name"] == "serialize.encode"), key=lambda s: s["dur"])
+    assert encodes[-1]["attrs"][names.A_CALLER] == f"{__name__}.test_transport_runtime_and_serialization_spans"
+    assert all(names.A_CALLER not in s["attrs"] for s in encodes if s["dur"] < SLOW_NS)
+    assert encodes[0]["stage"] == names.SERIALIZE and "serialize.decode" in by
     assert by["sleep"]["stage"] == names.SLEEP and by["sleep"]["dur"] >= 2_000_000
     assert by["logging"]["stage"] == names.LOGGING
     for s in (a, b, srv):
@@ -116,11 +122,12 @@ def test_torch_forward_and_host_copies(spans):
         logits = model(torch.zeros(3, 4, dtype=torch.long))
         ids = logits.argmax(dim=-1).tolist()  # 3 ids: too small for a span on a CPU
         rows = logits.tolist()  # the whole [3, 2048] logits: a host copy worth a span
-    assert len(ids) == 3 and len(rows) == 3
+    big = torch.zeros(2000, 1000).tolist()  # slow enough to name its caller
+    assert len(ids) == 3 and len(rows) == 3 and len(big) == 2000
     got = spans()
     forwards = [s for s in got if s["stage"] == names.FORWARD]
     assert len(forwards) == 1  # the outermost module only
     assert forwards[0]["attrs"][names.A_BATCH] == 3 and forwards[0]["attrs"][names.A_TOKENS] == 12
-    (copy,) = [s for s in got if s["name"] == names.SYNC_WAIT]
+    copy, slow = [s for s in got if s["name"] == names.SYNC_WAIT]
     assert copy["attrs"][names.A_BYTES] == 3 * 2048 * 4 and copy["attrs"]["fn"] == "tolist"
-    assert copy["attrs"][names.A_CALLER].endswith("test_torch_forward_and_host_copies")
+    assert slow["attrs"][names.A_CALLER].endswith("test_torch_forward_and_host_copies")

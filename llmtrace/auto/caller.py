@@ -3,11 +3,17 @@
 inside by the in-process sampler, and a coroutine waiting in asyncio.sleep is on no
 thread's stack, so the span names who made it. Frames of the standard library and of
 llmtrace (the call may go through multiprocessing, asyncio, json ...) are skipped; each
-code object's label and verdict are cached, so a call costs a short frame walk."""
+code object's label and verdict are cached. Materialising the frames still costs about a
+microsecond, so only calls of at least SLOW_NS get a caller (`name_if_slow`): the ones a
+finding can be about."""
 from __future__ import annotations
 
 import sys
+from time import perf_counter_ns
 
+from .. import names
+
+SLOW_NS = 20_000  # only a call this long is worth naming its caller: finding the frame costs ~1 us
 _labels: dict = {}  # code object -> 'module.qualname', or None for a library frame
 _LIBRARY = frozenset(sys.stdlib_module_names) | {"llmtrace"}
 
@@ -37,3 +43,10 @@ def caller(depth: int = 2, max_walk: int = 12) -> str:
         frame = frame.f_back
     code = first.f_code
     return f"{first.f_globals.get('__name__', '?')}.{getattr(code, 'co_qualname', code.co_name)}"
+
+
+def name_if_slow(span, depth: int = 3) -> None:
+    """Give `span` (open) its caller when the call has taken SLOW_NS so far; `depth` counts
+    the frames from the wrapper that calls this to the instrumented call's caller."""
+    if perf_counter_ns() - span.start_ns >= SLOW_NS:
+        span.set(**{names.A_CALLER: caller(depth)})

@@ -9,7 +9,7 @@ import logging
 import time
 
 from .. import names, recorder
-from .caller import caller
+from .caller import caller, name_if_slow
 from .patching import on_import, replace
 
 
@@ -21,8 +21,11 @@ def _spanned(name: str, stage: str):
         def call(*args, **kwargs):
             if not recorder.is_enabled():
                 return orig(*args, **kwargs)
-            with recorder.span(name, stage=stage, **{names.A_CALLER: caller()}):
-                return orig(*args, **kwargs)
+            with recorder.span(name, stage=stage) as sp:
+                try:
+                    return orig(*args, **kwargs)
+                finally:
+                    name_if_slow(sp)
         return call
     return wrap
 
@@ -32,7 +35,7 @@ def _async_sleep(orig):
     async def sleep(delay, *args, **kwargs):
         if not recorder.is_enabled():
             return await orig(delay, *args, **kwargs)
-        with recorder.span("sleep.async", stage=names.SLEEP, **{names.A_CALLER: caller()}):
+        with recorder.span("sleep.async", stage=names.SLEEP, **{names.A_CALLER: caller()}):  # before the await
             return await orig(delay, *args, **kwargs)
 
     return sleep

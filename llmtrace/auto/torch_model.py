@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 
 from .. import gpu, names, recorder
-from .caller import caller
+from .caller import name_if_slow
 from .patching import on_import, replace
 
 _local = threading.local()
@@ -72,9 +72,11 @@ def _host_copy(compiling, fn: str, only_cuda: bool):
             if (not recorder.is_enabled() or compiling()
                     or (not t.is_cuda and (only_cuda or t.numel() < MIN_HOST_ELEMENTS))):
                 return orig(t, *args, **kwargs)
-            with recorder.span(names.SYNC_WAIT, fn=fn, **{names.A_BYTES: t.numel() * t.element_size(),
-                                                          names.A_CALLER: caller()}):
-                return orig(t, *args, **kwargs)
+            with recorder.span(names.SYNC_WAIT, fn=fn, **{names.A_BYTES: t.numel() * t.element_size()}) as sp:
+                try:
+                    return orig(t, *args, **kwargs)
+                finally:
+                    name_if_slow(sp)
 
         return copy
 

@@ -4,17 +4,21 @@ sockets (`ipc`). A receive span that blocks is the time the process waited for i
 which the analyzer replaces by what the peer did meanwhile (analyze/profile.py)."""
 from __future__ import annotations
 
+import _socket
 import socket
 
 from .. import names, recorder
-from .caller import caller
+from .caller import name_if_slow
 from .patching import on_import, replace
 
 _TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+_family = _socket.socket.family.__get__  # the int: socket.socket.family converts to an enum (~0.6 us)
+_type = _socket.socket.type.__get__
+NAGLE_BYTES = 1024  # Nagle delays only sends smaller than a segment: only those ask the socket
 
 
 def _stage(sock) -> str:
-    return names.TCP if sock.family in _TCP_FAMILIES else names.IPC
+    return names.TCP if _family(sock) in _TCP_FAMILIES else names.IPC
 
 
 def _nbytes(data) -> int:
@@ -33,12 +37,15 @@ def _sender(orig):
     def send(sock, data, *args):
         if not recorder.is_enabled():
             return orig(sock, data, *args)
-        stage = _stage(sock)
-        attrs = {names.A_BYTES: _nbytes(data), names.A_CALLER: caller()}
-        if stage == names.TCP and sock.type == socket.SOCK_STREAM:
+        stage, n = _stage(sock), _nbytes(data)
+        attrs = {names.A_BYTES: n}
+        if n < NAGLE_BYTES and stage == names.TCP and _type(sock) == socket.SOCK_STREAM:
             attrs[names.A_NODELAY] = _nodelay(sock)
-        with recorder.span(stage + ".send", stage=stage, **attrs):
-            return orig(sock, data, *args)
+        with recorder.span(stage + ".send", stage=stage, **attrs) as sp:
+            try:
+                return orig(sock, data, *args)
+            finally:
+                name_if_slow(sp)
 
     return send
 
@@ -76,8 +83,11 @@ def _pipe_write(orig):
     def _send_bytes(conn, buf, *args):
         if not recorder.is_enabled():
             return orig(conn, buf, *args)
-        with recorder.span("ipc.write", stage=names.IPC, **{names.A_BYTES: _nbytes(buf), names.A_CALLER: caller()}):
-            return orig(conn, buf, *args)
+        with recorder.span("ipc.write", stage=names.IPC, **{names.A_BYTES: _nbytes(buf)}) as sp:
+            try:
+                return orig(conn, buf, *args)
+            finally:
+                name_if_slow(sp)
 
     return _send_bytes
 

@@ -1,0 +1,122 @@
+"""A small HTTP server around a Hugging Face `transformers` Llama with a hand-written
+decode loop, one request at a time, the way many first servers are written: the handler
+tokenizes, runs the model token by token and samples in Python. The model is a tiny
+random-weight LlamaForCausalLM built from a config (nothing is downloaded).
+
+    python examples/pipelines/transformers_http.py [--requests 12 --max-tokens 48]
+    llmtrace record -- python examples/pipelines/transformers_http.py
+
+Planted mistakes (on by default; PLANT_<NAME>=0 switches one off, PIPELINE_CLEAN=1 all):
+  no_kv_cache   every step runs the whole sequence again (use_cache=False) instead of
+                feeding the new token with past_key_values
+  host_softmax  the next token comes from a numpy softmax + argmax over the whole vocab
+                row copied to the host, instead of torch.argmax on the logits
+  log_arrays    each step logs the five most likely tokens and their probabilities at
+                INFO, through a handler
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import torch
+from common import EOS, VOCAB, drive, planted, tokenizer
+
+log = logging.getLogger("transformers_http")
+
+
+def build_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    return LlamaForCausalLM(cfg).eval()
+
+
+class Generator:
+    def __init__(self, model):
+        self.model = model
+        self.lock = threading.Lock()
+        self.no_cache, self.host_softmax, self.log_arrays = (planted("no_kv_cache"), planted("host_softmax"),
+                                                             planted("log_arrays"))
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
+        with self.lock:
+            ids, out, past = torch.tensor([prompt_ids]), [], None
+            for _ in range(max_tokens):
+                if self.no_cache:
+                    logits = self.model(ids, use_cache=False).logits[:, -1]
+                else:
+                    step = self.model(ids if past is None else ids[:, -1:], past_key_values=past, use_cache=True)
+                    logits, past = step.logits[:, -1], step.past_key_values
+                token = self.sample(logits)
+                out.append(token)
+                if token == EOS:
+                    break
+                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+            return out
+
+    def sample(self, logits: torch.Tensor) -> int:
+        if self.host_softmax:
+            row = logits[0].numpy()
+            p = np.exp(row - row.max())
+            p /= p.sum()
+            token = int(np.argmax(p))
+            if self.log_arrays:
+                top = np.argsort(p)[-5:][::-1]
+                log.info("top tokens %s probs %s", top.tolist(), p[top].round(4).tolist())
+            return token
+        token = int(torch.argmax(logits[0]))
+        if self.log_arrays:
+            probs = torch.softmax(logits[0], dim=-1)
+            top = torch.topk(probs, 5)
+            log.info("top tokens %s probs %s", top.indices.tolist(), top.values.round(decimals=4).tolist())
+        return token
+
+
+def make_handler(gen: Generator, sp):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            out = gen.generate(sp.encode(body["prompt"]), int(body.get("max_tokens", 16)))
+            data = json.dumps({"text": sp.decode(out), "token_ids": out}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    return Handler
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=12)
+    ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, stream=io.StringIO(), format="%(asctime)s %(name)s %(message)s")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(Generator(build_model()), tokenizer()))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    result = drive(f"http://127.0.0.1:{server.server_address[1]}/generate", args.requests, args.concurrency,
+                   args.max_tokens)
+    server.shutdown()
+    print(json.dumps({"pipeline": "transformers_http", **result,
+                      "tok_s": round(result["tokens"] / result["seconds"], 1)}))
+
+
+if __name__ == "__main__":
+    main()
