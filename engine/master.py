@@ -36,6 +36,7 @@ from time import perf_counter_ns
 from typing import NamedTuple
 
 import llmtrace
+from llmtrace import names
 from llmtrace.context import Carrier
 
 from . import protocol
@@ -380,7 +381,7 @@ class Master:
         stream = self._streams.pop(req_id, None)
         if stream is not None:
             stream.put(Delta([], "", seq.finish_reason))
-        llmtrace.instant("req.finish", req=req_id, reason=seq.finish_reason)
+        llmtrace.instant(names.I_REQ_FINISH, req=req_id, reason=seq.finish_reason)
 
     def _forget(self, seq: Sequence) -> None:
         if seq.seq_id in self._known:
@@ -475,11 +476,11 @@ class Master:
                 self._stream_outputs(output)
                 output = None
         bm = sched.block_manager
-        llmtrace.counter("running", sched.num_running)
-        llmtrace.counter("waiting", sched.num_waiting)
-        llmtrace.counter("batch_size", B)
-        llmtrace.counter("kv_blocks_used", bm.num_used_blocks)
-        llmtrace.counter("kv_blocks_total", bm.num_blocks)
+        llmtrace.counter(names.C_RUNNING, sched.num_running)
+        llmtrace.counter(names.C_WAITING, sched.num_waiting)
+        llmtrace.counter(names.C_BATCH_SIZE, B)
+        llmtrace.counter(names.C_KV_BLOCKS_USED, bm.num_used_blocks)
+        llmtrace.counter(names.C_KV_BLOCKS_TOTAL, bm.num_blocks)
         return output
 
     async def _send(self, out: SchedulerOutput, in_flight: deque[InFlight]) -> None:
@@ -526,7 +527,7 @@ class Master:
             stream = self._streams.get(s.seq.req_id)
             if stream is not None and not stream.queue_recorded:
                 stream.queue_recorded = True
-                llmtrace.record_span("queue", s.seq.arrival_ns, s.seq.first_scheduled_ns, parent=0, step=step,
+                llmtrace.record_span(names.QUEUE_SPAN, s.seq.arrival_ns, s.seq.first_scheduled_ns, parent=0, step=step,
                                      req=s.seq.req_id)
 
     def _write_inputs(self, out: SchedulerOutput, step: int) -> tuple[int, int]:
@@ -591,9 +592,9 @@ class Master:
         for stream, delta in deltas:
             stream.put(delta)
             stream.num_streamed += len(delta.token_ids)
-            llmtrace.instant("token", req=stream.req_id, n=stream.num_streamed)
+            llmtrace.instant(names.I_TOKEN, req=stream.req_id, n=stream.num_streamed)
             if delta.finish_reason is not None:
-                llmtrace.instant("req.finish", req=stream.req_id, reason=delta.finish_reason)
+                llmtrace.instant(names.I_REQ_FINISH, req=stream.req_id, reason=delta.finish_reason)
 
 
 async def _guard(agent: AgentHandle, aw):

@@ -23,6 +23,7 @@ from time import perf_counter_ns
 from typing import NamedTuple
 
 import llmtrace
+from llmtrace import names
 
 from .block_manager import BlockManager
 from .config import ConfigError, EngineConfig
@@ -193,7 +194,7 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
-        llmtrace.instant("preempt", req=seq.req_id)
+        llmtrace.instant(names.I_PREEMPT, req=seq.req_id)
 
     def postprocess(self, output: SchedulerOutput, token_ids) -> list[Sequence]:
         """Put each scheduled sequence's sampled token in place (over its placeholder when

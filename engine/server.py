@@ -21,6 +21,7 @@ import orjson
 from aiohttp import web
 
 import llmtrace
+from llmtrace import names
 from llmtrace.errors import UserError
 
 from . import api_schema as api
@@ -132,7 +133,7 @@ class ApiServer:
     async def _serve(self, request, parse, stream_out, respond) -> web.StreamResponse:
         t_arrival = time.perf_counter()
         rid = self._request_id(request)
-        with llmtrace.span("http.request", req=rid) as sp:
+        with llmtrace.span(names.HTTP_REQUEST, req=rid) as sp:
             greq = parse(api.parse_json(await request.read()), self.max_model_len)
             gen = self._admit(rid, greq, t_arrival)
             try:

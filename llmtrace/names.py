@@ -30,7 +30,13 @@ MODEL_STAGES = (FORWARD, SAMPLING)  # device work on a GPU; their host-side chil
 
 # ---- span names with a meaning of their own
 SYNC_WAIT = "sync.wait"
-HTTP_REQUEST = "http.request"
+HTTP_REQUEST = "http.request"  # attrs: req, output_tokens, ttft_us
+QUEUE_SPAN = "queue"  # a request from arrival to its first schedule (attr req)
+
+# ---- instants
+I_TOKEN = "token"  # a streamed delta (attrs: req, n = tokens so far)
+I_REQ_FINISH = "req.finish"  # attrs: req, reason
+I_PREEMPT = "preempt"  # attr: req
 
 # ---- attributes
 A_TOKENS = "tokens"  # tokens a step (or span) processed
@@ -43,6 +49,8 @@ A_LOGITS_BYTES = "logits_bytes"
 A_BYTES = "bytes"  # bytes a transport call moved
 A_NODELAY = "nodelay"  # TCP_NODELAY of the socket a tcp span used (1/0)
 A_REQ = "req"  # request id
+A_TTFT_US = "ttft_us"
+A_TOKENS_SO_FAR = "n"
 A_FUNCTION = "fn"  # the instrumented library function (auto-instrumentation)
 A_CALLER = "caller"  # the program's function that called it ('module.qualname')
 

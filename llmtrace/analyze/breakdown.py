@@ -122,7 +122,7 @@ def step_tokens(root: Span) -> int:
     """Output tokens a step produced: its `output_tokens` (the engine's: rows not discarded),
     else one per sequence in the batch (prefill and decode alike), else a generic
     pipeline's `tokens` attr, else one."""
-    for key in ("output_tokens", "batch", "tokens"):
+    for key in (names.A_OUTPUT_TOKENS, names.A_BATCH, names.A_TOKENS):
         v = root.attrs.get(key)
         if isinstance(v, (int, float)) and v >= 0:
             return int(v)
@@ -217,8 +217,8 @@ class _StepWalker:
         self.agent_ends = {pid: [s.end_ns for s in steps] for pid, steps in self.agent_timeline.items()}
 
     def cost(self, step: int, root: Span) -> StepCost:
-        sc = StepCost(step, root, step_tokens(root), bool(root.attrs.get("prefill")),
-                      _int_or_none(root.attrs.get("batch")))
+        sc = StepCost(step, root, step_tokens(root), bool(root.attrs.get(names.A_PREFILL)),
+                      _int_or_none(root.attrs.get(names.A_BATCH)))
         segs = [_Segment(root.start_ns, root.end_ns, GAP, _P_ROOT, root)]
         self._children(root, root.start_ns, root.end_ns, segs, sc, _P_ROOT_STAGE)
         if sc.agent_root is not None:

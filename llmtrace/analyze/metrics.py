@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from .. import names
 from .breakdown import Breakdown
 from .index import TraceIndex
 from .stats import summary
@@ -37,25 +38,25 @@ def _num(v) -> float | None:
 
 def _requests(index: TraceIndex) -> dict:
     reqs: dict = defaultdict(_Request)
-    for s in index.by_name.get("http.request", ()):
-        r = reqs[s.attrs.get("req", s.span_id)]
+    for s in index.by_name.get(names.HTTP_REQUEST, ()):
+        r = reqs[s.attrs.get(names.A_REQ, s.span_id)]
         r.start, r.end = s.start_ns, s.end_ns
-        out, ttft = _num(s.attrs.get("output_tokens")), _num(s.attrs.get("ttft_us"))
+        out, ttft = _num(s.attrs.get(names.A_OUTPUT_TOKENS)), _num(s.attrs.get(names.A_TTFT_US))
         if out is not None:
             r.output_tokens = int(out)
         if ttft is not None and ttft >= 0:  # -1: the request produced no token
             r.ttft_ns = int(ttft * 1000)
-    for s in index.by_name.get("queue", ()):
-        if "req" in s.attrs:
-            r = reqs[s.attrs["req"]]
+    for s in index.by_name.get(names.QUEUE_SPAN, ()):
+        if names.A_REQ in s.attrs:
+            r = reqs[s.attrs[names.A_REQ]]
             r.start = s.start_ns if r.start is None else min(r.start, s.start_ns)
-    for i in index.instants.get("token", ()):
-        n = _num(i.attrs.get("n"))
-        if "req" in i.attrs and n is not None:
-            reqs[i.attrs["req"]].tokens.append((i.ts_ns, int(n)))
-    for i in index.instants.get("req.finish", ()):
-        if "req" in i.attrs:
-            r = reqs[i.attrs["req"]]
+    for i in index.instants.get(names.I_TOKEN, ()):
+        n = _num(i.attrs.get(names.A_TOKENS_SO_FAR))
+        if names.A_REQ in i.attrs and n is not None:
+            reqs[i.attrs[names.A_REQ]].tokens.append((i.ts_ns, int(n)))
+    for i in index.instants.get(names.I_REQ_FINISH, ()):
+        if names.A_REQ in i.attrs:
+            r = reqs[i.attrs[names.A_REQ]]
             r.end = i.ts_ns if r.end is None else r.end
     for r in reqs.values():
         r.tokens.sort()
@@ -92,7 +93,7 @@ def _timeline(ts: list[int], vals: list[float], t0: int) -> list[list[float]]:
 
 
 def _batch_size(index: TraceIndex, bd: Breakdown, t0: int) -> dict | None:
-    for name in ("batch_size", "running"):
+    for name in (names.C_BATCH_SIZE, names.C_RUNNING):
         ts, vals = index.counter_series(name)
         if vals:
             break
@@ -105,15 +106,15 @@ def _batch_size(index: TraceIndex, bd: Breakdown, t0: int) -> dict | None:
 
 
 def _kv_usage(index: TraceIndex, t0: int) -> dict | None:
-    ts, used = index.counter_series("kv_blocks_used")
+    ts, used = index.counter_series(names.C_KV_BLOCKS_USED)
     if not used:
         return None
     frac = []
     for t, u in zip(ts, used):
-        total = index.counter_at("kv_blocks_total", t) or index.counter_max("kv_blocks_total")
+        total = index.counter_at(names.C_KV_BLOCKS_TOTAL, t) or index.counter_max(names.C_KV_BLOCKS_TOTAL)
         frac.append(u / total if total else 0.0)
     return {"peak_fraction": max(frac), "mean_fraction": sum(frac) / len(frac),
-            "peak_blocks": max(used), "total_blocks": index.counter_max("kv_blocks_total"),
+            "peak_blocks": max(used), "total_blocks": index.counter_max(names.C_KV_BLOCKS_TOTAL),
             "timeline": _timeline(ts, frac, t0)}
 
 
@@ -137,7 +138,7 @@ def serving_metrics(index: TraceIndex, bd: Breakdown) -> dict:
     counted = [r.output_tokens for r in reqs.values() if r.output_tokens is not None]
     output_tokens = sum(counted) if counted else bd.tokens
     duration_s = (t1 - t0) / 1e9
-    queue = [s.dur_ns for s in index.by_name.get("queue", ())]
+    queue = [s.dur_ns for s in index.by_name.get(names.QUEUE_SPAN, ())]
     return {
         "requests": len(reqs) if reqs else None,
         "output_tokens": output_tokens,
@@ -146,7 +147,7 @@ def serving_metrics(index: TraceIndex, bd: Breakdown) -> dict:
         "throughput_tok_s": output_tokens / duration_s if duration_s > 0 else 0.0,
         **_latencies(reqs),
         "queue_ms": summary(queue, 1e-6),
-        "preemptions": len(index.instants.get("preempt", ())),
+        "preemptions": len(index.instants.get(names.I_PREEMPT, ())),
         "batch_size": _batch_size(index, bd, t0),
         "kv_usage": _kv_usage(index, t0),
     }

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import re
 
+from ... import names
 from ..breakdown import LOGITS_BYTES_ATTRS, MODEL_STAGES, moves_logits
-from ...names import A_CALLER
 from ..functions import Call, covered, is_user_code
 from ..stats import median
 
@@ -40,12 +40,12 @@ def _logits_bytes(span, seqs: int) -> float | None:
 
 
 def _device_sampling_ns(ctx, logits_bytes: float | None) -> tuple[float, str]:
-    dev = [s.device_dur_ns for s in ctx.index.by_stage.get("sampling", ()) if s.device_start_ns is not None]
+    dev = [s.device_dur_ns for s in ctx.index.by_stage.get(names.SAMPLING, ()) if s.device_start_ns is not None]
     if dev:
         return median(dev), "measured device time of sampling"
     if not logits_bytes:
         return 0.0, "no device estimate (no logits size recorded)"
-    if ctx.has_device_timing() or ctx.index.by_stage.get("sync"):
+    if ctx.has_device_timing() or ctx.index.by_stage.get(names.SYNC):
         return logits_bytes / DEVICE_READ_BYTES_PER_S * 1e9 + LAUNCH_NS, "logits bytes at GPU read rate"
     return logits_bytes / HOST_READ_BYTES_PER_S * 1e9, "logits bytes at CPU read rate"
 
@@ -67,7 +67,7 @@ def _host_sampling(ctx) -> tuple[list[Call], list[float]]:
     seqs = {sc.step: sc.tokens for sc in ctx.steps}
     for c in ctx.functions.select(host_side=True):
         b = _logits_bytes(c.span, seqs.get(c.step, 1)) if c.span is not None and _transfer(c.span) else None
-        if b or (c.stage == "sampling" and PATTERN.search(c.name)):
+        if b or (c.stage == names.SAMPLING and PATTERN.search(c.name)):
             calls.append(c)
             if b:
                 sizes.append(b)
@@ -79,7 +79,7 @@ def _with_sampling_functions(ctx, calls: list[Call]) -> list[Call]:
     the copied rows runs there), unless such a function also runs the model (the step
     loop itself: only its transfer is the finding's)."""
     model_side = {c.name for st in MODEL_STAGES for c in ctx.functions.select(stage=st) if c.sample is not None}
-    by = {c.span.attrs.get(A_CALLER) for c in calls if c.span is not None}  # named by the instrumentation
+    by = {c.span.attrs.get(names.A_CALLER) for c in calls if c.span is not None}  # named by the instrumentation
     owners = {name for name in by if isinstance(name, str) and name not in model_side and is_user_code(name)}
     return calls + [c for c in ctx.functions.select(host_side=True) if c.name in owners]
 
@@ -99,7 +99,7 @@ def check(ctx):
     ctx.claim(c.name for c in calls)
     return [ctx.suggestion(
         ID, f"Sampling on the host over the full logits costs {ctx.ms_per_token(sum(per_step.values())):.2f} ms/token",
-        "sampling",
+        names.SAMPLING,
         {**ev, "host_ms_per_step": round(median(per_step.values()) / 1e6, 4),
          "logits_bytes": logits_bytes, "device_sampling_ms_est": round(device_ns / 1e6, 4),
          "device_estimate": basis},

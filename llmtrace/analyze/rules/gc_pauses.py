@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+from ... import names
 from ..breakdown import GAP
 from ..functions import covered
 from ..stats import median
@@ -28,7 +29,7 @@ FIX = ("Call gc.freeze() after model load and warm-up (moves long-lived objects 
 def _gc_time(ctx):
     calls = ctx.functions.select(PATTERN, host_side=True)
     nested_ns, per_step = covered(calls)
-    direct = {sc.step: sc.parts.get("gc", 0) for sc in ctx.steps if sc.parts.get("gc")}
+    direct = {sc.step: sc.parts.get(names.GC, 0) for sc in ctx.steps if sc.parts.get(names.GC)}
     steps = set(per_step) | set(direct)
     return nested_ns + sum(direct.values()), steps, calls
 
@@ -57,10 +58,10 @@ def check(ctx):
         found = _unexplained(ctx)
         return [found] if found else []
     ctx.claim(c.name for c in calls)
-    instants = ctx.index.instants.get("gc", ())
-    collections = sum(1 for c in calls if c.source == "span") + sum(sc.counts.get("gc", 0) for sc in ctx.steps)
+    instants = ctx.index.instants.get(names.GC, ())
+    collections = sum(1 for c in calls if c.source == "span") + sum(sc.counts.get(names.GC, 0) for sc in ctx.steps)
     return [ctx.suggestion(
-        ID, f"GC pauses cost {ctx.ms_per_token(ns):.2f} ms/token ({collections} collections in steps)", "gc",
+        ID, f"GC pauses cost {ctx.ms_per_token(ns):.2f} ms/token ({collections} collections in steps)", names.GC,
         {"collections_in_steps": collections, "gc_ms_per_collection": round(ns / max(1, collections) / 1e6, 4),
          "gc_instants": len(instants), "steps_affected": len(steps), "example_steps": sorted(steps)[:5]},
         ctx.ms_per_token(ns), FIX)]

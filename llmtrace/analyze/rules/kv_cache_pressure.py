@@ -9,6 +9,7 @@ step could have run min(batch + waiting, max_num_seqs) sequences in about the sa
 """
 from __future__ import annotations
 
+from ... import names
 from ..stats import median
 from .limits import max_num_seqs
 
@@ -19,18 +20,18 @@ MIN_STEPS = 3
 
 
 def _usage(ctx, sc) -> float | None:
-    used, total = ctx.counter_before("kv_blocks_used", sc), ctx.counter_before("kv_blocks_total", sc)
+    used, total = ctx.counter_before(names.C_KV_BLOCKS_USED, sc), ctx.counter_before(names.C_KV_BLOCKS_TOTAL, sc)
     return used / total if used is not None and total else None
 
 
 def _preemptions(ctx):
-    pre = ctx.index.instants.get("preempt", ())
+    pre = ctx.index.instants.get(names.I_PREEMPT, ())
     if not pre:
         return None
     ref = ctx.breakdown.prefill_steps() or ctx.steps
     recompute_ns = median(sc.wall_ns for sc in ref) if ref else 0
     return ctx.suggestion(
-        ID, f"{len(pre)} preemptions: KV cache too small for the batch", "schedule",
+        ID, f"{len(pre)} preemptions: KV cache too small for the batch", names.SCHEDULE,
         {"preemptions": len(pre), "requests": sorted({str(i.attrs.get("req")) for i in pre})[:5],
          "recompute_ms_est": round(recompute_ns / 1e6, 4)},
         ctx.ms_per_token(len(pre) * recompute_ns),
@@ -62,7 +63,7 @@ def _capped(ctx):
 
 def _oversized(ctx):
     kv = ctx.metrics.get("kv_usage")
-    if not kv or kv["peak_fraction"] >= OVERSIZED or len(ctx.steps) < 10 or ctx.index.instants.get("preempt"):
+    if not kv or kv["peak_fraction"] >= OVERSIZED or len(ctx.steps) < 10 or ctx.index.instants.get(names.I_PREEMPT):
         return None
     return ctx.suggestion(
         ID, f"KV cache peaks at {kv['peak_fraction']:.0%} of its budget", "schedule",
