@@ -41,8 +41,8 @@ RULE = "unsynced-gpu-timing"
 def serve_and_analyze(config_path: str, run_dir: str, log) -> dict:
     """Engine tokens/s of the config's workload (traced into run_dir), then its report."""
     from engine.config import load_config
-    from engine.tokenizer import Tokenizer, tokenizer_path
     from engine.engine_process import EngineCrashed
+    from engine.tokenizer import Tokenizer, tokenizer_path
 
     cfg = load_config(config_path)
     tokenizer = Tokenizer(tokenizer_path(cfg.model))
@@ -108,10 +108,11 @@ def bench_transformers(config_path: str, log) -> dict:
     """generate_batch on the workload's prompts, at most max_num_seqs requests per batch."""
     import statistics
 
+    from gpu_decode import hf_model
+
     from engine.config import load_config
     from engine.tokenizer import Tokenizer, tokenizer_path
     from engine.workload import iter_requests
-    from gpu_decode import hf_model
 
     cfg = load_config(config_path)
     tokenizer = Tokenizer(tokenizer_path(cfg.model))

@@ -10,8 +10,21 @@ import itertools
 import os
 from dataclasses import dataclass, field
 
-from .spool_format import (ATTR_FLOAT, ATTR_ID_MASK, ATTR_STR, COUNTER, DEVICE, INSTANT, RECORD, SAMPLE, SPAN, Batch,
-                           SpoolError, bits_float, read_spool)
+from .spool_format import (
+    ATTR_FLOAT,
+    ATTR_ID_MASK,
+    ATTR_STR,
+    COUNTER,
+    DEVICE,
+    INSTANT,
+    RECORD,
+    SAMPLE,
+    SPAN,
+    Batch,
+    SpoolError,
+    bits_float,
+    read_spool,
+)
 
 
 @dataclass(slots=True)

@@ -6,12 +6,12 @@ import dataclasses
 
 import numpy as np
 import pytest
+from test_model import Driver
 
 import llmtrace
 from engine.config import AntipatternsConfig, ModelConfig
 from engine.model_runner import ModelRunner
 from llmtrace.timeline import load_spool_dir
-from test_model import Driver
 
 TINY = ModelConfig(preset="tiny", dtype="float32", device="cpu", seed=0)
 PROMPTS = {0: [1, 5, 6, 7, 8], 1: [1] + list(range(200, 240)), 2: [1, 9]}
@@ -68,8 +68,9 @@ def test_host_timed_forward_drops_the_sync_span(tmp_path):
 
 
 def test_concat_padding_pads_block_tables_with_minus_one():
-    from engine import antipatterns
     from test_model import MiniAllocator, make_step
+
+    from engine import antipatterns
 
     alloc = MiniAllocator(64, 16, seed=1)
     step = make_step(0, alloc, [(0, list(range(1, 40)), 0), (1, [1, 2], 0)])

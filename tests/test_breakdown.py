@@ -2,13 +2,12 @@
 import time
 
 import pytest
+from synthetic import AGENT_PID, MASTER_PID, MS, EngineTraceBuilder, clean_trace, pipelined_trace, record_pipeline
 
 import llmtrace
-
 from llmtrace.analyze.breakdown import GAP, MODEL
 from llmtrace.analyze.context import Context
 from llmtrace.load import load_trace
-from synthetic import AGENT_PID, MASTER_PID, MS, EngineTraceBuilder, clean_trace, pipelined_trace, record_pipeline
 
 
 def _sums_to_wall(ctx):

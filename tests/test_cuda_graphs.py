@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_model import Driver, MiniAllocator, make_step
+from test_model_runner import run_pipelined, run_synchronous
 
 from engine.config import ModelConfig
 from engine.cuda_graphs import StagedInputs, bucket_for, graph_batch_sizes
 from engine.model_runner import ModelRunner
 from engine.sequence import PLACEHOLDER
-from test_model import Driver, MiniAllocator, make_step
-from test_model_runner import run_pipelined, run_synchronous
 
 
 def test_bucket_sizes_cover_every_batch_up_to_max_num_seqs():

@@ -5,7 +5,7 @@ import asyncio
 import inspect
 
 import pytest
-from test_recorder import FLAG_EXCEPTION, backend  # noqa: F401  (the fixture)
+from test_recorder import FLAG_EXCEPTION
 
 from llmtrace import recorder, trace
 

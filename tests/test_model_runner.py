@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_model import Driver, MiniAllocator, make_step
 
 import llmtrace
 from engine.config import ModelConfig
 from engine.model_runner import ModelRunner, kv_block_bytes
 from engine.sequence import PLACEHOLDER
 from llmtrace.timeline import load_spool_dir
-from test_model import Driver, MiniAllocator, make_step
 
 TINY = ModelConfig(preset="tiny", dtype="float32", device="cpu", seed=0)
 

@@ -76,8 +76,8 @@ def test_a_repeated_span_holding_one_forward_is_the_step():
 
 def test_llmtrace_steps_marks_the_loop_even_under_another_span():
     from llmtrace import recorder
-    from llmtrace.timeline import RecordDecoder
     from llmtrace.spool_format import Batch
+    from llmtrace.timeline import RecordDecoder
 
     recorder.drain()
     recorder.requeue_strings()

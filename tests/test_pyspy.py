@@ -10,9 +10,9 @@ import sys
 import time
 
 import pytest
+from test_record import PIPELINE, names_array_formatting_in_preprocess, record, report
 
 from llmtrace.integrations import pyspy
-from test_record import PIPELINE, names_array_formatting_in_preprocess, record, report
 
 
 def ptrace_denied() -> str | None:

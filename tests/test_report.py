@@ -2,10 +2,10 @@
 import json
 
 import pytest
+from synthetic import MS, EngineTraceBuilder, record_pipeline
 
 from llmtrace.analyze import build_report, render_markdown, render_text
 from llmtrace.cli import main
-from synthetic import MS, EngineTraceBuilder, record_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,11 @@
 """Each rule fires on a trace built with its antipattern, with the right stage, evidence and
 a saving within 10% of the injected cost, and stays silent on clean traces."""
 import pytest
+from synthetic import AGENT_PID, MASTER_PID, MS, EngineTraceBuilder, clean_trace
 
 from llmtrace.analyze.context import Context
 from llmtrace.analyze.rules import RULES, run_rules
 from llmtrace.timeline import Sample
-from synthetic import AGENT_PID, MASTER_PID, MS, EngineTraceBuilder, clean_trace
 
 SAMPLING_AFTER_SYNC = ["tcp.recv", "shm.read", "preprocess", "forward", "sync.wait", "sampling", "shm.write", "tcp.send"]
 
@@ -304,8 +304,9 @@ def test_suggestions_are_ranked_by_saving():
 
 
 def test_hot_function_found_by_stack_samples_in_a_real_trace(tmp_path):
-    from llmtrace.load import load_trace
     from synthetic import record_pipeline
+
+    from llmtrace.load import load_trace
 
     slept = record_pipeline(tmp_path, steps=30, inject_s=0.0, helper_s=0.004, sample_hz=1000)
     ctx = Context(load_trace(str(tmp_path)))

@@ -60,8 +60,8 @@ def test_missing_and_broken_config_files(tmp_path):
 
 
 def test_a_fixed_prompt_stays_out_of_the_shared_trace_without_capture_text():
-    from engine.config import load_config
     from engine.commands.run import _shareable_config
+    from engine.config import load_config
 
     secret = "the launch codes are 0000"
     cfg = load_config("examples/quickstart.yaml", [f"workload.prompt={secret!r}"])

@@ -10,9 +10,9 @@ import pytest
 import llmtrace
 from engine.block_manager import BlockManager
 from engine.config import ConfigError, EngineConfig
+from engine.master import _token_ids
 from engine.sampling_params import SamplingParams
 from engine.scheduler import QueueFull, RequestRejected, Scheduler
-from engine.master import _token_ids
 from engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 EOS = 2

@@ -21,6 +21,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from synthetic import drain_recorded_trace
 
 from engine import api_schema
 from engine.config import load_config
@@ -28,7 +29,6 @@ from engine.server import start_engine
 from engine.stop_strings import StopStringMatcher
 from llmtrace import recorder, sink
 from llmtrace.timeline import Trace
-from synthetic import drain_recorded_trace
 
 MAX_MODEL_LEN = 128
 PROMPT = "The quick brown fox jumps over the lazy dog."  # 17 tokens with BOS

@@ -8,7 +8,6 @@ import sys
 import threading
 
 import pytest
-from test_recorder import backend  # noqa: F401  (the fixture)
 
 import llmtrace
 from llmtrace import context, sink

@@ -6,8 +6,18 @@ import os
 import pytest
 from synthetic import MS, EngineTraceBuilder, pipelined_trace
 
-from llmtrace.spool_format import (ATTR_FLOAT, ATTR_STR, COUNTER, DEVICE, INSTANT, RECORD, SPAN, encode_batch,
-                                   encode_header, float_bits)
+from llmtrace.spool_format import (
+    ATTR_FLOAT,
+    ATTR_STR,
+    COUNTER,
+    DEVICE,
+    INSTANT,
+    RECORD,
+    SPAN,
+    encode_batch,
+    encode_header,
+    float_bits,
+)
 from llmtrace.timeline import Trace
 from tui.feed import SpoolFeed
 from tui.model import RunModel

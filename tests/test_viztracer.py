@@ -8,11 +8,11 @@ import os
 import sys
 
 import pytest
+from test_record import PIPELINE, names_array_formatting_in_preprocess, record, report
 
 from llmtrace import recorder
 from llmtrace.errors import UserError
 from llmtrace.integrations.viztracer import Window, WindowSpec, event_name, to_foreign
-from test_record import PIPELINE, names_array_formatting_in_preprocess, record, report
 
 
 @pytest.fixture

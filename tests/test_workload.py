@@ -16,13 +16,13 @@ import urllib.request
 
 import numpy as np
 import pytest
+from synthetic import drain_recorded_trace
 
 from engine.config import load_config
 from engine.tokenizer import Tokenizer
 from engine.workload import PromptBuilder, iter_requests, percentile, run_workload, sample_length
 from llmtrace import recorder, sink
 from llmtrace.timeline import load_spool_dir
-from synthetic import drain_recorded_trace
 
 MAX_MODEL_LEN = 128
 CONFIG = f"engine: {{max_model_len: {MAX_MODEL_LEN}, max_batched_tokens: 256, max_num_seqs: 8, num_blocks: 96}}\n"

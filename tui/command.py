@@ -39,12 +39,11 @@ def _live(run_dir: str, info) -> None:
 
 
 def _finished(path: str, run_dir: str) -> None:
+    from llmtrace.analyze import build_report
+    from llmtrace.load import load_trace, truncation_warnings
     from tui.app import LlmtraceApp
     from tui.header import RunInfo
     from tui.model import RunModel
-
-    from llmtrace.analyze import build_report
-    from llmtrace.load import load_trace, truncation_warnings
 
     print(f"loading {path}…", flush=True)
     trace = load_trace(path)

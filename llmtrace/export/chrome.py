@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import os
 import re
-from operator import attrgetter
 from collections.abc import Iterable, Iterator
-from itertools import chain
 from dataclasses import dataclass
+from itertools import chain
+from operator import attrgetter
 
 import orjson
 

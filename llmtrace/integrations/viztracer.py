@@ -194,6 +194,7 @@ def install(spec: WindowSpec, out_dir: str) -> Window:
     """Put a viztracer window in front of this process's span factories."""
     global _window
     import llmtrace
+
     from .. import recorder
 
     if _window is not None:

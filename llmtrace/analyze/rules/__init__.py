@@ -7,9 +7,22 @@ noise and dropped; findings with no time saving by nature (wrong timing, memory)
 """
 from __future__ import annotations
 
-from . import (concat_padding, full_logits_transfer, gc_pauses, hot_function_in_stage, idle_wait, kv_cache_pressure,
-               log_in_hot_path, no_kv_cache, polling_sleep, serialization, small_prefill_batch, tcp_nodelay,
-               underfilled_batch, unsynced_gpu_timing)
+from . import (
+    concat_padding,
+    full_logits_transfer,
+    gc_pauses,
+    hot_function_in_stage,
+    idle_wait,
+    kv_cache_pressure,
+    log_in_hot_path,
+    no_kv_cache,
+    polling_sleep,
+    serialization,
+    small_prefill_batch,
+    tcp_nodelay,
+    underfilled_batch,
+    unsynced_gpu_timing,
+)
 
 RULES = (log_in_hot_path, concat_padding, full_logits_transfer, gc_pauses, tcp_nodelay, polling_sleep, serialization,
          idle_wait, no_kv_cache, unsynced_gpu_timing, small_prefill_batch, kv_cache_pressure, underfilled_batch, hot_function_in_stage)
