@@ -3,7 +3,8 @@ torch language model, the repo's sentencepiece tokenizer, a load generator, and 
 switches for the planted mistakes. None of the pipelines imports llmtrace.
 
 Mistakes are on by default and switched off one by one with PLANT_<NAME>=0, or all at
-once with PIPELINE_CLEAN=1 (the clean variant)."""
+once with PIPELINE_CLEAN=1 (the clean variant). PIPELINE_DEVICE=cuda puts the model of
+the pipelines that support it on a GPU."""
 from __future__ import annotations
 
 import json
@@ -19,6 +20,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TOKENIZER = os.path.join(HERE, "..", "..", "engine", "assets", "tokenizer.model")
 VOCAB = 8000  # the shipped sentencepiece model's vocabulary
 EOS = 2
+
+
+DEVICE = os.environ.get("PIPELINE_DEVICE", "cpu")
 
 
 def planted(name: str) -> bool:

@@ -22,7 +22,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
-from common import EOS, TinyLM, drive, planted, tokenizer
+from common import DEVICE, EOS, TinyLM, drive, planted, tokenizer
 
 log = logging.getLogger("thread_queue_server")
 WINDOW = 16  # the model sees each sequence's last WINDOW tokens
@@ -61,7 +61,7 @@ class Engine(threading.Thread):
 
     @torch.no_grad()
     def step(self) -> None:
-        ids = torch.tensor([(r.ids[-WINDOW:] + [0] * WINDOW)[:WINDOW] for r in self.running])
+        ids = torch.tensor([(r.ids[-WINDOW:] + [0] * WINDOW)[:WINDOW] for r in self.running], device=DEVICE)
         logits = self.model(ids)
         if self.log_arrays:
             log.debug(f"step logits {logits}")
@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    engine = Engine(TinyLM())
+    engine = Engine(TinyLM().to(DEVICE))
     engine.start()
     server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(engine, tokenizer()))
     threading.Thread(target=server.serve_forever, daemon=True).start()
