@@ -177,8 +177,11 @@ def test_sighup_keeps_the_trace_like_sigterm(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTRACE_")}
     out = tmp_path / "run"
+    # SIGHUP as a terminal leaves it (a suite run under nohup ignores it, and an ignored
+    # signal stays ignored in the program, as it should)
     proc = subprocess.Popen([sys.executable, "-m", "llmtrace.cli", "record", "--out", str(out), "--", sys.executable,
-                             script(tmp_path, HANGS_UP)], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                             script(tmp_path, HANGS_UP)], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     assert proc.stdout.readline().strip() == "ready"
     (child,) = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == proc.pid]
     os.kill(child, signal.SIGHUP)
