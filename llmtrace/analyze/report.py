@@ -45,6 +45,23 @@ def _steps_from(ctx: Context) -> dict:
     return {"source": found.profile.source, "idle_windows": found.idle_windows, "notes": notes}
 
 
+def _off_steps(ctx: Context, top: int = 10) -> list[dict]:
+    """Work of the threads that run no step (HTTP front ends, tokenizers, request handlers):
+    per process and stage, its spans' count and time (each thread's top-level spans)."""
+    step_threads = {(sc.root.pid, sc.root.tid) for sc in ctx.steps}
+    step_threads |= {(s.pid, s.tid) for sc in ctx.steps for _, s in sc.stage_spans}
+    rows: dict[tuple[str, str], list[int]] = {}
+    for pid, tid in {(s.pid, s.tid) for s in ctx.trace.spans} - step_threads:
+        proc = ctx.trace.processes.get(pid)
+        for s in ctx.index.top_level(pid, tid):
+            row = rows.setdefault((proc.name if proc else str(pid), s.stage), [0, 0])
+            row[0] += 1
+            row[1] += s.dur_ns
+    out = [{"process": p, "stage": st, "count": n, "ms": round(ns / 1e6, 3), "mean_ms": round(ns / n / 1e6, 3)}
+           for (p, st), (n, ns) in rows.items()]
+    return sorted(out, key=lambda r: -r["ms"])[:top]
+
+
 def _whole_run(ctx: Context) -> list[dict]:
     """Without steps: where the run's time went, by stage (each thread's top-level spans)."""
     totals: dict[str, int] = {}
@@ -82,6 +99,7 @@ def build_report(trace: Trace) -> dict:
         "summary": ctx.metrics,
         "breakdown": _breakdown(ctx),
         "whole_run": None if ctx.steps else _whole_run(ctx),
+        "off_steps": _off_steps(ctx) if ctx.steps else [],
         "suggestions": [s.to_dict() for s in run_rules(ctx)],
         "tracing": _tracing(ctx),
         "meta": trace.meta,
@@ -152,6 +170,13 @@ def render_text(report: dict, color: bool = False, width: int = 130) -> str:
                 table.add_column(h, justify="left" if h in ("stage", STAGE_HEADER[-1]) else "right")
             for row in _stage_rows(view):
                 table.add_row(*row)
+            console.print(table)
+        if report.get("off_steps"):
+            table = Table(title="Off the step loop: threads that run no step (per process and stage)")
+            for h in ("process", "stage", "spans", "total ms", "mean ms"):
+                table.add_column(h, justify="left" if h in ("process", "stage") else "right")
+            for r in report["off_steps"]:
+                table.add_row(escape(r["process"]), r["stage"], str(r["count"]), f"{r['ms']:.1f}", f"{r['mean_ms']:.3f}")
             console.print(table)
     sugg = report["suggestions"]
     if sugg:
