@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import logging
 import multiprocessing as mp
 import threading
 
 import numpy as np
 from aiohttp import web
-from common import EOS, TinyLM, drive, planted, tokenizer
+from common import EOS, TinyLM, drive, planted, print_result, tokenizer
 
 log = logging.getLogger("asyncio_pipe_worker")
 WINDOW, MAX_BATCH = 16, 8
@@ -168,8 +167,7 @@ def main() -> None:
     front.join()
     ours.send(None)
     proc.join(timeout=30)
-    print(json.dumps({"pipeline": "asyncio_pipe_worker", **result,
-                      "tok_s": round(result["tokens"] / result["seconds"], 1)}))
+    print_result("asyncio_pipe_worker", result)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import os
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import sentencepiece
 import torch
@@ -87,3 +89,34 @@ def drive(url: str, requests: int, concurrency: int, max_tokens: int) -> dict:
     for t in threads:
         t.join()
     return {"tokens": tokens[0], "seconds": time.perf_counter() - t0}
+
+
+def serve_generate(generate: Callable[[list[int], int], list[int]], sp) -> tuple[ThreadingHTTPServer, str]:
+    """An http.server front end in a thread: POST /generate {"prompt", "max_tokens"} ->
+    {"text", "token_ids"}, handler threads tokenizing and calling generate(prompt ids,
+    max tokens) -> output ids. Returns the server and its URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            out = generate(sp.encode(body["prompt"]), int(body.get("max_tokens", 16)))
+            data = json.dumps({"text": sp.decode(out), "token_ids": out}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/generate"
+
+
+def print_result(pipeline: str, result: dict) -> None:
+    """The line the benchmarks read: output tokens, seconds and tokens/s of the load."""
+    print(json.dumps({"pipeline": pipeline, **result, "tok_s": round(result["tokens"] / result["seconds"], 1)}))

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import logging
 import multiprocessing as mp
 import queue
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
-from common import EOS, TinyLM, drive, planted, tokenizer
+from common import EOS, TinyLM, drive, planted, print_result, serve_generate, tokenizer
 
 log = logging.getLogger("mp_queue_workers")
 WINDOW, MAX_BATCH = 16, 8
@@ -70,26 +68,6 @@ def worker(inbox, results) -> None:
                     results.put((r, out))
 
 
-def make_handler(submit, sp):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            out = submit(sp.encode(body["prompt"]), int(body.get("max_tokens", 16)))
-            data = json.dumps({"text": sp.decode(out), "token_ids": out}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    return Handler
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=32)
@@ -122,18 +100,15 @@ def main() -> None:
         return box[0]
 
     threading.Thread(target=collect, name="collector", daemon=True).start()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(submit, tokenizer()))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    result = drive(f"http://127.0.0.1:{server.server_address[1]}/generate", args.requests, args.concurrency,
-                   args.max_tokens)
+    server, url = serve_generate(submit, tokenizer())
+    result = drive(url, args.requests, args.concurrency, args.max_tokens)
     server.shutdown()
     for q in inboxes:
         q.put(None)
     for p in procs:
         p.join(timeout=30)
     results.put(None)
-    print(json.dumps({"pipeline": "mp_queue_workers", **result,
-                      "tok_s": round(result["tokens"] / result["seconds"], 1)}))
+    print_result("mp_queue_workers", result)
 
 
 if __name__ == "__main__":

@@ -25,11 +25,10 @@ import struct
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
-from common import EOS, drive, planted, tokenizer
+from common import EOS, drive, planted, print_result, serve_generate, tokenizer
 
 log = logging.getLogger("tcp_master_agent")
 WINDOW, MAX_BATCH = 16, 8
@@ -158,26 +157,14 @@ class Master(threading.Thread):
         self.running = still
 
 
-def make_handler(master: Master, sp):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+def submit(master: Master):
+    def generate(prompt_ids: list[int], max_tokens: int) -> list[int]:
+        req = Request(prompt_ids, max_tokens)
+        master.submit(req)
+        req.done.wait()
+        return req.out
 
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            req = Request(sp.encode(body["prompt"]), int(body.get("max_tokens", 16)))
-            master.submit(req)
-            req.done.wait()
-            out = json.dumps({"text": sp.decode(req.out), "token_ids": req.out}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    return Handler
+    return generate
 
 
 def main() -> None:
@@ -199,10 +186,8 @@ def main() -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         master = Master(sock, shm)
         master.start()
-        server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(master, tokenizer()))
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        result = drive(f"http://127.0.0.1:{server.server_address[1]}/generate", args.requests, args.concurrency,
-                       args.max_tokens)
+        server, url = serve_generate(submit(master), tokenizer())
+        result = drive(url, args.requests, args.concurrency, args.max_tokens)
         server.shutdown()
         with master.lock:
             send_frame(sock, {"stop": True}, split=False)
@@ -213,8 +198,7 @@ def main() -> None:
         del master.ids
         shm.close()
         shm.unlink()
-    print(json.dumps({"pipeline": "tcp_master_agent", **result,
-                      "tok_s": round(result["tokens"] / result["seconds"], 1)}))
+    print_result("tcp_master_agent", result)
 
 
 if __name__ == "__main__":

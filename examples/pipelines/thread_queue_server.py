@@ -14,15 +14,13 @@ Planted mistakes (on by default; PLANT_<NAME>=0 switches one off, PIPELINE_CLEAN
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import queue
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
-from common import DEVICE, EOS, TinyLM, drive, planted, tokenizer
+from common import DEVICE, EOS, TinyLM, drive, planted, print_result, serve_generate, tokenizer
 
 log = logging.getLogger("thread_queue_server")
 WINDOW = 16  # the model sees each sequence's last WINDOW tokens
@@ -81,26 +79,14 @@ class Engine(threading.Thread):
         return [max(range(len(row)), key=row.__getitem__) for row in logits.tolist()]
 
 
-def make_handler(engine: Engine, sp):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+def submit(engine: Engine):
+    def generate(prompt_ids: list[int], max_tokens: int) -> list[int]:
+        req = Request(prompt_ids, max_tokens)
+        engine.inbox.put(req)
+        req.done.wait()
+        return req.out
 
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            req = Request(sp.encode(body["prompt"]), int(body.get("max_tokens", 16)))
-            engine.inbox.put(req)
-            req.done.wait()
-            out = json.dumps({"text": sp.decode(req.out), "token_ids": req.out}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    return Handler
+    return generate
 
 
 def main() -> None:
@@ -112,13 +98,10 @@ def main() -> None:
     torch.set_num_threads(1)
     engine = Engine(TinyLM().to(DEVICE))
     engine.start()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(engine, tokenizer()))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/generate"
+    server, url = serve_generate(submit(engine), tokenizer())
     result = drive(url, args.requests, args.concurrency, args.max_tokens)
     server.shutdown()
-    print(json.dumps({"pipeline": "thread_queue_server", **result,
-                      "tok_s": round(result["tokens"] / result["seconds"], 1)}))
+    print_result("thread_queue_server", result)
 
 
 if __name__ == "__main__":

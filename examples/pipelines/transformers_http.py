@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import torch
-from common import EOS, VOCAB, drive, planted, tokenizer
+from common import EOS, VOCAB, drive, planted, print_result, serve_generate, tokenizer
 
 log = logging.getLogger("transformers_http")
 
@@ -81,26 +79,6 @@ class Generator:
         return token
 
 
-def make_handler(gen: Generator, sp):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            out = gen.generate(sp.encode(body["prompt"]), int(body.get("max_tokens", 16)))
-            data = json.dumps({"text": sp.decode(out), "token_ids": out}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    return Handler
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=12)
@@ -109,13 +87,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, stream=io.StringIO(), format="%(asctime)s %(name)s %(message)s")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(Generator(build_model()), tokenizer()))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    result = drive(f"http://127.0.0.1:{server.server_address[1]}/generate", args.requests, args.concurrency,
-                   args.max_tokens)
+    server, url = serve_generate(Generator(build_model()).generate, tokenizer())
+    result = drive(url, args.requests, args.concurrency, args.max_tokens)
     server.shutdown()
-    print(json.dumps({"pipeline": "transformers_http", **result,
-                      "tok_s": round(result["tokens"] / result["seconds"], 1)}))
+    print_result("transformers_http", result)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,15 @@ up to 40 ms (Linux's minimum delayed-ACK timeout), so a stall lasts up to ~40 ms
 
 Fingerprints: `tcp.send`/`tcp.recv` spans, or the transport residual of the master's
 `agent.wait` (the wait not covered by the agent's step, i.e. the agent was idle), with
-values in STALL_NS. Every step may stall (then the median is a stall too).
+values in STALL_NS. Every step may stall (then the median is a stall too). A receive that
+a send of another process ended (peers.py: the message left just before it arrived) was
+waiting for that process's work, not for a held-back segment, and does not count.
 Saving: each stall's excess over the no-stall cost of the same measure: the median of its
 values below the band when there are enough of them, else LOOPBACK_NS.
 """
 from __future__ import annotations
 
+from ..peers import Peers
 from ..stats import median
 
 ID = "tcp-nodelay"
@@ -28,9 +31,10 @@ def _stalls(values: list[tuple[int, int]]):
 
 def check(ctx):
     series = {"agent.wait residual": [(sc.step, sc.transport_ns) for sc in ctx.steps if sc.wait is not None]}
+    peers = Peers(ctx.index)
     for sc in ctx.steps:
         for _, s in sc.stage_spans:
-            if s.name in ("tcp.send", "tcp.recv"):
+            if s.name in ("tcp.send", "tcp.recv") and (s.name == "tcp.send" or peers.sender_of(s) is None):
                 proc = ctx.trace.processes.get(s.pid)
                 series.setdefault(f"{s.name} ({proc.name if proc else s.pid})", []).append((sc.step, s.dur_ns))
     found, excess, worst = {}, 0, []
