@@ -22,7 +22,8 @@ def check(ctx):
     peers = Peers(ctx.index)
     calls = [Call(stage, sc.step, s.pid, s.start_ns, s.end_ns, s.name, "span", True, s)
              for sc in ctx.steps for stage, s in sc.stage_spans
-             if is_receive(s) and s.dur_ns >= MIN_WAIT_MS * 1e6 and peers.sender_of(s) is None]
+             if is_receive(s) and s.name not in ctx.claimed and s.dur_ns >= MIN_WAIT_MS * 1e6
+             and peers.sender_of(s) is None]
     if not calls:
         return []
     ns, per_step = covered(calls)

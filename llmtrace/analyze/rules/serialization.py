@@ -4,8 +4,8 @@ token lists) converted to Python objects and text for a transport.
 
 Fingerprint: spans of stage `serialize` (automatic instrumentation wraps json/pickle/
 msgpack/orjson dumps and loads) inside steps, on the critical path.
-Reported when it is at least MIN_SHARE of the per-token time: encoding a small control
-message per step is normal, and costs less.
+Reported when it is at least MIN_SHARE of the per-token time or its calls take MIN_CALL_MS
+on average: encoding a small control message per step is normal (tens of us a call).
 Saving: their time per token: send only what the receiver needs (the sampled ids, not
 the logits), as raw buffers (numpy `tobytes`, shared memory) instead of text.
 """
@@ -15,6 +15,7 @@ from ... import names
 
 ID = "serialization-in-hot-path"
 MIN_SHARE = 0.03
+MIN_CALL_MS = 0.1
 
 
 FIX = ("Move less and encode it cheaply: send token ids instead of logits or hidden states, pass arrays "
@@ -27,6 +28,9 @@ def _title(ms, steps, ev) -> str:
 
 
 def check(ctx):
-    if ctx.breakdown.ms_per_token(names.SERIALIZE) < MIN_SHARE * ctx.per_token_ms:
+    ms = ctx.breakdown.ms_per_token(names.SERIALIZE)
+    calls = ctx.stage_calls(names.SERIALIZE)
+    per_call = ms * ctx.tokens / len(calls) if calls else 0.0
+    if ms < MIN_SHARE * ctx.per_token_ms and per_call < MIN_CALL_MS:
         return []
     return ctx.stage_suggestion(ID, names.SERIALIZE, _title, FIX)

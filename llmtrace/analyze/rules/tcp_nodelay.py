@@ -49,6 +49,7 @@ def check(ctx):
     if not found:
         return []
     ctx.claim(c.name for c in ctx.functions.select(stage="tcp"))  # the stall is waiting, whatever the frame
+    ctx.claim(("tcp.send", "tcp.recv"))  # its receives are stalls, not waits for work (wait-in-step)
     saving = ctx.ms_per_token(excess)
     return [ctx.suggestion(
         ID, f"Control messages stall up to 40 ms ({sum(f['stalls'] for f in found.values())} times): "
