@@ -14,7 +14,6 @@ Planted mistakes (on by default; PLANT_<NAME>=0 switches one off, PIPELINE_CLEAN
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
 import logging
@@ -23,7 +22,7 @@ import threading
 
 import numpy as np
 from aiohttp import web
-from common import EOS, TinyLM, drive, planted, print_result, tokenizer
+from common import EOS, TinyLM, drive, load_args, planted, print_result, tokenizer
 
 log = logging.getLogger("asyncio_pipe_worker")
 WINDOW, MAX_BATCH = 16, 8
@@ -148,11 +147,7 @@ async def serve(conn, port_box: list, ready: threading.Event, stop: threading.Ev
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    args = ap.parse_args()
+    args = load_args(__doc__).parse_args()
     if planted("log_arrays"):
         logging.basicConfig(level=logging.INFO, stream=io.StringIO())  # logged, and written somewhere
     ours, theirs = mp.Pipe()

@@ -7,6 +7,7 @@ once with PIPELINE_CLEAN=1 (the clean variant). PIPELINE_DEVICE=cuda puts the mo
 the pipelines that support it on a GPU."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import threading
@@ -120,3 +121,45 @@ def serve_generate(generate: Callable[[list[int], int], list[int]], sp) -> tuple
 def print_result(pipeline: str, result: dict) -> None:
     """The line the benchmarks read: output tokens, seconds and tokens/s of the load."""
     print(json.dumps({"pipeline": pipeline, **result, "tok_s": round(result["tokens"] / result["seconds"], 1)}))
+
+
+class Request:
+    """A request handed from an HTTP handler thread to the serving loop; the loop appends
+    to `out` and sets `done`."""
+
+    def __init__(self, prompt_ids: list[int], max_tokens: int):
+        self.ids, self.max_tokens, self.out = list(prompt_ids), max_tokens, []
+        self.done = threading.Event()
+
+
+def advance(running: list[Request], next_ids: list[int]) -> list[Request]:
+    """Append each request's new token; wake the finished ones; the ones still running."""
+    still = []
+    for r, t in zip(running, next_ids):
+        r.ids.append(t)
+        r.out.append(t)
+        if len(r.out) >= r.max_tokens or t == EOS:
+            r.done.set()
+        else:
+            still.append(r)
+    return still
+
+
+def blocking(put: Callable[[Request], None]) -> Callable[[list[int], int], list[int]]:
+    """generate() for serve_generate: hand a Request to the loop with `put`, wait for it."""
+    def generate(prompt_ids: list[int], max_tokens: int) -> list[int]:
+        req = Request(prompt_ids, max_tokens)
+        put(req)
+        req.done.wait()
+        return req.out
+
+    return generate
+
+
+def load_args(doc: str, requests: int = 32, concurrency: int = 8, max_tokens: int = 32) -> argparse.ArgumentParser:
+    """The load options every pipeline takes (its own are added by the caller)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=requests)
+    ap.add_argument("--concurrency", type=int, default=concurrency)
+    ap.add_argument("--max-tokens", type=int, default=max_tokens)
+    return ap

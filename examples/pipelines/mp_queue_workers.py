@@ -14,7 +14,6 @@ Planted mistakes (on by default; PLANT_<NAME>=0 switches one off, PIPELINE_CLEAN
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 import multiprocessing as mp
@@ -22,7 +21,7 @@ import queue
 import threading
 
 import numpy as np
-from common import EOS, TinyLM, drive, planted, print_result, serve_generate, tokenizer
+from common import EOS, TinyLM, drive, load_args, planted, print_result, serve_generate, tokenizer
 
 log = logging.getLogger("mp_queue_workers")
 WINDOW, MAX_BATCH = 16, 8
@@ -69,10 +68,7 @@ def worker(inbox, results) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap = load_args(__doc__)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     inboxes, results = [mp.Queue() for _ in range(args.workers)], mp.Queue()

@@ -28,7 +28,7 @@ import threading
 from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
-from common import EOS, drive, planted, print_result, serve_generate, tokenizer
+from common import Request, advance, blocking, drive, load_args, planted, print_result, serve_generate, tokenizer
 
 log = logging.getLogger("tcp_master_agent")
 WINDOW, MAX_BATCH = 16, 8
@@ -91,12 +91,6 @@ def agent_main(port: int, shm_name: str) -> None:
 
 # ---------------------------------------------------------------- master process
 
-class Request:
-    def __init__(self, prompt_ids: list[int], max_tokens: int):
-        self.ids, self.max_tokens, self.out = list(prompt_ids), max_tokens, []
-        self.done = threading.Event()
-
-
 class Master(threading.Thread):
     def __init__(self, sock: socket.socket, shm: shared_memory.SharedMemory):
         super().__init__(name="scheduler", daemon=True)
@@ -146,32 +140,11 @@ class Master(threading.Thread):
                         for row, ids in zip(reply["top_logits"], reply["top_ids"])]
         else:
             next_ids = reply["ids"]
-        still = []
-        for r, t in zip(self.running, next_ids):
-            r.ids.append(t)
-            r.out.append(t)
-            if len(r.out) >= r.max_tokens or t == EOS:
-                r.done.set()
-            else:
-                still.append(r)
-        self.running = still
-
-
-def submit(master: Master):
-    def generate(prompt_ids: list[int], max_tokens: int) -> list[int]:
-        req = Request(prompt_ids, max_tokens)
-        master.submit(req)
-        req.done.wait()
-        return req.out
-
-    return generate
+        self.running = advance(self.running, next_ids)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=16)
-    ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap = load_args(__doc__, requests=16)
     ap.add_argument("--agent", nargs=2, metavar=("PORT", "SHM"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.agent:
@@ -186,7 +159,7 @@ def main() -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         master = Master(sock, shm)
         master.start()
-        server, url = serve_generate(submit(master), tokenizer())
+        server, url = serve_generate(blocking(master.submit), tokenizer())
         result = drive(url, args.requests, args.concurrency, args.max_tokens)
         server.shutdown()
         with master.lock:

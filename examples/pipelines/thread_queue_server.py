@@ -13,23 +13,17 @@ Planted mistakes (on by default; PLANT_<NAME>=0 switches one off, PIPELINE_CLEAN
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import queue
 import threading
 import time
 
 import torch
-from common import DEVICE, EOS, TinyLM, drive, planted, print_result, serve_generate, tokenizer
+from common import (DEVICE, Request, TinyLM, advance, blocking, drive, load_args, planted, print_result,
+                    serve_generate, tokenizer)
 
 log = logging.getLogger("thread_queue_server")
 WINDOW = 16  # the model sees each sequence's last WINDOW tokens
-
-
-class Request:
-    def __init__(self, prompt_ids: list[int], max_tokens: int):
-        self.ids, self.max_tokens, self.out = list(prompt_ids), max_tokens, []
-        self.done = threading.Event()
 
 
 class Engine(threading.Thread):
@@ -64,41 +58,19 @@ class Engine(threading.Thread):
         if self.log_arrays:
             log.debug(f"step logits {logits}")
         next_ids = self.argmax_on_host(logits) if self.host_argmax else logits.argmax(dim=-1).tolist()
-        still = []
-        for r, t in zip(self.running, next_ids):
-            r.ids.append(t)
-            r.out.append(t)
-            if len(r.out) >= r.max_tokens or t == EOS:
-                r.done.set()
-            else:
-                still.append(r)
-        self.running = still
+        self.running = advance(self.running, next_ids)
 
     @staticmethod
     def argmax_on_host(logits: torch.Tensor) -> list[int]:
         return [max(range(len(row)), key=row.__getitem__) for row in logits.tolist()]
 
 
-def submit(engine: Engine):
-    def generate(prompt_ids: list[int], max_tokens: int) -> list[int]:
-        req = Request(prompt_ids, max_tokens)
-        engine.inbox.put(req)
-        req.done.wait()
-        return req.out
-
-    return generate
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    args = ap.parse_args()
+    args = load_args(__doc__).parse_args()
     torch.set_num_threads(1)
     engine = Engine(TinyLM().to(DEVICE))
     engine.start()
-    server, url = serve_generate(submit(engine), tokenizer())
+    server, url = serve_generate(blocking(engine.inbox.put), tokenizer())
     result = drive(url, args.requests, args.concurrency, args.max_tokens)
     server.shutdown()
     print_result("thread_queue_server", result)

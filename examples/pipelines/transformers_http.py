@@ -16,14 +16,13 @@ Planted mistakes (on by default; PLANT_<NAME>=0 switches one off, PIPELINE_CLEAN
 """
 from __future__ import annotations
 
-import argparse
 import io
 import logging
 import threading
 
 import numpy as np
 import torch
-from common import EOS, VOCAB, drive, planted, print_result, serve_generate, tokenizer
+from common import EOS, VOCAB, drive, load_args, planted, print_result, serve_generate, tokenizer
 
 log = logging.getLogger("transformers_http")
 
@@ -80,11 +79,7 @@ class Generator:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=12)
-    ap.add_argument("--concurrency", type=int, default=1)
-    ap.add_argument("--max-tokens", type=int, default=48)
-    args = ap.parse_args()
+    args = load_args(__doc__, requests=12, concurrency=1, max_tokens=48).parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, stream=io.StringIO(), format="%(asctime)s %(name)s %(message)s")
     server, url = serve_generate(Generator(build_model()).generate, tokenizer())
