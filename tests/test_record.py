@@ -198,3 +198,28 @@ def _ppid(pid: str) -> int:
             return int(f.read().split(") ", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return -1
+
+
+NO_LOOP = """
+import json, time
+
+def encode_forever():
+    t = time.perf_counter()
+    while time.perf_counter() - t < 0.6:
+        json.dumps({"k": list(range(200))})
+        sum(i * i for i in range(2000))
+
+encode_forever()
+"""
+
+
+def test_without_a_step_loop_the_report_says_where_the_time_went(tmp_path):
+    r = record(tmp_path / "run", "--sample-hz", "250", program=[sys.executable, script(tmp_path, NO_LOOP)])
+    assert r.returncode == 0, r.stderr
+    rep = report(tmp_path / "run")
+    assert rep["breakdown"] is None
+    assert {row["stage"] for row in rep["whole_run"]} >= {"serialize"}  # the automatic json spans
+    busy = [row["function"] for row in rep["whole_run_functions"]]
+    assert busy and busy[0].startswith("__main__.encode_forever"), busy
+    assert "No step loop found" in r.stdout + r.stderr or "No step loop found" in open(
+        os.path.join(tmp_path / "run", "report.md")).read()

@@ -27,6 +27,9 @@ from .breakdown import GAP, MODEL_STAGES, Breakdown, StepCost, is_host_side
 from .index import TraceIndex
 
 EXAMPLE_STEPS = 5
+# functions that wait rather than work: a stage "spending time" there is blocked
+IDLE = re.compile(r"(^|\.)(select|poll|epoll|wait|wait_for|sleep|acquire|recv|recv_into|accept|_run_once"
+                  r"|run_forever|run_until_complete)(:\d+)?$")
 
 
 @dataclass(slots=True)
@@ -388,3 +391,20 @@ def is_user_code(name: str) -> bool:
 
 
 _STDLIB = sysconfig.get_paths()["stdlib"]
+
+
+def program_functions(trace: Trace, top: int = 8) -> list[tuple[str, int]]:
+    """Over the whole run (no steps needed): the program's own functions the threads were
+    busy in (the innermost frame of its code in each sample, with the line; samples that
+    wait are left out), with their sampled ns, largest first."""
+    main = _main_files(trace)
+    per: dict[str, int] = defaultdict(int)
+    for (pid, _), (_, cells) in _samples_by_thread(trace.samples).items():
+        for smp, a, b in cells:
+            names = _sampled_names(smp.stack, main.get(pid, ""))
+            if not names or IDLE.search(frame_name(smp.stack[-1])):
+                continue
+            owner = next((n for n in reversed(names) if ":" in n and is_user_code(n)), None)
+            if owner is not None:
+                per[owner] += b - a
+    return sorted(per.items(), key=lambda kv: -kv[1])[:top]

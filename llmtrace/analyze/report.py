@@ -7,6 +7,7 @@ import io
 from .. import names
 from ..timeline import Trace
 from .context import Context, saving_cells, saving_text
+from .functions import program_functions
 from .rules import run_rules
 
 REPORT_VERSION = 1
@@ -99,6 +100,8 @@ def build_report(trace: Trace) -> dict:
         "summary": ctx.metrics,
         "breakdown": _breakdown(ctx),
         "whole_run": None if ctx.steps else _whole_run(ctx),
+        "whole_run_functions": None if ctx.steps else [{"function": f, "ms": round(ns / 1e6, 3)}
+                                                       for f, ns in program_functions(trace)],
         "off_steps": _off_steps(ctx) if ctx.steps else [],
         "suggestions": [s.to_dict() for s in run_rules(ctx)],
         "tracing": _tracing(ctx),
@@ -157,6 +160,10 @@ def render_text(report: dict, color: bool = False, width: int = 130) -> str:
         console.print(escape(NO_STEPS))
         for row in report.get("whole_run") or []:
             console.print(f"  {row['stage']:<16} {row['ms']:>10.3f} ms")
+        if report.get("whole_run_functions"):
+            console.print("The program's own functions its threads were busy in (stack samples):")
+            for row in report["whole_run_functions"]:
+                console.print(f"  {escape(row['function']):<60} {row['ms']:>10.3f} ms")
     else:
         console.print(f"\n[bold]{escape(bd['headline'])}[/bold]  (overhead {bd['overhead_fraction']:.0%}, "
                       f"{bd['steps']} steps, {bd['tokens']} tokens)")
@@ -214,6 +221,9 @@ def render_markdown(report: dict) -> str:
     if bd is None:
         lines.append(NO_STEPS)
         lines += [""] + _md_table(("stage", "ms (whole run)"), [(r["stage"], r["ms"]) for r in report.get("whole_run") or []])
+        if report.get("whole_run_functions"):
+            lines += ["", "The program's own functions its threads were busy in (stack samples):", ""]
+            lines += _md_table(("function", "ms"), [(r["function"], r["ms"]) for r in report["whole_run_functions"]])
     else:
         lines += [f"**{bd['headline']}** (overhead {bd['overhead_fraction']:.0%})", ""]
         lines += [f"_{note}_" for note in bd.get("steps_from", {}).get("notes", [])] + [""]

@@ -18,14 +18,13 @@ from __future__ import annotations
 import re
 
 from ... import names
+from ..functions import IDLE
 
 ID = "hot-function-in-stage"
 MIN_STAGE_SHARE = 0.05
 MIN_FUNCTION_SHARE = 0.3
 NOT_BLIND = ("gap", names.TCP, names.SYNC)  # no code of their own runs there: pauses, transport, device waits
 SAME_TIME = 0.1  # a caller within 10% of its callee's time is the same finding
-IDLE = re.compile(r"(^|\.)(select|poll|epoll|wait|wait_for|sleep|acquire|recv|recv_into|accept|_run_once"
-                  r"|run_forever|run_until_complete)(:\d+)?$")
 OWN = re.compile(r"^llmtrace\.")
 
 
