@@ -21,7 +21,7 @@ FIX = ("Do not sleep on the step path: block on the work queue with a timeout (q
 
 
 def _title(ms, steps, ev) -> str:
-    where = f" in {ev['functions'][0]['name']}" if ev["functions"] else ""
+    where = f" in {ev['responsible'][0]['function']}" if ev.get("responsible") else ""
     return f"The step loop sleeps{where}: {ms:.2f} ms/token in {len(steps)} steps"
 
 
