@@ -18,15 +18,17 @@ _labels: dict = {}  # code object -> 'module.qualname', or None for a library fr
 _LIBRARY = frozenset(sys.stdlib_module_names) | {"llmtrace"}
 
 
-def _label(frame) -> str | None:
+def _qualified(frame) -> str:
     code = frame.f_code
+    return f"{frame.f_globals.get('__name__', '?')}.{getattr(code, 'co_qualname', code.co_name)}"
+
+
+def _label(frame) -> str | None:
     try:
-        return _labels[code]
+        return _labels[frame.f_code]
     except KeyError:
-        module = frame.f_globals.get("__name__", "?")
-        label = None if module.split(".", 1)[0] in _LIBRARY else \
-            f"{module}.{getattr(code, 'co_qualname', code.co_name)}"
-        _labels[code] = label
+        library = frame.f_globals.get("__name__", "?").split(".", 1)[0] in _LIBRARY
+        label = _labels[frame.f_code] = None if library else _qualified(frame)
         return label
 
 
@@ -41,8 +43,7 @@ def caller(depth: int = 2, max_walk: int = 12) -> str:
         if label is not None:
             return label
         frame = frame.f_back
-    code = first.f_code
-    return f"{first.f_globals.get('__name__', '?')}.{getattr(code, 'co_qualname', code.co_name)}"
+    return _qualified(first)
 
 
 def name_if_slow(span, depth: int = 3) -> None:

@@ -8,7 +8,7 @@ from time import perf_counter_ns
 
 from .. import names, recorder
 from ..timed import record_span
-from .patching import on_import, replace
+from .patching import on_import, replace, traced
 
 _TOKENIZE = (("__call__", names.TOKENIZE), ("encode", names.TOKENIZE), ("apply_chat_template", names.TOKENIZE),
              ("decode", names.DETOKENIZE), ("batch_decode", names.DETOKENIZE))
@@ -16,13 +16,9 @@ _SENTENCEPIECE = (("Encode", names.TOKENIZE), ("encode", names.TOKENIZE), ("Enco
                   ("Decode", names.DETOKENIZE), ("decode", names.DETOKENIZE), ("DecodeIds", names.DETOKENIZE))
 
 
-def _traced(stage: str):
-    return lambda orig: recorder.traced(orig, stage, stage)
-
-
 def _patch_methods(cls, table) -> None:
     for attr, stage in table:
-        replace(cls, attr, _traced(stage))
+        replace(cls, attr, traced(stage, stage))
 
 
 def _patch_http_server(mod) -> None:

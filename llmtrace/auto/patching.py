@@ -10,6 +10,8 @@ import sys
 import threading
 from typing import Callable
 
+from .. import recorder
+
 _originals: list[tuple[object, str, object]] = []  # (owner, attribute, original), in patch order
 _PATCHED = "__llmtrace_original__"
 
@@ -30,6 +32,12 @@ def replace(owner, attr: str, make: Callable[[object], object]) -> bool:
 
 
 _INHERITED = object()
+
+
+def traced(name: str, stage: str) -> Callable[[object], object]:
+    """For `replace`: the recorder's C wrapper, a span around each call with no attributes
+    (no Python frame added: the cheapest span a patch can add)."""
+    return lambda orig: recorder.traced(orig, name, stage)
 
 
 def restore() -> None:

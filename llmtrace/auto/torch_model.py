@@ -12,7 +12,7 @@ import threading
 
 from .. import gpu, names, recorder
 from .caller import name_if_slow
-from .patching import on_import, replace
+from .patching import on_import, replace, traced
 
 _local = threading.local()
 _device_timing: bool | None = None  # decided at the first forward on a CUDA tensor
@@ -88,10 +88,8 @@ def _patch(torch) -> None:
     replace(torch.nn.Module, "__call__", _module_call(torch, compiling))
     for fn, only_cuda in (("tolist", False), ("numpy", False), ("cpu", True), ("item", True)):
         replace(torch.Tensor, fn, _host_copy(compiling, fn, only_cuda))
-    sync = lambda orig: recorder.traced(orig, names.SYNC_WAIT, names.SYNC)  # noqa: E731
-    replace(torch.cuda, "synchronize", sync)
-    replace(torch.cuda.Event, "synchronize", sync)
-    replace(torch.cuda.Stream, "synchronize", sync)
+    for owner in (torch.cuda, torch.cuda.Event, torch.cuda.Stream):
+        replace(owner, "synchronize", traced(names.SYNC_WAIT, names.SYNC))
 
 
 def install() -> None:

@@ -9,7 +9,7 @@ import socket
 
 from .. import names, recorder
 from .caller import name_if_slow
-from .patching import on_import, replace
+from .patching import on_import, replace, traced
 
 _TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 _family = _socket.socket.family.__get__  # the int: socket.socket.family converts to an enum (~0.6 us)
@@ -74,10 +74,6 @@ def install_sockets() -> None:
         replace(cls, attr, lambda orig: _receiver(orig, counts_result=True))
 
 
-def _traced(name: str):
-    return lambda orig: recorder.traced(orig, name, names.IPC)
-
-
 def _pipe_write(orig):
     """The bytes a Connection writes (its send pickles first): nested in `ipc.send`."""
     def _send_bytes(conn, buf, *args):
@@ -96,20 +92,20 @@ def _patch_connection(mod) -> None:
     base = mod._ConnectionBase
     for attr, name in (("send", "ipc.send"), ("send_bytes", "ipc.send"), ("recv", "ipc.recv"),
                        ("recv_bytes", "ipc.recv"), ("recv_bytes_into", "ipc.recv")):
-        replace(base, attr, _traced(name))
+        replace(base, attr, traced(name, names.IPC))
     replace(mod.Connection, "_send_bytes", _pipe_write)
 
 
 def _patch_queues(mod) -> None:
     for attr, name in (("put", "ipc.put"), ("get", "ipc.get")):
-        replace(mod.Queue, attr, _traced(name))
+        replace(mod.Queue, attr, traced(name, names.IPC))
 
 
 def _patch_zmq(mod) -> None:
     cls = mod.Socket
     for attr, name in (("send", "ipc.send"), ("send_multipart", "ipc.send"), ("recv", "ipc.recv"),
                        ("recv_multipart", "ipc.recv")):
-        replace(cls, attr, _traced(name))
+        replace(cls, attr, traced(name, names.IPC))
 
 
 def install() -> None:
