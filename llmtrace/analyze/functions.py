@@ -190,8 +190,7 @@ class FunctionIndex:
             for smp, a, b in self.samples_in(c):
                 if id(smp) not in seen:
                     seen.add(id(smp))
-                    names = _sampled_names(smp.stack, self._main.get(smp.pid, ""))
-                    owner = next((n for n in reversed(names) if is_user_code(n)), None)
+                    owner = _owner(smp, self._main.get(smp.pid, ""))
                     if owner is not None:
                         per[owner] += b - a
         return sorted(per.items(), key=lambda kv: -kv[1])
@@ -222,6 +221,12 @@ def frame_name(frame: str) -> str:
     if len(parts) > 1 and parts[-1].isdigit():
         parts.pop()
     return ".".join(parts)
+
+
+def _owner(smp: Sample, main_file: str) -> str | None:
+    """The program's own code a sample is in: its innermost frame that is not a library's
+    ('mod.func:LINE' when the sampler recorded the line)."""
+    return next((n for n in reversed(_sampled_names(smp.stack, main_file)) if is_user_code(n)), None)
 
 
 def _main_files(trace: Trace) -> dict[int, str]:
@@ -401,10 +406,9 @@ def program_functions(trace: Trace, top: int = 8) -> list[tuple[str, int]]:
     per: dict[str, int] = defaultdict(int)
     for (pid, _), (_, cells) in _samples_by_thread(trace.samples).items():
         for smp, a, b in cells:
-            names = _sampled_names(smp.stack, main.get(pid, ""))
-            if not names or IDLE.search(frame_name(smp.stack[-1])):
+            if not smp.stack or IDLE.search(frame_name(smp.stack[-1])):
                 continue
-            owner = next((n for n in reversed(names) if ":" in n and is_user_code(n)), None)
+            owner = _owner(smp, main.get(pid, ""))
             if owner is not None:
                 per[owner] += b - a
     return sorted(per.items(), key=lambda kv: -kv[1])[:top]

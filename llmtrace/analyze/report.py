@@ -46,18 +46,24 @@ def _steps_from(ctx: Context) -> dict:
     return {"source": found.profile.source, "idle_windows": found.idle_windows, "notes": notes}
 
 
-def _off_steps(ctx: Context, top: int = 10) -> list[dict]:
-    """Work of the threads that run no step (HTTP front ends, tokenizers, request handlers):
-    per process and stage, its spans' count and time (each thread's top-level spans)."""
-    step_threads = {(sc.root.pid, sc.root.tid) for sc in ctx.steps}
-    step_threads |= {(s.pid, s.tid) for sc in ctx.steps for _, s in sc.stage_spans}
+def _top_level_time(ctx: Context, threads) -> dict[tuple[str, str], list[int]]:
+    """(process name, stage) -> [spans, ns] of the given threads' top-level spans."""
     rows: dict[tuple[str, str], list[int]] = {}
-    for pid, tid in {(s.pid, s.tid) for s in ctx.trace.spans} - step_threads:
+    for pid, tid in threads:
         proc = ctx.trace.processes.get(pid)
         for s in ctx.index.top_level(pid, tid):
             row = rows.setdefault((proc.name if proc else str(pid), s.stage), [0, 0])
             row[0] += 1
             row[1] += s.dur_ns
+    return rows
+
+
+def _off_steps(ctx: Context, top: int = 10) -> list[dict]:
+    """Work of the threads that run no step (HTTP front ends, tokenizers, request handlers):
+    per process and stage, its spans' count and time (each thread's top-level spans)."""
+    step_threads = {(sc.root.pid, sc.root.tid) for sc in ctx.steps}
+    step_threads |= {(s.pid, s.tid) for sc in ctx.steps for _, s in sc.stage_spans}
+    rows = _top_level_time(ctx, {(s.pid, s.tid) for s in ctx.trace.spans} - step_threads)
     out = [{"process": p, "stage": st, "count": n, "ms": round(ns / 1e6, 3), "mean_ms": round(ns / n / 1e6, 3)}
            for (p, st), (n, ns) in rows.items()]
     return sorted(out, key=lambda r: -r["ms"])[:top]
@@ -66,10 +72,8 @@ def _off_steps(ctx: Context, top: int = 10) -> list[dict]:
 def _whole_run(ctx: Context) -> list[dict]:
     """Without steps: where the run's time went, by stage (each thread's top-level spans)."""
     totals: dict[str, int] = {}
-    threads = {(s.pid, s.tid) for s in ctx.trace.spans}
-    for pid, tid in threads:
-        for s in ctx.index.top_level(pid, tid):
-            totals[s.stage] = totals.get(s.stage, 0) + s.dur_ns
+    for (_, stage), (_, ns) in _top_level_time(ctx, {(s.pid, s.tid) for s in ctx.trace.spans}).items():
+        totals[stage] = totals.get(stage, 0) + ns
     return [{"stage": k, "ms": round(v / 1e6, 3)} for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
 
 

@@ -25,7 +25,8 @@ from . import (
 )
 
 RULES = (log_in_hot_path, concat_padding, full_logits_transfer, gc_pauses, tcp_nodelay, polling_sleep, serialization,
-         idle_wait, no_kv_cache, unsynced_gpu_timing, small_prefill_batch, kv_cache_pressure, underfilled_batch, hot_function_in_stage)
+         idle_wait, no_kv_cache, unsynced_gpu_timing, small_prefill_batch, kv_cache_pressure, underfilled_batch,
+         hot_function_in_stage)
 MIN_SAVING_SHARE = 0.005
 
 

@@ -9,9 +9,9 @@ Fingerprints, on the steps' critical path:
 - a `sampling.host` span (host-side sampling nested in `sampling`);
 - function-level events inside the sampling stage: `Tensor.cpu`, `Tensor.numpy`,
   `Tensor.tolist`, numpy `argmax`/`argsort`/`exp`, softmax helpers, `host_sample`.
-- the program's functions that made such a copy (from the stack samples inside it),
-  where the host argmax / softmax over the copied rows runs, unless they also run the
-  model (the step loop itself).
+- the program's functions that made such a copy (the span's `caller`, set by automatic
+  instrumentation), where the host argmax / softmax over the copied rows runs, unless
+  they also run the model (the step loop itself).
 Saving per step: that host time minus what sampling on the device costs: the measured
 device time of `sampling` spans when the trace has some, else the logits read once at
 DEVICE_READ_BYTES_PER_S (GPU) or HOST_READ_BYTES_PER_S (CPU) plus one kernel launch.
