@@ -202,11 +202,11 @@ class _DeviceTimeline:
 
 
 class _StepWalker:
-    def __init__(self, index: TraceIndex, profile: Profile):
+    def __init__(self, index: TraceIndex, profile: Profile, peers: Peers):
         self.index, self.profile = index, profile
         self.model_stages = profile.model_stages
         self.device = _DeviceTimeline(index, profile.model_stages)
-        self.peers = None if profile.waits else Peers(index)
+        self.peers = None if profile.waits else peers  # a declared wait names its remote root
         self.agent_steps: dict[int, list[Span]] = defaultdict(list)
         self.agent_timeline: dict[int, list[Span]] = defaultdict(list)  # pid -> its remote roots by start
         for s in (s for n in profile.remote_roots for s in index.by_name.get(n, ())):
@@ -337,15 +337,16 @@ def _int_or_none(v) -> int | None:
 
 
 class Breakdown:
-    def __init__(self, steps: list[StepCost], found: Steps | None = None):
+    def __init__(self, steps: list[StepCost], found: Steps | None = None, peers: Peers | None = None):
         self.steps = steps
         self.found = found if found is not None else Steps(Profile(source="none"))
+        self.peers = peers  # the trace's message hops, for the rules that judge receives
 
     @classmethod
     def of(cls, index: TraceIndex) -> "Breakdown":
-        found = find_steps(index)
-        walker = _StepWalker(index, found.profile)
-        return cls([walker.cost(step, root) for step, root in found.roots], found)
+        found, peers = find_steps(index), Peers(index)
+        walker = _StepWalker(index, found.profile, peers)
+        return cls([walker.cost(step, root) for step, root in found.roots], found, peers)
 
     @property
     def profile(self) -> Profile:

@@ -48,8 +48,14 @@ class Peers:
         self.index = index
         self.sends = sorted((s for s in index.trace.spans if is_send(s)), key=lambda s: s.end_ns)
         self.ends = [s.end_ns for s in self.sends]
+        self._found: dict[int, Peer | None] = {}  # receive span id -> its sender (the breakdown and rules ask)
 
     def sender_of(self, recv: Span) -> Peer | None:
+        if recv.span_id not in self._found:
+            self._found[recv.span_id] = self._match(recv)
+        return self._found[recv.span_id]
+
+    def _match(self, recv: Span) -> Peer | None:
         if not is_receive(recv) or recv.dur_ns < MIN_WAIT_NS:
             return None
         lo = max(recv.start_ns, recv.end_ns - MATCH_NS)

@@ -12,14 +12,14 @@ Saving: their time per token: take new work without blocking while a batch is ru
 from __future__ import annotations
 
 from ..functions import Call, covered
-from ..peers import Peers, is_receive
+from ..peers import is_receive
 
 ID = "wait-in-step"
 MIN_WAIT_MS = 0.5
 
 
 def check(ctx):
-    peers = Peers(ctx.index)
+    peers = ctx.breakdown.peers
     calls = [Call(stage, sc.step, s.pid, s.start_ns, s.end_ns, s.name, "span", True, s)
              for sc in ctx.steps for stage, s in sc.stage_spans
              if is_receive(s) and s.name not in ctx.claimed and s.dur_ns >= MIN_WAIT_MS * 1e6

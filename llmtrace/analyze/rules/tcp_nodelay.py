@@ -12,7 +12,6 @@ values below the band when there are enough of them, else LOOPBACK_NS.
 """
 from __future__ import annotations
 
-from ..peers import Peers
 from ..stats import median
 
 ID = "tcp-nodelay"
@@ -31,7 +30,7 @@ def _stalls(values: list[tuple[int, int]]):
 
 def check(ctx):
     series = {"agent.wait residual": [(sc.step, sc.transport_ns) for sc in ctx.steps if sc.wait is not None]}
-    peers = Peers(ctx.index)
+    peers = ctx.breakdown.peers
     for sc in ctx.steps:
         for _, s in sc.stage_spans:
             if s.name in ("tcp.send", "tcp.recv") and (s.name == "tcp.send" or peers.sender_of(s) is None):
