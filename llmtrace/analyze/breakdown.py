@@ -302,7 +302,7 @@ class _StepWalker:
         sc.peer_windows.append((peer.pid, peer.tid, a, hi, GAP))
         segs.append(_Segment(a, hi, GAP, _P_AGENT_ROOT, None))  # the peer's unannotated code
         for c in peer.spans(a, hi):
-            ca, cb = max(c.start_ns, a), min(c.end_ns, b)
+            ca, cb = max(c.start_ns, a), min(c.end_ns, hi)
             if cb > ca:
                 label = stage_label(c)
                 segs.append(_Segment(ca, cb, label, _P_STAGE, c))
