@@ -13,10 +13,18 @@ import os
 import threading
 from time import perf_counter_ns
 
-from .spool_format import ATTR_FLOAT, ATTR_STR, COUNTER, INSTANT, N_ATTRS, RECORD, SPAN, float_bits
-
-FLAG_EXCEPTION = 1  # the span's body raised
-FLAG_ATTRS_CUT = 2  # more than N_ATTRS attributes were given; the rest are not kept
+from .spool_format import (
+    ATTR_FLOAT,
+    ATTR_STR,
+    COUNTER,
+    FLAG_ATTRS_CUT,
+    FLAG_EXCEPTION,
+    INSTANT,
+    N_ATTRS,
+    RECORD,
+    SPAN,
+    float_bits,
+)
 
 BUFFER_CAP = 1 << 16  # records a thread may hold between two flushes
 

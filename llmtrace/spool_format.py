@@ -30,6 +30,10 @@ COUNTER = 2  # a counter sample at start_ns; value in attr slot 0 (float bits)
 DEVICE = 3  # device (CUDA event) time of span `span_id`, on the host clock
 SAMPLE = 4  # a stack sample of thread `tid` at start_ns; name = folded stack "outer;...;inner"
 
+# Record flags.
+FLAG_EXCEPTION = 1  # the span's body raised
+FLAG_ATTRS_CUT = 2  # more than N_ATTRS attributes were given; the rest are not kept
+
 # Attribute key flags (high bits of attr_key); the low 30 bits are a string id.
 ATTR_STR = 1 << 31  # value is a string id
 ATTR_FLOAT = 1 << 30  # value is the bits of an IEEE double

@@ -8,9 +8,7 @@ instrumentation that wraps a call and records afterwards. Times are
 from __future__ import annotations
 
 from . import recorder
-from .spool_format import SPAN
-
-FLAG_EXCEPTION = 1  # as the recorders set it for a span whose body raised
+from .spool_format import FLAG_EXCEPTION, SPAN
 
 
 def record_span(name: str, start_ns: int, end_ns: int, *, stage: str | None = None, step: int = -1,

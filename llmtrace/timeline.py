@@ -16,6 +16,7 @@ from .spool_format import (
     ATTR_STR,
     COUNTER,
     DEVICE,
+    FLAG_EXCEPTION,
     INSTANT,
     RECORD,
     SAMPLE,
@@ -56,7 +57,7 @@ class Span:
 
     @property
     def failed(self) -> bool:
-        return bool(self.flags & 1)
+        return bool(self.flags & FLAG_EXCEPTION)
 
 
 @dataclass(slots=True)
