@@ -2,9 +2,10 @@
 in another process ended a blocking receive.
 
 A receive (stage tcp or ipc) returns once its message is there, so its sender finished
-sending shortly before; among the sends of other processes that ended inside the
-receive and at most MATCH_NS before it returned, one with the same byte count wins,
-else the latest. While the receiver waited, the sending thread's work up to that send
+sending shortly before; among the sends of other processes over the same kind of
+transport that ended inside the receive and at most MATCH_NS before it returned, one
+with the same byte count wins, else the latest (a client's HTTP request is no answer to
+a queue read). While the receiver waited, the sending thread's work up to that send
 was the pipeline's critical path (the motivating stack's master formatting arrays while
 the worker waited on its socket), so the breakdown charges it by the sender's stages.
 """
@@ -60,7 +61,7 @@ class Peers:
             return None
         lo = max(recv.start_ns, recv.end_ns - MATCH_NS)
         i, j = bisect.bisect_left(self.ends, lo), bisect.bisect_right(self.ends, recv.end_ns)
-        cands = [s for s in self.sends[i:j] if s.pid != recv.pid]
+        cands = [s for s in self.sends[i:j] if s.pid != recv.pid and s.stage == recv.stage]  # same transport
         if not cands:
             return None
         n = recv.attrs.get(names.A_BYTES)
