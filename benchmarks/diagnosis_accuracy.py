@@ -49,6 +49,11 @@ CORPUS = {
         "wait_for_work": (("wait-in-step",), "take_new"),
         "log_arrays": (("log-in-hot-path",), "worker"),
     }),
+    "zmq_engine_core": (["--requests", "32"], {
+        "poll_wait": (("wait-in-step",), "EngineCore.admit"),
+        "full_logprobs": (("full-logits-transfer", "serialization-in-hot-path"), "EngineCore.step"),
+        "log_arrays": (("log-in-hot-path",), "EngineCore.step"),
+    }),
     "transformers_http": (["--requests", "8", "--max-tokens", "40"], {
         "no_kv_cache": (("no-kv-cache",), None),
         "host_softmax": (("full-logits-transfer",), "Generator.sample"),

@@ -23,8 +23,9 @@ def _add_record(sub):
                         "the unannotated code between stages spend their time in")
     p.add_argument("--no-auto", action="store_true",
                    help="no automatic spans at sockets, pipes, logging, sleep, serialization, torch, "
-                        "tokenizers and HTTP handlers (llmtrace.instrument)")
-    p.add_argument("--gc", action="store_true", help="record garbage-collector pauses as `gc` spans")
+                        "tokenizers, HTTP handlers (llmtrace.instrument) and garbage collections")
+    p.add_argument("--gc", action="store_true",
+                   help="record garbage-collector pauses as `gc` spans also with --no-auto (on with auto)")
     p.add_argument("--py-spy", action="store_true",
                    help="sample every process with py-spy instead (falls back to in-process sampling)")
     p.add_argument("--py-spy-rate", type=int, default=200, help="py-spy samples per second")

@@ -28,6 +28,10 @@ GC = "gc"
 STEP = "step"  # llmtrace.step() / llmtrace.steps(): a user-marked step of the serving loop
 MODEL_STAGES = (FORWARD, SAMPLING)  # device work on a GPU; their host-side children are overhead
 
+# ---- transport span names: "<stage>.<verb>" (tcp.send, ipc.get, ...)
+SEND_VERBS = (".send", ".put")  # handed a message to the transport
+RECEIVE_VERBS = (".recv", ".get", ".poll")  # waited for a message (a poll: for one to arrive)
+
 # ---- span names with a meaning of their own
 SYNC_WAIT = "sync.wait"
 HTTP_REQUEST = "http.request"  # attrs: req, output_tokens, ttft_us

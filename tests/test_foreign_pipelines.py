@@ -22,6 +22,8 @@ CASES = {
     "mp_queue_workers": (["--requests", "16", "--workers", "1", "--concurrency", "6"], {"wait-in-step": "take_new"}),
     "asyncio_pipe_worker": (["--requests", "24"], {"full-logits-transfer": "worker",
                                                     "log-in-hot-path": "Scheduler.run"}),
+    "zmq_engine_core": (["--requests", "24"], {"wait-in-step": "EngineCore.admit",
+                                                "full-logits-transfer": "EngineCore.step"}),
 }
 
 pytestmark = pytest.mark.slow

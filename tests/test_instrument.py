@@ -92,6 +92,36 @@ def test_behaviour_and_exceptions_are_the_programs(spans):
     assert spans() == []
 
 
+def test_zmq_and_pipe_messages_and_polls(spans):
+    import multiprocessing
+
+    zmq = pytest.importorskip("zmq")
+    ctx = zmq.Context()
+    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    pull.bind("inproc://t")
+    push.connect("inproc://t")
+    poller = zmq.Poller()
+    poller.register(pull, zmq.POLLIN)
+    assert poller.poll(10) == []  # nothing yet: the poll waited its timeout
+    push.send_multipart([b"h" * 10, b"b" * 2000])
+    assert dict(poller.poll(1000)) == {pull: zmq.POLLIN}
+    assert pull.recv_multipart() == [b"h" * 10, b"b" * 2000]
+    a, b = multiprocessing.Pipe()
+    assert not b.poll(0.003)
+    got = spans()
+    sends = [s["attrs"][names.A_BYTES] for s in got if s["name"] == "ipc.send"]
+    recvs = [s["attrs"][names.A_BYTES] for s in got if s["name"] == "ipc.recv"]
+    assert sends == [10, 2000] and recvs == [10, 2000]  # a multipart message: one span per part
+    polls = [s for s in got if s["name"] == "ipc.poll"]
+    assert len(polls) == 3 and polls[0]["dur"] >= 9_000_000 and polls[2]["dur"] >= 2_500_000
+    assert {s["stage"] for s in got} == {names.IPC}
+    push.close()
+    pull.close()
+    ctx.term()
+    a.close()
+    b.close()
+
+
 def test_uninstrument_restores_every_attribute():
     before = (socket.socket.__dict__.get("send"), time.sleep, logging.Logger._log, json.dumps)
     llmtrace.instrument()

@@ -87,6 +87,12 @@ class Context:
     def claim(self, names) -> None:
         self.claimed.update(names)
 
+    def claim_calls(self, calls) -> None:
+        """Claim `calls` and the functions sampled inside their spans (a send's own frames
+        are that send's cost, not a hot function of their own)."""
+        self.claim(c.name for c in calls)
+        self.claim(inner.name for c in calls for inner in self.functions.sampled_in(c))
+
     def explained(self) -> list[Call]:
         """Calls of the functions earlier rules claimed (their callees included by time)."""
         return [c for c in self.functions.calls if c.name in self.claimed]

@@ -1,7 +1,9 @@
 """Transport boundaries: sockets (stage `tcp`, or `ipc` for Unix sockets) with bytes and,
 on TCP, the socket's TCP_NODELAY; multiprocessing connections and queues and pyzmq
-sockets (`ipc`). A receive span that blocks is the time the process waited for its peer,
-which the analyzer replaces by what the peer did meanwhile (analyze/profile.py)."""
+sockets and pollers (`ipc`; zmq with bytes; zmq.asyncio's sockets, whose calls return
+futures, are not timed). A receive or poll span that blocks is the time the process
+waited for its peer, which the analyzer replaces by what the peer did meanwhile
+(analyze/peers.py), or reports as a wait no peer answered (wait-in-step)."""
 from __future__ import annotations
 
 import _socket
@@ -50,18 +52,22 @@ def _sender(orig):
     return send
 
 
-def _receiver(orig, counts_result: bool):
+def _receiver(orig, size, stage_of=_stage):
+    """A receive span with the bytes size(result) says it got."""
     def recv(sock, *args, **kwargs):
         if not recorder.is_enabled():
             return orig(sock, *args, **kwargs)
-        stage = _stage(sock)
+        stage = stage_of(sock)
         with recorder.span(stage + ".recv", stage=stage) as sp:
             got = orig(sock, *args, **kwargs)
-            n = got if counts_result else len(got[0] if isinstance(got, tuple) else got)
-            sp.set(**{names.A_BYTES: n})
+            sp.set(**{names.A_BYTES: size(got)})
             return got
 
     return recv
+
+
+def _datagram_size(got) -> int:
+    return len(got[0] if isinstance(got, tuple) else got)
 
 
 def install_sockets() -> None:
@@ -69,9 +75,9 @@ def install_sockets() -> None:
     for attr in ("send", "sendall", "sendto"):
         replace(cls, attr, _sender)
     for attr in ("recv", "recvfrom"):
-        replace(cls, attr, lambda orig: _receiver(orig, counts_result=False))
+        replace(cls, attr, lambda orig: _receiver(orig, _datagram_size))
     for attr in ("recv_into", "recvfrom_into"):
-        replace(cls, attr, lambda orig: _receiver(orig, counts_result=True))
+        replace(cls, attr, lambda orig: _receiver(orig, lambda n: n if isinstance(n, int) else n[0]))
 
 
 def _pipe_write(orig):
@@ -91,7 +97,7 @@ def _pipe_write(orig):
 def _patch_connection(mod) -> None:
     base = mod._ConnectionBase
     for attr, name in (("send", "ipc.send"), ("send_bytes", "ipc.send"), ("recv", "ipc.recv"),
-                       ("recv_bytes", "ipc.recv"), ("recv_bytes_into", "ipc.recv")):
+                       ("recv_bytes", "ipc.recv"), ("recv_bytes_into", "ipc.recv"), ("poll", "ipc.poll")):
         replace(base, attr, traced(name, names.IPC))
     replace(mod.Connection, "_send_bytes", _pipe_write)
 
@@ -101,11 +107,37 @@ def _patch_queues(mod) -> None:
         replace(mod.Queue, attr, traced(name, names.IPC))
 
 
+def _zmq_size(msg) -> int:
+    """Bytes of a zmq message part: bytes, a Frame or a buffer."""
+    try:
+        return _nbytes(msg)
+    except TypeError:  # a str (send_string encodes it later) or a tracker
+        return 0
+
+
+def _zmq_sender(orig):
+    def send(sock, msg, *args, **kwargs):
+        if not recorder.is_enabled():
+            return orig(sock, msg, *args, **kwargs)
+        with recorder.span("ipc.send", stage=names.IPC, **{names.A_BYTES: _zmq_size(msg)}) as sp:
+            try:
+                return orig(sock, msg, *args, **kwargs)
+            finally:
+                name_if_slow(sp)
+
+    return send
+
+
 def _patch_zmq(mod) -> None:
+    """send/recv only: send_multipart and recv_multipart call them once per part."""
     cls = mod.Socket
-    for attr, name in (("send", "ipc.send"), ("send_multipart", "ipc.send"), ("recv", "ipc.recv"),
-                       ("recv_multipart", "ipc.recv")):
-        replace(cls, attr, traced(name, names.IPC))
+    replace(cls, "send", _zmq_sender)
+    replace(cls, "recv", lambda orig: _receiver(orig, _zmq_size, stage_of=lambda _: names.IPC))
+    replace(cls, "poll", traced("ipc.poll", names.IPC))
+
+
+def _patch_zmq_poller(mod) -> None:
+    replace(mod.Poller, "poll", traced("ipc.poll", names.IPC))
 
 
 def install() -> None:
@@ -113,3 +145,4 @@ def install() -> None:
     on_import("multiprocessing.connection", _patch_connection)
     on_import("multiprocessing.queues", _patch_queues)
     on_import("zmq.sugar.socket", _patch_zmq)
+    on_import("zmq.sugar.poll", _patch_zmq_poller)

@@ -52,7 +52,7 @@ def _device_sampling_ns(ctx, logits_bytes: float | None) -> tuple[float, str]:
 
 def _transfer(s) -> bool:
     """A copy or a send (not a receive, whose time is mostly waiting for the sender)."""
-    return not s.name.endswith((".recv", ".get"))
+    return not s.name.endswith(names.RECEIVE_VERBS)
 
 
 def _host_sampling(ctx) -> tuple[list[Call], list[float]]:
@@ -96,7 +96,7 @@ def check(ctx):
     if saving <= 0:
         return []
     ev = ctx.function_evidence(calls)
-    ctx.claim(c.name for c in calls)
+    ctx.claim_calls(calls)
     return [ctx.suggestion(
         ID, f"Sampling on the host over the full logits costs {ctx.ms_per_token(sum(per_step.values())):.2f} ms/token",
         names.SAMPLING,

@@ -29,8 +29,7 @@ def check(ctx):
     ns, per_step = covered(calls)
     ms = ctx.ms_per_token(ns)
     ev = ctx.function_evidence(calls)
-    ctx.claim(c.name for c in calls)
-    ctx.claim(smp_call.name for c in calls for smp_call in ctx.functions.sampled_in(c))  # the wait's frames
+    ctx.claim_calls(calls)
     ev["ms_per_wait"] = round(ns / len(calls) / 1e6, 4)
     where = f" in {ev['responsible'][0]['function']}" if ev["responsible"] else ""
     return [ctx.suggestion(
