@@ -60,6 +60,20 @@ class TinyLM(torch.nn.Module):
         return self.head(x)
 
 
+# A chat server's prompts start with the same system prompt (~230 tokens here), so the
+# sequences a serving loop carries are hundreds of tokens long, as real ones are.
+SYSTEM_PROMPT = " ".join([
+    "You are a helpful, careful assistant for a team of engineers who run language model servers.",
+    "Answer in plain words, keep each answer short, and say so when you are not sure.",
+    "When a question is about code, name the function and the file, give the smallest change that",
+    "fixes the problem, and explain what it costs at run time. When a question is about numbers,",
+    "say how they were measured, how many times, and how much they varied between runs.",
+    "Never invent a setting, a flag or an interface that the system does not have; if the user asks",
+    "for one, say that it does not exist and offer the closest thing that does. Prefer measurements",
+    "to guesses, and small experiments to long arguments. If a request is ambiguous, ask one short",
+    "question before answering. Do not repeat the question back. Do not apologise for the length of",
+    "an answer. Use units everywhere: milliseconds per token, tokens per second, bytes per step.",
+])
 PROMPTS = ["The quick brown fox jumps over the lazy dog", "Tell me a story about a robot",
            "What is the capital of France", "Write a poem about the sea", "Explain attention in transformers",
            "How do I cook rice", "List three prime numbers", "Summarize the plot of Hamlet"]
@@ -76,7 +90,8 @@ def drive(url: str, requests: int, concurrency: int, max_tokens: int) -> dict:
                     return
                 i = done[0]
                 done[0] += 1
-            body = json.dumps({"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens}).encode()
+            prompt = f"{SYSTEM_PROMPT}\n\nUser: {PROMPTS[i % len(PROMPTS)]}\nAssistant:"
+            body = json.dumps({"prompt": prompt, "max_tokens": max_tokens}).encode()
             req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(req, timeout=120) as r:
                 n = len(json.loads(r.read())["token_ids"])
