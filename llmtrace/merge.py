@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 from .errors import UserError
+from .export import foreign_events
 from .export.load_chrome import load_chrome_trace, read_json
 from .integrations import pyspy, torch_profiler
 from .timeline import Trace
@@ -44,6 +45,11 @@ class Source:
     trace: Trace | None = None
     epoch_base_ns: int | None = None  # Unix time = ts * 1000 + this (viztracer, torch.profiler)
     shift_us: float | None = None  # µs onto CLOCK_MONOTONIC; None: not known (yet)
+    count: int = 0  # its spans and instants (llmtrace) or events, as read
+    skipped: str = ""  # why its events were not added (a recording already holds them)
+
+    def __post_init__(self):
+        self.count = len(self.trace.spans) + len(self.trace.instants) if self.trace is not None else len(self.events)
 
 
 @dataclass
@@ -97,13 +103,23 @@ def _pyspy_source(path: str, events: list[dict]) -> Source:
 def merge_files(paths: list[str]) -> MergeResult:
     sources = [load_source(p) for p in paths]
     notes: list[str] = []
-    traces = [s for s in sources if s.trace is not None]
+    digests = [foreign_events.file_digest(p) for p in paths]
+    for i, s in enumerate(sources):
+        if digests[i] in digests[:i]:
+            s.skipped = f"the same file as {paths[digests.index(digests[i])]}"
+            notes.append(f"{s.path}: {s.skipped}; not added twice")
+    embedded = {d for s in sources if s.trace is not None for d in s.trace.meta.get(foreign_events.EMBEDDED, ())}
+    for s, digest in zip(sources, digests):
+        if not s.skipped and s.trace is None and digest in embedded:
+            s.skipped = "already in the llmtrace recording merged here"
+            notes.append(f"{s.path}: {s.skipped}; not added twice")
+    traces = [s for s in sources if s.trace is not None and not s.skipped]
     base = traces[0].trace if traces else Trace()
     used = _pids_of(base)
     for s in traces[1:]:
         _join_trace(base, s.trace, used)
     ref_epoch = _reference_epoch_offset(base, sources)
-    foreign = [s for s in sources if s.trace is None]
+    foreign = [s for s in sources if s.trace is None and not s.skipped]
     for s in foreign:
         if s.shift_us is None and s.epoch_base_ns is not None:
             s.shift_us = (s.epoch_base_ns - ref_epoch) / 1000
@@ -189,16 +205,19 @@ def _timeline_start_us(base: Trace, aligned: list[Source]) -> float | None:
 
 def _moved_events(s: Source, known: set[int], used: set[int]) -> list[dict]:
     """The source's events on CLOCK_MONOTONIC µs, pids renamed apart, processes named."""
-    pids = {int(e["pid"]) for e in s.events if isinstance(e.get("pid"), int)}
+    label = os.path.basename(s.path)
+    own = {e["pid"] for e in s.events if isinstance(e.get("pid"), int)}
+    events = foreign_events.normalize(s.events, used | own | known, f"{s.kind}: {label}")
+    pids = {int(e["pid"]) for e in events if isinstance(e.get("pid"), int)}
     rename = {}
     for pid in sorted(pids):
         if pid in known:
             continue
         rename[pid] = _fresh_pid(used) if pid in used else pid
         used.add(rename[pid])
-    named = {rename.get(e["pid"], e["pid"]) for e in s.events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    named = {rename.get(e["pid"], e["pid"]) for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     out = []
-    for e in s.events:
+    for e in events:
         pid = e.get("pid")
         if e.get("ph") == "M" and e.get("name") == "process_name" and pid in known:
             continue  # llmtrace names its own processes
@@ -208,7 +227,6 @@ def _moved_events(s: Source, known: set[int], used: set[int]) -> list[dict]:
         if _timed(e):
             ev["ts"] = float(e["ts"]) + s.shift_us
         out.append(ev)
-    label = os.path.basename(s.path)
     for old, new in sorted(rename.items()):
         if new not in named:
             suffix = f" (pid {old})" if old != new else ""

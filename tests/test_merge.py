@@ -90,6 +90,79 @@ def test_marker_aligned_within_1ms_and_every_event_kept(inputs, capsys):
     assert "torch.profiler" in capsys.readouterr().out
 
 
+def test_torch_profiler_string_pids_are_renamed_and_the_merge_analyzes(inputs, capsys, tmp_path):
+    """torch.profiler writes tracks with string pids and tids ("Spans", "Traces"); the merged
+    trace has integer ids only, names those tracks, and analyze / the TUI's loader read it."""
+    d, exported, viz, tp = inputs
+    assert any(isinstance(e.get("pid"), str) for e in _events(tp))  # what torch really writes
+    merged = str(tmp_path / "merged.json")
+    assert cli_main(["merge", exported, tp, "-o", merged]) == 0
+    events = _events(merged)
+    assert all(isinstance(e.get("pid", 0), int) and isinstance(e.get("tid", 0), int) for e in events)
+    names = {e["args"]["name"] for e in events if e.get("ph") == "M" and e["name"] == "process_name"}
+    assert "torch.profiler: torch.json: Spans" in names
+    capsys.readouterr()
+    assert cli_main(["analyze", merged]) == 0
+    assert "ms/token" in capsys.readouterr().out  # the report printed (no traceback)
+    from llmtrace.analyze.report import build_report
+
+    build_report(load_chrome_trace(merged))
+
+
+def test_begin_end_pairs_gzip_and_unclosed_events(tmp_path):
+    import gzip
+
+    events = [{"ph": "B", "name": "outer", "pid": "gpu", "tid": "stream 7", "ts": 100.0},
+              {"ph": "B", "name": "inner", "pid": "gpu", "tid": "stream 7", "ts": 110.0},
+              {"ph": "E", "pid": "gpu", "tid": "stream 7", "ts": 120.0},
+              {"ph": "E", "pid": "gpu", "tid": "stream 7", "ts": 150.0},
+              {"ph": "B", "name": "cut", "pid": 3, "tid": 3, "ts": 200.0},
+              {"ph": "X", "name": "last", "pid": 3, "tid": 3, "ts": 240.0, "dur": 10.0},
+              {"ph": "E", "pid": 3, "tid": 4, "ts": 260.0}]
+    src = tmp_path / "t.json.gz"
+    src.write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+    out = tmp_path / "m.json"
+    assert cli_main(["merge", str(src), "-o", str(out)]) == 0
+    got = {e["name"]: e for e in _events(out) if e.get("ph") == "X"}
+    assert set(got) == {"outer", "inner", "cut", "last"}  # the E without a B is dropped
+    assert got["outer"]["dur"] == 50.0 and got["inner"]["dur"] == 10.0
+    assert got["outer"]["pid"] == got["inner"]["pid"] != 3 and isinstance(got["outer"]["tid"], int)
+    assert got["cut"]["dur"] == 50.0 and got["cut"]["args"]["unclosed"] is True  # to its thread's last event
+    assert not any(e.get("ph") in ("B", "E") for e in _events(out))
+
+
+def test_a_file_the_recording_embeds_is_not_added_twice(tmp_path, capsys):
+    """`record --viztracer` puts viztracer's events into the run's trace; merging the export
+    with that viztracer file again would draw every event twice."""
+    import llmtrace
+    from llmtrace import sink
+
+    run = tmp_path / "run"
+    llmtrace.configure(out=str(run), process_name="embeds")
+    with llmtrace.span("decode.step", step=0):
+        pass
+    llmtrace.flush()
+    sink.stop()
+    viz = run / "viztracer" / "123.json"
+    viz.parent.mkdir()
+    viz.write_text(json.dumps({"traceEvents": [{"ph": "X", "name": "f (a.py:1)", "pid": 123, "tid": 123,
+                                                "ts": 10.0, "dur": 2.0}], "llmtrace": {}}))
+    exported = tmp_path / "run.json"
+    assert cli_main(["export", str(run), "-o", str(exported)]) == 0
+    assert sum(e.get("cat") == "viztracer" for e in _events(exported)) == 1
+    merged = tmp_path / "m.json"
+    capsys.readouterr()
+    assert cli_main(["merge", str(exported), str(viz), "-o", str(merged)]) == 0
+    assert sum(e.get("cat") == "viztracer" for e in _events(merged)) == 1
+    io = capsys.readouterr()
+    assert "already in the llmtrace recording" in io.err and "skipped" in io.out
+    # per input, its own count (not a running total)
+    assert cli_main(["merge", str(exported), str(exported), "-o", str(tmp_path / "m2.json")]) == 0
+    out = capsys.readouterr()
+    counts = [line.split()[1] for line in out.out.splitlines() if line.startswith("  llmtrace")]
+    assert counts == ["1", "1"] and "the same file as" in out.err
+
+
 def test_pid_collisions_renamed_and_named(tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     for p, name in ((a, "first"), (b, "second")):
@@ -127,7 +200,7 @@ def test_pyspy_trace_of_a_record_run_is_aligned_else_placed_at_the_start(tmp_pat
     other.write_text(json.dumps({"traceEvents": [{"ph": "X", "name": "x", "pid": 9, "tid": 9, "ts": 6_000_000.0,
                                                   "dur": 5.0}]}))
     bare = tmp_path / "bare.json"
-    bare.write_text(json.dumps(events))
+    bare.write_text(json.dumps(events[::-1]))  # another file (the same bytes would be skipped as a repeat)
     from llmtrace.merge import merge_files
 
     result = merge_files([str(other), str(run / "pyspy.json"), str(bare)])

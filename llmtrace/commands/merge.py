@@ -22,9 +22,8 @@ def main(args) -> int:
     meta = {"merged": [{"path": s.path, "kind": s.kind, "shift_us": s.shift_us or 0.0} for s in result.sources]}
     stats = write_chrome_trace(result.trace, args.output, meta=meta)
     for s in result.sources:
-        n = len(s.events) if s.trace is None else len(s.trace.spans) + len(s.trace.instants)
         what = "events" if s.trace is None else "spans+instants"
-        print(f"  {s.kind:15} {n:8} {what:14} {s.path}")
+        print(f"  {s.kind:15} {s.count:8} {what:14} {s.path}{' (skipped: ' + s.skipped + ')' if s.skipped else ''}")
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {stats.path}: {stats.events} events, {stats.processes} processes "

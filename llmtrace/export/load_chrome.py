@@ -2,22 +2,30 @@
 trace.json can be analyzed without the run's spool files."""
 from __future__ import annotations
 
+import gzip
+
 import orjson
 
 from ..errors import UserError
 from ..timeline import CounterSample, Instant, Process, Sample, Span, Trace
+from . import foreign_events
 from .chrome import FORMAT_VERSION, OTHER_DATA
 
 TAIL_BYTES = 1 << 20
 
 
 def read_json(path: str):
-    """Parse a JSON file; a syntax error names the file and its byte offset."""
+    """Parse a JSON file, gzip-compressed or not (torch.profiler writes .json.gz); a syntax
+    error names the file and its byte offset."""
     try:
         with open(path, "rb") as f:
             data = f.read()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read: {e.strerror}") from None
+        if data[:2] == b"\x1f\x8b":
+            data = gzip.decompress(data)
+    except OSError as e:  # gzip.BadGzipFile included
+        raise UserError(f"{path}: cannot read: {e.strerror or e}") from None
+    except EOFError:
+        raise UserError(f"{path}: cannot read: truncated gzip data") from None
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as e:
@@ -80,9 +88,11 @@ class _Loader:
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise UserError(f"{path}: traceEvents[{n}]: malformed event ({e!r}): {str(ev)[:200]}") from None
         shift = self.origin / 1000
+        foreign = [e for e in events[self.ours:] if isinstance(e, dict)]
+        used = set(self.trace.processes) | {e["pid"] for e in foreign if isinstance(e.get("pid"), int)}
         self.trace.foreign_events = [
             {**e, "ts": e["ts"] + shift} if e.get("ph") != "M" and isinstance(e.get("ts"), (int, float)) else e
-            for e in events[self.ours:]]
+            for e in foreign_events.normalize(foreign, used, "foreign")]
         by_id = {s.span_id: s for s in self.trace.spans}
         for span_id, start, end in self.device:
             s = by_id.get(span_id)

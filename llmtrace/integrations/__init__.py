@@ -48,6 +48,7 @@ def child_env(base: dict, out: str, *, sample_hz: float = 0.0, gc: bool = False,
 
 def attach_run_data(run_dir: str, trace) -> None:
     """Add what viztracer and py-spy left in `run_dir` to `trace` (on its clock)."""
+    from ..export.foreign_events import EMBEDDED, file_digest
     from . import pyspy, viztracer
 
     events, windows = viztracer.load_run(run_dir)
@@ -55,6 +56,9 @@ def attach_run_data(run_dir: str, trace) -> None:
     if windows:
         trace.meta["viztracer"] = windows
     trace.samples.extend(pyspy.load_run_samples(run_dir))
+    files = viztracer.run_files(run_dir) + pyspy.run_files(run_dir)
+    if files:  # `merge` of the export with one of these files must not add its events twice
+        trace.meta[EMBEDDED] = sorted(file_digest(p) for p in files)
     trace.sort()
 
 

@@ -257,6 +257,12 @@ def _in_container() -> bool:
 
 
 # -- after the run ---------------------------------------------------------------------
+def run_files(run_dir: str) -> list[str]:
+    """py-spy's output in a run ([] without one)."""
+    path = os.path.join(run_dir, DIR, OUTPUT)
+    return [path] if os.path.isfile(path) else []
+
+
 def load_run_samples(run_dir: str) -> list:
     """py-spy's samples of a recorded run on the trace's clock ([] without py-spy data)."""
     from ..export.load_chrome import read_json

@@ -271,18 +271,22 @@ def to_foreign(events: list[dict], shift_us: float = 0.0) -> list[dict]:
 def load_run(run_dir: str) -> tuple[list[dict], dict]:
     """Every process's viztracer window of a run: (foreign events on the trace's clock,
     {pid: {"stages", "steps"}} - the steps whose chosen stages ran traced, hence slower)."""
-    d = os.path.join(run_dir, DIR)
-    if not os.path.isdir(d):
-        return [], {}
     from ..export.load_chrome import read_json
 
     events, windows = [], {}
-    for name in sorted(os.listdir(d)):
-        if name.endswith(".json"):
-            data = read_json(os.path.join(d, name))
-            events.extend(to_foreign(data.get("traceEvents", [])))
-            windows[name[:-len(".json")]] = data.get("llmtrace", {})
+    for path in run_files(run_dir):
+        data = read_json(path)
+        events.extend(to_foreign(data.get("traceEvents", [])))
+        windows[os.path.basename(path)[:-len(".json")]] = data.get("llmtrace", {})
     return events, windows
+
+
+def run_files(run_dir: str) -> list[str]:
+    """The viztracer files of a run, one per process."""
+    d = os.path.join(run_dir, DIR)
+    if not os.path.isdir(d):
+        return []
+    return [os.path.join(d, name) for name in sorted(os.listdir(d)) if name.endswith(".json")]
 
 
 def _write_json(data: dict, path: str) -> None:
