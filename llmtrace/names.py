@@ -68,3 +68,12 @@ C_KV_BLOCKS_TOTAL = "kv_blocks_total"
 # ---- process resource (llmtrace.configure(resource=...))
 R_MAX_NUM_SEQS = "max_num_seqs"
 R_PROFILE = "llmtrace.profile"  # a pipeline's declared profile (analyze/profile.py)
+R_SETTINGS = "llmtrace.settings"  # {knob below: the pipeline's own config key}: fix texts name the key
+
+# ---- knobs a finding's fix turns, as the pipeline calls them in R_SETTINGS (a pipeline that
+# declares none gets a description of the knob instead of someone else's setting name)
+K_KV_BLOCKS = "kv_blocks"  # how many KV-cache blocks are allocated
+K_KV_BLOCK_SIZE = "kv_block_size"  # tokens per KV-cache block
+K_MAX_NUM_SEQS = "max_num_seqs"  # sequences in one step
+K_MAX_BATCHED_TOKENS = "max_batched_tokens"  # tokens in one step (bounds a prefill batch)
+KNOBS = (K_KV_BLOCKS, K_KV_BLOCK_SIZE, K_MAX_NUM_SEQS, K_MAX_BATCHED_TOKENS)

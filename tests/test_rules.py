@@ -272,6 +272,41 @@ def test_underfilled_batch_max_from_trace():
     assert s.est_saving_ms_per_token == pytest.approx(ctx.per_token_ms * (1 - 4 / 14), rel=0.1)
 
 
+def _pressure_fixes(settings: dict | None) -> str:
+    from llmtrace import names
+
+    b = EngineTraceBuilder(max_num_seqs=16, kv_blocks_total=100)
+    if settings is not None:
+        b.trace.processes[MASTER_PID].header["resource"][names.R_SETTINGS] = settings
+    b.steps(4, batch=2, prefill=True, kv_used=50)
+    b.instant("preempt", req="r1")
+    b.steps(30, batch=4, waiting=4, kv_used=98)
+    return " ".join(s.fix for s in _only(Context(b.build()), "kv-cache-pressure"))
+
+
+def test_fixes_name_the_settings_the_pipeline_declares_and_no_others():
+    """The engine declares its config keys (engine/trace_resource.py SETTINGS) and every one
+    exists in its config schema; a pipeline that declares none gets a description, not
+    setting names of some other program."""
+    from engine.config import load_config
+    from engine.trace_resource import SETTINGS
+
+    from llmtrace import names
+
+    assert set(SETTINGS) == set(names.KNOBS)
+    defaults = load_config(None)
+    for key in SETTINGS.values():
+        section, field = key.split(".")
+        value = getattr(getattr(defaults, section), field)
+        load_config(None, [f"{key}={value if value is not None else 100_000}"])  # an unknown key raises ConfigError
+    engine = _pressure_fixes(SETTINGS)
+    assert "`engine.num_blocks`" in engine and "`engine.max_num_seqs`" in engine
+    foreign = _pressure_fixes(None)
+    assert "engine." not in foreign and "`" not in foreign
+    for name in ("num_kv_blocks", "gpu_memory_utilization", "max_num_batched_tokens", "max_num_seqs", "num_blocks"):
+        assert name not in foreign, name
+
+
 def test_underfilled_batch_needs_the_max_in_the_trace():
     b = EngineTraceBuilder(kv_blocks_total=100)
     b.steps(30, batch=4, waiting=10, kv_used=50)

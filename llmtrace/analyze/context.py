@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .. import names
 from ..timeline import Trace
 from .breakdown import Breakdown, StepCost
 from .functions import EXAMPLE_STEPS, Call, FunctionIndex, covered
@@ -66,6 +67,15 @@ class Context:
 
     def ms_per_token(self, ns: float) -> float:
         return ns / self.tokens / 1e6 if self.tokens else 0.0
+
+    def setting(self, knob: str, description: str) -> str:
+        """How a fix names `knob` (names.K_*): the pipeline's own config key when it declared
+        one (resource names.R_SETTINGS), else `description`: never another program's name."""
+        for p in self.trace.processes.values():
+            declared = p.resource.get(names.R_SETTINGS)
+            if isinstance(declared, dict) and isinstance(declared.get(knob), str):
+                return f"`{declared[knob]}`"
+        return description
 
     def has_device_timing(self) -> bool:
         return any(s.device_start_ns is not None for s in self.trace.spans)

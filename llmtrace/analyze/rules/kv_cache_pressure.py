@@ -24,6 +24,14 @@ def _usage(ctx, sc) -> float | None:
     return used / total if used is not None and total else None
 
 
+def _blocks(ctx) -> str:
+    return ctx.setting(names.K_KV_BLOCKS, "the number of KV-cache blocks, or the memory share that sizes it")
+
+
+def _seqs(ctx) -> str:
+    return ctx.setting(names.K_MAX_NUM_SEQS, "the limit on sequences per step")
+
+
 def _preemptions(ctx):
     pre = ctx.index.instants.get(names.I_PREEMPT, ())
     if not pre:
@@ -35,8 +43,8 @@ def _preemptions(ctx):
         {"preemptions": len(pre), "requests": sorted({str(i.attrs.get("req")) for i in pre})[:5],
          "recompute_ms_est": round(recompute_ns / 1e6, 4)},
         ctx.ms_per_token(len(pre) * recompute_ns),
-        "Give the KV cache more blocks (higher gpu_memory_utilization / num_kv_blocks), lower max_num_seqs "
-        "so admitted sequences fit, or shorten max_tokens; each preemption recomputes the sequence's prefix.")
+        f"Give the KV cache more blocks ({_blocks(ctx)}), lower {_seqs(ctx)} so admitted sequences fit, "
+        "or shorten the requests' max_tokens; each preemption recomputes the sequence's prefix.")
 
 
 def _capped(ctx):
@@ -57,8 +65,9 @@ def _capped(ctx):
          "batch_p50": median(sc.tokens for sc in steps), "batch_possible_p50": median(targets),
          "example_steps": [sc.step for sc in steps[:5]]},
         saving,
-        "Give the KV cache more memory (gpu_memory_utilization / num_kv_blocks), use a smaller KV dtype "
-        "(fp8), or a smaller block_size to cut fragmentation, so more sequences decode per step.")
+        f"Give the KV cache more blocks ({_blocks(ctx)}), store it in a smaller dtype (fp8), or use smaller "
+        f"blocks ({ctx.setting(names.K_KV_BLOCK_SIZE, 'tokens per KV block')}) to cut fragmentation, so "
+        "more sequences decode per step.")
 
 
 def _oversized(ctx):
@@ -70,8 +79,8 @@ def _oversized(ctx):
         {"peak_blocks": kv["peak_blocks"], "total_blocks": kv["total_blocks"],
          "kv_usage_peak": round(kv["peak_fraction"], 3)},
         0.0,
-        "The KV budget is far above peak use: lower num_kv_blocks / gpu_memory_utilization to free memory, "
-        "or raise max_num_seqs if requests queue.",
+        f"The KV budget is far above peak use: allocate fewer blocks ({_blocks(ctx)}) to free memory, "
+        f"or raise {_seqs(ctx)} if requests queue.",
         f"memory: {kv['total_blocks'] - kv['peak_blocks']:.0f} of {kv['total_blocks']:.0f} KV blocks were never used")
 
 

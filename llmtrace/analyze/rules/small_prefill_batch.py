@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from ... import names
 from ..breakdown import MODEL
 from ..stats import median
 from .limits import max_num_seqs
@@ -39,5 +40,7 @@ def check(ctx):
          "batch_possible": round(g, 2), "steps_avoidable": avoided,
          "fixed_ms_per_step": round(fixed_ns / 1e6, 4), "example_steps": [sc.step for sc in singles[:5]]},
         saving,
-        "Admit every waiting request that fits the token budget into one prefill step "
-        "(raise max_num_batched_tokens / max_num_seqs, or enable chunked prefill) instead of one request per step.")]
+        "Admit every waiting request that fits the token budget into one prefill step (raise "
+        f"{ctx.setting(names.K_MAX_BATCHED_TOKENS, 'the tokens-per-step budget')} / "
+        f"{ctx.setting(names.K_MAX_NUM_SEQS, 'the sequences-per-step limit')}, or split long prompts into "
+        "chunks) instead of one request per step.")]

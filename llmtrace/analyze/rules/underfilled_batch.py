@@ -9,6 +9,7 @@ about the same wall time (decode is memory-bound).
 """
 from __future__ import annotations
 
+from ... import names
 from ..stats import median
 from .limits import max_num_seqs
 
@@ -39,4 +40,5 @@ def check(ctx):
          "batch_possible_p50": median(targets), "example_steps": [sc.step for sc in steps[:5]]},
         ctx.saving_if_batched(steps, targets),
         "Let the scheduler admit waiting requests into running decode batches (continuous batching: "
-        "schedule new prefills alongside decodes or as soon as a slot frees) up to max_num_seqs.")]
+        "schedule new prefills alongside decodes or as soon as a slot frees) up to "
+        f"{ctx.setting(names.K_MAX_NUM_SEQS, 'the sequences-per-step limit')}.")]
