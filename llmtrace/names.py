@@ -41,6 +41,7 @@ QUEUE_SPAN = "queue"  # a request from arrival to its first schedule (attr req)
 I_TOKEN = "token"  # a streamed delta (attrs: req, n = tokens so far)
 I_REQ_FINISH = "req.finish"  # attrs: req, reason
 I_PREEMPT = "preempt"  # attr: req
+I_PROCESS_EXIT = "process.exit"  # a parent saw a child exit (attrs: child_pid, exit_code; < 0: -signal)
 
 # ---- attributes
 A_TOKENS = "tokens"  # tokens a step (or span) processed
@@ -57,6 +58,8 @@ A_TTFT_US = "ttft_us"
 A_TOKENS_SO_FAR = "n"
 A_FUNCTION = "fn"  # the instrumented library function (auto-instrumentation)
 A_CALLER = "caller"  # the program's function that called it ('module.qualname')
+A_CHILD_PID = "child_pid"
+A_EXIT_CODE = "exit_code"
 
 # ---- counters
 C_RUNNING = "running"

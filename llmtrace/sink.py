@@ -21,7 +21,7 @@ import time
 from time import sleep as _sleep  # bound before llmtrace.instrument() wraps time.sleep: the flush loop is ours
 
 from . import gpu, recorder
-from .spool_format import encode_batch, encode_header
+from .spool_format import CLOSED, encode_batch, encode_header
 
 SPOOL_SUFFIX = ".lts"
 MAPPED_INTERVAL_S = 0.005
@@ -169,11 +169,14 @@ class Spooler:
         self.process_name = process_name
         self.flush({"process_name": process_name})
 
-    def close(self) -> None:
+    def close(self, reason: str = "exit") -> None:
+        """Flush and close; the last batch says the recording ended here and why ("exit",
+        "SIGTERM", ...): a spool without it belongs to a process that was killed or crashed
+        (or still runs)."""
         self._stop.set()
         if threading.current_thread() is not self._thread and self._thread.is_alive():
             self._thread.join(timeout=1.0)
-        self.flush()
+        self.flush({CLOSED: {"reason": reason, "ns": time.perf_counter_ns()}})
         with self._lock:
             if self._file is not None:
                 self._file.close()
@@ -226,10 +229,10 @@ def flush() -> int:
     return _spooler.flush() if _spooler is not None else 0
 
 
-def stop() -> None:
+def stop(reason: str = "exit") -> None:
     global _spooler
     if _spooler is not None:
-        _spooler.close()
+        _spooler.close(reason)
         _spooler = None
 
 
@@ -253,7 +256,7 @@ def _install_exit_hooks() -> None:
 
 
 def _on_stop_signal(signum, frame):
-    stop()
+    stop(signal.Signals(signum).name)
     prev = _prev_handlers.get(signum)
     if callable(prev):
         prev(signum, frame)

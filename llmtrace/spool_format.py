@@ -3,7 +3,8 @@
 File:   b"LLMTRACE" | u16 version | u16 0 | u32 header_len | header JSON
 Batch:  b"LTB1" | u32 payload_len | u32 crc32(payload) | payload
 Payload: u32 n_strings, n x (u32 id, u32 len, utf-8 bytes)
-         u32 meta_len, meta JSON ({"threads": {tid: name}, "dropped": {tid: n}, ...})
+         u32 meta_len, meta JSON ({"threads": {tid: name}, "dropped": {tid: n}, ...; the last
+         batch of a process that stopped recording cleanly: "closed": {"reason", "ns"}})
          u32 n_records, n x RECORD (fixed 112 bytes, layout below)
 
 Batches are append-only and become visible whole: the writer (llmtrace/sink.py) either
@@ -29,6 +30,8 @@ INSTANT = 1  # a point event at start_ns
 COUNTER = 2  # a counter sample at start_ns; value in attr slot 0 (float bits)
 DEVICE = 3  # device (CUDA event) time of span `span_id`, on the host clock
 SAMPLE = 4  # a stack sample of thread `tid` at start_ns; name = folded stack "outer;...;inner"
+
+CLOSED = "closed"  # batch meta key: the recording ended here ({"reason": "exit" | signal name, "ns"})
 
 # Record flags.
 FLAG_EXCEPTION = 1  # the span's body raised

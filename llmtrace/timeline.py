@@ -14,6 +14,7 @@ from .spool_format import (
     ATTR_FLOAT,
     ATTR_ID_MASK,
     ATTR_STR,
+    CLOSED,
     COUNTER,
     DEVICE,
     FLAG_EXCEPTION,
@@ -102,6 +103,7 @@ class Process:
     truncated_at: int | None = None
     truncation_reason: str = ""
     source: str = ""
+    closed: dict | None = None  # {"reason", "ns"} when the recording ended cleanly (spool_format.CLOSED)
 
     @property
     def epoch_offset_ns(self) -> int:
@@ -183,6 +185,8 @@ class RecordDecoder:
             proc.threads[int(tid)] = name
         for tid, n in b.meta.get("dropped", {}).items():
             proc.dropped[int(tid)] = proc.dropped.get(int(tid), 0) + int(n)
+        if CLOSED in b.meta:
+            proc.closed = b.meta[CLOSED]
         by_id, device = self._by_id, self._device
         for r in RECORD.iter_unpack(b.records):
             (start, end, span_id, parent, link, step, a0, a1, a2, a3, k0, k1, k2, k3,

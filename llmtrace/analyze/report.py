@@ -8,6 +8,7 @@ from .. import names
 from ..timeline import Trace
 from .context import Context, saving_cells, saving_text
 from .functions import program_functions
+from .process_ends import describe, process_ends
 from .rules import run_rules
 
 REPORT_VERSION = 1
@@ -102,6 +103,7 @@ def build_report(trace: Trace) -> dict:
     return {
         "version": REPORT_VERSION,
         "summary": ctx.metrics,
+        "process_ends": process_ends(trace),
         "breakdown": _breakdown(ctx),
         "whole_run": None if ctx.steps else _whole_run(ctx),
         "whole_run_functions": None if ctx.steps else [{"function": f, "ms": round(ns / 1e6, 3)}
@@ -159,6 +161,8 @@ def render_text(report: dict, color: bool = False, width: int = 130) -> str:
     for k, v in _summary_rows(report["summary"]):
         summary.add_row(k, v)
     console.print(summary)
+    for end in report.get("process_ends") or []:
+        console.print(f"[bold red]warning:[/bold red] {escape(describe(end))}")
     bd = report["breakdown"]
     if bd is None:
         console.print(escape(NO_STEPS))
@@ -220,6 +224,7 @@ def _md_table(header, rows) -> list[str]:
 def render_markdown(report: dict) -> str:
     lines = ["# llmtrace report", "", "## Summary", ""]
     lines += _md_table(("metric", "value"), _summary_rows(report["summary"]))
+    lines += [""] + [f"**warning:** {describe(end)}" for end in report.get("process_ends") or []]
     bd = report["breakdown"]
     lines += ["", "## Per-token breakdown", ""]
     if bd is None:

@@ -1,0 +1,62 @@
+"""How the recorded processes ended, where that was not a clean exit: a child its parent
+reaped with a non-zero code or a signal (`process.exit` instants, from automatic
+instrumentation of multiprocessing and subprocess), and a process whose recording stops
+without the spool's closing mark (killed, crashed, or still running). A dead worker
+explains a run's stall or its missing steps better than any stage breakdown.
+"""
+from __future__ import annotations
+
+import signal
+
+from .. import names
+from ..timeline import Trace
+
+
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+def _extent(trace: Trace) -> tuple[int, dict[int, int]]:
+    """The trace's first record time and each process's last one (ns)."""
+    first, last = None, {}
+    rows = [(s.pid, s.start_ns, s.end_ns) for s in trace.spans]
+    rows += [(r.pid, r.ts_ns, r.ts_ns) for group in (trace.instants, trace.counters, trace.samples) for r in group]
+    for pid, start, end in rows:
+        first = start if first is None or start < first else first
+        if end > last.get(pid, 0):
+            last[pid] = end
+    return first or 0, last
+
+
+def process_ends(trace: Trace) -> list[dict]:
+    """[{pid, name, how, exit_code?, at_s}]: the processes that did not end cleanly, `at_s`
+    seconds after the trace's first record."""
+    t0, last = _extent(trace)
+    out, seen = [], set()
+    for i in trace.instants:
+        if i.name != names.I_PROCESS_EXIT:
+            continue
+        pid, code = i.attrs.get(names.A_CHILD_PID), i.attrs.get(names.A_EXIT_CODE)
+        if not isinstance(code, int) or code == 0 or pid in seen:
+            continue
+        seen.add(pid)
+        how = f"killed by {_signal_name(code)}" if code < 0 else f"exited with code {code}"
+        out.append(_end(trace, pid, how, (i.ts_ns - t0) / 1e9, exit_code=code))
+    if any(p.closed for p in trace.processes.values()):  # a finished run: who never closed?
+        for pid, p in trace.processes.items():
+            if not p.closed and pid not in seen and pid in last:
+                out.append(_end(trace, pid, "stopped recording without closing it (killed or crashed)",
+                                (last[pid] - t0) / 1e9))
+    return out
+
+
+def _end(trace: Trace, pid, how: str, at_s: float, **extra) -> dict:
+    p = trace.processes.get(pid)
+    return {"pid": pid, "name": p.name if p else str(pid), "how": how, "at_s": round(at_s, 3), **extra}
+
+
+def describe(end: dict) -> str:
+    return f"process {end['name']} (pid {end['pid']}) {end['how']}, {end['at_s']:.2f} s into the run"
