@@ -26,6 +26,8 @@ LOGGING = "logging"
 SLEEP = "sleep"
 GC = "gc"
 STEP = "step"  # llmtrace.step() / llmtrace.steps(): a user-marked step of the serving loop
+CPU = "cpu"  # findings only: waiting for a CPU (analyze/rules/cpu_starved.py)
+GIL = "gil"  # findings only: waiting for the GIL (analyze/rules/gil_contention.py)
 MODEL_STAGES = (FORWARD, SAMPLING)  # device work on a GPU; their host-side children are overhead
 
 # ---- transport span names: "<stage>.<verb>" (tcp.send, ipc.get, ...)

@@ -20,7 +20,7 @@ import threading
 import time
 from time import sleep as _sleep  # bound before llmtrace.instrument() wraps time.sleep: the flush loop is ours
 
-from . import gpu, recorder
+from . import cpu_time, gpu, recorder
 from .spool_format import CLOSED, encode_batch, encode_header
 
 SPOOL_SUFFIX = ".lts"
@@ -108,6 +108,7 @@ class Spooler:
             "cwd": os.getcwd(),  # argv[0] (the program's __main__, for source lines) is relative to it
             "backend": recorder.BACKEND,
             "span_cost_ns": calibrate_span_cost(),
+            "machine": cpu_time.machine(),
             "resource": dict(_resource),
             **(extra_header or {}),
         }
@@ -117,6 +118,7 @@ class Spooler:
         self._file: _AppendFile | _MappedFile | None = (_MappedFile if mapped else _AppendFile)(fd, len(self._head))
         self._lock = threading.Lock()
         self._names_sent: dict[str, str] = {}
+        self._cpu = cpu_time.CpuSampler()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llmtrace-flush", daemon=True)
         self._thread.start()
@@ -148,6 +150,9 @@ class Spooler:
             gpu.poll()
             records, n, strings, dropped = recorder.drain()
             m = dict(meta or {})
+            cpu = self._cpu.due()
+            if cpu is not None:
+                m[cpu_time.CPU_KEY] = cpu
             if not (n or strings or m or dropped):
                 return 0  # idle: not even the thread names are worth a look
             names = _thread_names()

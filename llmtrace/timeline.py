@@ -10,6 +10,7 @@ import itertools
 import os
 from dataclasses import dataclass, field
 
+from .cpu_time import CPU_KEY
 from .spool_format import (
     ATTR_FLOAT,
     ATTR_ID_MASK,
@@ -104,6 +105,7 @@ class Process:
     truncation_reason: str = ""
     source: str = ""
     closed: dict | None = None  # {"reason", "ns"} when the recording ended cleanly (spool_format.CLOSED)
+    cpu: list[dict] = field(default_factory=list)  # per-thread CPU counters over time (llmtrace/cpu_time.py)
 
     @property
     def epoch_offset_ns(self) -> int:
@@ -187,6 +189,8 @@ class RecordDecoder:
             proc.dropped[int(tid)] = proc.dropped.get(int(tid), 0) + int(n)
         if CLOSED in b.meta:
             proc.closed = b.meta[CLOSED]
+        if CPU_KEY in b.meta:
+            proc.cpu.append(b.meta[CPU_KEY])
         by_id, device = self._by_id, self._device
         for r in RECORD.iter_unpack(b.records):
             (start, end, span_id, parent, link, step, a0, a1, a2, a3, k0, k1, k2, k3,

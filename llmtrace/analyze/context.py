@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from .. import names
 from ..timeline import Trace
 from .breakdown import Breakdown, StepCost
+from .cpu import ThreadCpu
 from .functions import EXAMPLE_STEPS, Call, FunctionIndex, covered
 from .index import TraceIndex
 from .metrics import serving_metrics
@@ -52,6 +53,14 @@ class Context:
         self.metrics = serving_metrics(self.index, self.breakdown)
         self.functions = FunctionIndex(self.index, self.breakdown, trace)
         self.claimed: set[str] = set()  # function names a specific rule already explained
+        self._cpu: ThreadCpu | None = None
+
+    @property
+    def cpu(self) -> ThreadCpu:
+        """Per-thread CPU time (cpu.py), read on first use."""
+        if self._cpu is None:
+            self._cpu = ThreadCpu(self.trace)
+        return self._cpu
 
     @property
     def tokens(self) -> int:

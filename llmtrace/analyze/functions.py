@@ -25,6 +25,7 @@ from ..names import A_CALLER
 from ..timeline import Sample, Span, Trace
 from .breakdown import GAP, MODEL_STAGES, Breakdown, StepCost, is_host_side
 from .index import TraceIndex
+from .stats import union_ns
 
 EXAMPLE_STEPS = 5
 # functions that wait rather than work: a stage "spending time" there is blocked
@@ -65,14 +66,7 @@ def covered(calls: list[Call]) -> tuple[int, dict[int, int]]:
     """Union time of `calls` (nested or recursive calls counted once): (total ns, {step: ns})."""
     per_step: dict[int, int] = defaultdict(int)
     for (pid, step), group in _group(calls, lambda c: (c.pid, c.step)).items():
-        end = None
-        for c in sorted(group, key=lambda c: c.start):
-            if end is None or c.start >= end:
-                per_step[step] += c.end - c.start
-                end = c.end
-            elif c.end > end:
-                per_step[step] += c.end - end
-                end = c.end
+        per_step[step] += union_ns((c.start, c.end) for c in group)
     return sum(per_step.values()), dict(per_step)
 
 

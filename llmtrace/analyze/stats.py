@@ -23,3 +23,16 @@ def summary(vals, scale: float = 1.0) -> dict | None:
     s = sorted(v * scale for v in vals)
     return {"p50": percentile(s, 50), "p90": percentile(s, 90), "p99": percentile(s, 99),
             "mean": sum(s) / len(s), "count": len(s)}
+
+
+def union_ns(intervals) -> int:
+    """Length of the union of [start, end) intervals (overlaps counted once)."""
+    total, end = 0, None
+    for lo, hi in sorted(intervals):
+        if end is None or lo >= end:
+            total += max(0, hi - lo)
+            end = hi
+        elif hi > end:
+            total += hi - end
+            end = hi
+    return total

@@ -259,7 +259,8 @@ def _other_data(trace: Trace, layout: Layout, origin: int, ours: int, stacks: di
         "events": ours,  # traceEvents[:events] are llmtrace's, the rest foreign
         "processes": {pid: {"name": p.name, "epoch_offset_ns": p.epoch_offset_ns, "header": p.header,
                             "threads": p.threads, "dropped": p.dropped, "truncated_at": p.truncated_at,
-                            "truncation_reason": p.truncation_reason, "source": p.source, "closed": p.closed}
+                            "truncation_reason": p.truncation_reason, "source": p.source, "closed": p.closed,
+                            "cpu": p.cpu}
                       for pid, p in trace.processes.items()},
         "tracks": {tid: {"pid": t.pid, "tid": t.tid, "name": t.name} for tid, t in layout.tracks.items()},
         "stacks": list(stacks),  # stack samples' frames (outermost first), by number

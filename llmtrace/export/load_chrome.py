@@ -135,4 +135,4 @@ class _Loader:
 def _process(pid: int, p: dict) -> Process:
     return Process(pid, p["name"], p["header"], {int(t): n for t, n in p["threads"].items()},
                    {int(t): n for t, n in p["dropped"].items()}, p["truncated_at"], p["truncation_reason"],
-                   p["source"], p.get("closed"))
+                   p["source"], p.get("closed"), p.get("cpu") or [])

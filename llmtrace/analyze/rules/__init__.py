@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from . import (
     concat_padding,
+    cpu_starved,
     full_logits_transfer,
     gc_pauses,
+    gil_contention,
     hot_function_in_stage,
     idle_wait,
     kv_cache_pressure,
@@ -26,7 +28,7 @@ from . import (
 
 RULES = (log_in_hot_path, concat_padding, full_logits_transfer, gc_pauses, tcp_nodelay, polling_sleep, serialization,
          idle_wait, no_kv_cache, unsynced_gpu_timing, small_prefill_batch, kv_cache_pressure, underfilled_batch,
-         hot_function_in_stage)
+         cpu_starved, gil_contention, hot_function_in_stage)
 MIN_SAVING_SHARE = 0.005
 
 

@@ -1,0 +1,64 @@
+"""`gil-contention`: the step loop's thread waited for the GIL while other Python threads of
+its process ran.
+
+Fingerprint: over each step, the step thread's time neither on a CPU nor runnable (Linux
+schedstat) and not inside a recorded wait of its own (a receive or poll, a sleep, a device
+sync) is blocked on something unrecorded; where other Python threads of the same process
+ran (or were runnable: a thread may hold the GIL while it waits for a CPU) in that window,
+the smaller of the two is counted as GIL wait. Only Python
+threads count (torch's native intra-op threads do not hold the GIL). At least MIN_SHARE
+of the steps' wall time, summed.
+Saving: that time per token.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from ... import names
+from ..peers import is_receive
+from ..stats import union_ns
+
+ID = "gil-contention"
+MIN_SHARE = 0.05
+_WAIT_STAGES = (names.SLEEP, names.SYNC)
+
+
+def _own_waits_ns(sc) -> int:
+    r = sc.root
+    spans = [s for _, s in sc.stage_spans
+             if s.pid == r.pid and s.tid == r.tid and (is_receive(s) or s.stage in _WAIT_STAGES)]
+    return union_ns((max(s.start_ns, r.start_ns), min(s.end_ns, r.end_ns)) for s in spans)
+
+
+def check(ctx):
+    cpu = ctx.cpu
+    if not cpu or not ctx.steps:
+        return []
+    wall, gil_ns, by_thread = 0.0, 0.0, defaultdict(float)
+    for sc in ctx.steps:
+        r = sc.root
+        d = cpu.delta(r.pid, r.tid, r.start_ns, r.end_ns)
+        if d is None:
+            continue
+        wall += sc.wall_ns
+        unexplained = sc.wall_ns - d[0] - d[1] - _own_waits_ns(sc)
+        others = cpu.others_busy(r.pid, r.tid, r.start_ns, r.end_ns)
+        if unexplained <= 0 or not others:
+            continue
+        gil_ns += min(unexplained, sum(others.values()))
+        for tid, ns in others.items():
+            by_thread[(r.pid, tid)] += ns
+    if not wall or gil_ns / wall < MIN_SHARE:
+        return []
+    top = sorted(by_thread.items(), key=lambda kv: -kv[1])[:3]
+    threads = [{"thread": ctx.trace.processes[pid].threads.get(tid, str(tid)), "pid": pid, "tid": tid,
+                "busy_ms_in_steps": round(ns / 1e6, 3)} for (pid, tid), ns in top]
+    ev = {"gil_wait_share_of_steps": round(gil_ns / wall, 3), "gil_wait_ms_per_step": round(gil_ns / len(ctx.steps) / 1e6, 4),
+          "threads": threads}
+    busiest = f" while {threads[0]['thread']} ran" if threads else ""
+    return [ctx.suggestion(
+        ID, f"The step loop waited for the GIL {gil_ns / wall:.0%} of its time{busiest}", names.GIL, ev,
+        ctx.ms_per_token(gil_ns),
+        "Python threads of one process take turns on the GIL: move the other threads' Python work "
+        "(request parsing, detokenizing, metrics, logging) to another process or onto the step loop's idle "
+        "time, make it release the GIL (numpy, I/O), or batch it so it runs less often.")]
