@@ -55,9 +55,18 @@ def _add_merge(sub):
     p.add_argument("-o", "--output", default="merged.json")
 
 
+def _add_diff(sub):
+    p = sub.add_parser("diff", help="compare two runs per stage, with confidence intervals: did the fix work?")
+    p.add_argument("before", help="run directory, spool directory or trace.json of the run before the change")
+    p.add_argument("after", help="the same for the run after it")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    p.add_argument("--markdown", action="store_true", help="print it as markdown")
+
+
 COMMANDS = {
     "record": _add_record,
     "analyze": _add_analyze,
+    "diff": _add_diff,
     "export": _add_export,
     "merge": _add_merge,
 }
