@@ -29,6 +29,7 @@ from . import recorder
 from .spool_format import SAMPLE
 
 MAX_DEPTH = 48
+MAX_GIL_SHARE = 0.02
 _SKIP_THREADS = ("llmtrace-flush", "llmtrace-sampler")
 
 
@@ -105,8 +106,15 @@ class StackSampler:
         return n
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        wait = self.interval_s
+        while not self._stop.wait(wait):
+            t0 = time.perf_counter()
             self.sample_once()
+            cost = time.perf_counter() - t0
+            # A tick holds the GIL: with many threads it costs more, and the rate drops so the
+            # sampler never takes more than MAX_GIL_SHARE of the program's time (the analyzer
+            # weighs each sample by its neighbours' spacing, so a slower rate stays unbiased).
+            wait = max(self.interval_s, cost * (1 / MAX_GIL_SHARE - 1))
 
 
 _sampler: StackSampler | None = None
