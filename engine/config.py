@@ -85,7 +85,7 @@ class EngineConfig:
     max_model_len: int = _opt(2048, ge=1)
     agents: int = _opt(1, ge=1)
     host: str = "127.0.0.1"
-    port: int = _opt(0, ge=0, le=65535)  # 0: any free port
+    port: int = _opt(8000, ge=0, le=65535)  # vLLM's default; 0: any free port
     max_waiting: int = _opt(1024, ge=1)
     cuda_graphs: bool = True
     async_scheduling: bool = True  # plan and send step n+1 while the agents run step n

@@ -11,6 +11,8 @@ import sys
 import threading
 import time
 
+from llmtrace.cli import ENV_COMMAND
+
 READY_TIMEOUT_S = 300.0
 STOP_TIMEOUT_S = 30.0
 URL_RE = re.compile(r"(http://[\w.\-\[\]:]+)")
@@ -22,8 +24,8 @@ class EngineProcess:
     def __init__(self, config_path: str, log_dir: str, out: str | None = None, env: dict | None = None):
         """out: record the engine's trace there (else it runs untraced); env: the child's
         environment (default: this process's)."""
-        env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "llmtrace.cli", "serve", "--config", config_path, "--port", "0"]
+        env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1", **{ENV_COMMAND: "run"})
+        cmd = [sys.executable, "-m", "llmtrace.cli", "serve", "--config", config_path, "--port", "0", "--no-report"]
         if out is not None:
             cmd += ["--out", out]
         os.makedirs(log_dir, exist_ok=True)

@@ -313,8 +313,8 @@ class EngineHandle:
 async def start_engine(cfg: RunConfig, host: str | None = None, port: int | None = None) -> EngineHandle:
     """Start the master (which spawns the agents) and the HTTP server in this event loop.
 
-    host/port default to engine.host (127.0.0.1 unless configured) and engine.port (0: any
-    free port). On any failure everything started so far is stopped again."""
+    host/port default to engine.host (127.0.0.1 unless configured) and engine.port (8000
+    unless configured; 0: any free port). On any failure everything started so far is stopped again."""
     host = cfg.engine.host if host is None else host
     port = cfg.engine.port if port is None else port
     master = Master(cfg)

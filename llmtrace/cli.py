@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from importlib.metadata import entry_points
 
@@ -45,14 +46,18 @@ def _add_analyze(sub):
 
 def _add_export(sub):
     p = sub.add_parser("export", help="write Chrome trace JSON (opens in ui.perfetto.dev)")
-    p.add_argument("path", help="run directory or spool directory")
-    p.add_argument("-o", "--output", default="trace.json")
+    p.add_argument("path", help="run directory, spool directory or spool file (.lts)")
+    p.add_argument("-o", "--output", help="where to write (default: trace.json in the run directory, or "
+                                          "<file>.trace.json next to a spool file)")
+    p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
 
 
 def _add_merge(sub):
     p = sub.add_parser("merge", help="merge llmtrace, viztracer, py-spy and torch.profiler traces")
-    p.add_argument("inputs", nargs="+")
-    p.add_argument("-o", "--output", default="merged.json")
+    p.add_argument("inputs", nargs="+", help="Chrome trace files (.json or .json.gz); the first llmtrace one "
+                                             "is the base, the others' clocks are aligned to it")
+    p.add_argument("-o", "--output", required=True, help="the merged trace to write")
+    p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
 
 
 def _add_diff(sub):
@@ -71,6 +76,7 @@ COMMANDS = {
     "merge": _add_merge,
 }
 PLUGIN_GROUP = "llmtrace.commands"
+ENV_COMMAND = "LLMTRACE_COMMAND"  # set by a command that runs another as its child: errors name the one the user ran
 DESCRIPTION = ("Tracing and per-token overhead analysis for LLM serving pipelines: record a program, "
                "see where each token's time goes outside the model, and what to fix.")
 
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.main(args) or 0)
     except UserError as e:
-        print(f"llmtrace {args.command_name}: error: {e}", file=sys.stderr)
+        print(f"llmtrace {os.environ.get(ENV_COMMAND) or args.command_name}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

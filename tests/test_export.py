@@ -314,6 +314,20 @@ def test_cli_export(tmp_path, capsys):
     assert "nodir does not exist" in capsys.readouterr().err
 
 
+def test_cli_export_writes_next_to_its_input_and_never_overwrites_silently(tmp_path, capsys, monkeypatch):
+    _record(str(tmp_path / "run"))
+    monkeypatch.chdir(tmp_path / "run" / "spool")  # not where the file goes
+    assert cli_main(["export", str(tmp_path / "run" / "spool")]) == 0  # a spool directory: its run's trace.json
+    written = tmp_path / "run" / "trace.json"
+    assert written.exists() and not (tmp_path / "run" / "spool" / "trace.json").exists()
+    before = written.read_bytes()
+    assert cli_main(["export", str(tmp_path / "run")]) == 2
+    assert "trace.json exists; pass --force" in capsys.readouterr().err and written.read_bytes() == before
+    assert cli_main(["export", str(tmp_path / "run"), "--force"]) == 0
+    spool, = (tmp_path / "run" / "spool").glob("*.lts")
+    assert cli_main(["export", str(spool)]) == 0 and spool.with_suffix(".trace.json").exists()
+
+
 def test_cli_export_of_a_crashed_run_notes_the_cut(tmp_path, capsys):
     _record(str(tmp_path / "run"))
     spool, = (tmp_path / "run" / "spool").iterdir()

@@ -183,8 +183,10 @@ def test_prompt_text_is_in_no_spool_file_nor_the_exported_trace(served, tmp_path
 
     assert cli_main(["export", str(out), "-o", str(trace_json)]) == 0
     blobs = {p.name: p.read_bytes() for p in (out / "spool").iterdir()}
-    blobs["trace.json"] = trace_json.read_bytes()
-    assert len(blobs) >= 3  # master, agent, and the export
+    blobs["exported trace.json"] = trace_json.read_bytes()
+    for name in ("trace.json", "report.json", "report.md"):  # what `serve --out` wrote when it stopped
+        blobs[name] = (out / name).read_bytes()
+    assert len(blobs) >= 6  # master, agent, the export and serve's own outputs
     # The search finds strings where they are: the request id is recorded (as an attribute).
     assert any(REQUEST_ID.encode() in b for b in blobs.values())
     for word in ("ultramarine-okapi", "tide tables"):

@@ -43,7 +43,7 @@ class EngineThread:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="engine-loop", daemon=True)
         self.thread.start()
-        self.handle = self.call(start_engine(cfg))
+        self.handle = self.call(start_engine(cfg, port=0))
         parts = urlsplit(self.handle.url)
         self.url, self.host, self.port = self.handle.url, parts.hostname, parts.port
 

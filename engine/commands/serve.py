@@ -1,7 +1,10 @@
-"""`llmtrace serve --config FILE [--host] [--port] [--out]`: the engine behind its HTTP API.
+"""`llmtrace serve --config FILE [--host] [--port] [--out]`: the engine behind its HTTP API
+(http://127.0.0.1:8000 unless configured or given).
 
 Serves until Ctrl-C or SIGTERM, then stops the server, the agents and the shared memory
-on every path (a failed start included). With --out the master and agents record a trace.
+on every path (a failed start included). With --out the master and agents record a trace,
+and when the server stops it writes trace.json, report.json and report.md there, as `run`
+does.
 """
 from __future__ import annotations
 
@@ -14,10 +17,13 @@ from llmtrace.errors import UserError
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="start the engine's HTTP server (Ctrl-C stops every process)")
-    p.add_argument("--config", required=True)
-    p.add_argument("--host", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default from config, 0 = any free)")
-    p.add_argument("--out", help="also record a trace into this directory")
+    p.add_argument("--config", required=True, help="YAML config (see examples/quickstart.yaml)")
+    p.add_argument("--host", help="bind address (default: engine.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: engine.port, 8000; 0 = any free port)")
+    p.add_argument("--out", help="record a trace into this directory; trace.json, report.json and report.md "
+                                 "are written there when the server stops")
+    p.add_argument("--no-report", action="store_true",
+                   help="with --out, keep only the recording (spool/): `llmtrace run` writes the report itself")
 
 
 def main(args) -> int:
@@ -33,8 +39,14 @@ def main(args) -> int:
     finally:
         if out:
             llmtrace.shutdown()
-            print(f"trace recorded in {out}")
-    return 0
+    return _write_outputs(out) if out and not args.no_report else 0
+
+
+def _write_outputs(out: str) -> int:
+    from llmtrace.load import load_trace
+    from llmtrace.outputs import write_outputs
+
+    return write_outputs(out, load_trace(out), command="serve")
 
 
 async def _serve(cfg, host: str | None, port: int | None) -> None:

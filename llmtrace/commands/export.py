@@ -1,4 +1,6 @@
-"""`llmtrace export PATH -o trace.json`: a run as Chrome trace JSON (ui.perfetto.dev)."""
+"""`llmtrace export PATH [-o FILE] [--force]`: a run as Chrome trace JSON (ui.perfetto.dev),
+written next to its input unless -o says where; an existing file is never overwritten
+without --force."""
 from __future__ import annotations
 
 import os
@@ -6,18 +8,36 @@ import os
 from ..errors import UserError
 from ..export import write_chrome_trace
 from ..load import load_trace
+from ..outputs import TRACE_JSON
 from ..timeline import Trace
 
 
-def main(args) -> int:
-    out_dir = os.path.dirname(os.path.abspath(args.output))
+def default_output(path: str) -> str:
+    """trace.json in the run directory (a spool/ directory's parent), else <file>.trace.json."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        run = os.path.dirname(path) if os.path.basename(path) == "spool" else path
+        return os.path.join(run, TRACE_JSON)
+    return os.path.splitext(path)[0] + ".trace.json"
+
+
+def writable_output(path: str, force: bool) -> str:
+    """`path`, checked: its directory exists, and it does not unless --force."""
+    out_dir = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(out_dir):
-        raise UserError(f"{args.output}: directory {out_dir} does not exist")
+        raise UserError(f"{path}: directory {out_dir} does not exist")
+    if os.path.exists(path) and not force:
+        raise UserError(f"{path} exists; pass --force to overwrite it, or -o another file")
+    return path
+
+
+def main(args) -> int:
+    output = writable_output(args.output or default_output(args.path), args.force)
     trace = load_trace(args.path)
     try:
-        stats = write_chrome_trace(trace, args.output)
+        stats = write_chrome_trace(trace, output)
     except OSError as e:
-        raise UserError(f"{args.output}: cannot write: {e.strerror}") from None
+        raise UserError(f"{output}: cannot write: {e.strerror}") from None
     names = ", ".join(p.name for p in sorted(trace.processes.values(), key=lambda p: p.pid))
     print(f"wrote {stats.path}: {stats.events} events ({len(trace.spans)} spans, {stats.flows} flows, "
           f"{stats.foreign_events} foreign), {stats.processes} processes ({names}), {_size(stats.bytes)}")

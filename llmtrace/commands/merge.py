@@ -7,6 +7,8 @@ import sys
 
 from llmtrace.errors import UserError
 
+from .export import writable_output
+
 
 def main(args) -> int:
     from llmtrace.export.chrome import write_chrome_trace
@@ -15,9 +17,7 @@ def main(args) -> int:
     for p in args.inputs:
         if not os.path.isfile(p):
             raise UserError(f"{p}: no such file")
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(out_dir):
-        raise UserError(f"{args.output}: directory {out_dir} does not exist")
+    writable_output(args.output, args.force)
     result = merge_files(args.inputs)
     meta = {"merged": [{"path": s.path, "kind": s.kind, "shift_us": s.shift_us or 0.0} for s in result.sources]}
     stats = write_chrome_trace(result.trace, args.output, meta=meta)
