@@ -30,6 +30,7 @@ from .spool_format import SAMPLE
 
 MAX_DEPTH = 48
 MAX_GIL_SHARE = 0.02
+COST_SMOOTHING = 0.02  # the tick cost's moving average weighs the last ~50 ticks
 _SKIP_THREADS = ("llmtrace-flush", "llmtrace-sampler")
 
 
@@ -106,14 +107,16 @@ class StackSampler:
         return n
 
     def _run(self) -> None:
-        wait = self.interval_s
+        """A tick holds the GIL: with many threads it costs more, and the rate drops so the
+        sampler takes at most MAX_GIL_SHARE of the program's time on average. The rate
+        follows a slow average of the tick's CPU cost (COST_SMOOTHING), never one tick: a
+        rate that reacted to what a tick found (deep stacks in some code) would sample that
+        code less. The analyzer weighs each sample by its neighbours' spacing."""
+        wait, cost = self.interval_s, 0.0
         while not self._stop.wait(wait):
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             self.sample_once()
-            cost = time.perf_counter() - t0
-            # A tick holds the GIL: with many threads it costs more, and the rate drops so the
-            # sampler never takes more than MAX_GIL_SHARE of the program's time (the analyzer
-            # weighs each sample by its neighbours' spacing, so a slower rate stays unbiased).
+            cost += COST_SMOOTHING * (time.thread_time() - t0 - cost)  # CPU time: not other threads'
             wait = max(self.interval_s, cost * (1 / MAX_GIL_SHARE - 1))
 
 

@@ -79,8 +79,9 @@ PROMPTS = ["The quick brown fox jumps over the lazy dog", "Tell me a story about
            "How do I cook rice", "List three prime numbers", "Summarize the plot of Hamlet"]
 
 
-def drive(url: str, requests: int, concurrency: int, max_tokens: int) -> dict:
-    """POST `requests` generate calls, `concurrency` at a time; returns {tokens, seconds}."""
+def drive(url: str, requests: int, concurrency: int, max_tokens: int, system_prompt: bool = True) -> dict:
+    """POST `requests` generate calls, `concurrency` at a time, each prompt after the system
+    prompt unless told otherwise; returns {tokens, seconds}."""
     lock, done, tokens = threading.Lock(), [0], [0]
 
     def worker(k: int) -> None:
@@ -90,7 +91,9 @@ def drive(url: str, requests: int, concurrency: int, max_tokens: int) -> dict:
                     return
                 i = done[0]
                 done[0] += 1
-            prompt = f"{SYSTEM_PROMPT}\n\nUser: {PROMPTS[i % len(PROMPTS)]}\nAssistant:"
+            prompt = f"User: {PROMPTS[i % len(PROMPTS)]}\nAssistant:"
+            if system_prompt:
+                prompt = f"{SYSTEM_PROMPT}\n\n{prompt}"
             body = json.dumps({"prompt": prompt, "max_tokens": max_tokens}).encode()
             req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(req, timeout=120) as r:

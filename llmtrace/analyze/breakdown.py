@@ -18,7 +18,8 @@ Every nanosecond of it is given to exactly one label, highest claim first:
   <stage>     in a pipeline without a declared wait, the peer's work during a blocking
               receive (tcp / ipc): the spans of the thread in another process whose
               send ended the wait (peers.py's hop matching, `_peer_work`), and `gap`
-              for the rest of that thread's time up to its send
+              for the rest of that thread's time up to its send; likewise during a
+              blocking send, the receiving thread's work until it started reading
 
 A declared wait (the engine's `agent.wait`) is replaced by the remote root's breakdown:
 the `agent.step` of the same step that finished last (the slowest rank is the critical
@@ -291,12 +292,13 @@ class _StepWalker:
                 sc.stage_spans.append((label, c))
 
     def _peer_work(self, wait: Span, a: int, b: int, segs: list, sc: StepCost) -> None:
-        """A blocking receive: what the sending thread of the other process did meanwhile
-        is on the critical path, by its stages (the wait's own label keeps the rest)."""
-        peer = self.peers.sender_of(wait)
+        """A blocking receive (or send): what the sending (receiving) thread of the other
+        process did meanwhile is on the critical path, by its stages, up to its side of the
+        hop (the wait's own label keeps the rest)."""
+        peer = self.peers.peer_of(wait)
         if peer is None:
             return
-        hi = min(b, peer.send.start_ns)  # from there on: the send and the delivery, the wait's own
+        hi = min(b, peer.hop.start_ns)  # from there on: the hop itself, the wait's own
         if hi <= a:
             return
         sc.peer_windows.append((peer.pid, peer.tid, a, hi, GAP))

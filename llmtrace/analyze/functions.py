@@ -47,6 +47,7 @@ class Call:
     host_side: bool  # host work (in a model stage: not model compute)
     span: Span | None = None  # the nested span (None for foreign events)
     sample: Sample | None = None  # the stack sample it comes from (its stack, its time)
+    within: Span | None = None  # the stage span a sample lies in
 
 
 @dataclass
@@ -101,12 +102,12 @@ class FunctionIndex:
                 self._nested(index, stage, s, sc.step)
                 self._foreign(foreign, stage, s, sc.step)
                 for smp, a, b in _inside(samples, s.pid, s.tid, s.start_ns, s.end_ns):
-                    sampled[(s.pid, s.tid)][(stage, s.name)].append((sc.step, smp, a, b))
+                    sampled[(s.pid, s.tid)][(stage, s.name)].append((sc.step, smp, a, b, s))
             root = sc.root
             windows = [(root.pid, root.tid, root.start_ns, root.end_ns, GAP)] + sc.peer_windows
             for pid, tid, lo, hi, label in windows:
                 for smp, a, b in _outside_stages(samples, sc, pid, tid, lo, hi):
-                    sampled[(pid, tid)][(label, label)].append((sc.step, smp, a, b))
+                    sampled[(pid, tid)][(label, label)].append((sc.step, smp, a, b, None))
         for by_stage in sampled.values():
             self._sampled(by_stage)
 
@@ -115,7 +116,7 @@ class FunctionIndex:
         in the code. Frames every sample of such a span has that also run other spans (the
         step loop, the function that opens the span) are not the stage's functions; with
         one span name only, its common frames are dropped."""
-        names = {site: [_sampled_names(smp.stack, self._main.get(smp.pid, "")) for _, smp, _, _ in rows]
+        names = {site: [_sampled_names(smp.stack, self._main.get(smp.pid, "")) for _, smp, _, _, _ in rows]
                  for site, rows in by_site.items()}
         present = {site: {f for stack in stacks for f in enumerate(stack)} for site, stacks in names.items()}
         for site, rows in by_site.items():
@@ -123,11 +124,11 @@ class FunctionIndex:
             enclosing = _always(names[site])
             if len(by_site) > 1:
                 enclosing &= set().union(*(p for st, p in present.items() if st != site))
-            for (step, smp, a, b), stack in zip(rows, names[site]):
+            for (step, smp, a, b, within), stack in zip(rows, names[site]):
                 for d, name in enumerate(stack):
                     if (d, name) not in enclosing:
                         self.calls.append(Call(stage, step, smp.pid, a, b, name, f"samples:{smp.source}",
-                                               stage not in MODEL_STAGES, sample=smp))
+                                               stage not in MODEL_STAGES, sample=smp, within=within))
 
     def _nested(self, index: TraceIndex, stage: str, s: Span, step: int) -> None:
         model = stage in MODEL_STAGES
@@ -177,9 +178,13 @@ class FunctionIndex:
         per: dict[str, int] = defaultdict(int)
         seen: set[int] = set()
         for c in calls:
-            by = c.span.attrs.get(A_CALLER) if c.span is not None else None
-            if isinstance(by, str) and is_user_code(by):  # an instrumented call names its caller
-                per[by] += c.end - c.start
+            named = c.span if c.span is not None else c.within
+            by = named.attrs.get(A_CALLER) if named is not None else None
+            if isinstance(by, str) and is_user_code(by):  # an instrumented call names its caller (also for
+                if c.sample is None or id(c.sample) not in seen:  # the samples inside it: an await's
+                    per[by] += c.end - c.start                      # stack shows only the event loop)
+                    if c.sample is not None:
+                        seen.add(id(c.sample))
                 continue
             for smp, a, b in self.samples_in(c):
                 if id(smp) not in seen:
@@ -305,12 +310,16 @@ def _always(stacks: list[tuple[str, ...]]) -> set[tuple[int, str]]:
     return out
 
 
+PACE_BLOCK = 32  # gaps per block whose median is the sampler's local pace
+
+
 def _samples_by_thread(samples) -> dict:
     """{(pid, tid): ([ts...], [(sample, start, end)...])}: each sample stands for the time from
     halfway to the previous sample of its thread to halfway to the next (irregular ticks,
-    e.g. a loaded machine, stay unbiased), but never more than half the thread's median
-    interval on a side: a sample next to a long pause in sampling (samples taken only in
-    some spans, a call that held the GIL) does not stand for the pause."""
+    e.g. a loaded machine, stay unbiased), but never more than half the sampler's local
+    pace on a side (the median gap of its block of PACE_BLOCK gaps: the sampler slows down
+    when its ticks cost more): a sample next to a long pause in sampling (samples taken
+    only in some spans, a call that held the GIL) does not stand for the pause."""
     rows = defaultdict(list)
     for smp in samples:
         rows[(smp.pid, smp.tid)].append(smp)
@@ -319,9 +328,11 @@ def _samples_by_thread(samples) -> dict:
         lst.sort(key=lambda x: x.ts_ns)
         ts = [x.ts_ns for x in lst]
         gaps = [b - a for a, b in zip(ts, ts[1:])]
-        half = sorted(gaps)[len(gaps) // 2] // 2 if gaps else 0
+        pace = [sorted(block)[len(block) // 2] // 2 for block in
+                (gaps[i:i + PACE_BLOCK] for i in range(0, len(gaps), PACE_BLOCK))] or [0]
         cells = []
         for i, x in enumerate(lst):
+            half = pace[min(i, len(gaps) - 1) // PACE_BLOCK] if gaps else 0
             before = min(half, gaps[i - 1] // 2) if i else half
             after = min(half, gaps[i] // 2) if i < len(gaps) else half
             cells.append((x, ts[i] - before, ts[i] + after))

@@ -34,15 +34,29 @@ def is_receive(s: Span) -> bool:
 
 @dataclass
 class Peer:
+    """The other end of a hop: the thread whose `hop` (a send that ended a receive, or a
+    receive that let a blocked send return) decided when the waiting span ended."""
     pid: int
     tid: int
-    send: Span
-    top: list[Span]  # the sending thread's top-level spans, by start
+    hop: Span
+    top: list[Span]  # that thread's top-level spans, by start
     index: TraceIndex
 
     def spans(self, lo: int, hi: int) -> list[Span]:
-        """The sending thread's spans in [lo, hi) (TraceIndex.in_window), the send excluded."""
-        return [s for s in self.index.in_window(self.top, lo, hi) if s is not self.send]
+        """The peer thread's spans in [lo, hi) (TraceIndex.in_window), the hop excluded, and
+        so is a span still open when the hop began that does not enclose it: another
+        asyncio task's (an idle `await asyncio.sleep(...)` spans the hop while the thread
+        runs it), which did not hold the thread up."""
+        hop, up = self.hop, self._ancestors()
+        return [s for s in self.index.in_window(self.top, lo, hi)
+                if s is not hop and (s.end_ns <= hop.start_ns or s.span_id in up)]
+
+    def _ancestors(self) -> set[int]:
+        out, s = set(), self.index.by_id.get(self.hop.parent_id)
+        while s is not None and s.span_id not in out:
+            out.add(s.span_id)
+            s = self.index.by_id.get(s.parent_id)
+        return out
 
 
 class Peers:
@@ -50,7 +64,37 @@ class Peers:
         self.index = index
         self.sends = sorted((s for s in index.trace.spans if is_send(s)), key=lambda s: s.end_ns)
         self.ends = [s.end_ns for s in self.sends]
-        self._found: dict[int, Peer | None] = {}  # receive span id -> its sender (the breakdown and rules ask)
+        self.receives = sorted((s for s in index.trace.spans if is_receive(s)), key=lambda s: s.end_ns)
+        self.receive_ends = [s.end_ns for s in self.receives]
+        self._found: dict[int, Peer | None] = {}  # span id -> its peer (the breakdown and rules ask)
+
+    def peer_of(self, s: Span) -> Peer | None:
+        """The sender of a blocking receive, or the receiver of a blocking send."""
+        return self.sender_of(s) if is_receive(s) else self.receiver_of(s)
+
+    def receiver_of(self, send: Span) -> Peer | None:
+        """A send that blocked (a message larger than the pipe's or socket's buffer) returned
+        once another process read it: the receive over the same transport that ended
+        within MATCH_NS of the send's end and started before it ended, the same byte count
+        first, else the nearest end. Until it started reading, that process kept the sender
+        waiting (a front end asleep in a polling loop while the worker's reply fills the pipe)."""
+        if send.span_id not in self._found:
+            self._found[send.span_id] = self._match_receive(send)
+        return self._found[send.span_id]
+
+    def _match_receive(self, send: Span) -> Peer | None:
+        if not is_send(send) or send.dur_ns < MIN_WAIT_NS:
+            return None
+        i = bisect.bisect_left(self.receive_ends, send.end_ns - MATCH_NS)
+        j = bisect.bisect_right(self.receive_ends, send.end_ns + MATCH_NS)
+        cands = [r for r in self.receives[i:j] if r.pid != send.pid and r.stage == send.stage
+                 and r.start_ns < send.end_ns]
+        if not cands:
+            return None
+        n = send.attrs.get(names.A_BYTES)
+        same = [r for r in cands if n is not None and r.attrs.get(names.A_BYTES) == n]
+        recv = min(same or cands, key=lambda r: abs(r.end_ns - send.end_ns))
+        return Peer(recv.pid, recv.tid, recv, self.index.top_level(recv.pid, recv.tid), self.index)
 
     def sender_of(self, recv: Span) -> Peer | None:
         if recv.span_id not in self._found:
