@@ -316,10 +316,11 @@ PACE_BLOCK = 32  # gaps per block whose median is the sampler's local pace
 def _samples_by_thread(samples) -> dict:
     """{(pid, tid): ([ts...], [(sample, start, end)...])}: each sample stands for the time from
     halfway to the previous sample of its thread to halfway to the next (irregular ticks,
-    e.g. a loaded machine, stay unbiased), but never more than half the sampler's local
-    pace on a side (the median gap of its block of PACE_BLOCK gaps: the sampler slows down
-    when its ticks cost more): a sample next to a long pause in sampling (samples taken
-    only in some spans, a call that held the GIL) does not stand for the pause."""
+    e.g. a loaded machine, stay unbiased), but never more than the sampler's local pace on
+    a side (the median gap of its block of PACE_BLOCK gaps: the sampler slows down when its
+    ticks cost more, and its wake-ups jitter by up to a gap): a sample next to a long pause
+    in sampling (samples taken only in some spans, a call that held the GIL) does not stand
+    for the pause."""
     rows = defaultdict(list)
     for smp in samples:
         rows[(smp.pid, smp.tid)].append(smp)
@@ -328,7 +329,7 @@ def _samples_by_thread(samples) -> dict:
         lst.sort(key=lambda x: x.ts_ns)
         ts = [x.ts_ns for x in lst]
         gaps = [b - a for a, b in zip(ts, ts[1:])]
-        pace = [sorted(block)[len(block) // 2] // 2 for block in
+        pace = [sorted(block)[len(block) // 2] for block in
                 (gaps[i:i + PACE_BLOCK] for i in range(0, len(gaps), PACE_BLOCK))] or [0]
         cells = []
         for i, x in enumerate(lst):

@@ -4,7 +4,9 @@ overhead stage, and no more specific rule explained it.
 Fingerprint: in a stage worth >= MIN_STAGE_SHARE of the per-token time, a host-side
 function (nested llmtrace span, `@llmtrace.trace` function, viztracer event, sampled
 frame) whose time, less the time of calls other rules explained inside it, is >=
-MIN_FUNCTION_SHARE of that stage. Runs after the specific rules. Not reported: waiting
+MIN_FUNCTION_SHARE of that stage, seen in at least MIN_SAMPLES stack samples when samples
+are all the evidence (each stands for a sampling interval, which a slowed sampler makes
+longer than a short stage: two samples are not a finding). Runs after the specific rules. Not reported: waiting
 (select/poll/wait frames: the stage is blocked, not busy), llmtrace's own frames (the
 tracing section reports them), and a caller whose time is its callee's (the callee is
 named instead).
@@ -23,6 +25,7 @@ from ..functions import IDLE
 ID = "hot-function-in-stage"
 MIN_STAGE_SHARE = 0.05
 MIN_FUNCTION_SHARE = 0.3
+MIN_SAMPLES = 5
 NOT_BLIND = ("gap", names.TCP, names.SYNC)  # no code of their own runs there: pauses, transport, device waits
 SAME_TIME = 0.1  # a caller within 10% of its callee's time is the same finding
 OWN = re.compile(r"^llmtrace\.")
@@ -36,6 +39,8 @@ def _stage_findings(ctx, stage: str, stage_ms: float) -> list[tuple]:
             by_name.setdefault(c.name, []).append(c)
     found = []
     for name, calls in by_name.items():
+        if all(c.sample is not None for c in calls) and len({id(c.sample) for c in calls}) < MIN_SAMPLES:
+            continue
         ms = ctx.ms_per_token(ctx.unexplained(calls)[1])
         if stage_ms and ms / stage_ms >= MIN_FUNCTION_SHARE:
             found.append((ms, name, calls))
