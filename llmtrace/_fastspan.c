@@ -38,6 +38,7 @@
 #define KIND_COUNTER 2
 #define FLAG_EXCEPTION 1
 #define FLAG_ATTRS_CUT 2
+#define FLAG_OPEN_AT_STOP 4
 #define ATTR_STR (1u << 31)
 #define ATTR_FLOAT (1u << 30)
 #define ATTR_ID_MASK ((1u << 30) - 1)
@@ -425,7 +426,7 @@ typedef struct {
     vectorcallfunc vectorcall;
 } BoundSlot;
 
-typedef struct {
+typedef struct SpanObject {
     PyObject_HEAD
     BoundSlot enter_b, exit_b;
     int64_t t0, step;
@@ -435,12 +436,42 @@ typedef struct {
     int device;
     int open;     /* entered while recording, not yet left */
     int has_t0;   /* start_ns= given: t0 is the span's start, not the time of __enter__ */
+    int reported; /* recorded by close_open() while still open: its exit records nothing */
+    uint32_t tid; /* the thread that entered it */
     attrs_t attrs;
     PyObject *hook; /* the device hook used at enter, and its token */
     PyObject *dtok;
+    struct SpanObject *open_prev, *open_next; /* in g_open while open */
 } SpanObject;
 
 static PyTypeObject Span_Type;
+
+/* Every open span of the process (any thread, any task), for close_open() at a process's
+ * end: a doubly linked list through the spans, guarded by the GIL. A stack per thread
+ * would not do: asyncio tasks interleave their spans on one thread. */
+static SpanObject *g_open;
+
+static void open_link(SpanObject *s)
+{
+    s->open_prev = NULL;
+    s->open_next = g_open;
+    if (g_open != NULL)
+        g_open->open_prev = s;
+    g_open = s;
+}
+
+static void open_unlink(SpanObject *s)
+{
+    if (s->open_prev == NULL && g_open != s)
+        return; /* not linked (forgotten after a fork) */
+    if (s->open_prev != NULL)
+        s->open_prev->open_next = s->open_next;
+    else
+        g_open = s->open_next;
+    if (s->open_next != NULL)
+        s->open_next->open_prev = s->open_prev;
+    s->open_prev = s->open_next = NULL;
+}
 
 /* Freed spans kept for reuse: most code opens and closes spans in a loop. */
 #define SPAN_FREELIST 64
@@ -449,6 +480,8 @@ static int g_n_span_free;
 
 static void span_dealloc(SpanObject *s)
 {
+    if (s->open) /* a frame dropped without running its __exit__ */
+        open_unlink(s);
     Py_XDECREF(s->hook);
     Py_XDECREF(s->dtok);
     if (g_n_span_free < SPAN_FREELIST)
@@ -480,7 +513,14 @@ static PyObject *span_enter(SpanObject *s)
         }
         s->hook = Py_NewRef(g_device_hook);
     }
+    if (t_buf == NULL && buf_register() == NULL) {
+        c->id = s->prev_id;
+        c->step = s->prev_step;
+        return NULL;
+    }
+    s->tid = t_buf->tid;
     s->open = 1;
+    open_link(s);
     if (!s->has_t0)
         s->t0 = now_ns();
     return Py_NewRef(s);
@@ -492,6 +532,7 @@ static PyObject *span_exit(SpanObject *s, PyObject *const *args, Py_ssize_t narg
     if (!s->open)
         Py_RETURN_FALSE;
     s->open = 0;
+    open_unlink(s);
     int64_t t1 = now_ns();
     int failed = nargs > 0 && args[0] != Py_None;
     int hook_failed = 0;
@@ -508,7 +549,7 @@ static PyObject *span_exit(SpanObject *s, PyObject *const *args, Py_ssize_t narg
         c->id = s->prev_id;
         c->step = s->prev_step;
     }
-    record_t *r = rec_slot();
+    record_t *r = s->reported ? NULL : rec_slot();
     if (r != NULL) {
         r->start = s->t0;
         r->end = t1;
@@ -643,7 +684,8 @@ static SpanObject *span_new(void)
     slot_init(&s->exit_b, &BoundExit_Type, bound_exit_call);
     s->step = -1;
     s->span_id = s->link = 0;
-    s->device = s->open = s->has_t0 = 0;
+    s->device = s->open = s->has_t0 = s->reported = 0;
+    s->open_prev = s->open_next = NULL;
     memset(&s->attrs, 0, sizeof s->attrs);
     s->hook = s->dtok = NULL;
     return s;
@@ -1370,6 +1412,14 @@ static PyObject *fs_requeue_strings(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSE
  * and queue every interned string again for the child's own spool file. */
 static PyObject *fs_reset_after_fork(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(ignored))
 {
+    uint32_t old_tid = t_buf != NULL ? t_buf->tid : 0, new_tid = (uint32_t)syscall(SYS_gettid);
+    for (SpanObject *s = g_open, *next; s; s = next) { /* only the forking thread goes on */
+        next = s->open_next;
+        if (s->tid == old_tid)
+            s->tid = new_tid;
+        else
+            open_unlink(s);
+    }
     g_id_base = (uint64_t)getpid() << 40;
     g_seq = 0;
     for (tbuf_t *b = g_bufs, *next; b; b = next) {
@@ -1384,9 +1434,43 @@ static PyObject *fs_reset_after_fork(PyObject *Py_UNUSED(mod), PyObject *Py_UNUS
         t_buf->next = NULL;
         t_buf->n = 0;
         t_buf->dropped = t_buf->reported = 0;
-        t_buf->tid = (uint32_t)syscall(SYS_gettid);
+        t_buf->tid = new_tid;
     }
     return fs_requeue_strings(NULL, NULL);
+}
+
+/* Record every open span as ending now, flagged FLAG_OPEN_AT_STOP: the last flush of a
+ * process that is going away (SIGTERM, exit with daemon threads mid-span). The spans go
+ * on; their own exit then records nothing. Returns how many were recorded. */
+static PyObject *fs_close_open(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(ignored))
+{
+    int64_t t1 = now_ns();
+    long n = 0;
+    for (SpanObject *s = g_open; s != NULL; s = s->open_next) {
+        if (s->reported)
+            continue;
+        record_t *r = rec_slot();
+        if (r == NULL) {
+            if (PyErr_Occurred())
+                return NULL;
+            break; /* buffer full: counted as dropped */
+        }
+        r->tid = s->tid;
+        r->start = s->t0;
+        r->end = t1;
+        r->span_id = s->span_id;
+        r->parent_id = s->parent;
+        r->link_id = s->link;
+        r->step = s->step;
+        attrs_to_record(&s->attrs, r);
+        r->name_id = s->name_id;
+        r->stage_id = s->stage_id;
+        r->kind = KIND_SPAN;
+        r->flags = s->attrs.flags | FLAG_OPEN_AT_STOP;
+        s->reported = 1;
+        n++;
+    }
+    return PyLong_FromLong(n);
 }
 
 static PyMethodDef fs_methods[] = {
@@ -1413,6 +1497,8 @@ static PyMethodDef fs_methods[] = {
      "Queue every interned string again, so that the next drain starts a self-contained spool file."},
     {"reset_after_fork", fs_reset_after_fork, METH_NOARGS,
      "In a forked child: forget the parent's records and strings, take a new id base."},
+    {"close_open", fs_close_open, METH_NOARGS,
+     "Record every open span as ending now, flagged FLAG_OPEN_AT_STOP; returns how many."},
     {NULL},
 };
 
@@ -1461,6 +1547,7 @@ PyMODINIT_FUNC PyInit__fastspan(void)
         PyModule_AddIntConstant(m, "BUFFER_CAP", BUFFER_CAP) < 0 ||
         PyModule_AddIntConstant(m, "FLAG_EXCEPTION", FLAG_EXCEPTION) < 0 ||
         PyModule_AddIntConstant(m, "FLAG_ATTRS_CUT", FLAG_ATTRS_CUT) < 0 ||
+        PyModule_AddIntConstant(m, "FLAG_OPEN_AT_STOP", FLAG_OPEN_AT_STOP) < 0 ||
         PyModule_AddObjectRef(m, "Span", (PyObject *)&Span_Type) < 0) {
         Py_XDECREF(m);
         return NULL;

@@ -19,6 +19,7 @@ from .spool_format import (
     COUNTER,
     FLAG_ATTRS_CUT,
     FLAG_EXCEPTION,
+    FLAG_OPEN_AT_STOP,
     INSTANT,
     N_ATTRS,
     RECORD,
@@ -40,6 +41,9 @@ _buffers: list["_Buffer"] = []
 _buffers_lock = threading.Lock()
 _tls = threading.local()
 _device_hook = None
+# Every open span of the process, any thread or task (close_open at a process's end); a
+# dict, not a stack per thread: asyncio tasks interleave their spans on one thread.
+_open: dict[int, "Span"] = {}
 
 
 class _Buffer:
@@ -117,7 +121,7 @@ class Span:
     """A timed region; use through `llmtrace.span(...)`."""
 
     __slots__ = ("name_id", "stage_id", "step", "link", "attrs", "device", "t0", "has_t0", "span_id",
-                 "parent", "token", "dtok")
+                 "parent", "token", "dtok", "tid", "reported")
 
     def __init__(self, name, stage=None, step=-1, follows=None, device=False, attrs=None, start_ns=None):
         self.name_id = intern(name)
@@ -161,6 +165,8 @@ class Span:
             self.step = cur[1]
         self.token = _current.set((sid, self.step))
         self.dtok = _device_hook.begin() if self.device and _device_hook is not None else None
+        self.tid, self.reported = _buffer().tid, False
+        _open[id(self)] = self
         if not self.has_t0:
             self.t0 = perf_counter_ns()
         return self
@@ -172,8 +178,10 @@ class Span:
         if self.dtok is not None:
             _device_hook.end(self.dtok, self.span_id, self.name_id, self.stage_id, self.step)
         _current.reset(self.token)
-        emit(SPAN, self.name_id, self.stage_id, self.t0, t1, self.span_id, self.parent, self.link, self.step,
-             self.attrs, FLAG_EXCEPTION if et is not None else 0)
+        _open.pop(id(self), None)
+        if not self.reported:
+            emit(SPAN, self.name_id, self.stage_id, self.t0, t1, self.span_id, self.parent, self.link, self.step,
+                 self.attrs, FLAG_EXCEPTION if et is not None else 0)
         self.token = None
         return False
 
@@ -278,9 +286,30 @@ def requeue_strings() -> None:
         _new_strings[:] = sorted((i, s) for s, i in _strings.items())
 
 
+def close_open() -> int:
+    """Record every open span as ending now, flagged FLAG_OPEN_AT_STOP: the last flush of a
+    process that is going away (SIGTERM, exit with daemon threads mid-span). The spans go
+    on; their own exit then records nothing. Returns how many were recorded."""
+    t1, n = perf_counter_ns(), 0
+    for s in list(_open.values()):
+        if not s.reported:
+            emit(SPAN, s.name_id, s.stage_id, s.t0, t1, s.span_id, s.parent, s.link, s.step, s.attrs,
+                 FLAG_OPEN_AT_STOP, tid=s.tid)
+            s.reported = True
+            n += 1
+    return n
+
+
 def reset_after_fork() -> None:
-    """In a forked child: forget the parent's records and strings, take a new id base."""
+    """In a forked child: forget the parent's records and strings, take a new id base;
+    of the open spans only the forking thread's go on."""
     global _id_base, _tls, _ids, _buffers_lock, _str_lock
+    here = _buffer().tid
+    for key, s in list(_open.items()):
+        if s.tid == here:
+            s.tid = threading.get_native_id()
+        else:
+            del _open[key]
     _id_base = os.getpid() << 40
     _ids = itertools.count(1)
     _tls = threading.local()

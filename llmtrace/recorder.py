@@ -30,4 +30,5 @@ is_enabled = backend.is_enabled
 set_device_hook = backend.set_device_hook
 reset_after_fork = backend.reset_after_fork
 requeue_strings = backend.requeue_strings
+close_open = backend.close_open
 BACKEND = "c" if backend.__name__.endswith("_fastspan") else "python"

@@ -220,7 +220,7 @@ def set_resource(attrs: dict) -> None:
 def start(out_dir: str, process_name: str, trace_id: int,
           extra_header: dict | None = None, mapped: bool = True) -> Spooler:
     global _spooler
-    stop()
+    stop(final=False)
     _spooler = Spooler(out_dir, process_name, trace_id, extra_header=extra_header, mapped=mapped)
     _install_exit_hooks()
     return _spooler
@@ -234,9 +234,14 @@ def flush() -> int:
     return _spooler.flush() if _spooler is not None else 0
 
 
-def stop(reason: str = "exit") -> None:
+def stop(reason: str = "exit", final: bool = True) -> None:
+    """Close the spool. `final` (the process is done recording: exit, a stop signal,
+    shutdown()): spans still open are recorded as ending now, flagged open-at-stop (a
+    daemon thread mid-request, an agent mid-step at SIGTERM), so the trace keeps them."""
     global _spooler
     if _spooler is not None:
+        if final:
+            recorder.close_open()
         _spooler.close(reason)
         _spooler = None
 

@@ -36,6 +36,7 @@ CLOSED = "closed"  # batch meta key: the recording ended here ({"reason": "exit"
 # Record flags.
 FLAG_EXCEPTION = 1  # the span's body raised
 FLAG_ATTRS_CUT = 2  # more than N_ATTRS attributes were given; the rest are not kept
+FLAG_OPEN_AT_STOP = 4  # still open when the process stopped recording (exit, SIGTERM): ends there
 
 # Attribute key flags (high bits of attr_key); the low 30 bits are a string id.
 ATTR_STR = 1 << 31  # value is a string id

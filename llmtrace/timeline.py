@@ -19,6 +19,7 @@ from .spool_format import (
     COUNTER,
     DEVICE,
     FLAG_EXCEPTION,
+    FLAG_OPEN_AT_STOP,
     INSTANT,
     RECORD,
     SAMPLE,
@@ -60,6 +61,11 @@ class Span:
     @property
     def failed(self) -> bool:
         return bool(self.flags & FLAG_EXCEPTION)
+
+    @property
+    def open_at_stop(self) -> bool:
+        """Still open when its process stopped recording: its end is that stop, not its own."""
+        return bool(self.flags & FLAG_OPEN_AT_STOP)
 
 
 @dataclass(slots=True)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 PROGRAM = textwrap.dedent("""
     import multiprocessing as mp, os, signal, subprocess, sys, time
 
@@ -43,3 +45,44 @@ def test_dead_children_are_reported_with_how_they_died(tmp_path):
     assert by_how["killed by SIGKILL"]["name"] == "doomed-worker" and by_how["killed by SIGKILL"]["exit_code"] == -9
     assert "warning: process doomed-worker" in r.stdout and "killed by SIGKILL" in r.stdout
     assert not any(e["name"] == "fine-worker" for e in ends)
+
+
+SIGTERMED = textwrap.dedent("""
+    import os, signal, threading, time
+    import llmtrace
+
+    def serve_forever():
+        with llmtrace.span("http.request", req="r1"):  # never ends: the process is stopped
+            time.sleep(60)
+
+    threading.Thread(target=serve_forever, name="handler", daemon=True).start()
+    with llmtrace.span("decode.step", step=0):
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+""")
+
+
+@pytest.mark.parametrize("pure_python", ["0", "1"], ids=["c", "python"])
+def test_spans_open_at_a_stop_signal_are_kept_and_flagged(tmp_path, pure_python):
+    """SIGTERM mid-span, in two threads: both spans are in the trace, ending at the stop,
+    flagged open-at-stop; the report says the process was stopped and how many it cut."""
+    from llmtrace.analyze.report import build_report
+    from llmtrace.load import load_trace
+
+    prog = tmp_path / "prog.py"
+    prog.write_text(SIGTERMED)
+    out = tmp_path / "run"
+    env = {**os.environ, "LLMTRACE_PURE_PYTHON": pure_python}
+    r = subprocess.run([sys.executable, "-m", "llmtrace.cli", "record", "--sample-hz", "0", "--no-auto", "--out",
+                        str(out), "--", sys.executable, str(prog)], capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert r.returncode != 0  # the program died of its signal
+    trace = load_trace(str(out))
+    cut = {s.name: s for s in trace.spans if s.open_at_stop}
+    assert set(cut) == {"http.request", "decode.step"} and cut["decode.step"].dur_ns >= 150_000_000
+    assert cut["http.request"].tid != cut["decode.step"].tid and cut["http.request"].attrs == {"req": "r1"}
+    proc = next(iter(trace.processes.values()))
+    assert proc.closed["reason"] == "SIGTERM"
+    (end,) = build_report(trace)["process_ends"]
+    assert end["how"] == "stopped by SIGTERM with 2 spans open (kept, ending there)"

@@ -21,7 +21,7 @@ from llmtrace.spool_format import ATTR_FLOAT, ATTR_ID_MASK, ATTR_STR, COUNTER, I
 
 FUNCTIONS = ("span", "instant", "counter", "traced", "emit", "intern", "drain", "current", "set_current",
              "reset_current", "new_span_id", "set_enabled", "is_enabled", "set_device_hook", "reset_after_fork",
-             "requeue_strings")
+             "requeue_strings", "close_open")
 MODULES = {"c": "llmtrace._fastspan", "python": "llmtrace._pyrecorder"}
 FLAG_EXCEPTION, FLAG_ATTRS_CUT = 1, 2
 _strings: dict[str, dict[int, str]] = {"c": {}, "python": {}}  # every string each backend has sent
@@ -150,6 +150,60 @@ def test_exception_sets_flag_and_propagates(backend):
     s = backend.spans()
     assert s["boom"]["flags"] == FLAG_EXCEPTION and s["outer"]["flags"] == FLAG_EXCEPTION
     assert recorder.current() == (0, -1)
+
+
+def test_open_spans_are_recorded_at_a_stop_and_once_only(backend):
+    """close_open() (a process's last flush) records every span still open, in any thread or
+    asyncio task, as ending now and flagged; their own exit later records nothing; a span
+    that ended before is not touched."""
+    import asyncio
+    import threading
+
+    FLAG_OPEN_AT_STOP = 4
+    entered, release = threading.Event(), threading.Event()
+
+    def handler():
+        with recorder.span("http.request", req="r9"):
+            entered.set()
+            release.wait(10)
+
+    async def task(name, started, go):
+        with recorder.span(name):
+            started.set()
+            await go.wait()
+
+    async def two_tasks():  # interleaved on one thread: a, b opened, then a closed first
+        sa, sb, ga, gb = asyncio.Event(), asyncio.Event(), asyncio.Event(), asyncio.Event()
+        ta, tb = asyncio.create_task(task("task.a", sa, ga)), asyncio.create_task(task("task.b", sb, gb))
+        await sa.wait()
+        await sb.wait()
+        ga.set()
+        await ta
+        return tb, gb
+
+    t = threading.Thread(target=handler)
+    t.start()
+    entered.wait(10)
+    loop = asyncio.new_event_loop()
+    tb, gb = loop.run_until_complete(two_tasks())
+    with recorder.span("done.before"):
+        pass
+    with recorder.span("decode.step", step=3):
+        assert recorder.close_open() == 3  # http.request, task.b, decode.step
+        assert recorder.close_open() == 0
+    release.set()
+    t.join()
+    gb.set()
+    loop.run_until_complete(tb)
+    loop.close()
+    recs = [r for r in backend.take() if r["kind"] == SPAN]
+    by = {r["name"]: r for r in recs}
+    assert len(recs) == len(by) == 5  # no span twice
+    cut = {r["name"] for r in recs if r["flags"] & FLAG_OPEN_AT_STOP}
+    assert cut == {"http.request", "task.b", "decode.step"}
+    assert by["http.request"]["tid"] == t.native_id and by["http.request"]["attrs"] == {"req": "r9"}
+    assert by["decode.step"]["step"] == 3 and by["decode.step"]["tid"] == threading.get_native_id()
+    assert not by["task.a"]["flags"] and not by["done.before"]["flags"]
 
 
 def test_disabled_records_nothing(backend):

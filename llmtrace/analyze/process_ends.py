@@ -1,12 +1,14 @@
 """How the recorded processes ended, where that was not a clean exit: a child its parent
 reaped with a non-zero code or a signal (`process.exit` instants, from automatic
-instrumentation of multiprocessing and subprocess), and a process whose recording stops
-without the spool's closing mark (killed, crashed, or still running). A dead worker
+instrumentation of multiprocessing and subprocess), a process stopped by a signal (with
+the spans it still had open, recorded up to the stop and flagged), and a process whose
+recording stops without the spool's closing mark (killed, crashed, or still running). A dead worker
 explains a run's stall or its missing steps better than any stage breakdown.
 """
 from __future__ import annotations
 
 import signal
+from collections import Counter
 
 from .. import names
 from ..timeline import Trace
@@ -45,11 +47,18 @@ def process_ends(trace: Trace) -> list[dict]:
         seen.add(pid)
         how = f"killed by {_signal_name(code)}" if code < 0 else f"exited with code {code}"
         out.append(_end(trace, pid, how, (i.ts_ns - t0) / 1e9, exit_code=code))
-    if any(p.closed for p in trace.processes.values()):  # a finished run: who never closed?
-        for pid, p in trace.processes.items():
-            if not p.closed and pid not in seen and pid in last:
-                out.append(_end(trace, pid, "stopped recording without closing it (killed or crashed)",
-                                (last[pid] - t0) / 1e9))
+    open_spans = Counter(s.pid for s in trace.spans if s.open_at_stop)
+    for pid, p in trace.processes.items():
+        if pid in seen or pid not in last:
+            continue
+        reason = (p.closed or {}).get("reason")
+        if reason is not None and reason != "exit":
+            how = f"stopped by {reason}" + (f" with {open_spans[pid]} spans open (kept, ending there)"
+                                            if open_spans[pid] else "")
+            out.append(_end(trace, pid, how, (last[pid] - t0) / 1e9))
+        elif reason is None and any(q.closed for q in trace.processes.values()):  # a finished run
+            out.append(_end(trace, pid, "stopped recording without closing it (killed or crashed)",
+                            (last[pid] - t0) / 1e9))
     return out
 
 

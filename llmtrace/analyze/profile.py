@@ -67,6 +67,13 @@ def declared(index: TraceIndex) -> Profile | None:
 
 
 def find_steps(index: TraceIndex) -> Steps:
+    """The step roots; a root still open when its process stopped (cut short) is no step."""
+    steps = _find_steps(index)
+    steps.roots = [(n, r) for n, r in steps.roots if not r.open_at_stop]
+    return steps
+
+
+def _find_steps(index: TraceIndex) -> Steps:
     profile = declared(index)
     if profile is not None:
         roots = _longest_per_step([s for n in profile.roots for s in index.by_name.get(n, ()) if s.step >= 0])

@@ -91,7 +91,8 @@ def _tracing(ctx: Context) -> dict:
         cost_ns += (spans + instants + ctrs) * span_cost
         procs.append({"pid": pid, "name": p.name if p else str(pid), "spans": spans, "instants": instants,
                       "counters": ctrs, "dropped": sum(p.dropped.values()) if p else 0, "span_cost_ns": span_cost,
-                      "truncated": bool(p and p.truncated_at is not None)})
+                      "truncated": bool(p and p.truncated_at is not None),
+                      "spans_open_at_stop": sum(1 for s in tr.spans if s.pid == pid and s.open_at_stop)})
     return {"spans_recorded": len(tr.spans), "records": len(tr.spans) + len(tr.instants) + len(tr.counters),
             "spans_dropped": tr.spans_dropped, "stack_samples": len(tr.samples),
             "instrumentation_cost_us_per_token": cost_ns / ctx.tokens / 1e3 if ctx.tokens else None,
