@@ -1,8 +1,8 @@
-"""Request bodies of the two HTTP APIs, validated into one `GenerateRequest`.
+"""Request bodies of the HTTP APIs, validated into one `GenerateRequest`.
 
-`POST /v1/completions` (OpenAI) and `POST /generate` (TGI style) name the same knobs
-differently; both land here so the server has a single path from body to
-SamplingParams. Every rejection is a `RequestError` that names the offending field and
+`POST /v1/completions` and `POST /v1/chat/completions` (OpenAI, as vLLM serves them) and
+`POST /generate` (TGI style) name the same knobs differently; all land here so the
+server has a single path from body to SamplingParams. Every rejection is a `RequestError` that names the offending field and
 renders as OpenAI's error object. Checks here are about the wire format (types, names,
 the API's documented ranges); limits that need the tokenized prompt live in the server.
 """
@@ -13,12 +13,14 @@ from dataclasses import dataclass
 
 import orjson
 
+from .chat_template import ROLES
 from .sampling_params import SamplingParams
 
 MAX_SEED = 2**63 - 1
 MAX_TOP_K = 2**31 - 1
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256
+MAX_N = 16  # choices per request
 OPENAI_DEFAULT_MAX_TOKENS = 16   # OpenAI's legacy completions default
 TGI_DEFAULT_MAX_NEW_TOKENS = 20  # TGI's default
 
@@ -51,9 +53,16 @@ class GenerateRequest:
     include_usage: bool = False  # OpenAI stream_options.include_usage
     details: bool = False        # TGI details object in the response
     model: str | None = None
+    n: int = 1  # choices: n sequences generated for the prompt
+    add_bos: bool = True  # False when a chat template's text starts with BOS already
     # how this API names the prompt and the output budget, for errors found after tokenizing
     prompt_param: str = "prompt"
     max_tokens_param: str = "max_tokens"
+
+    @property
+    def fills_context(self) -> bool:
+        """No output budget given (chat): what the context leaves after the prompt."""
+        return self.max_tokens == 0
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -77,7 +86,28 @@ def parse_completion(body: dict, max_model_len: int) -> GenerateRequest:
     prompt = body.get("prompt")
     if isinstance(prompt, list):
         raise RequestError("prompt must be a string; lists of prompts or token ids are not supported", "prompt")
-    _only_neutral(body)
+    _only_neutral(body, _NEUTRAL)
+    return GenerateRequest(prompt=_prompt(body, "prompt"),
+                           max_tokens=_int(body, "max_tokens", "max_tokens", OPENAI_DEFAULT_MAX_TOKENS, 1,
+                                           max_model_len),
+                           **_openai_common(body))
+
+
+def parse_chat(body: dict, max_model_len: int, render) -> GenerateRequest:
+    """OpenAI `POST /v1/chat/completions`; render(messages) -> (prompt text, adds BOS) is the
+    model's chat template. Without max_completion_tokens (or the older max_tokens) the
+    output may fill what the context leaves, as vLLM does."""
+    _reject_unknown(body, _CHAT_FIELDS, "")
+    _only_neutral(body, _CHAT_NEUTRAL)
+    budget = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    text, has_bos = render(_messages(body))
+    return GenerateRequest(prompt=text, max_tokens=_int(body, budget, budget, 0, 1, max_model_len),
+                           add_bos=not has_bos, prompt_param="messages", max_tokens_param=budget,
+                           **_openai_common(body))
+
+
+def _openai_common(body: dict) -> dict:
+    """The knobs both OpenAI endpoints share."""
     _str(body, "user", "user", None)
     stream = _bool(body, "stream", "stream", False)
     include_usage = False
@@ -89,19 +119,42 @@ def parse_completion(body: dict, max_model_len: int) -> GenerateRequest:
             raise RequestError(f"stream_options must be an object, got {_kind(opts)}", "stream_options")
         _reject_unknown(opts, {"include_usage"}, "stream_options.")
         include_usage = _bool(opts, "include_usage", "stream_options.include_usage", False)
-    return GenerateRequest(
-        prompt=_prompt(body, "prompt"),
-        max_tokens=_int(body, "max_tokens", "max_tokens", OPENAI_DEFAULT_MAX_TOKENS, 1, max_model_len),
-        temperature=_number(body, "temperature", "temperature", 1.0, 0.0, 2.0),
-        top_p=_top_p(body, "top_p", "top_p"),
-        top_k=_top_k(body, "top_k", "top_k", allow_off=True),
-        seed=_int(body, "seed", "seed", None, 0, MAX_SEED),
-        stop=_stop(body, "stop", "stop"),
-        ignore_eos=_bool(body, "ignore_eos", "ignore_eos", False),
-        stream=stream,
-        include_usage=include_usage,
-        model=_str(body, "model", "model", None),
-    )
+    n = _int(body, "n", "n", 1, 1, MAX_N)
+    if n > 1 and stream:
+        raise RequestError("n > 1 is supported without stream only", "n")
+    return dict(temperature=_number(body, "temperature", "temperature", 1.0, 0.0, 2.0),
+                top_p=_top_p(body, "top_p", "top_p"), top_k=_top_k(body, "top_k", "top_k", allow_off=True),
+                seed=_int(body, "seed", "seed", None, 0, MAX_SEED), stop=_stop(body, "stop", "stop"),
+                ignore_eos=_bool(body, "ignore_eos", "ignore_eos", False), stream=stream,
+                include_usage=include_usage, model=_str(body, "model", "model", None), n=n)
+
+
+def _messages(body: dict) -> list[dict]:
+    """[{"role", "content"}] with text content (a string, or text parts joined)."""
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise RequestError("messages must be a non-empty array of {role, content} objects", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise RequestError(f"{where} must be an object, got {_kind(m)}", where)
+        _reject_unknown(m, {"role", "content", "name"}, where + ".")
+        role = m.get("role")
+        if role not in ROLES:
+            raise RequestError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}", where + ".role")
+        out.append({"role": role, "content": _content(m.get("content"), where + ".content")})
+    return out
+
+
+def _content(v, param: str) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                                   for p in v):
+        return "".join(p["text"] for p in v)
+    raise RequestError(f"{param} must be a string or an array of text parts ({{\"type\": \"text\", "
+                       f"\"text\": ...}}); images and audio are not supported", param)
 
 
 def parse_generate(body: dict, max_model_len: int) -> GenerateRequest:
@@ -137,12 +190,16 @@ def parse_generate(body: dict, max_model_len: int) -> GenerateRequest:
     )
 
 
-# OpenAI fields the engine does not implement, accepted at the value that means "off" so that
-# benchmark clients which always send them work; any other value is refused by name.
-_NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "suffix": None, "presence_penalty": 0,
-            "frequency_penalty": 0}
-_COMPLETION_FIELDS = frozenset({"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed",
-                                "stop", "stream", "stream_options", "ignore_eos", "user", *_NEUTRAL})
+# OpenAI (and vLLM) fields the engine does not implement, accepted at the value that means
+# "off" so that benchmark clients which always send them work; any other value is refused by name.
+_NEUTRAL = {"best_of": 1, "echo": False, "logprobs": None, "suffix": None, "presence_penalty": 0,
+            "frequency_penalty": 0, "min_tokens": 0}
+_CHAT_NEUTRAL = {"logprobs": False, "top_logprobs": None, "presence_penalty": 0, "frequency_penalty": 0,
+                 "min_tokens": 0, "logit_bias": None, "parallel_tool_calls": None, "tool_choice": "none"}
+_OPENAI_FIELDS = {"model", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options", "ignore_eos",
+                  "user", "n"}
+_COMPLETION_FIELDS = frozenset({*_OPENAI_FIELDS, "prompt", "max_tokens", *_NEUTRAL})
+_CHAT_FIELDS = frozenset({*_OPENAI_FIELDS, "messages", "max_tokens", "max_completion_tokens", *_CHAT_NEUTRAL})
 _GENERATE_FIELDS = frozenset({"inputs", "parameters", "stream"})
 _GENERATE_PARAMETERS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "seed",
                                   "stop", "ignore_eos", "details"})
@@ -160,8 +217,8 @@ def _reject_unknown(obj: dict, known: frozenset | set, prefix: str) -> None:
                                prefix + key)
 
 
-def _only_neutral(body: dict) -> None:
-    for key, off in _NEUTRAL.items():
+def _only_neutral(body: dict, neutral: dict) -> None:
+    for key, off in neutral.items():
         v = body.get(key, off)
         same_type = type(v) is type(off) or isinstance(off, int) and type(v) is float
         if v is not None and not (same_type and v == off):
@@ -254,20 +311,57 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_object(rid: str, created: int, model: str, text: str, finish_reason: str | None,
-                      usage_: dict | None = None) -> dict:
+def completion_object(rid: str, created: int, model: str, choices: list[dict], usage_: dict | None = None) -> dict:
     """OpenAI text_completion: the whole response, or one stream chunk (usage only at the end)."""
     obj = {"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": model,
-           "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+           "choices": choices}
     if usage_ is not None:
         obj["usage"] = usage_
     return obj
+
+
+def completion_choice(index: int, text: str, finish_reason: str | None) -> dict:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
 
 def completion_usage_chunk(rid: str, created: int, model: str, usage_: dict) -> dict:
     """The extra last chunk that stream_options.include_usage asks for (empty choices)."""
     return {"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": model,
             "choices": [], "usage": usage_}
+
+
+def chat_object(rid: str, created: int, model: str, choices: list[dict], usage_: dict) -> dict:
+    """OpenAI chat.completion (the whole response)."""
+    return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": created, "model": model,
+            "choices": choices, "usage": usage_}
+
+
+def chat_choice(index: int, text: str, finish_reason: str | None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "finish_reason": finish_reason}
+
+
+def chat_chunk(rid: str, created: int, model: str, delta: dict | None, finish_reason: str | None = None,
+               usage_: dict | None = None) -> dict:
+    """One chat.completion.chunk: a delta ({"role"} first, then {"content"}), the finish
+    reason on the last, or (delta None) the usage chunk with empty choices."""
+    obj = {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": created, "model": model,
+           "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
+                                                 "finish_reason": finish_reason}]}
+    if usage_ is not None:
+        obj["usage"] = usage_
+    return obj
+
+
+def models_list(model: str, created: int, max_model_len: int) -> dict:
+    """`GET /v1/models`: the one model this server serves."""
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "llmtrace",
+                                        "root": model, "parent": None, "max_model_len": max_model_len}]}
+
+
+def model_not_found(model: str) -> RequestError:
+    """vLLM's answer to a model name it does not serve."""
+    return RequestError(f"The model `{model}` does not exist.", "model", 404, "NotFoundError")
 
 
 def tgi_finish_reason(reason: str, by_stop_string: bool) -> str:

@@ -1,9 +1,11 @@
 """The engine's HTTP front end (aiohttp), in the master's event loop.
 
-  POST /v1/completions   OpenAI completions (SSE chunks + `data: [DONE]` when streaming)
-  POST /generate         TGI style: {"inputs", "parameters", "stream"}
-  GET  /health           200 while the agents are alive, else 503
-  GET  /metrics          Prometheus text
+  POST /v1/completions        OpenAI completions (SSE chunks + `data: [DONE]` when streaming)
+  POST /v1/chat/completions   OpenAI chat (the checkpoint's chat template, else Llama-2's format)
+  GET  /v1/models             the served model (a request naming another model gets 404, as vLLM)
+  POST /generate              TGI style: {"inputs", "parameters", "stream"}
+  GET  /health               200 while the agents are alive, else 503
+  GET  /metrics               Prometheus text
 
 Per request: validate (api_schema), tokenize, hand the ids to the master, relay its
 deltas, cut at stop strings. A request whose client goes away is aborted so its KV
@@ -11,11 +13,12 @@ blocks are freed. Bad input is always a 4xx JSON error, never a 5xx.
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import orjson
 from aiohttp import web
@@ -26,6 +29,7 @@ from llmtrace.errors import UserError
 
 from . import api_schema as api
 from .api_schema import GenerateRequest, RequestError
+from .chat_template import ChatTemplate, ChatTemplateError
 from .config import RunConfig
 from .master import EngineDead, Master
 from .metrics import CONTENT_TYPE, EngineMetrics
@@ -101,13 +105,17 @@ class ApiServer:
         self.max_model_len = cfg.engine.max_model_len
         self.capture_text = cfg.trace.capture_text
         self.model_name = cfg.model.preset or cfg.model.path
+        self.chat_template = ChatTemplate.for_checkpoint(cfg.model.path)
         self.metrics = EngineMetrics()
         self._ids = itertools.count(1)
+        self._started = int(time.time())
 
     def build_app(self) -> web.Application:
         limit = max(MIN_BODY_LIMIT, self.max_model_len * BODY_BYTES_PER_TOKEN)
         app = web.Application(client_max_size=limit, middlewares=[self._errors])
-        app.add_routes([web.post("/v1/completions", self.completions), web.post("/generate", self.generate),
+        app.add_routes([web.post("/v1/completions", self.completions),
+                        web.post("/v1/chat/completions", self.chat_completions),
+                        web.get("/v1/models", self.models), web.post("/generate", self.generate),
                         web.get("/health", self.health), web.get("/metrics", self.metrics_page)])
         return app
 
@@ -115,6 +123,13 @@ class ApiServer:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, api.parse_completion, self._openai_stream, self._openai_response)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, lambda body, n: api.parse_chat(body, n, self._render_chat),
+                                 self._chat_stream, self._chat_response)
+
+    async def models(self, request: web.Request) -> web.Response:
+        return _json(api.models_list(self.model_name, self._started, self.max_model_len))
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, api.parse_generate, self._tgi_stream, self._tgi_response)
@@ -131,25 +146,34 @@ class ApiServer:
     # ---- one request ---------------------------------------------------------------------
 
     async def _serve(self, request, parse, stream_out, respond) -> web.StreamResponse:
+        """One request: n generations (choices) of one prompt; stream_out(request, gen) for a
+        stream (n = 1), else respond(gens)."""
         t_arrival = time.perf_counter()
         rid = self._request_id(request)
         with llmtrace.span(names.HTTP_REQUEST, req=rid) as sp:
             greq = parse(api.parse_json(await request.read()), self.max_model_len)
-            gen = self._admit(rid, greq, t_arrival)
+            if greq.model is not None and greq.model != self.model_name:
+                raise api.model_not_found(greq.model)
+            gens = self._admit(rid, greq, t_arrival)
             try:
-                if greq.stream:
-                    resp = await stream_out(request, gen)
-                else:
-                    resp = await respond(gen)
+                resp = await (stream_out(request, gens[0]) if greq.stream else respond(gens))
             finally:
-                gen.close(self.metrics)
-                sp.set(prompt_tokens=gen.prompt_tokens, output_tokens=gen.output_tokens,
-                       ttft_us=-1 if gen.ttft_s is None else int(gen.ttft_s * 1e6))
+                for gen in gens:
+                    gen.close(self.metrics)
+                sp.set(prompt_tokens=gens[0].prompt_tokens, output_tokens=sum(g.output_tokens for g in gens),
+                       ttft_us=-1 if gens[0].ttft_s is None else int(gens[0].ttft_s * 1e6))
                 if self.capture_text:
-                    llmtrace.instant("http.text", req=rid, prompt=greq.prompt, completion="".join(gen.text))
+                    llmtrace.instant("http.text", req=rid, prompt=greq.prompt, completion="".join(gens[0].text))
         if not resp.prepared:  # an SSE response sent its headers already
             resp.headers[REQUEST_ID_HEADER] = rid
         return resp
+
+    def _render_chat(self, messages: list[dict]) -> tuple[str, bool]:
+        try:
+            text = self.chat_template.render(messages)
+        except ChatTemplateError as e:
+            raise RequestError(str(e), "messages") from None
+        return text, self.chat_template.adds_bos(text)
 
     def _request_id(self, request: web.Request) -> str:
         given = request.headers.get(REQUEST_ID_HEADER)
@@ -160,15 +184,34 @@ class ApiServer:
                                REQUEST_ID_HEADER)
         return given
 
-    def _admit(self, rid: str, greq: GenerateRequest, t_arrival: float) -> Generation:
+    def _admit(self, rid: str, greq: GenerateRequest, t_arrival: float) -> list[Generation]:
+        """The request's n generations, admitted to the master (choice i has id rid, rid.1,
+        ...; with a seed, choice i samples with seed + i so that the choices differ)."""
         with llmtrace.span("tokenize", req=rid):
-            prompt_ids = self.tokenizer.encode(greq.prompt)
+            prompt_ids = self.tokenizer.encode(greq.prompt, add_bos=greq.add_bos)
         if len(prompt_ids) >= self.max_model_len:
             raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the model's context is "
                                f"{self.max_model_len} tokens and must leave room for at least one output token",
                                greq.prompt_param)
+        if greq.fills_context:
+            greq = replace(greq, max_tokens=self.max_model_len - len(prompt_ids))
+        gens: list[Generation] = []
         try:
-            return Generation(self.master, rid, greq, prompt_ids, greq.sampling_params(), t_arrival)
+            for i in range(greq.n):
+                gens.append(self._generation(rid, i, greq, prompt_ids, t_arrival))
+        except BaseException:
+            for gen in gens:  # the choices admitted before the one that failed
+                gen.close(self.metrics)
+            raise
+        return gens
+
+    def _generation(self, rid: str, i: int, greq: GenerateRequest, prompt_ids: list[int],
+                    t_arrival: float) -> Generation:
+        try:
+            params = greq.sampling_params()
+            if i and params.seed is not None:
+                params = replace(params, seed=(params.seed + i) % api.MAX_SEED)
+            return Generation(self.master, rid if i == 0 else f"{rid}.{i}", greq, prompt_ids, params, t_arrival)
         except SamplingParamsError as e:
             raise RequestError(str(e), greq.max_tokens_param if e.field == "max_tokens" else e.field) from None
         except QueueFull as e:
@@ -178,10 +221,33 @@ class ApiServer:
 
     # ---- OpenAI --------------------------------------------------------------------------
 
-    async def _openai_response(self, gen: Generation) -> web.Response:
-        text = await gen.collect()
-        return _json(api.completion_object(gen.rid, int(time.time()), self._model(gen), text, gen.finish_reason,
-                                           gen.usage()))
+    async def _openai_response(self, gens: list[Generation]) -> web.Response:
+        texts = await asyncio.gather(*(gen.collect() for gen in gens))
+        choices = [api.completion_choice(i, text, gen.finish_reason) for i, (gen, text) in enumerate(zip(gens, texts))]
+        return _json(api.completion_object(gens[0].rid, int(time.time()), self._model(gens[0]), choices,
+                                           _usage(gens)))
+
+    async def _chat_response(self, gens: list[Generation]) -> web.Response:
+        texts = await asyncio.gather(*(gen.collect() for gen in gens))
+        choices = [api.chat_choice(i, text, gen.finish_reason) for i, (gen, text) in enumerate(zip(gens, texts))]
+        return _json(api.chat_object(gens[0].rid, int(time.time()), self._model(gens[0]), choices, _usage(gens)))
+
+    async def _chat_stream(self, request: web.Request, gen: Generation) -> web.StreamResponse:
+        resp = await _open_sse(request, gen.rid)
+        created, model = int(time.time()), self._model(gen)
+        async with _stream_errors(resp):
+            await _sse(resp, api.chat_chunk(gen.rid, created, model, {"role": "assistant", "content": ""}))
+            async for token_ids, text, finish in gen.stream:
+                text = gen.accept(token_ids, text, finish)
+                if text or gen.finish_reason is not None:
+                    await _sse(resp, api.chat_chunk(gen.rid, created, model, {"content": text} if text else {},
+                                                    gen.finish_reason))
+                if gen.finish_reason is not None:
+                    break
+            if gen.greq.include_usage:
+                await _sse(resp, api.chat_chunk(gen.rid, created, model, None, usage_=gen.usage()))
+            await resp.write(b"data: [DONE]\n\n")
+        return resp
 
     async def _openai_stream(self, request: web.Request, gen: Generation) -> web.StreamResponse:
         resp = await _open_sse(request, gen.rid)
@@ -190,7 +256,8 @@ class ApiServer:
             async for token_ids, text, finish in gen.stream:
                 text = gen.accept(token_ids, text, finish)
                 if text or gen.finish_reason is not None:
-                    await _sse(resp, api.completion_object(gen.rid, created, model, text, gen.finish_reason))
+                    await _sse(resp, api.completion_object(gen.rid, created, model,
+                                                           [api.completion_choice(0, text, gen.finish_reason)]))
                 if gen.finish_reason is not None:
                     break
             if gen.greq.include_usage:
@@ -209,7 +276,8 @@ class ApiServer:
         reason = api.tgi_finish_reason(gen.finish_reason or "abort", gen.by_stop_string)
         return api.tgi_details(reason, gen.output_tokens, gen.greq.seed)
 
-    async def _tgi_response(self, gen: Generation) -> web.Response:
+    async def _tgi_response(self, gens: list[Generation]) -> web.Response:
+        gen = gens[0]  # TGI has no n
         body = {"generated_text": await gen.collect()}
         details = self._tgi_details(gen)
         if details is not None:
@@ -260,6 +328,11 @@ class ApiServer:
         if err.status == 429:
             resp.headers["Retry-After"] = str(RETRY_AFTER_S)
         return resp
+
+
+def _usage(gens: list[Generation]) -> dict:
+    """One prompt, n completions: the prompt counted once, as OpenAI does."""
+    return api.usage(gens[0].prompt_tokens, sum(g.output_tokens for g in gens))
 
 
 def _json(obj, status: int = 200) -> web.Response:

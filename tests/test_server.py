@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from synthetic import drain_recorded_trace
 
 from engine import api_schema
+from engine.chat_template import ChatTemplate
 from engine.config import load_config
 from engine.server import start_engine
 from engine.stop_strings import StopStringMatcher
@@ -118,12 +119,12 @@ def sse_events(raw: bytes) -> list:
 # ---- the endpoints -----------------------------------------------------------------------------
 
 def test_completion_non_stream_and_stream_agree(engine):
-    body = {"model": "m", "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
             # benchmark clients send these unsupported fields at their "off" values
             "n": 1, "best_of": 1, "logprobs": None, "echo": False, "frequency_penalty": 0.0}
     status, resp, data = post(engine, "/v1/completions", body, {"X-Request-Id": "same-1"})
     assert status == 200 and resp.getheader("X-Request-Id") == "same-1"
-    assert data["object"] == "text_completion" and data["model"] == "m" and data["id"] == "cmpl-same-1"
+    assert data["object"] == "text_completion" and data["model"] == "tiny" and data["id"] == "cmpl-same-1"
     choice = data["choices"][0]
     assert choice["finish_reason"] == "length" and choice["text"]
     assert data["usage"] == {"prompt_tokens": 17, "completion_tokens": 12, "total_tokens": 29}
@@ -140,6 +141,66 @@ def test_completion_non_stream_and_stream_agree(engine):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]  # greedy: same text
     engine.wait_idle()
+
+
+CHAT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a colour."}]
+
+
+def test_chat_non_stream_and_stream_agree(engine):
+    body = {"model": "tiny", "messages": CHAT, "max_completion_tokens": 10, "temperature": 0, "ignore_eos": True,
+            "logprobs": False, "min_tokens": 0}
+    status, resp, data = post(engine, H, body, {"X-Request-Id": "chat-1"})
+    assert status == 200 and data["object"] == "chat.completion" and data["id"] == "chatcmpl-chat-1"
+    (choice,) = data["choices"]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] == "length"
+    assert data["usage"]["completion_tokens"] == 10
+    prompt = ChatTemplate().render(CHAT)  # the default (Llama-2) template: what the prompt count says
+    assert prompt.startswith("[INST] <<SYS>>\nAnswer briefly.\n<</SYS>>\n\nName a colour. [/INST]")
+    assert data["usage"]["prompt_tokens"] == len(engine.handle.server.tokenizer.encode(prompt))
+    status, _, raw = post(engine, H, {**body, "stream": True, "stream_options": {"include_usage": True}})
+    events = sse_events(raw)
+    assert status == 200 and events[-1] == "[DONE]" and events[0]["choices"][0]["delta"]["role"] == "assistant"
+    chunks = [e for e in events[:-1] if e["choices"]]
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in chunks)
+    assert text == choice["message"]["content"] and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert events[-2]["usage"] == data["usage"] and events[-2]["choices"] == []
+
+
+def test_chat_without_a_budget_fills_the_context(engine):
+    status, _, data = post(engine, H, {"messages": CHAT, "temperature": 0, "ignore_eos": True})
+    assert status == 200
+    assert data["usage"]["total_tokens"] == MAX_MODEL_LEN and data["choices"][0]["finish_reason"] == "length"
+
+
+def test_n_choices_models_and_unknown_model(engine):
+    status, _, data = post(engine, C, {"prompt": PROMPT, "max_tokens": 6, "n": 3, "seed": 7, "ignore_eos": True})
+    assert status == 200 and [c["index"] for c in data["choices"]] == [0, 1, 2]
+    assert data["usage"] == {"prompt_tokens": 17, "completion_tokens": 18, "total_tokens": 35}
+    assert len({c["text"] for c in data["choices"]}) > 1  # seeds 7, 8, 9
+    status, _, raw = get(engine, "/v1/models")
+    models = orjson.loads(raw)
+    assert status == 200 and [m["id"] for m in models["data"]] == ["tiny"]
+    assert models["data"][0]["max_model_len"] == MAX_MODEL_LEN
+    for path, body in ((C, {"model": "gpt-9", "prompt": "hi"}), (H, {"model": "gpt-9", "messages": CHAT})):
+        status, _, data = post(engine, path, body)
+        assert status == 404 and data["error"]["message"] == "The model `gpt-9` does not exist."
+    engine.wait_idle()
+
+
+def test_the_openai_client_works(engine):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{engine.url}/v1", api_key="none")
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    chat = client.chat.completions.create(model="tiny", messages=CHAT, max_completion_tokens=5, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 5
+    stream = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=5, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    parts = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(parts) == chat.choices[0].message.content
+    text = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, n=2, seed=1)
+    assert len(text.choices) == 2
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=CHAT)
 
 
 def test_generate_non_stream_and_stream(engine):
@@ -229,7 +290,7 @@ def test_metrics_parse_as_prometheus_text(engine):
 # ---- bad input ---------------------------------------------------------------------------------
 
 LONG = "word " * 200  # 202 tokens > max_model_len
-C, G = "/v1/completions", "/generate"
+C, G, H = "/v1/completions", "/generate", "/v1/chat/completions"
 BAD = [
     (C, b"not json", 400, None),
     (C, b"", 400, None),
@@ -273,7 +334,16 @@ BAD = [
     (C, {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     (C, {"prompt": "hi", "stream": True, "stream_options": {"x": 1}}, 400, "stream_options.x"),
     (C, {"prompt": "hi", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
-    (C, {"prompt": "hi", "n": 2}, 400, "n"),
+    (C, {"prompt": "hi", "n": 2, "stream": True}, 400, "n"),
+    (C, {"prompt": "hi", "n": 17}, 400, "n"),
+    (C, {"prompt": "hi", "min_tokens": 4}, 400, "min_tokens"),
+    (H, {"messages": []}, 400, "messages"),
+    (H, {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
+    (H, {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    (H, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, 400, "messages"),
+    (H, {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    (H, {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),
+    (H, {"messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, "tools"),
     (C, {"prompt": "hi", "echo": True}, 400, "echo"),
     (C, {"prompt": "hi", "logprobs": 5}, 400, "logprobs"),
     (C, {"prompt": "hi", "ignore_eos": 1}, 400, "ignore_eos"),
