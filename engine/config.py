@@ -89,6 +89,7 @@ class EngineConfig:
     max_waiting: int = _opt(1024, ge=1)
     cuda_graphs: bool = True
     async_scheduling: bool = True  # plan and send step n+1 while the agents run step n
+    metrics_prefix: str = "vllm:"  # GET /metrics series names: vLLM's, for its dashboards and scrapers
 
     def _check(self, path: str) -> None:
         # A preempted sequence is recomputed in one prefill step, so the longest sequence

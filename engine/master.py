@@ -455,13 +455,14 @@ class Master:
             # is the one whose rows are in the reply arena.
             with llmtrace.span("agent.wait"):
                 self._stream_outputs(prev)
+                waiting_ns = perf_counter_ns()
                 for a in self._agents:
                     await _guard(a, a.conn.wait())
-            round_trip_ns = perf_counter_ns() - done.sent_ns
+            ready_ns = perf_counter_ns()
             with llmtrace.span("tcp.recv") as recv_span:
                 replies = [protocol.check(await _guard(a, a.conn.recv()), "reply") for a in self._agents]
                 recv_span.follow(Carrier.from_wire(replies[0].get("carrier")))
-            self._account(replies, done.step, B, round_trip_ns)
+            self._account(replies, done, B, waiting_ns, ready_ns)
             with llmtrace.span("shm.read", seqs=B):
                 reply = protocol.slot_views(self._reply, done.step)
                 token_ids = reply["token_ids"][:B].tolist()
@@ -509,15 +510,20 @@ class Master:
         with llmtrace.span("stream.write", step=output.step):
             self._publish(deltas)
 
-    def _account(self, replies: list[dict], step: int, num_seqs: int, round_trip_ns: int) -> None:
-        """Check the replies answer this step; split the round trip into agent time and transport."""
+    def _account(self, replies: list[dict], done: InFlight, num_seqs: int, waiting_ns: int, ready_ns: int) -> None:
+        """Check the replies answer this step; add its agent time and its transport time: the
+        step message's way to the slowest rank, and the reply's way back as far as the master
+        was waiting for it (a reply that arrived while the master was busy elsewhere waited
+        for the master, not for the wire; with async scheduling most do). Agents and master
+        share the host's CLOCK_MONOTONIC."""
         for r in replies:
-            if r.get("step") != step or r.get("n") != num_seqs:
+            if r.get("step") != done.step or r.get("n") != num_seqs:
                 raise ProtocolError(f"reply for step {r.get('step')} with {r.get('n')} rows, "
-                                    f"expected step {step} with {num_seqs}")
-        agent_ns = max(r["timings"]["send_ns"] - r["timings"]["arrival_ns"] for r in replies)
-        self._agent_ns += agent_ns
-        self._transport_ns += round_trip_ns - agent_ns
+                                    f"expected step {done.step} with {num_seqs}")
+        arrival = max(r["timings"]["arrival_ns"] for r in replies)
+        sent_back = max(r["timings"]["send_ns"] for r in replies)
+        self._agent_ns += max(r["timings"]["send_ns"] - r["timings"]["arrival_ns"] for r in replies)
+        self._transport_ns += max(0, arrival - done.sent_ns) + max(0, ready_ns - max(sent_back, waiting_ns))
 
     def _record_queue_spans(self, out: SchedulerOutput, step: int) -> None:
         """A `queue` span per request scheduled for the first time: arrival -> first scheduled."""

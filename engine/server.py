@@ -32,7 +32,7 @@ from .api_schema import GenerateRequest, RequestError
 from .chat_template import ChatTemplate, ChatTemplateError
 from .config import RunConfig
 from .master import EngineDead, Master
-from .metrics import CONTENT_TYPE, EngineMetrics
+from .metrics import CONTENT_TYPE, EngineMetrics, RequestTimes
 from .sampling_params import SamplingParams, SamplingParamsError
 from .scheduler import QueueFull, RequestRejected
 from .stop_strings import StopStringMatcher
@@ -57,6 +57,8 @@ class Generation:
         self.prompt_tokens = len(prompt_ids)
         self.t_arrival = t_arrival
         self.ttft_s: float | None = None
+        self._last_token_s: float | None = None
+        self.token_gaps_s: list[float] = []  # between successive output tokens (a delta's tokens share its gap)
         self.output_tokens = 0
         self.finish_reason: str | None = None
         self.by_stop_string = False  # finished by the matcher, not by the master
@@ -66,8 +68,16 @@ class Generation:
 
     def accept(self, token_ids, text: str, finish_reason: str | None) -> str:
         """Account for one delta from the master; returns the text the client may see."""
-        if token_ids and self.ttft_s is None:
-            self.ttft_s = time.perf_counter() - self.t_arrival
+        if token_ids:
+            now = time.perf_counter()
+            if self.ttft_s is None:
+                self.ttft_s = now - self.t_arrival
+                gaps = len(token_ids) - 1
+            else:
+                gaps = len(token_ids)
+            if gaps and self._last_token_s is not None:
+                self.token_gaps_s += [(now - self._last_token_s) / len(token_ids)] * gaps
+            self._last_token_s = now
         self.output_tokens += len(token_ids)
         if self._stops is not None:
             text, hit = self._stops.feed(text)
@@ -91,9 +101,19 @@ class Generation:
         """Abort what the master still runs (client gone, stop string hit); count the request."""
         if self.finish_reason is None or self.by_stop_string:
             self.master.abort(self.rid)
-        metrics.observe_request(prompt_tokens=self.prompt_tokens, output_tokens=self.output_tokens,
-                                ttft_s=self.ttft_s, e2e_s=time.perf_counter() - self.t_arrival,
-                                finish_reason=self.finish_reason or "abort")
+        metrics.observe_request(self._times())
+
+    def _times(self) -> RequestTimes:
+        """Its phases from the scheduler's timestamps (one clock: perf_counter)."""
+        seq, now_ns = self.stream.seq, time.perf_counter_ns()
+        sched, first = seq.first_scheduled_ns, seq.first_token_ns
+        return RequestTimes(
+            prompt_tokens=self.prompt_tokens, output_tokens=self.output_tokens,
+            e2e_s=time.perf_counter() - self.t_arrival, finish_reason=self.finish_reason or "abort",
+            ttft_s=self.ttft_s, token_gaps_s=tuple(self.token_gaps_s),
+            queue_s=None if sched is None else (sched - seq.arrival_ns) / 1e9,
+            prefill_s=None if sched is None or first is None else (first - sched) / 1e9,
+            decode_s=None if first is None else (now_ns - first) / 1e9)
 
     def usage(self) -> dict:
         return api.usage(self.prompt_tokens, self.output_tokens)
@@ -106,7 +126,7 @@ class ApiServer:
         self.capture_text = cfg.trace.capture_text
         self.model_name = cfg.model.preset or cfg.model.path
         self.chat_template = ChatTemplate.for_checkpoint(cfg.model.path)
-        self.metrics = EngineMetrics()
+        self.metrics = EngineMetrics(self.model_name, cfg.engine.metrics_prefix)
         self._ids = itertools.count(1)
         self._started = int(time.time())
 

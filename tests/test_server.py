@@ -272,19 +272,32 @@ def test_metrics_parse_as_prometheus_text(engine):
     status, resp, raw = get(engine, "/metrics")
     assert status == 200 and resp.getheader("Content-Type").startswith("text/plain; version=0.0.4")
     families = {f.name: f for f in text_string_to_metric_families(raw.decode())}
-    assert families["engine_kv_blocks_total"].samples[0].value == 64
-    assert families["engine_requests_running"].type == "gauge"
-    ttft = families["engine_time_to_first_token_seconds"]
+    # vLLM's names and labels, so its dashboards and scrapers read these
+    vllm = {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+            "vllm:num_preemptions", "vllm:prompt_tokens", "vllm:generation_tokens", "vllm:request_success",
+            "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
+            "vllm:request_time_per_output_token_seconds", "vllm:e2e_request_latency_seconds",
+            "vllm:request_queue_time_seconds", "vllm:request_inference_time_seconds",
+            "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds", "vllm:request_prompt_tokens",
+            "vllm:request_generation_tokens"}
+    assert vllm <= set(families), vllm - set(families)
+    assert all(s.labels["model_name"] == "tiny" for f in families.values() for s in f.samples)
+    assert families["vllm:num_requests_running"].type == "gauge"
+    assert 0 <= families["vllm:kv_cache_usage_perc"].samples[0].value <= 1
+    ttft = families["vllm:time_to_first_token_seconds"]
     assert ttft.type == "histogram"
     buckets = [s for s in ttft.samples if s.name.endswith("_bucket")]
     counts = [s.value for s in buckets]
     assert counts == sorted(counts) and buckets[-1].labels["le"] == "+Inf"
     count = next(s.value for s in ttft.samples if s.name.endswith("_count"))
     assert counts[-1] == count >= 1
-    finished = {s.labels["finish_reason"]: s.value for s in families["engine_requests_finished"].samples
+    finished = {s.labels["finished_reason"]: s.value for s in families["vllm:request_success"].samples
                 if s.name.endswith("_total")}
-    assert finished["length"] >= 1 and sum(finished.values()) == count  # every request got a first token
-    assert families["engine_generation_tokens"].samples[0].value >= 3
+    assert finished["length"] >= 1 and sum(finished.values()) >= count  # every request that got a first token
+    assert families["vllm:generation_tokens"].samples[0].value >= 3
+    itl = next(s.value for s in families["vllm:inter_token_latency_seconds"].samples if s.name.endswith("_count"))
+    queue = next(s.value for s in families["vllm:request_queue_time_seconds"].samples if s.name.endswith("_count"))
+    assert itl >= 2 and queue >= 1  # the 3-token request: two gaps
 
 
 # ---- bad input ---------------------------------------------------------------------------------
@@ -484,7 +497,7 @@ def test_client_disconnect_aborts_the_request(engine, path, body):
 
 
 def _finished(metrics: bytes, reason: str) -> float:
-    m = re.search(rf'engine_requests_finished_total{{finish_reason="{reason}"}} (\S+)', metrics.decode())
+    m = re.search(rf'vllm:request_success_total{{model_name="tiny",finished_reason="{reason}"}} (\S+)', metrics.decode())
     return float(m.group(1)) if m else 0.0
 
 
