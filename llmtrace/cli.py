@@ -50,6 +50,8 @@ def _add_export(sub):
     p.add_argument("-o", "--output", help="where to write (default: trace.json in the run directory, or "
                                           "<file>.trace.json next to a spool file)")
     p.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+    p.add_argument("--otlp", metavar="URL", help="send the spans to an OpenTelemetry receiver instead "
+                                                  "(OTLP/HTTP protobuf, e.g. http://localhost:4318/v1/traces)")
 
 
 def _add_merge(sub):

@@ -1,6 +1,7 @@
-"""`llmtrace export PATH [-o FILE] [--force]`: a run as Chrome trace JSON (ui.perfetto.dev),
-written next to its input unless -o says where; an existing file is never overwritten
-without --force."""
+"""`llmtrace export PATH [-o FILE] [--force] [--otlp URL]`: a run as Chrome trace JSON
+(ui.perfetto.dev), written next to its input unless -o says where; an existing file is
+never overwritten without --force. With --otlp, the spans go to an OpenTelemetry receiver
+instead (llmtrace/export/otlp.py)."""
 from __future__ import annotations
 
 import os
@@ -32,6 +33,8 @@ def writable_output(path: str, force: bool) -> str:
 
 
 def main(args) -> int:
+    if args.otlp:
+        return _send_otlp(args)
     output = writable_output(args.output or default_output(args.path), args.force)
     trace = load_trace(args.path)
     try:
@@ -44,6 +47,17 @@ def main(args) -> int:
     for note in _notes(trace):
         print(f"note: {note}")
     print("open it in https://ui.perfetto.dev or chrome://tracing")
+    return 0
+
+
+def _send_otlp(args) -> int:
+    from ..export import otlp
+
+    if args.output:
+        raise UserError("give either -o FILE or --otlp URL")
+    trace = load_trace(args.path)
+    batches, spans = otlp.send(trace, args.otlp)
+    print(f"sent {spans} spans of {len(trace.processes)} processes to {args.otlp} in {batches} requests")
     return 0
 
 
