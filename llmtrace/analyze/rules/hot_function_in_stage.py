@@ -41,7 +41,9 @@ def _stage_findings(ctx, stage: str, stage_ms: float) -> list[tuple]:
     for name, calls in by_name.items():
         if all(c.sample is not None for c in calls) and len({id(c.sample) for c in calls}) < MIN_SAMPLES:
             continue
-        ms = ctx.ms_per_token(ctx.unexplained(calls)[1])
+        # samples stand for sampling intervals, which can add up to more than the stage's
+        # measured time: a function takes at most all of it
+        ms = min(stage_ms, ctx.ms_per_token(ctx.unexplained(calls)[1]))
         if stage_ms and ms / stage_ms >= MIN_FUNCTION_SHARE:
             found.append((ms, name, calls))
     found.sort(key=lambda f: -f[0])
