@@ -54,6 +54,7 @@ class GenerateRequest:
     details: bool = False        # TGI details object in the response
     model: str | None = None
     n: int = 1  # choices: n sequences generated for the prompt
+    logprobs: bool = False  # return each chosen token's log-probability
     add_bos: bool = True  # False when a chat template's text starts with BOS already
     # how this API names the prompt and the output budget, for errors found after tokenizing
     prompt_param: str = "prompt"
@@ -66,7 +67,8 @@ class GenerateRequest:
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              max_tokens=self.max_tokens, seed=self.seed, ignore_eos=self.ignore_eos)
+                              max_tokens=self.max_tokens, seed=self.seed, ignore_eos=self.ignore_eos,
+                              logprobs=self.logprobs)
 
 
 def parse_json(raw: bytes) -> dict:
@@ -87,10 +89,14 @@ def parse_completion(body: dict, max_model_len: int) -> GenerateRequest:
     if isinstance(prompt, list):
         raise RequestError("prompt must be a string; lists of prompts or token ids are not supported", "prompt")
     _only_neutral(body, _NEUTRAL)
+    top = _int(body, "logprobs", "logprobs", None, 0, 20)
+    if top:
+        raise RequestError("logprobs > 0 (alternatives per token) is not supported; 0 returns the chosen "
+                           "tokens' log-probabilities", "logprobs")
     return GenerateRequest(prompt=_prompt(body, "prompt"),
                            max_tokens=_int(body, "max_tokens", "max_tokens", OPENAI_DEFAULT_MAX_TOKENS, 1,
                                            max_model_len),
-                           **_openai_common(body))
+                           logprobs=top == 0, **_openai_common(body))
 
 
 def parse_chat(body: dict, max_model_len: int, render) -> GenerateRequest:
@@ -100,10 +106,13 @@ def parse_chat(body: dict, max_model_len: int, render) -> GenerateRequest:
     _reject_unknown(body, _CHAT_FIELDS, "")
     _only_neutral(body, _CHAT_NEUTRAL)
     budget = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    if _int(body, "top_logprobs", "top_logprobs", None, 0, 20):
+        raise RequestError("top_logprobs > 0 (alternatives per token) is not supported; logprobs: true returns "
+                           "the chosen tokens' log-probabilities", "top_logprobs")
     text, has_bos = render(_messages(body))
     return GenerateRequest(prompt=text, max_tokens=_int(body, budget, budget, 0, 1, max_model_len),
                            add_bos=not has_bos, prompt_param="messages", max_tokens_param=budget,
-                           **_openai_common(body))
+                           logprobs=_bool(body, "logprobs", "logprobs", False), **_openai_common(body))
 
 
 def _openai_common(body: dict) -> dict:
@@ -192,14 +201,15 @@ def parse_generate(body: dict, max_model_len: int) -> GenerateRequest:
 
 # OpenAI (and vLLM) fields the engine does not implement, accepted at the value that means
 # "off" so that benchmark clients which always send them work; any other value is refused by name.
-_NEUTRAL = {"best_of": 1, "echo": False, "logprobs": None, "suffix": None, "presence_penalty": 0,
-            "frequency_penalty": 0, "min_tokens": 0}
-_CHAT_NEUTRAL = {"logprobs": False, "top_logprobs": None, "presence_penalty": 0, "frequency_penalty": 0,
-                 "min_tokens": 0, "logit_bias": None, "parallel_tool_calls": None, "tool_choice": "none"}
+_NEUTRAL = {"best_of": 1, "echo": False, "suffix": None, "presence_penalty": 0, "frequency_penalty": 0,
+            "min_tokens": 0}
+_CHAT_NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "min_tokens": 0, "logit_bias": None,
+                 "parallel_tool_calls": None, "tool_choice": "none"}
 _OPENAI_FIELDS = {"model", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options", "ignore_eos",
                   "user", "n"}
-_COMPLETION_FIELDS = frozenset({*_OPENAI_FIELDS, "prompt", "max_tokens", *_NEUTRAL})
-_CHAT_FIELDS = frozenset({*_OPENAI_FIELDS, "messages", "max_tokens", "max_completion_tokens", *_CHAT_NEUTRAL})
+_COMPLETION_FIELDS = frozenset({*_OPENAI_FIELDS, "prompt", "max_tokens", "logprobs", *_NEUTRAL})
+_CHAT_FIELDS = frozenset({*_OPENAI_FIELDS, "messages", "max_tokens", "max_completion_tokens", "logprobs",
+                          "top_logprobs", *_CHAT_NEUTRAL})
 _GENERATE_FIELDS = frozenset({"inputs", "parameters", "stream"})
 _GENERATE_PARAMETERS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "seed",
                                   "stop", "ignore_eos", "details"})
@@ -320,8 +330,23 @@ def completion_object(rid: str, created: int, model: str, choices: list[dict], u
     return obj
 
 
-def completion_choice(index: int, text: str, finish_reason: str | None) -> dict:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_logprobs(tokens: list[str], logprobs: list[float], offset: int = 0) -> dict:
+    """OpenAI completions' logprobs object for the chosen tokens (no alternatives)."""
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+
+
+def chat_logprobs(tokens: list[str], logprobs: list[float]) -> dict:
+    """OpenAI chat's logprobs object for the chosen tokens (no alternatives)."""
+    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
+                        for t, lp in zip(tokens, logprobs)]}
 
 
 def completion_usage_chunk(rid: str, created: int, model: str, usage_: dict) -> dict:
@@ -336,17 +361,17 @@ def chat_object(rid: str, created: int, model: str, choices: list[dict], usage_:
             "choices": choices, "usage": usage_}
 
 
-def chat_choice(index: int, text: str, finish_reason: str | None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+def chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
             "finish_reason": finish_reason}
 
 
 def chat_chunk(rid: str, created: int, model: str, delta: dict | None, finish_reason: str | None = None,
-               usage_: dict | None = None) -> dict:
+               usage_: dict | None = None, logprobs: dict | None = None) -> dict:
     """One chat.completion.chunk: a delta ({"role"} first, then {"content"}), the finish
     reason on the last, or (delta None) the usage chunk with empty choices."""
     obj = {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": created, "model": model,
-           "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
+           "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": logprobs,
                                                  "finish_reason": finish_reason}]}
     if usage_ is not None:
         obj["usage"] = usage_

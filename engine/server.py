@@ -60,6 +60,7 @@ class Generation:
         self._last_token_s: float | None = None
         self.token_gaps_s: list[float] = []  # between successive output tokens (a delta's tokens share its gap)
         self.output_tokens = 0
+        self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.by_stop_string = False  # finished by the matcher, not by the master
         self.text: list[str] = []
@@ -79,6 +80,7 @@ class Generation:
                 self.token_gaps_s += [(now - self._last_token_s) / len(token_ids)] * gaps
             self._last_token_s = now
         self.output_tokens += len(token_ids)
+        self.token_ids += token_ids
         if self._stops is not None:
             text, hit = self._stops.feed(text)
             if hit:
@@ -117,6 +119,14 @@ class Generation:
 
     def usage(self) -> dict:
         return api.usage(self.prompt_tokens, self.output_tokens)
+
+    def logprobs(self, tokenizer, start: int = 0, end: int | None = None) -> tuple[list[str], list[float]] | None:
+        """The chosen tokens [start, end) as text and their log-probabilities, when asked for."""
+        if not self.greq.logprobs:
+            return None
+        ids = self.token_ids[start:end]
+        return ([tokenizer.id_to_piece(int(t)).replace("\u2581", " ") for t in ids],
+                [float(x) for x in self.stream.logprobs[start:start + len(ids)]])
 
 
 class ApiServer:
@@ -241,15 +251,21 @@ class ApiServer:
 
     # ---- OpenAI --------------------------------------------------------------------------
 
+    def _logprobs(self, gen: Generation, shape, start: int = 0, end: int | None = None) -> dict | None:
+        got = gen.logprobs(self.tokenizer, start, end)
+        return None if got is None else shape(*got)
+
     async def _openai_response(self, gens: list[Generation]) -> web.Response:
         texts = await asyncio.gather(*(gen.collect() for gen in gens))
-        choices = [api.completion_choice(i, text, gen.finish_reason) for i, (gen, text) in enumerate(zip(gens, texts))]
+        choices = [api.completion_choice(i, text, gen.finish_reason, self._logprobs(gen, api.completion_logprobs))
+                   for i, (gen, text) in enumerate(zip(gens, texts))]
         return _json(api.completion_object(gens[0].rid, int(time.time()), self._model(gens[0]), choices,
                                            _usage(gens)))
 
     async def _chat_response(self, gens: list[Generation]) -> web.Response:
         texts = await asyncio.gather(*(gen.collect() for gen in gens))
-        choices = [api.chat_choice(i, text, gen.finish_reason) for i, (gen, text) in enumerate(zip(gens, texts))]
+        choices = [api.chat_choice(i, text, gen.finish_reason, self._logprobs(gen, api.chat_logprobs))
+                   for i, (gen, text) in enumerate(zip(gens, texts))]
         return _json(api.chat_object(gens[0].rid, int(time.time()), self._model(gens[0]), choices, _usage(gens)))
 
     async def _chat_stream(self, request: web.Request, gen: Generation) -> web.StreamResponse:
@@ -258,10 +274,12 @@ class ApiServer:
         async with _stream_errors(resp):
             await _sse(resp, api.chat_chunk(gen.rid, created, model, {"role": "assistant", "content": ""}))
             async for token_ids, text, finish in gen.stream:
+                n0 = gen.output_tokens
                 text = gen.accept(token_ids, text, finish)
                 if text or gen.finish_reason is not None:
+                    lps = self._logprobs(gen, api.chat_logprobs, n0, gen.output_tokens)
                     await _sse(resp, api.chat_chunk(gen.rid, created, model, {"content": text} if text else {},
-                                                    gen.finish_reason))
+                                                    gen.finish_reason, logprobs=lps))
                 if gen.finish_reason is not None:
                     break
             if gen.greq.include_usage:
@@ -274,10 +292,12 @@ class ApiServer:
         created, model = int(time.time()), self._model(gen)
         async with _stream_errors(resp):
             async for token_ids, text, finish in gen.stream:
+                n0 = gen.output_tokens
                 text = gen.accept(token_ids, text, finish)
                 if text or gen.finish_reason is not None:
+                    lps = self._logprobs(gen, api.completion_logprobs, n0, gen.output_tokens)
                     await _sse(resp, api.completion_object(gen.rid, created, model,
-                                                           [api.completion_choice(0, text, gen.finish_reason)]))
+                                                           [api.completion_choice(0, text, gen.finish_reason, lps)]))
                 if gen.finish_reason is not None:
                     break
             if gen.greq.include_usage:

@@ -166,6 +166,22 @@ def test_chat_non_stream_and_stream_agree(engine):
     assert events[-2]["usage"] == data["usage"] and events[-2]["choices"] == []
 
 
+def test_logprobs_of_the_chosen_tokens(engine):
+    status, _, data = post(engine, C, {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "ignore_eos": True,
+                                       "logprobs": 0})
+    lp = data["choices"][0]["logprobs"]
+    assert status == 200 and len(lp["tokens"]) == len(lp["token_logprobs"]) == 5
+    assert all(x <= 0 for x in lp["token_logprobs"]) and lp["text_offset"][0] == 0
+    body = {"messages": CHAT, "max_tokens": 5, "temperature": 0, "ignore_eos": True, "logprobs": True}
+    status, _, data = post(engine, H, body)
+    content = data["choices"][0]["logprobs"]["content"]
+    assert status == 200 and len(content) == 5 and all(c["logprob"] <= 0 and c["bytes"] for c in content)
+    status, _, raw = post(engine, H, {**body, "stream": True})
+    streamed = [c for e in sse_events(raw)[:-1] if e["choices"] and e["choices"][0]["logprobs"]
+                for c in e["choices"][0]["logprobs"]["content"]]
+    assert [c["logprob"] for c in streamed] == pytest.approx([c["logprob"] for c in content])
+
+
 def test_chat_without_a_budget_fills_the_context(engine):
     status, _, data = post(engine, H, {"messages": CHAT, "temperature": 0, "ignore_eos": True})
     assert status == 200
@@ -355,10 +371,11 @@ BAD = [
     (H, {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
     (H, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, 400, "messages"),
     (H, {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, 400, "max_completion_tokens"),
-    (H, {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),
+    (H, {"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, 400, "logprobs"),
     (H, {"messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, "tools"),
     (C, {"prompt": "hi", "echo": True}, 400, "echo"),
     (C, {"prompt": "hi", "logprobs": 5}, 400, "logprobs"),
+    (H, {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, 400, "top_logprobs"),
     (C, {"prompt": "hi", "ignore_eos": 1}, 400, "ignore_eos"),
     (G, {"inputs": ""}, 400, "inputs"),
     (G, {"prompt": "hi"}, 400, "prompt"),
