@@ -45,6 +45,9 @@ def saving_text(s: dict) -> str:
     return f"saves ~{s['est_saving_ms_per_token']:.3f} ms/token{speed}"
 
 
+MIN_STEPS_AFFECTED = 3  # a per-step pattern seen in fewer steps is a coincidence (another task's sleep)
+
+
 class Context:
     def __init__(self, trace: Trace):
         self.trace = trace
@@ -159,7 +162,7 @@ class Context:
         """The finding of a rule whose fix removes a breakdown row's time (a sleep, a
         serialization): saving = the row's ms/token; title(ms, steps, evidence) says it."""
         found = self.stage_cost(label)
-        if found is None:
+        if found is None or len(found[1]) < MIN_STEPS_AFFECTED:
             return []
         ms, steps, ev = found
         self.claim(f["name"] for f in ev["functions"])

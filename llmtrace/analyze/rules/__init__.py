@@ -3,7 +3,8 @@
 they explain, so `hot-function-in-stage` (last) reports only what is left.
 
 A finding that promises time but less than MIN_SAVING_SHARE of the per-token time is
-noise and dropped; findings with no time saving by nature (wrong timing, memory) stay.
+noise and dropped, a zero saving included; findings whose worth is not time (wrong
+timing, memory, what is not recorded) say so in their `impact` and stay.
 """
 from __future__ import annotations
 
@@ -36,5 +37,5 @@ def run_rules(ctx) -> list:
     """Every rule's suggestions, ranked by estimated saving per token."""
     floor = MIN_SAVING_SHARE * ctx.per_token_ms
     found = [s for rule in RULES for s in rule.check(ctx)
-             if s.est_saving_ms_per_token == 0 or s.est_saving_ms_per_token >= floor]
+             if s.impact or (s.est_saving_ms_per_token >= floor and s.est_saving_ms_per_token > 0)]
     return sorted(found, key=lambda s: -s.est_saving_ms_per_token)

@@ -85,4 +85,5 @@ def _blind(ctx, row):
         0.0,
         f"Record what runs inside {row['name']}: `trace.detail: full` (stack samples and gc spans) in the run "
         f"config, `llmtrace record --py-spy` or `--viztracer --viztracer-stages {row['name']}`, or "
-        f"@llmtrace.trace on its helpers; then this report names the functions and their cost.")
+        f"@llmtrace.trace on its helpers; then this report names the functions and their cost.",
+        f"visibility: {row['share']:.0%} of each token is unexplained")

@@ -11,6 +11,7 @@ Saving: their time per token: take new work without blocking while a batch is ru
 """
 from __future__ import annotations
 
+from ..context import MIN_STEPS_AFFECTED
 from ..functions import Call, covered
 from ..peers import is_receive
 
@@ -24,7 +25,7 @@ def check(ctx):
              for sc in ctx.steps for stage, s in sc.stage_spans
              if is_receive(s) and s.name not in ctx.claimed and s.dur_ns >= MIN_WAIT_MS * 1e6
              and peers.sender_of(s) is None]
-    if not calls:
+    if len({c.step for c in calls}) < MIN_STEPS_AFFECTED:
         return []
     ns, per_step = covered(calls)
     ms = ctx.ms_per_token(ns)
