@@ -108,32 +108,34 @@ class RequestTimes:
     token_gaps_s: tuple[float, ...] = ()  # between successive output tokens
 
 
+# key -> (vLLM's name without the prefix, help, buckets)
+HISTOGRAMS = {
+    "ttft": ("time_to_first_token_seconds", "Histogram of time to first token in seconds.", LATENCY_BUCKETS_S),
+    "itl": ("inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", TOKEN_GAP_BUCKETS_S),
+    "tpot": ("request_time_per_output_token_seconds",
+             "Histogram of time per output token of each request in seconds.", TOKEN_GAP_BUCKETS_S),
+    "e2e": ("e2e_request_latency_seconds", "Histogram of end to end request latency in seconds.", LATENCY_BUCKETS_S),
+    "queue": ("request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.",
+              LATENCY_BUCKETS_S),
+    "inference": ("request_inference_time_seconds", "Histogram of time spent in RUNNING phase for request.",
+                  LATENCY_BUCKETS_S),
+    "prefill": ("request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.",
+                LATENCY_BUCKETS_S),
+    "decode": ("request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.",
+               LATENCY_BUCKETS_S),
+    "prompt_len": ("request_prompt_tokens", "Number of prefill tokens processed.", LENGTH_BUCKETS),
+    "generation_len": ("request_generation_tokens", "Number of generation tokens processed.", LENGTH_BUCKETS),
+}
+
+
 class EngineMetrics:
     """Everything `GET /metrics` shows; the server calls `observe_request` once per request."""
 
     def __init__(self, model_name: str, prefix: str = DEFAULT_PREFIX):
         self.labels = {"model_name": model_name}
         self.prefix = p = prefix
-        h = Histogram
-        self.ttft = h(p + "time_to_first_token_seconds", "Histogram of time to first token in seconds.",
-                      LATENCY_BUCKETS_S)
-        self.itl = h(p + "inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
-                     TOKEN_GAP_BUCKETS_S)
-        self.tpot = h(p + "request_time_per_output_token_seconds",
-                      "Histogram of time per output token of each request in seconds.", TOKEN_GAP_BUCKETS_S)
-        self.e2e = h(p + "e2e_request_latency_seconds", "Histogram of end to end request latency in seconds.",
-                     LATENCY_BUCKETS_S)
-        self.queue = h(p + "request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.",
-                       LATENCY_BUCKETS_S)
-        self.inference = h(p + "request_inference_time_seconds",
-                           "Histogram of time spent in RUNNING phase for request.", LATENCY_BUCKETS_S)
-        self.prefill = h(p + "request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.",
-                         LATENCY_BUCKETS_S)
-        self.decode = h(p + "request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.",
-                        LATENCY_BUCKETS_S)
-        self.prompt_len = h(p + "request_prompt_tokens", "Number of prefill tokens processed.", LENGTH_BUCKETS)
-        self.generation_len = h(p + "request_generation_tokens", "Number of generation tokens processed.",
-                                LENGTH_BUCKETS)
+        self.histograms = {attr: Histogram(p + name, help_, buckets)
+                           for attr, (name, help_, buckets) in HISTOGRAMS.items()}
         self.success = Counter(p + "request_success_total", "Count of successfully processed requests.",
                                "finished_reason")
         self.prompt_tokens = Counter(p + "prompt_tokens_total", "Number of prefill tokens processed.")
@@ -142,20 +144,21 @@ class EngineMetrics:
                                 "status")
 
     def observe_request(self, t: RequestTimes) -> None:
+        h = self.histograms
         if t.ttft_s is not None:
-            self.ttft.observe(t.ttft_s)
+            h["ttft"].observe(t.ttft_s)
             if t.output_tokens > 1:
-                self.tpot.observe((t.e2e_s - t.ttft_s) / (t.output_tokens - 1))
+                h["tpot"].observe((t.e2e_s - t.ttft_s) / (t.output_tokens - 1))
         for gap in t.token_gaps_s:
-            self.itl.observe(gap)
-        self.e2e.observe(t.e2e_s)
-        for hist, v in ((self.queue, t.queue_s), (self.prefill, t.prefill_s), (self.decode, t.decode_s)):
+            h["itl"].observe(gap)
+        h["e2e"].observe(t.e2e_s)
+        for key, v in (("queue", t.queue_s), ("prefill", t.prefill_s), ("decode", t.decode_s)):
             if v is not None:
-                hist.observe(v)
+                h[key].observe(v)
         if t.prefill_s is not None:
-            self.inference.observe(t.prefill_s + (t.decode_s or 0.0))
-        self.prompt_len.observe(t.prompt_tokens)
-        self.generation_len.observe(t.output_tokens)
+            h["inference"].observe(t.prefill_s + (t.decode_s or 0.0))
+        h["prompt_len"].observe(t.prompt_tokens)
+        h["generation_len"].observe(t.output_tokens)
         self.success.inc(1, t.finish_reason)
         self.prompt_tokens.inc(t.prompt_tokens)
         self.generation_tokens.inc(t.output_tokens)
@@ -175,8 +178,6 @@ class EngineMetrics:
         lines: list[str] = []
         for name, help_, kind, value in self._gauges(stats):
             lines += _header(name, help_, kind) + [f"{name}{_labels(self.labels)} {_fmt(value)}"]
-        for m in (self.ttft, self.itl, self.tpot, self.e2e, self.queue, self.inference, self.prefill, self.decode,
-                  self.prompt_len, self.generation_len, self.success, self.prompt_tokens, self.generation_tokens,
-                  self.rejected):
+        for m in (*self.histograms.values(), self.success, self.prompt_tokens, self.generation_tokens, self.rejected):
             lines += m.render(self.labels)
         return "\n".join(lines) + "\n"

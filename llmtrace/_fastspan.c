@@ -526,6 +526,22 @@ static PyObject *span_enter(SpanObject *s)
     return Py_NewRef(s);
 }
 
+/* The span's record, ending at t1. */
+static void span_record(const SpanObject *s, record_t *r, int64_t t1, uint8_t flags)
+{
+    r->start = s->t0;
+    r->end = t1;
+    r->span_id = s->span_id;
+    r->parent_id = s->parent;
+    r->link_id = s->link;
+    r->step = s->step;
+    attrs_to_record(&s->attrs, r);
+    r->name_id = s->name_id;
+    r->stage_id = s->stage_id;
+    r->kind = KIND_SPAN;
+    r->flags = s->attrs.flags | flags;
+}
+
 /* __exit__(exc_type, exc, tb): records the span; never swallows the exception. */
 static PyObject *span_exit(SpanObject *s, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -550,19 +566,8 @@ static PyObject *span_exit(SpanObject *s, PyObject *const *args, Py_ssize_t narg
         c->step = s->prev_step;
     }
     record_t *r = s->reported ? NULL : rec_slot();
-    if (r != NULL) {
-        r->start = s->t0;
-        r->end = t1;
-        r->span_id = s->span_id;
-        r->parent_id = s->parent;
-        r->link_id = s->link;
-        r->step = s->step;
-        attrs_to_record(&s->attrs, r);
-        r->name_id = s->name_id;
-        r->stage_id = s->stage_id;
-        r->kind = KIND_SPAN;
-        r->flags = s->attrs.flags | (failed ? FLAG_EXCEPTION : 0);
-    }
+    if (r != NULL)
+        span_record(s, r, t1, failed ? FLAG_EXCEPTION : 0);
     if (hook_failed || c == NULL || PyErr_Occurred())
         return NULL;
     Py_RETURN_FALSE;
@@ -1456,17 +1461,7 @@ static PyObject *fs_close_open(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(ign
             break; /* buffer full: counted as dropped */
         }
         r->tid = s->tid;
-        r->start = s->t0;
-        r->end = t1;
-        r->span_id = s->span_id;
-        r->parent_id = s->parent;
-        r->link_id = s->link;
-        r->step = s->step;
-        attrs_to_record(&s->attrs, r);
-        r->name_id = s->name_id;
-        r->stage_id = s->stage_id;
-        r->kind = KIND_SPAN;
-        r->flags = s->attrs.flags | FLAG_OPEN_AT_STOP;
+        span_record(s, r, t1, FLAG_OPEN_AT_STOP);
         s->reported = 1;
         n++;
     }
