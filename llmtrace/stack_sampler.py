@@ -5,8 +5,9 @@ thread's stack as a SAMPLE record (folded "module:func:line;...;module:func:line
 outermost first; every frame carries its line, so a call into C such as np.concatenate is
 still named by the source line that makes it, and a library call by the program's line
 that makes it). A thread still at the same instruction of the same frame as at the last
-tick (blocked in a wait) reuses that tick's stack string, and a busy thread refolds only
-the frames below the deepest caller that has not moved. The analyzer places samples on the
+tick (blocked in a wait) reuses that tick's stack id, a busy thread relabels only the
+frames below the deepest caller that has not moved, and a stack seen before (as a tuple
+of labels) is not joined or interned again. The analyzer places samples on the
 span timeline by (pid, tid, time), so every stage gets its top functions.
 
 Samples are taken when the sampler gets the GIL, so a thread running pure Python for a
@@ -39,8 +40,10 @@ class StackSampler:
     def __init__(self, interval_s: float = 0.001):
         self.interval_s = interval_s
         self._labels: dict = {}  # code object -> "module:qualname"
-        self._chains: dict = {}  # id(frame) -> (frame, f_lasti, folded, depth) of the frames seen last tick
+        self._line_labels: dict = {}  # (code object, instruction offset) -> "module:qualname:line"
+        self._chains: dict = {}  # id(frame) -> (frame, f_lasti, labels up to it) of the frames seen last tick
         self._stack_ids: dict = {}  # thread ident -> its stack's string id at the last tick
+        self._ids_by_labels: dict = {}  # a stack's labels (tuple) -> its string id
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llmtrace-sampler", daemon=True)
         self.samples = 0
@@ -63,25 +66,39 @@ class StackSampler:
             label = self._labels[code] = f"{module}:{getattr(code, 'co_qualname', code.co_name)}"
         return label
 
-    def _folded(self, frame, prev: dict, cur: dict) -> str:
-        """The folded stack of `frame`, outermost first, each frame with its line. A caller
-        frame still at the instruction it was at the last tick (it waits for its callee)
-        has the same prefix: that string is reused and the walk stops there. prev/cur:
-        id(frame) -> (frame, f_lasti, folded stack up to it, depth), of the last tick / this one."""
-        fresh, prefix, depth = [], None, 0
+    def _line_label(self, f) -> str:
+        """Keyed by the instruction offset: f_lineno decodes the code's line table each time."""
+        key = (f.f_code, f.f_lasti)
+        label = self._line_labels.get(key)
+        if label is None:  # every frame's line: the analyzer reads the program's own line under a library call
+            label = self._line_labels[key] = f"{self._label(f)}:{f.f_lineno}"
+        return label
+
+    def _labels_of(self, frame, prev: dict, cur: dict) -> tuple:
+        """The labels of `frame`'s stack, outermost first. A caller frame still at the
+        instruction it was at the last tick (it waits for its callee) has the same labels
+        up to it: the walk stops there and reuses them. prev/cur: id(frame) -> (frame,
+        f_lasti, labels up to it), of the last tick / this one. Tuples of shared strings,
+        not prefix strings: a deep stack (a transformers generate loop) rebuilt each tick
+        cost O(depth^2) characters."""
+        fresh, prefix = [], ()
         while frame is not None and len(fresh) < MAX_DEPTH:
             hit = prev.get(id(frame))
-            if hit is not None and hit[0] is frame and hit[1] == frame.f_lasti and hit[3] + len(fresh) <= MAX_DEPTH:
-                prefix, depth = hit[2], hit[3]
+            if hit is not None and hit[0] is frame and hit[1] == frame.f_lasti and len(hit[2]) + len(fresh) <= MAX_DEPTH:
+                prefix = hit[2]
                 break
             fresh.append(frame)
             frame = frame.f_back
-        for f in reversed(fresh):  # every frame's line: the analyzer reads the program's own
-            label = f"{self._label(f)}:{f.f_lineno}"  # line under a library call
-            prefix = label if prefix is None else f"{prefix};{label}"
-            depth += 1
-            cur[id(f)] = (f, f.f_lasti, prefix, depth)
-        return prefix or ""
+        for f in reversed(fresh):
+            prefix = (*prefix, self._line_label(f))
+            cur[id(f)] = (f, f.f_lasti, prefix)
+        return prefix
+
+    def _stack_id(self, labels: tuple) -> int:
+        sid = self._ids_by_labels.get(labels)
+        if sid is None:
+            sid = self._ids_by_labels[labels] = recorder.intern(";".join(labels))
+        return sid
 
     def sample_once(self) -> int:
         if not recorder.is_enabled():
@@ -98,7 +115,7 @@ class StackSampler:
             # C call) has the same stack: no walk, no string (most threads of a server idle).
             hit = self._chains.get(id(frame))
             if stack_id is None or hit is None or hit[0] is not frame or hit[1] != frame.f_lasti:
-                stack_id = self._stack_ids[ident] = recorder.intern(self._folded(frame, self._chains, chains))
+                stack_id = self._stack_ids[ident] = self._stack_id(self._labels_of(frame, self._chains, chains))
             else:
                 chains[id(frame)] = hit
             recorder.emit(SAMPLE, stack_id, 0, now, now, tid=tid)
