@@ -208,7 +208,8 @@ class Master:
         self._request = ShmArena.create(request_layout(eng.max_num_seqs, eng.max_batched_tokens, max_blocks))
         self._reply = ShmArena.create(reply_layout(eng.max_num_seqs))
         incoming: asyncio.Queue = asyncio.Queue()
-        listener = await asyncio.start_server(lambda r, w: incoming.put_nowait((r, w)), eng.host, eng.port)
+        # the agents' listener takes any free port: engine.port is the HTTP server's
+        listener = await asyncio.start_server(lambda r, w: incoming.put_nowait((r, w)), eng.host, 0)
         try:
             port = listener.sockets[0].getsockname()[1]
             self._agents = [AgentHandle(r, await self._spawn(r, eng.host, port)) for r in range(eng.agents)]

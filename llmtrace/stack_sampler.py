@@ -32,7 +32,6 @@ from .spool_format import SAMPLE
 MAX_DEPTH = 48
 MAX_GIL_SHARE = 0.02
 COST_SMOOTHING = 0.02  # the tick cost's moving average weighs the last ~50 ticks
-LATE_FACTOR = 10.0
 _SKIP_THREADS = ("llmtrace-flush", "llmtrace-sampler")
 
 
@@ -125,22 +124,17 @@ class StackSampler:
         return n
 
     def _run(self) -> None:
-        """What a tick costs the program sets the rate, as slow averages (COST_SMOOTHING;
-        never one tick: a rate that reacted to what a tick found would sample that code
-        less; the analyzer weighs each sample by its neighbours' spacing):
-        - its own CPU time while it holds the GIL: at most MAX_GIL_SHARE of the time;
-        - how late it wakes: a late wake-up means another thread held the GIL, and taking
-          it from a busy thread costs that thread a hand-over, on a loaded machine a whole
-          scheduler time slice (a convoy): the interval grows to LATE_FACTOR x the delay."""
-        wait, cost, late = self.interval_s, 0.0, 0.0
-        due = time.perf_counter() + wait
+        """A tick holds the GIL: with many threads or deep stacks it costs more, and the rate
+        drops so that the sampler takes at most MAX_GIL_SHARE of the program's time. The
+        rate follows a slow average of the tick's CPU cost (COST_SMOOTHING), never one tick:
+        a rate that reacted to what a tick found would sample that code less (the analyzer
+        weighs each sample by its neighbours' spacing)."""
+        wait, cost = self.interval_s, 0.0
         while not self._stop.wait(wait):
-            late += COST_SMOOTHING * (max(0.0, time.perf_counter() - due) - late)
             t0 = time.thread_time()
             self.sample_once()
             cost += COST_SMOOTHING * (time.thread_time() - t0 - cost)  # CPU time: not other threads'
-            wait = max(self.interval_s, cost * (1 / MAX_GIL_SHARE - 1), late * LATE_FACTOR)
-            due = time.perf_counter() + wait
+            wait = max(self.interval_s, cost * (1 / MAX_GIL_SHARE - 1))
 
 
 _sampler: StackSampler | None = None
