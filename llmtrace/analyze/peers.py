@@ -78,9 +78,23 @@ class Peers:
         within MATCH_NS of the send's end and started before it ended, the same byte count
         first, else the nearest end. Until it started reading, that process kept the sender
         waiting (a front end asleep in a polling loop while the worker's reply fills the pipe)."""
-        if send.span_id not in self._found:
-            self._found[send.span_id] = self._match_receive(send)
-        return self._found[send.span_id]
+        return self._memo(send, self._match_receive)
+
+    def sender_of(self, recv: Span) -> Peer | None:
+        return self._memo(recv, self._match_send)
+
+    def _memo(self, s: Span, match) -> Peer | None:
+        if s.span_id not in self._found:
+            self._found[s.span_id] = match(s)
+        return self._found[s.span_id]
+
+    def _peer(self, cands: list[Span], nbytes, rank) -> Peer | None:
+        """The best candidate hop: the same byte count first, then the highest rank."""
+        if not cands:
+            return None
+        same = [s for s in cands if nbytes is not None and s.attrs.get(names.A_BYTES) == nbytes]
+        hop = max(same or cands, key=rank)
+        return Peer(hop.pid, hop.tid, hop, self.index.top_level(hop.pid, hop.tid), self.index)
 
     def _match_receive(self, send: Span) -> Peer | None:
         if not is_send(send) or send.dur_ns < MIN_WAIT_NS:
@@ -89,19 +103,9 @@ class Peers:
         j = bisect.bisect_right(self.receive_ends, send.end_ns + MATCH_NS)
         cands = [r for r in self.receives[i:j] if r.pid != send.pid and r.stage == send.stage
                  and r.start_ns < send.end_ns]
-        if not cands:
-            return None
-        n = send.attrs.get(names.A_BYTES)
-        same = [r for r in cands if n is not None and r.attrs.get(names.A_BYTES) == n]
-        recv = min(same or cands, key=lambda r: abs(r.end_ns - send.end_ns))
-        return Peer(recv.pid, recv.tid, recv, self.index.top_level(recv.pid, recv.tid), self.index)
+        return self._peer(cands, send.attrs.get(names.A_BYTES), lambda r: -abs(r.end_ns - send.end_ns))
 
-    def sender_of(self, recv: Span) -> Peer | None:
-        if recv.span_id not in self._found:
-            self._found[recv.span_id] = self._match(recv)
-        return self._found[recv.span_id]
-
-    def _match(self, recv: Span) -> Peer | None:
+    def _match_send(self, recv: Span) -> Peer | None:
         if not is_receive(recv) or recv.dur_ns < MIN_WAIT_NS:
             return None
         # The message leaves during the send span, and the sender may get the GIL back to
@@ -111,9 +115,4 @@ class Peers:
         i, j = bisect.bisect_left(self.ends, lo), bisect.bisect_right(self.ends, recv.end_ns + MATCH_NS)
         cands = [s for s in self.sends[i:j] if s.pid != recv.pid and s.stage == recv.stage  # same transport
                  and s.start_ns <= recv.end_ns]
-        if not cands:
-            return None
-        n = recv.attrs.get(names.A_BYTES)
-        same = [s for s in cands if n is not None and s.attrs.get(names.A_BYTES) == n]
-        send = max(same or cands, key=lambda s: s.start_ns)
-        return Peer(send.pid, send.tid, send, self.index.top_level(send.pid, send.tid), self.index)
+        return self._peer(cands, recv.attrs.get(names.A_BYTES), lambda s: s.start_ns)
