@@ -2,7 +2,8 @@
 
 `POST /v1/completions` and `POST /v1/chat/completions` (OpenAI, as vLLM serves them) and
 `POST /generate` (TGI style) name the same knobs differently; all land here so the
-server has a single path from body to SamplingParams. Every rejection is a `RequestError` that names the offending field and
+server has a single path from body to SamplingParams. Every rejection is a
+`RequestError` that names the offending field and
 renders as OpenAI's error object. Checks here are about the wire format (types, names,
 the API's documented ranges); limits that need the tokenized prompt live in the server.
 """

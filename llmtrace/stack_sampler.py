@@ -83,7 +83,8 @@ class StackSampler:
         fresh, prefix = [], ()
         while frame is not None and len(fresh) < MAX_DEPTH:
             hit = prev.get(id(frame))
-            if hit is not None and hit[0] is frame and hit[1] == frame.f_lasti and len(hit[2]) + len(fresh) <= MAX_DEPTH:
+            if (hit is not None and hit[0] is frame and hit[1] == frame.f_lasti
+                    and len(hit[2]) + len(fresh) <= MAX_DEPTH):
                 prefix = hit[2]
                 break
             fresh.append(frame)

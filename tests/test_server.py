@@ -514,7 +514,8 @@ def test_client_disconnect_aborts_the_request(engine, path, body):
 
 
 def _finished(metrics: bytes, reason: str) -> float:
-    m = re.search(rf'vllm:request_success_total{{model_name="tiny",finished_reason="{reason}"}} (\S+)', metrics.decode())
+    series = f'vllm:request_success_total{{model_name="tiny",finished_reason="{reason}"}}'
+    m = re.search(re.escape(series) + r" (\S+)", metrics.decode())
     return float(m.group(1)) if m else 0.0
 
 

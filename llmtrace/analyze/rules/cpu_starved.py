@@ -43,7 +43,8 @@ def check(ctx):
     lo, hi = ctx.steps[0].root.start_ns, ctx.steps[-1].root.end_ns
     usable = cpu.machine.get("cpus_usable")
     demand = _demand_cores(cpu, lo, hi)
-    ev = {"runqueue_share_of_steps": round(runq / wall, 3), "runqueue_ms_per_step": round(runq / len(ctx.steps) / 1e6, 4),
+    ev = {"runqueue_share_of_steps": round(runq / wall, 3),
+          "runqueue_ms_per_step": round(runq / len(ctx.steps) / 1e6, 4),
           "cpus_usable": usable, "cpu_demand_cores": round(demand, 2), "load1": cpu.load1(),
           "threads_recorded": len(cpu.series)}
     ms = ctx.ms_per_token(runq)

@@ -53,7 +53,8 @@ def check(ctx):
     top = sorted(by_thread.items(), key=lambda kv: -kv[1])[:3]
     threads = [{"thread": ctx.trace.processes[pid].threads.get(tid, str(tid)), "pid": pid, "tid": tid,
                 "busy_ms_in_steps": round(ns / 1e6, 3)} for (pid, tid), ns in top]
-    ev = {"gil_wait_share_of_steps": round(gil_ns / wall, 3), "gil_wait_ms_per_step": round(gil_ns / len(ctx.steps) / 1e6, 4),
+    ev = {"gil_wait_share_of_steps": round(gil_ns / wall, 3),
+          "gil_wait_ms_per_step": round(gil_ns / len(ctx.steps) / 1e6, 4),
           "threads": threads}
     busiest = f" while {threads[0]['thread']} ran" if threads else ""
     return [ctx.suggestion(
