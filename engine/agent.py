@@ -159,7 +159,8 @@ class Agent:
             self.batch.apply(msg["new"], msg["drop"])
             temperature, top_p, top_k, seed = self.batch.sampling_arrays(seq_ids)
             inp = StepInput(step=n, is_prefill=bool(msg["prefill"]), seq_ids=seq_ids,
-                            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, **views)
+                            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                            banned=self.batch.banned(seq_ids, views["context_lens"]), **views)
         self.launched.append(LaunchedStep(n, B, carrier, t_arrival, self.runner.launch(inp)))
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ MAX_TOP_K = 2**31 - 1
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256
 MAX_N = 16  # choices per request
+MAX_MIN_TOKENS = 2**31 - 1  # above max_tokens it is refused when the sampling params are built
 OPENAI_DEFAULT_MAX_TOKENS = 16   # OpenAI's legacy completions default
 TGI_DEFAULT_MAX_NEW_TOKENS = 20  # TGI's default
 
@@ -56,6 +57,7 @@ class GenerateRequest:
     model: str | None = None
     n: int = 1  # choices: n sequences generated for the prompt
     logprobs: bool = False  # return each chosen token's log-probability
+    min_tokens: int = 0  # EOS and stop tokens banned before this many output tokens
     add_bos: bool = True  # False when a chat template's text starts with BOS already
     # how this API names the prompt and the output budget, for errors found after tokenizing
     prompt_param: str = "prompt"
@@ -69,7 +71,7 @@ class GenerateRequest:
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               max_tokens=self.max_tokens, seed=self.seed, ignore_eos=self.ignore_eos,
-                              logprobs=self.logprobs)
+                              logprobs=self.logprobs, min_tokens=self.min_tokens)
 
 
 def parse_json(raw: bytes) -> dict:
@@ -136,7 +138,8 @@ def _openai_common(body: dict) -> dict:
                 top_p=_top_p(body, "top_p", "top_p"), top_k=_top_k(body, "top_k", "top_k", allow_off=True),
                 seed=_int(body, "seed", "seed", None, 0, MAX_SEED), stop=_stop(body, "stop", "stop"),
                 ignore_eos=_bool(body, "ignore_eos", "ignore_eos", False), stream=stream,
-                include_usage=include_usage, model=_str(body, "model", "model", None), n=n)
+                include_usage=include_usage, model=_str(body, "model", "model", None), n=n,
+                min_tokens=_int(body, "min_tokens", "min_tokens", 0, 0, MAX_MIN_TOKENS))
 
 
 def _messages(body: dict) -> list[dict]:
@@ -202,12 +205,11 @@ def parse_generate(body: dict, max_model_len: int) -> GenerateRequest:
 
 # OpenAI (and vLLM) fields the engine does not implement, accepted at the value that means
 # "off" so that benchmark clients which always send them work; any other value is refused by name.
-_NEUTRAL = {"best_of": 1, "echo": False, "suffix": None, "presence_penalty": 0, "frequency_penalty": 0,
-            "min_tokens": 0}
-_CHAT_NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "min_tokens": 0, "logit_bias": None,
-                 "parallel_tool_calls": None, "tool_choice": "none"}
+_NEUTRAL = {"best_of": 1, "echo": False, "suffix": None, "presence_penalty": 0, "frequency_penalty": 0}
+_CHAT_NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "parallel_tool_calls": None,
+                 "tool_choice": "none"}
 _OPENAI_FIELDS = {"model", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options", "ignore_eos",
-                  "user", "n"}
+                  "user", "n", "min_tokens"}
 _COMPLETION_FIELDS = frozenset({*_OPENAI_FIELDS, "prompt", "max_tokens", "logprobs", *_NEUTRAL})
 _CHAT_FIELDS = frozenset({*_OPENAI_FIELDS, "messages", "max_tokens", "max_completion_tokens", "logprobs",
                           "top_logprobs", *_CHAT_NEUTRAL})

@@ -15,16 +15,29 @@ class BatchState:
     def __init__(self):
         # seq_id -> (temperature, top_p, top_k, seed); seed -1 = unseeded
         self.params: dict[int, tuple[float, float, int, int]] = {}
+        self.bans: dict[int, tuple[int, tuple[int, ...]]] = {}  # seq_id -> (ban_until position, token ids)
 
     def __len__(self) -> int:
         return len(self.params)
 
     def apply(self, new: list, drop: list) -> None:
-        """new: [[seq_id, [temperature, top_p, top_k, seed]], ...]; drop: [seq_id, ...]."""
+        """new: [[seq_id, [temperature, top_p, top_k, seed(, ban_until, [token ids])]], ...]
+        (protocol.sampling_to_wire); drop: [seq_id, ...]."""
         for seq_id in drop:
             self.params.pop(seq_id, None)
-        for seq_id, (temperature, top_p, top_k, seed) in new:
+            self.bans.pop(seq_id, None)
+        for seq_id, (temperature, top_p, top_k, seed, *ban) in new:
             self.params[seq_id] = (float(temperature), float(top_p), int(top_k), int(seed))
+            if ban:
+                self.bans[seq_id] = (int(ban[0]), tuple(int(t) for t in ban[1]))
+
+    def banned(self, seq_ids: np.ndarray, positions: np.ndarray) -> tuple[tuple[int, tuple[int, ...]], ...]:
+        """(row, token ids) that row may not sample: its sampled token's position (the
+        sequence's length after the step) is before its min_tokens end."""
+        if not self.bans:
+            return ()
+        return tuple((row, ban[1]) for row, (s, pos) in enumerate(zip(seq_ids.tolist(), positions.tolist()))
+                     if (ban := self.bans.get(s)) is not None and pos < ban[0])
 
     def sampling_arrays(self, seq_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(temperature f32, top_p f32, top_k i32, seed i64), one row per sequence of the step."""

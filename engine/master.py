@@ -570,7 +570,8 @@ class Master:
         for s in out.scheduled:
             if s.seq.seq_id not in self._known:
                 self._known.add(s.seq.seq_id)
-                new.append([s.seq.seq_id, protocol.sampling_to_wire(s.seq.sampling_params)])
+                new.append([s.seq.seq_id, protocol.sampling_to_wire(s.seq.sampling_params, s.seq.num_prompt_tokens,
+                                                                     self.tokenizer.eos_id)])
         return new
 
     def _take_drop(self) -> list[int]:

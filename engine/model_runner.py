@@ -58,7 +58,7 @@ def prepare_inputs(step: StepInput, device: torch.device) -> ModelInputs:
 
 def sampling_tensors(step: StepInput, device: torch.device) -> SamplingTensors:
     return SamplingTensors.from_numpy(step.temperature, step.top_p, step.top_k, step.seed,
-                                      positions=step.context_lens, device=device)
+                                      positions=step.context_lens, device=device, banned=step.banned)
 
 
 def kv_block_bytes(model: LlamaForCausalLM, block_size: int) -> int:

@@ -66,9 +66,15 @@ def check(msg: dict, *expected: str) -> dict:
     return msg
 
 
-def sampling_to_wire(sp: SamplingParams) -> list:
-    """What the agent needs to sample a sequence's tokens: [temperature, top_p, top_k, seed (-1: none)]."""
-    return [float(sp.temperature), float(sp.top_p), int(sp.top_k), -1 if sp.seed is None else int(sp.seed)]
+def sampling_to_wire(sp: SamplingParams, num_prompt_tokens: int = 0, eos_token_id: int | None = None) -> list:
+    """What the agent needs to sample a sequence's tokens: [temperature, top_p, top_k, seed
+    (-1: none)], and with min_tokens [.., ban_until, [token ids]]: those tokens (EOS and the
+    stop tokens) cannot be sampled at positions before ban_until."""
+    wire = [float(sp.temperature), float(sp.top_p), int(sp.top_k), -1 if sp.seed is None else int(sp.seed)]
+    banned = ([] if eos_token_id is None else [int(eos_token_id)]) + [int(t) for t in sp.stop_token_ids]
+    if sp.min_tokens and banned:
+        wire += [num_prompt_tokens + sp.min_tokens, banned]
+    return wire
 
 
 def request_layout(max_num_seqs: int, max_batched_tokens: int, max_blocks_per_seq: int) -> ArenaLayout:

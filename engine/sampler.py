@@ -28,10 +28,11 @@ class SamplingTensors:
     any_greedy: bool
     any_top_k: bool
     any_top_p: bool
+    banned: tuple = ()  # ((row, token ids), ...): tokens a row may not sample yet (min_tokens)
 
     @classmethod
     def from_numpy(cls, temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray, seed: np.ndarray,
-                   positions: np.ndarray, device: torch.device) -> SamplingTensors:
+                   positions: np.ndarray, device: torch.device, banned: tuple = ()) -> SamplingTensors:
         """seed: -1 = unseeded; positions: position of the token each row samples."""
         greedy = temperature <= 0
         rows = np.flatnonzero((seed >= 0) & ~greedy)
@@ -41,7 +42,7 @@ class SamplingTensors:
             top_k=torch.from_numpy(np.asarray(top_k, np.int64)).to(device, non_blocking=True),
             seeded_rows=[(int(r), int(seed[r]) * _SEED_STRIDE + int(positions[r])) for r in rows],
             all_greedy=bool(greedy.all()), any_greedy=bool(greedy.any()),
-            any_top_k=bool((top_k > 0).any()), any_top_p=bool((top_p < 1).any()),
+            any_top_k=bool((top_k > 0).any()), any_top_p=bool((top_p < 1).any()), banned=banned,
         )
 
 
@@ -53,6 +54,10 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
         """logits [B, V] -> (token ids [B] int64, logprob of each chosen token under the model [B] float32)."""
         logits = logits.float()
+        if st.banned:  # min_tokens: EOS and stop tokens are not candidates yet
+            logits = logits.clone()
+            for row, ids in st.banned:
+                logits[row, list(ids)] = float("-inf")
         greedy_ids = logits.argmax(dim=-1)
         if st.all_greedy:
             ids = greedy_ids

@@ -23,6 +23,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False  # also return the sampled token's log-probability
+    min_tokens: int = 0  # EOS and the stop tokens cannot be sampled before this many output tokens
 
     def __post_init__(self):
         _number(self.temperature, "temperature")
@@ -48,6 +49,10 @@ class SamplingParams:
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 raise SamplingParamsError("stop_token_ids", f"{t!r} is not a token id (an integer >= 0)")
         object.__setattr__(self, "stop_token_ids", ids)
+        _integer(self.min_tokens, "min_tokens")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise SamplingParamsError("min_tokens", f"{self.min_tokens} is not allowed; use 0 <= min_tokens <= "
+                                                    f"max_tokens ({self.max_tokens})")
         for name in ("ignore_eos", "logprobs"):
             if not isinstance(getattr(self, name), bool):
                 raise SamplingParamsError(name, f"{getattr(self, name)!r} is not allowed; use true or false")

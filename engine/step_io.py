@@ -30,6 +30,7 @@ class StepInput:
     top_p: np.ndarray  # [B] float32
     top_k: np.ndarray  # [B] int32
     seed: np.ndarray  # [B] int64
+    banned: tuple = ()  # ((row, token ids), ...): tokens a row may not sample yet (min_tokens)
 
     @property
     def num_seqs(self) -> int:

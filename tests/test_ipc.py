@@ -229,3 +229,20 @@ def test_batch_state_applies_diffs():
     assert len(bs) == 1
     with pytest.raises(protocol.ProtocolError, match="sequence 3"):
         bs.sampling_arrays(np.array([3]))
+    assert bs.banned(np.array([9]), np.array([20])) == ()
+
+
+def test_min_tokens_bans_eos_and_stop_tokens_until_the_count_is_reached():
+    from engine.sampling_params import SamplingParams
+
+    wire = protocol.sampling_to_wire(SamplingParams(max_tokens=8, min_tokens=3, stop_token_ids=(5,)), 10, 2)
+    assert wire[4:] == [13, [2, 5]]  # prompt 10 + 3: output positions 10, 11, 12 may not be EOS or 5
+    assert protocol.sampling_to_wire(SamplingParams(max_tokens=8), 10, 2) == [1.0, 1.0, -1, -1]
+    bs = BatchState()
+    bs.apply([[1, wire], [4, [0.0, 1.0, -1, -1]]], [])
+    assert bs.banned(np.array([4, 1]), np.array([11, 12])) == ((1, (2, 5)),)
+    assert bs.banned(np.array([1]), np.array([13])) == ()
+    bs.apply([], [1])
+    assert bs.banned(np.array([4]), np.array([11])) == ()
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(max_tokens=4, min_tokens=5)

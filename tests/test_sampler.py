@@ -10,11 +10,11 @@ from engine.sampler import Sampler, SamplingTensors
 V = 50
 
 
-def params(b, temperature=1.0, top_p=1.0, top_k=0, seed=-1, positions=None):
+def params(b, temperature=1.0, top_p=1.0, top_k=0, seed=-1, positions=None, banned=()):
     arr = lambda v, dt: np.broadcast_to(np.asarray(v, dt), (b,)).copy()  # noqa: E731
     return SamplingTensors.from_numpy(arr(temperature, np.float32), arr(top_p, np.float32), arr(top_k, np.int32),
                                       arr(seed, np.int64), arr(0 if positions is None else positions, np.int32),
-                                      torch.device("cpu"))
+                                      torch.device("cpu"), banned=banned)
 
 
 @pytest.fixture
@@ -59,6 +59,20 @@ def test_seeded_rows_reproduce_regardless_of_batch(logits):
     assert (draws == draws[0]).all()
     moved, _ = Sampler("cpu")(same_row, params(40, seed=11, positions=np.arange(40)))
     assert len(set(moved.tolist())) > 1
+
+
+def test_banned_tokens_are_never_chosen(logits):
+    """min_tokens: a row's banned tokens (EOS, stop tokens) are not candidates, greedy or
+    sampled, even as the argmax; other rows are untouched."""
+    top = logits.argmax(-1)
+    banned = ((0, (int(top[0]),)), (1, (int(top[1]), 3)))
+    ids, lp = Sampler("cpu")(logits, params(6, temperature=0.0, banned=banned))
+    assert ids[0] != top[0] and ids[1] not in (top[1], 3) and torch.equal(ids[2:], top[2:])
+    assert torch.isfinite(lp).all()
+    hot = torch.full((50, V), -10.0)
+    hot[:, 7] = 10.0  # token 7 is all but certain
+    ids, _ = Sampler("cpu", seed=1)(hot, params(50, banned=tuple((r, (7,)) for r in range(50))))
+    assert 7 not in ids.tolist()
 
 
 def test_unseeded_rows_vary(logits):

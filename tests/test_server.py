@@ -182,6 +182,13 @@ def test_logprobs_of_the_chosen_tokens(engine):
     assert [c["logprob"] for c in streamed] == pytest.approx([c["logprob"] for c in content])
 
 
+def test_min_tokens_is_accepted_and_generates_at_least_that_many(engine):
+    status, _, data = post(engine, C, {"prompt": PROMPT, "max_tokens": 9, "min_tokens": 9, "temperature": 0})
+    assert status == 200 and data["usage"]["completion_tokens"] == 9
+    status, _, data = post(engine, H, {"messages": CHAT, "max_tokens": 4, "min_tokens": 4})
+    assert status == 200 and data["usage"]["completion_tokens"] == 4
+
+
 def test_chat_without_a_budget_fills_the_context(engine):
     status, _, data = post(engine, H, {"messages": CHAT, "temperature": 0, "ignore_eos": True})
     assert status == 200
@@ -365,7 +372,8 @@ BAD = [
     (C, {"prompt": "hi", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
     (C, {"prompt": "hi", "n": 2, "stream": True}, 400, "n"),
     (C, {"prompt": "hi", "n": 17}, 400, "n"),
-    (C, {"prompt": "hi", "min_tokens": 4}, 400, "min_tokens"),
+    (C, {"prompt": "hi", "min_tokens": 17}, 400, "min_tokens"),  # more than max_tokens (16)
+    (C, {"prompt": "hi", "min_tokens": -1}, 400, "min_tokens"),
     (H, {"messages": []}, 400, "messages"),
     (H, {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
     (H, {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
