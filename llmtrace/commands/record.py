@@ -53,7 +53,7 @@ def main(args) -> int:
     else:
         sample_hz = args.sample_hz
     env = child_env(os.environ, out, sample_hz=sample_hz, gc=args.gc or not args.no_auto, auto=not args.no_auto,
-                    viztracer=window.to_env() if window else None, pyspy_gate=pyspy.gate if pyspy else None)
+                    viztracer=window.to_env() if window else None, pyspy=pyspy)
     return _finish(out, command, _run(command, env, pyspy, float(args.py_spy_rate)))
 
 

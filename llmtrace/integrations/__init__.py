@@ -19,7 +19,7 @@ ENV_HOME = "LLMTRACE_HOME"
 
 
 def child_env(base: dict, out: str, *, sample_hz: float = 0.0, gc: bool = False, auto: bool = False,
-              viztracer: str | None = None, pyspy_gate: str | None = None) -> dict:
+              viztracer: str | None = None, pyspy=None) -> dict:
     """The environment that makes every Python process of a program record into `out`
     from interpreter start: the bootstrap directory first on PYTHONPATH (its
     sitecustomize configures llmtrace from these variables), plus the settings."""
@@ -41,8 +41,8 @@ def child_env(base: dict, out: str, *, sample_hz: float = 0.0, gc: bool = False,
         env.pop(stale, None)  # each process names itself; tools only where asked
     if viztracer:
         env[viztracer_mod.ENV] = viztracer
-    if pyspy_gate:
-        env.update(pyspy_mod.gate_env(pyspy_gate))
+    if pyspy is not None:  # a PySpyRecorder
+        env.update(pyspy.gate_env())
     return env
 
 

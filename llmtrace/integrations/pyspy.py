@@ -11,9 +11,11 @@ changes (a thread that went idle keeps its last stack: py-spy shows no gap there
 Clock: py-spy's zero is some time after it was started. To pin it, the program's first
 Python process waits at a gate (in its sitecustomize, before the program's code) spinning
 through two functions, `_beacon_tick` / `_beacon_tock`, for irregular lengths it stamps
-with perf_counter_ns; once py-spy samples, `record` opens the gate. The offset that puts
-py-spy's beacon samples inside the matching stamped intervals is the alignment (well
-under a millisecond; the start time alone would be off by py-spy's start-up).
+with perf_counter_ns (a quarter to 1.25 sampling periods: shorter ones drown in py-spy's
+timing jitter); once py-spy has taken about BEACON_SAMPLES samples, `record` opens the
+gate. The offset that puts py-spy's beacon samples inside the matching stamped intervals
+is the alignment (within py-spy's own jitter, under a millisecond on an idle machine; the
+start time alone would be off by py-spy's start-up).
 
 Permissions: py-spy reads the program's memory, which needs ptrace permission. Yama
 `ptrace_scope=1` only lets ancestors trace; the bootstrap then names any tracer allowed
@@ -35,7 +37,7 @@ import time
 from time import sleep as _sleep  # the original: llmtrace.instrument() wraps time.sleep
 
 ENV_GATE = "LLMTRACE_PYSPY_GATE"  # the gate file; taken by the first process that starts
-ENV_ACTIVE = "LLMTRACE_PYSPY"  # py-spy samples this process tree
+ENV_ACTIVE = "LLMTRACE_PYSPY"  # py-spy samples this process tree at this rate (Hz)
 ENV_EXECUTABLE = "LLMTRACE_PY_SPY"  # which py-spy to run
 DIR = "pyspy"
 OUTPUT, CLOCK, BEACON, GATE = "pyspy.json", "clock.json", "beacon.json", "gate"
@@ -43,7 +45,7 @@ HELD = ".held"  # gate + HELD: the program is at the gate, beaconing
 SOURCE = "py-spy"
 FALLBACK = "fallback:"  # gate verdict: sample in-process at this rate instead
 GATE_TIMEOUT_S = 30.0
-BEACON_AFTER_ATTACH_S = 0.3  # beacon samples to collect once py-spy samples
+BEACON_SAMPLES, BEACON_MIN_S = 100, 0.3  # beacon this many samples, at least this long
 ATTACH_TIMEOUT_S = 20.0
 FIT_WINDOW_NS = 3_000_000
 _THREAD = re.compile(r"^thread \((\d+)\)")
@@ -84,9 +86,18 @@ def _beacon_tock(until_ns: int) -> None:
         pass
 
 
-def _beacon(gate: str, timeout_s: float) -> list[int]:
-    """Alternate tick/tock for irregular stamped lengths (0.4-2.4 ms) until the gate opens;
-    returns the switch times (tick starts at marks[0], tock at marks[1], ...; last = end)."""
+def beacon_lengths(rate: int) -> tuple[int, int]:
+    """(shortest, spread) of the beacon's interval lengths in ns for py-spy at `rate` Hz."""
+    period = int(1e9 / max(1, rate))
+    shortest = max(400_000, period // 4)
+    return shortest, max(2_400_000, period * 5 // 4) - shortest
+
+
+def _beacon(gate: str, timeout_s: float, rate: int) -> list[int]:
+    """Alternate tick/tock for irregular stamped lengths (a quarter to 1.25 sampling
+    periods, 0.4-2.4 ms at least) until the gate opens; returns the switch times (tick
+    starts at marks[0], tock at marks[1], ...; last = end)."""
+    shortest, spread = beacon_lengths(rate)
     marks: list[int] = []
     deadline = time.perf_counter_ns() + int(timeout_s * 1e9)
     state = 0x2545F491
@@ -97,7 +108,7 @@ def _beacon(gate: str, timeout_s: float) -> list[int]:
             state = (state * 1103515245 + 12345) & 0x7FFFFFFF
             now = time.perf_counter_ns()
             marks.append(now)
-            fn(now + 400_000 + state % 2_000_000)
+            fn(now + shortest + state % spread)
         if os.path.exists(gate) or marks[-1] > deadline or os.getppid() != parent:
             marks.append(time.perf_counter_ns())
             return marks
@@ -107,7 +118,7 @@ def _hold_at_gate(gate: str) -> None:
     """Beacon until `record` opens the gate, then follow its verdict. A process arriving
     at an open gate (a sibling of the first, started by a shell) just follows it."""
     if not os.path.exists(gate):
-        marks = _beacon(gate, GATE_TIMEOUT_S)
+        marks = _beacon(gate, GATE_TIMEOUT_S, int(os.environ.get(ENV_ACTIVE) or 0))
         _write_json({"pid": os.getpid(), "tid": threading.get_native_id(), "marks": marks},
                     os.path.join(os.path.dirname(gate), BEACON))
     verdict = _read(gate).strip()
@@ -138,11 +149,6 @@ def recorder_for(run_dir: str, rate: int, command: str) -> "PySpyRecorder | None
     return PySpyRecorder(exe, run_dir, rate)
 
 
-def gate_env(gate: str) -> dict[str, str]:
-    """What makes a program's first Python process wait at `gate` for py-spy."""
-    return {ENV_GATE: gate, ENV_ACTIVE: "1"}
-
-
 class PySpyRecorder:
     """`py-spy record --pid PID --subprocesses` into RUN/pyspy/, and the gate it opens."""
 
@@ -155,6 +161,10 @@ class PySpyRecorder:
         self._sampling = threading.Event()
         self._lines: list[str] = []
         self.started_ns = 0
+
+    def gate_env(self) -> dict[str, str]:
+        """What makes a program's first Python process wait at the gate for py-spy."""
+        return {ENV_GATE: self.gate, ENV_ACTIVE: str(self.rate)}
 
     def start(self, pid: int) -> None:
         cmd = [self.executable, "record", "--pid", str(pid), "--subprocesses", "--threads", "--nonblocking",
@@ -182,7 +192,7 @@ class PySpyRecorder:
             _sleep(0.005)
         _write_json({"started_ns": self.started_ns, "attached_ns": attached_ns, "rate": self.rate},
                     os.path.join(self.dir, CLOCK))
-        _sleep(BEACON_AFTER_ATTACH_S)
+        _sleep(max(BEACON_MIN_S, BEACON_SAMPLES / self.rate))
         return True
 
     def open_gate_when_sampling(self, program_alive, fallback_hz: float, command: str) -> None:
