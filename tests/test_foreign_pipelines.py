@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -29,11 +30,24 @@ CASES = {
 pytestmark = pytest.mark.slow
 
 
-def record(out, pipeline: str, args: list[str], **env) -> dict:
+def record(out, pipeline: str, args: list[str], timeout_s: float = 200, **env) -> dict:
+    """The report of `llmtrace record` on the pipeline. A run past `timeout_s` (under the
+    suite's 300 s per test) fails with every process's Python stacks (faulthandler, SIGABRT
+    to the whole session) instead of hanging the suite."""
     cmd = [sys.executable, "-m", "llmtrace.cli", "record", "--out", str(out), "--", sys.executable,
            os.path.join(ROOT, "examples", "pipelines", pipeline + ".py"), *args]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, **env})
-    assert r.returncode == 0, r.stderr[-2000:]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1", **env})
+    try:
+        _, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGABRT)
+        try:
+            _, err = proc.communicate(timeout=30)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"{pipeline} still running after {timeout_s:g} s; its stacks:\n{err[-20000:]}")
+    assert proc.returncode == 0, err[-2000:]
     with open(os.path.join(out, "report.json")) as f:
         return json.load(f)
 

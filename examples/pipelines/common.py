@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -81,10 +82,17 @@ PROMPTS = ["The quick brown fox jumps over the lazy dog", "Tell me a story about
 
 def drive(url: str, requests: int, concurrency: int, max_tokens: int, system_prompt: bool = True) -> dict:
     """POST `requests` generate calls, `concurrency` at a time, each prompt after the system
-    prompt unless told otherwise; returns {tokens, seconds}."""
-    lock, done, tokens = threading.Lock(), [0], [0]
+    prompt unless told otherwise; returns {tokens, seconds}. A failed request stops its
+    worker; any failure raises once the others are done."""
+    lock, done, tokens, errors = threading.Lock(), [0], [0], []
 
-    def worker(k: int) -> None:
+    def worker() -> None:
+        try:
+            send_requests()
+        except Exception as e:  # noqa: BLE001 (any failure fails the run, after the others)
+            errors.append(e)
+
+    def send_requests() -> None:
         while True:
             with lock:
                 if done[0] >= requests:
@@ -96,17 +104,22 @@ def drive(url: str, requests: int, concurrency: int, max_tokens: int, system_pro
                 prompt = f"{SYSTEM_PROMPT}\n\n{prompt}"
             body = json.dumps({"prompt": prompt, "max_tokens": max_tokens}).encode()
             req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=120) as r:
-                n = len(json.loads(r.read())["token_ids"])
+            try:
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    n = len(json.loads(r.read())["token_ids"])
+            except urllib.error.HTTPError as e:
+                raise RuntimeError(f"HTTP {e.code}: {e.read().decode(errors='replace')}") from None
             with lock:
                 tokens[0] += n
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {concurrency} clients failed, the first with {errors[0]!r}")
     return {"tokens": tokens[0], "seconds": time.perf_counter() - t0}
 
 
@@ -120,9 +133,12 @@ def serve_generate(generate: Callable[[list[int], int], list[int]], sp) -> tuple
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            out = generate(sp.encode(body["prompt"]), int(body.get("max_tokens", 16)))
-            data = json.dumps({"text": sp.decode(out), "token_ids": out}).encode()
-            self.send_response(200)
+            try:
+                out = generate(sp.encode(body["prompt"]), int(body.get("max_tokens", 16)))
+                status, data = 200, json.dumps({"text": sp.decode(out), "token_ids": out}).encode()
+            except Exception as e:  # noqa: BLE001 (the engine failed: say so, keep serving)
+                status, data = 500, json.dumps({"error": repr(e)}).encode()
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()

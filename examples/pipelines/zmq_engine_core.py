@@ -110,12 +110,17 @@ def engine_core_main(requests_addr: str, outputs_addr: str) -> None:
 
 # ---------------------------------------------------------------- front-end process
 
+class EngineDead(RuntimeError):
+    pass
+
+
 class EngineClient:
     """What the HTTP handlers call: sends each request to the engine core and waits for
-    its output thread to collect the tokens."""
+    its output thread to collect the tokens (failing, not hanging, once the core is gone)."""
 
     def __init__(self, ctx: zmq.Context, requests_addr: str, outputs_addr: str):
         self.requests, self.outputs = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+        self.requests.setsockopt(zmq.SNDTIMEO, 1000)
         self.requests.bind(requests_addr)
         self.outputs.bind(outputs_addr)
         self.lock = threading.Lock()  # zmq sockets are not thread-safe
@@ -123,14 +128,32 @@ class EngineClient:
         self.ids = itertools.count()
         self.thread = threading.Thread(target=self.collect, name="output-thread", daemon=True)
         self.thread.start()
+        self.core: subprocess.Popen | None = None
+
+    def check_alive(self) -> None:
+        if self.core is not None and self.core.poll() is not None:
+            raise EngineDead(f"the engine core exited with code {self.core.returncode}")
+        if not self.thread.is_alive():
+            raise EngineDead("the output thread is gone")
+
+    def send(self, msg) -> None:
+        """Send unless the core is gone (a PUSH socket with no peer blocks: for a second at a
+        time here, SNDTIMEO)."""
+        with self.lock:
+            while True:
+                self.check_alive()
+                try:
+                    return self.requests.send(msgpack.packb(msg))
+                except zmq.Again:
+                    pass
 
     def generate(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
         ev, out, logprobs = threading.Event(), [], []
-        with self.lock:
-            rid = next(self.ids)
-            self.waiting[rid] = (ev, out, logprobs)
-            self.requests.send(msgpack.packb((rid, prompt_ids, max_tokens)))
-        ev.wait()
+        rid = next(self.ids)
+        self.waiting[rid] = (ev, out, logprobs)
+        self.send((rid, prompt_ids, max_tokens))
+        while not ev.wait(1.0):
+            self.check_alive()
         return out
 
     def collect(self) -> None:
@@ -144,8 +167,7 @@ class EngineClient:
                     ev.set()
 
     def shutdown(self) -> None:
-        with self.lock:
-            self.requests.send(msgpack.packb(None))
+        self.send(None)
         self.thread.join(timeout=30)
 
 
@@ -170,7 +192,7 @@ def main() -> None:
         addrs = [f"ipc://{os.path.join(tmp, name)}" for name in ("requests", "outputs")]
         ctx = zmq.Context()
         client = EngineClient(ctx, *addrs)
-        core = subprocess.Popen([sys.executable, __file__, "--engine-core", *addrs])
+        core = client.core = subprocess.Popen([sys.executable, __file__, "--engine-core", *addrs])
         try:
             server, url = serve_generate(client.generate, tokenizer())
             result = drive(url, args.requests, args.concurrency, args.max_tokens)
