@@ -9,7 +9,7 @@ import pytest
 import llmtrace
 from llmtrace import names
 from llmtrace.analyze.context import Context
-from llmtrace.timeline import Process, Span, Trace
+from llmtrace.timeline import Process, Sample, Span, Trace
 
 MS = 1_000_000
 _ids = itertools.count(1)
@@ -61,6 +61,30 @@ def test_a_handler_that_holds_a_whole_decode_loop_is_not_the_step():
     assert ctx.breakdown.profile.source == "model-cadence"
     assert ctx.breakdown.found.idle_windows == 2  # the waits between the requests
     assert len(ctx.steps) == 28 and all(sc.root.name == names.STEP for sc in ctx.steps)
+
+
+def test_another_asyncio_tasks_spans_are_not_the_steps_stages():
+    """One event-loop thread: the batching task runs forward (2 ms), sleeps 1 ms; a
+    handler's request span and a server's 25 ms periodic sleep (other tasks) are open
+    across the forwards. They are no stage of the steps, and samples crowded into them
+    (where the loop let go of the GIL) stand for no more than the steps' time."""
+    t = trace_of(1)
+    for k in range(40):
+        span(t, "forward", k * 4, k * 4 + 2, batch=4)
+        span(t, "sleep.batch", k * 4 + 2, k * 4 + 3)
+        t.samples.append(Sample(1, 1, int((k * 4 + 2.5) * MS), ("app:loop", f"app:idle_{k % 2}")))
+    for r in range(8):
+        span(t, names.HTTP_REQUEST, r * 20 + 1.5, r * 20 + 30)
+        span(t, "sleep.server", r * 20 + 3.5, r * 20 + 28.5)
+    ctx = done(t)
+    stages = {st for sc in ctx.steps for st, _ in sc.stage_spans}
+    assert stages == {names.FORWARD, names.SLEEP}, stages
+    view = ctx.breakdown.view()
+    sleep = next(r for r in view["stages"] if r["name"] == names.SLEEP)
+    assert sleep["ms_per_step"] == pytest.approx(1.0)
+    sampled = ctx.functions.stats(ctx.functions.select(stage=names.SLEEP))
+    assert {f.name for f in sampled} == {"app.idle_0", "app.idle_1"}
+    assert sum(f.total_ns for f in sampled) <= sum(sc.parts[names.SLEEP] for sc in ctx.steps)
 
 
 def test_a_repeated_span_holding_one_forward_is_the_step():

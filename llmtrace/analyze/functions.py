@@ -7,7 +7,11 @@ the root's own thread outside every stage span (`gap`: unannotated code), and in
 thread's work that stood for a blocking receive (the receive's stage). A sample stands
 for the time between its neighbours (half the interval on each side), not clipped to
 the span it falls in: clipping made a sample in a span shorter than the interval count
-for the span's length, and estimates came out low by interval / span length."""
+for the span's length, and estimates came out low by interval / span length. But the
+samples of one place (a thread's spans of one stage and name, or its time outside them)
+never stand for more than that place's time: an in-process sampler gets the GIL where
+the program lets go of it (a sleep, a wait), so its samples crowd there; unchecked, a
+stage's functions added up to ten times the stage."""
 from __future__ import annotations
 
 import bisect
@@ -97,25 +101,34 @@ class FunctionIndex:
         self._main = _main_files(trace)
         self._sampled_by_pid: dict[int, list[Call]] | None = None
         sampled: dict[tuple, dict[str, list[tuple]]] = defaultdict(lambda: defaultdict(list))
+        site_ns: dict[tuple, dict[str, int]] = defaultdict(lambda: defaultdict(int))  # the sites' time
         for sc in breakdown.steps:
-            for stage, s in sc.stage_spans:
-                self._nested(index, stage, s, sc.step)
-                self._foreign(foreign, stage, s, sc.step)
-                for smp, a, b in _inside(samples, s.pid, s.tid, s.start_ns, s.end_ns):
-                    sampled[(s.pid, s.tid)][(stage, s.name)].append((sc.step, smp, a, b, s))
             root = sc.root
+            for stage, s in sc.stage_spans:
+                # its part in the step (a span open across steps, an asyncio task's, counts once)
+                lo, hi = max(s.start_ns, root.start_ns), min(s.end_ns, root.end_ns)
+                if hi <= lo:
+                    continue
+                self._nested(index, stage, s, sc.step, lo, hi)
+                self._foreign(foreign, stage, s, sc.step, lo, hi)
+                site_ns[(s.pid, s.tid)][(stage, s.name)] += hi - lo
+                for smp, a, b in _inside(samples, s.pid, s.tid, lo, hi):
+                    sampled[(s.pid, s.tid)][(stage, s.name)].append((sc.step, smp, a, b, s))
             windows = [(root.pid, root.tid, root.start_ns, root.end_ns, GAP)] + sc.peer_windows
             for pid, tid, lo, hi, label in windows:
-                for smp, a, b in _outside_stages(samples, sc, pid, tid, lo, hi):
+                union = _stage_union(sc, pid, tid)
+                site_ns[(pid, tid)][(label, label)] += hi - lo - _overlap_ns(union, lo, hi)
+                for smp, a, b in _outside(samples, union, pid, tid, lo, hi):
                     sampled[(pid, tid)][(label, label)].append((sc.step, smp, a, b, None))
-        for by_stage in sampled.values():
-            self._sampled(by_stage)
+        for thread, by_site in sampled.items():
+            self._sampled(by_site, site_ns[thread])
 
-    def _sampled(self, by_site: dict[tuple[str, str], list[tuple]]) -> None:
+    def _sampled(self, by_site: dict[tuple[str, str], list[tuple]], site_ns: dict[tuple[str, str], int]) -> None:
         """One thread's samples, by (stage, span name): spans of one name open at one place
         in the code. Frames every sample of such a span has that also run other spans (the
         step loop, the function that opens the span) are not the stage's functions; with
-        one span name only, its common frames are dropped."""
+        one span name only, its common frames are dropped. A site's samples shrink about
+        their times to stand for at most the site's `site_ns` together."""
         names = {site: [_sampled_names(smp.stack, self._main.get(smp.pid, "")) for _, smp, _, _, _ in rows]
                  for site, rows in by_site.items()}
         present = {site: {f for stack in stacks for f in enumerate(stack)} for site, stacks in names.items()}
@@ -124,27 +137,34 @@ class FunctionIndex:
             enclosing = _always(names[site])
             if len(by_site) > 1:
                 enclosing &= set().union(*(p for st, p in present.items() if st != site))
+            scale = min(1.0, site_ns[site] / max(1, sum(b - a for _, _, a, b, _ in rows)))
             for (step, smp, a, b, within), stack in zip(rows, names[site]):
+                if scale < 1.0:
+                    a, b = smp.ts_ns - int((smp.ts_ns - a) * scale), smp.ts_ns + int((b - smp.ts_ns) * scale)
                 for d, name in enumerate(stack):
                     if (d, name) not in enclosing:
                         self.calls.append(Call(stage, step, smp.pid, a, b, name, f"samples:{smp.source}",
                                                stage not in MODEL_STAGES, sample=smp, within=within))
 
-    def _nested(self, index: TraceIndex, stage: str, s: Span, step: int) -> None:
+    def _nested(self, index: TraceIndex, stage: str, s: Span, step: int, lo: int, hi: int) -> None:
+        """`s`'s descendants, their part in [lo, hi)."""
         model = stage in MODEL_STAGES
         for d in index.descendants(s):
-            host = not model or is_host_side(d, stage)
-            self.calls.append(Call(stage, step, d.pid, d.start_ns, d.end_ns, d.name, "span", host, d))
+            a, b = max(d.start_ns, lo), min(d.end_ns, hi)
+            if b > a:
+                host = not model or is_host_side(d, stage)
+                self.calls.append(Call(stage, step, d.pid, a, b, d.name, "span", host, d))
 
-    def _foreign(self, foreign: dict, stage: str, s: Span, step: int) -> None:
+    def _foreign(self, foreign: dict, stage: str, s: Span, step: int, lo: int, hi: int) -> None:
+        """The foreign complete events inside [lo, hi) on `s`'s thread."""
         evs = foreign.get((s.pid, s.tid))
         if not evs:
             return
         starts, rows = evs
-        i = bisect.bisect_left(starts, s.start_ns)
-        while i < len(starts) and starts[i] < s.end_ns:
+        i = bisect.bisect_left(starts, lo)
+        while i < len(starts) and starts[i] < hi:
             start, end, name, source = rows[i]
-            if end <= s.end_ns:
+            if end <= hi:
                 self.calls.append(Call(stage, step, s.pid, start, end, name, source, stage not in MODEL_STAGES))
             i += 1
 
@@ -154,7 +174,7 @@ class FunctionIndex:
             return [(c.sample, c.start, c.end)]
         if c.span is None:
             return []
-        return _inside(self._samples, c.span.pid, c.span.tid, c.span.start_ns, c.span.end_ns)
+        return _inside(self._samples, c.span.pid, c.span.tid, c.start, c.end)
 
     def sampled_in(self, c: Call) -> list[Call]:
         """The sampled calls whose sample lies inside call `c`'s span (same process)."""
@@ -168,8 +188,8 @@ class FunctionIndex:
             for lst in self._sampled_by_pid.values():
                 lst.sort(key=lambda x: x.sample.ts_ns)
         rows = self._sampled_by_pid.get(c.pid, [])
-        lo = bisect.bisect_left(rows, c.span.start_ns, key=lambda x: x.sample.ts_ns)
-        hi = bisect.bisect_left(rows, c.span.end_ns, key=lambda x: x.sample.ts_ns)
+        lo = bisect.bisect_left(rows, c.start, key=lambda x: x.sample.ts_ns)
+        hi = bisect.bisect_left(rows, c.end, key=lambda x: x.sample.ts_ns)
         return [x for x in rows[lo:hi] if x.sample.tid == c.span.tid]
 
     def responsible(self, calls: list[Call]) -> list[tuple[str, int]]:
@@ -349,14 +369,23 @@ def _inside(by_thread: dict, pid: int, tid: int, start: int, end: int):
     return rows[1][lo:hi]
 
 
-def _outside_stages(by_thread: dict, sc: StepCost, pid: int, tid: int, start: int, end: int):
-    """Samples of one thread in [start, end) that lie in none of the step's stage spans."""
+def _stage_union(sc: StepCost, pid: int, tid: int) -> list[list[int]]:
+    """The step's stage spans on one thread as sorted disjoint [start, end] intervals."""
     union: list[list[int]] = []
     for a, b in sorted((s.start_ns, s.end_ns) for _, s in sc.stage_spans if s.pid == pid and s.tid == tid):
         if union and a <= union[-1][1]:
             union[-1][1] = max(union[-1][1], b)
         else:
             union.append([a, b])
+    return union
+
+
+def _overlap_ns(union: list[list[int]], start: int, end: int) -> int:
+    return sum(max(0, min(b, end) - max(a, start)) for a, b in union)
+
+
+def _outside(by_thread: dict, union: list[list[int]], pid: int, tid: int, start: int, end: int):
+    """Samples of one thread in [start, end) that lie in none of the intervals of `union`."""
     starts = [a for a, _ in union]
     out = []
     for row in _inside(by_thread, pid, tid, start, end):

@@ -12,12 +12,15 @@ analyzer infers one, in this order:
      that follow the last one). A window longer than IDLE_FACTOR times the thread's
      median held an idle wait for new work and is left out (counted in the profile).
 Steps of kind 4 are synthetic root spans (named `step`, stage `step`) whose children are
-the thread's top-level spans in the window. Tokens per step: the root's `tokens`/`batch`
+the thread's top-level spans in the window, less those of other asyncio tasks: a span
+that overlaps a forward it does not enclose (a forward runs no other task; a handler
+awaiting its result, or a server's periodic `asyncio.sleep`, is open across it). Tokens per step: the root's `tokens`/`batch`
 attrs, else the batch of its forward (auto-instrumentation records it), else one.
 """
 from __future__ import annotations
 
 import statistics
+from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -142,7 +145,7 @@ def _model_cadence(index: TraceIndex) -> Steps:
     for (pid, tid), fwds in threads.items():
         if len(fwds) < 2:
             continue
-        top = index.top_level(pid, tid)
+        top = _own_task(index, index.top_level(pid, tid), fwds)
         starts = [f.start_ns for f in fwds]
         tail_end = max((s.end_ns for s in top if s.start_ns >= starts[-1]), default=fwds[-1].end_ns)
         bounds = list(zip(starts, starts[1:] + [tail_end]))
@@ -164,6 +167,25 @@ def _model_cadence(index: TraceIndex) -> Steps:
         n = steps.idle_windows
         steps.note += f"; {n} window{'s' if n != 1 else ''} holding idle waits left out"
     return steps
+
+
+def _own_task(index: TraceIndex, top: list[Span], fwds: list[Span]) -> list[Span]:
+    """`top` less the spans of other asyncio tasks: those overlapping a forward of `fwds`
+    (by start) that is not inside them."""
+    holders = set()
+    for f in fwds:
+        p = index.by_id.get(f.parent_id)
+        while p is not None and p.span_id not in holders:
+            holders.add(p.span_id)
+            p = index.by_id.get(p.parent_id)
+    starts = [f.start_ns for f in fwds]
+    out = []
+    for s in top:
+        i = max(0, bisect_right(starts, s.start_ns) - 1)
+        crosses = any(f.end_ns > s.start_ns for f in fwds[i:bisect_left(starts, s.end_ns)])
+        if not crosses or s.span_id in holders or any(f is s for f in fwds):
+            out.append(s)
+    return out
 
 
 def _window_tokens(children: list[Span]) -> dict:
