@@ -14,8 +14,9 @@ analyzer infers one, in this order:
 Steps of kind 4 are synthetic root spans (named `step`, stage `step`) whose children are
 the thread's top-level spans in the window, less those of other asyncio tasks: a span
 that overlaps a forward it does not enclose (a forward runs no other task; a handler
-awaiting its result, or a server's periodic `asyncio.sleep`, is open across it). Tokens per step: the root's `tokens`/`batch`
-attrs, else the batch of its forward (auto-instrumentation records it), else one.
+awaiting its result, or a server's periodic `asyncio.sleep`, is open across it).
+Tokens per step: the root's `tokens`/`batch` attrs, else the batch of its forward
+(auto-instrumentation records it), else one.
 """
 from __future__ import annotations
 
