@@ -33,6 +33,7 @@ CORPUS = {
         "log_arrays": (("log-in-hot-path",), "Engine.step"),
         "host_argmax": (("full-logits-transfer",), "Engine.argmax_on_host"),
         "poll_sleep": (("polling-sleep",), "Engine.admit"),
+        "stop_text": (("detokenize-whole-sequence",), "Engine.stopped"),
     }),
     "tcp_master_agent": (["--requests", "16"], {
         "nagle": (("tcp-nodelay",), None),

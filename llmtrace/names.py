@@ -50,6 +50,7 @@ A_TOKENS = "tokens"  # tokens a step (or span) processed
 A_BATCH = "batch"  # sequences in a step
 A_OUTPUT_TOKENS = "output_tokens"  # tokens a step emitted (rows not discarded)
 A_SEQS = "seqs"  # sequences a span worked on
+A_IDS = "ids"  # token ids a tokenizer call decoded
 A_PREFILL = "prefill"
 A_D2H_BYTES = "d2h_bytes"  # bytes a span copied from the device to the host
 A_LOGITS_BYTES = "logits_bytes"

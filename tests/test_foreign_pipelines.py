@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = {
     "thread_queue_server": (["--requests", "24"], {"polling-sleep": "Engine.admit",
                                                     "full-logits-transfer": "Engine.argmax_on_host",
-                                                    "log-in-hot-path": "Engine.step"}),
+                                                    "log-in-hot-path": "Engine.step",
+                                                    "detokenize-whole-sequence": "Engine.stopped"}),
     "tcp_master_agent": (["--requests", "8"], {"tcp-nodelay": None, "serialization-in-hot-path": "send_frame"}),
     "mp_queue_workers": (["--requests", "16", "--workers", "1", "--concurrency", "6"], {"wait-in-step": "take_new"}),
     "asyncio_pipe_worker": (["--requests", "24"], {"full-logits-transfer": "worker",

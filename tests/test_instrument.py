@@ -161,3 +161,18 @@ def test_torch_forward_and_host_copies(spans):
     copy, slow = [s for s in got if s["name"] == names.SYNC_WAIT]
     assert copy["attrs"][names.A_BYTES] == 3 * 2048 * 4 and copy["attrs"]["fn"] == "tolist"
     assert slow["attrs"][names.A_CALLER].endswith("test_torch_forward_and_host_copies")
+
+
+def test_a_decode_records_how_many_ids_it_decoded(spans):
+    spm = pytest.importorskip("sentencepiece")
+    import os
+
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(os.path.dirname(__file__), "..", "engine", "assets",
+                                                            "tokenizer.model"))
+    ids = sp.encode("hello world, this is a test")
+    spans()
+    assert sp.decode(ids) == "hello world, this is a test"
+    assert sp.decode([ids, ids[:3]])[0] == "hello world, this is a test"
+    assert sp.DecodeIds(input=ids) == "hello world, this is a test"  # by keyword, as sentencepiece calls itself
+    counts = [s["attrs"][names.A_IDS] for s in spans() if s["stage"] == names.DETOKENIZE]
+    assert counts[:2] == [len(ids), len(ids) + 3] and len(ids) in counts[2:]

@@ -374,3 +374,36 @@ def test_sampled_leaf_line_names_the_c_call_it_makes(tmp_path):
         assert line_callee("padmod:pad") is None
     finally:
         _sys.path.remove(str(tmp_path))
+
+
+def _streaming_trace(ids_of) -> Context:
+    """A loop thread: forward (2 ms, batch 4), then one detokenize call per sequence whose
+    time is 10 us + 0.5 us per id decoded, `ids_of(step, seq)` ids."""
+    from test_profile import MS as P_MS
+    from test_profile import done, span, trace_of
+
+    t = trace_of(1)
+    for k in range(40):
+        start = k * 4.0
+        span(t, "forward", start, start + 2, batch=4)
+        at = start + 2
+        for seq in range(4):
+            n = ids_of(k, seq)
+            dur = (10_000 + 500 * n) / P_MS
+            span(t, "detokenize", at, at + dur, ids=n)
+            at += dur
+    return done(t)
+
+
+def test_detokenize_whole_sequence_when_each_call_decodes_the_sequence_again():
+    ctx = _streaming_trace(lambda step, seq: 100 + 20 * seq + step)  # prompt + output so far
+    s = _one(ctx, "detokenize-whole-sequence")
+    ids = [100 + 20 * seq + k for k in range(39) for seq in range(4)]  # the 39 complete steps
+    expected_ms = sum(0.5e-3 * (n - 8) for n in ids) / (39 * 4)
+    assert s.stage == "detokenize" and s.est_saving_ms_per_token == pytest.approx(expected_ms, rel=0.1)
+    assert s.evidence["median_ids_per_call"] > 100
+
+
+def test_no_detokenize_finding_for_incremental_decoding():
+    found = run_rules(_streaming_trace(lambda step, seq: 1 + step % 5))  # the new ids only
+    assert "detokenize-whole-sequence" not in {s.id for s in found}

@@ -10,6 +10,9 @@ Planted mistakes (on by default; PLANT_<NAME>=0 switches one off, PIPELINE_CLEAN
   log_arrays   an f-string in log.debug formats the logits tensor every step, DEBUG off or on
   host_argmax  the next token is an argmax in Python over logits.tolist() (the full vocab)
   poll_sleep   the engine sleeps 3 ms each step "to let more requests arrive"
+  stop_text    to look for a stop string, the engine decodes each running sequence whole
+               (prompt and output) every step and cuts the prompt's text off; the clean
+               variant decodes only the last few output tokens
 """
 from __future__ import annotations
 
@@ -24,16 +27,18 @@ from common import (DEVICE, Request, TinyLM, advance, blocking, drive, load_args
 
 log = logging.getLogger("thread_queue_server")
 WINDOW = 16  # the model sees each sequence's last WINDOW tokens
+STOP = "\n\nUser:"  # a request ends when its text has this
+TAIL = 8  # output tokens the clean stop check decodes
 
 
 class Engine(threading.Thread):
-    def __init__(self, model: TinyLM, max_batch: int = 8):
+    def __init__(self, model: TinyLM, sp, max_batch: int = 8):
         super().__init__(name="engine", daemon=True)
-        self.model, self.max_batch = model, max_batch
+        self.model, self.sp, self.max_batch = model, sp, max_batch
         self.inbox: queue.Queue[Request] = queue.Queue()
         self.running: list[Request] = []
-        self.log_arrays, self.host_argmax, self.poll_sleep = (planted("log_arrays"), planted("host_argmax"),
-                                                              planted("poll_sleep"))
+        self.log_arrays, self.host_argmax, self.poll_sleep, self.stop_text = (
+            planted("log_arrays"), planted("host_argmax"), planted("poll_sleep"), planted("stop_text"))
 
     def run(self) -> None:
         while True:
@@ -58,7 +63,19 @@ class Engine(threading.Thread):
         if self.log_arrays:
             log.debug(f"step logits {logits}")
         next_ids = self.argmax_on_host(logits) if self.host_argmax else logits.argmax(dim=-1).tolist()
-        self.running = advance(self.running, next_ids)
+        self.running = [r for r in advance(self.running, next_ids) if not self.stopped(r)]
+
+    def stopped(self, r: Request) -> bool:
+        """Whether the request's text reached the stop string (then it is done)."""
+        if self.stop_text:
+            prompt = len(self.sp.decode(r.ids[:len(r.ids) - len(r.out)]))
+            text = self.sp.decode(r.ids)[prompt:]
+        else:
+            text = self.sp.decode(r.out[-TAIL:])
+        if STOP in text:
+            r.done.set()
+            return True
+        return False
 
     @staticmethod
     def argmax_on_host(logits: torch.Tensor) -> list[int]:
@@ -68,9 +85,10 @@ class Engine(threading.Thread):
 def main() -> None:
     args = load_args(__doc__).parse_args()
     torch.set_num_threads(1)
-    engine = Engine(TinyLM().to(DEVICE))
+    sp = tokenizer()
+    engine = Engine(TinyLM().to(DEVICE), sp)
     engine.start()
-    server, url = serve_generate(blocking(engine.inbox.put), tokenizer())
+    server, url = serve_generate(blocking(engine.inbox.put), sp)
     result = drive(url, args.requests, args.concurrency, args.max_tokens)
     server.shutdown()
     print_result("thread_queue_server", result)

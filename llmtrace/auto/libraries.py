@@ -1,6 +1,8 @@
 """Tokenizers and HTTP front ends: Hugging Face tokenizers (`tokenize`: __call__, encode,
 apply_chat_template; `detokenize`: decode, batch_decode) and sentencepiece; requests of
-http.server, aiohttp and Starlette/FastAPI (ASGI) as `http.request` spans with the path."""
+http.server, aiohttp and Starlette/FastAPI (ASGI) as `http.request` spans with the path.
+A decode records how many ids it decoded (`ids`): a streaming server that decodes each
+whole sequence again for every new token shows as ids growing with the output."""
 from __future__ import annotations
 
 import functools
@@ -8,17 +10,49 @@ from time import perf_counter_ns
 
 from .. import names, recorder
 from ..timed import record_span
+from .caller import name_if_slow
 from .patching import on_import, replace, traced
 
-_TOKENIZE = (("__call__", names.TOKENIZE), ("encode", names.TOKENIZE), ("apply_chat_template", names.TOKENIZE),
-             ("decode", names.DETOKENIZE), ("batch_decode", names.DETOKENIZE))
-_SENTENCEPIECE = (("Encode", names.TOKENIZE), ("encode", names.TOKENIZE), ("EncodeAsIds", names.TOKENIZE),
-                  ("Decode", names.DETOKENIZE), ("decode", names.DETOKENIZE), ("DecodeIds", names.DETOKENIZE))
+_TOKENIZE = ("__call__", "encode", "apply_chat_template")
+_DETOKENIZE = ("decode", "batch_decode")
+_SP_TOKENIZE = ("Encode", "encode", "EncodeAsIds")
+_SP_DETOKENIZE = ("Decode", "decode", "DecodeIds")
 
 
-def _patch_methods(cls, table) -> None:
-    for attr, stage in table:
-        replace(cls, attr, traced(stage, stage))
+def _patch_methods(cls, tokenize: tuple[str, ...], detokenize: tuple[str, ...]) -> None:
+    for attr in tokenize:
+        replace(cls, attr, traced(names.TOKENIZE, names.TOKENIZE))
+    for attr in detokenize:
+        replace(cls, attr, _decoder)
+
+
+def _id_count(ids) -> int:
+    """Token ids in a decode's input: a list (of lists), a tensor or an array; 1 for an id."""
+    for size in ("numel", "size"):  # torch.Tensor.numel(), ndarray.size
+        n = getattr(ids, size, None)
+        if n is not None:
+            return int(n() if callable(n) else n)
+    try:
+        return sum(map(len, ids)) if ids and hasattr(ids[0], "__len__") else len(ids)
+    except TypeError:
+        return 1
+
+
+_IDS_KEYWORDS = ("token_ids", "sequences", "input", "ids")  # HF decode / batch_decode, sentencepiece
+
+
+def _decoder(orig):
+    def decode(tok, *args, **kwargs):
+        if not recorder.is_enabled():
+            return orig(tok, *args, **kwargs)
+        ids = args[0] if args else next((kwargs[k] for k in _IDS_KEYWORDS if k in kwargs), ())
+        with recorder.span(names.DETOKENIZE, stage=names.DETOKENIZE, **{names.A_IDS: _id_count(ids)}) as sp:
+            try:
+                return orig(tok, *args, **kwargs)
+            finally:
+                name_if_slow(sp)
+
+    return decode
 
 
 def _patch_http_server(mod) -> None:
@@ -62,8 +96,8 @@ def _async_request(path_of):
 
 def install() -> None:
     on_import("transformers.tokenization_utils_base",
-              lambda mod: _patch_methods(mod.PreTrainedTokenizerBase, _TOKENIZE))
-    on_import("sentencepiece", lambda mod: _patch_methods(mod.SentencePieceProcessor, _SENTENCEPIECE))
+              lambda mod: _patch_methods(mod.PreTrainedTokenizerBase, _TOKENIZE, _DETOKENIZE))
+    on_import("sentencepiece", lambda mod: _patch_methods(mod.SentencePieceProcessor, _SP_TOKENIZE, _SP_DETOKENIZE))
     on_import("http.server", _patch_http_server)
     on_import("aiohttp.web_protocol", lambda mod: replace(mod.RequestHandler, "_handle_request",
                                                           _async_request(lambda req: req.path)))

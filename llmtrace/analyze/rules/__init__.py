@@ -11,6 +11,7 @@ from __future__ import annotations
 from . import (
     concat_padding,
     cpu_starved,
+    detokenize_whole_sequence,
     full_logits_transfer,
     gc_pauses,
     gil_contention,
@@ -28,7 +29,7 @@ from . import (
 )
 
 RULES = (log_in_hot_path, concat_padding, full_logits_transfer, gc_pauses, tcp_nodelay, polling_sleep, serialization,
-         idle_wait, no_kv_cache, unsynced_gpu_timing, small_prefill_batch, kv_cache_pressure, underfilled_batch,
+         detokenize_whole_sequence, idle_wait, no_kv_cache, unsynced_gpu_timing, small_prefill_batch, kv_cache_pressure, underfilled_batch,
          cpu_starved, gil_contention, hot_function_in_stage)
 MIN_SAVING_SHARE = 0.005
 
