@@ -290,7 +290,6 @@ def test_fixes_name_the_settings_the_pipeline_declares_and_no_others():
     setting names of some other program."""
     from engine.config import load_config
     from engine.trace_resource import SETTINGS
-
     from llmtrace import names
 
     assert set(SETTINGS) == set(names.KNOBS)

@@ -22,8 +22,19 @@ import threading
 import time
 
 import torch
-from common import (DEVICE, Request, TinyLM, advance, blocking, drive, load_args, planted, print_result,
-                    serve_generate, tokenizer)
+from common import (
+    DEVICE,
+    Request,
+    TinyLM,
+    advance,
+    blocking,
+    drive,
+    load_args,
+    planted,
+    print_result,
+    serve_generate,
+    tokenizer,
+)
 
 log = logging.getLogger("thread_queue_server")
 WINDOW = 16  # the model sees each sequence's last WINDOW tokens
