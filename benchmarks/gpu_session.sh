@@ -28,7 +28,7 @@ PY
 }
 if [ "$part" = checks ]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_model_runner.py \
-    tests/test_triton_attention.py tests/test_fused_ops.py tests/test_recorder.py 2>&1 | tail -3
+    tests/test_triton_attention.py tests/test_fused_ops.py tests/test_recorder.py tests/test_sampler.py 2>&1 | tail -3
   python3 scripts/recorder_stress.py 5
   python3 benchmarks/gpu_decode.py --skip-transformers --json "$out/decode.json" 2>&1 | tee "$out/decode.txt" | tail -12
   python3 benchmarks/gpu_e2e.py --out /tmp/e2e --skip-transformers 2>&1 | tee "$out/e2e.txt" | tail -30
