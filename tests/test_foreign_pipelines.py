@@ -50,7 +50,9 @@ def record(out, pipeline: str, args: list[str], timeout_s: float = 200, **env) -
         pytest.fail(f"{pipeline} still running after {timeout_s:g} s; its stacks:\n{err[-20000:]}")
     assert proc.returncode == 0, err[-2000:]
     with open(os.path.join(out, "report.json")) as f:
-        return json.load(f)
+        report = json.load(f)
+    assert not report["rule_errors"], report["rule_errors"]
+    return report
 
 
 def responsible(s: dict) -> list[str]:

@@ -176,3 +176,40 @@ def test_a_decode_records_how_many_ids_it_decoded(spans):
     assert sp.DecodeIds(input=ids) == "hello world, this is a test"  # by keyword, as sentencepiece calls itself
     counts = [s["attrs"][names.A_IDS] for s in spans() if s["stage"] == names.DETOKENIZE]
     assert counts[:2] == [len(ids), len(ids) + 3] and len(ids) in counts[2:]
+
+
+def test_http_server_and_wsgi_requests_are_spans(spans):
+    import threading
+    import urllib.request
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args):
+            pass
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    def app(environ, start_response):
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    servers = [ThreadingHTTPServer(("127.0.0.1", 0), Handler), make_server("127.0.0.1", 0, app, handler_class=Quiet)]
+    for srv in servers:
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    spans()
+    for srv, path in zip(servers, ("/plain", "/wsgi")):
+        assert urllib.request.urlopen(f"http://127.0.0.1:{srv.server_address[1]}{path}", timeout=10).read() == b"ok"
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+    got = sorted(s["attrs"]["path"] for s in spans() if s["name"] == names.HTTP_REQUEST)
+    assert got == ["/plain", "/wsgi"]

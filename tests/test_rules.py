@@ -406,3 +406,44 @@ def test_detokenize_whole_sequence_when_each_call_decodes_the_sequence_again():
 def test_no_detokenize_finding_for_incremental_decoding():
     found = run_rules(_streaming_trace(lambda step, seq: 1 + step % 5))  # the new ids only
     assert "detokenize-whole-sequence" not in {s.id for s in found}
+
+
+def _handler_loop_trace(batch: int) -> Context:
+    """Four requests open across a loop of forwards (2 ms of every 3 ms) of `batch` sequences."""
+    from test_profile import done, span, trace_of
+
+    t = trace_of(1)
+    for r in range(4):
+        span(t, "http.request", -1 + r * 0.1, 200, tid=10 + r)
+    for k in range(60):
+        span(t, "forward", k * 3.0, k * 3.0 + 2, batch=batch)
+    return done(t)
+
+
+def test_unbatched_requests_when_forwards_run_one_sequence_while_requests_wait():
+    s = _one(_handler_loop_trace(batch=1), "unbatched-requests")
+    # on a CPU only the step's non-model 1 ms is shared by the 4: 0.75 ms saved per token at least
+    assert s.est_saving_ms_per_token == pytest.approx(0.75, rel=0.05)
+    assert s.evidence["in_flight_p50"] == 4 and s.evidence["ms_per_token_if_flat"] == pytest.approx(2.25, rel=0.05)
+
+
+def test_no_unbatched_finding_when_the_forwards_batch_the_requests():
+    assert "unbatched-requests" not in {s.id for s in run_rules(_handler_loop_trace(batch=4))}
+
+
+def test_a_failing_rule_costs_only_its_own_finding(monkeypatch):
+    import types
+
+    from llmtrace.analyze import rules
+    from llmtrace.analyze.report import build_report, render_markdown, render_text
+
+    def check(ctx):
+        raise KeyError("steps")
+
+    monkeypatch.setattr(rules, "RULES", (types.SimpleNamespace(ID="broken-rule", check=check),) + rules.RULES)
+    b = EngineTraceBuilder()
+    b.steps(30, batch=1, nested={"preprocess": [("logging.debug", 7.0, {})]})
+    rep = build_report(b.build())
+    assert rep["rule_errors"] == ["broken-rule: KeyError: 'steps'"]
+    assert "log-in-hot-path" in {s["id"] for s in rep["suggestions"]}
+    assert "broken-rule" in render_text(rep) and "broken-rule" in render_markdown(rep)

@@ -56,6 +56,7 @@ class Context:
         self.metrics = serving_metrics(self.index, self.breakdown)
         self.functions = FunctionIndex(self.index, self.breakdown, trace)
         self.claimed: set[str] = set()  # function names a specific rule already explained
+        self.rule_errors: list[str] = []  # rules that failed on this trace (rules.run_rules)
         self._cpu: ThreadCpu | None = None
 
     @property

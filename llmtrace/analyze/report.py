@@ -101,6 +101,7 @@ def _tracing(ctx: Context) -> dict:
 
 def build_report(trace: Trace) -> dict:
     ctx = Context(trace)
+    suggestions = [s.to_dict() for s in run_rules(ctx)]
     return {
         "version": REPORT_VERSION,
         "summary": ctx.metrics,
@@ -110,7 +111,8 @@ def build_report(trace: Trace) -> dict:
         "whole_run_functions": None if ctx.steps else [{"function": f, "ms": round(ns / 1e6, 3)}
                                                        for f, ns in program_functions(trace)],
         "off_steps": _off_steps(ctx) if ctx.steps else [],
-        "suggestions": [s.to_dict() for s in run_rules(ctx)],
+        "suggestions": suggestions,
+        "rule_errors": ctx.rule_errors,
         "tracing": _tracing(ctx),
         "meta": trace.meta,
     }
@@ -208,6 +210,8 @@ def render_text(report: dict, color: bool = False, width: int = 130) -> str:
         console.print(f"[dim]{OVERLAP_NOTE}[/dim]")
     else:
         console.print("No suggestions: no known antipattern found in this trace.")
+    for err in report.get("rule_errors") or []:
+        console.print(f"[red]rule failed on this trace (a bug in llmtrace; the other rules ran):[/red] {escape(err)}")
     t = report["tracing"]
     cost = t["instrumentation_cost_us_per_token"]
     console.print(f"Tracing: {t['spans_recorded']} spans, {t['spans_dropped']} dropped, "
@@ -244,6 +248,8 @@ def render_markdown(report: dict) -> str:
     lines.append("" if report["suggestions"] else "No known antipattern found.")
     if report["suggestions"]:
         lines.append(f"_{OVERLAP_NOTE}_")
+    lines += [f"**rule failed on this trace** (a bug in llmtrace; the other rules ran): {err}"
+              for err in report.get("rule_errors") or []]
     t = report["tracing"]
     lines += ["", "## Tracing", "", f"{t['spans_recorded']} spans recorded, {t['spans_dropped']} dropped"
               + (f", ~{t['instrumentation_cost_us_per_token']:.2f} us/token of instrumentation"

@@ -1,6 +1,7 @@
 """Tokenizers and HTTP front ends: Hugging Face tokenizers (`tokenize`: __call__, encode,
 apply_chat_template; `detokenize`: decode, batch_decode) and sentencepiece; requests of
-http.server, aiohttp and Starlette/FastAPI (ASGI) as `http.request` spans with the path.
+http.server, wsgiref (WSGI), aiohttp and Starlette/FastAPI (ASGI) as `http.request` spans
+with the path.
 A decode records how many ids it decoded (`ids`): a streaming server that decodes each
 whole sequence again for every new token shows as ids growing with the output."""
 from __future__ import annotations
@@ -81,6 +82,17 @@ def _patch_http_server(mod) -> None:
     replace(handler, "handle_one_request", handle)
 
 
+def _wsgi_run(orig):
+    """wsgiref's handler runs the application and writes the response in `run` (the
+    request's environ: `base_env`, given to the handler before)."""
+    def run(self, application):
+        if not recorder.is_enabled():
+            return orig(self, application)
+        with recorder.span(names.HTTP_REQUEST, path=(getattr(self, "base_env", None) or {}).get("PATH_INFO", "?")):
+            return orig(self, application)
+    return run
+
+
 def _async_request(path_of):
     def wrap(orig):
         @functools.wraps(orig)
@@ -99,6 +111,7 @@ def install() -> None:
               lambda mod: _patch_methods(mod.PreTrainedTokenizerBase, _TOKENIZE, _DETOKENIZE))
     on_import("sentencepiece", lambda mod: _patch_methods(mod.SentencePieceProcessor, _SP_TOKENIZE, _SP_DETOKENIZE))
     on_import("http.server", _patch_http_server)
+    on_import("wsgiref.handlers", lambda mod: replace(mod.BaseHandler, "run", _wsgi_run))
     on_import("aiohttp.web_protocol", lambda mod: replace(mod.RequestHandler, "_handle_request",
                                                           _async_request(lambda req: req.path)))
     on_import("starlette.applications", lambda mod: replace(mod.Starlette, "__call__", _async_request(

@@ -24,19 +24,27 @@ from . import (
     serialization,
     small_prefill_batch,
     tcp_nodelay,
+    unbatched_requests,
     underfilled_batch,
     unsynced_gpu_timing,
 )
 
 RULES = (log_in_hot_path, concat_padding, full_logits_transfer, gc_pauses, tcp_nodelay, polling_sleep, serialization,
-         detokenize_whole_sequence, idle_wait, no_kv_cache, unsynced_gpu_timing, small_prefill_batch, kv_cache_pressure, underfilled_batch,
-         cpu_starved, gil_contention, hot_function_in_stage)
+         detokenize_whole_sequence, idle_wait, no_kv_cache, unsynced_gpu_timing, small_prefill_batch,
+         kv_cache_pressure, underfilled_batch, unbatched_requests, cpu_starved, gil_contention, hot_function_in_stage)
 MIN_SAVING_SHARE = 0.005
 
 
 def run_rules(ctx) -> list:
-    """Every rule's suggestions, ranked by estimated saving per token."""
+    """Every rule's suggestions, ranked by estimated saving per token. A rule that fails on
+    this trace (a bug) costs its own finding only: the failure goes to `ctx.rule_errors`
+    (the report lists it) and the other rules still run."""
     floor = MIN_SAVING_SHARE * ctx.per_token_ms
-    found = [s for rule in RULES for s in rule.check(ctx)
-             if s.impact or (s.est_saving_ms_per_token >= floor and s.est_saving_ms_per_token > 0)]
+    found = []
+    for rule in RULES:
+        try:
+            found += rule.check(ctx)
+        except Exception as e:  # noqa: BLE001 (one rule's bug must not cost the whole report)
+            ctx.rule_errors.append(f"{rule.ID}: {type(e).__name__}: {e}")
+    found = [s for s in found if s.impact or (s.est_saving_ms_per_token >= floor and s.est_saving_ms_per_token > 0)]
     return sorted(found, key=lambda s: -s.est_saving_ms_per_token)

@@ -19,6 +19,7 @@ import statistics
 
 from ... import names
 from ..context import MIN_STEPS_AFFECTED
+from ..stats import slope
 
 ID = "detokenize-whole-sequence"
 MIN_CALLS = 20
@@ -46,13 +47,6 @@ def _decode_calls(ctx) -> list:
     return out
 
 
-def _slope(xs: list[float], ys: list[float]) -> float:
-    """Least-squares slope of ys over xs (0 when xs do not vary)."""
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    var = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
-
-
 def check(ctx):
     calls = _decode_calls(ctx)
     if len(calls) < MIN_CALLS or len({c.step for c in calls}) < MIN_STEPS_AFFECTED or not ctx.tokens:
@@ -61,7 +55,7 @@ def check(ctx):
     if sum(ids) / ctx.tokens < MIN_IDS_PER_TOKEN:
         return []
     durations = [float(c.end - c.start) for c in calls]
-    per_id_ns = _slope(ids, durations) if max(ids) >= SPREAD * max(1.0, min(ids)) else float("inf")
+    per_id_ns = slope(ids, durations) if max(ids) >= SPREAD * max(1.0, min(ids)) else float("inf")
     if per_id_ns <= 0:
         return []
     saved_ns = sum(min(per_id_ns * (n - INCREMENTAL_IDS), d * (n - INCREMENTAL_IDS) / n)
