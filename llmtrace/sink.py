@@ -234,13 +234,29 @@ def flush() -> int:
     return _spooler.flush() if _spooler is not None else 0
 
 
+_final_hooks: list = []
+
+
+def on_final_stop(fn) -> None:
+    """Call `fn()` when this process stops recording for good (exit, a stop signal, a
+    multiprocessing child's target returning: its os._exit skips atexit), before the spool
+    closes: tools that keep data in memory (viztracer's window) write it there."""
+    _final_hooks.append(fn)
+
+
 def stop(reason: str = "exit", final: bool = True) -> None:
     """Close the spool. `final` (the process is done recording: exit, a stop signal,
-    shutdown()): spans still open are recorded as ending now, flagged open-at-stop (a
-    daemon thread mid-request, an agent mid-step at SIGTERM), so the trace keeps them."""
+    shutdown()): the final-stop hooks run, and spans still open are recorded as ending now,
+    flagged open-at-stop (a daemon thread mid-request, an agent mid-step at SIGTERM), so the
+    trace keeps them."""
     global _spooler
     if _spooler is not None:
         if final:
+            for fn in list(_final_hooks):
+                try:
+                    fn()
+                except Exception as e:  # noqa: BLE001 (a tool's failure must not lose the spool)
+                    print(f"llmtrace: {getattr(fn, '__qualname__', fn)} failed at stop: {e!r}", file=sys.stderr)
             recorder.close_open()
         _spooler.close(reason)
         _spooler = None

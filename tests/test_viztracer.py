@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+import textwrap
 
 import pytest
-from test_record import PIPELINE, names_array_formatting_in_preprocess, record, report
+from test_record import PIPELINE, names_array_formatting_in_preprocess, record, report, stage_functions
 
 from llmtrace import recorder
 from llmtrace.errors import UserError
@@ -98,3 +99,42 @@ def test_record_with_viztracer_names_the_slow_function(tmp_path):
         owner = [s for s in inside.values() if s.pid == e["pid"] and s.tid == e["tid"]
                  and s.start_ns <= start and end <= s.end_ns + 1000]
         assert owner and owner[0].step < steps, e
+
+
+def test_a_forked_multiprocessing_worker_saves_its_own_window(tmp_path):
+    """A fork-started worker ends with os._exit (no atexit): its window is saved when its
+    target returns, and the analyzer names the function inside its stage."""
+    prog = tmp_path / "forked.py"
+    prog.write_text(textwrap.dedent("""
+        import multiprocessing as mp
+        import llmtrace
+
+        def render(rows):
+            return [str(r) for r in rows]
+
+        def worker(n):
+            rows = [list(range(i, i + 200)) for i in range(40)]
+            for _ in range(n):
+                with llmtrace.step(tokens=1):
+                    with llmtrace.span("preprocess"):
+                        render(rows)
+                    with llmtrace.span("forward"):
+                        sum(range(20000))
+
+        if __name__ == "__main__":
+            mp.set_start_method("fork")
+            p = mp.Process(target=worker, args=(12,), name="fork-worker")
+            p.start()
+            p.join()
+    """))
+    out = tmp_path / "run"
+    r = record(out, "--sample-hz", "0", "--viztracer", "--viztracer-stages", "preprocess", "--viztracer-steps", "5",
+               program=[sys.executable, str(prog)])
+    assert r.returncode == 0, r.stderr
+    from llmtrace.load import load_trace
+
+    trace = load_trace(str(out))
+    worker = next(pid for pid, p in trace.processes.items() if p.name == "fork-worker")
+    assert os.path.isfile(out / "viztracer" / f"{worker}.json")
+    tops = stage_functions(report(out), "preprocess")
+    assert any("render" in f["name"] and "viztracer" in f["sources"] for f in tops), tops

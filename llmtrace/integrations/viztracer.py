@@ -14,12 +14,12 @@ Clock: viztracer 1.x stamps events with the TSC calibrated against CLOCK_MONOTON
 clock (perf_counter_ns, CLOCK_MONOTONIC) as it is; its `baseTimeNanoseconds` is the
 CLOCK_REALTIME - CLOCK_MONOTONIC offset, like our spool header's `epoch_offset_ns`.
 The tracer stops for good when the window has its N steps (at the next span of a chosen
-stage); its events are saved to RUN/viztracer/<pid>.json at exit or SIGTERM, not then, so
-no step pays for the save.
+stage); its events are saved to RUN/viztracer/<pid>.json when the process stops recording
+(exit, SIGTERM/SIGHUP, a multiprocessing child's target returning: sink.on_final_stop),
+not then, so no step pays for the save. A forked child starts a window of its own.
 """
 from __future__ import annotations
 
-import atexit
 import itertools
 import os
 import re
@@ -195,7 +195,7 @@ def install(spec: WindowSpec, out_dir: str) -> Window:
     global _window
     import llmtrace
 
-    from .. import recorder
+    from .. import recorder, sink
 
     if _window is not None:
         return _window
@@ -204,33 +204,9 @@ def install(spec: WindowSpec, out_dir: str) -> Window:
     _window = Window(spec, out_dir, recorder.span, recorder.traced)
     llmtrace.span = recorder.span = _window.span
     recorder.traced = _window.traced
-    atexit.register(_window.save)
-    _save_on_sigterm(_window)
+    sink.on_final_stop(_window.save)  # at exit, a stop signal, a multiprocessing child's end
     os.register_at_fork(after_in_child=_window.after_fork_in_child)
     return _window
-
-
-def _save_on_sigterm(window: Window) -> None:
-    """Save before the handler in place (the spooler's flushes and re-raises): a process
-    stopped with SIGTERM runs no atexit."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-    prev = signal.getsignal(signal.SIGTERM)
-    if not (callable(prev) or prev == signal.SIG_DFL):
-        return
-
-    def on_sigterm(signum, frame):
-        window.save()
-        if callable(prev):
-            prev(signum, frame)
-        else:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def install_from_env() -> Window | None:
