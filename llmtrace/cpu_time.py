@@ -30,9 +30,12 @@ def read_threads() -> dict[str, list[int]]:
         return {}
     out = {}
     for tid in tids:
-        try:
-            with open(f"{_TASKS}/{tid}/schedstat", "rb") as f:
-                run, wait = f.read().split()[:2]
+        try:  # os.open/read: a file object costs 3x as much, 20 times a second per thread
+            fd = os.open(f"{_TASKS}/{tid}/schedstat", os.O_RDONLY)
+            try:
+                run, wait = os.read(fd, 96).split()[:2]
+            finally:
+                os.close(fd)
             out[tid] = [int(run), int(wait)]
         except (OSError, ValueError):
             continue  # the thread ended meanwhile

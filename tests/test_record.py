@@ -60,6 +60,9 @@ def test_builtin_sampler_names_the_slow_function_in_its_stage(tmp_path):
     assert rep["summary"]["output_tokens"] == 40 * 8  # `batch` attr of the step root
     names_array_formatting_in_preprocess(rep, "samples:llmtrace")
     assert "log-in-hot-path" in r.stdout and os.path.isfile(tmp_path / "trace.json")
+    # what the sampler and the flusher cost, measured in-band (their threads' CPU time)
+    assert 0 < rep["tracing"]["own_threads_cpu_share"] < 0.5 and rep["tracing"]["own_threads_cpu_ms"] > 0
+    assert "llmtrace's own threads" in r.stdout
 
 
 PROGRAM_THAT_RAISES = """

@@ -69,5 +69,17 @@ class ThreadCpu:
                 out[other] = d[0] + d[1]
         return out
 
+    def own_share(self, trace: Trace) -> tuple[float, float]:
+        """(CPU ns of llmtrace's own threads, CPU ns of every thread), over the recording of
+        every process: what the stack sampler and the spool flusher cost the program."""
+        own = total = 0.0
+        for (pid, tid), s in self.series.items():
+            ns = s.run[-1] - s.run[0]
+            total += ns
+            p = trace.processes.get(pid)
+            if p is not None and p.threads.get(tid) in OWN_THREADS:
+                own += ns
+        return own, total
+
     def load1(self) -> float | None:
         return round(median(self.loads), 2) if self.loads else None

@@ -93,9 +93,13 @@ def _tracing(ctx: Context) -> dict:
                       "counters": ctrs, "dropped": sum(p.dropped.values()) if p else 0, "span_cost_ns": span_cost,
                       "truncated": bool(p and p.truncated_at is not None),
                       "spans_open_at_stop": sum(1 for s in tr.spans if s.pid == pid and s.open_at_stop)})
+    own, total = ctx.cpu.own_share(tr) if ctx.cpu else (0.0, 0.0)
     return {"spans_recorded": len(tr.spans), "records": len(tr.spans) + len(tr.instants) + len(tr.counters),
             "spans_dropped": tr.spans_dropped, "stack_samples": len(tr.samples),
             "instrumentation_cost_us_per_token": cost_ns / ctx.tokens / 1e3 if ctx.tokens else None,
+            # the sampler's and the flusher's CPU time (their GIL time is at most that)
+            "own_threads_cpu_ms": round(own / 1e6, 1) if total else None,
+            "own_threads_cpu_share": round(own / total, 4) if total else None,
             "processes": procs}
 
 
@@ -217,6 +221,9 @@ def render_text(report: dict, color: bool = False, width: int = 130) -> str:
     console.print(f"Tracing: {t['spans_recorded']} spans, {t['spans_dropped']} dropped, "
                   f"instrumentation ~{cost:.2f} us/token" if cost is not None else
                   f"Tracing: {t['spans_recorded']} spans, {t['spans_dropped']} dropped")
+    if t.get("own_threads_cpu_share") is not None:
+        console.print(f"llmtrace's own threads (stack sampler, spool flush): {t['own_threads_cpu_ms']:.0f} ms of CPU, "
+                      f"{t['own_threads_cpu_share']:.1%} of the program's")
     return console.export_text(styles=color)
 
 
