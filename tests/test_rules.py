@@ -447,3 +447,18 @@ def test_a_failing_rule_costs_only_its_own_finding(monkeypatch):
     assert rep["rule_errors"] == ["broken-rule: KeyError: 'steps'"]
     assert "log-in-hot-path" in {s["id"] for s in rep["suggestions"]}
     assert "broken-rule" in render_text(rep) and "broken-rule" in render_markdown(rep)
+
+
+def test_the_masters_samples_while_it_waits_for_the_agent_are_not_gap():
+    """The master thread idles in its event loop during agent.wait: those samples are the
+    transport's wait, not unannotated work of the step (they had topped `gap` at 200x its time)."""
+    b = EngineTraceBuilder()
+    b.steps(30, batch=4)
+    t = b.build()
+    for w in (s for s in t.spans if s.name == "agent.wait"):
+        for k in range(4):
+            t.samples.append(Sample(MASTER_PID, MASTER_PID, w.start_ns + (k + 1) * (w.end_ns - w.start_ns) // 5,
+                                    ("asyncio.base_events:BaseEventLoop.run_forever", f"selectors:select_{k % 2}")))
+    t.sort()
+    ctx = Context(t)
+    assert not ctx.functions.select(stage="gap")

@@ -370,9 +370,11 @@ def _inside(by_thread: dict, pid: int, tid: int, start: int, end: int):
 
 
 def _stage_union(sc: StepCost, pid: int, tid: int) -> list[list[int]]:
-    """The step's stage spans on one thread as sorted disjoint [start, end] intervals."""
+    """The step's stage spans on one thread, and its wait for a remote step (the time the
+    breakdown gives the transport, not `gap`), as sorted disjoint [start, end] intervals."""
+    spans = [s for _, s in sc.stage_spans] + ([sc.wait] if sc.wait is not None else [])
     union: list[list[int]] = []
-    for a, b in sorted((s.start_ns, s.end_ns) for _, s in sc.stage_spans if s.pid == pid and s.tid == tid):
+    for a, b in sorted((s.start_ns, s.end_ns) for s in spans if s.pid == pid and s.tid == tid):
         if union and a <= union[-1][1]:
             union[-1][1] = max(union[-1][1], b)
         else:
