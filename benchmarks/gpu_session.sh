@@ -3,6 +3,7 @@
 # (pip builds the C recorder; nothing from PYTHONPATH but carried wheels).
 #   bash benchmarks/gpu_session.sh OUT checks   GPU tests, table 1 (decode), tables 2-4 (end to end)
 #   bash benchmarks/gpu_session.sh OUT cost     table 5: tracing on vs off, 2 rounds interleaved
+#   bash benchmarks/gpu_session.sh OUT sanity   GPU tests, recorder stress, the quickstart on CUDA (~3 min)
 # Carry .whl (orjson for Python 3.12: see GPU_NOTES.md). Results land under OUT.
 set -uo pipefail
 out=${1:?usage: gpu_session.sh OUT checks|cost}
@@ -34,6 +35,13 @@ if [ "$part" = checks ]; then
   python3 benchmarks/gpu_e2e.py --out /tmp/e2e --skip-transformers 2>&1 | tee "$out/e2e.txt" | tail -30
   backends /tmp/e2e/llama2_7b
   cp /tmp/e2e/results.json "$out/e2e.json"; cp /tmp/e2e/llama2_7b/report.md "$out/report.md" 2>/dev/null
+elif [ "$part" = sanity ]; then
+  python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_model_runner.py \
+    tests/test_triton_attention.py tests/test_fused_ops.py tests/test_recorder.py tests/test_sampler.py 2>&1 | tail -3
+  python3 scripts/recorder_stress.py 5
+  python3 -m llmtrace.cli run --config examples/quickstart.yaml --out /tmp/qs --set model.device=cuda 2>&1 \
+    | tee "$out/quickstart.txt" | grep -E "ms/token|tok/s|error" | head -5
+  backends /tmp/qs
 else
   python3 benchmarks/gpu_e2e.py --out /tmp/cost --skip-engine --skip-transformers --tracing-cost 2 2>&1 \
     | tee "$out/cost.txt" | tail -12
