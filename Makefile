@@ -21,6 +21,7 @@ run: $(STAMP)
 	$(BIN)/llmtrace run --config $(CONFIG)
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

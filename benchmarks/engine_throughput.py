@@ -99,7 +99,8 @@ def prompt_token_ids(cfg, tokenizer) -> list[list[int]]:
     for spec in iter_requests(cfg.workload, tokenizer, cfg.engine.max_model_len):
         ids = tokenizer.encode(spec.prompt)
         if len(ids) != spec.prompt_len:
-            raise RuntimeError(f"{spec.req_id}: prompt encodes to {len(ids)} tokens, the workload says {spec.prompt_len}")
+            raise RuntimeError(f"{spec.req_id}: prompt encodes to {len(ids)} tokens, "
+                               f"the workload says {spec.prompt_len}")
         prompts.append(ids)
     return prompts
 
@@ -134,7 +135,8 @@ def drive_engine(url: str, wl, tokenizer, max_model_len: int | None = None) -> t
 
     results, summary = asyncio.run(run_workload(url, wl, tokenizer, max_model_len=max_model_len))
     if summary.errors:
-        raise RuntimeError(f"{summary.errors} engine requests failed, e.g. {next(r.error for r in results if not r.ok)}")
+        first = next(r.error for r in results if not r.ok)
+        raise RuntimeError(f"{summary.errors} engine requests failed, e.g. {first}")
     return summary.throughput_tok_s, summary.output_tokens
 
 

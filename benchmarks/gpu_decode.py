@@ -275,7 +275,8 @@ def render(batches, engine: dict, hf: dict, bandwidth: float) -> str:
     for b in batches:
         e, h = engine[b], hf.get(b)
         hf_cols = f"{h:.1f} | {b / h * 1e3:,.0f} | {h / e['engine_ms']:.1f}x" if h else "- | - | -"
-        lines.append(f"| {b} | {e['engine_ms']:.2f} | {e['one_step_ms']:.2f} | {e['graph_ms']:.2f} | {e['floor_ms']:.2f} | "
+        lines.append(f"| {b} | {e['engine_ms']:.2f} | {e['one_step_ms']:.2f} | {e['graph_ms']:.2f} | "
+                     f"{e['floor_ms']:.2f} | "
                      f"{e['engine_ms'] / e['floor_ms']:.2f}x | {b / e['engine_ms'] * 1e3:,.0f} | {hf_cols} |")
     return f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, context {CONTEXT}\n" + "\n".join(lines)
 

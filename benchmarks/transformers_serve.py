@@ -58,8 +58,8 @@ RECORD_ARGS: list[str] = []  # --record-args
 
 def serve(ckpt: str, port: int, out: str | None) -> subprocess.Popen:
     cli = os.path.join(os.path.dirname(sys.executable), "transformers")  # this environment's console script
-    server = [cli if os.path.exists(cli) else shutil.which("transformers") or "transformers", "serve", ckpt, "--port", str(port), "--device", "cpu",
-              "--host", "127.0.0.1"]
+    exe = cli if os.path.exists(cli) else shutil.which("transformers") or "transformers"
+    server = [exe, "serve", ckpt, "--port", str(port), "--device", "cpu", "--host", "127.0.0.1"]
     cmd = server if out is None else [sys.executable, "-m", "llmtrace.cli", "record", "--out", out, *RECORD_ARGS,
                                       "--", *server]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTRACE_")}

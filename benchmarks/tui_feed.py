@@ -169,7 +169,8 @@ def main() -> None:
     print(f"recorded {args.steps} engine-shaped steps: {spans} spans, {records} records, "
           f"{os.path.getsize(path) / 1e6:.1f} MB (backend {recorder.BACKEND})\n")
     print(f"{'stage':<28}{'spans/s':>12}{'records/s':>12}{'goal':>10}")
-    for name, secs in (("decode (SpoolFeed.poll)", dec), ("aggregate (ingest+settle)", agg), ("decode + aggregate", dec + agg)):
+    rows = (("decode (SpoolFeed.poll)", dec), ("aggregate (ingest+settle)", agg), ("decode + aggregate", dec + agg))
+    for name, secs in rows:
         ok = "ok" if spans / secs >= GOAL_SPANS_S else "MISSED"
         print(f"{name:<28}{spans / secs:>12,.0f}{records / secs:>12,.0f}{ok:>10}")
     print(f"\nperiodic work on a full window ({len(model.steps)} steps):")

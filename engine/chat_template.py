@@ -33,7 +33,7 @@ class ChatTemplate:
         self._compiled = None
 
     @classmethod
-    def for_checkpoint(cls, path: str | None) -> "ChatTemplate":
+    def for_checkpoint(cls, path: str | None) -> ChatTemplate:
         """The checkpoint's own template when its tokenizer_config.json has one, else the default."""
         config = Path(path) / "tokenizer_config.json" if path else None
         if config is None or not config.is_file():

@@ -63,7 +63,8 @@ class StagedInputs:
         b = step.num_seqs
         width = step.block_tables.shape[1]
         if width > self.max_blocks:
-            raise ValueError(f"decode step needs {width} blocks per sequence; graphs were captured for {self.max_blocks}")
+            raise ValueError(f"decode step needs {width} blocks per sequence; "
+                             f"graphs were captured for {self.max_blocks}")
         host, a = self.hosts[self._turn], self._np[self._turn]
         self._turn = (self._turn + 1) % STAGING_SETS
         a["input_ids"][:b] = step.input_ids

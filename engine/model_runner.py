@@ -112,8 +112,10 @@ class ModelRunner:
         c = self.model.config
         dtype = next(self.model.parameters()).dtype
         shape = (self.num_blocks, self.block_size, c.num_key_value_heads, c.head_dim)
-        return [(torch.zeros(shape, dtype=dtype, device=self.device), torch.zeros(shape, dtype=dtype, device=self.device))
-                for _ in range(c.num_hidden_layers)]
+        def zeros():
+            return torch.zeros(shape, dtype=dtype, device=self.device)
+
+        return [(zeros(), zeros()) for _ in range(c.num_hidden_layers)]
 
     def execute(self, step: StepInput) -> StepOutput:
         """Run one step to completion."""

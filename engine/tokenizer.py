@@ -6,8 +6,8 @@ scripts/build_tokenizer.py) for random-weight presets.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 SHIPPED_TOKENIZER = Path(__file__).parent / "assets" / "tokenizer.model"
 

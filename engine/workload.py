@@ -13,9 +13,9 @@ import asyncio
 import math
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import aiohttp
 import orjson

@@ -37,13 +37,13 @@ _current: contextvars.ContextVar[tuple[int, int]] = contextvars.ContextVar("llmt
 _strings: dict[str, int] = {}
 _new_strings: list[tuple[int, str]] = []
 _str_lock = threading.Lock()
-_buffers: list["_Buffer"] = []
+_buffers: list[_Buffer] = []
 _buffers_lock = threading.Lock()
 _tls = threading.local()
 _device_hook = None
 # Every open span of the process, any thread or task (close_open at a process's end); a
 # dict, not a stack per thread: asyncio tasks interleave their spans on one thread.
-_open: dict[int, "Span"] = {}
+_open: dict[int, Span] = {}
 
 
 class _Buffer:

@@ -34,7 +34,7 @@ class Carrier(NamedTuple):
     step: int
 
     @classmethod
-    def from_wire(cls, v) -> "Carrier | None":
+    def from_wire(cls, v) -> Carrier | None:
         if v is None:
             return None
         t, s, st = v

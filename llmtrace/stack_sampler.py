@@ -47,7 +47,7 @@ class StackSampler:
         self._thread = threading.Thread(target=self._run, name="llmtrace-sampler", daemon=True)
         self.samples = 0
 
-    def start(self) -> "StackSampler":
+    def start(self) -> StackSampler:
         sys.setswitchinterval(min(sys.getswitchinterval(), self.interval_s / 2))
         self._thread.start()
         return self

@@ -40,7 +40,7 @@ class FakeEvent:
     def synchronize(self) -> None:
         pass
 
-    def elapsed_time(self, other: "FakeEvent") -> float:
+    def elapsed_time(self, other: FakeEvent) -> float:
         return (other.t - self.t) / 1e6
 
 

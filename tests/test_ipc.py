@@ -124,7 +124,8 @@ def test_async_side_talks_to_blocking_side():
 def test_version_mismatch_is_a_clear_error(pair):
     left, right = pair
     left.send({"v": protocol.VERSION + 1, "type": "hello", "rank": 0})
-    with pytest.raises(protocol.ProtocolError, match=rf"version mismatch: peer speaks v{protocol.VERSION + 1}, this side speaks v{protocol.VERSION}"):
+    mismatch = rf"version mismatch: peer speaks v{protocol.VERSION + 1}, this side speaks v{protocol.VERSION}"
+    with pytest.raises(protocol.ProtocolError, match=mismatch):
         protocol.check(right.recv(), "hello")
 
 

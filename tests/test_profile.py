@@ -108,7 +108,7 @@ def test_llmtrace_steps_marks_the_loop_even_under_another_span():
     recorder.set_enabled(True)
     try:
         with llmtrace.span("worker.request"):  # the README's follows= wrapper: steps nested under it
-            for batch in llmtrace.steps([[1, 2], [3, 4, 5]]):
+            for _ in llmtrace.steps([[1, 2], [3, 4, 5]]):
                 with llmtrace.span("forward"):  # the loop body runs inside the step's span
                     pass
     finally:

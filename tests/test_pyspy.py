@@ -36,7 +36,7 @@ def test_record_with_pyspy_names_the_slow_function(tmp_path):
     reason = ptrace_denied()
     if reason:
         pytest.skip(reason)
-    r = record(tmp_path, "--py-spy", "--py-spy-rate", "250", program=[sys.executable, PIPELINE, "--steps", "100"])
+    r = record(tmp_path, "--py-spy", "--py-spy-rate", "250", program=[sys.executable, PIPELINE, "--steps", "300"])
     assert r.returncode == 0, r.stderr
     assert "sampling in-process" not in r.stderr
     names_array_formatting_in_preprocess(report(tmp_path), "samples:py-spy")
@@ -61,8 +61,11 @@ def test_fallback_when_pyspy_may_not_attach(tmp_path):
 def chrometrace(pid: int, pthread: int, native: int, stacks: list[tuple[int, list[str]]]) -> list[dict]:
     """py-spy's B/E events for one thread whose stack is `stacks[i][1]` from `stacks[i][0]` µs."""
     events, prev = [], []
-    frames = lambda names: [(f"process {pid}:\"python x.py\"", ""), (f"thread ({native}): MainThread", "")] + \
-        [(n, "/app/pipeline.py") for n in names]
+
+    def frames(names):
+        return [(f"process {pid}:\"python x.py\"", ""), (f"thread ({native}): MainThread", "")] + \
+            [(n, "/app/pipeline.py") for n in names]
+
     for ts, names in stacks + [(stacks[-1][0] + 5000, None)]:
         cur = frames(names) if names is not None else []
         keep = 0

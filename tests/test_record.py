@@ -52,12 +52,12 @@ def script(tmp_path, body: str) -> str:
 
 
 def test_builtin_sampler_names_the_slow_function_in_its_stage(tmp_path):
-    r = record(tmp_path, "--sample-hz", "1000", program=[sys.executable, PIPELINE, "--steps", "40"])
+    r = record(tmp_path, "--sample-hz", "1000", program=[sys.executable, PIPELINE, "--steps", "150"])
     assert r.returncode == 0, r.stderr
     rep = report(tmp_path)
     stages = {row["name"] for row in rep["breakdown"]["stages"]}
     assert {"preprocess", "tokenize", "detokenize"} <= stages  # generic path: the root's children by name
-    assert rep["summary"]["output_tokens"] == 40 * 8  # `batch` attr of the step root
+    assert rep["summary"]["output_tokens"] == 150 * 8  # `batch` attr of the step root
     names_array_formatting_in_preprocess(rep, "samples:llmtrace")
     assert "log-in-hot-path" in r.stdout and os.path.isfile(tmp_path / "trace.json")
     # what the sampler and the flusher cost, measured in-band (their threads' CPU time)
@@ -87,7 +87,8 @@ def test_program_that_raises_exit_code_and_trace(tmp_path):
 
 def test_exit_code_passed_through(tmp_path):
     r = record(tmp_path / "run", "--sample-hz", "0",
-               program=[sys.executable, "-c", "import sys, llmtrace\nwith llmtrace.span('x', step=0): pass\nsys.exit(3)"])
+               program=[sys.executable, "-c",
+                        "import sys, llmtrace\nwith llmtrace.span('x', step=0): pass\nsys.exit(3)"])
     assert r.returncode == 3, r.stderr
 
 

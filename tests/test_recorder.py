@@ -303,7 +303,7 @@ def test_threads_record_their_own_tid_and_parents(backend):
 
 
 def test_records_of_exited_threads_are_drained(backend):
-    for i in range(3):
+    for _ in range(3):
         t = threading.Thread(target=lambda: recorder.span("gone").__enter__().__exit__(None, None, None))
         t.start()
         t.join()

@@ -49,7 +49,8 @@ def test_text_rendering_has_headline_tables_and_ranked_fixes(report):
     assert "Per-token breakdown" in text and "ms/token" in text and "preprocess" in text
     assert "logging.debug" in text  # top function inside the stage
     assert text.index("log-in-hot-path") < text.index("concat-padding")
-    assert "[batch]" in render_text({**report, "suggestions": [{**report["suggestions"][0], "fix": "copy [batch] ids"}]})
+    bracketed = {**report["suggestions"][0], "fix": "copy [batch] ids"}
+    assert "[batch]" in render_text({**report, "suggestions": [bracketed]})
 
 
 def test_markdown_rendering(report):

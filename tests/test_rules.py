@@ -7,7 +7,8 @@ from llmtrace.analyze.context import Context
 from llmtrace.analyze.rules import RULES, run_rules
 from llmtrace.timeline import Sample
 
-SAMPLING_AFTER_SYNC = ["tcp.recv", "shm.read", "preprocess", "forward", "sync.wait", "sampling", "shm.write", "tcp.send"]
+SAMPLING_AFTER_SYNC = ["tcp.recv", "shm.read", "preprocess", "forward", "sync.wait", "sampling", "shm.write",
+                       "tcp.send"]
 
 
 def _only(ctx, rule_id):

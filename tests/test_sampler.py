@@ -49,7 +49,8 @@ def test_seeded_rows_reproduce_regardless_of_batch(logits):
     positions = [5, 5, 5, 5, 5, 6]
     a, _ = Sampler("cpu", seed=0)(logits, params(6, seed=seeds, positions=positions))
     perm = [5, 4, 3, 2, 1, 0]
-    b, _ = Sampler("cpu", seed=99)(logits[perm], params(6, seed=np.array(seeds)[perm], positions=np.array(positions)[perm]))
+    permuted = params(6, seed=np.array(seeds)[perm], positions=np.array(positions)[perm])
+    b, _ = Sampler("cpu", seed=99)(logits[perm], permuted)
     for i, j in enumerate(perm):
         if seeds[j] >= 0:
             assert b[i] == a[j]

@@ -45,7 +45,8 @@ def test_prefill_batches_several_requests_then_decodes():
     assert sched.num_waiting == 3 and sched.has_unfinished()
     out = sched.schedule()
     assert out.is_prefill and out.preempted == []
-    assert [(s.seq, s.num_new_tokens, s.start_pos) for s in out.scheduled] == [(seqs[0], 5, 0), (seqs[1], 6, 0), (seqs[2], 7, 0)]
+    got = [(s.seq, s.num_new_tokens, s.start_pos) for s in out.scheduled]
+    assert got == [(seqs[0], 5, 0), (seqs[1], 6, 0), (seqs[2], 7, 0)]
     assert out.num_batched_tokens == 18
     assert all(s.first_scheduled_ns >= s.arrival_ns and s.status is SequenceStatus.RUNNING for s in seqs)
     assert sched.postprocess(out, [7, 8, 9]) == []
@@ -56,7 +57,8 @@ def test_prefill_batches_several_requests_then_decodes():
     assert all(s.first_token_ns >= s.first_scheduled_ns for s in seqs)
     out = sched.schedule()
     assert not out.is_prefill
-    assert [(s.seq, s.num_new_tokens, s.start_pos) for s in out.scheduled] == [(seqs[0], 1, 5), (seqs[1], 1, 6), (seqs[2], 1, 7)]
+    got = [(s.seq, s.num_new_tokens, s.start_pos) for s in out.scheduled]
+    assert got == [(seqs[0], 1, 5), (seqs[1], 1, 6), (seqs[2], 1, 7)]
     sched.check_invariants()
 
 
@@ -74,7 +76,8 @@ def test_new_requests_join_the_running_batch():
     assert a.num_output_tokens == 3 and b.num_output_tokens == 2
 
 
-@pytest.mark.parametrize("prefill_batch_size, prefill_batch_1, sizes", [(2, False, [2, 2, 1]), (8, True, [1, 1, 1, 1, 1])])
+@pytest.mark.parametrize("prefill_batch_size, prefill_batch_1, sizes",
+                         [(2, False, [2, 2, 1]), (8, True, [1, 1, 1, 1, 1])])
 def test_prefill_batch_size_and_the_batch_1_antipattern(prefill_batch_size, prefill_batch_1, sizes):
     sched = make(prefill_batch_size=prefill_batch_size, prefill_batch_1=prefill_batch_1)
     for i in range(5):

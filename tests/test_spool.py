@@ -35,7 +35,8 @@ def test_records_round_trip_through_the_spool(spool_dir, backend):
     sink.stop()
     tr = load_spool_dir(str(spool_dir))
     (proc,) = tr.processes.values()
-    assert (proc.pid, proc.name, proc.header["backend"], proc.truncated_at) == (os.getpid(), "parent", backend.name, None)
+    got = (proc.pid, proc.name, proc.header["backend"], proc.truncated_at)
+    assert got == (os.getpid(), "parent", backend.name, None)
     assert proc.threads[threading.get_native_id()] == threading.current_thread().name
     spans = {s.name: s for s in tr.spans}
     assert spans["master.step"].attrs == {"batch": 4} and spans["schedule"].attrs == {"ratio": 0.5}
@@ -115,7 +116,8 @@ llmtrace.shutdown()
 
 def test_child_process_span_follows_the_parents_carrier(spool_dir, backend):
     env = {**os.environ, "LLMTRACE_OUT": str(spool_dir), "LLMTRACE_PROCESS_NAME": "agent-0",
-           "LLMTRACE_TRACE_ID": f"{context.trace_id:x}", "LLMTRACE_PURE_PYTHON": "1" if backend.name == "python" else "0"}
+           "LLMTRACE_TRACE_ID": f"{context.trace_id:x}",
+           "LLMTRACE_PURE_PYTHON": "1" if backend.name == "python" else "0"}
     with llmtrace.span("master.step", step=11):
         carrier = context.current()
         child = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(list(carrier))], env=env,

@@ -16,7 +16,7 @@ class RunInfo:
     total_requests: int | None = None
 
     @classmethod
-    def from_config(cls, config: dict | None) -> "RunInfo":
+    def from_config(cls, config: dict | None) -> RunInfo:
         """From `llmtrace run`'s config (config.yaml in the run dir, or trace.json's meta)."""
         if not config:
             return cls()
@@ -35,8 +35,8 @@ class RunHeader(Static):
         now, avg = summary.get("throughput_now_tok_s"), summary.get("throughput_tok_s") or 0.0
         rate = f"{now:.1f} tok/s now, {avg:.1f} avg  " if now is not None else f"{avg:.1f} tok/s  "
         t = Text.assemble(("llmtrace  ", "bold"), ("model ", "dim"), (info.model, "bold cyan"), ("  device ", "dim"),
-                          (info.device, "bold cyan"), "  ", (state, "bold green" if state.startswith("live") else "bold"),
-                          "\n")
+                          (info.device, "bold cyan"), "  ",
+                          (state, "bold green" if state.startswith("live") else "bold"), "\n")
         t.append_text(Text.assemble(
             ("throughput ", "dim"), rate,
             ("requests ", "dim"), f"{done}/{total if total is not None else '?'}  ",

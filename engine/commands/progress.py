@@ -17,7 +17,7 @@ class WorkloadProgress:
         self._window: list[tuple[float, int]] = []
         self._last, self._done = 0.0, -1
 
-    def __enter__(self) -> "WorkloadProgress":
+    def __enter__(self) -> WorkloadProgress:
         self._progress.start()
         return self
 

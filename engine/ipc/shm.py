@@ -58,7 +58,7 @@ class ArenaLayout:
         return [[f.name, f.dtype, list(f.shape)] for f in self.fields]
 
     @classmethod
-    def from_wire(cls, v: list) -> "ArenaLayout":
+    def from_wire(cls, v: list) -> ArenaLayout:
         return cls([Field(str(n), str(d), tuple(int(x) for x in s)) for n, d, s in v])
 
 
@@ -72,7 +72,7 @@ class ShmArena:
                        for f in layout.fields}
 
     @classmethod
-    def create(cls, layout: ArenaLayout) -> "ShmArena":
+    def create(cls, layout: ArenaLayout) -> ShmArena:
         name = NAME_PREFIX + secrets.token_hex(16)
         path = _path(name)
         try:
@@ -92,7 +92,7 @@ class ShmArena:
         return cls(name, layout, mm, owner=True)
 
     @classmethod
-    def attach(cls, name: str, layout: ArenaLayout) -> "ShmArena":
+    def attach(cls, name: str, layout: ArenaLayout) -> ShmArena:
         if not name.startswith(NAME_PREFIX) or "/" in name:
             raise ShmError(f"not an arena name: {name!r}")
         path = _path(name)

@@ -79,7 +79,7 @@ class FrameSocket:
 
     @classmethod
     def connect(cls, host: str, port: int, nodelay: bool = True, limit: int = MAX_FRAME,
-                timeout_s: float = 30.0) -> "FrameSocket":
+                timeout_s: float = 30.0) -> FrameSocket:
         sock = socket.create_connection((host, port), timeout=timeout_s)
         sock.settimeout(None)
         return cls(sock, nodelay, limit)
@@ -146,7 +146,7 @@ class AsyncFrameStream:
         self._pending: int | None = None
 
     @classmethod
-    async def connect(cls, host: str, port: int, nodelay: bool = True, limit: int = MAX_FRAME) -> "AsyncFrameStream":
+    async def connect(cls, host: str, port: int, nodelay: bool = True, limit: int = MAX_FRAME) -> AsyncFrameStream:
         reader, writer = await asyncio.open_connection(host, port)
         return cls(reader, writer, nodelay, limit)
 

@@ -7,9 +7,9 @@ them again on the way out. Attention goes through a backend module (engine.atten
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from types import ModuleType
-from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -61,7 +61,8 @@ class LlamaConfig:
         kw["num_key_value_heads"] = hf.get("num_key_value_heads") or hf["num_attention_heads"]  # absent: MHA
         if isinstance(kw.get("eos_token_id"), list):
             kw["eos_token_id"] = kw["eos_token_id"][0]
-        kw["extra"] = {k: v for k, v in hf.items() if k not in names and k not in ("rope_parameters", "torch_dtype", "dtype")}
+        derived = ("rope_parameters", "torch_dtype", "dtype")
+        kw["extra"] = {k: v for k, v in hf.items() if k not in names and k not in derived}
         return cls(**kw)
 
     def to_hf(self) -> dict:
@@ -233,7 +234,8 @@ class LlamaForCausalLM(nn.Module):
         seen = set()
         for name, w in weights:
             if name not in expected:
-                if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.config.tie_word_embeddings):
+                tied = name == "lm_head.weight" and self.config.tie_word_embeddings
+                if name.endswith("rotary_emb.inv_freq") or tied:
                     continue
                 raise ValueError(f"unexpected weight {name!r} for a Llama model")
             own, start, rows = self._locate(name)

@@ -82,7 +82,8 @@ def _safetensors_files(ckpt: Path) -> list[Path]:
     return files
 
 
-def load_checkpoint(ckpt_dir: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LlamaForCausalLM:
+def load_checkpoint(ckpt_dir: str | Path, dtype: str | torch.dtype = "float32",
+                    device: str = "cpu") -> LlamaForCausalLM:
     """An HF Llama checkpoint directory (config.json + safetensors) loaded shard by shard."""
     from safetensors import safe_open
 

@@ -97,7 +97,7 @@ class Scheduler:
                 await self.wake.wait()
             take = self.waiting[:MAX_BATCH - len(self.running)]
             del self.waiting[:len(take)]
-            for rid, ids, n, fut in take:
+            for rid, _, n, fut in take:
                 self.running[rid] = ([], n, fut)
             self.conn.send({"new": [(rid, ids) for rid, ids, _, _ in take], "done": done, "sampled": sampled})
             msg = await self.reply()

@@ -345,7 +345,7 @@ class Breakdown:
         self.peers = peers  # the trace's message hops, for the rules that judge receives
 
     @classmethod
-    def of(cls, index: TraceIndex) -> "Breakdown":
+    def of(cls, index: TraceIndex) -> Breakdown:
         found, peers = find_steps(index), Peers(index)
         walker = _StepWalker(index, found.profile, peers)
         return cls([walker.cost(step, root) for step, root in found.roots], found, peers)

@@ -70,7 +70,7 @@ class FunctionStat:
 def covered(calls: list[Call]) -> tuple[int, dict[int, int]]:
     """Union time of `calls` (nested or recursive calls counted once): (total ns, {step: ns})."""
     per_step: dict[int, int] = defaultdict(int)
-    for (pid, step), group in _group(calls, lambda c: (c.pid, c.step)).items():
+    for (_, step), group in _group(calls, lambda c: (c.pid, c.step)).items():
         per_step[step] += union_ns((c.start, c.end) for c in group)
     return sum(per_step.values()), dict(per_step)
 
@@ -284,7 +284,8 @@ def _sampled_names(stack: tuple[str, ...], main_file: str = "") -> tuple[str, ..
 _CALL = re.compile(r"\b((?:np|numpy|torch|pd|pandas|json|pickle|copy|gc)(?:\.\w+)+)\s*\(")
 # a log call's line: its time there is the formatting of its arguments (an f-string or a
 # %-format runs before the call, whether or not the level is enabled)
-_LOG_CALL = re.compile(r"\b(?:log|logger|logging|LOG|LOGGER|_log|_logger)\.(debug|info|warning|warn|error|exception|critical|log)\s*\(")
+_LOG_CALL = re.compile(r"\b(?:log|logger|logging|LOG|LOGGER|_log|_logger)"
+                       r"\.(debug|info|warning|warn|error|exception|critical|log)\s*\(")
 _ALIASES = {"np": "numpy", "pd": "pandas"}
 
 

@@ -43,7 +43,7 @@ class Profile:
     source: str = "declared"  # declared | step-spans | step-ids | repeated-span | model-cadence | none
 
     @classmethod
-    def from_resource(cls, d: dict) -> "Profile":
+    def from_resource(cls, d: dict) -> Profile:
         return cls(tuple(d.get("roots", ())), tuple(d.get("waits", ())), tuple(d.get("remote_roots", ())),
                    tuple(d.get("model_stages", names.MODEL_STAGES)))
 

@@ -163,7 +163,8 @@ def render_text(report: dict, color: bool = False, width: int = 130) -> str:
     from rich.markup import escape
     from rich.table import Table
 
-    console = Console(file=io.StringIO(), record=True, width=width, force_terminal=color, color_system="auto" if color else None)
+    console = Console(file=io.StringIO(), record=True, width=width, force_terminal=color,
+                      color_system="auto" if color else None)
     summary = Table(title="Serving summary", show_header=False)
     for k, v in _summary_rows(report["summary"]):
         summary.add_row(k, v)
@@ -198,7 +199,8 @@ def render_text(report: dict, color: bool = False, width: int = 130) -> str:
             for h in ("process", "stage", "spans", "total ms", "mean ms"):
                 table.add_column(h, justify="left" if h in ("process", "stage") else "right")
             for r in report["off_steps"]:
-                table.add_row(escape(r["process"]), r["stage"], str(r["count"]), f"{r['ms']:.1f}", f"{r['mean_ms']:.3f}")
+                table.add_row(escape(r["process"]), r["stage"], str(r["count"]), f"{r['ms']:.1f}",
+                              f"{r['mean_ms']:.3f}")
             console.print(table)
     sugg = report["suggestions"]
     if sugg:
@@ -241,7 +243,8 @@ def render_markdown(report: dict) -> str:
     lines += ["", "## Per-token breakdown", ""]
     if bd is None:
         lines.append(NO_STEPS)
-        lines += [""] + _md_table(("stage", "ms (whole run)"), [(r["stage"], r["ms"]) for r in report.get("whole_run") or []])
+        whole = [(r["stage"], r["ms"]) for r in report.get("whole_run") or []]
+        lines += [""] + _md_table(("stage", "ms (whole run)"), whole)
         if report.get("whole_run_functions"):
             lines += ["", "The program's own functions its threads were busy in (stack samples):", ""]
             lines += _md_table(("function", "ms"), [(r["function"], r["ms"]) for r in report["whole_run_functions"]])

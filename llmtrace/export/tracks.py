@@ -15,9 +15,9 @@ time also satisfies. The layout picks that time ("anchor") for each span a flow 
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Callable
 
 from ..timeline import Span, Trace
 

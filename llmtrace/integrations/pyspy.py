@@ -139,7 +139,7 @@ def find_executable() -> str | None:
     return here if os.access(here, os.X_OK) else shutil.which("py-spy")
 
 
-def recorder_for(run_dir: str, rate: int, command: str) -> "PySpyRecorder | None":
+def recorder_for(run_dir: str, rate: int, command: str) -> PySpyRecorder | None:
     """A recorder, or None (said on stderr) when py-spy is not installed."""
     exe = find_executable()
     if exe is None:

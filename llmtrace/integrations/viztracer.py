@@ -40,7 +40,7 @@ class WindowSpec:
     steps: int
 
     @classmethod
-    def parse(cls, stages, steps: int) -> "WindowSpec":
+    def parse(cls, stages, steps: int) -> WindowSpec:
         """From a comma-separated string or a list of stages, and a step count."""
         names = stages.split(",") if isinstance(stages, str) else list(stages or ())
         names = tuple(s.strip() for s in names if s and s.strip())
@@ -54,7 +54,7 @@ class WindowSpec:
         return f"{','.join(self.stages)}:{self.steps}"
 
     @classmethod
-    def from_env(cls, value: str) -> "WindowSpec":
+    def from_env(cls, value: str) -> WindowSpec:
         stages, _, steps = value.rpartition(":")
         try:
             return cls.parse(stages, int(steps))

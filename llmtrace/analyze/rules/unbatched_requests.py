@@ -90,7 +90,8 @@ def check(ctx):
     batched, basis = _batched_step_ns(ctx, steps, targets)
     ms = _saved_ms(ctx, steps, targets, batched)
     upper = _saved_ms(ctx, steps, targets, [float(sc.wall_ns) for sc in steps])
-    evidence = {"ms_per_token": round(ms, 4), "ms_per_token_if_flat": round(upper, 4),"steps_unbatched": len(steps), "in_flight_p50": median(targets),
+    evidence = {"ms_per_token": round(ms, 4), "ms_per_token_if_flat": round(upper, 4),
+                "steps_unbatched": len(steps), "in_flight_p50": median(targets),
                 "model_ms_per_step_p50": round(median(sc.parts.get(MODEL, 0) for sc in steps) / 1e6, 4),
                 "batch_cost": basis,
                 "example_steps": [sc.step for sc in steps[:5]]}
