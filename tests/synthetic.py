@@ -176,8 +176,10 @@ def clean_trace(n: int = 50, **kw) -> Trace:
 
 
 def _render_tokens(seconds: float) -> None:
-    """Stands for a slow helper inside a stage: only stack samples can name it."""
-    time.sleep(seconds)
+    """Stands for a slow helper inside a stage, busy on the CPU: only stack samples can name it."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
 
 
 def record_pipeline(out, steps: int = 50, inject_s: float = 0.0005, helper_s: float = 0.0,

@@ -87,6 +87,20 @@ def test_another_asyncio_tasks_spans_are_not_the_steps_stages():
     assert sum(f.total_ns for f in sampled) <= sum(sc.parts[names.SLEEP] for sc in ctx.steps)
 
 
+def test_forwards_handed_to_a_thread_pool_are_one_step_loop():
+    """A loop hands each step to one of 3 pool threads in turn (run_in_executor): the
+    windows follow the forwards across the threads, none overlapping; per thread they
+    would cover each thread's idle turns and count the same time three times."""
+    t = trace_of(1)
+    for k in range(30):
+        span(t, "forward", k * 4.0, k * 4.0 + 3, tid=10 + k % 3, batch=2)
+    ctx = done(t)
+    roots = [sc.root for sc in ctx.steps]
+    assert len(roots) == 30 and [r.tid for r in roots[:4]] == [10, 11, 12, 10]
+    assert all(a.end_ns <= b.start_ns for a, b in zip(roots, roots[1:]))
+    assert ctx.breakdown.per_token_ms == pytest.approx(4.0 / 2, rel=0.02)
+
+
 def test_a_repeated_span_holding_one_forward_is_the_step():
     t = trace_of(1)
     for k in range(5):

@@ -52,6 +52,7 @@ class Call:
     span: Span | None = None  # the nested span (None for foreign events)
     sample: Sample | None = None  # the stack sample it comes from (its stack, its time)
     within: Span | None = None  # the stage span a sample lies in
+    idle: bool = False  # a sample of a thread blocked in a wait (is_idle_sample)
 
 
 @dataclass
@@ -141,10 +142,11 @@ class FunctionIndex:
             for (step, smp, a, b, within), stack in zip(rows, names[site]):
                 if scale < 1.0:
                     a, b = smp.ts_ns - int((smp.ts_ns - a) * scale), smp.ts_ns + int((b - smp.ts_ns) * scale)
+                idle = is_idle_sample(smp.stack, self._main.get(smp.pid, ""))
                 for d, name in enumerate(stack):
                     if (d, name) not in enclosing:
                         self.calls.append(Call(stage, step, smp.pid, a, b, name, f"samples:{smp.source}",
-                                               stage not in MODEL_STAGES, sample=smp, within=within))
+                                               stage not in MODEL_STAGES, sample=smp, within=within, idle=idle))
 
     def _nested(self, index: TraceIndex, stage: str, s: Span, step: int, lo: int, hi: int) -> None:
         """`s`'s descendants, their part in [lo, hi)."""
@@ -279,6 +281,30 @@ def _sampled_names(stack: tuple[str, ...], main_file: str = "") -> tuple[str, ..
         if callee and callee not in extra:
             extra.append(callee)
     return names + tuple(extra)
+
+
+# a leaf line that blocks in C (no frame of its own): a queue's get, a wait, a join, a
+# lock, a receive (not dict.get or str.join: those always take an argument)
+_BLOCKING_CALL = re.compile(r"\.(?:get|join|result)\(\s*(?:\)|block\s*=|timeout\s*=|True\b|False\b)"
+                            r"|\.(?:wait|wait_for|acquire|recv|recv_into|recvfrom|accept|poll|select)\s*\("
+                            r"|\bsleep\s*\(")
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def is_idle_sample(stack: tuple[str, ...], main_file: str = "") -> bool:
+    """Whether a sampled thread was blocked, not working: its innermost frame is a wait
+    (select, poll, sleep, acquire, ...) or its line calls one that has no Python frame
+    (`work_queue.get(block=True)` in a thread pool's idle worker)."""
+    if not stack:
+        return False
+    leaf = stack[-1]
+    if IDLE.search(frame_name(leaf)):
+        return True
+    parts = leaf.split(":")
+    if len(parts) < 3 or not parts[-1].isdigit():
+        return False
+    path = main_file if parts[0] == "__main__" else _module_file(parts[0])
+    return bool(path and _BLOCKING_CALL.search(linecache.getline(path, int(parts[-1]))))
 
 
 _CALL = re.compile(r"\b((?:np|numpy|torch|pd|pandas|json|pickle|copy|gc)(?:\.\w+)+)\s*\(")
@@ -444,7 +470,7 @@ def program_functions(trace: Trace, top: int = 8) -> list[tuple[str, int]]:
     per: dict[str, int] = defaultdict(int)
     for (pid, _), (_, cells) in _samples_by_thread(trace.samples).items():
         for smp, a, b in cells:
-            if not smp.stack or IDLE.search(frame_name(smp.stack[-1])):
+            if not smp.stack or is_idle_sample(smp.stack, main.get(pid, "")):
                 continue
             owner = _owner(smp, main.get(pid, ""))
             if owner is not None:

@@ -9,7 +9,9 @@ analyzer infers one, in this order:
      that holds a whole request's decode loop);
   4. the cadence of the model stage: on each thread that runs `forward`, one step from
      the start of one outermost forward to the start of the next (its tail: the spans
-     that follow the last one). A window longer than IDLE_FACTOR times the thread's
+     that follow the last one); threads of one process that take turns at forwards (a
+     pool the loop hands each step to) are one sequence, each window on its forward's
+     thread. A window longer than IDLE_FACTOR times the thread's
      median held an idle wait for new work and is left out (counted in the profile).
 Steps of kind 4 are synthetic root spans (named `step`, stage `step`) whose children are
 the thread's top-level spans in the window, less those of other asyncio tasks: a span
@@ -136,26 +138,44 @@ def _outermost_forwards(index: TraceIndex) -> dict[tuple[int, int], list[Span]]:
     return by_thread
 
 
+def _lanes(threads: dict[tuple[int, int], list[Span]]) -> list[list[Span]]:
+    """The forward sequences that are one step loop each: a thread's, or a process's when
+    its forwards run on several threads that take turns (a thread pool the loop hands each
+    step to: `run_in_executor`), which per thread would give windows overlapping in time."""
+    by_pid: dict[int, list[list[Span]]] = defaultdict(list)
+    for (pid, _), fwds in threads.items():
+        by_pid[pid].append(fwds)
+    lanes = []
+    for groups in by_pid.values():
+        merged = sorted((f for g in groups for f in g), key=lambda f: f.start_ns)
+        if len(groups) > 1 and all(a.end_ns <= b.start_ns for a, b in zip(merged, merged[1:])):
+            lanes.append(merged)
+        else:
+            lanes.extend(groups)
+    return lanes
+
+
 def _model_cadence(index: TraceIndex) -> Steps:
-    threads = _outermost_forwards(index)
+    lanes = [fwds for fwds in _lanes(_outermost_forwards(index)) if len(fwds) >= 2]
     steps = Steps(Profile(source="model-cadence"))
-    if not any(len(f) >= 2 for f in threads.values()):
+    if not lanes:
         steps.profile = Profile(source="none")
         return steps
     windows = []
-    for (pid, tid), fwds in threads.items():
-        if len(fwds) < 2:
-            continue
-        top = _own_task(index, index.top_level(pid, tid), fwds)
+    for fwds in lanes:
+        tops = {(f.pid, f.tid): [] for f in fwds}
+        for pid, tid in tops:
+            tops[(pid, tid)] = _own_task(index, index.top_level(pid, tid), [f for f in fwds if f.tid == tid])
         starts = [f.start_ns for f in fwds]
-        tail_end = max((s.end_ns for s in top if s.start_ns >= starts[-1]), default=fwds[-1].end_ns)
+        last = tops[(fwds[-1].pid, fwds[-1].tid)]
+        tail_end = max((s.end_ns for s in last if s.start_ns >= starts[-1]), default=fwds[-1].end_ns)
         bounds = list(zip(starts, starts[1:] + [tail_end]))
         usual = statistics.median(b - a for a, b in bounds[:-1])
-        for a, b in bounds:
+        for f, (a, b) in zip(fwds, bounds):
             if b - a > IDLE_FACTOR * usual:
                 steps.idle_windows += 1
                 continue
-            windows.append((a, b, pid, tid, index.in_window(top, a, b)))
+            windows.append((a, b, f.pid, f.tid, index.in_window(tops[(f.pid, f.tid)], a, b)))
     windows.sort(key=lambda w: w[0])
     for n, (a, b, pid, tid, children) in enumerate(windows):
         root = Span(names.STEP, names.STEP, pid, tid, a, b, _SYNTHETIC_ID | n, step=n,

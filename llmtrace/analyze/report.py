@@ -20,7 +20,8 @@ NO_STEPS = ("No step loop found (no `llmtrace.step()` spans, no step ids, no rep
 
 
 def _stage_functions(ctx: Context, stage: str) -> list[dict]:
-    stats = ctx.functions.stats(ctx.functions.select(stage=stage, host_side=True))
+    """The stage's busiest functions (samples of a thread blocked in a wait left out)."""
+    stats = ctx.functions.stats([c for c in ctx.functions.select(stage=stage, host_side=True) if not c.idle])
     return [{"name": f.name, "ms_per_token": round(ctx.ms_per_token(f.total_ns), 4), "count": f.count,
              "sources": f.sources} for f in stats[:TOP_FUNCTIONS]]
 

@@ -6,10 +6,10 @@ function (nested llmtrace span, `@llmtrace.trace` function, viztracer event, sam
 frame) whose time, less the time of calls other rules explained inside it, is >=
 MIN_FUNCTION_SHARE of that stage, seen in at least MIN_SAMPLES stack samples when samples
 are all the evidence (each stands for a sampling interval, which a slowed sampler makes
-longer than a short stage: two samples are not a finding). Runs after the specific rules. Not reported: waiting
-(select/poll/wait frames: the stage is blocked, not busy), llmtrace's own frames (the
-tracing section reports them), and a caller whose time is its callee's (the callee is
-named instead).
+longer than a short stage: two samples are not a finding). Runs after the specific rules.
+Not reported: waiting (select/poll/wait frames, samples of a thread blocked in one: the
+stage is blocked, not busy), llmtrace's own frames (the tracing section reports them),
+and a caller whose time is its callee's (the callee is named instead).
 Saving: that unexplained time per token, i.e. what removing the function from the
 per-step path saves; making it cheaper saves part of it.
 A host stage worth >= MIN_STAGE_SHARE with no function-level data at all gets a
@@ -35,7 +35,7 @@ def _stage_findings(ctx, stage: str, stage_ms: float) -> list[tuple]:
     host = ctx.functions.select(stage=stage, host_side=True)
     by_name: dict[str, list] = {}
     for c in host:
-        if c.name not in ctx.claimed and not IDLE.search(c.name) and not OWN.search(c.name):
+        if c.name not in ctx.claimed and not c.idle and not IDLE.search(c.name) and not OWN.search(c.name):
             by_name.setdefault(c.name, []).append(c)
     found = []
     for name, calls in by_name.items():
