@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 from .timeline import Trace
 
@@ -27,7 +28,13 @@ def write_outputs(out: str, trace: Trace, failure: str | None = None, command: s
     from .export.chrome import write_chrome_trace
 
     write_chrome_trace(trace, os.path.join(out, TRACE_JSON), meta=trace.meta)
-    report = build_report(trace)
+    try:
+        report = build_report(trace)
+    except Exception:  # noqa: BLE001 (an analyzer bug must not cost the recording)
+        traceback.print_exc()
+        print(f"\nllmtrace {command}: the analysis failed on this trace (a bug in llmtrace: please report it "
+              f"with {out}/spool); the trace is kept: {out}/{TRACE_JSON}", file=sys.stderr)
+        return 1
     if failure:
         report["failure"] = failure
     write_json(report, os.path.join(out, REPORT_JSON))

@@ -227,3 +227,22 @@ def test_without_a_step_loop_the_report_says_where_the_time_went(tmp_path):
     assert busy and busy[0].startswith("__main__.encode_forever"), busy
     assert "No step loop found" in r.stdout + r.stderr or "No step loop found" in open(
         os.path.join(tmp_path / "run", "report.md")).read()
+
+
+def test_an_analyzer_failure_keeps_the_trace_and_says_so(tmp_path, monkeypatch, capsys):
+    from llmtrace import outputs
+    from llmtrace.analyze import report as report_mod
+    from llmtrace.load import load_trace
+
+    r = record(tmp_path, program=[sys.executable, "-c", "import llmtrace\nwith llmtrace.span('x', step=0): pass"])
+    assert r.returncode == 0, r.stderr
+    os.remove(tmp_path / "trace.json")
+
+    def broken(trace):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(report_mod, "build_report", broken)
+    assert outputs.write_outputs(str(tmp_path), load_trace(str(tmp_path)), command="record") == 1
+    assert os.path.isfile(tmp_path / "trace.json")
+    err = capsys.readouterr().err
+    assert "ZeroDivisionError: a bug" in err and "the analysis failed on this trace" in err and "trace is kept" in err
