@@ -9,7 +9,8 @@ are all the evidence (each stands for a sampling interval, which a slowed sample
 longer than a short stage: two samples are not a finding). Runs after the specific rules.
 Not reported: waiting (select/poll/wait frames, samples of a thread blocked in one: the
 stage is blocked, not busy), llmtrace's own frames (the tracing section reports them),
-and a caller whose time is its callee's (the callee is named instead).
+a caller whose time is its callee's (the callee is named instead), and the call that is
+a transfer stage (tcp, ipc, shm, sync: its send, receive or copy).
 Saving: that unexplained time per token, i.e. what removing the function from the
 per-step path saves; making it cheaper saves part of it.
 A host stage worth >= MIN_STAGE_SHARE with no function-level data at all gets a
@@ -27,6 +28,9 @@ MIN_STAGE_SHARE = 0.05
 MIN_FUNCTION_SHARE = 0.3
 MIN_SAMPLES = 5
 NOT_BLIND = ("gap", names.TCP, names.SYNC)  # no code of their own runs there: pauses, transport, device waits
+# a transfer's stage is its send, receive or copy call: that call taking the stage is no finding
+# (what makes transfers slow has rules of its own: tcp-nodelay, serialization, full-logits-transfer)
+TRANSFERS = (names.TCP, names.IPC, names.SHM, names.SYNC)
 SAME_TIME = 0.1  # a caller within 10% of its callee's time is the same finding
 OWN = re.compile(r"^llmtrace\.")
 
@@ -64,6 +68,8 @@ def check(ctx):
             continue
         if row["name"] not in NOT_BLIND and not ctx.functions.select(stage=row["name"]):
             out.append(_blind(ctx, row))
+        if row["name"] in TRANSFERS:
+            continue
         for ms, name, calls in _stage_findings(ctx, row["name"], row["ms_per_token"]):
             share = ms / row["ms_per_token"]
             stat = ctx.functions.stats(calls)[0]
