@@ -83,7 +83,9 @@ def test_mapped_spool_loses_only_the_last_milliseconds_of_a_busy_process(tmp_pat
     counted, seen = _kill_recording_child(tmp_path, True, mid_burst)
     assert marks[0] <= len(seen) <= counted and seen == list(range(len(seen)))
     sf = read_spool(os.path.join(tmp_path, "spool", os.listdir(os.path.join(tmp_path, "spool"))[0]))
-    assert sf.truncated_at is None  # a zero tail after the last batch, no torn batch
+    # a zero tail after the last batch; or, when the kill landed while the flush thread was
+    # copying a batch in, that one batch is torn and read as unfinished (all before it kept)
+    assert sf.truncated_at is None or "batch not finished" in sf.truncation_reason, sf.truncation_reason
 
 
 # ---- llmtrace run with an agent SIGKILLed mid-workload ---------------------------------------------
