@@ -284,10 +284,12 @@ def _sampled_names(stack: tuple[str, ...], main_file: str = "") -> tuple[str, ..
 
 
 # a leaf line that blocks in C (no frame of its own): a queue's get, a wait, a join, a
-# lock, a receive (not dict.get or str.join: those always take an argument)
+# lock (acquired, or entered by `with`), a receive (not dict.get or str.join: those always
+# take an argument)
 _BLOCKING_CALL = re.compile(r"\.(?:get|join|result)\(\s*(?:\)|block\s*=|timeout\s*=|True\b|False\b)"
                             r"|\.(?:wait|wait_for|acquire|recv|recv_into|recvfrom|accept|poll|select)\s*\("
-                            r"|\bsleep\s*\(")
+                            r"|\bsleep\s*\("
+                            r"|^\s*(?:async\s+)?with\b[^:#]*\b\w*(?:lock|Lock|mutex|semaphore)\b")  # entering a lock
 
 
 @functools.lru_cache(maxsize=1 << 14)
