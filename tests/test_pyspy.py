@@ -49,7 +49,7 @@ def test_fallback_when_pyspy_may_not_attach(tmp_path):
     fake.chmod(0o755)
     out = tmp_path / "run"
     env = {pyspy.ENV_EXECUTABLE: str(fake)}
-    r = record(out, "--py-spy", "--py-spy-rate", "1000", program=[sys.executable, PIPELINE, "--steps", "15"],
+    r = record(out, "--py-spy", "--py-spy-rate", "1000", program=[sys.executable, PIPELINE, "--steps", "150"],
                env_extra=env)
     assert r.returncode == 0, r.stderr
     assert "py-spy was not allowed to read the program" in r.stderr
