@@ -101,6 +101,19 @@ def test_forwards_handed_to_a_thread_pool_are_one_step_loop():
     assert ctx.breakdown.per_token_ms == pytest.approx(4.0 / 2, rel=0.02)
 
 
+def test_the_next_pool_threads_work_before_its_forward_is_the_steps_gap():
+    """Each pool thread pads the batch (unannotated, 1 ms) before its forward: that work
+    lies in the previous forward's window on another thread, and its samples name it."""
+    t = trace_of(1)
+    for k in range(30):
+        tid = 10 + k % 3
+        span(t, "forward", k * 4.0 + 1, k * 4.0 + 3, tid=tid, batch=2)
+        t.samples.append(Sample(1, tid, int((k * 4.0 + 0.5) * MS), ("app:run_step", f"app:pad_rows_{k % 2}")))
+    ctx = done(t)
+    sampled = {f.name for f in ctx.functions.stats(ctx.functions.select(stage="gap"))}
+    assert {"app.pad_rows_0", "app.pad_rows_1"} <= sampled
+
+
 def test_a_repeated_span_holding_one_forward_is_the_step():
     t = trace_of(1)
     for k in range(5):

@@ -217,11 +217,16 @@ class _StepWalker:
             steps.sort(key=lambda s: s.start_ns)
         self.agent_ends = {pid: [s.end_ns for s in steps] for pid, steps in self.agent_timeline.items()}
 
-    def cost(self, step: int, root: Span) -> StepCost:
+    def cost(self, step: int, root: Span, handoff: tuple[int, int, int, int] | None = None) -> StepCost:
+        """The step's parts; `handoff` (pid, tid, lo, hi): another thread whose work in
+        [lo, hi) is on the step's path (the pool thread that runs the next forward)."""
         sc = StepCost(step, root, step_tokens(root), bool(root.attrs.get(names.A_PREFILL)),
                       _int_or_none(root.attrs.get(names.A_BATCH)))
         segs = [_Segment(root.start_ns, root.end_ns, GAP, _P_ROOT, root)]
         self._children(root, root.start_ns, root.end_ns, segs, sc, _P_ROOT_STAGE)
+        if handoff is not None:
+            pid, tid, lo, hi = handoff
+            self._thread_work(pid, tid, self.index.in_window(self.index.top_level(pid, tid), lo, hi), lo, hi, segs, sc)
         if sc.agent_root is not None:
             self._neighbours(sc.agent_root, root.start_ns, root.end_ns, segs, sc)
         segs += self.device.segments(root.start_ns, root.end_ns, sc.agent_root and sc.agent_root.pid)
@@ -301,9 +306,14 @@ class _StepWalker:
         hi = min(b, peer.hop.start_ns)  # from there on: the hop itself, the wait's own
         if hi <= a:
             return
-        sc.peer_windows.append((peer.pid, peer.tid, a, hi, GAP))
-        segs.append(_Segment(a, hi, GAP, _P_AGENT_ROOT, None))  # the peer's unannotated code
-        for c in peer.spans(a, hi):
+        self._thread_work(peer.pid, peer.tid, peer.spans(a, hi), a, hi, segs, sc)
+
+    def _thread_work(self, pid: int, tid: int, spans: list[Span], a: int, hi: int, segs: list, sc: StepCost) -> None:
+        """Another thread's `spans` in [a, hi), on the step's critical path, by their stages;
+        its unannotated code there is the step's gap (its samples count: peer_windows)."""
+        sc.peer_windows.append((pid, tid, a, hi, GAP))
+        segs.append(_Segment(a, hi, GAP, _P_AGENT_ROOT, None))
+        for c in spans:
             ca, cb = max(c.start_ns, a), min(c.end_ns, hi)
             if cb > ca:
                 label = stage_label(c)
@@ -348,7 +358,8 @@ class Breakdown:
     def of(cls, index: TraceIndex) -> Breakdown:
         found, peers = find_steps(index), Peers(index)
         walker = _StepWalker(index, found.profile, peers)
-        return cls([walker.cost(step, root) for step, root in found.roots], found, peers)
+        return cls([walker.cost(step, root, found.handoffs.get(root.span_id)) for step, root in found.roots],
+                   found, peers)
 
     @property
     def profile(self) -> Profile:

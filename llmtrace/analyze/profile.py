@@ -11,8 +11,9 @@ analyzer infers one, in this order:
      the start of one outermost forward to the start of the next (its tail: the spans
      that follow the last one); threads of one process that take turns at forwards (a
      pool the loop hands each step to) are one sequence, each window on its forward's
-     thread. A window longer than IDLE_FACTOR times the thread's
-     median held an idle wait for new work and is left out (counted in the profile).
+     thread, and the next forward's thread's work before it is on the window's path.
+     A window longer than IDLE_FACTOR times the thread's median held an idle wait for
+     new work and is left out (counted in the profile).
 Steps of kind 4 are synthetic root spans (named `step`, stage `step`) whose children are
 the thread's top-level spans in the window, less those of other asyncio tasks: a span
 that overlaps a forward it does not enclose (a forward runs no other task; a handler
@@ -62,6 +63,9 @@ class Steps:
     roots: list[tuple[int, Span]] = field(default_factory=list)
     idle_windows: int = 0  # cadence windows left out for holding idle time
     note: str = ""  # said in the report when the steps were inferred
+    # root span id -> (pid, tid, lo, hi): in a pool's sequence, the thread that runs the next
+    # forward; its work in [lo, hi) before that forward is on this step's critical path
+    handoffs: dict[int, tuple[int, int, int, int]] = field(default_factory=dict)
 
 
 def declared(index: TraceIndex) -> Profile | None:
@@ -171,17 +175,20 @@ def _model_cadence(index: TraceIndex) -> Steps:
         tail_end = max((s.end_ns for s in last if s.start_ns >= starts[-1]), default=fwds[-1].end_ns)
         bounds = list(zip(starts, starts[1:] + [tail_end]))
         usual = statistics.median(b - a for a, b in bounds[:-1])
-        for f, (a, b) in zip(fwds, bounds):
+        for f, nxt, (a, b) in zip(fwds, fwds[1:] + [None], bounds):
             if b - a > IDLE_FACTOR * usual:
                 steps.idle_windows += 1
                 continue
-            windows.append((a, b, f.pid, f.tid, index.in_window(tops[(f.pid, f.tid)], a, b)))
+            handoff = (nxt.pid, nxt.tid, max(a, f.end_ns), b) if nxt is not None and nxt.tid != f.tid else None
+            windows.append((a, b, f.pid, f.tid, index.in_window(tops[(f.pid, f.tid)], a, b), handoff))
     windows.sort(key=lambda w: w[0])
-    for n, (a, b, pid, tid, children) in enumerate(windows):
+    for n, (a, b, pid, tid, children, handoff) in enumerate(windows):
         root = Span(names.STEP, names.STEP, pid, tid, a, b, _SYNTHETIC_ID | n, step=n,
                     attrs=_window_tokens(children))
         index.add_synthetic(root, children)
         steps.roots.append((n, root))
+        if handoff is not None:
+            steps.handoffs[root.span_id] = handoff
     steps.note = ("steps inferred from the model's cadence: one per outermost `forward` on its thread "
                   "(mark the loop with `llmtrace.steps(...)` to say where a step starts)")
     if steps.idle_windows:
