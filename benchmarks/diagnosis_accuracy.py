@@ -55,6 +55,11 @@ CORPUS = {
         "full_logprobs": (("full-logits-transfer", "serialization-in-hot-path"), "EngineCore.step"),
         "log_arrays": (("log-in-hot-path",), "EngineCore.step"),
     }),
+    "fastapi_batcher": (["--requests", "32"], {
+        "poll_sleep": (("polling-sleep",), "Batcher.run"),
+        "host_argmax": (("full-logits-transfer",), "Batcher.argmax_on_host"),
+        "log_json": (("log-in-hot-path", "serialization-in-hot-path"), "Batcher.step"),
+    }),
     "transformers_http": (["--requests", "8", "--max-tokens", "40"], {
         "no_kv_cache": (("no-kv-cache",), None),
         "host_softmax": (("full-logits-transfer",), "Generator.sample"),

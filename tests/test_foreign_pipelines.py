@@ -26,6 +26,9 @@ CASES = {
                                                     "log-in-hot-path": "Scheduler.run"}),
     "zmq_engine_core": (["--requests", "24"], {"wait-in-step": "EngineCore.admit",
                                                 "full-logits-transfer": "EngineCore.step"}),
+    "fastapi_batcher": (["--requests", "24"], {"polling-sleep": "Batcher.run",
+                                               "full-logits-transfer": "Batcher.argmax_on_host",
+                                               "serialization-in-hot-path": "Batcher.step"}),
 }
 
 pytestmark = pytest.mark.slow

@@ -213,3 +213,17 @@ def test_http_server_and_wsgi_requests_are_spans(spans):
         srv.server_close()
     got = sorted(s["attrs"]["path"] for s in spans() if s["name"] == names.HTTP_REQUEST)
     assert got == ["/plain", "/wsgi"]
+
+
+def test_an_asyncio_sleep_is_a_span_and_a_yield_is_not(spans):
+    import asyncio
+
+    async def loop():
+        await asyncio.sleep(0.002)
+        await asyncio.sleep(0)  # a yield to the other tasks: no sleep to remove
+        return "done"
+
+    spans()
+    assert asyncio.run(loop()) == "done"
+    sleeps = [s for s in spans() if s["stage"] == names.SLEEP]
+    assert len(sleeps) == 1 and sleeps[0]["dur"] >= 2_000_000

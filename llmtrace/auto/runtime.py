@@ -31,9 +31,11 @@ def _spanned(name: str, stage: str):
 
 
 def _async_sleep(orig):
+    """`await asyncio.sleep(d)`; not sleep(0): that only yields to the other tasks, and their
+    work is what the time holds, no sleep a fix could remove."""
     @functools.wraps(orig)
     async def sleep(delay, *args, **kwargs):
-        if not recorder.is_enabled():
+        if not recorder.is_enabled() or not delay or delay <= 0:
             return await orig(delay, *args, **kwargs)
         with recorder.span("sleep.async", stage=names.SLEEP, **{names.A_CALLER: caller()}):  # before the await
             return await orig(delay, *args, **kwargs)
