@@ -111,6 +111,11 @@ def diagnose(report: dict, rules: tuple, function: str | None) -> float | None:
     return max(s["est_saving_ms_per_token"] for s in hits) if hits else None
 
 
+def within_goal(estimate: float | None, truth: float) -> bool:
+    """The issue's goal: within 25% of the truth or 0.3 ms/token, whichever is larger."""
+    return estimate is not None and abs(estimate - truth) <= max(0.25 * abs(truth), 0.3)
+
+
 def evaluate(pipeline: str, repeats: int, recordings: int) -> list[dict]:
     args, mistakes = CORPUS[pipeline]
     true = truth(pipeline, args, list(mistakes), repeats)
@@ -124,7 +129,7 @@ def evaluate(pipeline: str, repeats: int, recordings: int) -> list[dict]:
         rows.append({"pipeline": pipeline, "mistake": m, "rules": list(rules), "function": function,
                      "truth_ms": saving, "truth_spread_ms": spread, "found": len(est), "recordings": recordings,
                      "estimate_ms": median_est,
-                     "within_goal": median_est is not None and abs(median_est - saving) <= max(0.25 * saving, 0.3),
+                     "within_goal": within_goal(median_est, saving),
                      "false_positive": any(s["id"] in rules for s in clean["suggestions"])})
     return rows
 

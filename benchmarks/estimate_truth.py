@@ -1,0 +1,94 @@
+"""The engine's estimates against the truth: for every switch of examples/antipatterns.yaml,
+the measured saving of turning that one mistake off next to what the report estimates.
+
+  truth     `llmtrace run` with every mistake on, and with that one off
+            (`--set antipatterns.<switch>=false`), interleaved, --repeats times each;
+            ms/token = the breakdown's step time per output token (what the estimates are
+            relative to); the saving is the difference of medians, the spread that of the
+            all-on runs
+  estimate  the matching rule's est_saving_ms_per_token in the all-on runs, median
+  found     in how many all-on runs the rule reported it
+  tuned     in how many runs of examples/tuned.yaml (every switch off) it was reported
+Goal (issue 19): every estimate within 25% of the truth (or 0.3 ms/token), every mistake
+found in every run, none on tuned.yaml.
+
+    python benchmarks/estimate_truth.py [--repeats 3] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from diagnosis_accuracy import within_goal
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# switch -> the rule that reports it
+SWITCHES = {"log_arrays": "log-in-hot-path", "concat_padding": "concat-padding",
+            "host_sampling": "full-logits-transfer", "no_tcp_nodelay": "tcp-nodelay",
+            "prefill_batch_1": "small-prefill-batch", "gc_churn": "gc-pauses"}
+
+
+def run(config: str, *overrides: str) -> dict:
+    """The report of one `llmtrace run`."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "llmtrace.cli", "run", "--config", os.path.join(ROOT, "examples", config),
+               "--out", out, *[a for o in overrides for a in ("--set", o)]]
+        subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900)
+        with open(os.path.join(out, "report.json")) as f:
+            return json.load(f)
+
+
+def saving(report: dict, rule: str) -> float | None:
+    found = [s["est_saving_ms_per_token"] for s in report["suggestions"] if s["id"] == rule]
+    return found[0] if found else None
+
+
+def evaluate(repeats: int) -> list[dict]:
+    ms: dict[str, list[float]] = {v: [] for v in ["all", *SWITCHES]}
+    all_on, tuned = [], []
+    for _ in range(repeats):
+        for variant in ms:
+            off = () if variant == "all" else (f"antipatterns.{variant}=false",)
+            rep = run("antipatterns.yaml", *off)
+            ms[variant].append(rep["breakdown"]["per_token_ms"])
+            if variant == "all":
+                all_on.append(rep)
+        tuned.append(run("tuned.yaml"))
+    on = statistics.median(ms["all"])
+    rows = []
+    for switch, rule in SWITCHES.items():
+        truth = on - statistics.median(ms[switch])
+        est = [e for e in (saving(r, rule) for r in all_on) if e is not None]
+        median_est = statistics.median(est) if est else None
+        rows.append({"switch": switch, "rule": rule, "truth_ms": truth, "spread_ms": max(ms["all"]) - min(ms["all"]),
+                     "estimate_ms": median_est, "found": len(est), "runs": repeats,
+                     "within_goal": within_goal(median_est, truth),
+                     "on_tuned": sum(saving(r, rule) is not None for r in tuned)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each variant (default 3)")
+    ap.add_argument("--json", help="also write the rows here")
+    args = ap.parse_args(argv)
+    rows = evaluate(args.repeats)
+    print("| switch | rule | truth ms/token (spread) | estimate | found | within goal | on tuned |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        est = f"{r['estimate_ms']:.3f}" if r["estimate_ms"] is not None else "-"
+        print(f"| {r['switch']} | {r['rule']} | {r['truth_ms']:.3f} ({r['spread_ms']:.3f}) | {est} | "
+              f"{r['found']}/{r['runs']} | {'yes' if r['within_goal'] else 'no'} | {r['on_tuned']}/{r['runs']} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
