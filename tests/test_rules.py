@@ -255,6 +255,20 @@ def test_gc_pauses_from_gc_spans():
     assert s.est_saving_ms_per_token == pytest.approx(4 * 6.0 / 160, rel=0.1)
 
 
+def test_gc_pauses_name_the_code_the_collections_interrupted():
+    b = EngineTraceBuilder()
+    for i in range(40):
+        b.step(batch=4, nested={"postprocess": [("gc", 6.0, {"generation": 2})]} if i % 10 == 0 else None)
+    t = b.build()
+    for g in (s for s in t.spans if s.name == "gc"):
+        t.samples.append(Sample(g.pid, g.tid, (g.start_ns + g.end_ns) // 2,
+                                ("app.postprocess:render_tokens:42", "llmtrace.gc_spans:_callback:17")))
+    t.sort()
+    s = _one(Context(t), "gc-pauses")
+    assert s.evidence["responsible"][0]["function"] == "app.postprocess.render_tokens:42"
+    assert "collections start in app.postprocess.render_tokens:42" in s.title
+
+
 def test_gc_pauses_unexplained_gaps():
     b = EngineTraceBuilder()
     for i in range(40):
