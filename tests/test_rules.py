@@ -477,3 +477,26 @@ def test_the_masters_samples_while_it_waits_for_the_agent_are_not_gap():
     t.sort()
     ctx = Context(t)
     assert not ctx.functions.select(stage="gap")
+
+
+def test_unbatched_requests_fits_the_cost_per_token_when_forwards_vary():
+    """Forwards of 8 to 64 tokens cost 0.5 ms + 25 us per token: a batch of 4 one-token
+    sequences costs the step's time plus 3 tokens' worth, not 4 times the forward."""
+    from test_profile import done, span, trace_of
+
+    t = trace_of(1)
+    for r in range(4):
+        span(t, "http.request", -1 + r * 0.1, 400, tid=10 + r)
+    at = 0.0
+    for k in range(60):
+        tokens = 8 * (1 + k % 8)
+        dur = 0.5 + 0.025 * tokens
+        span(t, "forward", at, at + dur, batch=1, tokens=tokens)
+        at += dur + 1.0  # 1 ms of host work after each forward
+    s = _one(done(t), "unbatched-requests")
+    assert s.evidence["batch_cost"].startswith("fitted") and "25.00 us per token" in s.evidence["batch_cost"]
+    walls = [0.5 + 0.025 * 8 * (1 + k % 8) + (1.0 if k < 59 else 0.0) for k in range(60)]
+    batched = [w + 0.025 * 8 * (1 + k % 8) * 3 for k, w in enumerate(walls)]  # 3 more sequences' tokens
+    expected = (sum(walls) - sum(b / 4 for b in batched)) / 60
+    assert s.est_saving_ms_per_token == pytest.approx(expected, rel=0.05)
+    assert s.evidence["ms_per_token_if_flat"] > s.est_saving_ms_per_token > 0
