@@ -35,6 +35,7 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 from .. import names
 from ..decorator import USER_STAGE
@@ -178,25 +179,25 @@ class _DeviceTimeline:
     step n), on the critical rank's device when an agent step stands for the wait."""
 
     def __init__(self, index: TraceIndex, model_stages: tuple[str, ...]):
-        by_pid: dict[int, list[Span]] = defaultdict(list)
+        by_pid: dict[int, list[tuple[int, int, Span]]] = defaultdict(list)  # (device start, end, span)
         for stage in model_stages:
             for s in index.by_stage.get(stage, ()):
-                if s.device_start_ns is not None:
-                    by_pid[s.pid].append(s)
-        self.tracks = {}
-        for pid, spans in by_pid.items():
-            spans.sort(key=lambda s: s.device_start_ns)
-            self.tracks[pid] = (spans, [s.device_start_ns for s in spans],
-                                max(s.device_end_ns - s.device_start_ns for s in spans))
+                ds, de = s.device_start_ns, s.device_end_ns
+                if ds is not None and de is not None:
+                    by_pid[s.pid].append((ds, de, s))
+        self.tracks: dict[int, tuple[list[tuple[int, int, Span]], list[int], int]] = {}
+        for pid, rows in by_pid.items():
+            rows.sort(key=lambda r: r[0])
+            self.tracks[pid] = (rows, [r[0] for r in rows], max(de - ds for ds, de, _ in rows))
 
     def segments(self, lo: int, hi: int, pid: int | None):
         """pid None: every process's device."""
         for p in self.tracks if pid is None else (pid,):
-            spans, starts, longest = self.tracks.get(p, ((), (), 0))
+            rows, starts, longest = self.tracks.get(p, ([], [], 0))
             i = bisect_left(starts, lo - longest)
-            while i < len(spans) and starts[i] < hi:
-                s = spans[i]
-                a, b = max(s.device_start_ns, lo), min(s.device_end_ns, hi)
+            while i < len(rows) and starts[i] < hi:
+                ds, de, s = rows[i]
+                a, b = max(ds, lo), min(de, hi)
                 if b > a:
                     yield _Segment(a, b, MODEL, _P_DEVICE, s)
                 i += 1
@@ -229,8 +230,9 @@ class _StepWalker:
             self._thread_work(pid, tid, self.index.in_window(self.index.top_level(pid, tid), lo, hi), lo, hi, segs, sc)
         if sc.agent_root is not None:
             self._neighbours(sc.agent_root, root.start_ns, root.end_ns, segs, sc)
-        segs += self.device.segments(root.start_ns, root.end_ns, sc.agent_root and sc.agent_root.pid)
-        parts, counts = defaultdict(int), defaultdict(int)
+        segs += self.device.segments(root.start_ns, root.end_ns, sc.agent_root.pid if sc.agent_root else None)
+        parts: dict[str, int] = defaultdict(int)
+        counts: dict[str, int] = defaultdict(int)
         for seg, ns in _claim(segs):
             parts[seg.label] += ns
             if seg.span is not None and seg.label != GAP and seg.prio != _P_AGENT_ROOT:
@@ -300,7 +302,7 @@ class _StepWalker:
         """A blocking receive (or send): what the sending (receiving) thread of the other
         process did meanwhile is on the critical path, by its stages, up to its side of the
         hop (the wait's own label keeps the rest)."""
-        peer = self.peers.peer_of(wait)
+        peer = self.peers.peer_of(wait) if self.peers is not None else None
         if peer is None:
             return
         hi = min(b, peer.hop.start_ns)  # from there on: the hop itself, the wait's own
@@ -398,7 +400,7 @@ class Breakdown:
         per_token = wall / tokens / 1e6
         model = sum(s.parts.get(MODEL, 0) for s in steps) / tokens / 1e6
         labels = {lab for s in steps for lab in s.parts if lab != MODEL}
-        stages = []
+        stages: list[dict[str, Any]] = []
         for lab in labels:
             per_step = sorted(s.parts.get(lab, 0) / 1e6 for s in steps)
             total = sum(per_step)

@@ -73,7 +73,8 @@ def _findings(before: list[dict], after: list[dict]) -> list[dict]:
     for fid in list(a) + [f for f in b if f not in a]:
         sa, sb = a.get(fid), b.get(fid)
         status = "gone" if sb is None else "new" if sa is None else "still"
-        out.append({"id": fid, "status": status, "title": (sb or sa)["title"],
+        either = sb if sb is not None else a[fid]
+        out.append({"id": fid, "status": status, "title": either["title"],
                     "before_ms": sa["est_saving_ms_per_token"] if sa else None,
                     "after_ms": sb["est_saving_ms_per_token"] if sb else None})
     return out

@@ -100,9 +100,9 @@ class FunctionIndex:
         foreign = _foreign_by_thread(trace.foreign_events)
         self._samples = samples = _samples_by_thread(trace.samples)
         self._main = _main_files(trace)
-        self._sampled_by_pid: dict[int, list[Call]] | None = None
-        sampled: dict[tuple, dict[str, list[tuple]]] = defaultdict(lambda: defaultdict(list))
-        site_ns: dict[tuple, dict[str, int]] = defaultdict(lambda: defaultdict(int))  # the sites' time
+        self._sampled_by_pid: dict[int, list[tuple[int, int, Call]]] | None = None
+        sampled: dict[tuple, dict[tuple[str, str], list[tuple]]] = defaultdict(lambda: defaultdict(list))
+        site_ns: dict[tuple, dict[tuple[str, str], int]] = defaultdict(lambda: defaultdict(int))  # the sites' time
         for sc in breakdown.steps:
             root = sc.root
             for stage, s in sc.stage_spans:
@@ -183,16 +183,15 @@ class FunctionIndex:
         if c.span is None:
             return []
         if self._sampled_by_pid is None:
-            self._sampled_by_pid = defaultdict(list)
+            by_pid: dict[int, list[tuple[int, int, Call]]] = defaultdict(list)  # (ts, tid, call)
             for x in self.calls:
                 if x.sample is not None:
-                    self._sampled_by_pid[x.pid].append(x)
-            for lst in self._sampled_by_pid.values():
-                lst.sort(key=lambda x: x.sample.ts_ns)
+                    by_pid[x.pid].append((x.sample.ts_ns, x.sample.tid, x))
+            self._sampled_by_pid = {pid: sorted(rows, key=lambda r: r[0]) for pid, rows in by_pid.items()}
         rows = self._sampled_by_pid.get(c.pid, [])
-        lo = bisect.bisect_left(rows, c.start, key=lambda x: x.sample.ts_ns)
-        hi = bisect.bisect_left(rows, c.end, key=lambda x: x.sample.ts_ns)
-        return [x for x in rows[lo:hi] if x.sample.tid == c.span.tid]
+        lo = bisect.bisect_left(rows, c.start, key=lambda r: r[0])
+        hi = bisect.bisect_left(rows, c.end, key=lambda r: r[0])
+        return [x for _, tid, x in rows[lo:hi] if tid == c.span.tid]
 
     def responsible(self, calls: list[Call]) -> list[tuple[str, int]]:
         """The program's own functions behind `calls` (the innermost frame of each sample

@@ -98,11 +98,12 @@ def _batch_size(index: TraceIndex, bd: Breakdown, t0: int) -> dict | None:
         if vals:
             break
     else:
-        steps = [s for s in bd.steps if s.batch is not None]
-        ts, vals = [s.root.start_ns for s in steps], [float(s.batch) for s in steps]
-    if not vals:
+        batches = [(s.root.start_ns, float(s.batch)) for s in bd.steps if s.batch is not None]
+        ts, vals = [t for t, _ in batches], [v for _, v in batches]
+    stats = summary(vals)
+    if stats is None:
         return None
-    return {**summary(vals), "max": max(vals), "timeline": _timeline(ts, vals, t0)}
+    return {**stats, "max": max(vals), "timeline": _timeline(ts, vals, t0)}
 
 
 def _kv_usage(index: TraceIndex, t0: int) -> dict | None:

@@ -23,7 +23,8 @@ def _signal_name(code: int) -> str:
 
 def _extent(trace: Trace) -> tuple[int, dict[int, int]]:
     """The trace's first record time and each process's last one (ns)."""
-    first, last = None, {}
+    first: int | None = None
+    last: dict[int, int] = {}
     rows = [(s.pid, s.start_ns, s.end_ns) for s in trace.spans]
     rows += [(r.pid, r.ts_ns, r.ts_ns) for group in (trace.instants, trace.counters, trace.samples) for r in group]
     for pid, start, end in rows:

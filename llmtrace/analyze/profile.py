@@ -167,9 +167,8 @@ def _model_cadence(index: TraceIndex) -> Steps:
         return steps
     windows = []
     for fwds in lanes:
-        tops = {(f.pid, f.tid): [] for f in fwds}
-        for pid, tid in tops:
-            tops[(pid, tid)] = _own_task(index, index.top_level(pid, tid), [f for f in fwds if f.tid == tid])
+        tops = {(pid, tid): _own_task(index, index.top_level(pid, tid), [f for f in fwds if f.tid == tid])
+                for pid, tid in {(f.pid, f.tid) for f in fwds}}
         starts = [f.start_ns for f in fwds]
         last = tops[(fwds[-1].pid, fwds[-1].tid)]
         tail_end = max((s.end_ns for s in last if s.start_ns >= starts[-1]), default=fwds[-1].end_ns)

@@ -3,6 +3,7 @@ text (rich tables) and markdown renderings."""
 from __future__ import annotations
 
 import io
+from typing import Any
 
 from .. import names
 from ..timeline import Trace
@@ -66,8 +67,9 @@ def _off_steps(ctx: Context, top: int = 10) -> list[dict]:
     step_threads = {(sc.root.pid, sc.root.tid) for sc in ctx.steps}
     step_threads |= {(s.pid, s.tid) for sc in ctx.steps for _, s in sc.stage_spans}
     rows = _top_level_time(ctx, {(s.pid, s.tid) for s in ctx.trace.spans} - step_threads)
-    out = [{"process": p, "stage": st, "count": n, "ms": round(ns / 1e6, 3), "mean_ms": round(ns / n / 1e6, 3)}
-           for (p, st), (n, ns) in rows.items()]
+    out: list[dict[str, Any]] = [
+        {"process": p, "stage": st, "count": n, "ms": round(ns / 1e6, 3), "mean_ms": round(ns / n / 1e6, 3)}
+        for (p, st), (n, ns) in rows.items()]
     return sorted(out, key=lambda r: -r["ms"])[:top]
 
 
