@@ -33,8 +33,8 @@ def test_report_has_the_design_schema(report):
                             "top_functions"}
     assert bd["decode"]["steps"] == 30 and bd["prefill"]["steps"] == 3
     for sug in report["suggestions"]:
-        assert set(sug) == {"id", "title", "stage", "evidence", "est_saving_ms_per_token", "est_speedup", "fix",
-                            "impact"}
+        assert set(sug) == {"id", "title", "stage", "evidence", "est_saving_ms_per_token", "est_speedup",
+                            "est_saving_interval", "fix", "impact"}
     assert [x["id"] for x in report["suggestions"]][:2] == ["log-in-hot-path", "concat-padding"]
     t = report["tracing"]
     assert set(t) >= {"spans_recorded", "spans_dropped", "instrumentation_cost_us_per_token", "processes"}

@@ -40,6 +40,8 @@ def test_log_in_hot_path_from_nested_spans():
     s = _one(ctx, "log-in-hot-path")
     assert s.stage == "preprocess"
     assert s.est_saving_ms_per_token == pytest.approx(7.0, rel=0.1)
+    lo, hi = s.interval  # the same 7 ms in every step: a tight interval around the estimate
+    assert lo <= s.est_saving_ms_per_token <= hi and hi - lo < 0.1
     assert s.evidence["functions"][0]["name"] == "logging.debug"
     assert s.evidence["steps_affected"] == 30 and s.evidence["example_steps"] == [0, 1, 2, 3, 4]
     per_token = ctx.per_token_ms
@@ -500,3 +502,13 @@ def test_unbatched_requests_fits_the_cost_per_token_when_forwards_vary():
     expected = (sum(walls) - sum(b / 4 for b in batched)) / 60
     assert s.est_saving_ms_per_token == pytest.approx(expected, rel=0.05)
     assert s.evidence["ms_per_token_if_flat"] > s.est_saving_ms_per_token > 0
+
+
+def test_a_saving_that_varies_by_step_gets_a_wide_interval():
+    b = EngineTraceBuilder()
+    for i in range(40):  # 20 ms in one step of four, 0 in the others
+        b.step(batch=1, nested={"preprocess": [("logging.debug", 20.0, {})]} if i % 4 == 0 else None)
+    s = _one(Context(b.build()), "log-in-hot-path")
+    lo, hi = s.interval
+    assert lo < s.est_saving_ms_per_token < hi and hi - lo > 0.2 * s.est_saving_ms_per_token
+    assert s.to_dict()["est_saving_interval"] == [lo, hi]

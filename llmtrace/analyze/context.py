@@ -2,6 +2,7 @@
 metrics and the functions seen inside each stage; and the `Suggestion` a rule returns."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .. import names
@@ -11,6 +12,7 @@ from .cpu import ThreadCpu
 from .functions import EXAMPLE_STEPS, Call, FunctionIndex, covered
 from .index import TraceIndex
 from .metrics import serving_metrics
+from .stats import per_token_interval
 
 
 @dataclass
@@ -23,10 +25,12 @@ class Suggestion:
     est_speedup: float | None  # None when the saving is the whole per-token time
     fix: str
     impact: str | None = None  # what acting on it buys when that is not time (a true breakdown, memory)
+    interval: tuple[float, float] | None = None  # 95% bootstrap interval of the saving over steps
 
     def to_dict(self) -> dict:
         return {"id": self.id, "title": self.title, "stage": self.stage, "evidence": self.evidence,
                 "est_saving_ms_per_token": self.est_saving_ms_per_token, "est_speedup": self.est_speedup,
+                "est_saving_interval": list(self.interval) if self.interval else None,
                 "fix": self.fix, "impact": self.impact}
 
 
@@ -34,7 +38,9 @@ def saving_cells(s: dict) -> tuple[str, str]:
     """(ms/token saved, speedup) as table cells; '-' where the finding saves no time."""
     if s["est_saving_ms_per_token"] <= 0:
         return "-", "-"
-    return f"{s['est_saving_ms_per_token']:.3f}", f"{s['est_speedup']:.2f}x" if s["est_speedup"] else "-"
+    ci = s.get("est_saving_interval")
+    saves = f"{s['est_saving_ms_per_token']:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+    return saves, f"{s['est_speedup']:.2f}x" if s["est_speedup"] else "-"
 
 
 def saving_text(s: dict) -> str:
@@ -42,7 +48,9 @@ def saving_text(s: dict) -> str:
     if s["est_saving_ms_per_token"] <= 0:
         return "no time saved" + (f"; {s['impact']}" if s.get("impact") else "")
     speed = f", {s['est_speedup']:.2f}x" if s["est_speedup"] else ""
-    return f"saves ~{s['est_saving_ms_per_token']:.3f} ms/token{speed}"
+    ci = s.get("est_saving_interval")
+    within = f" (95% over steps: {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+    return f"saves ~{s['est_saving_ms_per_token']:.3f} ms/token{within}{speed}"
 
 
 MIN_STEPS_AFFECTED = 3  # a per-step pattern seen in fewer steps is a coincidence (another task's sleep)
@@ -135,17 +143,18 @@ class Context:
         return [Call(label, sc.step, s.pid, s.start_ns, s.end_ns, s.name, "span", True, s)
                 for sc in self.steps for st, s in sc.stage_spans if st == label]
 
-    def removable(self, pattern, stage: str | None = None) -> tuple[list[Call], float, dict] | None:
+    def removable(self, pattern, stage: str | None = None) -> tuple[list[Call], float, dict, dict] | None:
         """Host-side calls matching `pattern` (and the spans of breakdown row `stage`) whose
         whole time a fix removes (log calls, padding by concatenation), less what earlier
-        findings explain: (calls, ms/token saved, evidence), the calls claimed."""
+        findings explain: (calls, ms/token saved, evidence, their ns per step), the calls
+        claimed."""
         found = self.functions.select(pattern, host_side=True) + (self.stage_calls(stage) if stage else [])
         calls, ns = self.unexplained(found)
         if not calls or ns <= 0:
             return None
         evidence = self.function_evidence(calls)
         self.claim(c.name for c in calls)
-        return calls, self.ms_per_token(ns), evidence
+        return calls, self.ms_per_token(ns), evidence, covered(calls)[1]
 
     def stage_cost(self, label: str) -> tuple[float, list[int], dict] | None:
         """A breakdown row's time on the critical path: (ms/token, steps where it ran,
@@ -167,14 +176,29 @@ class Context:
             return []
         ms, steps, ev = found
         self.claim(f["name"] for f in ev["functions"])
-        return [self.suggestion(id, title(ms, steps, ev), label, {**ev, "ms_per_token": round(ms, 4)}, ms, fix)]
+        per_step = {sc.step: sc.parts.get(label, 0) for sc in self.steps}
+        return [self.suggestion(id, title(ms, steps, ev), label, {**ev, "ms_per_token": round(ms, 4)}, ms, fix,
+                                per_step=per_step)]
 
     def suggestion(self, id: str, title: str, stage: str, evidence: dict, saving_ms: float, fix: str,
-                   impact: str | None = None) -> Suggestion:
+                   impact: str | None = None, per_step: Mapping[int, float] | None = None) -> Suggestion:
+        """A finding; `per_step` (its cost in each step, any scale) gives the saving a 95%
+        bootstrap interval over the steps."""
         per_token = self.per_token_ms
         saving_ms = max(0.0, min(saving_ms, per_token))
         speedup = round(per_token / (per_token - saving_ms), 3) if per_token > saving_ms else None
-        return Suggestion(id, title, stage, evidence, round(saving_ms, 4), speedup, fix, impact)
+        return Suggestion(id, title, stage, evidence, round(saving_ms, 4), speedup, fix, impact,
+                          self._interval(saving_ms, per_step) if per_step else None)
+
+    def _interval(self, saving_ms: float, per_step: Mapping[int, float]) -> tuple[float, float] | None:
+        """The saving's interval: its per-step costs scaled to add up to the saving."""
+        total = sum(per_step.get(sc.step, 0) for sc in self.steps)
+        if total <= 0 or saving_ms <= 0:
+            return None
+        scale = saving_ms * self.tokens * 1e6 / total
+        ci = per_token_interval([per_step.get(sc.step, 0) * scale for sc in self.steps],
+                                [sc.tokens for sc in self.steps])
+        return (round(ci[0], 4), round(ci[1], 4)) if ci else None
 
     def saving_if_batched(self, steps: list[StepCost], targets: list[int]) -> float:
         """ms/token saved if each step had produced `targets[i]` tokens in the same wall time

@@ -38,6 +38,24 @@ def union_ns(intervals) -> int:
     return total
 
 
+INTERVAL_RESAMPLES, INTERVAL_SEED, INTERVAL_MIN_STEPS = 200, 20261207, 10
+
+
+def per_token_interval(ns: list[float], tokens: list[float]) -> tuple[float, float] | None:
+    """95% bootstrap interval over steps (resampled with replacement, fixed seed) of
+    sum(ns) / sum(tokens) in ms; None for fewer than INTERVAL_MIN_STEPS steps."""
+    if len(ns) < INTERVAL_MIN_STEPS:
+        return None
+    import numpy as np  # here only: the analyzer imports no numpy otherwise
+
+    rng = np.random.default_rng(INTERVAL_SEED)
+    idx = rng.integers(0, len(ns), (INTERVAL_RESAMPLES, len(ns)))
+    num = np.asarray(ns, dtype=np.float64)[idx].sum(axis=1)
+    den = np.maximum(np.asarray(tokens, dtype=np.float64)[idx].sum(axis=1), 1.0)
+    lo, hi = np.percentile(num / den / 1e6, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def slope(xs: list[float], ys: list[float]) -> float:
     """Least-squares slope of ys over xs (0 when the xs do not vary)."""
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)

@@ -26,7 +26,7 @@ def check(ctx):
     found = ctx.removable(PATTERN, names.LOGGING)
     if found is None:
         return []
-    calls, saving, ev = found
+    calls, saving, ev, ns_per_step = found
     stages = sorted({c.stage for c in calls})
     return [ctx.suggestion(
         ID, f"Logging / array formatting in the hot path costs {saving:.2f} ms/token ({', '.join(stages)})",
@@ -34,5 +34,5 @@ def check(ctx):
         {**ev, "stages": stages, "ms_per_token": round(saving, 4)}, saving,
         "Remove per-step log calls or guard them with `if logger.isEnabledFor(logging.DEBUG):`; "
         "never format arrays/tensors in a log message on the step path (pass lazy %-args, log shapes "
-        "not contents, or log every N steps).")]
+        "not contents, or log every N steps).", per_step=ns_per_step)]
 
