@@ -51,6 +51,7 @@ A_BATCH = "batch"  # sequences in a step
 A_OUTPUT_TOKENS = "output_tokens"  # tokens a step emitted (rows not discarded)
 A_SEQS = "seqs"  # sequences a span worked on
 A_IDS = "ids"  # token ids a tokenizer call decoded
+A_NONBLOCKING = "nonblocking"  # 1 on a receive asked not to wait (get_nowait, block=False, timeout 0)
 A_PREFILL = "prefill"
 A_D2H_BYTES = "d2h_bytes"  # bytes a span copied from the device to the host
 A_LOGITS_BYTES = "logits_bytes"

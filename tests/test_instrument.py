@@ -227,3 +227,18 @@ def test_an_asyncio_sleep_is_a_span_and_a_yield_is_not(spans):
     assert asyncio.run(loop()) == "done"
     sleeps = [s for s in spans() if s["stage"] == names.SLEEP]
     assert len(sleeps) == 1 and sleeps[0]["dur"] >= 2_000_000
+
+
+def test_a_queue_get_asked_not_to_wait_says_so(spans):
+    import multiprocessing as mp
+    import queue
+
+    q = mp.Queue()
+    q.put("work")
+    time.sleep(0.1)  # the feeder thread has written it
+    spans()
+    assert q.get(timeout=5) == "work"
+    with pytest.raises(queue.Empty):
+        q.get_nowait()
+    gets = [s for s in spans() if s["name"] == "ipc.get"]
+    assert [g["attrs"].get(names.A_NONBLOCKING) for g in gets] == [None, 1]

@@ -512,3 +512,18 @@ def test_a_saving_that_varies_by_step_gets_a_wide_interval():
     lo, hi = s.interval
     assert lo < s.est_saving_ms_per_token < hi and hi - lo > 0.2 * s.est_saving_ms_per_token
     assert s.to_dict()["est_saving_interval"] == [lo, hi]
+
+
+@pytest.mark.parametrize("nonblocking", [False, True])
+def test_wait_in_step_only_for_receives_that_may_wait(nonblocking):
+    """A 1 ms queue get in every step that no sender ended: a wait for work, unless it was
+    asked not to wait (a get_nowait slowed by a busy CPU)."""
+    from test_profile import done, span, trace_of
+
+    t = trace_of(1)
+    attrs = {"nonblocking": 1} if nonblocking else {}
+    for k in range(30):
+        span(t, "ipc.get", k * 4.0, k * 4.0 + 1, **attrs)
+        span(t, "forward", k * 4.0 + 1, k * 4.0 + 3, batch=4)
+    found = {s.id for s in run_rules(done(t))}
+    assert ("wait-in-step" in found) != nonblocking

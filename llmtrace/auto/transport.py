@@ -102,9 +102,22 @@ def _patch_connection(mod) -> None:
     replace(mod.Connection, "_send_bytes", _pipe_write)
 
 
+def _queue_get(orig):
+    """Queue.get; a get asked not to wait says so (its time, however long on a loaded
+    machine, is no wait for work)."""
+    def get(q, block=True, timeout=None):
+        if not recorder.is_enabled():
+            return orig(q, block, timeout)
+        attrs = {names.A_NONBLOCKING: 1} if not block or timeout == 0 else {}
+        with recorder.span("ipc.get", stage=names.IPC, **attrs):
+            return orig(q, block, timeout)
+
+    return get
+
+
 def _patch_queues(mod) -> None:
-    for attr, name in (("put", "ipc.put"), ("get", "ipc.get")):
-        replace(mod.Queue, attr, traced(name, names.IPC))
+    replace(mod.Queue, "put", traced("ipc.put", names.IPC))
+    replace(mod.Queue, "get", _queue_get)
 
 
 def _zmq_size(msg) -> int:

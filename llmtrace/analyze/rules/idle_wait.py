@@ -4,13 +4,15 @@ its timeout) while requests are running.
 
 Fingerprint: receive spans (stage tcp / ipc, named *.recv / *.get) on a step's critical
 path, each at least MIN_WAIT_MS long, that no send of another process ended
-(peers.py finds none); the program's function that waits comes from the stack samples
-taken during the wait.
+(peers.py finds none), not asked to return at once (a get_nowait slowed by a busy CPU is
+no wait for work); the program's function that waits comes from the stack samples taken
+during the wait.
 Saving: their time per token: take new work without blocking while a batch is running
 (get_nowait / poll(0)) and block only when idle.
 """
 from __future__ import annotations
 
+from ... import names
 from ..context import MIN_STEPS_AFFECTED
 from ..functions import Call, covered
 from ..peers import is_receive
@@ -24,7 +26,7 @@ def check(ctx):
     calls = [Call(stage, sc.step, s.pid, s.start_ns, s.end_ns, s.name, "span", True, s)
              for sc in ctx.steps for stage, s in sc.stage_spans
              if is_receive(s) and s.name not in ctx.claimed and s.dur_ns >= MIN_WAIT_MS * 1e6
-             and peers.sender_of(s) is None]
+             and not s.attrs.get(names.A_NONBLOCKING) and peers.sender_of(s) is None]
     if len({c.step for c in calls}) < MIN_STEPS_AFFECTED:
         return []
     ns, per_step = covered(calls)
