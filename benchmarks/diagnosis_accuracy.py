@@ -111,6 +111,21 @@ def diagnose(report: dict, rules: tuple, function: str | None) -> float | None:
     return max(s["est_saving_ms_per_token"] for s in hits) if hits else None
 
 
+def emit(header: list[str], cells: list[list[str]], rows: list[dict], json_path: str | None) -> None:
+    """Print the table (header, one list of cells per row); write `rows` to json_path too."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + " --- |" * len(header))
+    for c in cells:
+        print("| " + " | ".join(c) + " |")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def estimate_cell(ms: float | None) -> str:
+    return f"{ms:.3f}" if ms is not None else "-"
+
+
 def within_goal(estimate: float | None, truth: float) -> bool:
     """The issue's goal: within 25% of the truth or 0.3 ms/token, whichever is larger."""
     return estimate is not None and abs(estimate - truth) <= max(0.25 * abs(truth), 0.3)
@@ -142,16 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
     rows = [r for p in args.pipelines for r in evaluate(p, args.repeats, args.recordings)]
-    print("| pipeline | mistake | rule | truth ms/token (spread) | estimate | found | within goal | false + on clean |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        est = f"{r['estimate_ms']:.3f}" if r["estimate_ms"] is not None else "-"
-        print(f"| {r['pipeline']} | {r['mistake']} | {'/'.join(r['rules'])} | {r['truth_ms']:.3f} "
-              f"({r['truth_spread_ms']:.3f}) | {est} | {r['found']}/{r['recordings']} | "
-              f"{'yes' if r['within_goal'] else 'no'} | {'YES' if r['false_positive'] else 'no'} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    emit(["pipeline", "mistake", "rule", "truth ms/token (spread)", "estimate", "found", "within goal",
+          "false + on clean"],
+         [[r["pipeline"], r["mistake"], "/".join(r["rules"]), f"{r['truth_ms']:.3f} ({r['truth_spread_ms']:.3f})",
+           estimate_cell(r["estimate_ms"]), f"{r['found']}/{r['recordings']}", "yes" if r["within_goal"] else "no",
+           "YES" if r["false_positive"] else "no"] for r in rows],
+         rows, args.json)
     return 0
 
 

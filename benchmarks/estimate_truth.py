@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 
-from diagnosis_accuracy import within_goal
+from diagnosis_accuracy import emit, estimate_cell, within_goal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # switch -> the rule that reports it
@@ -78,15 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
     rows = evaluate(args.repeats)
-    print("| switch | rule | truth ms/token (spread) | estimate | found | within goal | on tuned |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        est = f"{r['estimate_ms']:.3f}" if r["estimate_ms"] is not None else "-"
-        print(f"| {r['switch']} | {r['rule']} | {r['truth_ms']:.3f} ({r['spread_ms']:.3f}) | {est} | "
-              f"{r['found']}/{r['runs']} | {'yes' if r['within_goal'] else 'no'} | {r['on_tuned']}/{r['runs']} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    emit(["switch", "rule", "truth ms/token (spread)", "estimate", "found", "within goal", "on tuned"],
+         [[r["switch"], r["rule"], f"{r['truth_ms']:.3f} ({r['spread_ms']:.3f})", estimate_cell(r["estimate_ms"]),
+           f"{r['found']}/{r['runs']}", "yes" if r["within_goal"] else "no", f"{r['on_tuned']}/{r['runs']}"]
+          for r in rows],
+         rows, args.json)
     return 0
 
 
