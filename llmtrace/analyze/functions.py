@@ -299,13 +299,17 @@ def is_idle_sample(stack: tuple[str, ...], main_file: str = "") -> bool:
     if not stack:
         return False
     leaf = stack[-1]
-    if IDLE.search(frame_name(leaf)):
-        return True
-    parts = leaf.split(":")
+    return bool(IDLE.search(frame_name(leaf)) or _BLOCKING_CALL.search(_source_line(leaf, main_file)))
+
+
+def _source_line(frame: str, main_file: str) -> str:
+    """The source text of a sampled frame 'module:func:LINE' ('' without a line or file);
+    `main_file`: the sampled process's __main__ (not this one's)."""
+    parts = frame.split(":")
     if len(parts) < 3 or not parts[-1].isdigit():
-        return False
+        return ""
     path = main_file if parts[0] == "__main__" else _module_file(parts[0])
-    return bool(path and _BLOCKING_CALL.search(linecache.getline(path, int(parts[-1]))))
+    return linecache.getline(path, int(parts[-1])) if path else ""
 
 
 _CALL = re.compile(r"\b((?:np|numpy|torch|pd|pandas|json|pickle|copy|gc)(?:\.\w+)+)\s*\(")
@@ -322,11 +326,7 @@ def line_callee(frame: str, main_file: str = "") -> str | None:
     'numpy.concatenate': a C function has no Python frame of its own, so a sample taken
     inside np.concatenate shows only the line that calls it. `main_file`: the sampled
     process's __main__ (not this one's)."""
-    parts = frame.split(":")
-    if len(parts) < 3 or not parts[-1].isdigit():
-        return None
-    path = main_file if parts[0] == "__main__" else _module_file(parts[0])
-    text = linecache.getline(path, int(parts[-1])) if path else ""
+    text = _source_line(frame, main_file)
     log_call = _LOG_CALL.search(text)
     if log_call:
         return f"logging.Logger.{log_call.group(1)}"

@@ -25,7 +25,7 @@ ID = "detokenize-whole-sequence"
 MIN_CALLS = 20
 MIN_IDS_PER_TOKEN = 16
 INCREMENTAL_IDS = 8  # ids an incremental decode reads per call: the new one and the context for word boundaries
-SPREAD = 1.5
+SPREAD = 1.5  # the longest call's ids over the shortest's below which no slope is fitted
 
 FIX = ("Detokenize incrementally: keep each sequence's text and offsets, decode only the new ids with a few "
        "before them for word boundaries and emit the text past the previous offset (vLLM's "
@@ -37,7 +37,7 @@ def _decode_calls(ctx) -> list:
     """Detokenize calls on the critical path that say how many ids they decoded: the stage's
     own spans and detokenize spans nested in other stages, each once."""
     seen, out = set(), []
-    for c in ctx.stage_calls(names.DETOKENIZE) + ctx.functions.select(stage=None):
+    for c in ctx.stage_calls(names.DETOKENIZE) + ctx.functions.calls:
         s = c.span
         if s is None or s.stage != names.DETOKENIZE or s.span_id in seen:
             continue
