@@ -201,6 +201,7 @@ class TraceConfig:
     capture_text: bool = False
     viztracer: VizTracerConfig | None = None
     py_spy: PySpyConfig | None = None
+    device_activity: int = _opt(0, ge=0)  # on a GPU: model spans whose kernel records give busy vs idle
     live: bool = False
 
 

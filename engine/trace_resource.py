@@ -15,7 +15,8 @@ AGENT_ROOT = "agent.step"
 AGENT_WAIT = "agent.wait"
 PROFILE = Profile(roots=(MASTER_ROOT,), waits=(AGENT_WAIT,), remote_roots=(AGENT_ROOT,))
 SETTINGS = {names.K_KV_BLOCKS: "engine.num_blocks", names.K_KV_BLOCK_SIZE: "engine.block_size",
-            names.K_MAX_NUM_SEQS: "engine.max_num_seqs", names.K_MAX_BATCHED_TOKENS: "engine.max_batched_tokens"}
+            names.K_MAX_NUM_SEQS: "engine.max_num_seqs", names.K_MAX_BATCHED_TOKENS: "engine.max_batched_tokens",
+            names.K_CUDA_GRAPHS: "engine.cuda_graphs"}
 
 
 def resource(cfg: RunConfig) -> dict:

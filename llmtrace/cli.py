@@ -34,6 +34,9 @@ def _add_record(sub):
     p.add_argument("--viztracer-stages", default="preprocess,sampling,postprocess",
                    help="comma-separated stages that viztracer records inside")
     p.add_argument("--viztracer-steps", type=int, default=20, help="steps viztracer records")
+    p.add_argument("--device-activity", type=int, default=0, metavar="N",
+                   help="on a GPU, read the kernel records (CUPTI via torch.profiler) of the first N model "
+                        "spans: device busy vs idle between kernels, and the launch-bound finding (0 = off)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- program and its arguments")
 
 

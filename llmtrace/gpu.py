@@ -5,22 +5,27 @@ Pending pairs are resolved later, oldest first, with the non-blocking `Event.que
 at the next device span (a later step) and at flush. The device interval is put on the
 host clock through one anchor event whose host time is known (recorded once, with a
 single synchronize, when timing is installed). torch is imported only by `install()`.
+With `LLMTRACE_DEVICE_ACTIVITY=N` the first N device spans also get their busy time from
+the GPU's kernel records (device_activity.py); their host intervals are kept for it.
 """
 from __future__ import annotations
 
+import sys
 import threading
 from collections import deque
 from time import perf_counter_ns
 
-from . import recorder
+from . import device_activity, recorder
 from .spool_format import DEVICE
 
 MAX_PENDING = 4096  # pairs not yet complete; beyond this the oldest are dropped and counted
 
 
 class DeviceTimer:
-    def __init__(self, torch):
+    def __init__(self, torch, window: device_activity.Window | None = None):
         self._torch = torch
+        self.window = window
+        self._host_start: dict[int, int] = {}  # id(start event) -> host ns, while the window fills
         self._pending: deque = deque()
         self._lock = threading.Lock()
         self.dropped = 0
@@ -37,12 +42,16 @@ class DeviceTimer:
     def begin(self):
         self.poll()
         ev = self._event()
+        if self.window is not None:
+            self._host_start[id(ev)] = perf_counter_ns()
         ev.record()
         return ev
 
     def end(self, start_ev, span_id, name_id, stage_id, step):
         ev = self._event()
         ev.record()
+        if self.window is not None:
+            self._window_add(start_ev, span_id, step)
         with self._lock:
             if len(self._pending) >= MAX_PENDING:
                 self._pending.popleft()
@@ -60,7 +69,16 @@ class DeviceTimer:
                 recorder.emit(DEVICE, name_id, stage_id, t0, t1, span_id, 0, 0, step)
                 self._free += (s, e)
                 done += 1
+                if self.window is not None:
+                    self.window.device_done(span_id)
         return done
+
+    def _window_add(self, start_ev, span_id, step) -> None:
+        t0 = self._host_start.pop(id(start_ev), None)
+        if t0 is not None and not self.window.add(t0, perf_counter_ns(), span_id, step):
+            self._host_start.clear()
+            if not self.window.collecting:
+                self.window = None  # full and finished: no more bookkeeping per span
 
 
 _timer: DeviceTimer | None = None
@@ -77,9 +95,20 @@ def install() -> bool:
         return False
     if not torch.cuda.is_available():
         return False
-    _timer = DeviceTimer(torch)
+    _timer = DeviceTimer(torch, _activity_window())
     recorder.set_device_hook(_timer)
     return True
+
+
+def _activity_window() -> device_activity.Window | None:
+    size = device_activity.window_from_env()
+    if not size:
+        return None
+    try:
+        return device_activity.Window(size)
+    except Exception as e:  # noqa: BLE001 (no CUPTI, another profiler running: timing goes on without)
+        print(f"llmtrace: device activity unavailable ({e!r}); device time from CUDA events only", file=sys.stderr)
+        return None
 
 
 def poll() -> int:

@@ -43,6 +43,7 @@ QUEUE_SPAN = "queue"  # a request from arrival to its first schedule (attr req)
 I_TOKEN = "token"  # a streamed delta (attrs: req, n = tokens so far)
 I_REQ_FINISH = "req.finish"  # attrs: req, reason
 I_PREEMPT = "preempt"  # attr: req
+I_DEVICE_BUSY = "device.busy"  # a model span's busy device time (parent: the span; attrs busy_ns, kernels, launches)
 I_PROCESS_EXIT = "process.exit"  # a parent saw a child exit (attrs: child_pid, exit_code; < 0: -signal)
 
 # ---- attributes
@@ -62,6 +63,9 @@ A_TTFT_US = "ttft_us"
 A_TOKENS_SO_FAR = "n"
 A_FUNCTION = "fn"  # the instrumented library function (auto-instrumentation)
 A_CALLER = "caller"  # the program's function that called it ('module.qualname')
+A_BUSY_NS = "busy_ns"  # device time a model span's kernels and copies ran (their union)
+A_KERNELS = "kernels"  # kernels and copies a model span ran on the device
+A_LAUNCHES = "launches"  # host calls that launched them (one per kernel eagerly, one per CUDA graph)
 A_CHILD_PID = "child_pid"
 A_EXIT_CODE = "exit_code"
 
@@ -71,6 +75,7 @@ C_WAITING = "waiting"
 C_BATCH_SIZE = "batch_size"
 C_KV_BLOCKS_USED = "kv_blocks_used"
 C_KV_BLOCKS_TOTAL = "kv_blocks_total"
+C_DEVICE_WORK_OUTSIDE = "device.work_outside"  # device records launched in the activity window outside model spans
 
 # ---- process resource (llmtrace.configure(resource=...))
 R_MAX_NUM_SEQS = "max_num_seqs"
@@ -83,4 +88,5 @@ K_KV_BLOCKS = "kv_blocks"  # how many KV-cache blocks are allocated
 K_KV_BLOCK_SIZE = "kv_block_size"  # tokens per KV-cache block
 K_MAX_NUM_SEQS = "max_num_seqs"  # sequences in one step
 K_MAX_BATCHED_TOKENS = "max_batched_tokens"  # tokens in one step (bounds a prefill batch)
-KNOBS = (K_KV_BLOCKS, K_KV_BLOCK_SIZE, K_MAX_NUM_SEQS, K_MAX_BATCHED_TOKENS)
+K_CUDA_GRAPHS = "cuda_graphs"  # whether decode steps replay CUDA graphs
+KNOBS = (K_KV_BLOCKS, K_KV_BLOCK_SIZE, K_MAX_NUM_SEQS, K_MAX_BATCHED_TOKENS, K_CUDA_GRAPHS)

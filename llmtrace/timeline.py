@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from .cpu_time import CPU_KEY
+from .names import I_DEVICE_BUSY
 from .spool_format import (
     ATTR_FLOAT,
     ATTR_ID_MASK,
@@ -169,7 +170,8 @@ class RecordDecoder:
     """Turns one process's batches into spans, instants, counters and samples, batch by
     batch: `load_spool_file` feeds it a whole file, the TUI's live feed each new batch.
 
-    A span's device time (a DEVICE record) arrives after the span, usually a step later;
+    A span's device time (a DEVICE record) arrives after the span, usually a step later,
+    and its busy time (a `device.busy` instant, device_activity.py) at the process's stop;
     `keep_ids` bounds how many recent spans stay joinable (None: all, for a whole file).
     """
 
@@ -224,6 +226,10 @@ class RecordDecoder:
                     d = device.pop(span_id, None)
                     if d is not None:
                         s.device_start_ns, s.device_end_ns = d
+            elif kind == INSTANT and name == I_DEVICE_BUSY:
+                s = by_id.get(parent)  # written at the process's stop, after its span
+                if s is not None:
+                    s.attrs.update(attrs)
             elif kind == INSTANT:
                 out.instants.append(Instant(name, stage, pid, tid, start, step, parent, attrs))
             elif kind == COUNTER:

@@ -46,6 +46,10 @@ def main(args) -> int:
         from llmtrace.integrations.viztracer import ENV, WindowSpec
 
         os.environ[ENV] = WindowSpec.parse(cfg.trace.viztracer.stages, cfg.trace.viztracer.steps).to_env()
+    if cfg.trace.device_activity:
+        from llmtrace.device_activity import ENV as DEVICE_ACTIVITY
+
+        os.environ[DEVICE_ACTIVITY] = str(cfg.trace.device_activity)
     pyspy = _pyspy_env(cfg, out)
     engine = EngineProcess(config_path, out, out=out, env=dict(os.environ, LLMTRACE_PROCESS_NAME="master"))
     if pyspy is not None:  # the engine waits at its py-spy gate until py-spy samples it

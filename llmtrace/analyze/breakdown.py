@@ -6,7 +6,9 @@ longest top-level span of each step id, or inferred from the model's cadence).
 Every nanosecond of it is given to exactly one label, highest claim first:
 
   model       device time of `forward`/`sampling` (CUDA events) inside the root's window,
-              of whichever step (async scheduling overlaps steps); without device time
+              of whichever step (async scheduling overlaps steps), less `device.idle`:
+              the share of it with no kernel running, where the GPU's records say
+              (device_activity.py; launch-bound eager steps idle half); without device time
               their host time, less host-side work nested in them (and not a span that
               copied whole logits to the host: that is host sampling)
   <stage>     host-side work nested in a model stage (`logging.debug` inside `forward`,
@@ -48,6 +50,7 @@ from .stats import percentile
 MODEL_STAGES = names.MODEL_STAGES
 MODEL = "model"
 GAP = "gap"
+DEVICE_IDLE = "device.idle"  # the device idle between a model stage's kernels (device_activity.py)
 TRANSPORT = names.TCP
 HOST_SUFFIX = ".host"  # `<stage>.host`: host-side work inside a model stage (e.g. argmax on host logits)
 LOGITS_BYTES_PER_SEQ = 1024  # ids + logprobs are a few bytes per sequence; a vocab row is > 100 KB
@@ -172,6 +175,15 @@ def _merge(taken: list[tuple[int, int]], a: int, b: int) -> list[tuple[int, int]
     return out
 
 
+def device_idle_share(s: Span) -> float:
+    """The share of a model span's device interval with no kernel or copy running (0 when
+    its busy time was not recorded)."""
+    busy, dur = s.attrs.get(names.A_BUSY_NS), s.device_dur_ns
+    if busy is None or not dur:
+        return 0.0
+    return min(1.0, max(0.0, 1.0 - busy / dur))
+
+
 class _DeviceTimeline:
     """Device intervals of the model stages, of every step, by process and start time: a
     step root's model time is the device work inside its window, whichever step it belongs
@@ -234,6 +246,9 @@ class _StepWalker:
         parts: dict[str, int] = defaultdict(int)
         counts: dict[str, int] = defaultdict(int)
         for seg, ns in _claim(segs):
+            if seg.prio == _P_DEVICE and seg.span and (idle := round(ns * device_idle_share(seg.span))):
+                parts[DEVICE_IDLE] += idle  # launch-bound time inside the model stage: overhead
+                ns -= idle
             parts[seg.label] += ns
             if seg.span is not None and seg.label != GAP and seg.prio != _P_AGENT_ROOT:
                 counts[seg.label] += 1

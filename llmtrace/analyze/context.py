@@ -9,6 +9,7 @@ from .. import names
 from ..timeline import Trace
 from .breakdown import Breakdown, StepCost
 from .cpu import ThreadCpu
+from .device import device_activity
 from .functions import EXAMPLE_STEPS, Call, FunctionIndex, covered
 from .index import TraceIndex
 from .metrics import serving_metrics
@@ -66,6 +67,7 @@ class Context:
         self.claimed: set[str] = set()  # function names a specific rule already explained
         self.rule_errors: list[str] = []  # rules that failed on this trace (rules.run_rules)
         self._cpu: ThreadCpu | None = None
+        self.device = device_activity(self.index, self.breakdown.profile.model_stages)
 
     @property
     def cpu(self) -> ThreadCpu:

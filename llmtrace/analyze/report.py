@@ -35,7 +35,15 @@ def _breakdown(ctx: Context) -> dict | None:
     for row in view["stages"]:
         row["top_functions"] = _stage_functions(ctx, row["name"])
     return {**view, "decode": bd.view(bd.decode_steps()), "prefill": bd.view(bd.prefill_steps()),
-            "steps_from": _steps_from(ctx)}
+            "steps_from": _steps_from(ctx), "device": ctx.device.to_dict() if ctx.device else None}
+
+
+def device_line(d: dict) -> str:
+    """The GPU's own account of the model spans it has records for (analyze/device.py)."""
+    return (f"Device (kernel records of {d['spans']} of {d['timed_spans']} model spans): busy "
+            f"{1 - d['idle_share']:.1%} of their CUDA-event time, idle {d['idle_share']:.1%} between kernels; "
+            f"{d['kernels_per_span']:.0f} kernels and {d['launches_per_span']:.0f} launches per span, "
+            f"{d['idle_us_per_kernel']:.2f} us idle per kernel")
 
 
 def _steps_from(ctx: Context) -> dict:
@@ -188,6 +196,8 @@ def render_text(report: dict, color: bool = False, width: int = 130) -> str:
                       f"{bd['steps']} steps, {bd['tokens']} tokens)")
         for note in bd.get("steps_from", {}).get("notes", []):
             console.print(f"[dim]{escape(note)}[/dim]")
+        if bd.get("device"):
+            console.print(escape(device_line(bd["device"])))
         for title, view in (("all steps", bd), ("decode", bd.get("decode")), ("prefill", bd.get("prefill"))):
             if view is None or (title != "all steps" and view["steps"] == bd["steps"]):
                 continue
@@ -254,6 +264,7 @@ def render_markdown(report: dict) -> str:
     else:
         lines += [f"**{bd['headline']}** (overhead {bd['overhead_fraction']:.0%})", ""]
         lines += [f"_{note}_" for note in bd.get("steps_from", {}).get("notes", [])] + [""]
+        lines += [device_line(bd["device"]), ""] if bd.get("device") else []
         lines += _md_table(STAGE_HEADER, _stage_rows(bd))
     lines += ["", "## Suggestions", ""]
     for i, s in enumerate(report["suggestions"], 1):

@@ -29,6 +29,7 @@ _SI_KERNEL = 0x80  # si_code of a signal the terminal sent (to the whole foregro
 
 
 def main(args) -> int:
+    from llmtrace import device_activity
     from llmtrace.integrations import child_env
     from llmtrace.integrations.pyspy import recorder_for
     from llmtrace.integrations.viztracer import WindowSpec
@@ -39,8 +40,8 @@ def main(args) -> int:
         command = command[1:]
     if not command:
         raise UserError("give the program to record after `--`: llmtrace record -- python your_script.py ARGS")
-    if args.py_spy_rate < 1 or args.sample_hz < 0:
-        raise UserError("--py-spy-rate must be >= 1 and --sample-hz >= 0")
+    if args.py_spy_rate < 1 or args.sample_hz < 0 or args.device_activity < 0:
+        raise UserError("--py-spy-rate must be >= 1, --sample-hz and --device-activity >= 0")
     window = WindowSpec.parse(args.viztracer_stages, args.viztracer_steps) if args.viztracer else None
     out = os.path.abspath(args.out or default_out_dir())
     if os.path.isdir(os.path.join(out, "spool")) and os.listdir(os.path.join(out, "spool")):
@@ -54,6 +55,8 @@ def main(args) -> int:
         sample_hz = args.sample_hz
     env = child_env(os.environ, out, sample_hz=sample_hz, gc=args.gc or not args.no_auto, auto=not args.no_auto,
                     viztracer=window.to_env() if window else None, pyspy=pyspy)
+    if args.device_activity:
+        env[device_activity.ENV] = str(args.device_activity)
     return _finish(out, command, _run(command, env, pyspy, float(args.py_spy_rate)))
 
 

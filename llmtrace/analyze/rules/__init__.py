@@ -18,6 +18,7 @@ from . import (
     hot_function_in_stage,
     idle_wait,
     kv_cache_pressure,
+    launch_bound,
     log_in_hot_path,
     no_kv_cache,
     polling_sleep,
@@ -31,7 +32,8 @@ from . import (
 
 RULES = (log_in_hot_path, concat_padding, full_logits_transfer, gc_pauses, tcp_nodelay, polling_sleep, serialization,
          detokenize_whole_sequence, idle_wait, no_kv_cache, unsynced_gpu_timing, small_prefill_batch,
-         kv_cache_pressure, underfilled_batch, unbatched_requests, cpu_starved, gil_contention, hot_function_in_stage)
+         kv_cache_pressure, underfilled_batch, unbatched_requests, launch_bound, cpu_starved, gil_contention,
+         hot_function_in_stage)
 MIN_SAVING_SHARE = 0.005
 
 
