@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -88,12 +89,22 @@ def truth(pipeline: str, args: list[str], mistakes: list[str], repeats: int) -> 
 
 
 def record(pipeline: str, args: list[str], env: dict) -> dict:
-    with tempfile.TemporaryDirectory() as out:
-        subprocess.run([sys.executable, "-m", "llmtrace.cli", "record", "--out", out, "--", sys.executable,
+    """The report of one `llmtrace record` run; a run whose program failed keeps its directory
+    (printed) and counts as a recording that found nothing unless its report says otherwise."""
+    out = tempfile.mkdtemp(prefix=f"diag_{pipeline}_")
+    p = subprocess.run([sys.executable, "-m", "llmtrace.cli", "record", "--out", out, "--", sys.executable,
                         os.path.join(PIPELINES, pipeline + ".py"), *args], capture_output=True, text=True,
-                       env={**os.environ, **env}, check=True, timeout=600)
+                       env={**os.environ, **env}, timeout=600)
+    report = {"suggestions": []}
+    if os.path.exists(os.path.join(out, "report.json")):
         with open(os.path.join(out, "report.json")) as f:
-            return json.load(f)
+            report = json.load(f)
+    if p.returncode:
+        print(f"{pipeline}: recording failed (exit {p.returncode}), kept in {out}:\n{p.stderr[-2000:]}",
+              file=sys.stderr)
+    else:
+        shutil.rmtree(out)
+    return {**report, "_exit": p.returncode}
 
 
 def named(s: dict, function: str | None) -> bool:
@@ -122,6 +133,11 @@ def emit(header: list[str], cells: list[list[str]], rows: list[dict], json_path:
             json.dump(rows, f, indent=1)
 
 
+def found_cell(r: dict) -> str:
+    failed = r.get("failed_recordings")
+    return f"{r['found']}/{r['recordings']}" + (f" ({failed} failed)" if failed else "")
+
+
 def estimate_cell(ms: float | None) -> str:
     return f"{ms:.3f}" if ms is not None else "-"
 
@@ -143,6 +159,7 @@ def evaluate(pipeline: str, repeats: int, recordings: int) -> list[dict]:
         median_est = statistics.median(est) if est else None
         rows.append({"pipeline": pipeline, "mistake": m, "rules": list(rules), "function": function,
                      "truth_ms": saving, "truth_spread_ms": spread, "found": len(est), "recordings": recordings,
+                     "failed_recordings": sum(1 for r in reports if r["_exit"]),
                      "estimate_ms": median_est,
                      "within_goal": within_goal(median_est, saving),
                      "false_positive": any(s["id"] in rules for s in clean["suggestions"])})
@@ -160,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     emit(["pipeline", "mistake", "rule", "truth ms/token (spread)", "estimate", "found", "within goal",
           "false + on clean"],
          [[r["pipeline"], r["mistake"], "/".join(r["rules"]), f"{r['truth_ms']:.3f} ({r['truth_spread_ms']:.3f})",
-           estimate_cell(r["estimate_ms"]), f"{r['found']}/{r['recordings']}", "yes" if r["within_goal"] else "no",
+           estimate_cell(r["estimate_ms"]), found_cell(r), "yes" if r["within_goal"] else "no",
            "YES" if r["false_positive"] else "no"] for r in rows],
          rows, args.json)
     return 0

@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import llmtrace
 import llmtrace.gpu
+from llmtrace import names
 from llmtrace.context import Carrier
 
 from . import protocol
@@ -108,7 +109,7 @@ class Agent:
             carrier = Carrier.from_wire(msg.get("carrier"))
             # the step's span starts with the frame's arrival; whom it follows is in the frame
             with llmtrace.span("agent.step", start_ns=t0, follows=carrier):
-                llmtrace.record_span("tcp.recv", t0, decoded)
+                llmtrace.record_span("tcp.recv", t0, decoded, **{names.A_MSG: msg["step"]})
                 self._launch(msg, carrier, t0)
                 self._finish_oldest()
 
@@ -131,7 +132,7 @@ class Agent:
                 reply["token_ids"][:B] = out.token_ids
                 reply["logprobs"][:B] = out.logprobs
         carrier = list(llmtrace.context.current())  # agent.step's: the master's tcp.recv follows it
-        with llmtrace.span("tcp.send"):
+        with llmtrace.span("tcp.send", **{names.A_MSG: n}):
             self.conn.send(protocol.message("reply", step=n, carrier=carrier, n=B,
                                             timings={"arrival_ns": oldest.arrival_ns, "send_ns": perf_counter_ns()}))
 
@@ -143,7 +144,8 @@ class Agent:
             return
         carrier = Carrier.from_wire(msg.get("carrier"))
         # a later step arriving inside this agent.step: its decoding carries the sender's step
-        llmtrace.record_span("tcp.recv", t0, perf_counter_ns(), step=carrier.step if carrier else -1)
+        llmtrace.record_span("tcp.recv", t0, perf_counter_ns(), step=carrier.step if carrier else -1,
+                             **{names.A_MSG: msg["step"]})
         self._launch(msg, carrier, t0)
 
     def _launch(self, msg: dict, carrier: Carrier | None, t_arrival: int) -> None:

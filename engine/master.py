@@ -460,7 +460,7 @@ class Master:
                 for a in self._agents:
                     await _guard(a, a.conn.wait())
             ready_ns = perf_counter_ns()
-            with llmtrace.span("tcp.recv") as recv_span:
+            with llmtrace.span("tcp.recv", **{names.A_MSG: done.step}) as recv_span:
                 replies = [protocol.check(await _guard(a, a.conn.recv()), "reply") for a in self._agents]
                 recv_span.follow(Carrier.from_wire(replies[0].get("carrier")))
             self._account(replies, done, B, waiting_ns, ready_ns)
@@ -498,7 +498,8 @@ class Master:
         msg = protocol.message("step", step=n, carrier=carrier, prefill=out.is_prefill, num_seqs=B,
                                num_tokens=T, block_width=W, new=self._new_seqs(out), drop=self._take_drop())
         in_flight.append(InFlight(n, out, perf_counter_ns()))
-        with llmtrace.span("tcp.send", sent=n):  # the step sent: this root's, or the next one's ahead
+        # msg: the step sent (this root's, or the next one's ahead), as the agents' tcp.recv says
+        with llmtrace.span("tcp.send", **{names.A_MSG: n}):
             for a in self._agents:
                 await _guard(a, a.conn.send(msg))
 

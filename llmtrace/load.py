@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+from .clock_align import align
 from .errors import UserError
 from .export.load_chrome import load_chrome_trace, read_export_info
 from .spool_format import SpoolError
@@ -54,6 +55,7 @@ def _load_dir(path: str) -> Trace:
         info = read_export_info(trace_json) if os.path.isfile(trace_json) else None
         if info is not None:
             trace.meta = info.get("meta") or {}
+        align(trace)  # processes of other hosts onto one clock, before anything is fitted to it
         attach_run_data(path, trace)  # viztracer / py-spy data `llmtrace record` left beside the spool
         return trace
     if os.path.isfile(trace_json):

@@ -33,6 +33,18 @@ MODEL_STAGES = (FORWARD, SAMPLING)  # device work on a GPU; their host-side chil
 # ---- transport span names: "<stage>.<verb>" (tcp.send, ipc.get, ...)
 SEND_VERBS = (".send", ".put")  # handed a message to the transport
 RECEIVE_VERBS = (".recv", ".get", ".poll")  # waited for a message (a poll: for one to arrive)
+MESSAGE_STAGES = (TCP, IPC)  # transports that carry a message to another process
+
+
+def is_send(span) -> bool:
+    """A span (anything with .stage and .name) that handed a message to another process."""
+    return span.stage in MESSAGE_STAGES and span.name.endswith(SEND_VERBS)
+
+
+def is_receive(span) -> bool:
+    """A span that took (or waited for) a message from another process."""
+    return span.stage in MESSAGE_STAGES and span.name.endswith(RECEIVE_VERBS)
+
 
 # ---- span names with a meaning of their own
 SYNC_WAIT = "sync.wait"
@@ -58,6 +70,7 @@ A_D2H_BYTES = "d2h_bytes"  # bytes a span copied from the device to the host
 A_LOGITS_BYTES = "logits_bytes"
 A_BYTES = "bytes"  # bytes a transport call moved
 A_NODELAY = "nodelay"  # TCP_NODELAY of the socket a tcp span used (1/0)
+A_MSG = "msg"  # a message's id, the same on the span that sent it and the one that received it
 A_REQ = "req"  # request id
 A_TTFT_US = "ttft_us"
 A_TOKENS_SO_FAR = "n"
@@ -76,6 +89,9 @@ C_BATCH_SIZE = "batch_size"
 C_KV_BLOCKS_USED = "kv_blocks_used"
 C_KV_BLOCKS_TOTAL = "kv_blocks_total"
 C_DEVICE_WORK_OUTSIDE = "device.work_outside"  # device records launched in the activity window outside model spans
+
+# ---- trace meta
+M_CLOCK_ALIGNMENT = "clock_alignment"  # how processes of other hosts were put on one clock (clock_align.py)
 
 # ---- process resource (llmtrace.configure(resource=...))
 R_MAX_NUM_SEQS = "max_num_seqs"

@@ -20,7 +20,7 @@ import threading
 import time
 from time import sleep as _sleep  # bound before llmtrace.instrument() wraps time.sleep: the flush loop is ours
 
-from . import cpu_time, gpu, recorder
+from . import clock_domain, cpu_time, gpu, recorder
 from .spool_format import CLOSED, encode_batch, encode_header
 
 SPOOL_SUFFIX = ".lts"
@@ -97,13 +97,15 @@ class Spooler:
         os.makedirs(spool, exist_ok=True)
         self.path = os.path.join(spool, f"{self.pid}{SPOOL_SUFFIX}")
         fd = os.open(self.path, (os.O_RDWR if mapped else os.O_WRONLY | os.O_APPEND) | os.O_CREAT | os.O_TRUNC, 0o600)
+        self._test_skew, wall_skew = clock_domain.injected_skew(process_name)  # (0, 0) unless a test asks
         self.header = {
             "pid": self.pid,
             "process_name": process_name,
             "trace_id": f"{trace_id:016x}",
             # time.time_ns() - perf_counter_ns(): add to a record's ns to get Unix time.
-            "epoch_offset_ns": time.time_ns() - time.perf_counter_ns(),
+            "epoch_offset_ns": time.time_ns() + wall_skew - time.perf_counter_ns() - self._test_skew,
             "clock": "CLOCK_MONOTONIC",
+            "clock_domain": clock_domain.domain() + (f"#test{self._test_skew}" if self._test_skew else ""),
             "argv": sys.argv[:8],
             "cwd": os.getcwd(),  # argv[0] (the program's __main__, for source lines) is relative to it
             "backend": recorder.BACKEND,
@@ -164,6 +166,11 @@ class Spooler:
                 m["dropped"] = {str(k): v for k, v in dropped.items()}
             if not (n or strings or m):
                 return 0
+            if self._test_skew:
+                records = clock_domain.shift_records(records, n, self._test_skew)
+                for k in (cpu_time.CPU_KEY, CLOSED):  # the meta's timestamps too
+                    if k in m:
+                        m[k] = {**m[k], "ns": m[k]["ns"] + self._test_skew}
             batch = encode_batch(strings, m, records, n)
             self._file.append(batch)
             self.batches += 1

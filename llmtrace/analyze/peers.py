@@ -16,20 +16,12 @@ import bisect
 from dataclasses import dataclass
 
 from .. import names
+from ..names import is_receive, is_send
 from ..timeline import Span
 from .index import TraceIndex
 
-WAIT_STAGES = (names.TCP, names.IPC)
 MATCH_NS = 5_000_000  # a send may end this long before (or after) its receive returns (a loaded host)
 MIN_WAIT_NS = 50_000  # a receive shorter than this found its message waiting
-
-
-def is_send(s: Span) -> bool:
-    return s.stage in WAIT_STAGES and s.name.endswith(names.SEND_VERBS)
-
-
-def is_receive(s: Span) -> bool:
-    return s.stage in WAIT_STAGES and s.name.endswith(names.RECEIVE_VERBS)
 
 
 @dataclass

@@ -38,6 +38,16 @@ def _breakdown(ctx: Context) -> dict | None:
             "steps_from": _steps_from(ctx), "device": ctx.device.to_dict() if ctx.device else None}
 
 
+def clock_lines(meta: dict) -> list[str]:
+    """How processes of other hosts were put on this trace's clock (clock_align.py)."""
+    out = []
+    for d in (meta.get(names.M_CLOCK_ALIGNMENT) or {}).get("domains", []):
+        how = (f"{d['round_trips']} round trips, uncertainty +-{d['uncertainty_ns'] / 1e3:.0f} us"
+               if d["method"] == "round trips" else "their Unix clocks only (no message round trips; NTP's accuracy)")
+        out.append(f"Clock: {', '.join(d['processes'])} on another host's clock, aligned by {how}")
+    return out
+
+
 def device_line(d: dict) -> str:
     """The GPU's own account of the model spans it has records for (analyze/device.py)."""
     return (f"Device (kernel records of {d['spans']} of {d['timed_spans']} model spans): busy "
@@ -231,6 +241,8 @@ def render_text(report: dict, color: bool = False, width: int = 130) -> str:
         console.print("No suggestions: no known antipattern found in this trace.")
     for err in report.get("rule_errors") or []:
         console.print(f"[red]rule failed on this trace (a bug in llmtrace; the other rules ran):[/red] {escape(err)}")
+    for line in clock_lines(report.get("meta") or {}):
+        console.print(escape(line))
     t = report["tracing"]
     cost = t["instrumentation_cost_us_per_token"]
     console.print(f"Tracing: {t['spans_recorded']} spans, {t['spans_dropped']} dropped, "
@@ -275,7 +287,8 @@ def render_markdown(report: dict) -> str:
     lines += [f"**rule failed on this trace** (a bug in llmtrace; the other rules ran): {err}"
               for err in report.get("rule_errors") or []]
     t = report["tracing"]
-    lines += ["", "## Tracing", "", f"{t['spans_recorded']} spans recorded, {t['spans_dropped']} dropped"
+    lines += ["", "## Tracing", ""] + [f"{line}." for line in clock_lines(report.get("meta") or {})]
+    lines += ["", f"{t['spans_recorded']} spans recorded, {t['spans_dropped']} dropped"
               + (f", ~{t['instrumentation_cost_us_per_token']:.2f} us/token of instrumentation"
                  if t["instrumentation_cost_us_per_token"] is not None else "") + "."]
     return "\n".join(lines) + "\n"

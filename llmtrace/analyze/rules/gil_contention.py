@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from ... import names
-from ..peers import is_receive
+from ...names import is_receive
 from ..stats import union_ns
 
 ID = "gil-contention"

@@ -13,9 +13,9 @@ Saving: their time per token: take new work without blocking while a batch is ru
 from __future__ import annotations
 
 from ... import names
+from ...names import is_receive
 from ..context import MIN_STEPS_AFFECTED
 from ..functions import Call, covered
-from ..peers import is_receive
 
 ID = "wait-in-step"
 MIN_WAIT_MS = 0.5
