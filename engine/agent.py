@@ -62,6 +62,7 @@ class Agent:
         self.stopping = False  # a shutdown arrived while steps were in flight
         self.batch = BatchState()
         self.runner = None
+        self.tp = None  # this rank's tensor-parallel group (models.tensor_parallel.TPGroup)
         self.request: ShmArena | None = None
         self.reply: ShmArena | None = None
 
@@ -80,9 +81,12 @@ class Agent:
         from .model_runner import ModelRunner  # torch: only once the master is known to speak our protocol
 
         e = cfg.engine
+        if setup.get("process_group"):
+            self.tp = join_process_group(setup["process_group"], self.rank, setup["world_size"],
+                                         cfg.model.resolve_device())
         self.runner = ModelRunner(cfg.model, block_size=e.block_size, num_blocks=e.num_blocks,
                                   cuda_graphs=e.cuda_graphs, max_num_seqs=e.max_num_seqs,
-                                  max_model_len=e.max_model_len, antipatterns=cfg.antipatterns)
+                                  max_model_len=e.max_model_len, antipatterns=cfg.antipatterns, tp=self.tp)
         if self.runner.device.type == "cuda":
             llmtrace.gpu.install()
         self.conn.send(protocol.message("ready", rank=self.rank, num_blocks=int(self.runner.num_blocks),
@@ -173,6 +177,24 @@ class Agent:
                 unlink_name(arena.name)
                 arena.close()
         self.conn.close()
+        if self.tp is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def join_process_group(address: str, rank: int, world: int, device: str):
+    """Join the tensor-parallel group (NCCL on GPUs, one per rank; gloo on the CPU)."""
+    import torch
+    import torch.distributed as dist
+
+    from .models.tensor_parallel import TPGroup
+
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=address, rank=rank, world_size=world)
+    return TPGroup(rank, world)
 
 
 def _name_process(rank: int) -> None:

@@ -83,7 +83,8 @@ class EngineConfig:
     max_batched_tokens: int = _opt(2048, ge=1)
     prefill_batch_size: int = _opt(8, ge=1)
     max_model_len: int = _opt(2048, ge=1)
-    agents: int = _opt(1, ge=1)
+    agents: int = _opt(1, ge=1)  # replicas: every agent runs the whole model (a test of the protocol)
+    tensor_parallel: int = _opt(1, ge=1)  # agents sharing one model (heads and MLP columns), one process group
     host: str = "127.0.0.1"
     port: int = _opt(8000, ge=0, le=65535)  # vLLM's default; 0: any free port
     max_waiting: int = _opt(1024, ge=1)
@@ -91,7 +92,14 @@ class EngineConfig:
     async_scheduling: bool = True  # plan and send step n+1 while the agents run step n
     metrics_prefix: str = "vllm:"  # GET /metrics series names: vLLM's, for its dashboards and scrapers
 
+    @property
+    def num_agents(self) -> int:
+        return self.tensor_parallel if self.tensor_parallel > 1 else self.agents
+
     def _check(self, path: str) -> None:
+        if self.tensor_parallel > 1 and self.agents > 1:
+            raise ConfigError(f"{path}.agents: {self.agents} replicas and tensor_parallel {self.tensor_parallel} "
+                              f"cannot be combined; use one of them", f"{path}.agents")
         # A preempted sequence is recomputed in one prefill step, so the longest sequence
         # must fit the step's token budget, or it could never be scheduled again.
         if self.max_batched_tokens < self.max_model_len:

@@ -29,6 +29,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 from collections import deque
 from dataclasses import dataclass, field
@@ -212,7 +213,7 @@ class Master:
         listener = await asyncio.start_server(lambda r, w: incoming.put_nowait((r, w)), eng.host, 0)
         try:
             port = listener.sockets[0].getsockname()[1]
-            self._agents = [AgentHandle(r, await self._spawn(r, eng.host, port)) for r in range(eng.agents)]
+            self._agents = [AgentHandle(r, await self._spawn(r, eng.host, port)) for r in range(eng.num_agents)]
             num_blocks = await self._unless_an_agent_exits(self._handshake(incoming))
             self.scheduler = Scheduler(eng, BlockManager(num_blocks, eng.block_size), self.tokenizer.eos_id,
                                        prefill_batch_1=self.cfg.antipatterns.prefill_batch_1)
@@ -256,6 +257,7 @@ class Master:
         Returns the KV-cache size every agent can hold (in blocks)."""
         nodelay = not self.cfg.antipatterns.no_tcp_nodelay
         pending = {a.rank: a for a in self._agents}
+        group = process_group_address(self.cfg.engine)
         while pending:
             conn = AsyncFrameStream(*await incoming.get(), nodelay=nodelay)
             try:
@@ -271,7 +273,7 @@ class Master:
                 continue
             agent.conn = conn
             await conn.send(protocol.message(
-                "hello", config=self.cfg.to_dict(), world_size=len(self._agents),
+                "hello", config=self.cfg.to_dict(), world_size=len(self._agents), process_group=group,
                 arenas={"request": self._request.to_wire(), "reply": self._reply.to_wire()}))
         ready = [protocol.check(await a.conn.recv(), "ready") for a in self._agents]
         self.vocab_size = min(int(r["vocab_size"]) for r in ready)
@@ -612,6 +614,16 @@ async def _guard(agent: AgentHandle, aw):
         return await aw
     except ConnectionClosed:
         raise _AgentLost(agent) from None
+
+
+def process_group_address(eng) -> str | None:
+    """Where tensor-parallel agents rendezvous (torch.distributed's TCP store): a free port
+    on the agents' host, or None without tensor parallelism."""
+    if eng.tensor_parallel < 2:
+        return None
+    with socket.socket() as s:
+        s.bind((eng.host, 0))
+        return f"tcp://{eng.host}:{s.getsockname()[1]}"
 
 
 async def _send_error(conn: AsyncFrameStream, message: str) -> None:

@@ -20,6 +20,7 @@ from .attention import AttentionMetadata
 from .cuda_graphs import DecodeGraphRunner
 from .models.llama import KVCache, LlamaForCausalLM
 from .models.loader import load_model
+from .models.tensor_parallel import TPGroup, local_kv_heads, shard
 from .sampler import Sampler, SamplingTensors
 from .step_io import StepInput, StepOutput
 
@@ -64,7 +65,7 @@ def sampling_tensors(step: StepInput, device: torch.device) -> SamplingTensors:
 def kv_block_bytes(model: LlamaForCausalLM, block_size: int) -> int:
     c = model.config
     elem = next(model.parameters()).element_size()
-    return 2 * c.num_hidden_layers * block_size * c.num_key_value_heads * c.head_dim * elem
+    return 2 * c.num_hidden_layers * block_size * local_kv_heads(model) * c.head_dim * elem
 
 
 class ModelRunner:
@@ -73,12 +74,16 @@ class ModelRunner:
     `gpu_memory_utilization` of the memory free after loading, else (CPU) 256 MiB.
     With `cuda_graphs` on a CUDA device, decode steps of up to `max_num_seqs` sequences
     replay CUDA graphs captured for contexts up to `max_model_len` (engine.cuda_graphs).
-    `antipatterns` is accepted for the agent's deliberately slow variants."""
+    `antipatterns` is accepted for the agent's deliberately slow variants. With `tp` (a
+    tensor-parallel group) the model and the KV cache hold this rank's heads only."""
 
     def __init__(self, model_cfg, *, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_memory: int | None = None, gpu_memory_utilization: float = 0.9,
-                 cuda_graphs: bool = False, max_num_seqs: int = 32, max_model_len: int = 2048, antipatterns=None):
+                 cuda_graphs: bool = False, max_num_seqs: int = 32, max_model_len: int = 2048, antipatterns=None,
+                 tp: TPGroup | None = None):
         self.model, _ = load_model(model_cfg)
+        if tp is not None and tp.world > 1:
+            shard(self.model, tp)
         self.device = next(self.model.parameters()).device
         self.block_size = block_size
         self.antipatterns = antipatterns
@@ -111,7 +116,7 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> list[KVCache]:
         c = self.model.config
         dtype = next(self.model.parameters()).dtype
-        shape = (self.num_blocks, self.block_size, c.num_key_value_heads, c.head_dim)
+        shape = (self.num_blocks, self.block_size, local_kv_heads(self.model), c.head_dim)
         def zeros():
             return torch.zeros(shape, dtype=dtype, device=self.device)
 

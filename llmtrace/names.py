@@ -20,6 +20,7 @@ PREPROCESS = "preprocess"
 FORWARD = "forward"
 SAMPLING = "sampling"
 SYNC = "sync"  # the host blocked on the device
+ALLREDUCE = "allreduce"  # a collective of a tensor-parallel group (span name and stage; attr bytes)
 POSTPROCESS = "postprocess"
 STREAM = "stream"
 LOGGING = "logging"

@@ -24,6 +24,7 @@ from . import (
     polling_sleep,
     serialization,
     small_prefill_batch,
+    straggler_rank,
     tcp_nodelay,
     unbatched_requests,
     underfilled_batch,
@@ -32,8 +33,8 @@ from . import (
 
 RULES = (log_in_hot_path, concat_padding, full_logits_transfer, gc_pauses, tcp_nodelay, polling_sleep, serialization,
          detokenize_whole_sequence, idle_wait, no_kv_cache, unsynced_gpu_timing, small_prefill_batch,
-         kv_cache_pressure, underfilled_batch, unbatched_requests, launch_bound, cpu_starved, gil_contention,
-         hot_function_in_stage)
+         kv_cache_pressure, underfilled_batch, unbatched_requests, launch_bound, straggler_rank, cpu_starved,
+         gil_contention, hot_function_in_stage)
 MIN_SAVING_SHARE = 0.005
 
 
