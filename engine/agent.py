@@ -78,13 +78,13 @@ class Agent:
         arenas = setup["arenas"]
         self.request = ShmArena.attach(arenas["request"]["name"], ArenaLayout.from_wire(arenas["request"]["layout"]))
         self.reply = ShmArena.attach(arenas["reply"]["name"], ArenaLayout.from_wire(arenas["reply"]["layout"]))
-        from .model_runner import ModelRunner  # torch: only once the master is known to speak our protocol
+        from .mistaken_runner import make_runner  # torch: only once the master is known to speak our protocol
 
         e = cfg.engine
         if setup.get("process_group"):
             self.tp = join_process_group(setup["process_group"], self.rank, setup["world_size"],
                                          cfg.model.resolve_device())
-        self.runner = ModelRunner(cfg.model, block_size=e.block_size, num_blocks=e.num_blocks,
+        self.runner = make_runner(cfg.model, block_size=e.block_size, num_blocks=e.num_blocks,
                                   cuda_graphs=e.cuda_graphs, max_num_seqs=e.max_num_seqs,
                                   max_model_len=e.max_model_len, antipatterns=cfg.antipatterns, tp=self.tp)
         if self.runner.device.type == "cuda":

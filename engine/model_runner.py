@@ -15,7 +15,6 @@ import torch
 
 import llmtrace
 
-from . import antipatterns as mistakes
 from .attention import AttentionMetadata
 from .cuda_graphs import DecodeGraphRunner
 from .models.llama import KVCache, LlamaForCausalLM
@@ -74,19 +73,21 @@ class ModelRunner:
     `gpu_memory_utilization` of the memory free after loading, else (CPU) 256 MiB.
     With `cuda_graphs` on a CUDA device, decode steps of up to `max_num_seqs` sequences
     replay CUDA graphs captured for contexts up to `max_model_len` (engine.cuda_graphs).
-    `antipatterns` is accepted for the agent's deliberately slow variants. With `tp` (a
-    tensor-parallel group) the model and the KV cache hold this rank's heads only."""
+    With `tp` (a tensor-parallel group) the model and the KV cache hold this rank's heads
+    only. The deliberate mistakes live in a subclass (mistaken_runner.py) that overrides
+    the hooks `_before_inputs` and `_sample`; this class is the clean path only."""
+
+    device_timed = True  # forward/sampling carry CUDA-event device time
 
     def __init__(self, model_cfg, *, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_memory: int | None = None, gpu_memory_utilization: float = 0.9,
-                 cuda_graphs: bool = False, max_num_seqs: int = 32, max_model_len: int = 2048, antipatterns=None,
+                 cuda_graphs: bool = False, max_num_seqs: int = 32, max_model_len: int = 2048,
                  tp: TPGroup | None = None):
         self.model, _ = load_model(model_cfg)
         if tp is not None and tp.world > 1:
             shard(self.model, tp)
         self.device = next(self.model.parameters()).device
         self.block_size = block_size
-        self.antipatterns = antipatterns
         self.num_blocks = num_blocks or self._blocks_that_fit(kv_cache_memory, gpu_memory_utilization)
         self.kv_caches = self._allocate_kv_cache()
         self.graphs = None
@@ -98,8 +99,6 @@ class ModelRunner:
         self._unread = 0  # launched steps whose result() has not run
         self._last_ids: tuple[np.ndarray, torch.Tensor] | None = None  # (seq ids, sampled ids) of the last launch
         self.sampler = Sampler(self.device, seed=model_cfg.seed)
-        self._churn = mistakes.GarbageChurn()
-        self._host_rng = np.random.default_rng(model_cfg.seed)
 
     def _blocks_that_fit(self, kv_cache_memory: int | None, gpu_memory_utilization: float) -> int:
         if kv_cache_memory is None:
@@ -131,13 +130,11 @@ class ModelRunner:
         """Queue the step's device work and return at once (CPU: run it). At most
         PIPELINE_DEPTH launched steps may be unread; step n+1 may be launched before step
         n's result is read, its placeholder input ids then come from step n's samples."""
-        n, ap = step.step, self.antipatterns
-        host_timed = ap is not None and ap.host_timed_forward
+        n = step.step
         if self._unread >= PIPELINE_DEPTH:
             raise RuntimeError(f"{PIPELINE_DEPTH} launched steps are unread; read one before launching step {n}")
         with llmtrace.span("preprocess", step=n, seqs=step.num_seqs, tokens=step.num_tokens):
-            if ap is not None:
-                step = self._apply_input_mistakes(step)
+            step = self._before_inputs(step)
             graphed = self.graphs is not None and self.graphs.can_run(step)
             if graphed:
                 bucket = self.graphs.stage(step)
@@ -147,22 +144,23 @@ class ModelRunner:
                 inp = prepare_inputs(step, self.device)
                 input_ids, sampling = inp.input_ids, inp.sampling
             self._fill_placeholders(step, input_ids)
-        with llmtrace.span("forward", step=n, device=not host_timed, graph=graphed):
+        with llmtrace.span("forward", step=n, device=self.device_timed, graph=graphed):
             if graphed:
                 logits = self.graphs.replay(bucket, step.num_seqs)
             else:
                 hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
                 logits = self.model.compute_logits(hidden, inp.last_token_indices)
-        if ap is not None and ap.host_sampling:
-            out = self._sample_on_host(step, logits)
-            return self._pending(step, torch.from_numpy(out.token_ids).to(self.device), output=out)
+        return self._sample(step, logits, sampling)
+
+    def _before_inputs(self, step: StepInput) -> StepInput:
+        """Hook: the step as the inputs are built from it (the mistaken runner's input-side mistakes)."""
+        return step
+
+    def _sample(self, step: StepInput, logits: torch.Tensor, sampling: SamplingTensors) -> PendingOutput:
+        """Sample on the device and start the copy of ids and logprobs to the host."""
         # d2h_bytes: what this stage copies to the host (ids + logprobs), for the analyzer.
-        with llmtrace.span("sampling", step=n, device=not host_timed, seqs=step.num_seqs,
-                           d2h_bytes=8 * step.num_seqs):
+        with llmtrace.span("sampling", step=step.step, device=True, seqs=step.num_seqs, d2h_bytes=8 * step.num_seqs):
             ids, logprobs = self.sampler(logits, sampling)
-            if host_timed:  # no sync span: the blocking copy waits for forward, inside sampling
-                out = StepOutput(ids.to(torch.int32).cpu().numpy(), logprobs.cpu().numpy())
-                return self._pending(step, ids, output=out)
             host = self._copy_to_host(ids.to(torch.int32), logprobs)
         return self._pending(step, ids, *host)
 
@@ -189,23 +187,6 @@ class ModelRunner:
         dst = torch.from_numpy(rows.astype(np.int64)).to(self.device, non_blocking=True)
         src_t = torch.tensor(src, dtype=torch.int64).to(self.device, non_blocking=True)
         input_ids.index_copy_(0, dst, prev_ids.index_select(0, src_t).to(input_ids.dtype))
-
-    def _apply_input_mistakes(self, step: StepInput) -> StepInput:
-        ap = self.antipatterns
-        if ap.log_arrays:
-            mistakes.log_step_arrays(step)
-        if ap.concat_padding:
-            step = mistakes.pad_by_concatenate(step, self.block_size)
-        if ap.gc_churn:
-            self._churn.step(step.num_tokens)
-        return step
-
-    def _sample_on_host(self, step: StepInput, logits: torch.Tensor) -> StepOutput:
-        """The host_sampling mistake: the whole [B, V] logits cross to the host."""
-        with llmtrace.span("sampling", step=step.step, seqs=step.num_seqs, d2h_bytes=logits.numel() * 4):
-            host = logits.float().cpu().numpy()
-            ids, logprobs = mistakes.host_sample(host, step.temperature, step.top_k, step.top_p, self._host_rng)
-        return StepOutput(ids, logprobs)
 
     def _copy_to_host(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         """Start async copies into pinned host memory (CUDA); on CPU the tensors already are host memory.

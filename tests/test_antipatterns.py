@@ -10,6 +10,7 @@ from test_model import Driver
 
 import llmtrace
 from engine.config import AntipatternsConfig, ModelConfig
+from engine.mistaken_runner import MistakenModelRunner, make_runner
 from engine.model_runner import ModelRunner
 from llmtrace.timeline import load_spool_dir
 
@@ -35,13 +36,13 @@ def clean_tokens():
 @pytest.mark.parametrize("mistake", MISTAKES)
 def test_mistake_keeps_greedy_tokens(mistake, clean_tokens):
     ap = dataclasses.replace(AntipatternsConfig(), **{mistake: True})
-    runner = ModelRunner(TINY, block_size=16, num_blocks=64, antipatterns=ap)
+    runner = make_runner(TINY, block_size=16, num_blocks=64, antipatterns=ap)
+    assert isinstance(runner, MistakenModelRunner)
     assert _generate(runner) == clean_tokens
 
 
 def test_host_sampling_reports_the_full_logits_copy(tmp_path):
-    runner = ModelRunner(TINY, block_size=16, num_blocks=64,
-                         antipatterns=AntipatternsConfig(host_sampling=True))
+    runner = make_runner(TINY, block_size=16, num_blocks=64, antipatterns=AntipatternsConfig(host_sampling=True))
     clean = ModelRunner(TINY, block_size=16, num_blocks=64)
     llmtrace.configure(out=str(tmp_path), process_name="agent-0", propagate=False)
     try:
@@ -56,7 +57,7 @@ def test_host_sampling_reports_the_full_logits_copy(tmp_path):
 
 
 def test_host_timed_forward_drops_the_sync_span(tmp_path):
-    runner = ModelRunner(TINY, block_size=16, num_blocks=64,
+    runner = make_runner(TINY, block_size=16, num_blocks=64,
                          antipatterns=AntipatternsConfig(host_timed_forward=True))
     llmtrace.configure(out=str(tmp_path), process_name="agent-0", propagate=False)
     try:
@@ -79,3 +80,7 @@ def test_concat_padding_pads_block_tables_with_minus_one():
         np.testing.assert_array_equal(getattr(rebuilt, name), getattr(step, name))
     np.testing.assert_array_equal(rebuilt.block_tables[0, :3], step.block_tables[0, :3])
     assert (rebuilt.block_tables[1, 1:] == -1).all()
+
+
+def test_no_mistake_switched_on_gives_the_clean_runner():
+    assert type(make_runner(TINY, block_size=16, num_blocks=8, antipatterns=AntipatternsConfig())) is ModelRunner
