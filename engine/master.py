@@ -78,7 +78,7 @@ class InFlight(NamedTuple):
     sent_ns: int
 
 
-class StepOutput(NamedTuple):
+class UnstreamedStep(NamedTuple):
     """A postprocessed step whose tokens are not streamed yet."""
     step: int
     out: SchedulerOutput
@@ -407,7 +407,7 @@ class Master:
     async def _run(self) -> None:
         try:
             in_flight: deque[InFlight] = deque()  # sent, reply not read yet; oldest first
-            pending: StepOutput | None = None
+            pending: UnstreamedStep | None = None
             while self._dead is None:
                 if not in_flight and not self.scheduler.has_unfinished():
                     self._work.clear()
@@ -428,7 +428,7 @@ class Master:
             log.exception("engine step failed")
             self._die(EngineDead(f"engine step failed: {type(e).__name__}: {e}"))
 
-    async def _step(self, in_flight: deque[InFlight], prev: StepOutput | None) -> StepOutput | None:
+    async def _step(self, in_flight: deque[InFlight], prev: UnstreamedStep | None) -> UnstreamedStep | None:
         """One iteration, `master.step` n for the step n whose reply it reads: schedule and
         send n if nothing is in flight; with async scheduling schedule and send n+1 too
         (the agents start it as soon as n is done); then wait for n, streaming `prev`
@@ -475,7 +475,7 @@ class Master:
                 kept = sum(1 for s in out.scheduled if not s.seq.is_finished)
                 sched.postprocess(out, token_ids)
             step_span.set(output_tokens=kept)
-            output = StepOutput(done.step, out, token_ids, logprobs)
+            output = UnstreamedStep(done.step, out, token_ids, logprobs)
             if not sched.has_unfinished():  # no next step to hide behind
                 self._stream_outputs(output)
                 output = None
@@ -505,7 +505,7 @@ class Master:
             for a in self._agents:
                 await _guard(a, a.conn.send(msg))
 
-    def _stream_outputs(self, output: StepOutput | None) -> None:
+    def _stream_outputs(self, output: UnstreamedStep | None) -> None:
         """Detokenize a postprocessed step's tokens and push the deltas (spans carry its step)."""
         if output is None:
             return

@@ -762,7 +762,7 @@ static PyGetSetDef span_getset[] = {
 
 static PyTypeObject Span_Type = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "llmtrace._fastspan.Span",
+    .tp_name = "llmtrace._fastspan.LiveSpan",
     .tp_doc = "A timed region; use through `llmtrace.span(...)`.",
     .tp_basicsize = sizeof(SpanObject),
     .tp_dealloc = (destructor)span_dealloc,

@@ -43,7 +43,7 @@ _tls = threading.local()
 _device_hook = None
 # Every open span of the process, any thread or task (close_open at a process's end); a
 # dict, not a stack per thread: asyncio tasks interleave their spans on one thread.
-_open: dict[int, Span] = {}
+_open: dict[int, LiveSpan] = {}
 
 
 class _Buffer:
@@ -117,7 +117,7 @@ def emit(kind, name_id, stage_id, start, end, span_id=0, parent_id=0, link_id=0,
              tid or threading.get_native_id(), kind, flags, 0))
 
 
-class Span:
+class LiveSpan:
     """A timed region; use through `llmtrace.span(...)`."""
 
     __slots__ = ("name_id", "stage_id", "step", "link", "attrs", "device", "t0", "has_t0", "span_id",
@@ -191,7 +191,7 @@ class Span:
 
 
 def span(name, *, stage=None, step=-1, follows=None, device=False, start_ns=None, **attrs):
-    return Span(name, stage, step, follows, device, attrs or None, start_ns)
+    return LiveSpan(name, stage, step, follows, device, attrs or None, start_ns)
 
 
 def instant(name, *, step=-1, **attrs):
@@ -216,7 +216,7 @@ def traced(fn, name, stage):
     def wrapper(*args, **kwargs):
         if not _enabled:
             return fn(*args, **kwargs)
-        s = Span.__new__(Span)
+        s = LiveSpan.__new__(LiveSpan)
         s.name_id, s.stage_id, s.step, s.link, s.attrs, s.device = name_id, stage_id, -1, 0, None, False
         s.has_t0 = False
         with s:

@@ -5,8 +5,8 @@ import pytest
 from synthetic import AGENT_PID, MASTER_PID, MS, EngineTraceBuilder, clean_trace, pipelined_trace, record_pipeline
 
 import llmtrace
+from llmtrace.analyze.analysis import Analysis
 from llmtrace.analyze.breakdown import GAP, MODEL
-from llmtrace.analyze.context import Context
 from llmtrace.load import load_trace
 
 
@@ -22,13 +22,13 @@ def _sums_to_wall(ctx):
 
 @pytest.mark.parametrize("kw", [{}, {"gpu": False}, {"device_timing": False}])
 def test_stages_model_and_gap_add_up_to_step_time(kw):
-    _sums_to_wall(Context(clean_trace(30, **kw)))
+    _sums_to_wall(Analysis(clean_trace(30, **kw)))
 
 
 def test_gpu_model_is_device_time_and_agent_wait_is_replaced():
     b = EngineTraceBuilder()
     b.steps(10, batch=4, transport_ms=0.2, reply_ms=0.3, gap_ms=0.4)
-    ctx = Context(b.build())
+    ctx = Analysis(b.build())
     view = _sums_to_wall(ctx)
     sc = ctx.steps[0]
     assert sc.parts[MODEL] == 20.5 * MS  # forward 20 + sampling 0.5 device ms
@@ -44,7 +44,7 @@ def test_cpu_model_is_host_time_less_host_side_nested_work():
     b = EngineTraceBuilder(gpu=False)
     b.steps(10, device={"forward": 10.0, "sampling": 1.0},
             nested={"sampling": [("sampling.host", 2.0, {}), ("logging.debug", 0.5, {})]})
-    ctx = Context(b.build())
+    ctx = Analysis(b.build())
     _sums_to_wall(ctx)
     sc = ctx.steps[0]
     assert sc.parts[MODEL] == 11.0 * MS
@@ -52,7 +52,7 @@ def test_cpu_model_is_host_time_less_host_side_nested_work():
 
 
 def test_host_timed_gpu_forward_counts_as_model_and_sync_absorbs_device():
-    ctx = Context(clean_trace(10, device_timing=False))
+    ctx = Analysis(clean_trace(10, device_timing=False))
     sc = ctx.steps[0]
     assert sc.parts[MODEL] == pytest.approx(0.3 * MS)  # forward + sampling host time
     assert sc.parts["sync"] > 20 * MS
@@ -62,7 +62,7 @@ def test_decode_and_prefill_views_normalise_per_output_token():
     b = EngineTraceBuilder()
     b.steps(5, batch=1, prefill=True, device={"forward": 40.0})
     b.steps(20, batch=8)
-    ctx = Context(b.build())
+    ctx = Analysis(b.build())
     bd = ctx.breakdown
     pre, dec = bd.view(bd.prefill_steps()), bd.view(bd.decode_steps())
     assert (pre["steps"], pre["tokens"], dec["steps"], dec["tokens"]) == (5, 5, 20, 160)
@@ -73,14 +73,14 @@ def test_decode_and_prefill_views_normalise_per_output_token():
 def test_headline_names_model_and_largest_stages():
     b = EngineTraceBuilder()
     b.steps(10, batch=1, agent={"preprocess": 12.5})
-    head = Context(b.build()).breakdown.view()["headline"]
+    head = Analysis(b.build()).breakdown.view()["headline"]
     assert head.startswith("3") and "ms/token = 20.5 model + 12.5 preprocess" in head
 
 
 def test_nested_spans_are_kept_as_top_functions_of_their_stage():
     b = EngineTraceBuilder()
     b.steps(10, batch=2, nested={"preprocess": [("logging.debug", 3.0, {})]})
-    ctx = Context(b.build())
+    ctx = Analysis(b.build())
     (f,) = ctx.functions.stats(ctx.functions.select(stage="preprocess"))
     assert (f.name, f.count, f.total_ns) == ("logging.debug", 10, 30 * MS)
     assert ctx.steps[0].parts["preprocess"] == 3.5 * MS
@@ -92,7 +92,7 @@ def test_serving_metrics_from_requests_and_token_instants():
     t0 = 10_000 * MS
     b.request("a", t0, [t0 + 50 * MS, t0 + 60 * MS, t0 + 70 * MS], queue_ns=5 * MS)
     b.request("b", t0, [t0 + 100 * MS, t0 + 130 * MS], queue_ns=20 * MS)
-    m = Context(b.build()).metrics
+    m = Analysis(b.build()).metrics
     assert m["requests"] == 2 and m["output_tokens"] == 5
     assert m["duration_s"] == pytest.approx(0.13)
     assert m["throughput_tok_s"] == pytest.approx(5 / 0.13)
@@ -110,7 +110,7 @@ def test_generic_pipeline_without_engine_spans():
         b.span(1000, "tokenize", b.t, b.t + MS, root, i)
         b.span(1000, "forward", b.t + MS, b.t + 3 * MS, root, i)
         b.t += 4 * MS
-    ctx = Context(b.build())
+    ctx = Analysis(b.build())
     view = _sums_to_wall(ctx)
     assert view["tokens"] == 10 and view["model_ms"] == pytest.approx(1.0)
     assert ctx.metrics["requests"] is None and ctx.metrics["output_tokens"] == 10
@@ -118,7 +118,7 @@ def test_generic_pipeline_without_engine_spans():
 
 def test_injected_half_millisecond_in_a_real_trace_is_found(tmp_path):
     slept = record_pipeline(tmp_path)
-    ctx = Context(load_trace(str(tmp_path)))
+    ctx = Analysis(load_trace(str(tmp_path)))
     view = _sums_to_wall(ctx)
     assert view["steps"] == 50 and view["tokens"] == 50
     post = next(r for r in view["stages"] if r["name"] == "postprocess")
@@ -139,7 +139,7 @@ def test_tensor_parallel_wait_is_replaced_by_the_slowest_rank():
         root = b.span(rank1, "agent.step", start, end, step=wait.step)
         b.span(rank1, "preprocess", start, start + 2 * MS, root, wait.step)
         b.span(rank1, "forward", start + 2 * MS, end, root, wait.step)
-    ctx = Context(b.build())
+    ctx = Analysis(b.build())
     _sums_to_wall(ctx)
     for sc in ctx.steps:
         assert sc.agent_root.pid == rank1
@@ -152,7 +152,7 @@ def test_output_work_inside_agent_wait_is_hidden_until_it_outlasts_the_agent():
     b.steps(3, batch=4, output_in_wait=True)  # 0.3 ms of output work under a ~21 ms agent step
     b.step(batch=4, output_in_wait=True, master={"detokenize": 25.0}, transport_ms=0.2)
     trace = b.build()
-    ctx = Context(trace)
+    ctx = Analysis(trace)
     _sums_to_wall(ctx)
     for sc in ctx.steps[1:4]:
         assert "detokenize" not in sc.parts and "stream" not in sc.parts
@@ -198,7 +198,7 @@ def test_decorated_pipeline_without_step_ids(tmp_path):
         elapsed = time.perf_counter_ns() - t
     finally:
         llmtrace.shutdown()
-    ctx = Context(load_trace(str(tmp_path)))
+    ctx = Analysis(load_trace(str(tmp_path)))
     view = _sums_to_wall(ctx)
     assert view["steps"] == 30 and view["tokens"] == 30
     rows = {r["name"]: r for r in view["stages"]}
@@ -212,7 +212,7 @@ def test_async_scheduling_counts_the_next_steps_device_time_in_the_window():
     """Pipelined steps: agent.step n launches step n+1 (its forward is a child of agent.step n)
     and the device runs the steps back to back; each master.step window's model time is the
     device work inside it, whichever step that work belongs to."""
-    ctx = Context(pipelined_trace())
+    ctx = Analysis(pipelined_trace())
     _sums_to_wall(ctx)
     first, second, third = ctx.steps
     m = lambda x: int(x * MS)  # noqa: E731
@@ -238,7 +238,7 @@ def test_async_scheduling_master_work_under_the_next_agent_step_is_not_overhead(
     b.span(AGENT_PID, "forward", m(0.5), m(10.0), a0, 0)
     a1 = b.span(AGENT_PID, "agent.step", m(10.4), m(22.3), step=1)
     b.span(AGENT_PID, "forward", m(10.5), m(22.0), a1, 1)
-    ctx = Context(b.build())
+    ctx = Analysis(b.build())
     _sums_to_wall(ctx)
     first = ctx.steps[0]
     assert first.parts.get("postprocess", 0) == 0

@@ -9,8 +9,8 @@ from synthetic import AGENT_PID, MASTER_PID, EngineTraceBuilder
 import llmtrace
 from engine.trace_resource import SETTINGS
 from llmtrace import device_activity, gpu, names, recorder
+from llmtrace.analyze.analysis import Analysis
 from llmtrace.analyze.breakdown import DEVICE_IDLE, MODEL
-from llmtrace.analyze.context import Context
 from llmtrace.analyze.report import build_report, render_markdown
 from llmtrace.analyze.rules import run_rules
 from llmtrace.device_activity import ModelSpan, busy_by_span, union_ns
@@ -176,8 +176,8 @@ def _launch_bound_trace(busy_share: float, launches: int, kernels: int = 300):
 
 
 def test_breakdown_moves_the_idle_share_of_device_time_out_of_the_model():
-    plain = Context(_launch_bound_trace(1.0, 300)).breakdown
-    ctx = Context(_launch_bound_trace(0.5, 300))
+    plain = Analysis(_launch_bound_trace(1.0, 300)).breakdown
+    ctx = Analysis(_launch_bound_trace(0.5, 300))
     bd = ctx.breakdown
     for before, after in zip(plain.steps, bd.steps):
         assert after.wall_ns == before.wall_ns == sum(after.parts.values())
@@ -190,7 +190,7 @@ def test_breakdown_moves_the_idle_share_of_device_time_out_of_the_model():
 
 
 def test_launch_bound_fires_on_eager_idle_time_with_a_saving_beyond_a_graphs_gaps():
-    ctx = Context(_launch_bound_trace(0.5, launches=300))
+    ctx = Analysis(_launch_bound_trace(0.5, launches=300))
     (s,) = [s for s in run_rules(ctx) if s.id == "launch-bound"]
     assert "eager" in s.title and "CUDA graph" in s.fix
     assert "`engine.cuda_graphs`" in s.fix  # the engine declares its setting
@@ -204,7 +204,7 @@ def test_launch_bound_fires_on_eager_idle_time_with_a_saving_beyond_a_graphs_gap
 
 
 def test_launch_bound_is_silent_when_the_device_is_busy_or_graphs_leave_only_their_gaps():
-    assert not [s for s in run_rules(Context(_launch_bound_trace(0.95, 300))) if s.id == "launch-bound"]
+    assert not [s for s in run_rules(Analysis(_launch_bound_trace(0.95, 300))) if s.id == "launch-bound"]
     # graphs (one launch) with idle time that is all graph gaps: no saving to promise
-    ctx = Context(_launch_bound_trace(0.85, launches=1, kernels=3000))
+    ctx = Analysis(_launch_bound_trace(0.85, launches=1, kernels=3000))
     assert not [s for s in run_rules(ctx) if s.id == "launch-bound"]

@@ -9,7 +9,7 @@ import random
 from synthetic import EngineTraceBuilder
 
 from llmtrace.analyze import build_report
-from llmtrace.analyze.context import Context
+from llmtrace.analyze.analysis import Analysis
 from llmtrace.analyze.diff import diff_runs
 from llmtrace.cli import main as cli_main
 from llmtrace.export.chrome import write_chrome_trace
@@ -27,7 +27,7 @@ def _run(padding_ms: float, seed: int):
 
 
 def _diff(a, b) -> dict:
-    return diff_runs(Context(a), Context(b), build_report(a), build_report(b))
+    return diff_runs(Analysis(a), Analysis(b), build_report(a), build_report(b))
 
 
 def test_a_removed_cost_is_significant_and_its_finding_gone():

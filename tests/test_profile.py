@@ -8,7 +8,7 @@ import pytest
 
 import llmtrace
 from llmtrace import names
-from llmtrace.analyze.context import Context
+from llmtrace.analyze.analysis import Analysis
 from llmtrace.timeline import Process, Sample, Span, Trace
 
 MS = 1_000_000
@@ -27,9 +27,9 @@ def trace_of(*pids: int) -> Trace:
     return Trace(processes={p: Process(p, f"p{p}", {"pid": p}) for p in pids})
 
 
-def done(trace: Trace) -> Context:
+def done(trace: Trace) -> Analysis:
     trace.sort()
-    return Context(trace)
+    return Analysis(trace)
 
 
 def test_model_cadence_makes_the_steps_and_leaves_out_idle_windows():

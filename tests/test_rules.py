@@ -3,7 +3,7 @@ a saving within 10% of the injected cost, and stays silent on clean traces."""
 import pytest
 from synthetic import AGENT_PID, MASTER_PID, MS, EngineTraceBuilder, clean_trace
 
-from llmtrace.analyze.context import Context
+from llmtrace.analyze.analysis import Analysis
 from llmtrace.analyze.rules import RULES, run_rules
 from llmtrace.timeline import Sample
 
@@ -24,7 +24,7 @@ def _one(ctx, rule_id):
 
 @pytest.mark.parametrize("kw", [{}, {"gpu": False}])
 def test_clean_traces_get_no_suggestions(kw):
-    assert run_rules(Context(clean_trace(60, **kw))) == []
+    assert run_rules(Analysis(clean_trace(60, **kw))) == []
 
 
 def test_rule_ids_are_stable_kebab_case_and_unique():
@@ -36,7 +36,7 @@ def test_rule_ids_are_stable_kebab_case_and_unique():
 def test_log_in_hot_path_from_nested_spans():
     b = EngineTraceBuilder()
     b.steps(30, batch=1, nested={"preprocess": [("logging.debug", 7.0, {})]})
-    ctx = Context(b.build())
+    ctx = Analysis(b.build())
     s = _one(ctx, "log-in-hot-path")
     assert s.stage == "preprocess"
     assert s.est_saving_ms_per_token == pytest.approx(7.0, rel=0.1)
@@ -63,7 +63,7 @@ def test_log_in_hot_path_from_viztracer_functions_counts_nested_calls_once():
              "cat": "viztracer"},
             {"ph": "X", "name": "numpy.core.arrayprint._array_repr", "ts": us + 200, "dur": 1500, "pid": s.pid,
              "tid": s.tid, "cat": "viztracer"}]
-    s = _one(Context(trace), "log-in-hot-path")
+    s = _one(Analysis(trace), "log-in-hot-path")
     assert s.est_saving_ms_per_token == pytest.approx(2.0, rel=0.1)
     assert {f["name"] for f in s.evidence["functions"]} == {"logging.Logger.debug", "numpy.core.arrayprint._array_repr"}
     assert s.evidence["functions"][0]["sources"] == ["viztracer"]
@@ -80,7 +80,7 @@ def test_log_in_hot_path_from_stack_samples():
                              "numpy.core.arrayprint:_array_repr:1580") if k < 20 else
                             ("engine.agent:Agent.preprocess:212",))
             trace.samples.append(Sample(s.pid, s.tid, s.start_ns + 50_000 + k * 100_000, stack))
-    s = _one(Context(trace), "log-in-hot-path")
+    s = _one(Analysis(trace), "log-in-hot-path")
     assert s.est_saving_ms_per_token == pytest.approx(2.0, rel=0.1)
     assert "logging.Logger.debug" in {f["name"] for f in s.evidence["functions"]}
 
@@ -88,7 +88,7 @@ def test_log_in_hot_path_from_stack_samples():
 def test_concat_padding():
     b = EngineTraceBuilder()
     b.steps(30, batch=1, nested={"preprocess": [("np.concatenate", 0.6, {})] * 8})
-    s = _one(Context(b.build()), "concat-padding")
+    s = _one(Analysis(b.build()), "concat-padding")
     assert s.stage == "preprocess"
     assert s.est_saving_ms_per_token == pytest.approx(4.8, rel=0.1)
     assert s.evidence["functions"][0]["count"] == 240
@@ -98,7 +98,7 @@ def test_full_logits_transfer_subtracts_device_sampling_estimate():
     b = EngineTraceBuilder()
     b.steps(30, batch=8, agent_order=SAMPLING_AFTER_SYNC, device={"sampling": 0},
             nested={"sampling": [("sampling.host", 2.5, {"logits_bytes": 8 * 128256 * 4})]})
-    s = _one(Context(b.build()), "full-logits-transfer")
+    s = _one(Analysis(b.build()), "full-logits-transfer")
     assert s.stage == "sampling"
     assert s.est_saving_ms_per_token == pytest.approx(2.5 / 8, rel=0.1)
     assert s.est_saving_ms_per_token < 2.5 / 8  # less the device estimate
@@ -110,7 +110,7 @@ def test_full_logits_transfer_from_the_sampling_span_d2h_bytes():
     logits = 16 * 32000 * 4
     b.steps(30, batch=16, device={"sampling": 3.0}, span_attrs={"sampling": {"d2h_bytes": logits}})
     b.steps(30, batch=16, span_attrs={"sampling": {"d2h_bytes": 8 * 16}})  # ids only: fine
-    ctx = Context(b.build())
+    ctx = Analysis(b.build())
     s = _one(ctx, "full-logits-transfer")
     assert ctx.steps[0].parts["sampling"] == 3.0 * MS and "sampling" not in ctx.steps[-1].parts
     assert s.evidence["steps_affected"] == 30 and s.evidence["logits_bytes"] == logits
@@ -135,7 +135,7 @@ def _async_steps_with_one_token_windows(sampling_attrs: dict):
         b.span(AGENT_PID, "sampling", a + m(0.2), a + m(0.5), agent, n, attrs=sampling_attrs,
                device=(m(t + 12.45), m(t + 12.5)))
         b.span(AGENT_PID, "sync.wait", m(t + 1), m(t + 10.2), agent, n)
-    return Context(b.build())
+    return Analysis(b.build())
 
 
 def test_full_logits_transfer_judges_a_span_by_its_own_sequences():
@@ -149,7 +149,7 @@ def test_full_logits_transfer_judges_a_span_by_its_own_sequences():
 
 
 def test_unsynced_gpu_timing_short_launch_long_sync():
-    s = _one(Context(clean_trace(30, device_timing=False)), "unsynced-gpu-timing")
+    s = _one(Analysis(clean_trace(30, device_timing=False)), "unsynced-gpu-timing")
     assert s.stage == "sync" and s.est_saving_ms_per_token == 0
     assert s.evidence["misattributed_ms_per_token"] == pytest.approx(20.5 / 8, rel=0.1)
     assert s.impact == f"a true breakdown: {s.evidence['misattributed_ms_per_token']:.3f} ms/token of device " \
@@ -160,7 +160,7 @@ def test_unsynced_gpu_timing_wait_lands_in_host_timed_sampling():
     b = EngineTraceBuilder(device_timing=False)  # the engine's host_timed_forward: no sync.wait span
     no_sync = [n for n in SAMPLING_AFTER_SYNC if n != "sync.wait"]
     b.steps(30, agent_order=no_sync, agent={"sampling": 20.5})
-    s = _one(Context(b.build()), "unsynced-gpu-timing")
+    s = _one(Analysis(b.build()), "unsynced-gpu-timing")
     assert s.stage == "sampling"
     assert s.evidence["misattributed_ms_per_token"] == pytest.approx(20.5 / 8, rel=0.1)
 
@@ -171,7 +171,7 @@ def test_unsynced_gpu_timing_periodic_spikes():
         spike = i % 4 == 3
         b.step(batch=1, device={"forward": 0.3}, master={"postprocess": 0.3},
                nested={"postprocess": [("Tensor.item", 11.7, {})]} if spike else None)
-    ctx = Context(b.build())
+    ctx = Analysis(b.build())
     (s,) = [x for x in _only(ctx, "unsynced-gpu-timing") if x.stage == "postprocess"]
     assert not [x for x in run_rules(ctx) if x.id == "hot-function-in-stage" and x.stage == "postprocess"]
     assert s.evidence["period_steps"] == 4 and s.evidence["spikes"] == 10
@@ -182,14 +182,14 @@ def test_periodic_spikes_without_a_sync_are_not_blamed_on_timing():
     b = EngineTraceBuilder(device_timing=False)
     for i in range(40):  # periodic, but nothing in the spikes syncs: not a timing artefact
         b.step(batch=1, device={"forward": 0.3}, master={"postprocess": 12.0 if i % 4 == 3 else 0.3})
-    assert not [s for s in run_rules(Context(b.build())) if s.id == "unsynced-gpu-timing" and s.stage == "postprocess"]
+    assert not [s for s in run_rules(Analysis(b.build())) if s.id == "unsynced-gpu-timing" and s.stage == "postprocess"]
 
 
 def test_tcp_nodelay_40ms_stalls_while_agent_idle():
     b = EngineTraceBuilder()
     for i in range(40):
         b.step(batch=8, transport_ms=40.0 if i % 5 == 0 else 0.05)
-    s = _one(Context(b.build()), "tcp-nodelay")
+    s = _one(Analysis(b.build()), "tcp-nodelay")
     assert s.stage == "tcp"
     assert s.est_saving_ms_per_token == pytest.approx(8 * 40.0 / 320, rel=0.1)
     assert s.evidence["measures"]["agent.wait residual"]["stalls"] == 8
@@ -198,7 +198,7 @@ def test_tcp_nodelay_40ms_stalls_while_agent_idle():
 def test_tcp_nodelay_when_every_reply_stalls():
     b = EngineTraceBuilder()
     b.steps(20, batch=4, reply_ms=38.0)
-    s = _one(Context(b.build()), "tcp-nodelay")
+    s = _one(Analysis(b.build()), "tcp-nodelay")
     measure = s.evidence["measures"]["agent.wait residual"]
     assert measure["stalls"] == 20 and measure["baseline_ms"] == 0.1
     assert s.est_saving_ms_per_token == pytest.approx(38.0 / 4, rel=0.1)
@@ -208,7 +208,7 @@ def _cpu_overhead_ms():
     """Non-model host time of a default CPU step (all stages but forward/sampling, plus transport)."""
     b = EngineTraceBuilder(gpu=False)
     b.step()
-    sc = Context(b.build()).steps[0]
+    sc = Analysis(b.build()).steps[0]
     return (sc.wall_ns - sc.parts["model"]) / MS
 
 
@@ -216,7 +216,7 @@ def test_small_prefill_batch():
     b = EngineTraceBuilder(gpu=False)
     b.steps(10, batch=1, prefill=True, waiting=5)
     b.steps(20, batch=8)
-    ctx = Context(b.build())
+    ctx = Analysis(b.build())
     s = _one(ctx, "small-prefill-batch")
     avoided = 10 - 2  # 10 single prefills, 6 at a time -> 2 steps
     assert s.evidence["steps_avoidable"] == avoided
@@ -229,7 +229,7 @@ def test_kv_cache_pressure_preemptions_and_capped_batch():
     for _ in range(3):
         b.instant("preempt", req="r1")
     b.steps(30, batch=4, waiting=4, kv_used=98)
-    ctx = Context(b.build())
+    ctx = Analysis(b.build())
     found = {s.title.split(" ")[1]: s for s in _only(ctx, "kv-cache-pressure")}
     pre = next(s for s in found.values() if "preemptions" in s.evidence)
     prefill_wall = ctx.steps[0].wall_ns
@@ -243,7 +243,7 @@ def test_kv_cache_pressure_preemptions_and_capped_batch():
 def test_kv_cache_oversized_budget_saves_memory_not_time():
     b = EngineTraceBuilder(kv_blocks_total=1000)
     b.steps(20, kv_used=100)
-    s = _one(Context(b.build()), "kv-cache-pressure")
+    s = _one(Analysis(b.build()), "kv-cache-pressure")
     assert s.est_saving_ms_per_token == 0 and s.evidence["kv_usage_peak"] == pytest.approx(0.1)
     assert s.impact == "memory: 900 of 1000 KV blocks were never used"
 
@@ -252,7 +252,7 @@ def test_gc_pauses_from_gc_spans():
     b = EngineTraceBuilder()
     for i in range(40):
         b.step(batch=4, nested={"postprocess": [("gc", 6.0, {"generation": 2})]} if i % 10 == 0 else None)
-    s = _one(Context(b.build()), "gc-pauses")
+    s = _one(Analysis(b.build()), "gc-pauses")
     assert s.stage == "gc" and s.evidence["collections_in_steps"] == 4
     assert s.est_saving_ms_per_token == pytest.approx(4 * 6.0 / 160, rel=0.1)
 
@@ -266,7 +266,7 @@ def test_gc_pauses_name_the_code_the_collections_interrupted():
         t.samples.append(Sample(g.pid, g.tid, (g.start_ns + g.end_ns) // 2,
                                 ("app.postprocess:render_tokens:42", "llmtrace.gc_spans:_callback:17")))
     t.sort()
-    s = _one(Context(t), "gc-pauses")
+    s = _one(Analysis(t), "gc-pauses")
     assert s.evidence["responsible"][0]["function"] == "app.postprocess.render_tokens:42"
     assert "collections start in app.postprocess.render_tokens:42" in s.title
 
@@ -275,7 +275,7 @@ def test_gc_pauses_unexplained_gaps():
     b = EngineTraceBuilder()
     for i in range(40):
         b.step(batch=4, gap_ms=8.0 if i % 10 == 0 else 0.0)
-    s = _one(Context(b.build()), "gc-pauses")
+    s = _one(Analysis(b.build()), "gc-pauses")
     assert s.stage == "gap" and s.evidence["pauses"] == 4
     assert s.est_saving_ms_per_token == pytest.approx(4 * 8.0 / 160, rel=0.1)
 
@@ -283,7 +283,7 @@ def test_gc_pauses_unexplained_gaps():
 def test_underfilled_batch_max_from_trace():
     b = EngineTraceBuilder(max_num_seqs=32, kv_blocks_total=100)
     b.steps(30, batch=4, waiting=10, kv_used=50)
-    ctx = Context(b.build())
+    ctx = Analysis(b.build())
     s = _one(ctx, "underfilled-batch")
     assert s.evidence["max_num_seqs"] == 32 and s.evidence["batch_possible_p50"] == 14
     assert s.est_saving_ms_per_token == pytest.approx(ctx.per_token_ms * (1 - 4 / 14), rel=0.1)
@@ -298,7 +298,7 @@ def _pressure_fixes(settings: dict | None) -> str:
     b.steps(4, batch=2, prefill=True, kv_used=50)
     b.instant("preempt", req="r1")
     b.steps(30, batch=4, waiting=4, kv_used=98)
-    return " ".join(s.fix for s in _only(Context(b.build()), "kv-cache-pressure"))
+    return " ".join(s.fix for s in _only(Analysis(b.build()), "kv-cache-pressure"))
 
 
 def test_fixes_name_the_settings_the_pipeline_declares_and_no_others():
@@ -326,14 +326,14 @@ def test_fixes_name_the_settings_the_pipeline_declares_and_no_others():
 def test_underfilled_batch_needs_the_max_in_the_trace():
     b = EngineTraceBuilder(kv_blocks_total=100)
     b.steps(30, batch=4, waiting=10, kv_used=50)
-    assert not [s for s in run_rules(Context(b.build())) if s.id == "underfilled-batch"]
+    assert not [s for s in run_rules(Analysis(b.build())) if s.id == "underfilled-batch"]
 
 
 def test_hot_function_in_stage_skips_what_specific_rules_explained():
     b = EngineTraceBuilder()
     b.steps(30, batch=2, nested={"detokenize": [("Detokenizer.decode_incremental", 3.0, {})],
                                  "preprocess": [("logging.debug", 2.0, {})]})
-    ctx = Context(b.build())
+    ctx = Analysis(b.build())
     (s,) = _only(ctx, "hot-function-in-stage")
     assert s.stage == "detokenize" and s.evidence["function"] == "Detokenizer.decode_incremental"
     assert s.est_saving_ms_per_token == pytest.approx(3.0 / 2, rel=0.1)
@@ -342,7 +342,7 @@ def test_hot_function_in_stage_skips_what_specific_rules_explained():
 def test_a_large_stage_with_nothing_recorded_inside_asks_for_function_data():
     b = EngineTraceBuilder()
     b.steps(20, batch=1, agent={"preprocess": 12.5})
-    (s,) = _only(Context(b.build()), "hot-function-in-stage")
+    (s,) = _only(Analysis(b.build()), "hot-function-in-stage")
     assert s.stage == "preprocess" and s.est_saving_ms_per_token == 0
     assert "detail: full" in s.fix
 
@@ -350,7 +350,7 @@ def test_a_large_stage_with_nothing_recorded_inside_asks_for_function_data():
 def test_suggestions_are_ranked_by_saving():
     b = EngineTraceBuilder()
     b.steps(30, batch=1, nested={"preprocess": [("logging.debug", 7.0, {}), ("np.concatenate", 4.8, {})]})
-    found = run_rules(Context(b.build()))
+    found = run_rules(Analysis(b.build()))
     assert [s.id for s in found] == ["log-in-hot-path", "concat-padding"]
 
 
@@ -360,7 +360,7 @@ def test_hot_function_found_by_stack_samples_in_a_real_trace(tmp_path):
     from llmtrace.load import load_trace
 
     slept = record_pipeline(tmp_path, steps=60, inject_s=0.0, helper_s=0.004, sample_hz=1000)
-    ctx = Context(load_trace(str(tmp_path)))
+    ctx = Analysis(load_trace(str(tmp_path)))
     assert ctx.trace.samples
     (s,) = _only(ctx, "hot-function-in-stage")
     assert s.stage == "postprocess" and s.evidence["function"].split(":")[0].endswith("_render_tokens")
@@ -374,7 +374,7 @@ def test_hot_function_found_by_stack_samples_in_a_real_trace(tmp_path):
 def test_findings_below_the_noise_floor_are_dropped():
     b = EngineTraceBuilder()
     b.steps(30, batch=1, nested={"preprocess": [("logging.debug", 0.05, {})]})  # 0.2% of a ~23 ms token
-    assert run_rules(Context(b.build())) == []
+    assert run_rules(Analysis(b.build())) == []
 
 
 def test_sampled_leaf_line_names_the_c_call_it_makes(tmp_path):
@@ -394,7 +394,7 @@ def test_sampled_leaf_line_names_the_c_call_it_makes(tmp_path):
         _sys.path.remove(str(tmp_path))
 
 
-def _streaming_trace(ids_of) -> Context:
+def _streaming_trace(ids_of) -> Analysis:
     """A loop thread: forward (2 ms, batch 4), then one detokenize call per sequence whose
     time is 10 us + 0.5 us per id decoded, `ids_of(step, seq)` ids."""
     from test_profile import MS as P_MS
@@ -427,7 +427,7 @@ def test_no_detokenize_finding_for_incremental_decoding():
     assert "detokenize-whole-sequence" not in {s.id for s in found}
 
 
-def _handler_loop_trace(batch: int) -> Context:
+def _handler_loop_trace(batch: int) -> Analysis:
     """Four requests open across a loop of forwards (2 ms of every 3 ms) of `batch` sequences."""
     from test_profile import done, span, trace_of
 
@@ -479,7 +479,7 @@ def test_the_masters_samples_while_it_waits_for_the_agent_are_not_gap():
             t.samples.append(Sample(MASTER_PID, MASTER_PID, w.start_ns + (k + 1) * (w.end_ns - w.start_ns) // 5,
                                     ("asyncio.base_events:BaseEventLoop.run_forever", f"selectors:select_{k % 2}")))
     t.sort()
-    ctx = Context(t)
+    ctx = Analysis(t)
     assert not ctx.functions.select(stage="gap")
 
 
@@ -510,7 +510,7 @@ def test_a_saving_that_varies_by_step_gets_a_wide_interval():
     b = EngineTraceBuilder()
     for i in range(40):  # 20 ms in one step of four, 0 in the others
         b.step(batch=1, nested={"preprocess": [("logging.debug", 20.0, {})]} if i % 4 == 0 else None)
-    s = _one(Context(b.build()), "log-in-hot-path")
+    s = _one(Analysis(b.build()), "log-in-hot-path")
     lo, hi = s.interval
     assert lo < s.est_saving_ms_per_token < hi and hi - lo > 0.2 * s.est_saving_ms_per_token
     assert s.to_dict()["est_saving_interval"] == [lo, hi]

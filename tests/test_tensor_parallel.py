@@ -118,12 +118,12 @@ def _two_ranks(slow_ms: dict[int, float], steps: int = 30):
 def test_straggler_rank_names_the_rank_the_others_wait_for():
     from synthetic import AGENT_PID
 
-    from llmtrace.analyze.context import Context
+    from llmtrace.analyze.analysis import Analysis
     from llmtrace.analyze.rules import run_rules
 
-    ctx = Context(_two_ranks({AGENT_PID + 1: 2.0}))
+    ctx = Analysis(_two_ranks({AGENT_PID + 1: 2.0}))
     (s,) = [s for s in run_rules(ctx) if s.id == "straggler-rank"]
     assert s.evidence["rank_process"] == "agent-1" and s.evidence["steps_waited_for"] == 30
     assert s.evidence["wait_ms_per_step_p50"] == pytest.approx(2.0, rel=0.01)
     assert s.est_saving_ms_per_token == pytest.approx(ctx.ms_per_token(30 * 2_000_000), rel=0.01)
-    assert not [s for s in run_rules(Context(_two_ranks({}))) if s.id == "straggler-rank"]
+    assert not [s for s in run_rules(Analysis(_two_ranks({}))) if s.id == "straggler-rank"]

@@ -10,7 +10,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
-from llmtrace.analyze.context import saving_cells, saving_text
+from llmtrace.analyze.analysis import saving_cells, saving_text
 
 COLUMNS = ("#", "saves ms/tok", "speedup", "stage", "finding")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .analysis import Analysis
 from .breakdown import MODEL
-from .context import Context
 
 TOTAL = "per token"
 RESAMPLES = 1000
@@ -31,7 +31,7 @@ class Row:
     significant: bool
 
 
-def _matrix(ctx: Context, labels: list[str]):
+def _matrix(ctx: Analysis, labels: list[str]):
     """[steps x (tokens, wall, labels...)] of a run's steps (numpy, imported here only)."""
     import numpy as np
 
@@ -44,7 +44,7 @@ def _per_token_ms(m):
     return m[:, 1:].sum(axis=0) / max(m[:, 0].sum(), 1.0) / 1e6
 
 
-def _rows(a: Context, b: Context) -> list[Row]:
+def _rows(a: Analysis, b: Analysis) -> list[Row]:
     import numpy as np
 
     labels = sorted({lab for ctx in (a, b) for sc in ctx.steps for lab in sc.parts},
@@ -80,7 +80,7 @@ def _findings(before: list[dict], after: list[dict]) -> list[dict]:
     return out
 
 
-def diff_runs(a: Context, b: Context, report_a: dict, report_b: dict) -> dict:
+def diff_runs(a: Analysis, b: Analysis, report_a: dict, report_b: dict) -> dict:
     if not a.steps or not b.steps:
         missing = "first" if not a.steps else "second"
         raise ValueError(f"the {missing} run has no step loop to compare (see `llmtrace analyze` on it)")

@@ -7,7 +7,7 @@ from typing import Any
 
 from .. import names
 from ..timeline import Trace
-from .context import Context, saving_cells, saving_text
+from .analysis import Analysis, saving_cells, saving_text
 from .functions import program_functions
 from .process_ends import describe, process_ends
 from .rules import run_rules
@@ -20,14 +20,14 @@ NO_STEPS = ("No step loop found (no `llmtrace.step()` spans, no step ids, no rep
             "time per stage over the whole run:")
 
 
-def _stage_functions(ctx: Context, stage: str) -> list[dict]:
+def _stage_functions(ctx: Analysis, stage: str) -> list[dict]:
     """The stage's busiest functions (samples of a thread blocked in a wait left out)."""
     stats = ctx.functions.stats([c for c in ctx.functions.select(stage=stage, host_side=True) if not c.idle])
     return [{"name": f.name, "ms_per_token": round(ctx.ms_per_token(f.total_ns), 4), "count": f.count,
              "sources": f.sources} for f in stats[:TOP_FUNCTIONS]]
 
 
-def _breakdown(ctx: Context) -> dict | None:
+def _breakdown(ctx: Analysis) -> dict | None:
     bd = ctx.breakdown
     view = bd.view()
     if view is None:
@@ -56,7 +56,7 @@ def device_line(d: dict) -> str:
             f"{d['idle_us_per_kernel']:.2f} us idle per kernel")
 
 
-def _steps_from(ctx: Context) -> dict:
+def _steps_from(ctx: Analysis) -> dict:
     """How the steps were found, and what the report assumed, in words for the reader."""
     found = ctx.breakdown.found
     notes = [found.note] if found.note else []
@@ -67,7 +67,7 @@ def _steps_from(ctx: Context) -> dict:
     return {"source": found.profile.source, "idle_windows": found.idle_windows, "notes": notes}
 
 
-def _top_level_time(ctx: Context, threads) -> dict[tuple[str, str], list[int]]:
+def _top_level_time(ctx: Analysis, threads) -> dict[tuple[str, str], list[int]]:
     """(process name, stage) -> [spans, ns] of the given threads' top-level spans."""
     rows: dict[tuple[str, str], list[int]] = {}
     for pid, tid in threads:
@@ -79,7 +79,7 @@ def _top_level_time(ctx: Context, threads) -> dict[tuple[str, str], list[int]]:
     return rows
 
 
-def _off_steps(ctx: Context, top: int = 10) -> list[dict]:
+def _off_steps(ctx: Analysis, top: int = 10) -> list[dict]:
     """Work of the threads that run no step (HTTP front ends, tokenizers, request handlers):
     per process and stage, its spans' count and time (each thread's top-level spans)."""
     step_threads = {(sc.root.pid, sc.root.tid) for sc in ctx.steps}
@@ -91,7 +91,7 @@ def _off_steps(ctx: Context, top: int = 10) -> list[dict]:
     return sorted(out, key=lambda r: -r["ms"])[:top]
 
 
-def _whole_run(ctx: Context) -> list[dict]:
+def _whole_run(ctx: Analysis) -> list[dict]:
     """Without steps: where the run's time went, by stage (each thread's top-level spans)."""
     totals: dict[str, int] = {}
     for (_, stage), (_, ns) in _top_level_time(ctx, {(s.pid, s.tid) for s in ctx.trace.spans}).items():
@@ -99,7 +99,7 @@ def _whole_run(ctx: Context) -> list[dict]:
     return [{"stage": k, "ms": round(v / 1e6, 3)} for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
 
 
-def _tracing(ctx: Context) -> dict:
+def _tracing(ctx: Analysis) -> dict:
     tr = ctx.trace
     counts: dict[int, list[int]] = {pid: [0, 0, 0] for pid in tr.processes}
     for group, i in ((tr.spans, 0), (tr.instants, 1), (tr.counters, 2)):
@@ -125,7 +125,7 @@ def _tracing(ctx: Context) -> dict:
 
 
 def build_report(trace: Trace) -> dict:
-    ctx = Context(trace)
+    ctx = Analysis(trace)
     suggestions = [s.to_dict() for s in run_rules(ctx)]
     return {
         "version": REPORT_VERSION,

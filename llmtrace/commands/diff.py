@@ -11,7 +11,7 @@ from ..errors import UserError
 
 def main(args) -> int:
     from ..analyze import build_report
-    from ..analyze.context import Context
+    from ..analyze.analysis import Analysis
     from ..analyze.diff import diff_runs, render_markdown, render_text
     from ..load import load_trace, truncation_warnings
 
@@ -23,7 +23,7 @@ def main(args) -> int:
         for warning in truncation_warnings(trace):
             print(f"llmtrace diff: {warning}", file=sys.stderr)
         reports.append(build_report(trace))
-        ctxs.append(Context(trace))
+        ctxs.append(Analysis(trace))
     try:
         d = diff_runs(ctxs[0], ctxs[1], reports[0], reports[1])
     except ValueError as e:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import statistics
 
 from ... import names
-from ..context import MIN_STEPS_AFFECTED
+from ..analysis import MIN_STEPS_AFFECTED
 from ..stats import slope
 
 ID = "detokenize-whole-sequence"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ... import names
 from ...names import is_receive
-from ..context import MIN_STEPS_AFFECTED
+from ..analysis import MIN_STEPS_AFFECTED
 from ..functions import Call, covered
 
 ID = "wait-in-step"

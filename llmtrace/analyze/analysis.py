@@ -1,4 +1,4 @@
-"""What a rule gets (`Context`): the trace, its indexes, the breakdown, the serving
+"""What a rule gets (`Analysis`): the trace, its indexes, the breakdown, the serving
 metrics and the functions seen inside each stage; and the `Suggestion` a rule returns."""
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def saving_text(s: dict) -> str:
 MIN_STEPS_AFFECTED = 3  # a per-step pattern seen in fewer steps is a coincidence (another task's sleep)
 
 
-class Context:
+class Analysis:
     def __init__(self, trace: Trace):
         self.trace = trace
         self.index = TraceIndex(trace)
