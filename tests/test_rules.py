@@ -529,3 +529,18 @@ def test_wait_in_step_only_for_receives_that_may_wait(nonblocking):
         span(t, "forward", k * 4.0 + 1, k * 4.0 + 3, batch=4)
     found = {s.id for s in run_rules(done(t))}
     assert ("wait-in-step" in found) != nonblocking
+
+
+def test_rules_run_after_the_rules_whose_claims_they_read_in_any_listed_order():
+    from types import SimpleNamespace
+
+    from llmtrace.analyze.rules import ordered
+
+    for listing in (RULES, tuple(reversed(RULES))):
+        ids = [r.ID for r in ordered(listing)]
+        assert ids[-1] == "hot-function-in-stage"
+        assert ids.index("log-in-hot-path") < ids.index("concat-padding")
+        assert ids.index("tcp-nodelay") < ids.index("wait-in-step")
+    a, b = SimpleNamespace(ID="a", AFTER=("b",)), SimpleNamespace(ID="b", AFTER=("a",))
+    with pytest.raises(ValueError, match="cycle"):
+        ordered([a, b])

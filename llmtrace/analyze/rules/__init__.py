@@ -1,12 +1,17 @@
 """The suggestion rules: one module per finding, each with a stable kebab-case `ID` and
-`check(ctx) -> list[Suggestion]`. The specific rules run first and claim the functions
-they explain, so `hot-function-in-stage` (last) reports only what is left.
+`check(ctx) -> list[Suggestion]` (the `Rule` protocol). A rule that explains functions
+claims them (`ctx.claim`); a rule that reads the claims declares whose it needs with
+`AFTER` (rule IDs, or ALL: every other rule), and `ordered` runs the rules so that
+each comes after those it names: `hot-function-in-stage` (AFTER = ALL) reports only what
+no specific finding explained.
 
 A finding that promises time but less than MIN_SAVING_SHARE of the per-token time is
 noise and dropped, a zero saving included; findings whose worth is not time (wrong
 timing, memory, what is not recorded) say so in their `impact` and stay.
 """
 from __future__ import annotations
+
+from typing import Protocol
 
 from . import (
     concat_padding,
@@ -36,6 +41,28 @@ RULES = (log_in_hot_path, concat_padding, full_logits_transfer, gc_pauses, tcp_n
          kv_cache_pressure, underfilled_batch, unbatched_requests, launch_bound, straggler_rank, cpu_starved,
          gil_contention, hot_function_in_stage)
 MIN_SAVING_SHARE = 0.005
+ALL = "*"
+
+
+class Rule(Protocol):
+    ID: str
+
+    def check(self, ctx) -> list: ...
+
+
+def ordered(rules) -> list:
+    """`rules` in their given order, except that each runs after the rules its AFTER names."""
+    ids = {r.ID for r in rules}
+    needs = {r.ID: (ids - {r.ID}) if getattr(r, "AFTER", ()) == ALL else set(getattr(r, "AFTER", ())) & ids
+             for r in rules}
+    out: list = []
+    while len(out) < len(rules):
+        done = {r.ID for r in out}
+        ready = next((r for r in rules if r.ID not in done and needs[r.ID] <= done), None)
+        if ready is None:
+            raise ValueError(f"rules order themselves in a cycle: {sorted(ids - done)}")
+        out.append(ready)
+    return out
 
 
 def run_rules(ctx) -> list:
@@ -44,7 +71,7 @@ def run_rules(ctx) -> list:
     (the report lists it) and the other rules still run."""
     floor = MIN_SAVING_SHARE * ctx.per_token_ms
     found = []
-    for rule in RULES:
+    for rule in ordered(RULES):
         try:
             found += rule.check(ctx)
         except Exception as e:  # noqa: BLE001 (one rule's bug must not cost the whole report)

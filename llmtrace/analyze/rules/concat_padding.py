@@ -17,6 +17,7 @@ import re
 from ..functions import main_stage
 
 ID = "concat-padding"
+AFTER = ("log-in-hot-path",)  # a torch.cat inside the tensor printer a log call runs is the log's
 PATTERN = re.compile(r"(^|\.)(np|numpy)\.(concatenate|pad|append|vstack|hstack|stack)$"
                      r"|^(torch\.cat|Tensor\.cat|torch\.stack)$|^preprocess\.pad$|concatenat")
 

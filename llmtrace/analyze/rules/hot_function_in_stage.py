@@ -24,6 +24,7 @@ from ... import names
 from ..functions import IDLE
 
 ID = "hot-function-in-stage"
+AFTER = "*"  # rules.ALL: what every specific finding explained is claimed by then
 MIN_STAGE_SHARE = 0.05
 MIN_FUNCTION_SHARE = 0.3
 MIN_SAMPLES = 5

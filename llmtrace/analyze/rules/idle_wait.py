@@ -18,6 +18,8 @@ from ..analysis import MIN_STEPS_AFFECTED
 from ..functions import Call, covered
 
 ID = "wait-in-step"
+# receives that a transport finding explains (a stall, a logits copy, a decode loop) are not idle waits
+AFTER = ("tcp-nodelay", "full-logits-transfer", "serialization-in-hot-path", "detokenize-whole-sequence")
 MIN_WAIT_MS = 0.5
 
 
