@@ -113,7 +113,7 @@ class Agent:
             carrier = Carrier.from_wire(msg.get("carrier"))
             # the step's span starts with the frame's arrival; whom it follows is in the frame
             with llmtrace.span("agent.step", start_ns=t0, follows=carrier):
-                llmtrace.record_span("tcp.recv", t0, decoded, **{names.A_MSG: msg["step"]})
+                llmtrace.record_span("tcp.recv", t0, decoded, **{names.A_MSG: msg["step"], names.A_READY: 1})
                 self._launch(msg, carrier, t0)
                 self._finish_oldest()
 
@@ -149,7 +149,7 @@ class Agent:
         carrier = Carrier.from_wire(msg.get("carrier"))
         # a later step arriving inside this agent.step: its decoding carries the sender's step
         llmtrace.record_span("tcp.recv", t0, perf_counter_ns(), step=carrier.step if carrier else -1,
-                             **{names.A_MSG: msg["step"]})
+                             **{names.A_MSG: msg["step"], names.A_READY: 1})  # after the poll saw it
         self._launch(msg, carrier, t0)
 
     def _launch(self, msg: dict, carrier: Carrier | None, t_arrival: int) -> None:

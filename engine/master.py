@@ -462,7 +462,7 @@ class Master:
                 for a in self._agents:
                     await _guard(a, a.conn.wait())
             ready_ns = perf_counter_ns()
-            with llmtrace.span("tcp.recv", **{names.A_MSG: done.step}) as recv_span:
+            with llmtrace.span("tcp.recv", **{names.A_MSG: done.step, names.A_READY: 1}) as recv_span:
                 replies = [protocol.check(await _guard(a, a.conn.recv()), "reply") for a in self._agents]
                 recv_span.follow(Carrier.from_wire(replies[0].get("carrier")))
             self._account(replies, done, B, waiting_ns, ready_ns)

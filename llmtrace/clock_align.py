@@ -11,10 +11,14 @@ processes is the reference; every other domain's processes are moved onto it in 
    send_P.start), a reply bounds it from below (theta >= send_Q.start - recv_P.end); the
    tightest bounds on each side give the offset (their midpoint) and its uncertainty
    (half the gap). A message is known on both sides by its `msg` attribute (the engine's
-   frames carry their step): its earliest send start and latest receive end, which keeps
-   the bound valid when one send reaches several receivers.
+   frames carry their step): its earliest send start and latest receive end (start, for a
+   receive marked `ready`: it began once the message was there), which keeps the bound
+   valid when one send reaches several receivers.
 A domain with no round trip in both directions keeps the coarse alignment; the trace's
-meta says which (`clock_alignment`), with the offsets and their uncertainty.
+meta says which (`clock_alignment`), with the offsets and their uncertainty. An aligned
+process's header names the reference domain from then on (its own is kept as
+`recorded_clock_domain`), so a trace exported after alignment is not aligned again, and
+`llmtrace merge` of traces recorded on different hosts aligns them as one.
 """
 from __future__ import annotations
 
@@ -44,9 +48,11 @@ def align(trace: Trace) -> list[dict] | None:
         for pid in pids:
             shift_process(trace, pid, ref_epoch - trace.processes[pid].epoch_offset_ns)
         theta, uncertainty, trips = round_trip_offset(trace, set(domains[ref]), set(pids))
-        if theta is not None:
-            for pid in pids:
+        for pid in pids:
+            if theta is not None:
                 shift_process(trace, pid, theta)
+            header = trace.processes[pid].header  # on the reference clock now: aligned once
+            header["recorded_clock_domain"], header["clock_domain"] = d, ref
         done.append({"domain": d, "processes": sorted(trace.processes[p].name for p in pids),
                      "offset_ns": {trace.processes[p].name: trace.processes[p].header["clock_shift_ns"] for p in pids},
                      "uncertainty_ns": uncertainty, "round_trips": trips,
@@ -69,7 +75,8 @@ def round_trip_offset(trace: Trace, ref: set[int], other: set[int]) -> tuple[int
         if names.is_send(s):
             sent[key] = min(sent.get(key, s.start_ns), s.start_ns)
         elif names.is_receive(s):
-            received[key] = max(received.get(key, s.end_ns), s.end_ns)
+            t = s.start_ns if s.attrs.get(names.A_READY) else s.end_ns  # a time the message was there
+            received[key] = max(received.get(key, t), t)
     upper = [received[(False, m)] - t for (by_ref, m), t in sent.items() if by_ref and (False, m) in received]
     lower = [t - received[(True, m)] for (by_ref, m), t in sent.items() if not by_ref and (True, m) in received]
     if not upper or not lower:

@@ -27,6 +27,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+from .clock_align import align
 from .errors import UserError
 from .export import foreign_events
 from .export.load_chrome import load_chrome_trace, read_json
@@ -118,6 +119,9 @@ def merge_files(paths: list[str]) -> MergeResult:
     used = _pids_of(base)
     for s in traces[1:]:
         _join_trace(base, s.trace, used)
+    for d in align(base) or []:  # recordings from other hosts: onto one clock
+        notes.append(f"{', '.join(d['processes'])}: another host's clock, aligned by {d['method']}"
+                     + (f" (+-{d['uncertainty_ns'] / 1e3:.0f} us)" if d["uncertainty_ns"] is not None else ""))
     ref_epoch = _reference_epoch_offset(base, sources)
     foreign = [s for s in sources if s.trace is None and not s.skipped]
     for s in foreign:

@@ -72,6 +72,7 @@ A_LOGITS_BYTES = "logits_bytes"
 A_BYTES = "bytes"  # bytes a transport call moved
 A_NODELAY = "nodelay"  # TCP_NODELAY of the socket a tcp span used (1/0)
 A_MSG = "msg"  # a message's id, the same on the span that sent it and the one that received it
+A_READY = "ready"  # 1 on a receive that began with its message there (it waited outside the span)
 A_REQ = "req"  # request id
 A_TTFT_US = "ttft_us"
 A_TOKENS_SO_FAR = "n"

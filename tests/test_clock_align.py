@@ -99,3 +99,25 @@ def test_an_engine_agent_on_another_clock_is_aligned_within_100us(tmp_path):
     report = json.loads((out / "report.json").read_text())  # the analysis ran on the aligned trace
     assert report["breakdown"]["model_ms"] > 0 and report["summary"]["output_tokens"] == 96
     assert "Clock: agent-0 on another host's clock, aligned by" in (out / "report.md").read_text()
+
+
+def test_merge_aligns_recordings_of_two_hosts_and_an_aligned_export_stays_put(tmp_path):
+    from llmtrace.export.chrome import write_chrome_trace
+    from llmtrace.merge import merge_files
+
+    both = _two_hosts(theta=MONO, coarse_error=WALL)
+    paths = []
+    for pid in (1, 2):  # each host exported its own recording
+        t = Trace(processes={pid: both.processes[pid]}, spans=[s for s in both.spans if s.pid == pid])
+        paths.append(str(tmp_path / f"host{pid}.json"))
+        write_chrome_trace(t, paths[-1])
+    merged = merge_files(paths)
+    (done,) = merged.trace.meta[META_KEY]["domains"]
+    assert abs(done["offset_ns"]["agent"] + MONO) <= done["uncertainty_ns"] <= 40 * US
+    assert any("another host's clock" in n for n in merged.notes)
+    out = str(tmp_path / "merged.json")
+    write_chrome_trace(merged.trace, out)
+    again = merge_files([out])  # one clock domain now: nothing moves
+    assert META_KEY not in again.trace.meta or again.trace.meta[META_KEY] == merged.trace.meta[META_KEY]
+    starts = sorted(s.start_ns for s in again.trace.spans)
+    assert starts == sorted(s.start_ns for s in merged.trace.spans)
