@@ -62,6 +62,13 @@ def prefilled(runner, batch: int, tables):
     return tokens
 
 
+def _try(e, method: str):
+    try:
+        return getattr(e, method)()
+    except Exception as x:  # noqa: BLE001 (a diagnostic print)
+        return f"<{type(x).__name__}>"
+
+
 def reference_busy(chrome: str, spans, offset_ns: int) -> dict[int, int]:
     """span id -> union of the export's device intervals inside the span's device interval."""
     from llmtrace.device_activity import union_ns
@@ -105,8 +112,9 @@ def case(runner, batch: int, tables, graphs, out_dir: str, log) -> dict:
     if not spans:  # the launch mapping found nothing: say what the records looked like
         ev = window.profiler.profiler.kineto_results.events()
         log(f"no busy times: {len(window.spans)} window spans {window.spans[:2]}, offset {window.offset_ns}, "
-            f"{len(ev)} events, e.g. " + "; ".join(f"{e.name()[:30]} {e.activity_type()} {e.start_ns()} "
-                                                   f"corr {e.correlation_id()}" for e in ev[:12]))
+            f"{len(ev)} events, e.g. " + "; ".join(f"{e.name()[:30]} {_try(e, 'activity_type')} {_try(e, 'start_ns')} "
+                                                   f"corr {_try(e, 'correlation_id')} dev {_try(e, 'device_type')}"
+                                                   for e in ev[:: max(1, len(ev) // 16)]))
         return {"batch": batch, "mode": "graphs" if graphs is not None else "eager", "spans": 0}
     ref = reference_busy(chrome, spans, window.offset_ns)
     event = sum(s.device_dur_ns for s in spans)
