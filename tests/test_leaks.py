@@ -84,7 +84,7 @@ def check_no_leaks(engine: EngineThread) -> dict:
     async def check():
         master.scheduler.check_invariants()
         bm = master.scheduler.block_manager
-        return bm.num_free_blocks, bm.num_blocks, len(master._streams)
+        return bm.num_free_blocks, bm.num_blocks, len(master.outputs.streams)
 
     free, total, streams = engine.call(check())
     assert free == total and streams == 0, (free, total, streams)

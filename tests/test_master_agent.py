@@ -186,7 +186,7 @@ async def test_bad_requests_are_rejected_with_a_reason(master):
 async def test_killed_agent_fails_streams_promptly_and_unlinks_arenas(master):
     """Runs last on the shared master: it kills the agent."""
     m = master
-    names = [m._request.name, m._reply.name]
+    names = m.executor.arena_names
     assert not any(os.path.exists(os.path.join(shm.SHM_DIR, n)) for n in names)  # unlinked once attached
     streams = [m.add_request(f"k{i}", prompt(20, i), greedy(200)) for i in range(3)]
     await streams[0].__anext__()
@@ -234,7 +234,7 @@ def test_killed_master_leaves_no_agent_and_no_shared_memory():
             await m.start()
             stream = m.add_request("r", [100] * 8, SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
             await stream.__anext__()
-            print(m.agent_pids[0], m._request.name, m._reply.name, flush=True)
+            print(m.agent_pids[0], *m.executor.arena_names, flush=True)
             async for _ in stream:
                 pass
 

@@ -10,7 +10,7 @@ import pytest
 import llmtrace
 from engine.block_manager import BlockManager
 from engine.config import ConfigError, EngineConfig
-from engine.master import _token_ids
+from engine.executor import token_ids as _token_ids
 from engine.sampling_params import SamplingParams
 from engine.scheduler import QueueFull, RequestRejected, Scheduler
 from engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
