@@ -156,11 +156,8 @@ class Agent:
         """Read step `msg`'s inputs from its request slot and queue its device work."""
         n, B, T, W = msg["step"], msg["num_seqs"], msg["num_tokens"], msg["block_width"]
         with llmtrace.span("shm.read", step=n, seqs=B, tokens=T):
-            a = protocol.slot_views(self.request, n)
-            seq_ids = a["seq_ids"][:B]
-            views = dict(input_ids=a["input_ids"][:T], positions=a["positions"][:T],
-                         slot_mapping=a["slot_mapping"][:T], query_start_loc=a["query_start_loc"][:B + 1],
-                         context_lens=a["context_lens"][:B], block_tables=a["block_tables"][:B, :W])
+            views = protocol.step_arrays(self.request, n, B, T, W)
+            seq_ids = views.pop("seq_ids")
         with llmtrace.span("preprocess.batch", step=n, new=len(msg["new"]), drop=len(msg["drop"])):
             self.batch.apply(msg["new"], msg["drop"])
             temperature, top_p, top_k, seed = self.batch.sampling_arrays(seq_ids)

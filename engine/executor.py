@@ -285,30 +285,30 @@ class Executor:
 
     def _write_inputs(self, out: SchedulerOutput, step: int) -> tuple[int, int]:
         """Fill the step's request slot with its flattened inputs; returns (tokens, block-table width)."""
-        a, bs = protocol.slot_views(self._request, step), self.cfg.engine.block_size
-        B = len(out.scheduled)
+        bs, B = self.cfg.engine.block_size, len(out.scheduled)
         W = max(len(s.seq.block_table) for s in out.scheduled)
-        tables = a["block_tables"]
-        tables[:B, :W] = -1
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         context_lens: list[int] = []
         query_start_loc = [0]
-        for row, (seq, num_new, start) in enumerate(out.scheduled):
+        for seq, num_new, start in out.scheduled:
             ids += token_ids(seq, start, num_new)
             positions += range(start, start + num_new)
             slots += slot_mapping(seq.block_table, start, num_new, bs)
             context_lens.append(start + num_new)
             query_start_loc.append(query_start_loc[-1] + num_new)
-            tables[row, :len(seq.block_table)] = seq.block_table
         T = len(ids)
-        a["input_ids"][:T] = ids
-        a["positions"][:T] = positions
-        a["slot_mapping"][:T] = slots
-        a["context_lens"][:B] = context_lens
-        a["query_start_loc"][:B + 1] = query_start_loc
-        a["seq_ids"][:B] = [s.seq.seq_id for s in out.scheduled]
+        a = protocol.step_arrays(self._request, step, B, T, W)
+        a["block_tables"][:] = -1
+        for row, s in enumerate(out.scheduled):
+            a["block_tables"][row, :len(s.seq.block_table)] = s.seq.block_table
+        a["input_ids"][:] = ids
+        a["positions"][:] = positions
+        a["slot_mapping"][:] = slots
+        a["context_lens"][:] = context_lens
+        a["query_start_loc"][:] = query_start_loc
+        a["seq_ids"][:] = [s.seq.seq_id for s in out.scheduled]
         return T, W
 
     def _new_seqs(self, out: SchedulerOutput) -> list:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from .ipc.shm import ArenaLayout, Field
 from .sampling_params import SamplingParams
+from .step_io import ARENA_ARRAYS, extent
 
 VERSION = 2
 SLOTS = 2  # steps in flight at most, one arena slot each
@@ -78,18 +79,10 @@ def sampling_to_wire(sp: SamplingParams, num_prompt_tokens: int = 0, eos_token_i
 
 
 def request_layout(max_num_seqs: int, max_batched_tokens: int, max_blocks_per_seq: int) -> ArenaLayout:
-    """The step's input arrays (StepInput's names and dtypes, after the slot index), written
-    by the master; rows past num_tokens / num_seqs are stale."""
-    T, B, M, S = max_batched_tokens, max_num_seqs, max_blocks_per_seq, SLOTS
-    return ArenaLayout([
-        Field("input_ids", "int32", (S, T)),
-        Field("positions", "int32", (S, T)),
-        Field("slot_mapping", "int64", (S, T)),
-        Field("query_start_loc", "int32", (S, B + 1)),
-        Field("context_lens", "int32", (S, B)),
-        Field("block_tables", "int32", (S, B, M)),
-        Field("seq_ids", "int64", (S, B)),
-    ])
+    """The step's input arrays (step_io.ARENA_ARRAYS, after the slot index), written by the
+    master; rows past num_tokens / num_seqs are stale."""
+    return ArenaLayout([Field(name, dtype, (SLOTS, *extent(kind, max_num_seqs, max_batched_tokens, max_blocks_per_seq)))
+                        for name, dtype, kind in ARENA_ARRAYS])
 
 
 def reply_layout(max_num_seqs: int) -> ArenaLayout:
@@ -105,3 +98,11 @@ def slot_views(arena, step: int) -> dict:
     """Step `step`'s slot of every array of `arena` (an ShmArena)."""
     i = slot(step)
     return {name: a[i] for name, a in arena.arrays.items()}
+
+
+def step_arrays(arena, step: int, num_seqs: int, num_tokens: int, block_width: int) -> dict:
+    """Step `step`'s input arrays in the request arena, cut to its sequences, tokens and
+    block-table width: what the master fills and StepInput's arrays on the agent."""
+    views = slot_views(arena, step)
+    return {name: views[name][tuple(slice(0, n) for n in extent(kind, num_seqs, num_tokens, block_width))]
+            for name, _, kind in ARENA_ARRAYS}

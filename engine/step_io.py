@@ -41,6 +41,19 @@ class StepInput:
         return len(self.input_ids)
 
 
+# StepInput's arrays that travel through the request arena, once: (name, dtype, extent);
+# extent "T": one per new token, "B": per sequence, "B+1": sequence starts, "B,M": a row
+# of block ids per sequence. protocol.request_layout and step_arrays are built from it.
+ARENA_ARRAYS = (("input_ids", "int32", "T"), ("positions", "int32", "T"), ("slot_mapping", "int64", "T"),
+                ("query_start_loc", "int32", "B+1"), ("context_lens", "int32", "B"),
+                ("block_tables", "int32", "B,M"), ("seq_ids", "int64", "B"))
+
+
+def extent(kind: str, B: int, T: int, M: int) -> tuple[int, ...]:
+    """The shape of an ARENA_ARRAYS entry for B sequences, T tokens, M blocks per sequence."""
+    return {"T": (T,), "B": (B,), "B+1": (B + 1,), "B,M": (B, M)}[kind]
+
+
 @dataclass
 class StepOutput:
     token_ids: np.ndarray  # [B] int32, one sampled token per sequence
