@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,14 +34,21 @@ SWITCHES = {"log_arrays": "log-in-hot-path", "concat_padding": "concat-padding",
             "prefill_batch_1": "small-prefill-batch", "gc_churn": "gc-pauses"}
 
 
-def run(config: str, *overrides: str) -> dict:
-    """The report of one `llmtrace run`."""
-    with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "llmtrace.cli", "run", "--config", os.path.join(ROOT, "examples", config),
-               "--out", out, *[a for o in overrides for a in ("--set", o)]]
-        subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=900)
-        with open(os.path.join(out, "report.json")) as f:
-            return json.load(f)
+def run(config: str, *overrides: str) -> dict | None:
+    """The report of one `llmtrace run`; None when it failed (its output and directory are
+    kept and printed: a failed run is not silently left out)."""
+    out = tempfile.mkdtemp(prefix="estimate_truth_")
+    cmd = [sys.executable, "-m", "llmtrace.cli", "run", "--config", os.path.join(ROOT, "examples", config),
+           "--out", out, *[a for o in overrides for a in ("--set", o)]]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if p.returncode:
+        print(f"FAILED (exit {p.returncode}, kept in {out}): {' '.join(cmd[3:])}\n{p.stdout[-1500:]}{p.stderr[-3000:]}",
+              file=sys.stderr)
+        return None
+    with open(os.path.join(out, "report.json")) as f:
+        report = json.load(f)
+    shutil.rmtree(out)
+    return report
 
 
 def saving(report: dict, rule: str) -> float | None:
@@ -55,10 +63,14 @@ def evaluate(repeats: int) -> list[dict]:
         for variant in ms:
             off = () if variant == "all" else (f"antipatterns.{variant}=false",)
             rep = run("antipatterns.yaml", *off)
+            if rep is None:
+                continue
             ms[variant].append(rep["breakdown"]["per_token_ms"])
             if variant == "all":
                 all_on.append(rep)
-        tuned.append(run("tuned.yaml"))
+        rep = run("tuned.yaml")
+        if rep is not None:
+            tuned.append(rep)
     on = statistics.median(ms["all"])
     rows = []
     for switch, rule in SWITCHES.items():
@@ -66,9 +78,9 @@ def evaluate(repeats: int) -> list[dict]:
         est = [e for e in (saving(r, rule) for r in all_on) if e is not None]
         median_est = statistics.median(est) if est else None
         rows.append({"switch": switch, "rule": rule, "truth_ms": truth, "spread_ms": max(ms["all"]) - min(ms["all"]),
-                     "estimate_ms": median_est, "found": len(est), "runs": repeats,
+                     "estimate_ms": median_est, "found": len(est), "runs": len(all_on),
                      "within_goal": within_goal(median_est, truth),
-                     "on_tuned": sum(saving(r, rule) is not None for r in tuned)})
+                     "on_tuned": sum(saving(r, rule) is not None for r in tuned), "tuned_runs": len(tuned)})
     return rows
 
 
@@ -80,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = evaluate(args.repeats)
     emit(["switch", "rule", "truth ms/token (spread)", "estimate", "found", "within goal", "on tuned"],
          [[r["switch"], r["rule"], f"{r['truth_ms']:.3f} ({r['spread_ms']:.3f})", estimate_cell(r["estimate_ms"]),
-           f"{r['found']}/{r['runs']}", "yes" if r["within_goal"] else "no", f"{r['on_tuned']}/{r['runs']}"]
+           f"{r['found']}/{r['runs']}", "yes" if r["within_goal"] else "no", f"{r['on_tuned']}/{r['tuned_runs']}"]
           for r in rows],
          rows, args.json)
     return 0
