@@ -77,8 +77,13 @@ class DeviceTimer:
         t0 = self._host_start.pop(id(start_ev), None)
         if t0 is not None and not self.window.add(t0, perf_counter_ns(), span_id, step):
             self._host_start.clear()
-            if not self.window.collecting:
-                self.window = None  # full and finished: no more bookkeeping per span
+
+    def finish_window(self) -> None:
+        """Read a complete window's records (the flush thread: not on the model's path)."""
+        w = self.window
+        if w is not None and w.complete:
+            self.window = None  # no more bookkeeping per span
+            w.emit()
 
 
 _timer: DeviceTimer | None = None
@@ -112,7 +117,13 @@ def _activity_window() -> device_activity.Window | None:
 
 
 def poll() -> int:
-    return _timer.poll() if _timer is not None else 0
+    """Resolve the completed device spans; a complete activity window is read here too
+    (the spool's flush thread calls this)."""
+    if _timer is None:
+        return 0
+    done = _timer.poll()
+    _timer.finish_window()
+    return done
 
 
 def uninstall() -> None:
