@@ -5,6 +5,8 @@ collection through `gc.callbacks`, attr `generation`), or function events such a
 `gc.collect`, on the steps' critical path; `gc` instants count as evidence. Without gc
 spans, steps whose unaccounted gap spikes (> SPIKE x its median and > 1 ms) are reported
 as unexplained pauses, GC being the usual cause.
+Collections in fewer than MIN_STEPS_AFFECTED steps are no pattern (a tuned engine run has
+one or two) and no finding.
 Saving: the gc (or spike) time per token; freezing the long-lived heap after warm-up
 removes most of it. Evidence `responsible`: the program's code the collections interrupted
 (stack samples inside gc spans), where the garbage is made; allocating less there saves
@@ -15,6 +17,7 @@ from __future__ import annotations
 import re
 
 from ... import names
+from ..analysis import MIN_STEPS_AFFECTED
 from ..breakdown import GAP
 from ..functions import covered
 from ..stats import median
@@ -60,6 +63,8 @@ def check(ctx):
         found = _unexplained(ctx)
         return [found] if found else []
     ctx.claim(c.name for c in calls)
+    if len(steps) < MIN_STEPS_AFFECTED:  # a collection or two in a whole run: the run's, not a pattern
+        return []
     instants = ctx.index.instants.get(names.GC, ())
     collections = sum(1 for c in calls if c.source == "span") + sum(sc.counts.get(names.GC, 0) for sc in ctx.steps)
     # the program's code a collection interrupted (samples taken inside gc spans): where the
