@@ -15,8 +15,9 @@ from ..breakdown import DEVICE_IDLE, MODEL
 
 ID = "launch-bound"
 MIN_IDLE_SHARE = 0.10
-# The idle gap between consecutive kernels of a replayed CUDA graph: measured on an H100
-# (benchmarks/gpu_device_busy.py, GPU_NOTES.md), what remains after graphs.
+# The idle gap between consecutive kernels of a replayed CUDA graph, what remains after
+# graphs: an assumption of a few µs per kernel until benchmarks/gpu_device_busy.py has
+# measured it on an H100 (GPU_NOTES.md says it is still to run).
 GRAPH_IDLE_NS_PER_KERNEL = 1_500
 
 
