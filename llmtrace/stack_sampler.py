@@ -18,9 +18,17 @@ what in-process sampling costs: on `transformers serve` recorded at 250 Hz, 21% 
 throughput with half the interval, 8.5% leaving CPython's 5 ms (medians of 3 interleaved
 rounds); at 5 ms a short pure-Python stage goes unseen.
 py-spy (`llmtrace record --py-spy`) samples from outside, with no such bias.
+
+On CPython 3.11 a tick skips while any thread is importing a module: walking `f_back`
+from another thread's frame can then reach a frame an extension module's init left
+half made and crash the process (SIGSEGV in PyFrame_GetBack; the same race segfaults
+other in-process samplers on 3.11, cpython#99110 and its follow-ups). Seen here as an
+engine agent killed while importing torch (faulthandler: this thread in `_labels_of`),
+3 times in ~150 recorded runs. An import's own time is then unsampled, never a step's.
 """
 from __future__ import annotations
 
+import importlib._bootstrap
 import os
 import sys
 import threading
@@ -30,9 +38,15 @@ from . import recorder
 from .spool_format import SAMPLE
 
 MAX_DEPTH = 48
+_IMPORT_RACE = sys.version_info < (3, 12)  # f_back across threads mid-import can crash 3.11
 MAX_GIL_SHARE = 0.02
 COST_SMOOTHING = 0.02  # the tick cost's moving average weighs the last ~50 ticks
 _SKIP_THREADS = ("llmtrace-flush", "llmtrace-sampler")
+
+
+def importing() -> bool:
+    """Whether some thread holds an import lock (is importing a module) right now."""
+    return bool(importlib._bootstrap._module_locks)  # weak values: an entry lives while its lock is held
 
 
 class StackSampler:
@@ -101,7 +115,7 @@ class StackSampler:
         return sid
 
     def sample_once(self) -> int:
-        if not recorder.is_enabled():
+        if not recorder.is_enabled() or (_IMPORT_RACE and importing()):
             return 0
         native = {t.ident: t.native_id for t in threading.enumerate() if t.name not in _SKIP_THREADS}
         now = time.perf_counter_ns()

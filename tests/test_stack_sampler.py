@@ -1,0 +1,36 @@
+"""The in-process stack sampler (llmtrace/stack_sampler.py): a tick names each thread's
+functions, and on CPython 3.11 no tick walks frames while a thread is importing."""
+from __future__ import annotations
+
+import importlib._bootstrap
+import sys
+
+import pytest
+from synthetic import drain_recorded_trace
+
+import llmtrace
+from llmtrace import stack_sampler
+
+
+@pytest.fixture
+def recording():
+    llmtrace.configure(enabled=True, propagate=False)
+    drain_recorded_trace()
+    yield
+    drain_recorded_trace()
+
+
+def test_a_tick_records_this_threads_stack(recording):
+    assert stack_sampler.StackSampler().sample_once() >= 1
+    samples = drain_recorded_trace().samples
+    assert any("test_a_tick_records_this_threads_stack" in ";".join(s.stack) for s in samples)
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="the import guard is for CPython 3.11's frame race")
+def test_no_tick_while_a_thread_imports(recording):
+    sampler = stack_sampler.StackSampler()
+    with importlib._bootstrap._ModuleLockManager("llmtrace_test_module_being_imported"):
+        assert stack_sampler.importing()
+        assert sampler.sample_once() == 0
+    assert not stack_sampler.importing()
+    assert sampler.sample_once() >= 1
