@@ -34,6 +34,7 @@ import llmtrace
 from llmtrace import names
 
 from . import protocol
+from .agent import freeze_heap
 from .block_manager import BlockManager
 from .config import RunConfig
 from .executor import EXIT_GRACE_S, AgentLost, EngineDead, Executor
@@ -98,6 +99,7 @@ class Master:
         self.scheduler = Scheduler(eng, BlockManager(num_blocks, eng.block_size), self.tokenizer.eos_id,
                                    prefill_batch_1=self.cfg.antipatterns.prefill_batch_1)
         self._watchers = self.executor.watch(self._die)
+        freeze_heap()
         self._loop_task = asyncio.create_task(self._run(), name="master-step-loop")
         log.info("engine started: %d agent(s), %d KV blocks of %d tokens", len(self.executor.agents), num_blocks,
                  eng.block_size)
