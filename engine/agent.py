@@ -137,7 +137,7 @@ class Agent:
                 reply["token_ids"][:B] = out.token_ids
                 reply["logprobs"][:B] = out.logprobs
         carrier = list(llmtrace.context.current())  # agent.step's: the master's tcp.recv follows it
-        with llmtrace.span("tcp.send", **{names.A_MSG: n}):
+        with llmtrace.span("tcp.send", **{names.A_MSG: n, names.A_NODELAY: int(self.conn.nodelay)}):
             self.conn.send(protocol.message("reply", step=n, carrier=carrier, n=B,
                                             timings={"arrival_ns": oldest.arrival_ns, "send_ns": perf_counter_ns()}))
 

@@ -239,7 +239,8 @@ class Executor:
         msg = protocol.message("step", step=step, carrier=carrier, prefill=out.is_prefill, num_seqs=B,
                                num_tokens=T, block_width=W, new=self._new_seqs(out), drop=self._take_drop())
         # msg: the step sent (this root's, or the next one's ahead), as the agents' tcp.recv says
-        with llmtrace.span("tcp.send", **{names.A_MSG: step}):
+        nodelay = int(all(a.conn.nodelay for a in self.agents))
+        with llmtrace.span("tcp.send", **{names.A_MSG: step, names.A_NODELAY: nodelay}):
             for a in self.agents:
                 await _guard(a, a.conn.send(msg))
 

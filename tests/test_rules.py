@@ -204,6 +204,23 @@ def test_tcp_nodelay_when_every_reply_stalls():
     assert s.est_saving_ms_per_token == pytest.approx(38.0 / 4, rel=0.1)
 
 
+@pytest.mark.parametrize("nodelay", [0, 1])
+def test_tcp_nodelay_off_without_a_stall_is_a_latent_finding(nodelay):
+    b = EngineTraceBuilder()
+    b.steps(20, batch=4)
+    trace = b.build()
+    for s in trace.spans:
+        if s.name == "tcp.send":
+            s.attrs["nodelay"] = nodelay
+    found = [s for s in run_rules(Analysis(trace)) if s.id == "tcp-nodelay"]
+    if nodelay:
+        assert not found
+        return
+    (s,) = found
+    assert s.est_saving_ms_per_token == 0 and s.impact.startswith("latent")
+    assert s.evidence["steps_affected"] == 20 and set(s.evidence["processes"]) == {"master", "agent-0"}
+
+
 def _cpu_overhead_ms():
     """Non-model host time of a default CPU step (all stages but forward/sampling, plus transport)."""
     b = EngineTraceBuilder(gpu=False)
