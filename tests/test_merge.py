@@ -22,7 +22,7 @@ RECORD_MARKERS = textwrap.dedent("""
     from viztracer import VizTracer
 
     run, viz_path, torch_path = sys.argv[1:4]
-    llmtrace.configure(out=run, process_name="markers")
+    llmtrace.configure(out=run, process_name="markers", propagate=False)
     vt = VizTracer(verbose=0, register_global=False)
 
     def marker():
@@ -138,7 +138,7 @@ def test_a_file_the_recording_embeds_is_not_added_twice(tmp_path, capsys):
     from llmtrace import sink
 
     run = tmp_path / "run"
-    llmtrace.configure(out=str(run), process_name="embeds")
+    llmtrace.configure(out=str(run), process_name="embeds", propagate=False)
     with llmtrace.span("decode.step", step=0):
         pass
     llmtrace.flush()
