@@ -33,7 +33,7 @@ from llmtrace.context import Carrier
 from . import protocol
 from .batch_state import BatchState
 from .ipc.shm import ArenaLayout, ShmArena, unlink_name
-from .ipc.tcp import ConnectionClosed, FrameSocket
+from .ipc.tcp import ConnectionClosed, FrameSocket, NagleFrameSocket
 from .step_io import StepInput
 
 log = logging.getLogger("engine.agent")
@@ -74,7 +74,8 @@ class Agent:
         self.conn.send(protocol.message("hello", rank=self.rank, pid=os.getpid(), token=token))
         setup = protocol.check(self.conn.recv(), "hello")
         cfg = load_config(setup["config"])
-        self.conn.set_nodelay(not cfg.antipatterns.no_tcp_nodelay)
+        if cfg.antipatterns.no_tcp_nodelay:  # the same socket, mistaken from now on
+            self.conn = NagleFrameSocket(self.conn.sock, self.conn.limit)
         arenas = setup["arenas"]
         self.request = ShmArena.attach(arenas["request"]["name"], ArenaLayout.from_wire(arenas["request"]["layout"]))
         self.reply = ShmArena.attach(arenas["reply"]["name"], ArenaLayout.from_wire(arenas["reply"]["layout"]))

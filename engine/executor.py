@@ -32,7 +32,7 @@ from .agent import TOKEN_ENV
 from .block_manager import slot_mapping
 from .config import RunConfig
 from .ipc.shm import ShmArena
-from .ipc.tcp import AsyncFrameStream, ConnectionClosed, FrameError
+from .ipc.tcp import AsyncFrameStream, ConnectionClosed, FrameError, NagleFrameStream
 from .protocol import PeerError, ProtocolError
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
@@ -180,11 +180,11 @@ class Executor:
     async def _handshake(self, incoming: asyncio.Queue) -> int:
         """Accept one connection per rank, send each the config and arenas, collect `ready`.
         Returns the KV-cache size every agent can hold (in blocks)."""
-        nodelay = not self.cfg.antipatterns.no_tcp_nodelay
+        stream = NagleFrameStream if self.cfg.antipatterns.no_tcp_nodelay else AsyncFrameStream
         pending = {a.rank: a for a in self.agents}
         group = process_group_address(self.cfg.engine)
         while pending:
-            conn = AsyncFrameStream(*await incoming.get(), nodelay=nodelay)
+            conn = stream(*await incoming.get())
             try:
                 hello = protocol.check(await asyncio.wait_for(conn.recv(), HELLO_TIMEOUT_S), "hello")
                 if not hmac.compare_digest(str(hello.get("token", "")), self._token):

@@ -17,7 +17,7 @@ from engine import protocol
 from engine.batch_state import BatchState
 from engine.ipc import shm
 from engine.ipc.shm import ArenaLayout, Field, ShmArena, ShmError
-from engine.ipc.tcp import AsyncFrameStream, ConnectionClosed, FrameError, FrameSocket, FrameTooLarge
+from engine.ipc.tcp import AsyncFrameStream, ConnectionClosed, FrameError, FrameSocket, FrameTooLarge, NagleFrameSocket
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
@@ -51,7 +51,7 @@ def test_frames_round_trip_including_large_and_binary(pair):
 def test_nodelay_flag_is_applied_and_nagle_mode_still_frames(pair):
     left, right = pair
     assert left.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
-    left.set_nodelay(False)  # the no_tcp_nodelay antipattern: header and body as two sends
+    left = NagleFrameSocket(left.sock)  # the no_tcp_nodelay antipattern: header and body as two sends
     assert not left.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     for i in range(3):
         left.send({"k": list(range(100 * i))})

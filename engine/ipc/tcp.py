@@ -70,34 +70,30 @@ def set_nodelay(sock: socket.socket, on: bool) -> None:
 
 
 class FrameSocket:
-    """Blocking frame channel (the agent's side)."""
+    """Blocking frame channel (the agent's side): TCP_NODELAY on, each frame one write."""
 
-    def __init__(self, sock: socket.socket, nodelay: bool = True, limit: int = MAX_FRAME):
-        set_nodelay(sock, nodelay)
-        self.sock, self.nodelay, self.limit = sock, nodelay, limit
+    nodelay = True
+
+    def __init__(self, sock: socket.socket, limit: int = MAX_FRAME):
+        set_nodelay(sock, self.nodelay)
+        self.sock, self.limit = sock, limit
         self._pending: int | None = None  # body length read by wait(), not yet consumed
 
     @classmethod
-    def connect(cls, host: str, port: int, nodelay: bool = True, limit: int = MAX_FRAME,
-                timeout_s: float = 30.0) -> FrameSocket:
+    def connect(cls, host: str, port: int, limit: int = MAX_FRAME, timeout_s: float = 30.0) -> FrameSocket:
         sock = socket.create_connection((host, port), timeout=timeout_s)
         sock.settimeout(None)
-        return cls(sock, nodelay, limit)
-
-    def set_nodelay(self, on: bool) -> None:
-        set_nodelay(self.sock, on)
-        self.nodelay = on
+        return cls(sock, limit)
 
     def send(self, msg: dict) -> None:
         head, body = encode(msg, self.limit)
         try:
-            if self.nodelay:
-                self.sock.sendall(head + body)
-            else:
-                self.sock.sendall(head)
-                self.sock.sendall(body)
+            self._write(head, body)
         except OSError as e:
             raise ConnectionClosed(f"send failed: {e}") from None
+
+    def _write(self, head: bytes, body: bytes) -> None:
+        self.sock.sendall(head + body)
 
     def _read_exactly(self, n: int) -> bytearray:
         buf = bytearray(n)
@@ -135,39 +131,32 @@ class FrameSocket:
 
 
 class AsyncFrameStream:
-    """asyncio frame channel (the master's side)."""
+    """asyncio frame channel (the master's side): TCP_NODELAY on, each frame one write."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, nodelay: bool = True,
-                 limit: int = MAX_FRAME):
+    nodelay = True
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit: int = MAX_FRAME):
         sock = writer.get_extra_info("socket")
         if sock is not None:
-            set_nodelay(sock, nodelay)
-        self.reader, self.writer, self.nodelay, self.limit = reader, writer, nodelay, limit
+            set_nodelay(sock, self.nodelay)
+        self.reader, self.writer, self.limit = reader, writer, limit
         self._pending: int | None = None
 
     @classmethod
-    async def connect(cls, host: str, port: int, nodelay: bool = True, limit: int = MAX_FRAME) -> AsyncFrameStream:
+    async def connect(cls, host: str, port: int, limit: int = MAX_FRAME) -> AsyncFrameStream:
         reader, writer = await asyncio.open_connection(host, port)
-        return cls(reader, writer, nodelay, limit)
-
-    def set_nodelay(self, on: bool) -> None:
-        sock = self.writer.get_extra_info("socket")
-        if sock is not None:
-            set_nodelay(sock, on)
-        self.nodelay = on
+        return cls(reader, writer, limit)
 
     async def send(self, msg: dict) -> None:
         head, body = encode(msg, self.limit)
         try:
-            if self.nodelay:
-                self.writer.write(head + body)
-            else:
-                self.writer.write(head)
-                await self.writer.drain()
-                self.writer.write(body)
+            await self._write(head, body)
             await self.writer.drain()
         except (ConnectionError, OSError) as e:
             raise ConnectionClosed(f"send failed: {e}") from None
+
+    async def _write(self, head: bytes, body: bytes) -> None:
+        self.writer.write(head + body)
 
     async def _read_exactly(self, n: int) -> bytes:
         try:
@@ -194,3 +183,24 @@ class AsyncFrameStream:
             await self.writer.wait_closed()
         except (ConnectionError, OSError):
             pass  # the peer is already gone
+
+
+# ---- the no_tcp_nodelay mistake (engine/antipatterns.py's switch): Nagle's algorithm on and
+# each frame written as header, then body: write-write-read meets the peer's delayed ACK
+
+
+class NagleFrameSocket(FrameSocket):
+    nodelay = False
+
+    def _write(self, head: bytes, body: bytes) -> None:
+        self.sock.sendall(head)
+        self.sock.sendall(body)
+
+
+class NagleFrameStream(AsyncFrameStream):
+    nodelay = False
+
+    async def _write(self, head: bytes, body: bytes) -> None:
+        self.writer.write(head)
+        await self.writer.drain()
+        self.writer.write(body)
