@@ -14,7 +14,6 @@ it: it only moves a test process's records, never a real one's.
 from __future__ import annotations
 
 import os
-import socket
 import struct
 
 from .spool_format import RECORD
@@ -31,7 +30,8 @@ def domain() -> str:
             boot = f.read().strip()
     except OSError:
         boot = ""
-    return f"{socket.gethostname()}/{boot}" if boot else socket.gethostname()
+    host = os.uname().nodename  # the hostname, without importing socket at `import llmtrace`
+    return f"{host}/{boot}" if boot else host
 
 
 def injected_skew(process_name: str) -> tuple[int, int]:
