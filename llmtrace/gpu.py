@@ -50,8 +50,9 @@ class DeviceTimer:
     def end(self, start_ev, span_id, name_id, stage_id, step):
         ev = self._event()
         ev.record()
-        if self.window is not None:
-            self._window_add(start_ev, span_id, step)
+        window = self.window  # once: the flush thread may let go of it meanwhile
+        if window is not None:
+            self._window_add(window, start_ev, span_id, step)
         with self._lock:
             if len(self._pending) >= MAX_PENDING:
                 self._pending.popleft()
@@ -69,13 +70,14 @@ class DeviceTimer:
                 recorder.emit(DEVICE, name_id, stage_id, t0, t1, span_id, 0, 0, step)
                 self._free += (s, e)
                 done += 1
-                if self.window is not None:
-                    self.window.device_done(span_id)
+                window = self.window
+                if window is not None:
+                    window.device_done(span_id)
         return done
 
-    def _window_add(self, start_ev, span_id, step) -> None:
+    def _window_add(self, window, start_ev, span_id, step) -> None:
         t0 = self._host_start.pop(id(start_ev), None)
-        if t0 is not None and not self.window.add(t0, perf_counter_ns(), span_id, step):
+        if t0 is not None and not window.add(t0, perf_counter_ns(), span_id, step):
             self._host_start.clear()
 
     def finish_window(self) -> None:
