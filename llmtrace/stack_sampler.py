@@ -45,8 +45,14 @@ _SKIP_THREADS = ("llmtrace-flush", "llmtrace-sampler")
 
 
 def importing() -> bool:
-    """Whether some thread holds an import lock (is importing a module) right now."""
-    return bool(importlib._bootstrap._module_locks)  # weak values: an entry lives while its lock is held
+    """Whether some thread holds a module's import lock (is importing it) right now. An
+    entry of `_module_locks` may outlive its import (a kept traceback holds the lock
+    object), so a lock counts only while acquired (its `count`, CPython 3.11)."""
+    for ref in list(importlib._bootstrap._module_locks.values()):
+        lock = ref()
+        if lock is not None and getattr(lock, "count", 0):
+            return True
+    return False
 
 
 class StackSampler:

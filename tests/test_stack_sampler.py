@@ -34,3 +34,5 @@ def test_no_tick_while_a_thread_imports(recording):
         assert sampler.sample_once() == 0
     assert not stack_sampler.importing()
     assert sampler.sample_once() >= 1
+    kept = importlib._bootstrap._get_module_lock("llmtrace_test_module_imported_before")  # held by nobody
+    assert not stack_sampler.importing() and kept is not None
