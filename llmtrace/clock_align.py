@@ -45,16 +45,16 @@ def align(trace: Trace) -> list[dict] | None:
     for d, pids in domains.items():
         if d == ref:
             continue
-        for pid in pids:
-            shift_process(trace, pid, ref_epoch - trace.processes[pid].epoch_offset_ns)
+        shift_processes(trace, {pid: ref_epoch - trace.processes[pid].epoch_offset_ns for pid in pids})
         theta, uncertainty, trips = round_trip_offset(trace, set(domains[ref]), set(pids))
-        for pid in pids:
-            if theta is not None:
-                shift_process(trace, pid, theta)
-            header = trace.processes[pid].header  # on the reference clock now: aligned once
+        if theta is not None:
+            shift_processes(trace, dict.fromkeys(pids, theta))
+        for pid in pids:  # on the reference clock now: aligned once
+            header = trace.processes[pid].header
             header["recorded_clock_domain"], header["clock_domain"] = d, ref
         done.append({"domain": d, "processes": sorted(trace.processes[p].name for p in pids),
-                     "offset_ns": {trace.processes[p].name: trace.processes[p].header["clock_shift_ns"] for p in pids},
+                     "offset_ns": {trace.processes[p].name: trace.processes[p].header.get("clock_shift_ns", 0)
+                                   for p in pids},
                      "uncertainty_ns": uncertainty, "round_trips": trips,
                      "method": "round trips" if theta is not None else "Unix clocks only"})
     trace.meta[META_KEY] = {"reference": ref, "domains": done}
@@ -85,13 +85,16 @@ def round_trip_offset(trace: Trace, ref: set[int], other: set[int]) -> tuple[int
     return (lo + hi) // 2, abs(hi - lo) // 2, min(len(upper), len(lower))
 
 
-def shift_process(trace: Trace, pid: int, delta: int) -> None:
-    """Every timestamp of process `pid` moved back by delta (its clock read delta ns ahead);
-    its header keeps Unix time right and adds up what it was moved (`clock_shift_ns`)."""
-    if not delta:
+def shift_processes(trace: Trace, deltas: dict[int, int]) -> None:
+    """Every timestamp of each process in `deltas` moved back by its delta (its clock read
+    that many ns ahead), in one pass over the records; each header keeps Unix time right
+    and adds up what it was moved (`clock_shift_ns`)."""
+    deltas = {pid: d for pid, d in deltas.items() if d}
+    if not deltas:
         return
     for s in trace.spans:
-        if s.pid == pid:
+        delta = deltas.get(s.pid)
+        if delta:
             s.start_ns -= delta
             s.end_ns -= delta
             if s.device_start_ns is not None and s.device_end_ns is not None:
@@ -99,12 +102,14 @@ def shift_process(trace: Trace, pid: int, delta: int) -> None:
                 s.device_end_ns -= delta
     for group in (trace.instants, trace.counters, trace.samples):
         for r in group:
-            if r.pid == pid:
+            delta = deltas.get(r.pid)
+            if delta:
                 r.ts_ns -= delta
-    p = trace.processes[pid]
-    for reading in p.cpu:
-        reading["ns"] -= delta
-    if p.closed and "ns" in p.closed:
-        p.closed["ns"] -= delta
-    p.header["epoch_offset_ns"] = p.epoch_offset_ns + delta
-    p.header["clock_shift_ns"] = p.header.get("clock_shift_ns", 0) - delta
+    for pid, delta in deltas.items():
+        p = trace.processes[pid]
+        for reading in p.cpu:
+            reading["ns"] -= delta
+        if p.closed and "ns" in p.closed:
+            p.closed["ns"] -= delta
+        p.header["epoch_offset_ns"] = p.epoch_offset_ns + delta
+        p.header["clock_shift_ns"] = p.header.get("clock_shift_ns", 0) - delta

@@ -24,7 +24,7 @@ from another thread's frame can then reach a frame an extension module's init le
 half made and crash the process (SIGSEGV in PyFrame_GetBack; the same race segfaults
 other in-process samplers on 3.11, cpython#99110 and its follow-ups). Seen here as an
 engine agent killed while importing torch (faulthandler: this thread in `_labels_of`),
-3 times in ~150 recorded runs. An import's own time is then unsampled, never a step's.
+about 4 times in ~150 recorded runs. An import's own time is then unsampled, never a step's.
 """
 from __future__ import annotations
 

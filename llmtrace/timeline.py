@@ -171,7 +171,7 @@ class RecordDecoder:
     batch: `load_spool_file` feeds it a whole file, the TUI's live feed each new batch.
 
     A span's device time (a DEVICE record) arrives after the span, usually a step later,
-    and its busy time (a `device.busy` instant, device_activity.py) at the process's stop;
+    and its busy time (a `device.busy` instant, device_activity.py) once its window is read;
     `keep_ids` bounds how many recent spans stay joinable (None: all, for a whole file).
     """
 
@@ -227,7 +227,7 @@ class RecordDecoder:
                     if d is not None:
                         s.device_start_ns, s.device_end_ns = d
             elif kind == INSTANT and name == I_DEVICE_BUSY:
-                s = by_id.get(parent)  # written at the process's stop, after its span
+                s = by_id.get(parent)  # written when the activity window is read, after its span
                 if s is not None:
                     s.attrs.update(attrs)
             elif kind == INSTANT:
