@@ -107,12 +107,22 @@ def prompts(batch: int, vocab: int, seed: int) -> list[list[int]]:
     return [[1] + rng.integers(3, vocab, CONTEXT - 1).tolist() for _ in range(batch)]
 
 
-def run_decode(runner, tokens: list[list[int]], steps: int, block_tables) -> list[float]:
-    """Prefill, then `steps` greedy decode steps (appending to tokens); host seconds per step."""
+def prefill(runner, tokens: list[list[int]], block_tables) -> None:
+    """Run the prompts' prefill steps, appending each sequence's first sampled token."""
     for step in prefill_steps(tokens, block_tables):
         out = runner.execute(step)
         for row, tok in zip(step.seq_ids.tolist(), out.token_ids.tolist(), strict=True):
             tokens[row].append(tok)
+
+
+def run_decode(runner, tokens: list[list[int]], steps: int, block_tables) -> list[float]:
+    """Prefill, then `steps` greedy decode steps (appending to tokens); host seconds per step."""
+    prefill(runner, tokens, block_tables)
+    return decode(runner, tokens, steps, block_tables)
+
+
+def decode(runner, tokens: list[list[int]], steps: int, block_tables) -> list[float]:
+    """`steps` greedy decode steps one at a time (appending to tokens); host seconds per step."""
     times = []
     for i in range(steps):
         step = decode_step(i + 1, tokens, block_tables)
@@ -129,10 +139,7 @@ def run_decode_pipelined(runner, tokens: list[list[int]], steps: int, block_tabl
     (placeholder inputs); host seconds between consecutive results."""
     from engine.sequence import PLACEHOLDER
 
-    for step in prefill_steps(tokens, block_tables):
-        out = runner.execute(step)
-        for row, tok in zip(step.seq_ids.tolist(), out.token_ids.tolist(), strict=True):
-            tokens[row].append(tok)
+    prefill(runner, tokens, block_tables)
     pending = runner.launch(decode_step(1, tokens, block_tables))
     done = []
     for i in range(1, steps + 1):

@@ -27,10 +27,9 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from gpu_decode import BLOCK, CONTEXT, PRESET, prefill_steps, prompts  # noqa: E402
+from gpu_decode import BLOCK, CONTEXT, PRESET, decode, prefill, prompts  # noqa: E402
 
 STEPS = 40
 WARMUP = 3
@@ -38,27 +37,11 @@ ROUNDS = 3
 BUSY_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
-def decode(runner, tokens, tables, steps: int) -> list[float]:
-    """`steps` greedy decode steps one at a time; host seconds per step."""
-    from gpu_decode import decode_step
-
-    times = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        out = runner.execute(decode_step(i + 1, tokens, tables))
-        times.append(time.perf_counter() - t0)
-        for t, tok in zip(tokens, out.token_ids.tolist(), strict=True):
-            t.append(tok)
-    return times
-
-
 def prefilled(runner, batch: int, tables):
+    """Prompts of `batch` sequences, prefilled and WARMUP decode steps in."""
     tokens = prompts(batch, runner.model.config.vocab_size, batch)
-    for step in prefill_steps(tokens, tables):
-        out = runner.execute(step)
-        for row, tok in zip(step.seq_ids.tolist(), out.token_ids.tolist(), strict=True):
-            tokens[row].append(tok)
-    decode(runner, tokens, tables, WARMUP)
+    prefill(runner, tokens, tables)
+    decode(runner, tokens, WARMUP, tables)
     return tokens
 
 
@@ -100,7 +83,7 @@ def case(runner, batch: int, tables, graphs, out_dir: str, log) -> dict:
     window = device_activity.Window(2 * STEPS)
     timer = gpu.DeviceTimer(torch, window)
     recorder.set_device_hook(timer)
-    decode(runner, tokens, tables, STEPS)
+    decode(runner, tokens, STEPS, tables)
     torch.cuda.synchronize()
     timer.poll()
     recorder.set_device_hook(None)
@@ -147,7 +130,7 @@ def cost(runner, batch: int, tables, graphs, log) -> dict:
             tokens = prefilled(runner, batch, tables)
             window = device_activity.Window(10 * STEPS) if with_window else None
             recorder.set_device_hook(gpu.DeviceTimer(torch, window))
-            into.append(statistics.median(decode(runner, tokens, tables, STEPS)) * 1e3)
+            into.append(statistics.median(decode(runner, tokens, STEPS, tables)) * 1e3)
             recorder.set_device_hook(None)
             if window is not None:
                 window.profiler.stop()
