@@ -152,7 +152,8 @@ class Window:
             self.complete = True
 
     def emit(self) -> None:
-        """Read the records (at the final stop) and emit a `device.busy` instant per span."""
+        """Read the records (once complete, from the flush thread; else at the final stop)
+        and emit a `device.busy` instant per span."""
         if self.emitted:
             return
         self.emitted = True

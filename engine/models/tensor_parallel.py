@@ -15,6 +15,7 @@ what its collectives cost and which rank the others waited for.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -29,8 +30,6 @@ class TPGroup:
         self.rank, self.world = rank, world
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
         with llmtrace.span(names.ALLREDUCE, **{names.A_BYTES: x.numel() * x.element_size()}, device=x.is_cuda):
             dist.all_reduce(x)
         return x
