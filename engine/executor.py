@@ -102,12 +102,10 @@ class Executor:
 
     async def start(self) -> int:
         """Create the arenas, spawn the agents and handshake; the KV blocks every agent can hold."""
-        from .protocol import reply_layout, request_layout
-
         eng = self.cfg.engine
         max_blocks = -(-eng.max_model_len // eng.block_size)
-        self._request = ShmArena.create(request_layout(eng.max_num_seqs, eng.max_batched_tokens, max_blocks))
-        self._reply = ShmArena.create(reply_layout(eng.max_num_seqs))
+        self._request = ShmArena.create(protocol.request_layout(eng.max_num_seqs, eng.max_batched_tokens, max_blocks))
+        self._reply = ShmArena.create(protocol.reply_layout(eng.max_num_seqs))
         incoming: asyncio.Queue = asyncio.Queue()
         # the agents' listener takes any free port: engine.port is the HTTP server's
         listener = await asyncio.start_server(lambda r, w: incoming.put_nowait((r, w)), eng.host, 0)
