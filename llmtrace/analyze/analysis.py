@@ -130,14 +130,16 @@ class Analysis:
         """Calls of the functions earlier rules claimed (their callees included by time)."""
         return [c for c in self.functions.calls if c.name in self.claimed]
 
-    def unexplained(self, calls: list[Call]) -> tuple[list[Call], int]:
+    def unexplained(self, calls: list[Call]) -> tuple[list[Call], dict[int, int]]:
         """`calls` less what earlier findings explain: the calls not inside a claimed call
-        (a torch.cat run by a tensor printer is the log finding's), and their time not
-        overlapped by claimed calls."""
+        (a torch.cat run by a tensor printer is the log finding's), and per step their time
+        not overlapped by claimed calls."""
         claimed = self.explained()
         cells = {(c.pid, c.start, c.end) for c in claimed}
         left = [c for c in calls if c.name not in self.claimed and (c.pid, c.start, c.end) not in cells]
-        return left, covered(left + claimed)[0] - covered(claimed)[0]
+        before = covered(claimed)[1]
+        return left, {step: ns - before.get(step, 0) for step, ns in covered(left + claimed)[1].items()
+                      if ns > before.get(step, 0)}
 
     def stage_calls(self, label: str) -> list[Call]:
         """The critical-path spans of breakdown row `label` themselves, as calls (an
@@ -151,12 +153,12 @@ class Analysis:
         findings explain: (calls, ms/token saved, evidence, their ns per step), the calls
         claimed."""
         found = self.functions.select(pattern, host_side=True) + (self.stage_calls(stage) if stage else [])
-        calls, ns = self.unexplained(found)
-        if not calls or ns <= 0:
+        calls, per_step = self.unexplained(found)
+        if not calls or not per_step:
             return None
         evidence = self.function_evidence(calls)
         self.claim(c.name for c in calls)
-        return calls, self.ms_per_token(ns), evidence, covered(calls)[1]
+        return calls, self.ms_per_token(sum(per_step.values())), evidence, per_step
 
     def stage_cost(self, label: str) -> tuple[float, list[int], dict] | None:
         """A breakdown row's time on the critical path: (ms/token, steps where it ran,

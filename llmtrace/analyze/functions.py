@@ -29,6 +29,7 @@ from ..names import A_CALLER
 from ..timeline import Sample, Span, Trace
 from .breakdown import GAP, MODEL_STAGES, Breakdown, StepCost, is_host_side
 from .index import TraceIndex
+from .log_only import LOG_CALL_TEXT, log_only_lines
 from .stats import union_ns
 
 EXAMPLE_STEPS = 5
@@ -305,18 +306,20 @@ def is_idle_sample(stack: tuple[str, ...], main_file: str = "") -> bool:
 def _source_line(frame: str, main_file: str) -> str:
     """The source text of a sampled frame 'module:func:LINE' ('' without a line or file);
     `main_file`: the sampled process's __main__ (not this one's)."""
+    path, line = _frame_file(frame, main_file)
+    return linecache.getline(path, line) if path else ""
+
+
+def _frame_file(frame: str, main_file: str) -> tuple[str, int]:
+    """(source file, line) of a sampled frame 'module:func:LINE'; ('', 0) when unknown."""
     parts = frame.split(":")
     if len(parts) < 3 or not parts[-1].isdigit():
-        return ""
+        return "", 0
     path = main_file if parts[0] == "__main__" else _module_file(parts[0])
-    return linecache.getline(path, int(parts[-1])) if path else ""
+    return path, int(parts[-1])
 
 
 _CALL = re.compile(r"\b((?:np|numpy|torch|pd|pandas|json|pickle|copy|gc)(?:\.\w+)+)\s*\(")
-# a log call's line: its time there is the formatting of its arguments (an f-string or a
-# %-format runs before the call, whether or not the level is enabled)
-_LOG_CALL = re.compile(r"\b(?:log|logger|logging|LOG|LOGGER|_log|_logger)"
-                       r"\.(debug|info|warning|warn|error|exception|critical|log)\s*\(")
 _ALIASES = {"np": "numpy", "pd": "pandas"}
 
 
@@ -326,8 +329,12 @@ def line_callee(frame: str, main_file: str = "") -> str | None:
     'numpy.concatenate': a C function has no Python frame of its own, so a sample taken
     inside np.concatenate shows only the line that calls it. `main_file`: the sampled
     process's __main__ (not this one's)."""
-    text = _source_line(frame, main_file)
-    log_call = _LOG_CALL.search(text)
+    path, line = _frame_file(frame, main_file)
+    level = log_only_lines(path).get(line) if path and is_user_code(frame_name(frame)) else None
+    if level:  # the program's line only computes or formats what a log call prints
+        return f"logging.Logger.{level}"
+    text = linecache.getline(path, line) if path else ""
+    log_call = LOG_CALL_TEXT.search(text)  # a line of a library, or of a file that does not parse
     if log_call:
         return f"logging.Logger.{log_call.group(1)}"
     m = _CALL.search(text)

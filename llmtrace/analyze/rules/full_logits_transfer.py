@@ -12,9 +12,10 @@ Fingerprints, on the steps' critical path:
 - the program's functions that made such a copy (the span's `caller`, set by automatic
   instrumentation), where the host argmax / softmax over the copied rows runs, unless
   they also run the model (the step loop itself).
-Saving per step: that host time minus what sampling on the device costs: the measured
-device time of `sampling` spans when the trace has some, else the logits read once at
-DEVICE_READ_BYTES_PER_S (GPU) or HOST_READ_BYTES_PER_S (CPU) plus one kernel launch.
+Saving per step: that host time (less what a log call there explains) minus what sampling
+on the device costs: the measured device time of `sampling` spans when the trace has
+some, else the logits read once at DEVICE_READ_BYTES_PER_S (GPU) or HOST_READ_BYTES_PER_S
+(CPU) plus one kernel launch.
 """
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ import re
 
 from ... import names
 from ..breakdown import LOGITS_BYTES_ATTRS, MODEL_STAGES, moves_logits
-from ..functions import Call, covered, is_user_code
+from ..functions import Call, is_user_code
 from ..stats import median
 
 ID = "full-logits-transfer"
+AFTER = ("log-in-hot-path",)  # a top-k computed only to be logged, in the sampling function, is the log's
 PATTERN = re.compile(r"^sampling\.host$|(^|\.)Tensor\.(cpu|numpy|tolist)$"
                      r"|(^|\.)(np|numpy)\.(argmax|argsort|exp|max|sum)$|(^|\.)(softmax|log_softmax|host_sample)$")
 DEVICE_READ_BYTES_PER_S = 1.0e12  # conservative HBM read rate of a datacenter GPU
@@ -88,8 +90,7 @@ def check(ctx):
     calls, sizes = _host_sampling(ctx)
     if not calls:
         return []
-    calls = _with_sampling_functions(ctx, calls)
-    _, per_step = covered(calls)
+    calls, per_step = ctx.unexplained(_with_sampling_functions(ctx, calls))
     logits_bytes = median(sizes) if sizes else None
     device_ns, basis = _device_sampling_ns(ctx, logits_bytes)
     saving = ctx.ms_per_token(sum(max(0.0, ns - device_ns) for ns in per_step.values()))

@@ -48,7 +48,7 @@ def _stage_findings(ctx, stage: str, stage_ms: float) -> list[tuple]:
             continue
         # samples stand for sampling intervals, which can add up to more than the stage's
         # measured time: a function takes at most all of it
-        ms = min(stage_ms, ctx.ms_per_token(ctx.unexplained(calls)[1]))
+        ms = min(stage_ms, ctx.ms_per_token(sum(ctx.unexplained(calls)[1].values())))
         if stage_ms and ms / stage_ms >= MIN_FUNCTION_SHARE:
             found.append((ms, name, calls))
     found.sort(key=lambda f: -f[0])
