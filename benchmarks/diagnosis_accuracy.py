@@ -2,9 +2,12 @@
 (examples/pipelines/, none of which imports llmtrace).
 
 For each pipeline and each planted mistake:
-  truth     the mistake's cost per token: the program run untraced with every mistake on
-            and with that one off (PLANT_<NAME>=0), interleaved, --repeats times each;
-            ms/token = wall time / output tokens; the saving is the difference of medians
+  truth     the mistake's cost per token: in each round the program runs untraced with
+            every mistake on, then with each one off in turn (PLANT_<NAME>=0); ms/token =
+            wall time / output tokens; the saving is the median over the rounds of (all on
+            - that one off), runs of one round seeing the same load on a shared machine; its
+            uncertainty half the range of those differences. --repeats rounds, more (up to
+            --max-repeats) while a saving is not larger than its uncertainty ("resolved")
   found     in how many of --recordings recordings (`llmtrace record`, no change to the
             program, every mistake on) a suggestion of the expected rule names the
             program's function responsible (evidence "responsible" or "function")
@@ -77,15 +80,17 @@ def run_untraced(pipeline: str, args: list[str], env: dict) -> float:
     return 1000 * r["seconds"] / r["tokens"]
 
 
-def truth(pipeline: str, args: list[str], mistakes: list[str], repeats: int) -> dict:
-    """{mistake: (saving ms/token, spread)}: all-on vs that one off, interleaved."""
-    runs: dict[str, list[float]] = {m: [] for m in ["all", *mistakes]}
-    for _ in range(repeats):
-        for m in runs:
-            runs[m].append(run_untraced(pipeline, args, {} if m == "all" else {f"PLANT_{m.upper()}": "0"}))
-    on = statistics.median(runs["all"])
-    return {m: (on - statistics.median(runs[m]), max(runs[m]) - min(runs[m])) for m in mistakes} | {
-        "_all": (on, max(runs["all"]) - min(runs["all"]))}
+def truth(pipeline: str, args: list[str], mistakes: list[str], repeats: int, max_repeats: int) -> dict:
+    """{mistake: (saving ms/token, its uncertainty, rounds)}: paired rounds (module docstring)."""
+    diffs: dict[str, list[float]] = {m: [] for m in mistakes}
+    while True:
+        on = run_untraced(pipeline, args, {})
+        for m in mistakes:
+            diffs[m].append(on - run_untraced(pipeline, args, {f"PLANT_{m.upper()}": "0"}))
+        rounds = len(diffs[mistakes[0]])
+        saving = {m: (statistics.median(d), (max(d) - min(d)) / 2, rounds) for m, d in diffs.items()}
+        if rounds >= max_repeats or (rounds >= repeats and all(abs(v) > u for v, u, _ in saving.values())):
+            return saving
 
 
 def record(pipeline: str, args: list[str], env: dict) -> dict:
@@ -138,6 +143,11 @@ def found_cell(r: dict) -> str:
     return f"{r['found']}/{r['recordings']}" + (f" ({failed} failed)" if failed else "")
 
 
+def truth_cell(r: dict) -> str:
+    unresolved = "" if r["truth_resolved"] else ", not resolved"
+    return f"{r['truth_ms']:.3f} (± {r['truth_uncertainty_ms']:.3f}, {r['truth_rounds']}{unresolved})"
+
+
 def estimate_cell(ms: float | None) -> str:
     return f"{ms:.3f}" if ms is not None else "-"
 
@@ -147,18 +157,19 @@ def within_goal(estimate: float | None, truth: float) -> bool:
     return estimate is not None and abs(estimate - truth) <= max(0.25 * abs(truth), 0.3)
 
 
-def evaluate(pipeline: str, repeats: int, recordings: int) -> list[dict]:
+def evaluate(pipeline: str, repeats: int, max_repeats: int, recordings: int) -> list[dict]:
     args, mistakes = CORPUS[pipeline]
-    true = truth(pipeline, args, list(mistakes), repeats)
+    true = truth(pipeline, args, list(mistakes), repeats, max_repeats)
     reports = [record(pipeline, args, {}) for _ in range(recordings)]
     clean = record(pipeline, args, {"PIPELINE_CLEAN": "1"})
     rows = []
     for m, (rules, function) in mistakes.items():
         est = [e for e in (diagnose(r, rules, function) for r in reports) if e is not None]
-        saving, spread = true[m]
+        saving, uncertainty, rounds = true[m]
         median_est = statistics.median(est) if est else None
         rows.append({"pipeline": pipeline, "mistake": m, "rules": list(rules), "function": function,
-                     "truth_ms": saving, "truth_spread_ms": spread, "found": len(est), "recordings": recordings,
+                     "truth_ms": saving, "truth_uncertainty_ms": uncertainty, "truth_rounds": rounds,
+                     "truth_resolved": abs(saving) > uncertainty, "found": len(est), "recordings": recordings,
                      "failed_recordings": sum(1 for r in reports if r["_exit"]),
                      "estimate_ms": median_est,
                      "within_goal": within_goal(median_est, saving),
@@ -168,15 +179,18 @@ def evaluate(pipeline: str, repeats: int, recordings: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3, help="untraced runs per variant (default 3)")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of untraced runs (default 3)")
+    ap.add_argument("--max-repeats", type=int, default=6,
+                    help="rounds at most, while a truth is not resolved (default 6)")
     ap.add_argument("--recordings", type=int, default=3, help="recordings of each pipeline (default 3)")
     ap.add_argument("--pipelines", nargs="+", default=list(CORPUS), choices=list(CORPUS))
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
-    rows = [r for p in args.pipelines for r in evaluate(p, args.repeats, args.recordings)]
-    emit(["pipeline", "mistake", "rule", "truth ms/token (spread)", "estimate", "found", "within goal",
-          "false + on clean"],
-         [[r["pipeline"], r["mistake"], "/".join(r["rules"]), f"{r['truth_ms']:.3f} ({r['truth_spread_ms']:.3f})",
+    rows = [r for p in args.pipelines
+            for r in evaluate(p, args.repeats, max(args.repeats, args.max_repeats), args.recordings)]
+    emit(["pipeline", "mistake", "rule", "truth ms/token (± uncertainty, rounds)", "estimate", "found",
+          "within goal", "false + on clean"],
+         [[r["pipeline"], r["mistake"], "/".join(r["rules"]), truth_cell(r),
            estimate_cell(r["estimate_ms"]), found_cell(r), "yes" if r["within_goal"] else "no",
            "YES" if r["false_positive"] else "no"] for r in rows],
          rows, args.json)
