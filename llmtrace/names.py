@@ -58,6 +58,8 @@ I_REQ_FINISH = "req.finish"  # attrs: req, reason
 I_PREEMPT = "preempt"  # attr: req
 I_DEVICE_BUSY = "device.busy"  # a model span's busy device time (parent: the span; attrs busy_ns, kernels, launches)
 I_PROCESS_EXIT = "process.exit"  # a parent saw a child exit (attrs: child_pid, exit_code; < 0: -signal)
+I_HANDOFF_PUT = "handoff.put"  # an object put on an in-process queue inside a span (parent: that span; attr handoff)
+I_HANDOFF_GET = "handoff.get"  # the same object taken by another thread or task (attr handoff: the put's)
 
 # ---- attributes
 A_TOKENS = "tokens"  # tokens a step (or span) processed
@@ -81,6 +83,7 @@ A_CALLER = "caller"  # the program's function that called it ('module.qualname')
 A_BUSY_NS = "busy_ns"  # device time a model span's kernels and copies ran (their union)
 A_KERNELS = "kernels"  # kernels and copies a model span ran on the device
 A_LAUNCHES = "launches"  # host calls that launched them (one per kernel eagerly, one per CUDA graph)
+A_HANDOFF = "handoff"  # the key shared by a hand-off's put and get
 A_CHILD_PID = "child_pid"
 A_EXIT_CODE = "exit_code"
 

@@ -4,7 +4,8 @@ and KV usage over time.
 Sources, each optional: `http.request` spans (req, output_tokens, ttft_us), `queue` spans,
 `token` instants (req, n = tokens so far), `req.finish` instants, and the master's
 counters. A generic pipeline with none of them still gets duration, tokens and
-throughput from its steps.
+throughput from its steps, and a request's TTFT and queue time from the steps that served
+it where they can be linked (request_steps.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from .. import names
 from .breakdown import Breakdown
 from .index import TraceIndex
+from .request_steps import RequestLink, request_links
 from .stats import summary
 
 TIMELINE_POINTS = 200
@@ -26,6 +28,7 @@ class _Request:
     ttft_ns: int | None = None
     output_tokens: int | None = None
     tokens: list[tuple[int, int]] = field(default_factory=list)  # (ts, n so far)
+    link: RequestLink | None = None  # the steps that served it, found without its help
 
     def finish(self) -> int | None:
         return self.end if self.end is not None else (self.tokens[-1][0] if self.tokens else None)
@@ -36,11 +39,11 @@ def _num(v) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def _requests(index: TraceIndex) -> dict:
+def _requests(index: TraceIndex, links: dict[int, RequestLink]) -> dict:
     reqs: dict = defaultdict(_Request)
     for s in index.by_name.get(names.HTTP_REQUEST, ()):
         r = reqs[s.attrs.get(names.A_REQ, s.span_id)]
-        r.start, r.end = s.start_ns, s.end_ns
+        r.start, r.end, r.link = s.start_ns, s.end_ns, links.get(s.span_id)
         out, ttft = _num(s.attrs.get(names.A_OUTPUT_TOKENS)), _num(s.attrs.get(names.A_TTFT_US))
         if out is not None:
             r.output_tokens = int(out)
@@ -64,7 +67,22 @@ def _requests(index: TraceIndex) -> dict:
             r.output_tokens = max(n for _, n in r.tokens)
         if r.ttft_ns is None and r.tokens and r.start is not None:
             r.ttft_ns = r.tokens[0][0] - r.start
+        if r.ttft_ns is None and r.link is not None:
+            r.ttft_ns = r.link.ttft_ns
+        else:
+            r.link = None  # the request said it itself
     return reqs
+
+
+def _linked(reqs: dict) -> dict | None:
+    """How many requests got their TTFT from the steps that served them, and by which link."""
+    links = [r.link for r in reqs.values() if r.link is not None]
+    if not links:
+        return None
+    by: dict[str, int] = defaultdict(int)
+    for link in links:
+        by[link.by] += 1
+    return {"linked": len(links), "requests": len(reqs), "by": dict(by)}
 
 
 def _latencies(reqs: dict) -> dict:
@@ -133,13 +151,14 @@ def _extent(index: TraceIndex, reqs: dict, bd: Breakdown) -> tuple[int, int] | N
 
 
 def serving_metrics(index: TraceIndex, bd: Breakdown) -> dict:
-    reqs = _requests(index)
+    reqs = _requests(index, request_links(index, bd.steps))
     extent = _extent(index, reqs, bd)
     t0, t1 = extent if extent else (0, 0)
     counted = [r.output_tokens for r in reqs.values() if r.output_tokens is not None]
     output_tokens = sum(counted) if counted else bd.tokens
     duration_s = (t1 - t0) / 1e9
-    queue = [s.dur_ns for s in index.by_name.get(names.QUEUE_SPAN, ())]
+    queue = [s.dur_ns for s in index.by_name.get(names.QUEUE_SPAN, ())] or [
+        r.link.queue_ns for r in reqs.values() if r.link is not None and r.link.queue_ns is not None]
     return {
         "requests": len(reqs) if reqs else None,
         "output_tokens": output_tokens,
@@ -148,6 +167,7 @@ def serving_metrics(index: TraceIndex, bd: Breakdown) -> dict:
         "throughput_tok_s": output_tokens / duration_s if duration_s > 0 else 0.0,
         **_latencies(reqs),
         "queue_ms": summary(queue, 1e-6),
+        "request_links": _linked(reqs),
         "preemptions": len(index.instants.get(names.I_PREEMPT, ())),
         "batch_size": _batch_size(index, bd, t0),
         "kv_usage": _kv_usage(index, t0),

@@ -157,6 +157,11 @@ def _summary_rows(s: dict) -> list[tuple[str, str]]:
                        ("queue_ms", "queue")):
         if s.get(key):
             rows.append((f"{label} ms p50/p90/p99", " / ".join(_pct(s[key], p) for p in ("p50", "p90", "p99"))))
+    if s.get("request_links"):
+        linked = s["request_links"]
+        how = ", ".join(f"{n} by {by}" for by, n in sorted(linked["by"].items()))
+        rows.append(("requests linked to steps", f"{linked['linked']} of {linked['requests']} ({how}): TTFT = "
+                     "end of the first step that served it"))
     if s.get("batch_size"):
         rows.append(("batch size mean / max", f"{s['batch_size']['mean']:.1f} / {s['batch_size']['max']:.0f}"))
     if s.get("kv_usage"):

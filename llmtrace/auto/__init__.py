@@ -9,6 +9,7 @@ runtime.py    logging, time.sleep / asyncio.sleep, json / pickle / msgpack / orj
 torch_model.py  outermost nn.Module call (forward), host<-device copies and syncs (sync.wait)
 libraries.py  tokenizers (tokenize / detokenize), http.server / aiohttp / Starlette requests
 processes.py  multiprocessing children record under their Process.name
+handoff.py    objects handed between threads by queue.Queue / asyncio.Queue (request -> step links)
 
 Each patch replaces one attribute once (patching.py), keeps the original's behaviour and
 exceptions, records nothing while recording is off, and a library that is not installed
@@ -16,16 +17,16 @@ is simply never patched (patches wait for the module's import).
 """
 from __future__ import annotations
 
-from . import libraries, patching, processes, runtime, torch_model, transport
+from . import handoff, libraries, patching, processes, runtime, torch_model, transport
 
 GROUPS = {"transport": transport, "runtime": runtime, "torch": torch_model, "libraries": libraries,
-          "processes": processes}
+          "processes": processes, "handoff": handoff}
 _installed: set[str] = set()
 
 
 def instrument(groups=None) -> list[str]:
     """Patch the boundaries of `groups` (default all: transport, runtime, torch,
-    libraries, processes); returns the groups newly installed."""
+    libraries, processes, handoff); returns the groups newly installed."""
     wanted = list(GROUPS if groups is None else groups)
     unknown = [g for g in wanted if g not in GROUPS]
     if unknown:

@@ -10,7 +10,6 @@ import functools
 from time import perf_counter_ns
 
 from .. import names, recorder
-from ..timed import record_span
 from .caller import name_if_slow
 from .patching import on_import, replace, traced
 
@@ -58,24 +57,32 @@ def _decoder(orig):
 
 def _patch_http_server(mod) -> None:
     """The request from its parsed request line to the handler's return (not the keep-alive
-    wait for the next request line, which handle_one_request also spans)."""
+    wait for the next request line, which handle_one_request also spans), open while the
+    handler runs: what it does (a put on a queue) has the request for its parent."""
     handler = mod.BaseHTTPRequestHandler
 
     def parse(orig):
         def parse_request(self):
-            self._llmtrace_t0 = perf_counter_ns()
-            return orig(self)
+            t0 = perf_counter_ns()
+            parsed = orig(self)
+            if recorder.is_enabled():
+                self._llmtrace_span = recorder.span(names.HTTP_REQUEST, start_ns=t0, path=getattr(self, "path", "?"))
+                self._llmtrace_span.__enter__()
+            return parsed
         return parse_request
 
     def handle(orig):
         def handle_one_request(self):
-            self._llmtrace_t0 = 0
+            self._llmtrace_span = None
             try:
-                return orig(self)
-            finally:
-                if self._llmtrace_t0:
-                    record_span(names.HTTP_REQUEST, self._llmtrace_t0, perf_counter_ns(),
-                                path=getattr(self, "path", "?"))
+                result = orig(self)
+            except BaseException as e:
+                if self._llmtrace_span is not None:
+                    self._llmtrace_span.__exit__(type(e), e, e.__traceback__)
+                raise
+            if self._llmtrace_span is not None:
+                self._llmtrace_span.__exit__(None, None, None)
+            return result
         return handle_one_request
 
     replace(handler, "parse_request", parse)
