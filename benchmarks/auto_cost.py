@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import queue
 import socket
 import statistics
 import sys
@@ -28,10 +29,19 @@ def cases():
         b.recv(64)
 
     small = {"ids": [1, 2, 3]}
+    inbox: queue.Queue = queue.Queue()
+
+    def handoff():
+        token = recorder.set_current(1, -1)  # inside a span, as a request handler's put is
+        inbox.put(small)
+        inbox.get()
+        recorder.reset_current(token)
+
     return {
         "json.dumps (small dict)": lambda: json.dumps(small),
         "time.sleep(0)": lambda: time.sleep(0),
         "socket send + recv (64 B)": sock_send,
+        "queue.Queue put + get (a hand-off)": handoff,
     }
 
 

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import functools
 import itertools
-import threading
 
 from .. import names, recorder
 from .patching import on_import, replace
 
 MAX_PENDING = 4096
 _pending: dict[int, tuple[object, int]] = {}  # id(object) -> (the object, its key)
-_lock = threading.Lock()
 _keys = itertools.count(1)
 
 
@@ -28,19 +26,24 @@ def _putter(orig):
         if not recorder.is_enabled() or not recorder.current()[0]:  # outside any span: nothing to link
             return orig(q, item, *args, **kwargs)
         key = next(_keys)
-        with _lock:
-            _pending[id(item)] = (item, key)
-            if len(_pending) > MAX_PENDING:
-                del _pending[next(iter(_pending))]
+        _pending[id(item)] = (item, key)  # one dict operation: atomic under the GIL, no lock needed
+        if len(_pending) > MAX_PENDING:
+            _forget_oldest()
         recorder.instant(names.I_HANDOFF_PUT, **{names.A_HANDOFF: key})  # before: the get may come first
         try:
             return orig(q, item, *args, **kwargs)
         except BaseException:  # queue.Full, QueueFull: never handed off
-            with _lock:
-                _pending.pop(id(item), None)
+            _pending.pop(id(item), None)
             raise
 
     return put
+
+
+def _forget_oldest() -> None:
+    try:
+        del _pending[next(iter(_pending))]
+    except (RuntimeError, KeyError, StopIteration):  # another thread changed it meanwhile: next time
+        pass
 
 
 def _getter(orig):
@@ -48,8 +51,7 @@ def _getter(orig):
     def get(q, *args, **kwargs):
         item = orig(q, *args, **kwargs)
         if _pending and recorder.is_enabled():
-            with _lock:
-                entry = _pending.pop(id(item), None)
+            entry = _pending.pop(id(item), None)
             if entry is not None and entry[0] is item:
                 recorder.instant(names.I_HANDOFF_GET, **{names.A_HANDOFF: entry[1]})
         return item
