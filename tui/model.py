@@ -14,8 +14,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from llmtrace.analyze.breakdown import Breakdown, StepCost
+from llmtrace.analyze.breakdown import Breakdown, StepCost, breakdown_view
 from llmtrace.analyze.index import TraceIndex
+from llmtrace.analyze.report_schema import BreakdownView
 from llmtrace.analyze.stats import summary
 from llmtrace.timeline import CounterSample, Instant, Process, Sample, Span, Trace
 
@@ -236,12 +237,10 @@ class RunModel:
         return next((v for v in self.steps if v.cost.step == step_id), None)
 
     # -- views -----------------------------------------------------------------------------
-    def breakdown_view(self, phase: str = ALL) -> dict | None:
+    def breakdown_view(self, phase: str = ALL) -> BreakdownView | None:
         """The analyzer's breakdown over the window's steps: all, or only decode / prefill ones."""
-        bd = Breakdown([v.cost for v in self.steps])
-        if phase == ALL:
-            return bd.view()
-        return bd.view(bd.decode_steps() if phase == DECODE else bd.prefill_steps())
+        costs = [v.cost for v in self.steps]
+        return breakdown_view(costs if phase == ALL else [c for c in costs if c.prefill == (phase == PREFILL)])
 
     def window_trace(self) -> Trace:
         """The window's steps (all their spans) with the counters, instants and samples of

@@ -2,7 +2,8 @@
 metrics and the functions seen inside each stage; and the `Suggestion` a rule returns."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from .. import names
@@ -13,6 +14,7 @@ from .device import device_activity
 from .functions import EXAMPLE_STEPS, Call, FunctionIndex, covered
 from .index import TraceIndex
 from .metrics import serving_metrics
+from .report_schema import Evidence, SuggestionEntry
 from .stats import per_token_interval
 
 
@@ -21,21 +23,21 @@ class Suggestion:
     id: str
     title: str
     stage: str
-    evidence: dict
+    evidence: Evidence
     est_saving_ms_per_token: float
     est_speedup: float | None  # None when the saving is the whole per-token time
     fix: str
     impact: str | None = None  # what acting on it buys when that is not time (a true breakdown, memory)
     interval: tuple[float, float] | None = None  # 95% bootstrap interval of the saving over steps
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> SuggestionEntry:
         return {"id": self.id, "title": self.title, "stage": self.stage, "evidence": self.evidence,
                 "est_saving_ms_per_token": self.est_saving_ms_per_token, "est_speedup": self.est_speedup,
                 "est_saving_interval": list(self.interval) if self.interval else None,
                 "fix": self.fix, "impact": self.impact}
 
 
-def saving_cells(s: dict) -> tuple[str, str]:
+def saving_cells(s: SuggestionEntry) -> tuple[str, str]:
     """(ms/token saved, speedup) as table cells; '-' where the finding saves no time."""
     if s["est_saving_ms_per_token"] <= 0:
         return "-", "-"
@@ -44,7 +46,7 @@ def saving_cells(s: dict) -> tuple[str, str]:
     return saves, f"{s['est_speedup']:.2f}x" if s["est_speedup"] else "-"
 
 
-def saving_text(s: dict) -> str:
+def saving_text(s: SuggestionEntry) -> str:
     """A suggestion's payoff in words: its time saving, else what `impact` says it buys."""
     if s["est_saving_ms_per_token"] <= 0:
         return "no time saved" + (f"; {s['impact']}" if s.get("impact") else "")
@@ -103,7 +105,7 @@ class Analysis:
     def has_device_timing(self) -> bool:
         return any(s.device_start_ns is not None for s in self.trace.spans)
 
-    def function_evidence(self, calls: list[Call], top: int = 5) -> dict:
+    def function_evidence(self, calls: list[Call], top: int = 5) -> Evidence:
         """Evidence for a finding about `calls`: the functions, their time, example steps."""
         stats = self.functions.stats(calls)
         return {
@@ -117,10 +119,10 @@ class Analysis:
             "example_steps": sorted({c.step for c in calls})[:EXAMPLE_STEPS],
         }
 
-    def claim(self, names) -> None:
+    def claim(self, names: Iterable[str]) -> None:
         self.claimed.update(names)
 
-    def claim_calls(self, calls) -> None:
+    def claim_calls(self, calls: Iterable[Call]) -> None:
         """Claim `calls` and the functions sampled inside their spans (a send's own frames
         are that send's cost, not a hot function of their own)."""
         self.claim(c.name for c in calls)
@@ -147,7 +149,8 @@ class Analysis:
         return [Call(label, sc.step, s.pid, s.start_ns, s.end_ns, s.name, "span", True, s)
                 for sc in self.steps for st, s in sc.stage_spans if st == label]
 
-    def removable(self, pattern, stage: str | None = None) -> tuple[list[Call], float, dict, dict] | None:
+    def removable(self, pattern: re.Pattern[str], stage: str | None = None
+                  ) -> tuple[list[Call], float, Evidence, dict[int, int]] | None:
         """Host-side calls matching `pattern` (and the spans of breakdown row `stage`) whose
         whole time a fix removes (log calls, padding by concatenation), less what earlier
         findings explain: (calls, ms/token saved, evidence, their ns per step), the calls
@@ -160,7 +163,7 @@ class Analysis:
         self.claim(c.name for c in calls)
         return calls, self.ms_per_token(sum(per_step.values())), evidence, per_step
 
-    def stage_cost(self, label: str) -> tuple[float, list[int], dict] | None:
+    def stage_cost(self, label: str) -> tuple[float, list[int], Evidence] | None:
         """A breakdown row's time on the critical path: (ms/token, steps where it ran,
         evidence: the spans' count and the functions found inside them), None if absent."""
         steps = [sc for sc in self.steps if sc.parts.get(label)]
@@ -172,7 +175,8 @@ class Analysis:
                   example_steps=[sc.step for sc in steps[:5]])
         return self.breakdown.ms_per_token(label), [sc.step for sc in steps], ev
 
-    def stage_suggestion(self, id: str, label: str, title, fix: str) -> list[Suggestion]:
+    def stage_suggestion(self, id: str, label: str, title: Callable[[float, list[int], Evidence], str],
+                         fix: str) -> list[Suggestion]:
         """The finding of a rule whose fix removes a breakdown row's time (a sleep, a
         serialization): saving = the row's ms/token; title(ms, steps, evidence) says it."""
         found = self.stage_cost(label)
@@ -184,7 +188,7 @@ class Analysis:
         return [self.suggestion(id, title(ms, steps, ev), label, {**ev, "ms_per_token": round(ms, 4)}, ms, fix,
                                 per_step=per_step)]
 
-    def suggestion(self, id: str, title: str, stage: str, evidence: dict, saving_ms: float, fix: str,
+    def suggestion(self, id: str, title: str, stage: str, evidence: Evidence, saving_ms: float, fix: str,
                    impact: str | None = None, per_step: Mapping[int, float] | None = None) -> Suggestion:
         """A finding; `per_step` (its cost in each step, any scale) gives the saving a 95%
         bootstrap interval over the steps."""

@@ -36,8 +36,8 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from .. import names
 from ..decorator import USER_STAGE
@@ -45,6 +45,7 @@ from ..timeline import Span
 from .index import TraceIndex
 from .peers import Peers
 from .profile import Profile, Steps, find_steps
+from .report_schema import BreakdownView, StageRow
 from .stats import percentile
 
 MODEL_STAGES = names.MODEL_STAGES
@@ -181,7 +182,7 @@ def device_idle_share(s: Span) -> float:
     busy, dur = s.attrs.get(names.A_BUSY_NS), s.device_dur_ns
     if busy is None or not dur:
         return 0.0
-    return min(1.0, max(0.0, 1.0 - busy / dur))
+    return min(1.0, max(0.0, 1.0 - float(busy) / dur))
 
 
 class _DeviceTimeline:
@@ -202,7 +203,7 @@ class _DeviceTimeline:
             rows.sort(key=lambda r: r[0])
             self.tracks[pid] = (rows, [r[0] for r in rows], max(de - ds for ds, de, _ in rows))
 
-    def segments(self, lo: int, hi: int, pid: int | None):
+    def segments(self, lo: int, hi: int, pid: int | None) -> Iterator[_Segment]:
         """pid None: every process's device."""
         for p in self.tracks if pid is None else (pid,):
             rows, starts, longest = self.tracks.get(p, ([], [], 0))
@@ -257,7 +258,8 @@ class _StepWalker:
         sc.parts, sc.counts = dict(parts), dict(counts)
         return sc
 
-    def _children(self, parent: Span, lo: int, hi: int, segs: list, sc: StepCost, prio: int = _P_STAGE) -> None:
+    def _children(self, parent: Span, lo: int, hi: int, segs: list[_Segment], sc: StepCost,
+                  prio: int = _P_STAGE) -> None:
         """Segments of `parent`'s children in [lo, hi); `prio` ranks its plain stage spans."""
         for c in self.index.children.get(parent.span_id, ()):
             a, b = max(c.start_ns, lo), min(c.end_ns, hi)
@@ -274,7 +276,7 @@ class _StepWalker:
                 if self.peers is not None:
                     self._peer_work(c, a, b, segs, sc)
 
-    def _agent(self, wait: Span, a: int, b: int, segs: list, sc: StepCost) -> None:
+    def _agent(self, wait: Span, a: int, b: int, segs: list[_Segment], sc: StepCost) -> None:
         segs.append(_Segment(a, b, TRANSPORT, _P_WAIT, wait))
         sc.wait = wait
         candidates = [s for s in self.agent_steps.get(sc.step, ()) if s.start_ns < b and s.end_ns > a]
@@ -287,13 +289,13 @@ class _StepWalker:
         # master's wait for it (the master is still sending step n+1)
         self._walk_agent(agent, sc.root.start_ns, sc.root.end_ns, segs, sc)
 
-    def _walk_agent(self, agent: Span, lo: int, hi: int, segs: list, sc: StepCost) -> None:
+    def _walk_agent(self, agent: Span, lo: int, hi: int, segs: list[_Segment], sc: StepCost) -> None:
         a, b = max(agent.start_ns, lo), min(agent.end_ns, hi)
         if b > a:
             segs.append(_Segment(a, b, GAP, _P_AGENT_ROOT, agent))
             self._children(agent, lo, hi, segs, sc)
 
-    def _neighbours(self, agent: Span, lo: int, hi: int, segs: list, sc: StepCost) -> None:
+    def _neighbours(self, agent: Span, lo: int, hi: int, segs: list[_Segment], sc: StepCost) -> None:
         """The critical rank's other agent steps inside the root's window: with async
         scheduling the agent runs step n+1 while the master still postprocesses step n."""
         steps, ends = self.agent_timeline[agent.pid], self.agent_ends[agent.pid]
@@ -303,7 +305,7 @@ class _StepWalker:
                 self._walk_agent(steps[i], lo, hi, segs, sc)
             i += 1
 
-    def _overlapped(self, wait: Span, lo: int, hi: int, segs: list, sc: StepCost) -> None:
+    def _overlapped(self, wait: Span, lo: int, hi: int, segs: list[_Segment], sc: StepCost) -> None:
         """Master spans nested in `agent.wait`: only their part in [lo, hi), after the
         agent's reply, is on the critical path."""
         for c in self.index.children.get(wait.span_id, ()):
@@ -313,7 +315,7 @@ class _StepWalker:
                 segs.append(_Segment(a, b, label, _P_ROOT_STAGE, c))
                 sc.stage_spans.append((label, c))
 
-    def _peer_work(self, wait: Span, a: int, b: int, segs: list, sc: StepCost) -> None:
+    def _peer_work(self, wait: Span, a: int, b: int, segs: list[_Segment], sc: StepCost) -> None:
         """A blocking receive (or send): what the sending (receiving) thread of the other
         process did meanwhile is on the critical path, by its stages, up to its side of the
         hop (the wait's own label keeps the rest)."""
@@ -325,7 +327,8 @@ class _StepWalker:
             return
         self._thread_work(peer.pid, peer.tid, peer.spans(a, hi), a, hi, segs, sc)
 
-    def _thread_work(self, pid: int, tid: int, spans: list[Span], a: int, hi: int, segs: list, sc: StepCost) -> None:
+    def _thread_work(self, pid: int, tid: int, spans: list[Span], a: int, hi: int, segs: list[_Segment],
+                     sc: StepCost) -> None:
         """Another thread's `spans` in [a, hi), on the step's critical path, by their stages;
         its unannotated code there is the step's gap (its samples count: peer_windows)."""
         sc.peer_windows.append((pid, tid, a, hi, GAP))
@@ -337,7 +340,7 @@ class _StepWalker:
                 segs.append(_Segment(ca, cb, label, _P_STAGE, c))
                 sc.stage_spans.append((label, c))
 
-    def _model_stage(self, c: Span, a: int, b: int, segs: list, sc: StepCost) -> None:
+    def _model_stage(self, c: Span, a: int, b: int, segs: list[_Segment], sc: StepCost) -> None:
         sc.stage_spans.append((c.stage, c))
         if c.device_start_ns is not None:
             # host launch, overhead when the device idles; the device time itself comes
@@ -350,7 +353,7 @@ class _StepWalker:
             if db > da:
                 segs.append(_Segment(da, db, c.stage, _P_HOST_IN_MODEL, d))
 
-    def _outer_host_side(self, c: Span):
+    def _outer_host_side(self, c: Span) -> Iterator[Span]:
         """Outermost host-side spans nested in model stage span `c`."""
         stack = list(self.index.children.get(c.span_id, ()))
         while stack:
@@ -361,14 +364,14 @@ class _StepWalker:
                 stack.extend(self.index.children.get(d.span_id, ()))
 
 
-def _int_or_none(v) -> int | None:
+def _int_or_none(v: object) -> int | None:
     return int(v) if isinstance(v, (int, float)) else None
 
 
 class Breakdown:
-    def __init__(self, steps: list[StepCost], found: Steps | None = None, peers: Peers | None = None):
+    def __init__(self, steps: list[StepCost], found: Steps, peers: Peers):
         self.steps = steps
-        self.found = found if found is not None else Steps(Profile(source="none"))
+        self.found = found
         self.peers = peers  # the trace's message hops, for the rules that judge receives
 
     @classmethod
@@ -405,44 +408,48 @@ class Breakdown:
     def prefill_steps(self) -> list[StepCost]:
         return [s for s in self.steps if s.prefill]
 
-    def view(self, steps: list[StepCost] | None = None) -> dict | None:
+    def view(self, steps: list[StepCost] | None = None) -> BreakdownView | None:
         """The report's breakdown numbers over `steps` (default all)."""
-        steps = self.steps if steps is None else steps
-        tokens = sum(s.tokens for s in steps)
-        if not tokens:
-            return None
-        wall = sum(s.wall_ns for s in steps)
-        per_token = wall / tokens / 1e6
-        model = sum(s.parts.get(MODEL, 0) for s in steps) / tokens / 1e6
-        labels = {lab for s in steps for lab in s.parts if lab != MODEL}
-        stages: list[dict[str, Any]] = []
-        for lab in labels:
-            per_step = sorted(s.parts.get(lab, 0) / 1e6 for s in steps)
-            total = sum(per_step)
-            stages.append({
-                "name": lab,
-                "ms_per_step": total / len(steps),
-                "ms_per_token": total / tokens,
-                "share": total / tokens / per_token if per_token else 0.0,
-                "count": sum(s.counts.get(lab, 0) for s in steps),
-                "p50_ms": percentile(per_step, 50),
-                "p99_ms": percentile(per_step, 99),
-            })
-        stages.sort(key=lambda r: -r["ms_per_token"])
-        return {
-            "steps": len(steps),
-            "tokens": tokens,
-            "ms_per_step": wall / len(steps) / 1e6,
-            "per_token_ms": per_token,
-            "model_ms": model,
-            "overhead_ms": per_token - model,
-            "overhead_fraction": (per_token - model) / per_token if per_token else 0.0,
-            "stages": stages,
-            "headline": headline(per_token, model, stages),
-        }
+        return breakdown_view(self.steps if steps is None else steps)
 
 
-def headline(per_token: float, model: float, stages: list[dict], shown: int = 5) -> str:
+def breakdown_view(steps: list[StepCost]) -> BreakdownView | None:
+    """The report's breakdown numbers over `steps` (None without tokens)."""
+    tokens = sum(s.tokens for s in steps)
+    if not tokens:
+        return None
+    wall = sum(s.wall_ns for s in steps)
+    per_token = wall / tokens / 1e6
+    model = sum(s.parts.get(MODEL, 0) for s in steps) / tokens / 1e6
+    labels = {lab for s in steps for lab in s.parts if lab != MODEL}
+    stages: list[StageRow] = []
+    for lab in labels:
+        per_step = sorted(s.parts.get(lab, 0) / 1e6 for s in steps)
+        total = sum(per_step)
+        stages.append({
+            "name": lab,
+            "ms_per_step": total / len(steps),
+            "ms_per_token": total / tokens,
+            "share": total / tokens / per_token if per_token else 0.0,
+            "count": sum(s.counts.get(lab, 0) for s in steps),
+            "p50_ms": percentile(per_step, 50),
+            "p99_ms": percentile(per_step, 99),
+        })
+    stages.sort(key=lambda r: -r["ms_per_token"])
+    return {
+        "steps": len(steps),
+        "tokens": tokens,
+        "ms_per_step": wall / len(steps) / 1e6,
+        "per_token_ms": per_token,
+        "model_ms": model,
+        "overhead_ms": per_token - model,
+        "overhead_fraction": (per_token - model) / per_token if per_token else 0.0,
+        "stages": stages,
+        "headline": headline(per_token, model, stages),
+    }
+
+
+def headline(per_token: float, model: float, stages: list[StageRow], shown: int = 5) -> str:
     """'40.0 ms/token = 25.0 model + 12.5 preprocess + 2.5 sampling + 0.9 other'."""
     fmt = "{:.1f}" if per_token >= 10 else "{:.2f}"
     visible = [r for r in stages if r["ms_per_token"] >= per_token * 0.005]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from typing import Any
 
 from ..timeline import Trace
 from .stats import median
@@ -36,7 +37,7 @@ class ThreadCpu:
         self.series: dict[tuple[int, int], _Series] = {}
         self.python_threads: dict[int, set[int]] = {}  # pid -> its Python threads (named ones), llmtrace's left out
         self.loads: list[float] = []
-        self.machine: dict = {}
+        self.machine: dict[str, Any] = {}
         for pid, p in trace.processes.items():
             self.machine = self.machine or p.header.get("machine") or {}
             self.python_threads[pid] = {tid for tid, name in p.threads.items() if name not in OWN_THREADS}

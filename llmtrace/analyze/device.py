@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from .. import names
 from ..timeline import Span
 from .index import TraceIndex
+from .report_schema import DeviceSummary
 from .stats import median
 
 
@@ -31,7 +32,7 @@ class DeviceActivity:
     def idle_share(self) -> float:
         return self.idle_ns / self.device_ns if self.device_ns else 0.0
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> DeviceSummary:
         return {"spans": self.spans, "timed_spans": self.timed_spans, "device_ms": round(self.device_ns / 1e6, 3),
                 "busy_ms": round(self.busy_ns / 1e6, 3), "idle_share": round(self.idle_share, 4),
                 "kernels_per_span": self.kernels_per_span, "launches_per_span": self.launches_per_span,

@@ -9,18 +9,22 @@ a change whose interval excludes zero is "significant", else "within noise".
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, TypedDict
 
 from .analysis import Analysis
 from .breakdown import MODEL
+from .report_schema import Report, SuggestionEntry
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
 
 TOTAL = "per token"
 RESAMPLES = 1000
 SEED = 20261207
 
 
-@dataclass
-class Row:
+class Row(TypedDict):
     label: str
     before_ms: float
     after_ms: float
@@ -31,7 +35,24 @@ class Row:
     significant: bool
 
 
-def _matrix(ctx: Analysis, labels: list[str]):
+class FindingChange(TypedDict):
+    id: str
+    status: str  # gone | new | still
+    title: str
+    before_ms: float | None
+    after_ms: float | None
+
+
+class Diff(TypedDict):
+    steps: list[int]
+    tokens: list[int]
+    throughput_tok_s: list[float]
+    rows: list[Row]
+    findings: list[FindingChange]
+    resamples: int
+
+
+def _matrix(ctx: Analysis, labels: list[str]) -> NDArray[np.float64]:
     """[steps x (tokens, wall, labels...)] of a run's steps (numpy, imported here only)."""
     import numpy as np
 
@@ -39,9 +60,10 @@ def _matrix(ctx: Analysis, labels: list[str]):
                     dtype=np.float64).reshape(len(ctx.steps), 2 + len(labels))
 
 
-def _per_token_ms(m):
+def _per_token_ms(m: NDArray[np.float64]) -> NDArray[np.float64]:
     """Per column after the tokens: ms per token of the steps in `m`."""
-    return m[:, 1:].sum(axis=0) / max(m[:, 0].sum(), 1.0) / 1e6
+    per_token: NDArray[np.float64] = m[:, 1:].sum(axis=0) / max(float(m[:, 0].sum()), 1.0) / 1e6
+    return per_token
 
 
 def _rows(a: Analysis, b: Analysis) -> list[Row]:
@@ -59,17 +81,18 @@ def _rows(a: Analysis, b: Analysis) -> list[Row]:
     rows = []
     for i, label in enumerate([TOTAL] + labels):
         pct = float(point[i] / before[i] * 100) if before[i] else None
-        rows.append(Row(label, round(float(before[i]), 4), round(float(after[i]), 4), round(float(point[i]), 4),
-                        None if pct is None else round(pct, 1), round(float(lo[i]), 4), round(float(hi[i]), 4),
-                        bool(lo[i] > 0 or hi[i] < 0)))
+        rows.append(Row(label=label, before_ms=round(float(before[i]), 4), after_ms=round(float(after[i]), 4),
+                        change_ms=round(float(point[i]), 4), change_pct=None if pct is None else round(pct, 1),
+                        ci_low_ms=round(float(lo[i]), 4), ci_high_ms=round(float(hi[i]), 4),
+                        significant=bool(lo[i] > 0 or hi[i] < 0)))
     return rows
 
 
-def _findings(before: list[dict], after: list[dict]) -> list[dict]:
+def _findings(before: list[SuggestionEntry], after: list[SuggestionEntry]) -> list[FindingChange]:
     """Per finding id: its saving before and after (None where it was not found)."""
     a = {s["id"]: s for s in before}
     b = {s["id"]: s for s in after}
-    out = []
+    out: list[FindingChange] = []
     for fid in list(a) + [f for f in b if f not in a]:
         sa, sb = a.get(fid), b.get(fid)
         status = "gone" if sb is None else "new" if sa is None else "still"
@@ -80,23 +103,23 @@ def _findings(before: list[dict], after: list[dict]) -> list[dict]:
     return out
 
 
-def diff_runs(a: Analysis, b: Analysis, report_a: dict, report_b: dict) -> dict:
+def diff_runs(a: Analysis, b: Analysis, report_a: Report, report_b: Report) -> Diff:
     if not a.steps or not b.steps:
         missing = "first" if not a.steps else "second"
         raise ValueError(f"the {missing} run has no step loop to compare (see `llmtrace analyze` on it)")
     sa, sb = report_a["summary"], report_b["summary"]
     return {"steps": [len(a.steps), len(b.steps)], "tokens": [a.tokens, b.tokens],
-            "throughput_tok_s": [sa.get("throughput_tok_s"), sb.get("throughput_tok_s")],
-            "rows": [asdict(r) for r in _rows(a, b)], "findings": _findings(report_a["suggestions"],
+            "throughput_tok_s": [sa["throughput_tok_s"], sb["throughput_tok_s"]],
+            "rows": _rows(a, b), "findings": _findings(report_a["suggestions"],
                                                                            report_b["suggestions"]),
             "resamples": RESAMPLES}
 
 
-def _verdict(r: dict) -> str:
+def _verdict(r: Row) -> str:
     return "significant" if r["significant"] else "within noise"
 
 
-def _cells(r: dict) -> tuple[str, ...]:
+def _cells(r: Row) -> tuple[str, ...]:
     pct = f"{r['change_pct']:+.1f}%" if r["change_pct"] is not None else "new"
     return (r["label"], f"{r['before_ms']:.3f}", f"{r['after_ms']:.3f}", f"{r['change_ms']:+.3f}", pct,
             f"[{r['ci_low_ms']:+.3f}, {r['ci_high_ms']:+.3f}]", _verdict(r))
@@ -105,11 +128,11 @@ def _cells(r: dict) -> tuple[str, ...]:
 HEADER = ("row", "before ms/token", "after ms/token", "change", "change %", "95% interval", "")
 
 
-def _finding_cell(v) -> str:
+def _finding_cell(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def render_text(d: dict, names: tuple[str, str], width: int = 130) -> str:
+def render_text(d: Diff, names: tuple[str, str], width: int = 130) -> str:
     import io
 
     from rich.console import Console
@@ -136,7 +159,7 @@ def render_text(d: dict, names: tuple[str, str], width: int = 130) -> str:
     return console.export_text()
 
 
-def render_markdown(d: dict, names: tuple[str, str]) -> str:
+def render_markdown(d: Diff, names: tuple[str, str]) -> str:
     lines = ["# llmtrace diff", "", f"before: `{names[0]}` ({d['steps'][0]} steps, {d['tokens'][0]} tokens); "
              f"after: `{names[1]}` ({d['steps'][1]} steps, {d['tokens'][1]} tokens)", "",
              "| " + " | ".join(HEADER[:-1] + ("verdict",)) + " |", "|" + "---|" * len(HEADER)]

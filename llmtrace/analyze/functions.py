@@ -23,7 +23,9 @@ import re
 import sys
 import sysconfig
 from collections import defaultdict
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from ..names import A_CALLER
 from ..timeline import Sample, Span, Trace
@@ -33,6 +35,14 @@ from .log_only import LOG_CALL_TEXT, log_only_lines
 from .stats import union_ns
 
 EXAMPLE_STEPS = 5
+K = TypeVar("K", bound=Hashable)
+Thread = tuple[int, int]  # (pid, tid)
+Site = tuple[str, str]  # (stage, span name): where a thread's samples fell
+SampleCell = tuple[Sample, int, int]  # a sample and the [start, end) it stands for
+SamplesByThread = dict[Thread, tuple[list[int], list[SampleCell]]]  # ([ts...], cells in ts order)
+SiteSample = tuple[int, Sample, int, int, "Span | None"]  # (step, sample, start, end, the stage span it lies in)
+ForeignRow = tuple[int, int, str, str]  # (start, end, name, source) of a foreign complete event
+ForeignByThread = dict[Thread, tuple[list[int], list[ForeignRow]]]
 # functions that wait rather than work: a stage "spending time" there is blocked
 IDLE = re.compile(r"(^|\.)(select|poll|epoll|wait|wait_for|sleep|acquire|recv|recv_into|accept|_run_once"
                   r"|run_forever|run_until_complete)(:\d+)?$")
@@ -80,11 +90,11 @@ def covered(calls: list[Call]) -> tuple[int, dict[int, int]]:
 def main_stage(calls: list[Call]) -> str:
     """The stage in which `calls` take the most time."""
     by_stage = _group(calls, lambda c: c.stage)
-    return max(by_stage, key=lambda st: covered(by_stage[st])[0])
+    return str(max(by_stage, key=lambda st: covered(by_stage[st])[0]))
 
 
-def _group(items, key) -> dict:
-    out = defaultdict(list)
+def _group(items: Iterable[Call], key: Callable[[Call], K]) -> dict[K, list[Call]]:
+    out: dict[K, list[Call]] = defaultdict(list)
     for it in items:
         out[key(it)].append(it)
     return out
@@ -102,8 +112,8 @@ class FunctionIndex:
         self._samples = samples = _samples_by_thread(trace.samples)
         self._main = _main_files(trace)
         self._sampled_by_pid: dict[int, list[tuple[int, int, Call]]] | None = None
-        sampled: dict[tuple, dict[tuple[str, str], list[tuple]]] = defaultdict(lambda: defaultdict(list))
-        site_ns: dict[tuple, dict[tuple[str, str], int]] = defaultdict(lambda: defaultdict(int))  # the sites' time
+        sampled: dict[Thread, dict[Site, list[SiteSample]]] = defaultdict(lambda: defaultdict(list))
+        site_ns: dict[Thread, dict[Site, int]] = defaultdict(lambda: defaultdict(int))  # the sites' time
         for sc in breakdown.steps:
             root = sc.root
             for stage, s in sc.stage_spans:
@@ -125,7 +135,7 @@ class FunctionIndex:
         for thread, by_site in sampled.items():
             self._sampled(by_site, site_ns[thread])
 
-    def _sampled(self, by_site: dict[tuple[str, str], list[tuple]], site_ns: dict[tuple[str, str], int]) -> None:
+    def _sampled(self, by_site: dict[Site, list[SiteSample]], site_ns: dict[Site, int]) -> None:
         """One thread's samples, by (stage, span name): spans of one name open at one place
         in the code. Frames every sample of such a span has that also run other spans (the
         step loop, the function that opens the span) are not the stage's functions; with
@@ -158,7 +168,7 @@ class FunctionIndex:
                 host = not model or is_host_side(d, stage)
                 self.calls.append(Call(stage, step, d.pid, a, b, d.name, "span", host, d))
 
-    def _foreign(self, foreign: dict, stage: str, s: Span, step: int, lo: int, hi: int) -> None:
+    def _foreign(self, foreign: ForeignByThread, stage: str, s: Span, step: int, lo: int, hi: int) -> None:
         """The foreign complete events inside [lo, hi) on `s`'s thread."""
         evs = foreign.get((s.pid, s.tid))
         if not evs:
@@ -171,7 +181,7 @@ class FunctionIndex:
                 self.calls.append(Call(stage, step, s.pid, start, end, name, source, stage not in MODEL_STAGES))
             i += 1
 
-    def samples_in(self, c: Call) -> list[tuple[Sample, int, int]]:
+    def samples_in(self, c: Call) -> list[SampleCell]:
         """The stack samples (with their cells) a call holds: its own, or those inside its span."""
         if c.sample is not None:
             return [(c.sample, c.start, c.end)]
@@ -216,7 +226,7 @@ class FunctionIndex:
                         per[owner] += b - a
         return sorted(per.items(), key=lambda kv: -kv[1])
 
-    def select(self, pattern: re.Pattern | None = None, stage: str | None = None,
+    def select(self, pattern: re.Pattern[str] | None = None, stage: str | None = None,
                host_side: bool | None = None) -> list[Call]:
         calls = [c for c in self.calls if (stage is None or c.stage == stage)
                  and (host_side is None or c.host_side == host_side)]
@@ -368,7 +378,7 @@ def _always(stacks: list[tuple[str, ...]]) -> set[tuple[int, str]]:
 PACE_BLOCK = 32  # gaps per block whose median is the sampler's local pace
 
 
-def _samples_by_thread(samples) -> dict:
+def _samples_by_thread(samples: Iterable[Sample]) -> SamplesByThread:
     """{(pid, tid): ([ts...], [(sample, start, end)...])}: each sample stands for the time from
     halfway to the previous sample of its thread to halfway to the next (irregular ticks,
     e.g. a loaded machine, stay unbiased), but never more than the sampler's local pace on
@@ -376,10 +386,10 @@ def _samples_by_thread(samples) -> dict:
     ticks cost more, and its wake-ups jitter by up to a gap): a sample next to a long pause
     in sampling (samples taken only in some spans, a call that held the GIL) does not stand
     for the pause."""
-    rows = defaultdict(list)
+    rows: dict[Thread, list[Sample]] = defaultdict(list)
     for smp in samples:
         rows[(smp.pid, smp.tid)].append(smp)
-    out = {}
+    out: SamplesByThread = {}
     for key, lst in rows.items():
         lst.sort(key=lambda x: x.ts_ns)
         ts = [x.ts_ns for x in lst]
@@ -396,7 +406,7 @@ def _samples_by_thread(samples) -> dict:
     return out
 
 
-def _inside(by_thread: dict, pid: int, tid: int, start: int, end: int):
+def _inside(by_thread: SamplesByThread, pid: int, tid: int, start: int, end: int) -> list[SampleCell]:
     rows = by_thread.get((pid, tid))
     if not rows:
         return []
@@ -421,7 +431,8 @@ def _overlap_ns(union: list[list[int]], start: int, end: int) -> int:
     return sum(max(0, min(b, end) - max(a, start)) for a, b in union)
 
 
-def _outside(by_thread: dict, union: list[list[int]], pid: int, tid: int, start: int, end: int):
+def _outside(by_thread: SamplesByThread, union: list[list[int]], pid: int, tid: int, start: int,
+             end: int) -> list[SampleCell]:
     """Samples of one thread in [start, end) that lie in none of the intervals of `union`."""
     starts = [a for a, _ in union]
     out = []
@@ -432,16 +443,16 @@ def _outside(by_thread: dict, union: list[list[int]], pid: int, tid: int, start:
     return out
 
 
-def _foreign_by_thread(events: list[dict]) -> dict:
+def _foreign_by_thread(events: list[dict[str, Any]]) -> ForeignByThread:
     """{(pid, tid): ([start_ns...], [(start, end, name, source)...])} of complete events."""
-    rows = defaultdict(list)
+    rows: dict[Thread, list[ForeignRow]] = defaultdict(list)
     for ev in events:
         if ev.get("ph") != "X" or "dur" not in ev:
             continue
         start = int(float(ev["ts"]) * 1000)
         rows[(int(ev.get("pid", 0)), int(ev.get("tid", 0)))].append(
             (start, start + int(float(ev["dur"]) * 1000), str(ev.get("name", "?")), str(ev.get("cat") or "foreign")))
-    out = {}
+    out: ForeignByThread = {}
     for key, lst in rows.items():
         lst.sort()
         out[key] = ([r[0] for r in lst], lst)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
+from collections.abc import Iterator
 
 from ..timeline import Instant, Span, Trace
 
@@ -62,7 +63,7 @@ class TraceIndex:
     def is_root(self, s: Span) -> bool:
         return s.parent_id not in self.by_id
 
-    def descendants(self, s: Span):
+    def descendants(self, s: Span) -> Iterator[Span]:
         stack = list(reversed(self.children.get(s.span_id, ())))
         while stack:
             d = stack.pop()

@@ -18,6 +18,7 @@ import functools
 import linecache
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 
 LEVELS = frozenset({"debug", "info", "warning", "warn", "error", "exception", "critical", "log"})
 # the receiver of a log call: log, logger, LOG, _logger, logging, self.log, self.logger, ...
@@ -77,7 +78,7 @@ def _in_function(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> dict[int, str]:
             for line in range(s.lineno, (s.end_lineno or s.lineno) + 1)}
 
 
-def _own_statements(body: list[ast.stmt]):
+def _own_statements(body: list[ast.stmt]) -> Iterator[ast.stmt]:
     """The simple statements of a function's body, inside its compound statements too, not
     those of the functions and classes it defines."""
     for stmt in body:

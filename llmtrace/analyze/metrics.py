@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from .. import names
 from .breakdown import Breakdown
 from .index import TraceIndex
+from .report_schema import BatchSize, KvUsage, Latencies, RequestLinks, Summary
 from .request_steps import RequestLink, request_links
 from .stats import summary
 
@@ -34,13 +35,13 @@ class _Request:
         return self.end if self.end is not None else (self.tokens[-1][0] if self.tokens else None)
 
 
-def _num(v) -> float | None:
+def _num(v: object) -> float | None:
     """A numeric attribute, or None (attrs of foreign traces can be anything)."""
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def _requests(index: TraceIndex, links: dict[int, RequestLink]) -> dict:
-    reqs: dict = defaultdict(_Request)
+def _requests(index: TraceIndex, links: dict[int, RequestLink]) -> dict[object, _Request]:
+    reqs: dict[object, _Request] = defaultdict(_Request)
     for s in index.by_name.get(names.HTTP_REQUEST, ()):
         r = reqs[s.attrs.get(names.A_REQ, s.span_id)]
         r.start, r.end, r.link = s.start_ns, s.end_ns, links.get(s.span_id)
@@ -74,7 +75,7 @@ def _requests(index: TraceIndex, links: dict[int, RequestLink]) -> dict:
     return reqs
 
 
-def _linked(reqs: dict) -> dict | None:
+def _linked(reqs: dict[object, _Request]) -> RequestLinks | None:
     """How many requests got their TTFT from the steps that served them, and by which link."""
     links = [r.link for r in reqs.values() if r.link is not None]
     if not links:
@@ -85,7 +86,7 @@ def _linked(reqs: dict) -> dict | None:
     return {"linked": len(links), "requests": len(reqs), "by": dict(by)}
 
 
-def _latencies(reqs: dict) -> dict:
+def _latencies(reqs: dict[object, _Request]) -> Latencies:
     ttft, tpot, itl, e2e = [], [], [], []
     for r in reqs.values():
         if r.ttft_ns is not None:
@@ -110,7 +111,7 @@ def _timeline(ts: list[int], vals: list[float], t0: int) -> list[list[float]]:
     return [[(ts[i] - t0) / 1e9, max(vals[i:i + k])] for i in range(0, len(ts), k)]
 
 
-def _batch_size(index: TraceIndex, bd: Breakdown, t0: int) -> dict | None:
+def _batch_size(index: TraceIndex, bd: Breakdown, t0: int) -> BatchSize | None:
     for name in (names.C_BATCH_SIZE, names.C_RUNNING):
         ts, vals = index.counter_series(name)
         if vals:
@@ -124,7 +125,7 @@ def _batch_size(index: TraceIndex, bd: Breakdown, t0: int) -> dict | None:
     return {**stats, "max": max(vals), "timeline": _timeline(ts, vals, t0)}
 
 
-def _kv_usage(index: TraceIndex, t0: int) -> dict | None:
+def _kv_usage(index: TraceIndex, t0: int) -> KvUsage | None:
     ts, used = index.counter_series(names.C_KV_BLOCKS_USED)
     if not used:
         return None
@@ -137,9 +138,9 @@ def _kv_usage(index: TraceIndex, t0: int) -> dict | None:
             "timeline": _timeline(ts, frac, t0)}
 
 
-def _extent(index: TraceIndex, reqs: dict, bd: Breakdown) -> tuple[int, int] | None:
+def _extent(index: TraceIndex, reqs: dict[object, _Request], bd: Breakdown) -> tuple[int, int] | None:
     starts = [r.start for r in reqs.values() if r.start is not None]
-    ends = [r.finish() for r in reqs.values() if r.finish() is not None]
+    ends = [end for r in reqs.values() if (end := r.finish()) is not None]
     if starts and ends:
         return min(starts), max(ends)
     if bd.steps:
@@ -150,7 +151,7 @@ def _extent(index: TraceIndex, reqs: dict, bd: Breakdown) -> tuple[int, int] | N
     return None
 
 
-def serving_metrics(index: TraceIndex, bd: Breakdown) -> dict:
+def serving_metrics(index: TraceIndex, bd: Breakdown) -> Summary:
     reqs = _requests(index, request_links(index, bd.steps))
     extent = _extent(index, reqs, bd)
     t0, t1 = extent if extent else (0, 0)

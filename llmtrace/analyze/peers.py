@@ -13,6 +13,7 @@ the worker waited on its socket), so the breakdown charges it by the sender's st
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .. import names
@@ -75,12 +76,12 @@ class Peers:
     def sender_of(self, recv: Span) -> Peer | None:
         return self._memo(recv, self._match_send)
 
-    def _memo(self, s: Span, match) -> Peer | None:
+    def _memo(self, s: Span, match: Callable[[Span], Peer | None]) -> Peer | None:
         if s.span_id not in self._found:
             self._found[s.span_id] = match(s)
         return self._found[s.span_id]
 
-    def _peer(self, cands: list[Span], nbytes, rank) -> Peer | None:
+    def _peer(self, cands: list[Span], nbytes: object, rank: Callable[[Span], int]) -> Peer | None:
         """The best candidate hop: the same byte count first, then the highest rank."""
         if not cands:
             return None

@@ -12,6 +12,7 @@ from collections import Counter
 
 from .. import names
 from ..timeline import Trace
+from .report_schema import ProcessEnd
 
 
 def _signal_name(code: int) -> str:
@@ -34,7 +35,7 @@ def _extent(trace: Trace) -> tuple[int, dict[int, int]]:
     return first or 0, last
 
 
-def process_ends(trace: Trace) -> list[dict]:
+def process_ends(trace: Trace) -> list[ProcessEnd]:
     """[{pid, name, how, exit_code?, at_s}]: the processes that did not end cleanly, `at_s`
     seconds after the trace's first record."""
     t0, last = _extent(trace)
@@ -43,7 +44,7 @@ def process_ends(trace: Trace) -> list[dict]:
         if i.name != names.I_PROCESS_EXIT:
             continue
         pid, code = i.attrs.get(names.A_CHILD_PID), i.attrs.get(names.A_EXIT_CODE)
-        if not isinstance(code, int) or code == 0 or pid in seen:
+        if not isinstance(code, int) or code == 0 or not isinstance(pid, int) or pid in seen:
             continue
         seen.add(pid)
         how = f"killed by {_signal_name(code)}" if code < 0 else f"exited with code {code}"
@@ -63,10 +64,13 @@ def process_ends(trace: Trace) -> list[dict]:
     return out
 
 
-def _end(trace: Trace, pid, how: str, at_s: float, **extra) -> dict:
+def _end(trace: Trace, pid: int, how: str, at_s: float, exit_code: int | None = None) -> ProcessEnd:
     p = trace.processes.get(pid)
-    return {"pid": pid, "name": p.name if p else str(pid), "how": how, "at_s": round(at_s, 3), **extra}
+    end: ProcessEnd = {"pid": pid, "name": p.name if p else str(pid), "how": how, "at_s": round(at_s, 3)}
+    if exit_code is not None:
+        end["exit_code"] = exit_code
+    return end
 
 
-def describe(end: dict) -> str:
+def describe(end: ProcessEnd) -> str:
     return f"process {end['name']} (pid {end['pid']}) {end['how']}, {end['at_s']:.2f} s into the run"

@@ -27,6 +27,7 @@ import statistics
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 from .. import names
 from ..timeline import Span
@@ -46,11 +47,11 @@ class Profile:
     source: str = "declared"  # declared | step-spans | step-ids | repeated-span | model-cadence | none
 
     @classmethod
-    def from_resource(cls, d: dict) -> Profile:
+    def from_resource(cls, d: dict[str, Any]) -> Profile:
         return cls(tuple(d.get("roots", ())), tuple(d.get("waits", ())), tuple(d.get("remote_roots", ())),
                    tuple(d.get("model_stages", names.MODEL_STAGES)))
 
-    def to_resource(self) -> dict:
+    def to_resource(self) -> dict[str, list[str]]:
         return {"roots": list(self.roots), "waits": list(self.waits), "remote_roots": list(self.remote_roots),
                 "model_stages": list(self.model_stages)}
 
@@ -215,7 +216,7 @@ def _own_task(index: TraceIndex, top: list[Span], fwds: list[Span]) -> list[Span
     return out
 
 
-def _window_tokens(children: list[Span]) -> dict:
+def _window_tokens(children: list[Span]) -> dict[str, int]:
     """A synthetic step's tokens: its forward's batch (one token per sequence)."""
     for s in children:
         if s.stage == names.FORWARD:

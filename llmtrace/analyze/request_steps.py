@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .. import names
@@ -89,7 +90,7 @@ def request_links(index: TraceIndex, steps: list[StepCost]) -> dict[int, Request
     return links
 
 
-def _one_at_a_time(requests) -> list[Span]:
+def _one_at_a_time(requests: Iterable[Span]) -> list[Span]:
     """The requests that overlap no other request of their thread."""
     by_thread: dict[tuple[int, int], list[Span]] = defaultdict(list)
     for r in requests:

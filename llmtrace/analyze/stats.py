@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
+
+from .report_schema import Percentiles
 
 
 def percentile(sorted_vals: list[float], q: float) -> float:
@@ -12,11 +15,11 @@ def percentile(sorted_vals: list[float], q: float) -> float:
     return float(sorted_vals[min(k, len(sorted_vals) - 1)])
 
 
-def median(vals) -> float:
+def median(vals: Iterable[float]) -> float:
     return percentile(sorted(vals), 50)
 
 
-def summary(vals, scale: float = 1.0) -> dict | None:
+def summary(vals: Sequence[float], scale: float = 1.0) -> Percentiles | None:
     """{p50, p90, p99, mean, count} of `vals` times `scale`; None when there are no values."""
     if not vals:
         return None
@@ -25,7 +28,7 @@ def summary(vals, scale: float = 1.0) -> dict | None:
             "mean": sum(s) / len(s), "count": len(s)}
 
 
-def union_ns(intervals) -> int:
+def union_ns(intervals: Iterable[tuple[int, int]]) -> int:
     """Length of the union of [start, end) intervals (overlaps counted once)."""
     total, end = 0, None
     for lo, hi in sorted(intervals):

@@ -11,7 +11,8 @@ timing, memory, what is not recorded) say so in their `impact` and stay.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from . import (
     concat_padding,
@@ -36,26 +37,33 @@ from . import (
     unsynced_gpu_timing,
 )
 
-RULES = (log_in_hot_path, concat_padding, full_logits_transfer, gc_pauses, tcp_nodelay, polling_sleep, serialization,
-         detokenize_whole_sequence, idle_wait, no_kv_cache, unsynced_gpu_timing, small_prefill_batch,
-         kv_cache_pressure, underfilled_batch, unbatched_requests, launch_bound, straggler_rank, cpu_starved,
-         gil_contention, hot_function_in_stage)
+if TYPE_CHECKING:
+    from ..analysis import Analysis, Suggestion
+
+RULES: tuple[Rule, ...] = (
+    log_in_hot_path, concat_padding, full_logits_transfer, gc_pauses, tcp_nodelay, polling_sleep, serialization,
+    detokenize_whole_sequence, idle_wait, no_kv_cache, unsynced_gpu_timing, small_prefill_batch, kv_cache_pressure,
+    underfilled_batch, unbatched_requests, launch_bound, straggler_rank, cpu_starved, gil_contention,
+    hot_function_in_stage)
 MIN_SAVING_SHARE = 0.005
 ALL = "*"
 
 
 class Rule(Protocol):
-    ID: str
+    """A rule module: its ID and its check; optionally AFTER (rule IDs, or ALL)."""
 
-    def check(self, ctx) -> list: ...
+    @property
+    def ID(self) -> str: ...
+
+    def check(self, ctx: Analysis) -> list[Suggestion]: ...
 
 
-def ordered(rules) -> list:
+def ordered(rules: Sequence[Rule]) -> list[Rule]:
     """`rules` in their given order, except that each runs after the rules its AFTER names."""
     ids = {r.ID for r in rules}
     needs = {r.ID: (ids - {r.ID}) if getattr(r, "AFTER", ()) == ALL else set(getattr(r, "AFTER", ())) & ids
              for r in rules}
-    out: list = []
+    out: list[Rule] = []
     while len(out) < len(rules):
         done = {r.ID for r in out}
         ready = next((r for r in rules if r.ID not in done and needs[r.ID] <= done), None)
@@ -65,12 +73,12 @@ def ordered(rules) -> list:
     return out
 
 
-def run_rules(ctx) -> list:
+def run_rules(ctx: Analysis) -> list[Suggestion]:
     """Every rule's suggestions, ranked by estimated saving per token. A rule that fails on
     this trace (a bug) costs its own finding only: the failure goes to `ctx.rule_errors`
     (the report lists it) and the other rules still run."""
     floor = MIN_SAVING_SHARE * ctx.per_token_ms
-    found = []
+    found: list[Suggestion] = []
     for rule in ordered(RULES):
         try:
             found += rule.check(ctx)

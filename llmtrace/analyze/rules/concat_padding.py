@@ -13,8 +13,12 @@ the estimate is the upper end).
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from ..functions import main_stage
+
+if TYPE_CHECKING:
+    from ..analysis import Analysis, Suggestion
 
 ID = "concat-padding"
 AFTER = ("log-in-hot-path",)  # a torch.cat inside the tensor printer a log call runs is the log's
@@ -22,7 +26,7 @@ PATTERN = re.compile(r"(^|\.)(np|numpy)\.(concatenate|pad|append|vstack|hstack|s
                      r"|^(torch\.cat|Tensor\.cat|torch\.stack)$|^preprocess\.pad$|concatenat")
 
 
-def check(ctx):
+def check(ctx: Analysis) -> list[Suggestion]:
     found = ctx.removable(PATTERN)
     if found is None:
         return []

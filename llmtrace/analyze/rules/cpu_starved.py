@@ -10,24 +10,31 @@ model's time on a starved machine is inflated too, which the estimate leaves out
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ... import names
+
+if TYPE_CHECKING:
+    from ..analysis import Analysis, Suggestion
+    from ..breakdown import StepCost
+    from ..cpu import ThreadCpu
 
 ID = "cpu-starved"
 MIN_SHARE = 0.10
 
 
-def _windows(sc):
+def _windows(sc: StepCost) -> list[tuple[int, int, int, int]]:
     r = sc.root
     return [(r.pid, r.tid, r.start_ns, r.end_ns)] + [(p, t, lo, hi) for p, t, lo, hi, _ in sc.peer_windows]
 
 
-def _demand_cores(cpu, lo: int, hi: int) -> float:
+def _demand_cores(cpu: ThreadCpu, lo: int, hi: int) -> float:
     """CPU time used plus wanted by every recorded thread over [lo, hi), in cores."""
     total = sum(sum(d) for (pid, tid) in cpu.series if (d := cpu.delta(pid, tid, lo, hi)) is not None)
     return total / (hi - lo) if hi > lo else 0.0
 
 
-def check(ctx):
+def check(ctx: Analysis) -> list[Suggestion]:
     cpu = ctx.cpu
     if not cpu or not ctx.steps:
         return []

@@ -16,10 +16,15 @@ ids are too alike to fit (long calls: the fixed cost is small beside them).
 from __future__ import annotations
 
 import statistics
+from typing import TYPE_CHECKING
 
 from ... import names
 from ..analysis import MIN_STEPS_AFFECTED
 from ..stats import slope
+
+if TYPE_CHECKING:
+    from ..analysis import Analysis, Suggestion
+    from ..functions import Call
 
 ID = "detokenize-whole-sequence"
 MIN_CALLS = 20
@@ -33,10 +38,11 @@ FIX = ("Detokenize incrementally: keep each sequence's text and offsets, decode 
        "for every streamed token.")
 
 
-def _decode_calls(ctx) -> list:
+def _decode_calls(ctx: Analysis) -> list[Call]:
     """Detokenize calls on the critical path that say how many ids they decoded: the stage's
     own spans and detokenize spans nested in other stages, each once."""
-    seen, out = set(), []
+    seen: set[int] = set()
+    out: list[Call] = []
     for c in ctx.stage_calls(names.DETOKENIZE) + ctx.functions.calls:
         s = c.span
         if s is None or s.stage != names.DETOKENIZE or s.span_id in seen:
@@ -47,11 +53,11 @@ def _decode_calls(ctx) -> list:
     return out
 
 
-def check(ctx):
+def check(ctx: Analysis) -> list[Suggestion]:
     calls = _decode_calls(ctx)
     if len(calls) < MIN_CALLS or len({c.step for c in calls}) < MIN_STEPS_AFFECTED or not ctx.tokens:
         return []
-    ids = [float(c.span.attrs[names.A_IDS]) for c in calls]
+    ids = [float(c.span.attrs[names.A_IDS]) for c in calls if c.span is not None]
     if sum(ids) / ctx.tokens < MIN_IDS_PER_TOKEN:
         return []
     durations = [float(c.end - c.start) for c in calls]

@@ -20,11 +20,16 @@ some, else the logits read once at DEVICE_READ_BYTES_PER_S (GPU) or HOST_READ_BY
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from ... import names
 from ..breakdown import LOGITS_BYTES_ATTRS, MODEL_STAGES, moves_logits
 from ..functions import Call, is_user_code
 from ..stats import median
+
+if TYPE_CHECKING:
+    from ...timeline import Span
+    from ..analysis import Analysis, Suggestion
 
 ID = "full-logits-transfer"
 AFTER = ("log-in-hot-path",)  # a top-k computed only to be logged, in the sampling function, is the log's
@@ -35,14 +40,14 @@ HOST_READ_BYTES_PER_S = 1.0e10  # conservative DRAM read rate of one CPU core
 LAUNCH_NS = 20_000
 
 
-def _logits_bytes(span, seqs: int) -> float | None:
+def _logits_bytes(span: Span, seqs: int) -> float | None:
     if not moves_logits(span, seqs):
         return None
     return float(max(v for k in LOGITS_BYTES_ATTRS if isinstance(v := span.attrs.get(k), (int, float))))
 
 
-def _device_sampling_ns(ctx, logits_bytes: float | None) -> tuple[float, str]:
-    dev = [s.device_dur_ns for s in ctx.index.by_stage.get(names.SAMPLING, ()) if s.device_start_ns is not None]
+def _device_sampling_ns(ctx: Analysis, logits_bytes: float | None) -> tuple[float, str]:
+    dev = [d for s in ctx.index.by_stage.get(names.SAMPLING, ()) if (d := s.device_dur_ns) is not None]
     if dev:
         return median(dev), "measured device time of sampling"
     if not logits_bytes:
@@ -52,12 +57,12 @@ def _device_sampling_ns(ctx, logits_bytes: float | None) -> tuple[float, str]:
     return logits_bytes / HOST_READ_BYTES_PER_S * 1e9, "logits bytes at CPU read rate"
 
 
-def _transfer(s) -> bool:
+def _transfer(s: Span) -> bool:
     """A copy or a send (not a receive, whose time is mostly waiting for the sender)."""
     return not s.name.endswith(names.RECEIVE_VERBS)
 
 
-def _host_sampling(ctx) -> tuple[list[Call], list[float]]:
+def _host_sampling(ctx: Analysis) -> tuple[list[Call], list[float]]:
     """Calls doing host-side sampling, and the logits sizes seen."""
     sizes, calls = [], []
     for sc in ctx.steps:
@@ -76,7 +81,7 @@ def _host_sampling(ctx) -> tuple[list[Call], list[float]]:
     return calls, sizes
 
 
-def _with_sampling_functions(ctx, calls: list[Call]) -> list[Call]:
+def _with_sampling_functions(ctx: Analysis, calls: list[Call]) -> list[Call]:
     """The transfers plus the program's functions that made them (the Python argmax over
     the copied rows runs there), unless such a function also runs the model (the step
     loop itself: only its transfer is the finding's)."""
@@ -86,7 +91,7 @@ def _with_sampling_functions(ctx, calls: list[Call]) -> list[Call]:
     return calls + [c for c in ctx.functions.select(host_side=True) if c.name in owners]
 
 
-def check(ctx):
+def check(ctx: Analysis) -> list[Suggestion]:
     calls, sizes = _host_sampling(ctx)
     if not calls:
         return []

@@ -15,12 +15,17 @@ its own time too, which the estimate leaves out.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from ... import names
 from ..analysis import MIN_STEPS_AFFECTED
 from ..breakdown import GAP
 from ..functions import covered
 from ..stats import median
+
+if TYPE_CHECKING:
+    from ..analysis import Analysis, Suggestion
+    from ..functions import Call
 
 ID = "gc-pauses"
 PATTERN = re.compile(r"^gc(\.|$)")
@@ -31,7 +36,7 @@ FIX = ("Call gc.freeze() after model load and warm-up (moves long-lived objects 
        "small Python objects (lists of ints, dicts per token).")
 
 
-def _gc_time(ctx):
+def _gc_time(ctx: Analysis) -> tuple[int, set[int], list[Call]]:
     calls = ctx.functions.select(PATTERN, host_side=True)
     nested_ns, per_step = covered(calls)
     direct = {sc.step: sc.parts.get(names.GC, 0) for sc in ctx.steps if sc.parts.get(names.GC)}
@@ -39,7 +44,7 @@ def _gc_time(ctx):
     return nested_ns + sum(direct.values()), steps, calls
 
 
-def _unexplained(ctx):
+def _unexplained(ctx: Analysis) -> Suggestion | None:
     gaps = [sc.parts.get(GAP, 0) for sc in ctx.steps]
     if not gaps:
         return None
@@ -57,7 +62,7 @@ def _unexplained(ctx):
         "`llmtrace record --py-spy`. If it is GC: " + FIX)
 
 
-def check(ctx):
+def check(ctx: Analysis) -> list[Suggestion]:
     ns, steps, calls = _gc_time(ctx)
     if not ns:
         found = _unexplained(ctx)

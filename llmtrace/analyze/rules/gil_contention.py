@@ -13,28 +13,34 @@ Saving: that time per token.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 from ... import names
 from ...names import is_receive
 from ..stats import union_ns
+
+if TYPE_CHECKING:
+    from ..analysis import Analysis, Suggestion
+    from ..breakdown import StepCost
 
 ID = "gil-contention"
 MIN_SHARE = 0.05
 _WAIT_STAGES = (names.SLEEP, names.SYNC)
 
 
-def _own_waits_ns(sc) -> int:
+def _own_waits_ns(sc: StepCost) -> int:
     r = sc.root
     spans = [s for _, s in sc.stage_spans
              if s.pid == r.pid and s.tid == r.tid and (is_receive(s) or s.stage in _WAIT_STAGES)]
     return union_ns((max(s.start_ns, r.start_ns), min(s.end_ns, r.end_ns)) for s in spans)
 
 
-def check(ctx):
+def check(ctx: Analysis) -> list[Suggestion]:
     cpu = ctx.cpu
     if not cpu or not ctx.steps:
         return []
-    wall, gil_ns, by_thread = 0.0, 0.0, defaultdict(float)
+    wall, gil_ns = 0.0, 0.0
+    by_thread: dict[tuple[int, int], float] = defaultdict(float)
     for sc in ctx.steps:
         r = sc.root
         d = cpu.delta(r.pid, r.tid, r.start_ns, r.end_ns)

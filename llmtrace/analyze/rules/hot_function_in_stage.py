@@ -19,9 +19,15 @@ finding with no saving: record functions inside it (stack samples, viztracer, py
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from ... import names
 from ..functions import IDLE
+
+if TYPE_CHECKING:
+    from ..analysis import Analysis, Suggestion
+    from ..functions import Call
+    from ..report_schema import StageRow
 
 ID = "hot-function-in-stage"
 AFTER = "*"  # rules.ALL: what every specific finding explained is claimed by then
@@ -36,13 +42,13 @@ SAME_TIME = 0.1  # a caller within 10% of its callee's time is the same finding
 OWN = re.compile(r"^llmtrace\.")
 
 
-def _stage_findings(ctx, stage: str, stage_ms: float) -> list[tuple]:
+def _stage_findings(ctx: Analysis, stage: str, stage_ms: float) -> list[tuple[float, str, list[Call]]]:
     host = ctx.functions.select(stage=stage, host_side=True)
-    by_name: dict[str, list] = {}
+    by_name: dict[str, list[Call]] = {}
     for c in host:
         if c.name not in ctx.claimed and not c.idle and not IDLE.search(c.name) and not OWN.search(c.name):
             by_name.setdefault(c.name, []).append(c)
-    found = []
+    found: list[tuple[float, str, list[Call]]] = []
     for name, calls in by_name.items():
         if all(c.sample is not None for c in calls) and len({id(c.sample) for c in calls}) < MIN_SAMPLES:
             continue
@@ -52,15 +58,15 @@ def _stage_findings(ctx, stage: str, stage_ms: float) -> list[tuple]:
         if stage_ms and ms / stage_ms >= MIN_FUNCTION_SHARE:
             found.append((ms, name, calls))
     found.sort(key=lambda f: -f[0])
-    kept: list[tuple] = []
+    kept: list[tuple[float, str, list[Call]]] = []
     for f in found:  # callers come first (more time): a callee with the same time replaces its caller
         same = [k for k in kept if k[0] - f[0] <= SAME_TIME * k[0]]
         kept = [k for k in kept if k not in same] + [f]
     return kept
 
 
-def check(ctx):
-    out = []
+def check(ctx: Analysis) -> list[Suggestion]:
+    out: list[Suggestion] = []
     view = ctx.breakdown.view()
     if not view:
         return out
@@ -85,7 +91,7 @@ def check(ctx):
     return out
 
 
-def _blind(ctx, row):
+def _blind(ctx: Analysis, row: StageRow) -> Suggestion:
     return ctx.suggestion(
         ID, f"{row['name']} takes {row['share']:.0%} of each token and nothing inside it is recorded",
         row["name"], {"ms_per_token": round(row["ms_per_token"], 4), "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"]},

@@ -12,10 +12,15 @@ Saving: their time per token: take new work without blocking while a batch is ru
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ... import names
 from ...names import is_receive
 from ..analysis import MIN_STEPS_AFFECTED
 from ..functions import Call, covered
+
+if TYPE_CHECKING:
+    from ..analysis import Analysis, Suggestion
 
 ID = "wait-in-step"
 # receives that a transport finding explains (a stall, a logits copy, a decode loop) are not idle waits
@@ -23,7 +28,7 @@ AFTER = ("tcp-nodelay", "full-logits-transfer", "serialization-in-hot-path", "de
 MIN_WAIT_MS = 0.5
 
 
-def check(ctx):
+def check(ctx: Analysis) -> list[Suggestion]:
     peers = ctx.breakdown.peers
     calls = [Call(stage, sc.step, s.pid, s.start_ns, s.end_ns, s.name, "span", True, s)
              for sc in ctx.steps for stage, s in sc.stage_spans

@@ -9,9 +9,15 @@ step could have run min(batch + waiting, max_num_seqs) sequences in about the sa
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ... import names
 from ..stats import median
 from .limits import max_num_seqs
+
+if TYPE_CHECKING:
+    from ..analysis import Analysis, Suggestion
+    from ..breakdown import StepCost
 
 ID = "kv-cache-pressure"
 FULL = 0.95
@@ -19,20 +25,20 @@ OVERSIZED = 0.25
 MIN_STEPS = 3
 
 
-def _usage(ctx, sc) -> float | None:
+def _usage(ctx: Analysis, sc: StepCost) -> float | None:
     used, total = ctx.counter_before(names.C_KV_BLOCKS_USED, sc), ctx.counter_before(names.C_KV_BLOCKS_TOTAL, sc)
     return used / total if used is not None and total else None
 
 
-def _blocks(ctx) -> str:
+def _blocks(ctx: Analysis) -> str:
     return ctx.setting(names.K_KV_BLOCKS, "the number of KV-cache blocks, or the memory share that sizes it")
 
 
-def _seqs(ctx) -> str:
+def _seqs(ctx: Analysis) -> str:
     return ctx.setting(names.K_MAX_NUM_SEQS, "the limit on sequences per step")
 
 
-def _preemptions(ctx):
+def _preemptions(ctx: Analysis) -> Suggestion | None:
     pre = ctx.index.instants.get(names.I_PREEMPT, ())
     if not pre:
         return None
@@ -47,9 +53,11 @@ def _preemptions(ctx):
         "or shorten the requests' max_tokens; each preemption recomputes the sequence's prefix.")
 
 
-def _capped(ctx):
+def _capped(ctx: Analysis) -> Suggestion | None:
     cap = max_num_seqs(ctx)
-    steps, targets, peak = [], [], 0.0
+    steps: list[StepCost] = []
+    targets: list[int] = []
+    peak = 0.0
     for sc in ctx.breakdown.decode_steps():
         u, waiting = _usage(ctx, sc), ctx.counter_before("waiting", sc)
         if u is not None and u >= FULL and waiting:
@@ -70,9 +78,10 @@ def _capped(ctx):
         "more sequences decode per step.")
 
 
-def _oversized(ctx):
-    kv = ctx.metrics.get("kv_usage")
-    if not kv or kv["peak_fraction"] >= OVERSIZED or len(ctx.steps) < 10 or ctx.index.instants.get(names.I_PREEMPT):
+def _oversized(ctx: Analysis) -> Suggestion | None:
+    kv = ctx.metrics["kv_usage"]
+    if (not kv or not kv["total_blocks"] or kv["peak_fraction"] >= OVERSIZED or len(ctx.steps) < 10
+            or ctx.index.instants.get(names.I_PREEMPT)):  # no total: the budget is unknown
         return None
     return ctx.suggestion(
         ID, f"KV cache peaks at {kv['peak_fraction']:.0%} of its budget", "schedule",
@@ -84,5 +93,5 @@ def _oversized(ctx):
         f"memory: {kv['total_blocks'] - kv['peak_blocks']:.0f} of {kv['total_blocks']:.0f} KV blocks were never used")
 
 
-def check(ctx):
+def check(ctx: Analysis) -> list[Suggestion]:
     return [s for s in (_preemptions(ctx), _capped(ctx), _oversized(ctx)) if s is not None]

@@ -10,8 +10,13 @@ the model time of every step (the records cover a window of spans; the share is 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ... import names
 from ..breakdown import DEVICE_IDLE, MODEL
+
+if TYPE_CHECKING:
+    from ..analysis import Analysis, Suggestion
 
 ID = "launch-bound"
 MIN_IDLE_SHARE = 0.10
@@ -21,7 +26,7 @@ MIN_IDLE_SHARE = 0.10
 GRAPH_IDLE_NS_PER_KERNEL = 1_500
 
 
-def _fix(ctx, eager: bool) -> str:
+def _fix(ctx: Analysis, eager: bool) -> str:
     graphs = ctx.setting(names.K_CUDA_GRAPHS, "torch.cuda.CUDAGraph, or torch.compile(mode='reduce-overhead')")
     how = (f"Capture the step in a CUDA graph ({graphs}) so one launch runs all its kernels" if eager else
            "The step already replays a CUDA graph: fuse small kernels (torch.compile, fused norm/rotary/"
@@ -29,7 +34,7 @@ def _fix(ctx, eager: bool) -> str:
     return how + "; then the device runs the kernels back to back instead of waiting for each launch."
 
 
-def check(ctx):
+def check(ctx: Analysis) -> list[Suggestion]:
     d = ctx.device
     if d is None or d.idle_share < MIN_IDLE_SHARE:
         return []

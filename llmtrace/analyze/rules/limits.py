@@ -3,12 +3,17 @@ process resource `max_num_seqs` (`llmtrace.configure(resource=...)`), else the a
 the step roots."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ... import names
 
+if TYPE_CHECKING:
+    from ..analysis import Analysis
 
-def max_num_seqs(ctx) -> int | None:
-    vals = [p.resource.get(names.R_MAX_NUM_SEQS) for p in ctx.trace.processes.values()]
-    vals = [v for v in vals if isinstance(v, (int, float))]
+
+def max_num_seqs(ctx: Analysis) -> int | None:
+    vals = [v for p in ctx.trace.processes.values()
+            if isinstance(v := p.resource.get(names.R_MAX_NUM_SEQS), (int, float))]
     if not vals:
         vals = [v for sc in ctx.steps if isinstance(v := sc.root.attrs.get(names.R_MAX_NUM_SEQS), (int, float))]
     return int(max(vals)) if vals else None

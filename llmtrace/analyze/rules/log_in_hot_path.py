@@ -12,9 +12,13 @@ Saving: the union time of these calls per token (removing the call removes all o
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from ... import names
 from ..functions import main_stage
+
+if TYPE_CHECKING:
+    from ..analysis import Analysis, Suggestion
 
 ID = "log-in-hot-path"
 PATTERN = re.compile(r"^logging(\.|$)|(^|\.)Logger\.(debug|info|warning|error|exception|log|_log|handle)$"
@@ -22,7 +26,7 @@ PATTERN = re.compile(r"^logging(\.|$)|(^|\.)Logger\.(debug|info|warning|error|ex
                      r"|(^|\.)(_array_repr|_array_str|array2string|array_repr)$")
 
 
-def check(ctx):
+def check(ctx: Analysis) -> list[Suggestion]:
     found = ctx.removable(PATTERN, names.LOGGING)
     if found is None:
         return []

@@ -11,23 +11,29 @@ each step saves t - (a + b).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ... import names
+
+if TYPE_CHECKING:
+    from ...timeline import Span
+    from ..analysis import Analysis, Suggestion
 
 ID = "no-kv-cache"
 MIN_RUN = 4
 
 
-def _runs(ctx) -> list[list]:
+def _runs(ctx: Analysis) -> list[list[tuple[float, Span]]]:
     """Runs of forwards (one thread) whose tokens per sequence grow by one each step."""
-    by_thread: dict = {}
+    by_thread: dict[tuple[int, int], dict[int, Span]] = {}
     for sc in ctx.steps:
         for _, s in sc.stage_spans:
             if s.stage == names.FORWARD and isinstance(s.attrs.get(names.A_TOKENS), int) \
                     and isinstance(s.attrs.get(names.A_BATCH), int) and s.attrs[names.A_BATCH] > 0:
                 by_thread.setdefault((s.pid, s.tid), {})[s.span_id] = s
-    runs = []
+    runs: list[list[tuple[float, Span]]] = []
     for spans in by_thread.values():
-        run: list = []
+        run: list[tuple[float, Span]] = []
         for s in sorted(spans.values(), key=lambda s: s.start_ns):
             per_seq = s.attrs[names.A_TOKENS] / s.attrs[names.A_BATCH]
             if run and per_seq == run[-1][0] + 1 and s.attrs[names.A_BATCH] == run[-1][1].attrs[names.A_BATCH]:
@@ -49,11 +55,11 @@ def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
     return my - b * mx, max(0.0, b)
 
 
-def _dur(s) -> float:
-    return s.device_dur_ns if s.device_dur_ns is not None else s.dur_ns
+def _dur(s: Span) -> float:
+    return float(s.device_dur_ns if s.device_dur_ns is not None else s.dur_ns)
 
 
-def check(ctx):
+def check(ctx: Analysis) -> list[Suggestion]:
     runs = _runs(ctx)
     if not runs:
         return []

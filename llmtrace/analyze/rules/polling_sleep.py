@@ -9,7 +9,13 @@ the moment work arrives, and a step never waits on a clock.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ... import names
+
+if TYPE_CHECKING:
+    from ..analysis import Analysis, Suggestion
+    from ..report_schema import Evidence
 
 ID = "polling-sleep"
 
@@ -20,10 +26,10 @@ FIX = ("Do not sleep on the step path: block on the work queue with a timeout (q
        "the next step instead of waiting a fixed time.")
 
 
-def _title(ms, steps, ev) -> str:
+def _title(ms: float, steps: list[int], ev: Evidence) -> str:
     where = f" in {ev['responsible'][0]['function']}" if ev.get("responsible") else ""
     return f"The step loop sleeps{where}: {ms:.2f} ms/token in {len(steps)} steps"
 
 
-def check(ctx):
+def check(ctx: Analysis) -> list[Suggestion]:
     return ctx.stage_suggestion(ID, names.SLEEP, _title, FIX)

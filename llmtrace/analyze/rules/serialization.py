@@ -11,7 +11,13 @@ the logits), as raw buffers (numpy `tobytes`, shared memory) instead of text.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ... import names
+
+if TYPE_CHECKING:
+    from ..analysis import Analysis, Suggestion
+    from ..report_schema import Evidence
 
 ID = "serialization-in-hot-path"
 MIN_SHARE = 0.03
@@ -23,11 +29,11 @@ FIX = ("Move less and encode it cheaply: send token ids instead of logits or hid
        "with a small header, and keep json/pickle for control messages off the per-step path.")
 
 
-def _title(ms, steps, ev) -> str:
+def _title(ms: float, steps: list[int], ev: Evidence) -> str:
     return f"Serializing messages costs {ms:.2f} ms/token ({ev['spans']} encode/decode calls in {len(steps)} steps)"
 
 
-def check(ctx):
+def check(ctx: Analysis) -> list[Suggestion]:
     ms = ctx.breakdown.ms_per_token(names.SERIALIZE)
     calls = ctx.stage_calls(names.SERIALIZE)
     per_call = ms * ctx.tokens / len(calls) if calls else 0.0

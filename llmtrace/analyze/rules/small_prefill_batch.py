@@ -11,16 +11,20 @@ queued behind the one-request prefills ahead of it, (g - 1) / 2 of them on avera
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from ... import names
 from ..breakdown import MODEL
 from ..stats import median
 from .limits import max_num_seqs
 
+if TYPE_CHECKING:
+    from ..analysis import Analysis, Suggestion
+
 ID = "small-prefill-batch"
 
 
-def check(ctx):
+def check(ctx: Analysis) -> list[Suggestion]:
     singles, avail = [], []
     for sc in ctx.breakdown.prefill_steps():
         waiting = ctx.counter_before("waiting", sc)

@@ -13,9 +13,13 @@ of the slowest rank's steps.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from typing import TYPE_CHECKING
 
 from ... import names
 from ..stats import median
+
+if TYPE_CHECKING:
+    from ..analysis import Analysis, Suggestion
 
 ID = "straggler-rank"
 MIN_SHARE = 0.6  # of the steps with collectives on several ranks
@@ -24,7 +28,7 @@ FIX = ("Find what slows this rank: another process or the host's other work on i
        "assigned to it; the other ranks wait for it in every collective.")
 
 
-def _collective_ns(ctx) -> dict[int, dict[int, int]]:
+def _collective_ns(ctx: Analysis) -> dict[int, dict[int, int]]:
     """step -> {pid: time in collectives (device time where recorded)}."""
     out: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     for s in ctx.index.by_stage.get(names.ALLREDUCE, ()):
@@ -33,11 +37,12 @@ def _collective_ns(ctx) -> dict[int, dict[int, int]]:
     return {k: v for k, v in out.items() if len(v) > 1}
 
 
-def check(ctx):
+def check(ctx: Analysis) -> list[Suggestion]:
     per_step = _collective_ns(ctx)
     if len(per_step) < 3:
         return []
-    fastest, waits = Counter(), {}
+    fastest: Counter[int] = Counter()
+    waits: dict[int, int] = {}
     for step, ranks in per_step.items():
         ordered = sorted(ranks.items(), key=lambda kv: kv[1])
         fastest[ordered[0][0]] += 1

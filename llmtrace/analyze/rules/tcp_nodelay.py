@@ -17,8 +17,13 @@ impact.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ... import names
 from ..stats import median
+
+if TYPE_CHECKING:
+    from ..analysis import Analysis, Suggestion
 
 ID = "tcp-nodelay"
 STALL_NS = (20_000_000, 50_000_000)
@@ -30,14 +35,14 @@ FIX = ("Set TCP_NODELAY on both ends (sock.setsockopt(socket.IPPROTO_TCP, socket
        "send each frame with one sendall() (header and body together) instead of write-write-read.")
 
 
-def _stalls(values: list[tuple[int, int]]):
+def _stalls(values: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], float]:
     """values: (step, ns) -> (stalls, no-stall baseline ns)."""
     stalls = [(st, v) for st, v in values if STALL_NS[0] <= v <= STALL_NS[1]]
     fast = [v for _, v in values if v < STALL_NS[0]]
     return stalls, (median(fast) if len(fast) >= MIN_BASELINE else LOOPBACK_NS)
 
 
-def check(ctx):
+def check(ctx: Analysis) -> list[Suggestion]:
     series = {"agent.wait residual": [(sc.step, sc.transport_ns) for sc in ctx.steps if sc.wait is not None]}
     peers = ctx.breakdown.peers
     for sc in ctx.steps:
@@ -45,7 +50,8 @@ def check(ctx):
             if s.name in ("tcp.send", "tcp.recv") and (s.name == "tcp.send" or peers.sender_of(s) is None):
                 proc = ctx.trace.processes.get(s.pid)
                 series.setdefault(f"{s.name} ({proc.name if proc else s.pid})", []).append((sc.step, s.dur_ns))
-    found, excess, worst = {}, 0, []
+    found: dict[str, dict[str, float]] = {}
+    excess, worst = 0.0, []
     for name, values in series.items():
         stalls, baseline = _stalls(values)
         if len(stalls) >= MIN_STALLS:
@@ -65,7 +71,7 @@ def check(ctx):
         "tcp", {"measures": found, "example_steps": sorted(set(worst))[:5]}, saving, FIX)]
 
 
-def _latent(ctx):
+def _latent(ctx: Analysis) -> list[Suggestion]:
     """Sends on the step path from sockets with TCP_NODELAY off, when nothing stalled."""
     sends = [(sc.step, s) for sc in ctx.steps for _, s in sc.stage_spans
              if s.stage == names.TCP and names.is_send(s) and s.attrs.get(names.A_NODELAY) == 0]

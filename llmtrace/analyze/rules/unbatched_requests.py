@@ -18,11 +18,17 @@ less than that), with the flat estimate as the upper one in the title and eviden
 from __future__ import annotations
 
 from bisect import bisect_right
+from typing import TYPE_CHECKING
 
 from ... import names
 from ..breakdown import MODEL
 from ..stats import median, slope
 from .limits import max_num_seqs
+
+if TYPE_CHECKING:
+    from ...timeline import Span
+    from ..analysis import Analysis, Suggestion
+    from ..breakdown import StepCost
 
 ID = "unbatched-requests"
 MIN_SHARE = 0.5
@@ -38,7 +44,7 @@ FIX = ("Batch concurrent requests: run one decode loop that takes every waiting 
 class _InFlight:
     """How many requests were open at a time, from the HTTP request spans."""
 
-    def __init__(self, spans):
+    def __init__(self, spans: list[Span]):
         self.starts = sorted(s.start_ns for s in spans)
         self.ends = sorted(s.end_ns for s in spans)
 
@@ -46,7 +52,7 @@ class _InFlight:
         return bisect_right(self.starts, t) - bisect_right(self.ends, t)
 
 
-def _fitted_cost_per_token(ctx) -> float | None:
+def _fitted_cost_per_token(ctx: Analysis) -> float | None:
     """ns of forward per token processed, fitted over the steps' forwards; None when their
     token counts are too alike to tell."""
     pts = [(float(s.attrs[names.A_TOKENS]), float(s.end_ns - s.start_ns)) for sc in ctx.steps
@@ -57,7 +63,7 @@ def _fitted_cost_per_token(ctx) -> float | None:
     return max(0.0, slope([x for x, _ in pts], [y for _, y in pts]))
 
 
-def _batched_step_ns(ctx, steps, targets) -> tuple[list[float], str]:
+def _batched_step_ns(ctx: Analysis, steps: list[StepCost], targets: list[int]) -> tuple[list[float], str]:
     """Each step's time with its in-flight requests as one batch, and what that rests on."""
     per_token = _fitted_cost_per_token(ctx)
     if per_token is not None:
@@ -69,17 +75,18 @@ def _batched_step_ns(ctx, steps, targets) -> tuple[list[float], str]:
             "proportional: on the CPU the forward's time grows with the batch; a lower bound")
 
 
-def _forward_tokens(ctx, sc) -> float:
+def _forward_tokens(ctx: Analysis, sc: StepCost) -> float:
     return sum(float(s.attrs.get(names.A_TOKENS) or 0) for st, s in sc.stage_spans
                if st in ctx.breakdown.profile.model_stages)
 
 
-def check(ctx):
+def check(ctx: Analysis) -> list[Suggestion]:
     requests = [s for s in ctx.trace.spans if s.name == names.HTTP_REQUEST]
     if len(requests) < 2 or max_num_seqs(ctx) or len(ctx.steps) < MIN_STEPS:
         return []
     in_flight = _InFlight(requests)
-    steps, targets = [], []
+    steps: list[StepCost] = []
+    targets: list[int] = []
     for sc in ctx.steps:
         n = in_flight.at(sc.root.start_ns)
         if sc.tokens <= 1 and n >= 2:
@@ -102,7 +109,7 @@ def check(ctx):
     return [ctx.suggestion(ID, title, "schedule", evidence, ms, FIX)]
 
 
-def _saved_ms(ctx, steps, targets, batched: list[float]) -> float:
+def _saved_ms(ctx: Analysis, steps: list[StepCost], targets: list[int], batched: list[float]) -> float:
     """ms/token saved when step i takes batched[i] for targets[i] tokens instead of its own."""
     now = sum(sc.wall_ns for sc in steps)
     return ctx.ms_per_token(max(0.0, now - sum(t / n for t, n in zip(batched, targets))))

@@ -9,9 +9,14 @@ about the same wall time (decode is memory-bound).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ... import names
 from ..stats import median
 from .limits import max_num_seqs
+
+if TYPE_CHECKING:
+    from ..analysis import Analysis, Suggestion
 
 ID = "underfilled-batch"
 FILL = 0.75
@@ -19,7 +24,7 @@ KV_ROOM = 0.9
 MIN_STEPS = 3
 
 
-def check(ctx):
+def check(ctx: Analysis) -> list[Suggestion]:
     cap = max_num_seqs(ctx)
     if not cap:
         return []

@@ -16,9 +16,14 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from ..breakdown import MODEL, MODEL_STAGES, moves_logits
 from ..stats import median
+
+if TYPE_CHECKING:
+    from ...timeline import Span
+    from ..analysis import Analysis, Suggestion
 
 ID = "unsynced-gpu-timing"
 SYNC = re.compile(r"(^|\.)(sync|synchronize|item|wait)(\.|$)|(^|\.)Tensor\.(cpu|item|tolist)$")
@@ -29,18 +34,21 @@ FIX = ("Time device work with CUDA events: `llmtrace.span('forward', device=True
        "and the breakdown puts the device time into the model.")
 
 
-def _host_timed_model(ctx) -> bool:
+def _host_timed_model(ctx: Analysis) -> bool:
     spans = [s for st in MODEL_STAGES for s in ctx.index.by_stage.get(st, ())]
     return bool(spans) and all(s.device_start_ns is None for s in spans)
 
 
-def _absorbs(st: str, s) -> bool:
+def _absorbs(st: str, s: Span) -> bool:
     """A span that waits for the device: a sync, or host-timed sampling (its copy of the ids)."""
     return st == "sync" or bool(SYNC.search(s.name)) or (st == "sampling" and not moves_logits(s, 1))
 
 
-def _sync_absorbs(ctx):
-    fwd, sync, steps, where = [], [], [], Counter()
+def _sync_absorbs(ctx: Analysis) -> Suggestion | None:
+    fwd: list[int] = []
+    sync: list[int] = []
+    steps: list[int] = []
+    where: Counter[str] = Counter()
     for sc in ctx.steps:
         f = sum(s.dur_ns for st, s in sc.stage_spans if st == "forward")
         absorbing = [(st, s) for st, s in sc.stage_spans if st != "forward" and _absorbs(st, s)]
@@ -74,7 +82,7 @@ def _periodic(step_ids: list[int]) -> int | None:
     return k if k >= 2 and n >= 0.75 * sum(diffs.values()) else None
 
 
-def _syncs_in(ctx, stage: str, steps: set) -> bool:
+def _syncs_in(ctx: Analysis, stage: str, steps: set[int]) -> bool:
     if stage == "sync":
         return True
     spans = [s for sc in ctx.steps if sc.step in steps for st, s in sc.stage_spans if st == stage]
@@ -83,8 +91,8 @@ def _syncs_in(ctx, stage: str, steps: set) -> bool:
     return any(SYNC.search(s.name) for s in spans) or bool(calls)
 
 
-def _spikes(ctx):
-    out = []
+def _spikes(ctx: Analysis) -> list[Suggestion]:
+    out: list[Suggestion] = []
     labels = {lab for sc in ctx.steps for lab in sc.parts} - {MODEL, "gap", "tcp"}
     for lab in sorted(labels):
         vals = [sc.parts.get(lab, 0) for sc in ctx.steps]
@@ -103,7 +111,7 @@ def _spikes(ctx):
     return out
 
 
-def check(ctx):
+def check(ctx: Analysis) -> list[Suggestion]:
     if not ctx.steps or not _host_timed_model(ctx):
         return []
     found = _spikes(ctx)
