@@ -95,7 +95,8 @@ class EngineTraceBuilder:
         self.counter("waiting", waiting)
         if kv_used is not None:
             self.counter("kv_blocks_used", kv_used)
-            self.counter("kv_blocks_total", self.kv_blocks_total)
+            if self.kv_blocks_total is not None:
+                self.counter("kv_blocks_total", self.kv_blocks_total)
         m_before = {**MASTER_BEFORE, **{k: v for k, v in (master or {}).items() if k in MASTER_BEFORE}}
         m_after = {**MASTER_AFTER, **{k: v for k, v in (master or {}).items() if k not in MASTER_BEFORE}}
         a_stages = {**AGENT_STAGES, **(agent or {})}

@@ -265,6 +265,13 @@ def test_kv_cache_oversized_budget_saves_memory_not_time():
     assert s.impact == "memory: 900 of 1000 KV blocks were never used"
 
 
+def test_kv_usage_without_its_total_is_no_budget_finding():
+    b = EngineTraceBuilder()  # a program that counts the blocks it uses but not its budget
+    b.steps(20, kv_used=100)
+    ctx = Analysis(b.build())
+    assert [s.id for s in run_rules(ctx) if s.id == "kv-cache-pressure"] == [] and ctx.rule_errors == []
+
+
 def test_gc_pauses_from_gc_spans():
     b = EngineTraceBuilder()
     for i in range(40):
