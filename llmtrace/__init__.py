@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterable
 
 from . import context, recorder, sink
 from .decorator import trace
@@ -38,7 +39,7 @@ ENV_GC = "LLMTRACE_GC"
 ENV_AUTO = "LLMTRACE_AUTO"  # "1": automatic instrumentation in every recorded process
 
 
-def instrument(groups=None) -> list[str]:
+def instrument(groups: Iterable[str] | None = None) -> list[str]:
     """Spans at the boundaries every serving stack has (llmtrace/auto/); returns
     the groups newly patched. `llmtrace record` does this unless --no-auto."""
     from .auto import instrument as _instrument
@@ -59,7 +60,7 @@ def _default_process_name() -> str:
 
 def configure(enabled: bool = True, out: str | None = None, process_name: str | None = None,
               sample_hz: float | None = None, gc: bool | None = None,
-              propagate: bool = True, resource: dict | None = None) -> None:
+              propagate: bool = True, resource: dict[str, object] | None = None) -> None:
     """Turn recording on or off and choose where records go.
 
     out: run directory; records spool to OUT/spool/<pid>.lts. Without it, records stay
@@ -107,7 +108,7 @@ def enabled() -> bool:
 
 def flush() -> int:
     """Write what has been recorded so far to the spool; returns the number of records."""
-    return sink.flush()
+    return int(sink.flush())
 
 
 def shutdown() -> None:

@@ -11,7 +11,10 @@ import contextvars
 import itertools
 import os
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from time import perf_counter_ns
+from types import TracebackType
+from typing import Any, Literal, Protocol, TypeVar
 
 from .spool_format import (
     ATTR_FLOAT,
@@ -40,22 +43,38 @@ _str_lock = threading.Lock()
 _buffers: list[_Buffer] = []
 _buffers_lock = threading.Lock()
 _tls = threading.local()
-_device_hook = None
+_device_hook: DeviceHook | None = None
 # Every open span of the process, any thread or task (close_open at a process's end); a
 # dict, not a stack per thread: asyncio tasks interleave their spans on one thread.
 _open: dict[int, LiveSpan] = {}
+
+
+Record = tuple[int, ...]  # the fields of one spool record (spool_format.RECORD), in order
+Carrier = Sequence[int]  # (trace_id, span_id, step): context.Carrier, or its wire form
+R = TypeVar("R")
+_NO_ATTRS = (0,) * N_ATTRS
+
+
+class DeviceHook(Protocol):
+    """Times a `device=True` span on the device (gpu.py): a token at enter, records at exit."""
+
+    def begin(self) -> object: ...
+
+    def end(self, token: object, span_id: int, name_id: int, stage_id: int, step: int) -> None: ...
 
 
 class _Buffer:
     __slots__ = ("tid", "recs", "dropped", "reported")
 
     def __init__(self, tid: int):
-        self.tid, self.recs, self.dropped, self.reported = tid, [], 0, 0
+        self.tid, self.dropped, self.reported = tid, 0, 0
+        self.recs: list[Record] = []
 
 
 def _buffer() -> _Buffer:
     try:
-        return _tls.buf
+        buf: _Buffer = _tls.buf
+        return buf
     except AttributeError:
         buf = _tls.buf = _Buffer(threading.get_native_id())
         with _buffers_lock:
@@ -79,7 +98,7 @@ def _stage_of(name: str) -> str:
     return name if dot < 0 else name[:dot]
 
 
-def _encode_attrs(attrs: dict) -> tuple[list[int], list[int], int]:
+def _encode_attrs(attrs: Mapping[str, object]) -> tuple[list[int], list[int], int]:
     vals, keys, flags = [0] * N_ATTRS, [0] * N_ATTRS, 0
     for i, (k, v) in enumerate(attrs.items()):
         if i == N_ATTRS:
@@ -96,7 +115,7 @@ def _encode_attrs(attrs: dict) -> tuple[list[int], list[int], int]:
     return vals, keys, flags
 
 
-def _append(rec: tuple) -> None:
+def _append(rec: Record) -> None:
     buf = _buffer()
     if len(buf.recs) < BUFFER_CAP:
         buf.recs.append(rec)
@@ -104,15 +123,18 @@ def _append(rec: tuple) -> None:
         buf.dropped += 1
 
 
-def emit(kind, name_id, stage_id, start, end, span_id=0, parent_id=0, link_id=0, step=-1, attrs=None, flags=0,
-         tid=0):
+def emit(kind: int, name_id: int, stage_id: int, start: int, end: int, span_id: int = 0, parent_id: int = 0,
+         link_id: int = 0, step: int = -1, attrs: Mapping[str, object] | None = None, flags: int = 0,
+         tid: int = 0) -> None:
     """Append one raw record (device timing, generator wrappers, stack samples).
     tid=0 means the calling thread; the stack sampler passes the sampled thread's id."""
+    vals: Sequence[int]
+    keys: Sequence[int]
     if attrs:
         vals, keys, f = _encode_attrs(attrs)
         flags |= f
     else:
-        vals = keys = (0, 0, 0, 0)
+        vals = keys = _NO_ATTRS
     _append((start, end, span_id, parent_id, link_id, step, *vals, *keys, name_id, stage_id,
              tid or threading.get_native_id(), kind, flags, 0))
 
@@ -122,8 +144,15 @@ class LiveSpan:
 
     __slots__ = ("name_id", "stage_id", "step", "link", "attrs", "device", "t0", "has_t0", "span_id",
                  "parent", "token", "dtok", "tid", "reported")
+    # set by __enter__ (a span never entered is never exited with its id set)
+    parent: int
+    token: contextvars.Token[tuple[int, int]] | None
+    dtok: object
+    tid: int
+    reported: bool
 
-    def __init__(self, name, stage=None, step=-1, follows=None, device=False, attrs=None, start_ns=None):
+    def __init__(self, name: str, stage: str | None = None, step: int = -1, follows: Carrier | None = None,
+                 device: bool = False, attrs: dict[str, object] | None = None, start_ns: int | None = None):
         self.name_id = intern(name)
         self.stage_id = intern(stage if stage is not None else _stage_of(name))
         self.step, self.link, self.span_id = step, 0, 0
@@ -131,7 +160,7 @@ class LiveSpan:
         self.attrs, self.device = attrs, device
         self._follow(follows)
 
-    def _follow(self, carrier) -> bool:
+    def _follow(self, carrier: Carrier | None) -> bool:
         """Link to `carrier`; a span without a step (none given, none inherited) takes its
         step. Returns whether it did."""
         if carrier is None:
@@ -144,7 +173,7 @@ class LiveSpan:
             self.step = int(carrier[2])
         return adopt
 
-    def follow(self, carrier):
+    def follow(self, carrier: Carrier | None) -> None:
         """Link to the sender's span once its carrier is known; a span without a step, and
         the children opened in it from now on, take the carrier's step."""
         if self._follow(carrier) and self.span_id and _current.get()[0] == self.span_id:
@@ -154,7 +183,7 @@ class LiveSpan:
     def start_ns(self) -> int:
         return self.t0 if self.span_id or self.has_t0 else 0
 
-    def __enter__(self):
+    def __enter__(self) -> LiveSpan:
         if not _enabled:
             self.span_id = 0
             return self
@@ -171,11 +200,12 @@ class LiveSpan:
             self.t0 = perf_counter_ns()
         return self
 
-    def __exit__(self, et, ev, tb):
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
+                 tb: TracebackType | None) -> Literal[False]:
         t1 = perf_counter_ns()
         if not self.span_id or self.token is None:
             return False
-        if self.dtok is not None:
+        if self.dtok is not None and _device_hook is not None:
             _device_hook.end(self.dtok, self.span_id, self.name_id, self.stage_id, self.step)
         _current.reset(self.token)
         _open.pop(id(self), None)
@@ -185,16 +215,17 @@ class LiveSpan:
         self.token = None
         return False
 
-    def set(self, **attrs):
+    def set(self, **attrs: object) -> None:
         """Add attributes known only inside the span (e.g. the batch size)."""
         self.attrs = {**(self.attrs or {}), **attrs}
 
 
-def span(name, *, stage=None, step=-1, follows=None, device=False, start_ns=None, **attrs):
+def span(name: str, *, stage: str | None = None, step: int = -1, follows: Carrier | None = None, device: bool = False,
+         start_ns: int | None = None, **attrs: object) -> LiveSpan:
     return LiveSpan(name, stage, step, follows, device, attrs or None, start_ns)
 
 
-def instant(name, *, step=-1, **attrs):
+def instant(name: str, *, step: int = -1, **attrs: object) -> None:
     if _enabled:
         t = perf_counter_ns()
         cur = _current.get()
@@ -202,18 +233,18 @@ def instant(name, *, step=-1, **attrs):
              cur[1] if step == -1 else step, attrs or None)
 
 
-def counter(name, value, **attrs):
+def counter(name: str, value: float, **attrs: object) -> None:
     if _enabled:
         t = perf_counter_ns()
         emit(COUNTER, intern(name), intern(_stage_of(name)), t, t, 0, 0, 0, -1,
              {"value": float(value), **attrs})
 
 
-def traced(fn, name, stage):
+def traced(fn: Callable[..., R], name: str, stage: str) -> Callable[..., R]:
     """Wrap a plain (sync) function in a span; the C backend does this without a Python frame."""
     name_id, stage_id = intern(name), intern(stage)
 
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> R:
         if not _enabled:
             return fn(*args, **kwargs)
         s = LiveSpan.__new__(LiveSpan)
@@ -230,12 +261,12 @@ def current() -> tuple[int, int]:
     return _current.get()
 
 
-def set_current(span_id: int, step: int):
+def set_current(span_id: int, step: int) -> contextvars.Token[tuple[int, int]]:
     """Make `span_id` the current span; returns a token for `reset_current`."""
     return _current.set((span_id, step))
 
 
-def reset_current(token) -> None:
+def reset_current(token: contextvars.Token[tuple[int, int]]) -> None:
     _current.reset(token)
 
 
@@ -252,19 +283,20 @@ def is_enabled() -> bool:
     return _enabled
 
 
-def set_device_hook(hook) -> None:
+def set_device_hook(hook: DeviceHook | None) -> None:
     global _device_hook
     _device_hook = hook
 
 
-def drain():
+def drain() -> tuple[bytes, int, list[tuple[int, str]], dict[int, int]]:
     """Take everything recorded so far: (records bytes, n, new strings, {tid: dropped since last drain})."""
     with _str_lock:
         strings = _new_strings[:]
         del _new_strings[: len(strings)]
     with _buffers_lock:
         bufs = list(_buffers)
-    out, n, dropped = bytearray(), 0, {}
+    out, n = bytearray(), 0
+    dropped: dict[int, int] = {}
     pack = RECORD.pack
     for buf in bufs:
         recs = buf.recs

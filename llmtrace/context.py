@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from . import recorder
@@ -34,7 +35,7 @@ class Carrier(NamedTuple):
     step: int
 
     @classmethod
-    def from_wire(cls, v) -> Carrier | None:
+    def from_wire(cls, v: Sequence[int] | None) -> Carrier | None:
         if v is None:
             return None
         t, s, st = v

@@ -1,21 +1,35 @@
 """`@llmtrace.trace`: spans around sync, async, generator and async-generator functions."""
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
+from collections.abc import AsyncGenerator, Callable, Generator
 from time import perf_counter_ns
+from typing import Any, TypeVar, cast, overload
 
 from . import recorder
 from .spool_format import SPAN
 
 USER_STAGE = "user"
+F = TypeVar("F", bound=Callable[..., Any])
+Token = contextvars.Token[tuple[int, int]]
 
 
 def _stage_of(name: str) -> str:
     return name.split(".", 1)[0]
 
 
-def trace(fn=None, /, name: str | None = None, *, stage: str | None = None):
+@overload
+def trace(fn: F, /) -> F: ...
+
+
+@overload
+def trace(fn: str | None = None, /, name: str | None = None, *, stage: str | None = None) -> Callable[[F], F]: ...
+
+
+def trace(fn: F | str | None = None, /, name: str | None = None, *,
+          stage: str | None = None) -> F | Callable[[F], F]:
     """Decorate a function with a span.
 
     @trace                      name = qualified name, stage "user"
@@ -29,11 +43,12 @@ def trace(fn=None, /, name: str | None = None, *, stage: str | None = None):
     return lambda f: _wrap(f, name, stage)
 
 
-def _wrap(fn, name, stage):
+def _wrap(fn: F, name: str | None, stage: str | None) -> F:
     if name is None:
         name = fn.__qualname__
         stage = stage or USER_STAGE
     stage = stage or _stage_of(name)
+    wrapper: Callable[..., Any]
     if inspect.iscoroutinefunction(fn):
         wrapper = _wrap_async(fn, name, stage)
     elif inspect.isasyncgenfunction(fn):
@@ -41,12 +56,12 @@ def _wrap(fn, name, stage):
     elif inspect.isgeneratorfunction(fn):
         wrapper = _wrap_gen(fn, name, stage)
     else:
-        return functools.update_wrapper(recorder.traced(fn, name, stage), fn)
-    return functools.wraps(fn)(wrapper)
+        return cast(F, functools.update_wrapper(recorder.traced(fn, name, stage), fn))
+    return cast(F, functools.wraps(fn)(wrapper))
 
 
-def _wrap_async(fn, name, stage):
-    async def wrapper(*args, **kwargs):
+def _wrap_async(fn: Callable[..., Any], name: str, stage: str) -> Callable[..., Any]:
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
         with recorder.span(name, stage=stage):
             return await fn(*args, **kwargs)
 
@@ -58,11 +73,11 @@ class _Lifetime:
 
     __slots__ = ("name_id", "stage_id", "span_id", "parent", "step", "t0", "failed")
 
-    def __init__(self, name, stage):
+    def __init__(self, name: str, stage: str):
         self.name_id, self.stage_id = recorder.intern(name), recorder.intern(stage)
-        self.span_id, self.t0, self.failed = 0, 0, False
+        self.span_id, self.t0, self.failed, self.parent, self.step = 0, 0, False, 0, -1
 
-    def resume(self):
+    def resume(self) -> Token | None:
         if not self.span_id:
             if not recorder.is_enabled():
                 return None
@@ -70,21 +85,22 @@ class _Lifetime:
             self.span_id, self.t0 = recorder.new_span_id(), perf_counter_ns()
         return recorder.set_current(self.span_id, self.step)
 
-    def suspend(self, token):
+    def suspend(self, token: Token | None) -> None:
         if token is not None:
             recorder.reset_current(token)
 
-    def finish(self):
+    def finish(self) -> None:
         if self.span_id:
             recorder.emit(SPAN, self.name_id, self.stage_id, self.t0, perf_counter_ns(), self.span_id,
                           self.parent, 0, self.step, None, 1 if self.failed else 0)
 
 
-def _wrap_gen(fn, name, stage):
-    def wrapper(*args, **kwargs):
+def _wrap_gen(fn: Callable[..., Generator[Any, Any, Any]], name: str, stage: str) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
         life = _Lifetime(name, stage)
         gen = fn(*args, **kwargs)
-        send, value, exc = gen.send, None, None
+        send, value = gen.send, None
+        exc: BaseException | None = None
         try:
             while True:
                 tok = life.resume()
@@ -111,11 +127,12 @@ def _wrap_gen(fn, name, stage):
     return wrapper
 
 
-def _wrap_async_gen(fn, name, stage):
-    async def wrapper(*args, **kwargs):
+def _wrap_async_gen(fn: Callable[..., AsyncGenerator[Any, Any]], name: str, stage: str) -> Callable[..., Any]:
+    async def wrapper(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
         life = _Lifetime(name, stage)
         agen = fn(*args, **kwargs)
-        value, exc = None, None
+        value = None
+        exc: BaseException | None = None
         try:
             while True:
                 tok = life.resume()

@@ -6,6 +6,8 @@ A span's stage is the first dotted part of its name (`tcp.send` -> `tcp`) unless
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 # ---- stages
 HTTP = "http"
 TOKENIZE = "tokenize"
@@ -37,12 +39,22 @@ RECEIVE_VERBS = (".recv", ".get", ".poll")  # waited for a message (a poll: for 
 MESSAGE_STAGES = (TCP, IPC)  # transports that carry a message to another process
 
 
-def is_send(span) -> bool:
+class Named(Protocol):
+    """A span, or anything with a stage and a name."""
+
+    @property
+    def stage(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+
+def is_send(span: Named) -> bool:
     """A span (anything with .stage and .name) that handed a message to another process."""
     return span.stage in MESSAGE_STAGES and span.name.endswith(SEND_VERBS)
 
 
-def is_receive(span) -> bool:
+def is_receive(span: Named) -> bool:
     """A span that took (or waited for) a message from another process."""
     return span.stage in MESSAGE_STAGES and span.name.endswith(RECEIVE_VERBS)
 

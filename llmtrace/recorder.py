@@ -1,18 +1,31 @@
 """The recorder backend: the C accelerator when it is built, else the pure-Python reference.
 
-Both expose the same functions (see `_pyrecorder`) and write the same 112-byte records.
-Set LLMTRACE_PURE_PYTHON=1 to force the Python one (the tests run both).
+Both expose the same functions (see `_pyrecorder`, whose signatures are the typed API: the
+C module mirrors them, tests/test_recorder.py runs both) and write the same 112-byte
+records. Set LLMTRACE_PURE_PYTHON=1 to force the Python one (the tests run both).
 """
 import os
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-backend = None
-if os.environ.get("LLMTRACE_PURE_PYTHON") != "1":
-    try:
-        from . import _fastspan as backend  # type: ignore[attr-defined]
-    except ImportError:
-        backend = None
-if backend is None:
+
+def _load() -> ModuleType:
+    if os.environ.get("LLMTRACE_PURE_PYTHON") != "1":
+        try:
+            from . import _fastspan  # type: ignore[attr-defined]
+
+            return _fastspan  # type: ignore[no-any-return]
+        except ImportError:
+            pass
+    from . import _pyrecorder
+
+    return _pyrecorder
+
+
+if TYPE_CHECKING:
     from . import _pyrecorder as backend
+else:
+    backend = _load()
 
 span = backend.span
 instant = backend.instant

@@ -12,20 +12,26 @@ the report) can also be set later with `.set(tokens=n)` on the span `step()` ret
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import names, recorder
 
+if TYPE_CHECKING:
+    from ._pyrecorder import LiveSpan
+
 _ids = itertools.count()
+T = TypeVar("T")
 
 
-def step(tokens: int | None = None, **attrs):
+def step(tokens: int | None = None, **attrs: Any) -> LiveSpan:
     """A span for one iteration of the serving loop (its step id: the next of this process)."""
     if tokens is not None:
         attrs[names.A_TOKENS] = tokens
     return recorder.span(names.STEP, step=next(_ids), **attrs)
 
 
-def steps(iterable, **attrs):
+def steps(iterable: Iterable[T], **attrs: Any) -> Iterator[T]:
     """Yield the items of `iterable`; the loop body run for each one is a step."""
     for item in iterable:
         with step(**attrs):

@@ -7,12 +7,15 @@ instrumentation that wraps a call and records afterwards. Times are
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from . import recorder
 from .spool_format import FLAG_EXCEPTION, SPAN
 
 
 def record_span(name: str, start_ns: int, end_ns: int, *, stage: str | None = None, step: int = -1,
-                parent: int | None = None, follows=None, failed: bool = False, **attrs) -> int:
+                parent: int | None = None, follows: Sequence[int] | None = None, failed: bool = False,
+                **attrs: object) -> int:
     """Record a finished span; returns its id (0 while recording is off).
 
     parent: the enclosing span's id (default: the current span of this thread or task);
