@@ -137,9 +137,12 @@ class Agent:
                 reply = protocol.slot_views(self.reply, n)
                 reply["token_ids"][:B] = out.token_ids
                 reply["logprobs"][:B] = out.logprobs
+                top = out.top_ids.shape[1]
+                reply["top_ids"][:B, :top] = out.top_ids
+                reply["top_logprobs"][:B, :top] = out.top_logprobs
         carrier = list(llmtrace.context.current())  # agent.step's: the master's tcp.recv follows it
         with llmtrace.span("tcp.send", **{names.A_MSG: n, names.A_NODELAY: int(self.conn.nodelay)}):
-            self.conn.send(protocol.message("reply", step=n, carrier=carrier, n=B,
+            self.conn.send(protocol.message("reply", step=n, carrier=carrier, n=B, top=out.top_ids.shape[1],
                                             timings={"arrival_ns": oldest.arrival_ns, "send_ns": perf_counter_ns()}))
 
     def _receive_next(self) -> None:
@@ -162,9 +165,9 @@ class Agent:
             seq_ids = views.pop("seq_ids")
         with llmtrace.span("preprocess.batch", step=n, new=len(msg["new"]), drop=len(msg["drop"])):
             self.batch.apply(msg["new"], msg["drop"])
-            temperature, top_p, top_k, seed = self.batch.sampling_arrays(seq_ids)
+            temperature, top_p, top_k, seed, top_logprobs = self.batch.sampling_arrays(seq_ids)
             inp = StepInput(step=n, is_prefill=bool(msg["prefill"]), seq_ids=seq_ids,
-                            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, top_logprobs=top_logprobs,
                             banned=self.batch.banned(seq_ids, views["context_lens"]), **views)
         self.launched.append(LaunchedStep(n, B, carrier, t_arrival, self.runner.launch(inp)))
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import orjson
 
 from .chat_template import ROLES
-from .sampling_params import SamplingParams
+from .sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_SEED = 2**63 - 1
 MAX_TOP_K = 2**31 - 1
@@ -25,6 +25,7 @@ MAX_N = 16  # choices per request
 MAX_MIN_TOKENS = 2**31 - 1  # above max_tokens it is refused when the sampling params are built
 OPENAI_DEFAULT_MAX_TOKENS = 16   # OpenAI's legacy completions default
 TGI_DEFAULT_MAX_NEW_TOKENS = 20  # TGI's default
+Alternatives = list[list[tuple[str, float]]]  # per token: the most likely tokens' text and logprob
 
 
 class RequestError(Exception):
@@ -57,6 +58,7 @@ class GenerateRequest:
     model: str | None = None
     n: int = 1  # choices: n sequences generated for the prompt
     logprobs: bool = False  # return each chosen token's log-probability
+    top_logprobs: int = 0  # and this many of the most likely tokens at each position
     min_tokens: int = 0  # EOS and stop tokens banned before this many output tokens
     add_bos: bool = True  # False when a chat template's text starts with BOS already
     # how this API names the prompt and the output budget, for errors found after tokenizing
@@ -71,7 +73,7 @@ class GenerateRequest:
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               max_tokens=self.max_tokens, seed=self.seed, ignore_eos=self.ignore_eos,
-                              logprobs=self.logprobs, min_tokens=self.min_tokens)
+                              logprobs=self.logprobs, top_logprobs=self.top_logprobs, min_tokens=self.min_tokens)
 
 
 def parse_json(raw: bytes) -> dict:
@@ -92,14 +94,11 @@ def parse_completion(body: dict, max_model_len: int) -> GenerateRequest:
     if isinstance(prompt, list):
         raise RequestError("prompt must be a string; lists of prompts or token ids are not supported", "prompt")
     _only_neutral(body, _NEUTRAL)
-    top = _int(body, "logprobs", "logprobs", None, 0, 20)
-    if top:
-        raise RequestError("logprobs > 0 (alternatives per token) is not supported; 0 returns the chosen "
-                           "tokens' log-probabilities", "logprobs")
+    top = _int(body, "logprobs", "logprobs", None, 0, MAX_TOP_LOGPROBS)  # the chosen token's and `top` others
     return GenerateRequest(prompt=_prompt(body, "prompt"),
                            max_tokens=_int(body, "max_tokens", "max_tokens", OPENAI_DEFAULT_MAX_TOKENS, 1,
                                            max_model_len),
-                           logprobs=top == 0, **_openai_common(body))
+                           logprobs=top is not None, top_logprobs=top or 0, **_openai_common(body))
 
 
 def parse_chat(body: dict, max_model_len: int, render) -> GenerateRequest:
@@ -109,13 +108,14 @@ def parse_chat(body: dict, max_model_len: int, render) -> GenerateRequest:
     _reject_unknown(body, _CHAT_FIELDS, "")
     _only_neutral(body, _CHAT_NEUTRAL)
     budget = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    if _int(body, "top_logprobs", "top_logprobs", None, 0, 20):
-        raise RequestError("top_logprobs > 0 (alternatives per token) is not supported; logprobs: true returns "
-                           "the chosen tokens' log-probabilities", "top_logprobs")
+    logprobs = _bool(body, "logprobs", "logprobs", False)
+    top = _int(body, "top_logprobs", "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
+    if top and not logprobs:
+        raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
     text, has_bos = render(_messages(body))
     return GenerateRequest(prompt=text, max_tokens=_int(body, budget, budget, 0, 1, max_model_len),
                            add_bos=not has_bos, prompt_param="messages", max_tokens_param=budget,
-                           logprobs=_bool(body, "logprobs", "logprobs", False), **_openai_common(body))
+                           logprobs=logprobs, top_logprobs=top, **_openai_common(body))
 
 
 def _openai_common(body: dict) -> dict:
@@ -337,19 +337,27 @@ def completion_choice(index: int, text: str, finish_reason: str | None, logprobs
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def completion_logprobs(tokens: list[str], logprobs: list[float], offset: int = 0) -> dict:
-    """OpenAI completions' logprobs object for the chosen tokens (no alternatives)."""
+def completion_logprobs(tokens: list[str], logprobs: list[float], top: Alternatives | None,
+                        offset: int = 0) -> dict:
+    """OpenAI completions' logprobs object: the chosen tokens, and per token a {token: logprob}
+    of the most likely ones when asked for (`top`)."""
     offsets = []
     for t in tokens:
         offsets.append(offset)
         offset += len(t)
-    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": logprobs, "text_offset": offsets,
+            "top_logprobs": None if top is None else [dict(alts) for alts in top]}
 
 
-def chat_logprobs(tokens: list[str], logprobs: list[float]) -> dict:
-    """OpenAI chat's logprobs object for the chosen tokens (no alternatives)."""
-    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
-                        for t, lp in zip(tokens, logprobs)]}
+def chat_logprobs(tokens: list[str], logprobs: list[float], top: Alternatives | None) -> dict:
+    """OpenAI chat's logprobs object: per chosen token, its logprob and the most likely
+    tokens with theirs (empty unless asked for)."""
+    return {"content": [{**_chat_token(t, lp), "top_logprobs": [_chat_token(a, alp) for a, alp in alts]}
+                        for t, lp, alts in zip(tokens, logprobs, top if top is not None else [[]] * len(tokens))]}
+
+
+def _chat_token(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
 
 
 def completion_usage_chunk(rid: str, created: int, model: str, usage_: dict) -> dict:

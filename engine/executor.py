@@ -36,6 +36,7 @@ from .ipc.tcp import AsyncFrameStream, ConnectionClosed, FrameError, NagleFrameS
 from .protocol import PeerError, ProtocolError
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
+from .step_io import SampledRows
 
 log = logging.getLogger("engine.executor")
 
@@ -247,18 +248,21 @@ class Executor:
         for a in self.agents:
             await _guard(a, a.conn.wait())
 
-    async def receive(self, step: int, num_seqs: int, sent_ns: int, waiting_ns: int) -> tuple[list[int], list[float]]:
+    async def receive(self, step: int, num_seqs: int, sent_ns: int, waiting_ns: int) -> SampledRows:
         """Step `step`'s replies (every rank's, once done with its request slot) and its
-        sampled ids and logprobs (rank 0's rows, in the reply slot). `sent_ns`: when the
-        step was sent; `waiting_ns`: when the master began to wait for it."""
+        sampled ids, logprobs and asked-for alternatives (rank 0's rows, in the reply slot).
+        `sent_ns`: when the step was sent; `waiting_ns`: when the master began to wait for it."""
         ready_ns = perf_counter_ns()
         with llmtrace.span("tcp.recv", **{names.A_MSG: step, names.A_READY: 1}) as recv_span:
             replies = [protocol.check(await _guard(a, a.conn.recv()), "reply") for a in self.agents]
             recv_span.follow(Carrier.from_wire(replies[0].get("carrier")))
         self._account(replies, step, num_seqs, sent_ns, waiting_ns, ready_ns)
         with llmtrace.span("shm.read", seqs=num_seqs):
-            reply = protocol.slot_views(self._reply, step)
-            return reply["token_ids"][:num_seqs].tolist(), reply["logprobs"][:num_seqs].tolist()
+            reply, k = protocol.slot_views(self._reply, step), int(replies[0].get("top", 0))
+            top = [list(zip(ids, lps)) for ids, lps in zip(reply["top_ids"][:num_seqs, :k].tolist(),
+                                                           reply["top_logprobs"][:num_seqs, :k].tolist())]
+            return SampledRows(reply["token_ids"][:num_seqs].tolist(), reply["logprobs"][:num_seqs].tolist(),
+                               top if k else None)
 
     def forget(self, seq: Sequence) -> None:
         """A finished sequence: the next frame tells the agents to drop its parameters."""

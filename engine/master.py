@@ -223,13 +223,13 @@ class Master:
                 self.outputs.stream(prev)
                 waiting_ns = perf_counter_ns()
                 await self.executor.wait()
-            token_ids, logprobs = await self.executor.receive(done.step, B, done.sent_ns, waiting_ns)
+            sampled = await self.executor.receive(done.step, B, done.sent_ns, waiting_ns)
             with llmtrace.span("postprocess"):
                 # rows of sequences that the step before stopped (or that were aborted) are discarded
                 kept = sum(1 for s in out.scheduled if not s.seq.is_finished)
-                sched.postprocess(out, token_ids)
+                sched.postprocess(out, sampled.token_ids)
             step_span.set(output_tokens=kept)
-            output: UnstreamedStep | None = UnstreamedStep(done.step, out, token_ids, logprobs)
+            output: UnstreamedStep | None = UnstreamedStep(done.step, out, sampled)
             if not sched.has_unfinished():  # no next step to hide behind
                 self.outputs.stream(output)
                 output = None

@@ -41,17 +41,20 @@ class MistakenModelRunner(ModelRunner):
         if self.device_timed:
             return super()._sample(step, logits, sampling)
         # host_timed_forward: no sync span; the blocking copy waits for forward inside sampling
-        with llmtrace.span("sampling", step=step.step, seqs=step.num_seqs, d2h_bytes=8 * step.num_seqs):
-            ids, logprobs = self.sampler(logits, sampling)
-            out = StepOutput(ids.to(torch.int32).cpu().numpy(), logprobs.cpu().numpy())
-        return self._pending(step, ids, output=out)
+        with llmtrace.span("sampling", step=step.step, seqs=step.num_seqs,
+                           d2h_bytes=8 * step.num_seqs * (1 + step.top_logprobs)):
+            got = self.sampler(logits, sampling)
+            out = StepOutput(got.ids.to(torch.int32).cpu().numpy(), got.logprobs.cpu().numpy(),
+                             got.top_ids.to(torch.int32).cpu().numpy(), got.top_logprobs.cpu().numpy())
+        return self._pending(step, got.ids, output=out)
 
     def _sample_on_host(self, step: StepInput, logits: torch.Tensor) -> StepOutput:
         """The host_sampling mistake: the whole [B, V] logits cross to the host."""
         with llmtrace.span("sampling", step=step.step, seqs=step.num_seqs, d2h_bytes=logits.numel() * 4):
             host = logits.float().cpu().numpy()
             ids, logprobs = mistakes.host_sample(host, step.temperature, step.top_k, step.top_p, self._host_rng)
-        return StepOutput(ids, logprobs)
+            top_logprobs, top_ids = torch.from_numpy(host).log_softmax(-1).topk(step.top_logprobs, dim=-1)
+        return StepOutput(ids, logprobs, top_ids.to(torch.int32).numpy(), top_logprobs.numpy())
 
 
 def make_runner(model_cfg, antipatterns=None, **kw) -> ModelRunner:

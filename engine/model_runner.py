@@ -58,7 +58,8 @@ def prepare_inputs(step: StepInput, device: torch.device) -> ModelInputs:
 
 def sampling_tensors(step: StepInput, device: torch.device) -> SamplingTensors:
     return SamplingTensors.from_numpy(step.temperature, step.top_p, step.top_k, step.seed,
-                                      positions=step.context_lens, device=device, banned=step.banned)
+                                      positions=step.context_lens, device=device, banned=step.banned,
+                                      top_logprobs=step.top_logprobs)
 
 
 def kv_block_bytes(model: LlamaForCausalLM, block_size: int) -> int:
@@ -94,7 +95,7 @@ class ModelRunner:
         if cuda_graphs and self.device.type == "cuda":
             self.graphs = DecodeGraphRunner(self.model, self.kv_caches, max_num_seqs=max_num_seqs,
                                             max_model_len=max_model_len, block_size=block_size)
-        self._host_out = [{} for _ in range(PIPELINE_DEPTH)]  # pinned reply buffers by dtype
+        self._host_out = [{} for _ in range(PIPELINE_DEPTH)]  # pinned reply buffers, one per output
         self._launches = 0
         self._unread = 0  # launched steps whose result() has not run
         self._last_ids: tuple[np.ndarray, torch.Tensor] | None = None  # (seq ids, sampled ids) of the last launch
@@ -157,12 +158,15 @@ class ModelRunner:
         return step
 
     def _sample(self, step: StepInput, logits: torch.Tensor, sampling: SamplingTensors) -> PendingOutput:
-        """Sample on the device and start the copy of ids and logprobs to the host."""
-        # d2h_bytes: what this stage copies to the host (ids + logprobs), for the analyzer.
-        with llmtrace.span("sampling", step=step.step, device=True, seqs=step.num_seqs, d2h_bytes=8 * step.num_seqs):
-            ids, logprobs = self.sampler(logits, sampling)
-            host = self._copy_to_host(ids.to(torch.int32), logprobs)
-        return self._pending(step, ids, *host)
+        """Sample on the device and start the copy of ids and logprobs (and the alternatives
+        asked for) to the host."""
+        # d2h_bytes: what this stage copies to the host, for the analyzer.
+        d2h = 8 * step.num_seqs * (1 + step.top_logprobs)
+        with llmtrace.span("sampling", step=step.step, device=True, seqs=step.num_seqs, d2h_bytes=d2h):
+            got = self.sampler(logits, sampling)
+            host = self._copy_to_host(got.ids.to(torch.int32), got.logprobs, got.top_ids.to(torch.int32),
+                                      got.top_logprobs)
+        return self._pending(step, got.ids, *host)
 
     def _pending(self, step: StepInput, ids: torch.Tensor, *host: torch.Tensor,
                  output: StepOutput | None = None) -> PendingOutput:
@@ -198,10 +202,10 @@ class ModelRunner:
         ring = self._host_out[self._launches % PIPELINE_DEPTH]
         self._launches += 1
         out = []
-        for t in tensors:
-            buf = ring.get(t.dtype)
-            if buf is None or buf.numel() < t.numel():
-                buf = ring[t.dtype] = torch.empty(max(t.numel(), 256), dtype=t.dtype, pin_memory=True)
+        for i, t in enumerate(tensors):  # one buffer per output (ids and top ids share a dtype)
+            buf = ring.get(i)
+            if buf is None or buf.numel() < t.numel() or buf.dtype != t.dtype:
+                buf = ring[i] = torch.empty(max(t.numel(), 256), dtype=t.dtype, pin_memory=True)
             out.append(buf[:t.numel()].view(t.shape).copy_(t, non_blocking=True))
         return out
 
@@ -210,9 +214,9 @@ class PendingOutput:
     """A launched step's result: `done()` asks the device without blocking, `result()` waits
     for it (the `sync.wait` span, the step's only wait) and returns the StepOutput."""
 
-    def __init__(self, runner: ModelRunner, step: int, ids: torch.Tensor | None = None,
-                 logprobs: torch.Tensor | None = None, output: StepOutput | None = None):
-        self.runner, self.step, self.ids, self.logprobs, self.output = runner, step, ids, logprobs, output
+    def __init__(self, runner: ModelRunner, step: int, *host: torch.Tensor, output: StepOutput | None = None):
+        """host: the step's ids, logprobs, top ids and top logprobs being copied to the host."""
+        self.runner, self.step, self.host, self.output = runner, step, host, output
         self.event = None
         if output is None and runner.device.type == "cuda":
             self.event = torch.cuda.Event()
@@ -231,8 +235,8 @@ class PendingOutput:
                 if self.event is not None:
                     self.event.synchronize()
                 # Copies: the pinned buffers are rewritten two launches later.
-                self.output = StepOutput(self.ids.numpy().copy(), self.logprobs.numpy().copy())
-            self.ids = self.logprobs = None
+                self.output = StepOutput(*(t.numpy().copy() for t in self.host))
+            self.host = ()
         self.runner._unread -= 1
         self.runner = None
         return self.output

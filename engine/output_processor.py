@@ -14,6 +14,7 @@ from llmtrace import names
 
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
+from .step_io import SampledRows
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -27,19 +28,20 @@ class UnstreamedStep(NamedTuple):
     """A postprocessed step whose tokens are not streamed yet."""
     step: int
     out: SchedulerOutput
-    token_ids: list[int]
-    logprobs: list[float]
+    sampled: SampledRows
 
 
 class RequestStream:
     """One request's deltas, as an async iterator. It ends after the delta that carries a
     finish_reason, or raises EngineDead if the engine dies first. With
-    `SamplingParams.logprobs`, `logprobs` collects each output token's log-probability."""
+    `SamplingParams.logprobs`, `logprobs` collects each output token's log-probability, and
+    with `top_logprobs` `top_logprobs` its most likely tokens with theirs."""
 
     def __init__(self, seq: Sequence, detokenizer: IncrementalDetokenizer):
         self.seq = seq
         self.detokenizer = detokenizer
         self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []
         self.queue_recorded = False  # its `queue` span is emitted when it is first scheduled
         self.num_streamed = 0  # tokens put so far (the sequence may hold later ones already)
         self._deltas: deque[Delta] = deque()
@@ -111,7 +113,7 @@ class OutputProcessor:
         if output is None:
             return
         with llmtrace.span("detokenize", step=output.step):
-            deltas = self._detokenize(output.out, output.token_ids, output.logprobs)
+            deltas = self._detokenize(output.out, output.sampled)
         with llmtrace.span("stream.write", step=output.step):
             self._publish(deltas)
 
@@ -126,16 +128,17 @@ class OutputProcessor:
                 llmtrace.record_span(names.QUEUE_SPAN, s.seq.arrival_ns, s.seq.first_scheduled_ns, parent=0, step=step,
                                      req=s.seq.req_id)
 
-    def _detokenize(self, out: SchedulerOutput, token_ids: list[int],
-                    logprobs: list[float]) -> list[tuple[RequestStream, Delta]]:
+    def _detokenize(self, out: SchedulerOutput, sampled: SampledRows) -> list[tuple[RequestStream, Delta]]:
         deltas = []
-        for s, token_id, logprob in zip(out.scheduled, token_ids, logprobs):
+        for row, (s, token_id, logprob) in enumerate(zip(out.scheduled, sampled.token_ids, sampled.logprobs)):
             seq = s.seq
             stream = self.streams.get(seq.req_id)
             if stream is None or stream.seq is not seq:
                 continue  # aborted while the step ran
             if seq.sampling_params.logprobs:
                 stream.logprobs.append(logprob)
+            if seq.sampling_params.top_logprobs and sampled.top is not None:
+                stream.top_logprobs.append(sampled.top[row][:seq.sampling_params.top_logprobs])
             text = stream.detokenizer.add((token_id,))
             if seq.is_finished:
                 text += stream.detokenizer.flush()

@@ -27,7 +27,7 @@ step before.
 from __future__ import annotations
 
 from .ipc.shm import ArenaLayout, Field
-from .sampling_params import SamplingParams
+from .sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from .step_io import ARENA_ARRAYS, extent
 
 VERSION = 2
@@ -69,9 +69,10 @@ def check(msg: dict, *expected: str) -> dict:
 
 def sampling_to_wire(sp: SamplingParams, num_prompt_tokens: int = 0, eos_token_id: int | None = None) -> list:
     """What the agent needs to sample a sequence's tokens: [temperature, top_p, top_k, seed
-    (-1: none)], and with min_tokens [.., ban_until, [token ids]]: those tokens (EOS and the
-    stop tokens) cannot be sampled at positions before ban_until."""
-    wire = [float(sp.temperature), float(sp.top_p), int(sp.top_k), -1 if sp.seed is None else int(sp.seed)]
+    (-1: none), top_logprobs], and with min_tokens [.., ban_until, [token ids]]: those tokens
+    (EOS and the stop tokens) cannot be sampled at positions before ban_until."""
+    wire = [float(sp.temperature), float(sp.top_p), int(sp.top_k), -1 if sp.seed is None else int(sp.seed),
+            int(sp.top_logprobs)]
     banned = ([] if eos_token_id is None else [int(eos_token_id)]) + [int(t) for t in sp.stop_token_ids]
     if sp.min_tokens and banned:
         wire += [num_prompt_tokens + sp.min_tokens, banned]
@@ -87,10 +88,13 @@ def request_layout(max_num_seqs: int, max_batched_tokens: int, max_blocks_per_se
 
 def reply_layout(max_num_seqs: int) -> ArenaLayout:
     """The step's outputs (after the slot index), written by agent rank 0: one sampled token
-    per sequence."""
+    per sequence, its logprob, and the step's most likely tokens with theirs (the first
+    `top` columns, `top` in the reply message: the most any sequence of the step asked for)."""
     return ArenaLayout([
         Field("token_ids", "int32", (SLOTS, max_num_seqs)),
         Field("logprobs", "float32", (SLOTS, max_num_seqs)),
+        Field("top_ids", "int32", (SLOTS, max_num_seqs, MAX_TOP_LOGPROBS)),
+        Field("top_logprobs", "float32", (SLOTS, max_num_seqs, MAX_TOP_LOGPROBS)),
     ])
 
 

@@ -4,11 +4,14 @@ Sampling uses the exponential-race form of categorical sampling (argmax of p / E
 E ~ Exp(1)), so one noise tensor serves the whole batch. Seeded rows draw their noise
 from a generator seeded with (seed, position of the sampled token): a request's tokens
 then depend only on its own seed, never on what else is in the batch or on preemption.
-Only the chosen ids and their logprobs leave the device.
+Only the chosen ids and their logprobs leave the device, and for requests that ask for
+them (`top_logprobs`) the step's K most likely tokens per row with theirs (K: the most any
+row asked for; the output processor keeps each row's own count).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,10 +32,12 @@ class SamplingTensors:
     any_top_k: bool
     any_top_p: bool
     banned: tuple = ()  # ((row, token ids), ...): tokens a row may not sample yet (min_tokens)
+    top_logprobs: int = 0  # the most likely tokens to return per row, with their logprobs
 
     @classmethod
     def from_numpy(cls, temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray, seed: np.ndarray,
-                   positions: np.ndarray, device: torch.device, banned: tuple = ()) -> SamplingTensors:
+                   positions: np.ndarray, device: torch.device, banned: tuple = (),
+                   top_logprobs: int = 0) -> SamplingTensors:
         """seed: -1 = unseeded; positions: position of the token each row samples."""
         greedy = temperature <= 0
         rows = np.flatnonzero((seed >= 0) & ~greedy)
@@ -43,7 +48,15 @@ class SamplingTensors:
             seeded_rows=[(int(r), int(seed[r]) * _SEED_STRIDE + int(positions[r])) for r in rows],
             all_greedy=bool(greedy.all()), any_greedy=bool(greedy.any()),
             any_top_k=bool((top_k > 0).any()), any_top_p=bool((top_p < 1).any()), banned=banned,
+            top_logprobs=top_logprobs,
         )
+
+
+class Sampled(NamedTuple):
+    ids: torch.Tensor  # [B] int64, the chosen tokens
+    logprobs: torch.Tensor  # [B] float32, their logprobs under the model
+    top_ids: torch.Tensor  # [B, K] int64, the K most likely tokens (K = SamplingTensors.top_logprobs)
+    top_logprobs: torch.Tensor  # [B, K] float32, their logprobs
 
 
 class Sampler:
@@ -51,8 +64,9 @@ class Sampler:
         self.device = torch.device(device)
         self._generator = torch.Generator(device=self.device).manual_seed(seed)  # unseeded rows
 
-    def __call__(self, logits: torch.Tensor, st: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [B, V] -> (token ids [B] int64, logprob of each chosen token under the model [B] float32)."""
+    def __call__(self, logits: torch.Tensor, st: SamplingTensors) -> Sampled:
+        """logits [B, V] -> the chosen ids with their logprobs under the model (the logits
+        before temperature, top-k and top-p), and the K most likely tokens with theirs."""
         logits = logits.float()
         if st.banned:  # min_tokens: EOS and stop tokens are not candidates yet
             logits = logits.clone()
@@ -65,7 +79,9 @@ class Sampler:
             ids = self._sample(logits, st)
             if st.any_greedy:
                 ids = torch.where(st.temperature <= 0, greedy_ids, ids)
-        return ids, logits.gather(1, ids[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        top_logits, top_ids = logits.topk(st.top_logprobs, dim=-1)  # K = 0: [B, 0], nothing computed
+        return Sampled(ids, (logits.gather(1, ids[:, None]) - lse).squeeze(1), top_ids, top_logits - lse)
 
     def _sample(self, logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
         temp = torch.where(st.temperature > 0, st.temperature, 1.0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+MAX_TOP_LOGPROBS = 20  # alternatives per token a request may ask for (vLLM's default limit)
+
 
 class SamplingParamsError(ValueError):
     """A sampling field with a bad value; `field` names it (as in the request body)."""
@@ -23,6 +25,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: bool = False  # also return the sampled token's log-probability
+    top_logprobs: int = 0  # and this many of the most likely tokens at each position, with theirs
     min_tokens: int = 0  # EOS and the stop tokens cannot be sampled before this many output tokens
 
     def __post_init__(self):
@@ -56,6 +59,12 @@ class SamplingParams:
         for name in ("ignore_eos", "logprobs"):
             if not isinstance(getattr(self, name), bool):
                 raise SamplingParamsError(name, f"{getattr(self, name)!r} is not allowed; use true or false")
+        _integer(self.top_logprobs, "top_logprobs")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise SamplingParamsError("top_logprobs", f"{self.top_logprobs} is not allowed; use 0 <= top_logprobs "
+                                                      f"<= {MAX_TOP_LOGPROBS}")
+        if self.top_logprobs and not self.logprobs:
+            raise SamplingParamsError("top_logprobs", "needs logprobs: true")
 
     @property
     def greedy(self) -> bool:

@@ -120,13 +120,21 @@ class Generation:
     def usage(self) -> dict:
         return api.usage(self.prompt_tokens, self.output_tokens)
 
-    def logprobs(self, tokenizer, start: int = 0, end: int | None = None) -> tuple[list[str], list[float]] | None:
-        """The chosen tokens [start, end) as text and their log-probabilities, when asked for."""
+    def logprobs(self, tokenizer, start: int = 0,
+                 end: int | None = None) -> tuple[list[str], list[float], api.Alternatives | None] | None:
+        """The chosen tokens [start, end) as text with their log-probabilities, and the most
+        likely tokens at each position with theirs, when asked for."""
         if not self.greq.logprobs:
             return None
         ids = self.token_ids[start:end]
-        return ([tokenizer.id_to_piece(int(t)).replace("\u2581", " ") for t in ids],
-                [float(x) for x in self.stream.logprobs[start:start + len(ids)]])
+        top = self.stream.top_logprobs[start:start + len(ids)] if self.greq.top_logprobs else None
+        return ([_piece(tokenizer, t) for t in ids], [float(x) for x in self.stream.logprobs[start:start + len(ids)]],
+                None if top is None else [[(_piece(tokenizer, t), float(lp)) for t, lp in alts] for alts in top])
+
+
+def _piece(tokenizer, token_id: int) -> str:
+    """A token as the text it stands for (sentencepiece marks a leading space with U+2581)."""
+    return tokenizer.id_to_piece(int(token_id)).replace("\u2581", " ")
 
 
 class ApiServer:

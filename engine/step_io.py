@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -31,6 +32,7 @@ class StepInput:
     top_k: np.ndarray  # [B] int32
     seed: np.ndarray  # [B] int64
     banned: tuple = ()  # ((row, token ids), ...): tokens a row may not sample yet (min_tokens)
+    top_logprobs: int = 0  # alternatives per token to return (the most any sequence asked for)
 
     @property
     def num_seqs(self) -> int:
@@ -54,7 +56,17 @@ def extent(kind: str, B: int, T: int, M: int) -> tuple[int, ...]:
     return {"T": (T,), "B": (B,), "B+1": (B + 1,), "B,M": (B, M)}[kind]
 
 
+class SampledRows(NamedTuple):
+    """A step's sampling as the master reads it from the reply slot, one row per sequence."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top: list[list[tuple[int, float]]] | None  # the step's most likely tokens with theirs, when asked for
+
+
 @dataclass
 class StepOutput:
     token_ids: np.ndarray  # [B] int32, one sampled token per sequence
     logprobs: np.ndarray  # [B] float32, the model's logprob of that token
+    top_ids: np.ndarray  # [B, K] int32, the K most likely tokens (K: StepInput.top_logprobs)
+    top_logprobs: np.ndarray  # [B, K] float32, their logprobs

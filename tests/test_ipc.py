@@ -37,7 +37,7 @@ def pair():
 
 def test_frames_round_trip_including_large_and_binary(pair):
     left, right = pair
-    msgs = [protocol.message("step", step=3, carrier=[1, 2, 3], new=[[7, [0.0, 1.0, -1, -1]]], drop=[]),
+    msgs = [protocol.message("step", step=3, carrier=[1, 2, 3], new=[[7, [0.0, 1.0, -1, -1, 0]]], drop=[]),
             {"blob": b"\x00\xff" * 3_000_000, "text": "é" * 1000},  # ~6 MB: many recv() calls
             {"nested": {"x": [1.5, None, True]}}]
     sender = threading.Thread(target=lambda: [left.send(m) for m in msgs])  # 6 MB overflows the socket buffers
@@ -222,10 +222,11 @@ def test_arenas_unlinked_on_every_exit_path(how):
 
 def test_batch_state_applies_diffs():
     bs = BatchState()
-    bs.apply([[3, [0.0, 1.0, -1, -1]], [9, [0.7, 0.9, 40, 123]]], [])
-    t, p, k, s = bs.sampling_arrays(np.array([9, 3, 9]))
+    bs.apply([[3, [0.0, 1.0, -1, -1, 0]], [9, [0.7, 0.9, 40, 123, 5]]], [])
+    t, p, k, s, top = bs.sampling_arrays(np.array([9, 3, 9]))
     assert t.dtype == np.float32 and k.dtype == np.int32 and s.dtype == np.int64
     assert t.tolist() == pytest.approx([0.7, 0.0, 0.7]) and k.tolist() == [40, -1, 40] and s.tolist() == [123, -1, 123]
+    assert top == 5 and bs.sampling_arrays(np.array([3]))[4] == 0  # the most any row of the step asked for
     bs.apply([], [3])
     assert len(bs) == 1
     with pytest.raises(protocol.ProtocolError, match="sequence 3"):
@@ -237,10 +238,10 @@ def test_min_tokens_bans_eos_and_stop_tokens_until_the_count_is_reached():
     from engine.sampling_params import SamplingParams
 
     wire = protocol.sampling_to_wire(SamplingParams(max_tokens=8, min_tokens=3, stop_token_ids=(5,)), 10, 2)
-    assert wire[4:] == [13, [2, 5]]  # prompt 10 + 3: output positions 10, 11, 12 may not be EOS or 5
-    assert protocol.sampling_to_wire(SamplingParams(max_tokens=8), 10, 2) == [1.0, 1.0, -1, -1]
+    assert wire[5:] == [13, [2, 5]]  # prompt 10 + 3: output positions 10, 11, 12 may not be EOS or 5
+    assert protocol.sampling_to_wire(SamplingParams(max_tokens=8), 10, 2) == [1.0, 1.0, -1, -1, 0]
     bs = BatchState()
-    bs.apply([[1, wire], [4, [0.0, 1.0, -1, -1]]], [])
+    bs.apply([[1, wire], [4, [0.0, 1.0, -1, -1, 0]]], [])
     assert bs.banned(np.array([4, 1]), np.array([11, 12])) == ((1, (2, 5)),)
     assert bs.banned(np.array([1]), np.array([13])) == ()
     bs.apply([], [1])

@@ -352,8 +352,9 @@ class _PendingStub:
         from engine.step_io import StepOutput
 
         self.device.events.append(("result", self.step.step))
-        return StepOutput(np.full(self.step.num_seqs, 100 + self.step.step, np.int32),
-                          np.zeros(self.step.num_seqs, np.float32))
+        b = self.step.num_seqs
+        return StepOutput(np.full(b, 100 + self.step.step, np.int32), np.zeros(b, np.float32),
+                          np.zeros((b, 0), np.int32), np.zeros((b, 0), np.float32))
 
 
 def test_agent_launches_the_next_step_while_the_device_runs_and_replies_in_order():
@@ -375,7 +376,7 @@ def test_agent_launches_the_next_step_while_the_device_runs_and_replies_in_order
             slot["query_start_loc"][:3] = [0, 1, 2]
             master.send(protocol.message("step", step=n, carrier=None, prefill=False, num_seqs=2, num_tokens=2,
                                          block_width=1, drop=[],
-                                         new=[[7, [0.0, 1.0, -1, -1]], [8, [0.0, 1.0, -1, -1]]] if n == 0 else []))
+                                         new=[[7, [0.0, 1.0, -1, -1, 0]], [8, [0.0, 1.0, -1, -1, 0]]] if n == 0 else []))
         serving = threading.Thread(target=agent.serve)
         serving.start()
         replies = []

@@ -63,6 +63,20 @@ def test_outputs_and_block_table_padding(runner):
     assert (a.logprobs <= 0).all()
 
 
+def test_the_most_likely_tokens_cross_to_the_host_only_when_asked_for(runner):
+    alloc = MiniAllocator(runner.num_blocks, seed=5)
+    batch = [(0, [1, 300, 301], 0), (1, [1, 7], 0)]
+    plain = runner.execute(make_step(0, alloc, batch, temperature=[0.0, 0.0]))
+    assert plain.top_ids.shape == plain.top_logprobs.shape == (2, 0)
+    step = make_step(0, alloc, batch, temperature=[0.0, 0.0])
+    step.top_logprobs = 3
+    out = runner.execute(step)
+    assert out.top_ids.dtype == np.int32 and out.top_ids.shape == out.top_logprobs.shape == (2, 3)
+    np.testing.assert_array_equal(out.top_ids[:, 0], out.token_ids)  # greedy: the likeliest token
+    np.testing.assert_allclose(out.top_logprobs[:, 0], out.logprobs, rtol=1e-5)
+    assert (np.diff(out.top_logprobs, axis=1) <= 0).all()
+
+
 def test_seeded_request_generates_the_same_alone_or_batched(runner):
     def run(with_neighbours: bool) -> list[int]:
         d = Driver(runner, seed=int(with_neighbours))

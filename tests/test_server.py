@@ -182,6 +182,29 @@ def test_logprobs_of_the_chosen_tokens(engine):
     assert [c["logprob"] for c in streamed] == pytest.approx([c["logprob"] for c in content])
 
 
+def test_top_logprobs_list_the_most_likely_tokens_at_each_position(engine):
+    body = {"prompt": PROMPT, "max_tokens": 4, "temperature": 0, "ignore_eos": True, "logprobs": 3}
+    status, _, data = post(engine, C, body)
+    lp = data["choices"][0]["logprobs"]
+    assert status == 200 and len(lp["top_logprobs"]) == len(lp["tokens"]) == 4
+    for token, chosen, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        ranked = sorted(top.values(), reverse=True)
+        assert len(top) <= 3 and ranked[0] == pytest.approx(chosen)  # greedy: the chosen token is the likeliest
+        assert top.get(token, chosen) == pytest.approx(chosen)
+    chat = {"messages": CHAT, "max_tokens": 4, "temperature": 0, "ignore_eos": True, "logprobs": True,
+            "top_logprobs": 2}
+    status, _, data = post(engine, H, chat)
+    content = data["choices"][0]["logprobs"]["content"]
+    assert status == 200 and [len(c["top_logprobs"]) for c in content] == [2] * 4
+    assert all(c["top_logprobs"][0]["logprob"] >= c["top_logprobs"][1]["logprob"] for c in content)
+    status, _, raw = post(engine, H, {**chat, "stream": True})
+    streamed = [c for e in sse_events(raw)[:-1] if e["choices"] and e["choices"][0]["logprobs"]
+                for c in e["choices"][0]["logprobs"]["content"]]
+    assert [c["top_logprobs"] for c in streamed] == [c["top_logprobs"] for c in content]
+    plain = post(engine, C, {**body, "logprobs": 0})[2]["choices"][0]["logprobs"]
+    assert plain["top_logprobs"] is None and plain["token_logprobs"] == pytest.approx(lp["token_logprobs"])
+
+
 def test_min_tokens_is_accepted_and_generates_at_least_that_many(engine):
     status, _, data = post(engine, C, {"prompt": PROMPT, "max_tokens": 9, "min_tokens": 9, "temperature": 0})
     assert status == 200 and data["usage"]["completion_tokens"] == 9
@@ -379,11 +402,12 @@ BAD = [
     (H, {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
     (H, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, 400, "messages"),
     (H, {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, 400, "max_completion_tokens"),
-    (H, {"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, 400, "logprobs"),
     (H, {"messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, "tools"),
     (C, {"prompt": "hi", "echo": True}, 400, "echo"),
-    (C, {"prompt": "hi", "logprobs": 5}, 400, "logprobs"),
-    (H, {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, 400, "top_logprobs"),
+    (H, {"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, 400, "logprobs"),
+    (H, {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, 400, "top_logprobs"),  # no logprobs
+    (H, {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    (C, {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     (C, {"prompt": "hi", "ignore_eos": 1}, 400, "ignore_eos"),
     (G, {"inputs": ""}, 400, "inputs"),
     (G, {"prompt": "hi"}, 400, "prompt"),
