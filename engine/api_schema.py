@@ -73,7 +73,8 @@ class GenerateRequest:
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                               max_tokens=self.max_tokens, seed=self.seed, ignore_eos=self.ignore_eos,
-                              logprobs=self.logprobs, top_logprobs=self.top_logprobs, min_tokens=self.min_tokens)
+                              logprobs=self.logprobs, top_logprobs=self.top_logprobs, min_tokens=self.min_tokens,
+                              stop=self.stop)
 
 
 def parse_json(raw: bytes) -> dict:

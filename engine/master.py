@@ -43,7 +43,7 @@ from .output_processor import OutputProcessor, RequestStream, UnstreamedStep
 from .protocol import PeerError, ProtocolError
 from .sampling_params import SamplingParams
 from .scheduler import RequestRejected, Scheduler, SchedulerOutput
-from .sequence import Sequence
+from .sequence import Sequence, SequenceStatus
 from .tokenizer import Tokenizer, tokenizer_path
 
 __all__ = ["EngineDead", "Master", "RequestStream"]
@@ -66,7 +66,7 @@ class Master:
         self.scheduler: Scheduler | None = None
         self.num_steps = 0
         self.executor = Executor(cfg, tokenizer.eos_id)
-        self.outputs = OutputProcessor(tokenizer, self.executor.forget)
+        self.outputs = OutputProcessor(tokenizer, self.executor.forget, self._stop_at_string)
         self._work = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._watchers: list[asyncio.Task] = []
@@ -155,6 +155,11 @@ class Master:
         seq = self.scheduler.abort(req_id) if self.scheduler is not None else None
         if seq is not None:
             self.outputs.abort(seq)
+
+    def _stop_at_string(self, seq: Sequence) -> None:
+        """Its output showed a stop string: finished as stopped, its blocks freed."""
+        if self.scheduler is not None:
+            self.scheduler.abort(seq.req_id, SequenceStatus.FINISHED_STOPPED)
 
     def stats(self) -> dict:
         s = self.scheduler

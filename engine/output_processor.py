@@ -1,7 +1,8 @@
 """From sampled ids to what each request's client reads (vLLM v1's OutputProcessor): one
-`RequestStream` per request, its incremental detokenization, and the deltas pushed to it
-once a step is postprocessed (`detokenize` and `stream.write` spans, with that step's id).
-The master runs it while the agents compute the next step."""
+`RequestStream` per request, its incremental detokenization, its stop strings (the text
+is cut before the first one and the sequence stopped), and the deltas pushed to it once a
+step is postprocessed (`detokenize` and `stream.write` spans, with that step's id). The
+master runs it while the agents compute the next step."""
 from __future__ import annotations
 
 import asyncio
@@ -15,6 +16,7 @@ from llmtrace import names
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
 from .step_io import SampledRows
+from .stop_strings import StopStringMatcher
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -22,6 +24,7 @@ class Delta(NamedTuple):
     token_ids: list[int]
     text: str
     finish_reason: str | None  # "stop" | "length" | "abort" on the last delta
+    stop_reason: str | None = None  # the stop string that ended the output (vLLM's stop_reason)
 
 
 class UnstreamedStep(NamedTuple):
@@ -42,6 +45,7 @@ class RequestStream:
         self.detokenizer = detokenizer
         self.logprobs: list[float] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []
+        self.stops = StopStringMatcher(seq.sampling_params.stop) if seq.sampling_params.stop else None
         self.queue_recorded = False  # its `queue` span is emitted when it is first scheduled
         self.num_streamed = 0  # tokens put so far (the sequence may hold later ones already)
         self._deltas: deque[Delta] = deque()
@@ -83,12 +87,14 @@ class RequestStream:
 
 
 class OutputProcessor:
-    """The open requests' streams; `finished(seq)` is called once a sequence's last token is out."""
+    """The open requests' streams; `finished(seq)` is called once a sequence's last token is
+    out, `stop(seq)` when its output showed a stop string (the scheduler finishes it)."""
 
-    def __init__(self, tokenizer: Tokenizer, finished: Callable[[Sequence], None]):
+    def __init__(self, tokenizer: Tokenizer, finished: Callable[[Sequence], None],
+                 stop: Callable[[Sequence], None]):
         self.tokenizer = tokenizer
         self.streams: dict[str, RequestStream] = {}
-        self._finished = finished
+        self._finished, self._stop = finished, stop
 
     def add(self, seq: Sequence) -> RequestStream:
         stream = RequestStream(seq, IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids))
@@ -139,13 +145,27 @@ class OutputProcessor:
                 stream.logprobs.append(logprob)
             if seq.sampling_params.top_logprobs and sampled.top is not None:
                 stream.top_logprobs.append(sampled.top[row][:seq.sampling_params.top_logprobs])
-            text = stream.detokenizer.add((token_id,))
+            text, stop = self._text(stream, token_id)
+            if stop is not None and not seq.is_finished:
+                self._stop(seq)
             if seq.is_finished:
-                text += stream.detokenizer.flush()
                 del self.streams[seq.req_id]
                 self._finished(seq)
-            deltas.append((stream, Delta([token_id], text, seq.finish_reason)))
+            deltas.append((stream, Delta([token_id], text, "stop" if stop else seq.finish_reason, stop)))
         return deltas
+
+    @staticmethod
+    def _text(stream: RequestStream, token_id: int) -> tuple[str, str | None]:
+        """The text a new token adds to the output, up to a stop string (then also that string)."""
+        text = stream.detokenizer.add((token_id,))
+        if stream.seq.is_finished:
+            text += stream.detokenizer.flush()
+        if stream.stops is None:
+            return text, None
+        text, stop = stream.stops.feed(text)
+        if stop is None and stream.seq.is_finished:
+            text += stream.stops.flush()
+        return text, stop
 
     def _publish(self, deltas: list[tuple[RequestStream, Delta]]) -> None:
         for stream, delta in deltas:

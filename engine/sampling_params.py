@@ -27,6 +27,7 @@ class SamplingParams:
     logprobs: bool = False  # also return the sampled token's log-probability
     top_logprobs: int = 0  # and this many of the most likely tokens at each position, with theirs
     min_tokens: int = 0  # EOS and the stop tokens cannot be sampled before this many output tokens
+    stop: tuple[str, ...] = ()  # strings that end the output (cut before them) where the text shows one
 
     def __post_init__(self):
         _number(self.temperature, "temperature")
@@ -52,6 +53,9 @@ class SamplingParams:
             if isinstance(t, bool) or not isinstance(t, int) or t < 0:
                 raise SamplingParamsError("stop_token_ids", f"{t!r} is not a token id (an integer >= 0)")
         object.__setattr__(self, "stop_token_ids", ids)
+        if isinstance(self.stop, (str, bytes)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise SamplingParamsError("stop", f"{self.stop!r} is not a list of non-empty strings")
+        object.__setattr__(self, "stop", tuple(self.stop))
         _integer(self.min_tokens, "min_tokens")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise SamplingParamsError("min_tokens", f"{self.min_tokens} is not allowed; use 0 <= min_tokens <= "

@@ -108,8 +108,9 @@ class Scheduler:
         self.waiting.append(seq)
         self._unfinished[seq.req_id] = seq
 
-    def abort(self, req_id: str) -> Sequence | None:
-        """Finish a request wherever it is and free its blocks; None if it is not unfinished.
+    def abort(self, req_id: str, status: SequenceStatus = SequenceStatus.FINISHED_ABORTED) -> Sequence | None:
+        """Finish a request wherever it is (with `status`: a stop string the output showed
+        finishes it as stopped) and free its blocks; None if it is not unfinished.
 
         Safe between schedule() and postprocess(): postprocess skips finished sequences."""
         seq = self._unfinished.pop(req_id, None)
@@ -117,7 +118,7 @@ class Scheduler:
             return None
         (self.waiting if seq.status is SequenceStatus.WAITING else self.running).remove(seq)
         self.block_manager.free(seq)
-        seq.finish(SequenceStatus.FINISHED_ABORTED)
+        seq.finish(status)
         return seq
 
     def schedule(self) -> SchedulerOutput:

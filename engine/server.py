@@ -8,8 +8,8 @@
   GET  /metrics               Prometheus text
 
 Per request: validate (api_schema), tokenize, hand the ids to the master, relay its
-deltas, cut at stop strings. A request whose client goes away is aborted so its KV
-blocks are freed. Bad input is always a 4xx JSON error, never a 5xx.
+deltas (the master's output processor cuts them at stop strings). A request whose client
+goes away is aborted so its KV blocks are freed. Bad input is always a 4xx JSON error, never a 5xx.
 """
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ from .chat_template import ChatTemplate, ChatTemplateError
 from .config import RunConfig
 from .master import EngineDead, Master
 from .metrics import CONTENT_TYPE, EngineMetrics, RequestTimes
+from .output_processor import Delta
 from .sampling_params import SamplingParams, SamplingParamsError
 from .scheduler import QueueFull, RequestRejected
-from .stop_strings import StopStringMatcher
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 
 
 class Generation:
-    """One request in flight: relays the master's deltas, applies stop strings, keeps counts."""
+    """One request in flight: relays the master's deltas and keeps counts."""
 
     def __init__(self, master, rid: str, greq: GenerateRequest, prompt_ids: list[int], params: SamplingParams,
                  t_arrival: float):
@@ -62,13 +62,13 @@ class Generation:
         self.output_tokens = 0
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
-        self.by_stop_string = False  # finished by the matcher, not by the master
+        self.by_stop_string = False  # finished by a stop string in the text, not by a token
         self.text: list[str] = []
-        self._stops = StopStringMatcher(greq.stop) if greq.stop else None
         self.stream = master.add_request(rid, prompt_ids, params)
 
-    def accept(self, token_ids, text: str, finish_reason: str | None) -> str:
-        """Account for one delta from the master; returns the text the client may see."""
+    def accept(self, delta: Delta) -> str:
+        """Account for one delta from the master; returns the text the client sees."""
+        token_ids, text = delta.token_ids, delta.text
         if token_ids:
             now = time.perf_counter()
             if self.ttft_s is None:
@@ -81,27 +81,21 @@ class Generation:
             self._last_token_s = now
         self.output_tokens += len(token_ids)
         self.token_ids += token_ids
-        if self._stops is not None:
-            text, hit = self._stops.feed(text)
-            if hit:
-                self.by_stop_string, finish_reason = True, "stop"
-            elif finish_reason is not None:
-                text += self._stops.flush()
-        self.finish_reason = finish_reason
+        self.finish_reason, self.by_stop_string = delta.finish_reason, delta.stop_reason is not None
         self.text.append(text)
         return text
 
     async def collect(self) -> str:
         """Run to the end (non-streaming responses); the whole text."""
-        async for token_ids, text, finish in self.stream:
-            self.accept(token_ids, text, finish)
+        async for delta in self.stream:
+            self.accept(delta)
             if self.finish_reason is not None:
                 break
         return "".join(self.text)
 
     def close(self, metrics: EngineMetrics) -> None:
-        """Abort what the master still runs (client gone, stop string hit); count the request."""
-        if self.finish_reason is None or self.by_stop_string:
+        """Abort what the master still runs (client gone); count the request."""
+        if self.finish_reason is None:
             self.master.abort(self.rid)
         metrics.observe_request(self._times())
 
@@ -281,9 +275,9 @@ class ApiServer:
         created, model = int(time.time()), self._model(gen)
         async with _stream_errors(resp):
             await _sse(resp, api.chat_chunk(gen.rid, created, model, {"role": "assistant", "content": ""}))
-            async for token_ids, text, finish in gen.stream:
+            async for delta in gen.stream:
                 n0 = gen.output_tokens
-                text = gen.accept(token_ids, text, finish)
+                text = gen.accept(delta)
                 if text or gen.finish_reason is not None:
                     lps = self._logprobs(gen, api.chat_logprobs, n0, gen.output_tokens)
                     await _sse(resp, api.chat_chunk(gen.rid, created, model, {"content": text} if text else {},
@@ -299,9 +293,9 @@ class ApiServer:
         resp = await _open_sse(request, gen.rid)
         created, model = int(time.time()), self._model(gen)
         async with _stream_errors(resp):
-            async for token_ids, text, finish in gen.stream:
+            async for delta in gen.stream:
                 n0 = gen.output_tokens
-                text = gen.accept(token_ids, text, finish)
+                text = gen.accept(delta)
                 if text or gen.finish_reason is not None:
                     lps = self._logprobs(gen, api.completion_logprobs, n0, gen.output_tokens)
                     await _sse(resp, api.completion_object(gen.rid, created, model,
@@ -337,9 +331,9 @@ class ApiServer:
         event carries generated_text (and details)."""
         resp = await _open_sse(request, gen.rid)
         async with _stream_errors(resp):
-            async for token_ids, text, finish in gen.stream:
-                index = gen.output_tokens
-                text = gen.accept(token_ids, text, finish)
+            async for delta in gen.stream:
+                index, token_ids = gen.output_tokens, delta.token_ids
+                text = gen.accept(delta)
                 done = gen.finish_reason is not None
                 for i, tid in enumerate(token_ids, 1):
                     if i < len(token_ids):

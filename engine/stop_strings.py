@@ -11,16 +11,17 @@ class StopStringMatcher:
         self.stops = stops
         self._held = ""  # text not yet emitted: a suffix that is a prefix of some stop string
 
-    def feed(self, delta: str) -> tuple[str, bool]:
-        """(text safe to emit now, whether a stop string was found)."""
+    def feed(self, delta: str) -> tuple[str, str | None]:
+        """(text safe to emit now, the stop string found first in the text, if any)."""
         text = self._held + delta
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for s in self.stops if (i := text.find(s)) >= 0]
         if hits:
             self._held = ""
-            return text[:min(hits)], True
+            at, stop = min(hits)
+            return text[:at], stop
         keep = self._partial_suffix(text)
         self._held = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep], False
+        return text[:len(text) - keep], None
 
     def flush(self) -> str:
         """The held-back tail, when the stream ends without a match."""

@@ -43,10 +43,10 @@ def greedy(max_tokens: int, **kw) -> SamplingParams:
 
 async def collect(stream) -> tuple[list[int], str, list[str | None]]:
     tokens, text, reasons = [], "", []
-    async for token_ids, delta, finish in stream:
-        tokens += token_ids
-        text += delta
-        reasons.append(finish)
+    async for delta in stream:
+        tokens += delta.token_ids
+        text += delta.text
+        reasons.append(delta.finish_reason)
     return tokens, text, reasons
 
 
@@ -82,6 +82,19 @@ async def test_requests_of_different_lengths_stream_and_finish(master):
     assert stats["running"] == stats["waiting"] == stats["kv_blocks_used"] == 0
     assert stats["kv_blocks_total"] == 16
     assert stats["steps"] > 0 and stats["agent_ms_per_step"] > 0 and stats["transport_ms_per_step"] > 0
+    master.scheduler.check_invariants()
+
+
+@on_shared_loop
+async def test_a_stop_string_in_the_output_finishes_the_sequence_and_frees_its_blocks(master):
+    _, full, _ = await collect(master.add_request("whole", prompt(20, 4), greedy(16)))
+    stop = full[6:9]
+    deltas = [d async for d in master.add_request("cut", prompt(20, 4), greedy(16, stop=(stop,)))]
+    assert "".join(d.text for d in deltas) == full[:full.find(stop)]
+    assert (deltas[-1].finish_reason, deltas[-1].stop_reason) == ("stop", stop)
+    assert sum(len(d.token_ids) for d in deltas) < 16  # stopped there, not run to max_tokens
+    stats = master.stats()
+    assert stats["running"] == stats["waiting"] == stats["kv_blocks_used"] == 0
     master.scheduler.check_invariants()
 
 
@@ -376,7 +389,7 @@ def test_agent_launches_the_next_step_while_the_device_runs_and_replies_in_order
             slot["query_start_loc"][:3] = [0, 1, 2]
             master.send(protocol.message("step", step=n, carrier=None, prefill=False, num_seqs=2, num_tokens=2,
                                          block_width=1, drop=[],
-                                         new=[[7, [0.0, 1.0, -1, -1, 0]], [8, [0.0, 1.0, -1, -1, 0]]] if n == 0 else []))
+                                         new=[[s, [0.0, 1.0, -1, -1, 0]] for s in (7, 8)] if n == 0 else []))
         serving = threading.Thread(target=agent.serve)
         serving.start()
         replies = []
