@@ -188,6 +188,9 @@ def record_pipeline(out, steps: int = 50, inject_s: float = 0.0005, helper_s: fl
     """Record a REAL trace, in this process, of a small generic pipeline (llmtrace spans, one
     step per token) with `time.sleep(inject_s)` inside `postprocess` (plus `helper_s` in a
     helper function with no span, for the stack sampler); returns the ns slept in both."""
+    from llmtrace import recorder
+
+    recorder.drain()  # records an earlier test left in this process are not this pipeline's
     slept = 0
     llmtrace.configure(enabled=True, out=str(out), process_name="pipeline", sample_hz=sample_hz, propagate=False)
     try:

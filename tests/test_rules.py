@@ -195,6 +195,19 @@ def test_tcp_nodelay_40ms_stalls_while_agent_idle():
     assert s.evidence["measures"]["agent.wait residual"]["stalls"] == 8
 
 
+@pytest.mark.parametrize("nodelay", [None, 0, 1])
+def test_stalls_are_nagle_unless_every_send_had_nodelay_on(nodelay):
+    b = EngineTraceBuilder()  # 40 ms receives: Nagle's signature, or a loaded machine's delays
+    for i in range(40):
+        b.step(batch=8, transport_ms=40.0 if i % 5 == 0 else 0.05)
+    trace = b.build()
+    for s in trace.spans:
+        if s.name == "tcp.send" and nodelay is not None:
+            s.attrs["nodelay"] = nodelay
+    found = [s.id for s in run_rules(Analysis(trace)) if s.id == "tcp-nodelay"]
+    assert found == ([] if nodelay == 1 else ["tcp-nodelay"])
+
+
 def test_tcp_nodelay_when_every_reply_stalls():
     b = EngineTraceBuilder()
     b.steps(20, batch=4, reply_ms=38.0)
@@ -385,7 +398,7 @@ def test_hot_function_found_by_stack_samples_in_a_real_trace(tmp_path):
 
     slept = record_pipeline(tmp_path, steps=60, inject_s=0.0, helper_s=0.004, sample_hz=1000)
     ctx = Analysis(load_trace(str(tmp_path)))
-    assert ctx.trace.samples
+    assert ctx.trace.samples and len(ctx.steps) == 60
     (s,) = _only(ctx, "hot-function-in-stage")
     assert s.stage == "postprocess" and s.evidence["function"].split(":")[0].endswith("_render_tokens")
     assert s.evidence["sources"] == ["samples:llmtrace"]

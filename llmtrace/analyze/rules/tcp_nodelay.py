@@ -9,8 +9,12 @@ a send of another process ended (peers.py: the message left just before it arriv
 waiting for that process's work, not for a held-back segment, and does not count.
 Saving: each stall's excess over the no-stall cost of the same measure: the median of its
 values below the band when there are enough of them, else LOOPBACK_NS.
+Where every TCP send that recorded its socket's option had TCP_NODELAY on, Nagle cannot
+hold a segment: stalls in the band are something else (a loaded machine's scheduling
+delays reach tens of ms) and are no finding here.
 Without stalls, TCP sends on the step path from a socket with TCP_NODELAY off (attr
-`nodelay` 0, in MIN_STEPS steps or more) are the latent form: whether Nagle meets a
+`nodelay` 0, in MIN_STEPS steps and MIN_STEP_SHARE of them or more: the step's own
+messages, not a front end's occasional reply that crossed a step) are the latent form: whether Nagle meets a
 delayed ACK depends on the timing of each run (the engine's planted mistake stalled in 3
 of 5 runs, never in the other 2), so it is reported with no saving and that risk as its
 impact.
@@ -31,6 +35,7 @@ LOOPBACK_NS = 100_000  # a small frame over loopback, decoded, when nothing stal
 MIN_STALLS = 2
 MIN_BASELINE = 3
 MIN_STEPS = 3
+MIN_STEP_SHARE = 0.2
 FIX = ("Set TCP_NODELAY on both ends (sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)) and "
        "send each frame with one sendall() (header and body together) instead of write-write-read.")
 
@@ -62,6 +67,8 @@ def check(ctx: Analysis) -> list[Suggestion]:
             worst += [st for st, _ in stalls]
     if not found:
         return _latent(ctx)
+    if _nagle_off_everywhere(ctx):
+        return []
     ctx.claim(c.name for c in ctx.functions.select(stage="tcp"))  # the stall is waiting, whatever the frame
     ctx.claim(("tcp.send", "tcp.recv"))  # its receives are stalls, not waits for work (wait-in-step)
     saving = ctx.ms_per_token(excess)
@@ -71,12 +78,19 @@ def check(ctx: Analysis) -> list[Suggestion]:
         "tcp", {"measures": found, "example_steps": sorted(set(worst))[:5]}, saving, FIX)]
 
 
+def _nagle_off_everywhere(ctx: Analysis) -> bool:
+    """Every TCP send that recorded TCP_NODELAY (small sends do) had it on."""
+    seen = [s.attrs[names.A_NODELAY] for s in ctx.index.by_stage.get(names.TCP, ())
+            if names.is_send(s) and names.A_NODELAY in s.attrs]
+    return bool(seen) and all(v == 1 for v in seen)
+
+
 def _latent(ctx: Analysis) -> list[Suggestion]:
     """Sends on the step path from sockets with TCP_NODELAY off, when nothing stalled."""
     sends = [(sc.step, s) for sc in ctx.steps for _, s in sc.stage_spans
              if s.stage == names.TCP and names.is_send(s) and s.attrs.get(names.A_NODELAY) == 0]
     steps = sorted({st for st, _ in sends})
-    if len(steps) < MIN_STEPS:
+    if len(steps) < max(MIN_STEPS, MIN_STEP_SHARE * len(ctx.steps)):
         return []
     procs = sorted({ctx.trace.processes[s.pid].name if s.pid in ctx.trace.processes else str(s.pid) for _, s in sends})
     return [ctx.suggestion(
