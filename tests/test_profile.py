@@ -63,6 +63,21 @@ def test_a_handler_that_holds_a_whole_decode_loop_is_not_the_step():
     assert len(ctx.steps) == 28 and all(sc.root.name == names.STEP for sc in ctx.steps)
 
 
+def test_a_handler_ending_inside_its_last_steps_window_keeps_no_model_time():
+    """Requests back to back on one thread (a lock): the window of a request's last forward
+    runs to the next request's first, so the handler ends inside it; its forward is model
+    time, not the handler's stage."""
+    t = trace_of(1)
+    for r in range(4):
+        h = span(t, names.HTTP_REQUEST, r * 50, r * 50 + 48)
+        for k in range(8):
+            span(t, "forward", r * 50 + 2 + k * 5, r * 50 + 6 + k * 5, parent=h)
+    view = done(t).breakdown.view()
+    assert view is not None and view["model_ms"] == pytest.approx(4.0)  # every step's forward, the last one too
+    http = next(r for r in view["stages"] if r["name"] == names.HTTP)
+    assert http["p99_ms"] == pytest.approx(2.0)  # the next handler's own 2 ms before its first forward, no forward
+
+
 def test_another_asyncio_tasks_spans_are_not_the_steps_stages():
     """One event-loop thread: the batching task runs forward (2 ms), sleeps 1 ms; a
     handler's request span and a server's 25 ms periodic sleep (other tasks) are open

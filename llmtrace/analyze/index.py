@@ -40,16 +40,26 @@ class TraceIndex:
                     self._top[(s.pid, s.tid)].append(s)
         return self._top.get((pid, tid), [])
 
-    def in_window(self, spans: list[Span], lo: int, hi: int) -> list[Span]:
+    def in_window(self, spans: list[Span], lo: int, hi: int, around: Span | None = None) -> list[Span]:
         """The spans of `spans` (one thread's, by start) overlapping [lo, hi), each one that
-        holds the whole window replaced by its own children there: a request handler around
-        a decode loop, or an asyncio task's sleep beside the loop, is not the window's work."""
+        holds the whole window, or holds the window's own model span `around`, replaced by
+        its own children there: a request handler around a decode loop (whether or not it
+        ends inside the window), or an asyncio task's sleep beside the loop, is not the
+        window's work."""
+        holders = set()
+        p = self.by_id.get(around.parent_id) if around is not None else None
+        while p is not None:
+            holders.add(p.span_id)
+            p = self.by_id.get(p.parent_id)
+        return self._in_window(spans, lo, hi, holders, around)
+
+    def _in_window(self, spans: list[Span], lo: int, hi: int, holders: set[int], around: Span | None) -> list[Span]:
         out = []
         for s in spans:
             if s.end_ns <= lo or s.start_ns >= hi:
                 continue
-            if s.start_ns <= lo and s.end_ns >= hi:
-                out += self.in_window(self.children.get(s.span_id, []), lo, hi)
+            if s.span_id in holders or s.start_ns <= lo and s.end_ns >= hi and s is not around:
+                out += self._in_window(self.children.get(s.span_id, []), lo, hi, holders, around)
             else:
                 out.append(s)
         return out

@@ -180,7 +180,7 @@ def _model_cadence(index: TraceIndex) -> Steps:
                 steps.idle_windows += 1
                 continue
             handoff = (nxt.pid, nxt.tid, max(a, f.end_ns), b) if nxt is not None and nxt.tid != f.tid else None
-            windows.append((a, b, f.pid, f.tid, index.in_window(tops[(f.pid, f.tid)], a, b), handoff))
+            windows.append((a, b, f.pid, f.tid, index.in_window(tops[(f.pid, f.tid)], a, b, around=f), handoff))
     windows.sort(key=lambda w: w[0])
     for n, (a, b, pid, tid, children, handoff) in enumerate(windows):
         root = Span(names.STEP, names.STEP, pid, tid, a, b, _SYNTHETIC_ID | n, step=n,
