@@ -21,6 +21,7 @@ run: $(STAMP)
 	$(BIN)/llmtrace run --config $(CONFIG)
 
 test: $(STAMP)
+	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q

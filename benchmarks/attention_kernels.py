@@ -10,6 +10,7 @@ L2 hits stay out), and the median replay time is divided by the number of calls.
 
     python benchmarks/attention_kernels.py [--batches 1 8 32 128] [--contexts 512 4096]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,10 +45,14 @@ def paged_batch(batch, context, new_tokens, heads, kv_heads, dim, block_size, dt
     pos = torch.arange(context - new_tokens, context, device=device)
     slots = block_tables[:, pos // block_size].long() * block_size + pos % block_size
     meta = AttentionMetadata(
-        is_prefill=new_tokens > 1, slot_mapping=slots.flatten(), block_tables=block_tables,
+        is_prefill=new_tokens > 1,
+        slot_mapping=slots.flatten(),
+        block_tables=block_tables,
         context_lens=torch.full((batch,), context, dtype=torch.int32, device=device),
         query_start_loc=torch.arange(0, batch * new_tokens + 1, new_tokens, dtype=torch.int32, device=device),
-        max_query_len=new_tokens, max_context_len=context)
+        max_query_len=new_tokens,
+        max_context_len=context,
+    )
     return q, k_cache, v_cache, meta
 
 
@@ -80,18 +85,31 @@ def input_sets(args, batch, context, new_tokens):
     kv_bytes = 2 * 2 * batch * context * args.kv_heads * args.head_dim
     l2 = torch.cuda.get_device_properties().L2_cache_size
     n = min(32, -(-3 * l2 // kv_bytes))
-    return kv_bytes, [paged_batch(batch, context, new_tokens, args.heads, args.kv_heads, args.head_dim,
-                                  args.block_size, torch.bfloat16, "cuda") for _ in range(n)]
+    return kv_bytes, [
+        paged_batch(
+            batch,
+            context,
+            new_tokens,
+            args.heads,
+            args.kv_heads,
+            args.head_dim,
+            args.block_size,
+            torch.bfloat16,
+            "cuda",
+        )
+        for _ in range(n)
+    ]
 
 
 def time_backends(sets, scale):
     """(triton us, torch_ref us) per call over the input sets."""
-    return tuple(graph_us([functools.partial(impl.attention, *s, scale) for s in sets])
-                 for impl in (backend, torch_ref))
+    return tuple(
+        graph_us([functools.partial(impl.attention, *s, scale) for s in sets]) for impl in (backend, torch_ref)
+    )
 
 
 def decode_rows(args, bandwidth):
-    scale = args.head_dim ** -0.5
+    scale = args.head_dim**-0.5
     for batch in args.batches:
         for context in args.contexts:
             kv_bytes, sets = input_sets(args, batch, context, 1)
@@ -107,16 +125,23 @@ def prefill_rows(args):
     without a cached prefix; SDPA runs on contiguous K/V with a bottom-right causal mask."""
     from torch.nn.attention.bias import causal_lower_right
 
-    scale = args.head_dim ** -0.5
+    scale = args.head_dim**-0.5
     for batch, new, context in ((1, 2048, 2048), (8, 512, 512), (1, 512, 4096)):
         _, sets = input_sets(args, batch, context, new)
         mask = causal_lower_right(new, context)
-        dense = [(q.view(batch, new, args.heads, -1).transpose(1, 2),
-                  *(torch.randn(batch, args.heads, context, args.head_dim, dtype=q.dtype, device=q.device)
-                    for _ in range(2)))
-                 for q, *_ in sets]
-        sdpa = graph_us([functools.partial(F.scaled_dot_product_attention, *d, attn_mask=mask, scale=scale)
-                         for d in dense])
+        dense = [
+            (
+                q.view(batch, new, args.heads, -1).transpose(1, 2),
+                *(
+                    torch.randn(batch, args.heads, context, args.head_dim, dtype=q.dtype, device=q.device)
+                    for _ in range(2)
+                ),
+            )
+            for q, *_ in sets
+        ]
+        sdpa = graph_us(
+            [functools.partial(F.scaled_dot_product_attention, *d, attn_mask=mask, scale=scale) for d in dense]
+        )
         tri, ref = time_backends(sets, scale)
         yield batch, new, context, sdpa, tri, ref
         del sets, dense
@@ -136,11 +161,15 @@ def main() -> None:
         raise SystemExit("needs a CUDA device and triton")
 
     bandwidth = copy_bandwidth("cuda")
-    print(f"{torch.cuda.get_device_name()}  copy bandwidth {bandwidth / 1e12:.2f} TB/s  "
-          f"heads {args.heads}/{args.kv_heads} x {args.head_dim}  block {args.block_size}  bf16")
+    print(
+        f"{torch.cuda.get_device_name()}  copy bandwidth {bandwidth / 1e12:.2f} TB/s  "
+        f"heads {args.heads}/{args.kv_heads} x {args.head_dim}  block {args.block_size}  bf16"
+    )
     print("\ndecode (one new token per sequence)")
-    print(f"{'batch':>5} {'context':>7} {'KV MiB':>8} {'floor us':>9} {'triton us':>10} {'of floor':>8} "
-          f"{'torch_ref us':>12} {'speedup':>8}")
+    print(
+        f"{'batch':>5} {'context':>7} {'KV MiB':>8} {'floor us':>9} {'triton us':>10} {'of floor':>8} "
+        f"{'torch_ref us':>12} {'speedup':>8}"
+    )
     for b, c, mib, floor, tri, frac, ref, speedup in decode_rows(args, bandwidth):
         print(f"{b:>5} {c:>7} {mib:>8.1f} {floor:>9.1f} {tri:>10.1f} {frac:>8.0%} {ref:>12.1f} {speedup:>7.1f}x")
     print("\nprefill (new tokens after context - new cached ones)")

@@ -6,6 +6,7 @@ under each attribution mode; the median step time (from the step spans) against 
 The viztracer row also shows the steps inside its window (where it traces) apart from the
 rest (where the program runs untraced).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,10 @@ MODES = [
     ("spans only", ["--sample-hz", "0"]),
     ("in-process sampler 200 Hz", ["--sample-hz", "200"]),
     ("in-process sampler 1000 Hz", ["--sample-hz", "1000"]),
-    (f"viztracer preprocess, {WINDOW_STEPS} steps", ["--sample-hz", "0", "--viztracer", "--viztracer-stages",
-                                                     "preprocess", "--viztracer-steps", str(WINDOW_STEPS)]),
+    (
+        f"viztracer preprocess, {WINDOW_STEPS} steps",
+        ["--sample-hz", "0", "--viztracer", "--viztracer-stages", "preprocess", "--viztracer-steps", str(WINDOW_STEPS)],
+    ),
     ("py-spy 200 Hz (nonblocking)", ["--py-spy", "--py-spy-rate", "200"]),
 ]
 
@@ -34,8 +37,20 @@ def step_times(options: list[str], steps: int) -> tuple[list[float], list[float]
 
     with tempfile.TemporaryDirectory() as out:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTRACE_")}
-        cmd = [sys.executable, "-m", "llmtrace.cli", "record", "--out", out, *options, "--",
-               sys.executable, PIPELINE, "--steps", str(steps)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "llmtrace.cli",
+            "record",
+            "--out",
+            out,
+            *options,
+            "--",
+            sys.executable,
+            PIPELINE,
+            "--steps",
+            str(steps),
+        ]
         subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         trace = load_trace(out)
         windowed = {s for w in trace.meta.get("viztracer", {}).values() for s in w.get("steps", [])}

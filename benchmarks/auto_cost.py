@@ -5,6 +5,7 @@ Goal (issue 14): <= 0.5 us on top of the call while recording, on this machine's
 
     python benchmarks/auto_cost.py [--rounds 7] [--calls 20000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,7 +57,7 @@ def measure(name: str, calls: int, rounds: int) -> dict:
     """Bare, instrumented-off and instrumented-recording ns per call, alternating by round."""
     got = {"bare": [], "off": [], "on": []}
     for r in range(rounds):
-        for mode in (("bare", "off", "on") if r % 2 == 0 else ("on", "off", "bare")):
+        for mode in ("bare", "off", "on") if r % 2 == 0 else ("on", "off", "bare"):
             if mode == "bare":
                 llmtrace.uninstrument()
             else:
@@ -68,9 +69,13 @@ def measure(name: str, calls: int, rounds: int) -> dict:
             recorder.drain()
     llmtrace.uninstrument()
     bare = statistics.median(got["bare"])
-    return {"case": name, "bare_ns": bare, "off_ns": statistics.median(got["off"]) - bare,
-            "on_ns": statistics.median(got["on"]) - bare,
-            "spread_ns": max(got["on"]) - min(got["on"])}
+    return {
+        "case": name,
+        "bare_ns": bare,
+        "off_ns": statistics.median(got["off"]) - bare,
+        "on_ns": statistics.median(got["on"]) - bare,
+        "spread_ns": max(got["on"]) - min(got["on"]),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ On the 2-core dev VM (20 trials per mode, 20,000 spans/s, kill 0.2-0.8 s after t
 The cost: the flush thread wakes every 5 ms instead of 50 (~15 ms CPU per second more in
 an idle process on this VM, mostly the wake-up itself; an idle flush skips the thread-name scan).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,8 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     rng = random.Random(0)
     print(f"{args.trials} SIGKILLs per mode, child recording {args.rate:.0f} spans/s\n")
-    print(f"{'spool':<22}{'interval':>9}{'lost mean':>11}{'lost p50':>10}{'lost max':>10}"
-          f"{'max ms':>8}{'kept %':>8}")
+    print(f"{'spool':<22}{'interval':>9}{'lost mean':>11}{'lost p50':>10}{'lost max':>10}{'max ms':>8}{'kept %':>8}")
     for mapped, label in ((False, "write() per batch"), (True, "mapped (default)")):
         lost, counted_all = [], 0
         for _ in range(args.trials):
@@ -89,10 +89,14 @@ def main() -> None:
             lost.append(counted - in_file)
             counted_all += counted
         interval = sink.MAPPED_INTERVAL_S if mapped else sink.APPEND_INTERVAL_S
-        print(f"{label:<22}{interval * 1e3:>7.0f}ms{statistics.mean(lost):>11.0f}{statistics.median(lost):>10.0f}"
-              f"{max(lost):>10}{max(lost) / args.rate * 1e3:>8.1f}{100 * (1 - sum(lost) / counted_all):>8.2f}")
-    print("\nlost = spans the child had recorded (closed) but the spool file lacks after the kill;"
-          "\nmax ms = the worst loss as recording time at this rate")
+        print(
+            f"{label:<22}{interval * 1e3:>7.0f}ms{statistics.mean(lost):>11.0f}{statistics.median(lost):>10.0f}"
+            f"{max(lost):>10}{max(lost) / args.rate * 1e3:>8.1f}{100 * (1 - sum(lost) / counted_all):>8.2f}"
+        )
+    print(
+        "\nlost = spans the child had recorded (closed) but the spool file lacks after the kill;"
+        "\nmax ms = the worst loss as recording time at this rate"
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ truth or 0.3 ms/token, none on the clean variants, the same findings in every re
 
     python benchmarks/diagnosis_accuracy.py [--repeats 3] [--recordings 3] [--json FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,49 +34,76 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPELINES = os.path.join(ROOT, "examples", "pipelines")
 # pipeline -> (its arguments, {planted mistake: (rule ids that diagnose it, function responsible)})
 CORPUS = {
-    "thread_queue_server": (["--requests", "32"], {
-        "log_arrays": (("log-in-hot-path",), "Engine.step"),
-        "host_argmax": (("full-logits-transfer",), "Engine.argmax_on_host"),
-        "poll_sleep": (("polling-sleep",), "Engine.admit"),
-        "stop_text": (("detokenize-whole-sequence",), "Engine.stopped"),
-    }),
-    "tcp_master_agent": (["--requests", "16"], {
-        "nagle": (("tcp-nodelay",), None),
-        "json_topk": (("serialization-in-hot-path",), "send_frame"),
-        "concat_padding": (("concat-padding",), "Master.pad"),
-        "log_arrays": (("log-in-hot-path",), "Master.step"),
-    }),
-    "asyncio_pipe_worker": (["--requests", "32"], {
-        "poll_sleep": (("polling-sleep",), "Scheduler.reply"),
-        "pickle_logits": (("full-logits-transfer", "serialization-in-hot-path"), "worker"),
-        "log_arrays": (("log-in-hot-path",), "Scheduler.run"),
-    }),
-    "mp_queue_workers": (["--requests", "32", "--workers", "1", "--concurrency", "6"], {
-        "wait_for_work": (("wait-in-step",), "take_new"),
-        "log_arrays": (("log-in-hot-path",), "worker"),
-    }),
-    "zmq_engine_core": (["--requests", "32"], {
-        "poll_wait": (("wait-in-step",), "EngineCore.admit"),
-        "full_logprobs": (("full-logits-transfer", "serialization-in-hot-path"), "EngineCore.step"),
-        "log_arrays": (("log-in-hot-path",), "EngineCore.step"),
-    }),
-    "fastapi_batcher": (["--requests", "32"], {
-        "poll_sleep": (("polling-sleep",), "Batcher.run"),
-        "host_argmax": (("full-logits-transfer",), "Batcher.argmax_on_host"),
-        "log_json": (("log-in-hot-path", "serialization-in-hot-path"), "Batcher.step"),
-    }),
-    "transformers_http": (["--requests", "8", "--max-tokens", "40"], {
-        "no_kv_cache": (("no-kv-cache",), None),
-        "host_softmax": (("full-logits-transfer",), "Generator.sample"),
-        "log_arrays": (("log-in-hot-path",), "Generator.sample"),
-    }),
+    "thread_queue_server": (
+        ["--requests", "32"],
+        {
+            "log_arrays": (("log-in-hot-path",), "Engine.step"),
+            "host_argmax": (("full-logits-transfer",), "Engine.argmax_on_host"),
+            "poll_sleep": (("polling-sleep",), "Engine.admit"),
+            "stop_text": (("detokenize-whole-sequence",), "Engine.stopped"),
+        },
+    ),
+    "tcp_master_agent": (
+        ["--requests", "16"],
+        {
+            "nagle": (("tcp-nodelay",), None),
+            "json_topk": (("serialization-in-hot-path",), "send_frame"),
+            "concat_padding": (("concat-padding",), "Master.pad"),
+            "log_arrays": (("log-in-hot-path",), "Master.step"),
+        },
+    ),
+    "asyncio_pipe_worker": (
+        ["--requests", "32"],
+        {
+            "poll_sleep": (("polling-sleep",), "Scheduler.reply"),
+            "pickle_logits": (("full-logits-transfer", "serialization-in-hot-path"), "worker"),
+            "log_arrays": (("log-in-hot-path",), "Scheduler.run"),
+        },
+    ),
+    "mp_queue_workers": (
+        ["--requests", "32", "--workers", "1", "--concurrency", "6"],
+        {
+            "wait_for_work": (("wait-in-step",), "take_new"),
+            "log_arrays": (("log-in-hot-path",), "worker"),
+        },
+    ),
+    "zmq_engine_core": (
+        ["--requests", "32"],
+        {
+            "poll_wait": (("wait-in-step",), "EngineCore.admit"),
+            "full_logprobs": (("full-logits-transfer", "serialization-in-hot-path"), "EngineCore.step"),
+            "log_arrays": (("log-in-hot-path",), "EngineCore.step"),
+        },
+    ),
+    "fastapi_batcher": (
+        ["--requests", "32"],
+        {
+            "poll_sleep": (("polling-sleep",), "Batcher.run"),
+            "host_argmax": (("full-logits-transfer",), "Batcher.argmax_on_host"),
+            "log_json": (("log-in-hot-path", "serialization-in-hot-path"), "Batcher.step"),
+        },
+    ),
+    "transformers_http": (
+        ["--requests", "8", "--max-tokens", "40"],
+        {
+            "no_kv_cache": (("no-kv-cache",), None),
+            "host_softmax": (("full-logits-transfer",), "Generator.sample"),
+            "log_arrays": (("log-in-hot-path",), "Generator.sample"),
+        },
+    ),
 }
 
 
 def run_untraced(pipeline: str, args: list[str], env: dict) -> float:
     """ms per output token of one untraced run."""
-    out = subprocess.run([sys.executable, os.path.join(PIPELINES, pipeline + ".py"), *args], capture_output=True,
-                         text=True, env={**os.environ, **env}, check=True, timeout=600).stdout
+    out = subprocess.run(
+        [sys.executable, os.path.join(PIPELINES, pipeline + ".py"), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        check=True,
+        timeout=600,
+    ).stdout
     r = json.loads(out.strip().splitlines()[-1])
     return 1000 * r["seconds"] / r["tokens"]
 
@@ -97,16 +125,32 @@ def record(pipeline: str, args: list[str], env: dict) -> dict:
     """The report of one `llmtrace record` run; a run whose program failed keeps its directory
     (printed) and counts as a recording that found nothing unless its report says otherwise."""
     out = tempfile.mkdtemp(prefix=f"diag_{pipeline}_")
-    p = subprocess.run([sys.executable, "-m", "llmtrace.cli", "record", "--out", out, "--", sys.executable,
-                        os.path.join(PIPELINES, pipeline + ".py"), *args], capture_output=True, text=True,
-                       env={**os.environ, **env}, timeout=600)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmtrace.cli",
+            "record",
+            "--out",
+            out,
+            "--",
+            sys.executable,
+            os.path.join(PIPELINES, pipeline + ".py"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=600,
+    )
     report = {"suggestions": []}
     if os.path.exists(os.path.join(out, "report.json")):
         with open(os.path.join(out, "report.json")) as f:
             report = json.load(f)
     if p.returncode:
-        print(f"{pipeline}: recording failed (exit {p.returncode}), kept in {out}:\n{p.stderr[-2000:]}",
-              file=sys.stderr)
+        print(
+            f"{pipeline}: recording failed (exit {p.returncode}), kept in {out}:\n{p.stderr[-2000:]}", file=sys.stderr
+        )
     else:
         shutil.rmtree(out)
     return {**report, "_exit": p.returncode}
@@ -167,33 +211,69 @@ def evaluate(pipeline: str, repeats: int, max_repeats: int, recordings: int) -> 
         est = [e for e in (diagnose(r, rules, function) for r in reports) if e is not None]
         saving, uncertainty, rounds = true[m]
         median_est = statistics.median(est) if est else None
-        rows.append({"pipeline": pipeline, "mistake": m, "rules": list(rules), "function": function,
-                     "truth_ms": saving, "truth_uncertainty_ms": uncertainty, "truth_rounds": rounds,
-                     "truth_resolved": abs(saving) > uncertainty, "found": len(est), "recordings": recordings,
-                     "failed_recordings": sum(1 for r in reports if r["_exit"]),
-                     "estimate_ms": median_est,
-                     "within_goal": within_goal(median_est, saving),
-                     "false_positive": any(s["id"] in rules for s in clean["suggestions"])})
+        rows.append(
+            {
+                "pipeline": pipeline,
+                "mistake": m,
+                "rules": list(rules),
+                "function": function,
+                "truth_ms": saving,
+                "truth_uncertainty_ms": uncertainty,
+                "truth_rounds": rounds,
+                "truth_resolved": abs(saving) > uncertainty,
+                "found": len(est),
+                "recordings": recordings,
+                "failed_recordings": sum(1 for r in reports if r["_exit"]),
+                "estimate_ms": median_est,
+                "within_goal": within_goal(median_est, saving),
+                "false_positive": any(s["id"] in rules for s in clean["suggestions"]),
+            }
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3, help="rounds of untraced runs (default 3)")
-    ap.add_argument("--max-repeats", type=int, default=6,
-                    help="rounds at most, while a truth is not resolved (default 6)")
+    ap.add_argument(
+        "--max-repeats", type=int, default=6, help="rounds at most, while a truth is not resolved (default 6)"
+    )
     ap.add_argument("--recordings", type=int, default=3, help="recordings of each pipeline (default 3)")
     ap.add_argument("--pipelines", nargs="+", default=list(CORPUS), choices=list(CORPUS))
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
-    rows = [r for p in args.pipelines
-            for r in evaluate(p, args.repeats, max(args.repeats, args.max_repeats), args.recordings)]
-    emit(["pipeline", "mistake", "rule", "truth ms/token (± uncertainty, rounds)", "estimate", "found",
-          "within goal", "false + on clean"],
-         [[r["pipeline"], r["mistake"], "/".join(r["rules"]), truth_cell(r),
-           estimate_cell(r["estimate_ms"]), found_cell(r), "yes" if r["within_goal"] else "no",
-           "YES" if r["false_positive"] else "no"] for r in rows],
-         rows, args.json)
+    rows = [
+        r
+        for p in args.pipelines
+        for r in evaluate(p, args.repeats, max(args.repeats, args.max_repeats), args.recordings)
+    ]
+    emit(
+        [
+            "pipeline",
+            "mistake",
+            "rule",
+            "truth ms/token (± uncertainty, rounds)",
+            "estimate",
+            "found",
+            "within goal",
+            "false + on clean",
+        ],
+        [
+            [
+                r["pipeline"],
+                r["mistake"],
+                "/".join(r["rules"]),
+                truth_cell(r),
+                estimate_cell(r["estimate_ms"]),
+                found_cell(r),
+                "yes" if r["within_goal"] else "no",
+                "YES" if r["false_positive"] else "no",
+            ]
+            for r in rows
+        ],
+        rows,
+        args.json,
+    )
     return 0
 
 

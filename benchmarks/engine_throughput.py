@@ -26,6 +26,7 @@ Run:  .venv/bin/python benchmarks/engine_throughput.py [--quick] [--concurrency 
 
 Goal: the engine beats both transformers paths at concurrency >= 8 on the CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,20 +76,28 @@ class Result:
 
 # ---- the requests ------------------------------------------------------------------------
 
+
 def run_config(concurrency: int, sizes: Sizes, seed: int = 0):
     """The engine's config for one concurrency: tiny float32 model on the CPU, at most
     `concurrency` sequences per step (as generate_batch gets), the closed-loop workload
     (its seed picks the prompts and the request ids)."""
     from engine.config import load_config
 
-    return load_config({
-        "model": {"preset": "tiny", "dtype": "float32", "device": "cpu"},
-        "engine": {"max_num_seqs": concurrency},
-        "workload": {"arrival": "closed", "concurrency": concurrency,
-                     "num_requests": sizes.num_requests(concurrency),
-                     "input_len": {"dist": "uniform", "min": sizes.input_min, "max": sizes.input_max},
-                     "output_len": sizes.output_len, "ignore_eos": True, "seed": seed},
-    })
+    return load_config(
+        {
+            "model": {"preset": "tiny", "dtype": "float32", "device": "cpu"},
+            "engine": {"max_num_seqs": concurrency},
+            "workload": {
+                "arrival": "closed",
+                "concurrency": concurrency,
+                "num_requests": sizes.num_requests(concurrency),
+                "input_len": {"dist": "uniform", "min": sizes.input_min, "max": sizes.input_max},
+                "output_len": sizes.output_len,
+                "ignore_eos": True,
+                "seed": seed,
+            },
+        }
+    )
 
 
 def prompt_token_ids(cfg, tokenizer) -> list[list[int]]:
@@ -99,13 +108,15 @@ def prompt_token_ids(cfg, tokenizer) -> list[list[int]]:
     for spec in iter_requests(cfg.workload, tokenizer, cfg.engine.max_model_len):
         ids = tokenizer.encode(spec.prompt)
         if len(ids) != spec.prompt_len:
-            raise RuntimeError(f"{spec.req_id}: prompt encodes to {len(ids)} tokens, "
-                               f"the workload says {spec.prompt_len}")
+            raise RuntimeError(
+                f"{spec.req_id}: prompt encodes to {len(ids)} tokens, the workload says {spec.prompt_len}"
+            )
         prompts.append(ids)
     return prompts
 
 
 # ---- the engine --------------------------------------------------------------------------
+
 
 def start_engine(cfg, workdir: str, threads: int, out: str | None) -> EngineProcess:
     """`llmtrace serve` in a child process (it spawns the agent), recording into `out` when
@@ -125,8 +136,9 @@ def warmup_workload():
     """One short request; seed -1 is no round's seed, so its request id is its own."""
     from engine.config import load_config
 
-    return load_config({"workload": {"num_requests": 1, "concurrency": 1, "input_len": 16, "output_len": 4,
-                                     "seed": -1}}).workload
+    return load_config(
+        {"workload": {"num_requests": 1, "concurrency": 1, "input_len": 16, "output_len": 4, "seed": -1}}
+    ).workload
 
 
 def drive_engine(url: str, wl, tokenizer, max_model_len: int | None = None) -> tuple[float, int]:
@@ -150,13 +162,19 @@ def step_breakdown(run_dir: str) -> dict:
     if bd is None:
         raise RuntimeError(f"{run_dir}: the trace has no engine steps")
     per_step = bd["tokens"] / bd["steps"]  # tokens per step = mean batch
-    return {"steps": bd["steps"], "ms_per_step": bd["ms_per_step"], "model_ms_per_step": bd["model_ms"] * per_step,
-            "other_ms_per_step": bd["overhead_ms"] * per_step, "overhead_fraction": bd["overhead_fraction"],
-            "top": [(s["name"], s["ms_per_step"]) for s in bd["stages"][:TOP_STAGES]],
-            "tracing_us_per_token": report["tracing"]["instrumentation_cost_us_per_token"]}
+    return {
+        "steps": bd["steps"],
+        "ms_per_step": bd["ms_per_step"],
+        "model_ms_per_step": bd["model_ms"] * per_step,
+        "other_ms_per_step": bd["overhead_ms"] * per_step,
+        "overhead_fraction": bd["overhead_fraction"],
+        "top": [(s["name"], s["ms_per_step"]) for s in bd["stages"][:TOP_STAGES]],
+        "tracing_us_per_token": report["tracing"]["instrumentation_cost_us_per_token"],
+    }
 
 
 # ---- transformers ------------------------------------------------------------------------
+
 
 def save_tiny_checkpoint(ckpt_dir: str) -> str:
     """The engine's tiny model (seed 0, the engine's default) as an HF checkpoint directory."""
@@ -176,8 +194,14 @@ def generation_config(output_len: int, tokenizer):
     """Greedy, exactly output_len new tokens (EOS suppressed until then)."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
-                            eos_token_id=tokenizer.eos_id, bos_token_id=tokenizer.bos_id, pad_token_id=0)
+    return GenerationConfig(
+        max_new_tokens=output_len,
+        min_new_tokens=output_len,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_id,
+        bos_token_id=tokenizer.bos_id,
+        pad_token_id=0,
+    )
 
 
 def _generate(model, prompts: list[list[int]], gen_cfg) -> int:
@@ -195,7 +219,7 @@ def _generate(model, prompts: list[list[int]], gen_cfg) -> int:
 def bench_generate(model, prompts: list[list[int]], concurrency: int, gen_cfg) -> tuple[float, int]:
     """(output tokens/s, new tokens) of static batches of `concurrency` prompts, one after another."""
     t0 = time.perf_counter()
-    tokens = sum(_generate(model, prompts[i:i + concurrency], gen_cfg) for i in range(0, len(prompts), concurrency))
+    tokens = sum(_generate(model, prompts[i : i + concurrency], gen_cfg) for i in range(0, len(prompts), concurrency))
     return tokens / (time.perf_counter() - t0), tokens
 
 
@@ -205,22 +229,24 @@ def continuous_batching_config(concurrency: int, longest: int, max_batch_tokens:
 
     default = ContinuousBatchingConfig()
     pages = -(-longest // (getattr(default, "page_size", None) or default.block_size))  # block_size before 5.23
-    return ContinuousBatchingConfig(max_requests_per_batch=concurrency, max_batch_tokens=max_batch_tokens,
-                                    num_blocks=concurrency * pages)
+    return ContinuousBatchingConfig(
+        max_requests_per_batch=concurrency, max_batch_tokens=max_batch_tokens, num_blocks=concurrency * pages
+    )
 
 
-def bench_generate_batch(model, prompts: list[list[int]], concurrency: int, gen_cfg,
-                         max_batch_tokens: int, size_cache: bool = True) -> tuple[float, int]:
+def bench_generate_batch(
+    model, prompts: list[list[int]], concurrency: int, gen_cfg, max_batch_tokens: int, size_cache: bool = True
+) -> tuple[float, int]:
     """(output tokens/s, new tokens) of continuous batching with at most `concurrency` requests a step.
     size_cache: a KV cache for `concurrency` sequences of the longest length (else transformers
     sizes it from free memory)."""
-    cb_cfg = continuous_batching_config(concurrency, max(map(len, prompts)) + gen_cfg.max_new_tokens,
-                                        max_batch_tokens)
+    cb_cfg = continuous_batching_config(concurrency, max(map(len, prompts)) + gen_cfg.max_new_tokens, max_batch_tokens)
     if not size_cache:
         cb_cfg.num_blocks = None
     t0 = time.perf_counter()
-    outputs = model.generate_batch(prompts, generation_config=gen_cfg, continuous_batching_config=cb_cfg,
-                                   progress_bar=False)
+    outputs = model.generate_batch(
+        prompts, generation_config=gen_cfg, continuous_batching_config=cb_cfg, progress_bar=False
+    )
     elapsed = time.perf_counter() - t0
     if len(outputs) != len(prompts) or any(o.error for o in outputs.values()):
         raise RuntimeError(f"generate_batch finished {len(outputs)} of {len(prompts)} requests")
@@ -235,8 +261,12 @@ def warm_up_transformers(model, prompt: list[int], gen_cfg) -> None:
     short = copy.deepcopy(gen_cfg)
     short.max_new_tokens = short.min_new_tokens = 4
     _generate(model, [prompt], short)
-    model.generate_batch([prompt], generation_config=short, progress_bar=False,
-                         continuous_batching_config=continuous_batching_config(1, len(prompt) + 4, len(prompt)))
+    model.generate_batch(
+        [prompt],
+        generation_config=short,
+        progress_bar=False,
+        continuous_batching_config=continuous_batching_config(1, len(prompt) + 4, len(prompt)),
+    )
 
 
 # ---- one run -----------------------------------------------------------------------------
@@ -275,8 +305,10 @@ def measure(c: int, sizes: Sizes, threads: int, run_dir: str, model, tokenizer, 
     gen_cfg = generation_config(sizes.output_len, tokenizer)
     cfg = run_config(c, sizes)
     with tempfile.TemporaryDirectory(prefix="engine-throughput-") as workdir:
-        servers = {ENGINE_TRACED: start_engine(cfg, os.path.join(workdir, "on"), threads, run_dir),
-                   ENGINE_PLAIN: start_engine(cfg, os.path.join(workdir, "off"), threads, None)}
+        servers = {
+            ENGINE_TRACED: start_engine(cfg, os.path.join(workdir, "on"), threads, run_dir),
+            ENGINE_PLAIN: start_engine(cfg, os.path.join(workdir, "off"), threads, None),
+        }
         try:
             urls = {name: server.wait_ready() for name, server in servers.items()}
             for url in urls.values():
@@ -284,24 +316,30 @@ def measure(c: int, sizes: Sizes, threads: int, run_dir: str, model, tokenizer, 
             for r in range(repeats):
                 cfg = run_config(c, sizes, seed=r)
                 prompts = prompt_token_ids(cfg, tokenizer)
-                systems = {name: functools.partial(drive_engine, url, cfg.workload, tokenizer,
-                                                   cfg.engine.max_model_len) for name, url in urls.items()}
+                systems = {
+                    name: functools.partial(drive_engine, url, cfg.workload, tokenizer, cfg.engine.max_model_len)
+                    for name, url in urls.items()
+                }
                 systems[HF_GENERATE] = functools.partial(bench_generate, model, prompts, c, gen_cfg)
-                systems[HF_GENERATE_BATCH] = functools.partial(bench_generate_batch, model, prompts, c, gen_cfg,
-                                                               cfg.engine.max_batched_tokens)
+                systems[HF_GENERATE_BATCH] = functools.partial(
+                    bench_generate_batch, model, prompts, c, gen_cfg, cfg.engine.max_batched_tokens
+                )
                 names = list(systems)
-                for name in names[r % len(names):] + names[:r % len(names)]:
+                for name in names[r % len(names) :] + names[: r % len(names)]:
                     tok_s, tokens = systems[name]()
                     result.add(name, c, tok_s)
                     if tokens != len(prompts) * sizes.output_len:
-                        result.notes.append(f"{name} at concurrency {c}, round {r}: {tokens} output tokens, "
-                                            f"not {len(prompts) * sizes.output_len}")
+                        result.notes.append(
+                            f"{name} at concurrency {c}, round {r}: {tokens} output tokens, "
+                            f"not {len(prompts) * sizes.output_len}"
+                        )
         finally:
             for server in servers.values():
                 server.stop()
 
 
 # ---- printing ----------------------------------------------------------------------------
+
 
 def cpu_name() -> str:
     try:
@@ -320,12 +358,14 @@ def header(sizes: Sizes, threads: int, repeats: int) -> str:
     from engine.models.presets import PRESETS
 
     p = PRESETS["tiny"]
-    return (f"{cpu_name()}, {os.cpu_count()} cores | torch {torch.__version__}, "
-            f"transformers {transformers.__version__} | torch threads per model process: {threads} | model tiny "
-            f"(float32, {p['num_hidden_layers']} layers, hidden {p['hidden_size']}, heads {p['num_attention_heads']}/"
-            f"{p['num_key_value_heads']} kv, vocab {p['vocab_size']}) | prompts {sizes.input_min}-{sizes.input_max} "
-            f"tokens, {sizes.output_len} output tokens, greedy, EOS ignored, "
-            f"max({sizes.min_requests}, {sizes.requests_per_slot}*C) requests | best of {repeats} interleaved round(s)")
+    return (
+        f"{cpu_name()}, {os.cpu_count()} cores | torch {torch.__version__}, "
+        f"transformers {transformers.__version__} | torch threads per model process: {threads} | model tiny "
+        f"(float32, {p['num_hidden_layers']} layers, hidden {p['hidden_size']}, heads {p['num_attention_heads']}/"
+        f"{p['num_key_value_heads']} kv, vocab {p['vocab_size']}) | prompts {sizes.input_min}-{sizes.input_max} "
+        f"tokens, {sizes.output_len} output tokens, greedy, EOS ignored, "
+        f"max({sizes.min_requests}, {sizes.requests_per_slot}*C) requests | best of {repeats} interleaved round(s)"
+    )
 
 
 def render(result: Result, concurrencies: list[int], title: str) -> None:
@@ -346,14 +386,29 @@ def render(result: Result, concurrencies: list[int], title: str) -> None:
     t.add_row("engine (on) / best transformers", *(f"{traced[c] / best_hf[c]:.2f}x" for c in concurrencies))
     console.print(t)
     b = Table(title="Engine per-step breakdown (traced run; model = forward + sampling, host time on the CPU)")
-    for col in ("C", "steps", "ms/step", "model ms/step", "other ms/step", "overhead", "top other stages (ms/step)",
-                "span cost us/token"):
+    for col in (
+        "C",
+        "steps",
+        "ms/step",
+        "model ms/step",
+        "other ms/step",
+        "overhead",
+        "top other stages (ms/step)",
+        "span cost us/token",
+    ):
         b.add_column(col, justify="left" if col.startswith("top") else "right")
     for c in concurrencies:
         d = result.breakdown[c]
-        b.add_row(str(c), str(d["steps"]), f"{d['ms_per_step']:.1f}", f"{d['model_ms_per_step']:.1f}",
-                  f"{d['other_ms_per_step']:.1f}", f"{d['overhead_fraction']:.0%}",
-                  ", ".join(f"{name} {ms:.1f}" for name, ms in d["top"]), f"{d['tracing_us_per_token']:.1f}")
+        b.add_row(
+            str(c),
+            str(d["steps"]),
+            f"{d['ms_per_step']:.1f}",
+            f"{d['model_ms_per_step']:.1f}",
+            f"{d['other_ms_per_step']:.1f}",
+            f"{d['overhead_fraction']:.0%}",
+            ", ".join(f"{name} {ms:.1f}" for name, ms in d["top"]),
+            f"{d['tracing_us_per_token']:.1f}",
+        )
     console.print(b)
     for note in result.notes:
         console.print(f"note: {note}")
@@ -375,8 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     result = run(args.concurrency, sizes, args.threads, out, repeats)
     render(result, args.concurrency, header(sizes, args.threads, repeats))
-    print(f"traced engine runs: {out}/c<C> (llmtrace analyze {out}/c{args.concurrency[-1]}); "
-          f"benchmark took {time.perf_counter() - t0:.0f} s")
+    print(
+        f"traced engine runs: {out}/c<C> (llmtrace analyze {out}/c{args.concurrency[-1]}); "
+        f"benchmark took {time.perf_counter() - t0:.0f} s"
+    )
     return 0
 
 

@@ -14,6 +14,7 @@ found in every run, none on tuned.yaml.
 
     python benchmarks/estimate_truth.py [--repeats 3] [--json FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,21 +30,37 @@ from diagnosis_accuracy import emit, estimate_cell, within_goal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # switch -> the rule that reports it
-SWITCHES = {"log_arrays": "log-in-hot-path", "concat_padding": "concat-padding",
-            "host_sampling": "full-logits-transfer", "no_tcp_nodelay": "tcp-nodelay",
-            "prefill_batch_1": "small-prefill-batch", "gc_churn": "gc-pauses"}
+SWITCHES = {
+    "log_arrays": "log-in-hot-path",
+    "concat_padding": "concat-padding",
+    "host_sampling": "full-logits-transfer",
+    "no_tcp_nodelay": "tcp-nodelay",
+    "prefill_batch_1": "small-prefill-batch",
+    "gc_churn": "gc-pauses",
+}
 
 
 def run(config: str, *overrides: str) -> dict | None:
     """The report of one `llmtrace run`; None when it failed (its output and directory are
     kept and printed: a failed run is not silently left out)."""
     out = tempfile.mkdtemp(prefix="estimate_truth_")
-    cmd = [sys.executable, "-m", "llmtrace.cli", "run", "--config", os.path.join(ROOT, "examples", config),
-           "--out", out, *[a for o in overrides for a in ("--set", o)]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmtrace.cli",
+        "run",
+        "--config",
+        os.path.join(ROOT, "examples", config),
+        "--out",
+        out,
+        *[a for o in overrides for a in ("--set", o)],
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if p.returncode:
-        print(f"FAILED (exit {p.returncode}, kept in {out}): {' '.join(cmd[3:])}\n{p.stdout[-1500:]}{p.stderr[-3000:]}",
-              file=sys.stderr)
+        print(
+            f"FAILED (exit {p.returncode}, kept in {out}): {' '.join(cmd[3:])}\n{p.stdout[-1500:]}{p.stderr[-3000:]}",
+            file=sys.stderr,
+        )
         return None
     with open(os.path.join(out, "report.json")) as f:
         report = json.load(f)
@@ -77,10 +94,20 @@ def evaluate(repeats: int) -> list[dict]:
         truth = on - statistics.median(ms[switch])
         est = [e for e in (saving(r, rule) for r in all_on) if e is not None]
         median_est = statistics.median(est) if est else None
-        rows.append({"switch": switch, "rule": rule, "truth_ms": truth, "spread_ms": max(ms["all"]) - min(ms["all"]),
-                     "estimate_ms": median_est, "found": len(est), "runs": len(all_on),
-                     "within_goal": within_goal(median_est, truth),
-                     "on_tuned": sum(saving(r, rule) is not None for r in tuned), "tuned_runs": len(tuned)})
+        rows.append(
+            {
+                "switch": switch,
+                "rule": rule,
+                "truth_ms": truth,
+                "spread_ms": max(ms["all"]) - min(ms["all"]),
+                "estimate_ms": median_est,
+                "found": len(est),
+                "runs": len(all_on),
+                "within_goal": within_goal(median_est, truth),
+                "on_tuned": sum(saving(r, rule) is not None for r in tuned),
+                "tuned_runs": len(tuned),
+            }
+        )
     return rows
 
 
@@ -90,11 +117,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
     rows = evaluate(args.repeats)
-    emit(["switch", "rule", "truth ms/token (spread)", "estimate", "found", "within goal", "on tuned"],
-         [[r["switch"], r["rule"], f"{r['truth_ms']:.3f} ({r['spread_ms']:.3f})", estimate_cell(r["estimate_ms"]),
-           f"{r['found']}/{r['runs']}", "yes" if r["within_goal"] else "no", f"{r['on_tuned']}/{r['tuned_runs']}"]
-          for r in rows],
-         rows, args.json)
+    emit(
+        ["switch", "rule", "truth ms/token (spread)", "estimate", "found", "within goal", "on tuned"],
+        [
+            [
+                r["switch"],
+                r["rule"],
+                f"{r['truth_ms']:.3f} ({r['spread_ms']:.3f})",
+                estimate_cell(r["estimate_ms"]),
+                f"{r['found']}/{r['runs']}",
+                "yes" if r["within_goal"] else "no",
+                f"{r['on_tuned']}/{r['tuned_runs']}",
+            ]
+            for r in rows
+        ],
+        rows,
+        args.json,
+    )
     return 0
 
 

@@ -10,6 +10,7 @@ Run:  .venv/bin/python benchmarks/export_chrome.py [--spans 50000 200000 1000000
 
 Goal: >= 100k spans/s exported on the 2-core dev VM; peak RSS growth < 1/2 of the file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,6 +22,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+
 def engine_like_trace(n: int):
     """n spans: per step a master.step, the agent.step following it, forward (with device
     time) and sampling. Also used by tests/test_export.py."""
@@ -31,8 +33,22 @@ def engine_like_trace(n: int):
         base, top, agent = i * 10_000, (1 << 40) + i, (2 << 40) + 3 * i
         t.spans.append(Span("master.step", "master", 1, 1, base, base + 9_000, top, 0, 0, i, {"batch": 8}))
         t.spans.append(Span("agent.step", "agent", 2, 2, base + 100, base + 8_000, agent, 0, top, i))
-        t.spans.append(Span("forward", "forward", 2, 2, base + 200, base + 4_000, agent + 1, agent, 0, i,
-                            device_start_ns=base + 300, device_end_ns=base + 5_000))
+        t.spans.append(
+            Span(
+                "forward",
+                "forward",
+                2,
+                2,
+                base + 200,
+                base + 4_000,
+                agent + 1,
+                agent,
+                0,
+                i,
+                device_start_ns=base + 300,
+                device_end_ns=base + 5_000,
+            )
+        )
         t.spans.append(Span("sampling", "sampling", 2, 2, base + 4_000, base + 7_000, agent + 2, agent, 0, i))
     t.sort()
     return t
@@ -66,11 +82,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         for n in args.spans:
             path = os.path.join(d, "trace.json")
-            out = subprocess.run([sys.executable, "-c", WORKER, str(n), path], check=True, capture_output=True,
-                                 text=True, env={**os.environ, "PYTHONPATH": HERE}).stdout
+            out = subprocess.run(
+                [sys.executable, "-c", WORKER, str(n), path],
+                check=True,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": HERE},
+            ).stdout
             r = json.loads(out)
-            print(f"{n:>9} {r['events']:>9} {r['bytes'] / 2**20:>9.1f} {r['export_s']:>9.2f} "
-                  f"{n / r['export_s']:>9.0f} {r['rss_growth'] / 2**20:>9.1f} {r['load_s']:>7.2f}")
+            print(
+                f"{n:>9} {r['events']:>9} {r['bytes'] / 2**20:>9.1f} {r['export_s']:>9.2f} "
+                f"{n / r['export_s']:>9.0f} {r['rss_growth'] / 2**20:>9.1f} {r['load_s']:>7.2f}"
+            )
 
 
 if __name__ == "__main__":

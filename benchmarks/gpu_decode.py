@@ -20,6 +20,7 @@ per batch that pipelined and one-at-a-time decode do.
 Run (GPU):  python3 benchmarks/gpu_decode.py [--batches 1 8 32 128] [--json FILE]
 Goal: <= 1.4x the floor at batch 1, >= 6,000 tok/s at batch 128.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,6 +61,7 @@ def floor_s(model, batch: int, context: int, bandwidth: float) -> float:
 
 # ---- the engine --------------------------------------------------------------------------
 
+
 def decode_step(step_no: int, tokens: list[list[int]], block_tables, temperature: float = 0.0):
     """A StepInput with one new token per sequence (its last); sequence b owns block_tables[b]."""
     import numpy as np
@@ -70,12 +72,21 @@ def decode_step(step_no: int, tokens: list[list[int]], block_tables, temperature
     ctx = np.array([len(t) for t in tokens], np.int32)
     pos = ctx - 1
     slots = block_tables[np.arange(b), pos // BLOCK].astype(np.int64) * BLOCK + pos % BLOCK
-    return StepInput(step=step_no, is_prefill=False, seq_ids=np.arange(b, dtype=np.int64),
-                     input_ids=np.array([t[-1] for t in tokens], np.int32), positions=pos.astype(np.int32),
-                     query_start_loc=np.arange(b + 1, dtype=np.int32), context_lens=ctx,
-                     block_tables=block_tables, slot_mapping=slots,
-                     temperature=np.full(b, temperature, np.float32), top_p=np.ones(b, np.float32),
-                     top_k=np.zeros(b, np.int32), seed=np.full(b, -1, np.int64))
+    return StepInput(
+        step=step_no,
+        is_prefill=False,
+        seq_ids=np.arange(b, dtype=np.int64),
+        input_ids=np.array([t[-1] for t in tokens], np.int32),
+        positions=pos.astype(np.int32),
+        query_start_loc=np.arange(b + 1, dtype=np.int32),
+        context_lens=ctx,
+        block_tables=block_tables,
+        slot_mapping=slots,
+        temperature=np.full(b, temperature, np.float32),
+        top_p=np.ones(b, np.float32),
+        top_k=np.zeros(b, np.int32),
+        seed=np.full(b, -1, np.int64),
+    )
 
 
 def prefill_steps(tokens: list[list[int]], block_tables):
@@ -92,12 +103,21 @@ def prefill_steps(tokens: list[list[int]], block_tables):
         owner = np.repeat(np.array(list(rows)), lens)
         slots = block_tables[owner, pos // BLOCK].astype(np.int64) * BLOCK + pos % BLOCK
         n = len(rows)
-        yield StepInput(step=0, is_prefill=True, seq_ids=np.array(list(rows), np.int64),
-                        input_ids=np.concatenate([tokens[r] for r in rows]).astype(np.int32), positions=pos,
-                        query_start_loc=np.concatenate([[0], np.cumsum(lens)]).astype(np.int32),
-                        context_lens=lens, block_tables=block_tables[lo:lo + n], slot_mapping=slots,
-                        temperature=np.zeros(n, np.float32), top_p=np.ones(n, np.float32),
-                        top_k=np.zeros(n, np.int32), seed=np.full(n, -1, np.int64))
+        yield StepInput(
+            step=0,
+            is_prefill=True,
+            seq_ids=np.array(list(rows), np.int64),
+            input_ids=np.concatenate([tokens[r] for r in rows]).astype(np.int32),
+            positions=pos,
+            query_start_loc=np.concatenate([[0], np.cumsum(lens)]).astype(np.int32),
+            context_lens=lens,
+            block_tables=block_tables[lo : lo + n],
+            slot_mapping=slots,
+            temperature=np.zeros(n, np.float32),
+            top_p=np.ones(n, np.float32),
+            top_k=np.zeros(n, np.int32),
+            seed=np.full(n, -1, np.int64),
+        )
 
 
 def prompts(batch: int, vocab: int, seed: int) -> list[list[int]]:
@@ -184,8 +204,14 @@ def bench_engine(batches: list[int], bandwidth: float, log, profile: bool = Fals
     blocks_per_seq = -(-(CONTEXT + WARMUP + STEPS + 1) // BLOCK)
     cfg = ModelConfig(preset=PRESET, dtype="bfloat16", device="cuda", seed=0)
     t0 = time.perf_counter()
-    runner = ModelRunner(cfg, block_size=BLOCK, num_blocks=max_b * blocks_per_seq, cuda_graphs=True,
-                         max_num_seqs=max_b, max_model_len=blocks_per_seq * BLOCK)
+    runner = ModelRunner(
+        cfg,
+        block_size=BLOCK,
+        num_blocks=max_b * blocks_per_seq,
+        cuda_graphs=True,
+        max_num_seqs=max_b,
+        max_model_len=blocks_per_seq * BLOCK,
+    )
     log(f"engine: model + KV + {len(runner.graphs.sizes)} graphs in {time.perf_counter() - t0:.1f} s")
     tables = np.arange(max_b * blocks_per_seq, dtype=np.int32).reshape(max_b, blocks_per_seq)
     vocab = runner.model.config.vocab_size
@@ -195,10 +221,13 @@ def bench_engine(batches: list[int], bandwidth: float, log, profile: bool = Fals
         alone, piped = prompts(b, vocab, b), prompts(b, vocab, b)
         times = run_decode(runner, alone, WARMUP + STEPS, tables[:b])[WARMUP:]
         periods = run_decode_pipelined(runner, piped, WARMUP + STEPS + 1, tables[:b])[WARMUP:]
-        rows[b] = {"engine_ms": statistics.median(periods) * 1e3, "one_step_ms": statistics.median(times) * 1e3,
-                   "graph_ms": graph_replay_s(runner, b, torch) * 1e3,
-                   "floor_ms": floor_s(runner.model, b, CONTEXT, bandwidth) * 1e3,
-                   "pipelined_equal": [t[:len(a)] for t, a in zip(piped, alone)] == alone}
+        rows[b] = {
+            "engine_ms": statistics.median(periods) * 1e3,
+            "one_step_ms": statistics.median(times) * 1e3,
+            "graph_ms": graph_replay_s(runner, b, torch) * 1e3,
+            "floor_ms": floor_s(runner.model, b, CONTEXT, bandwidth) * 1e3,
+            "pipelined_equal": [t[: len(a)] for t, a in zip(piped, alone)] == alone,
+        }
         log(f"engine batch {b}: {rows[b]}")
         if not rows[b]["pipelined_equal"]:
             log(f"engine batch {b}: pipelined decode gave other tokens than one step at a time")
@@ -231,12 +260,15 @@ def check_graphs_equal_eager(runner, tables, vocab: int, log, batch: int, steps:
     same = runs[0] == runs[1]
     agree = sum(a == b for x, y in zip(*runs) for a, b in zip(x, y)) / sum(map(len, runs[0]))
     first = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(*runs)]
-    log(f"graphs vs eager greedy tokens (bf16, batch {batch}, {steps} steps): "
-        f"{'identical' if same else f'{agree:.1%} agree; first differing step per sequence {first}'}")
+    log(
+        f"graphs vs eager greedy tokens (bf16, batch {batch}, {steps} steps): "
+        f"{'identical' if same else f'{agree:.1%} agree; first differing step per sequence {first}'}"
+    )
     return same
 
 
 # ---- transformers ------------------------------------------------------------------------
+
 
 def hf_model(preset: str = PRESET):
     """transformers LlamaForCausalLM with the preset's shape, random bf16 weights, on the GPU (sdpa)."""
@@ -246,8 +278,9 @@ def hf_model(preset: str = PRESET):
     from engine.models.presets import PRESETS
 
     with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(LlamaConfig(**PRESETS[preset]), dtype=torch.bfloat16,
-                                              attn_implementation="sdpa")
+        model = LlamaForCausalLM._from_config(
+            LlamaConfig(**PRESETS[preset]), dtype=torch.bfloat16, attn_implementation="sdpa"
+        )
     return model.eval().requires_grad_(False)
 
 
@@ -276,15 +309,19 @@ def bench_transformers(batches: list[int], log) -> dict:
 
 
 def render(batches, engine: dict, hf: dict, bandwidth: float) -> str:
-    lines = ["| batch | engine ms/step | one step alone ms | graph replay ms | floor ms | engine / floor "
-             "| engine tok/s | transformers ms/step | transformers tok/s | speedup |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| batch | engine ms/step | one step alone ms | graph replay ms | floor ms | engine / floor "
+        "| engine tok/s | transformers ms/step | transformers tok/s | speedup |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for b in batches:
         e, h = engine[b], hf.get(b)
         hf_cols = f"{h:.1f} | {b / h * 1e3:,.0f} | {h / e['engine_ms']:.1f}x" if h else "- | - | -"
-        lines.append(f"| {b} | {e['engine_ms']:.2f} | {e['one_step_ms']:.2f} | {e['graph_ms']:.2f} | "
-                     f"{e['floor_ms']:.2f} | "
-                     f"{e['engine_ms'] / e['floor_ms']:.2f}x | {b / e['engine_ms'] * 1e3:,.0f} | {hf_cols} |")
+        lines.append(
+            f"| {b} | {e['engine_ms']:.2f} | {e['one_step_ms']:.2f} | {e['graph_ms']:.2f} | "
+            f"{e['floor_ms']:.2f} | "
+            f"{e['engine_ms'] / e['floor_ms']:.2f}x | {b / e['engine_ms'] * 1e3:,.0f} | {hf_cols} |"
+        )
     return f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, context {CONTEXT}\n" + "\n".join(lines)
 
 
@@ -308,8 +345,17 @@ def main(argv: list[str] | None = None) -> int:
     print(render(args.batches, engine, hf, bandwidth))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "bandwidth": bandwidth, "graphs_equal_eager": same,
-                       "engine": engine, "transformers": hf}, f, indent=1)
+            json.dump(
+                {
+                    "device": torch.cuda.get_device_name(),
+                    "bandwidth": bandwidth,
+                    "graphs_equal_eager": same,
+                    "engine": engine,
+                    "transformers": hf,
+                },
+                f,
+                indent=1,
+            )
     return 0
 
 

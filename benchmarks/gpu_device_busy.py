@@ -17,6 +17,7 @@ ROUNDS interleaved rounds, medians.
 Run (GPU):  python3 benchmarks/gpu_device_busy.py [--batches 1 32] [--json FILE]
 Goal (issue 19): busy within 2% of CUPTI's; the window costs <= 1% of step time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,12 +61,18 @@ def reference_busy(chrome: str, spans, offset_ns: int) -> dict[int, int]:
     with opener(chrome, "rt") as f:
         doc = json.load(f)
     base = int(doc.get("baseTimeNanoseconds") or 0)
-    dev = sorted((int(e["ts"] * 1000) + base - offset_ns, int(e.get("dur", 0) * 1000))
-                 for e in doc["traceEvents"] if e.get("cat") in BUSY_CATS and e.get("ph") == "X")
+    dev = sorted(
+        (int(e["ts"] * 1000) + base - offset_ns, int(e.get("dur", 0) * 1000))
+        for e in doc["traceEvents"]
+        if e.get("cat") in BUSY_CATS and e.get("ph") == "X"
+    )
     out = {}
     for s in spans:
-        inside = [(max(a, s.device_start_ns), min(a + d, s.device_end_ns)) for a, d in dev
-                  if a < s.device_end_ns and a + d > s.device_start_ns]
+        inside = [
+            (max(a, s.device_start_ns), min(a + d, s.device_end_ns))
+            for a, d in dev
+            if a < s.device_end_ns and a + d > s.device_start_ns
+        ]
         out[s.span_id] = union_ns(inside)
     return out
 
@@ -94,25 +101,39 @@ def case(runner, batch: int, tables, graphs, out_dir: str, log) -> dict:
     spans = [s for s in trace.spans if s.name in ("forward", "sampling") and names.A_BUSY_NS in s.attrs]
     if not spans:  # the launch mapping found nothing: say what the records looked like
         ev = window.profiler.profiler.kineto_results.events()
-        log(f"no busy times: {len(window.spans)} window spans {window.spans[:2]}, offset {window.offset_ns}, "
-            f"{len(ev)} events, e.g. " + "; ".join(f"{e.name()[:30]} {_try(e, 'activity_type')} {_try(e, 'start_ns')} "
-                                                   f"corr {_try(e, 'correlation_id')} dev {_try(e, 'device_type')}"
-                                                   for e in ev[:: max(1, len(ev) // 16)]))
+        log(
+            f"no busy times: {len(window.spans)} window spans {window.spans[:2]}, offset {window.offset_ns}, "
+            f"{len(ev)} events, e.g. "
+            + "; ".join(
+                f"{e.name()[:30]} {_try(e, 'activity_type')} {_try(e, 'start_ns')} "
+                f"corr {_try(e, 'correlation_id')} dev {_try(e, 'device_type')}"
+                for e in ev[:: max(1, len(ev) // 16)]
+            )
+        )
         return {"batch": batch, "mode": "graphs" if graphs is not None else "eager", "spans": 0}
     ref = reference_busy(chrome, spans, window.offset_ns)
     event = sum(s.device_dur_ns for s in spans)
     busy = sum(s.attrs[names.A_BUSY_NS] for s in spans)
     kernels = sum(s.attrs[names.A_KERNELS] for s in spans)
     steps = len({s.step for s in spans})
-    per_step = [(sum(s.attrs[names.A_BUSY_NS] for s in spans if s.step == k),
-                 sum(ref[s.span_id] for s in spans if s.step == k)) for k in sorted({s.step for s in spans})]
-    row = {"batch": batch, "mode": "graphs" if graphs is not None else "eager", "spans": len(spans),
-           "steps": steps, "event_ms": event / steps / 1e6, "busy_ms": busy / steps / 1e6,
-           "cupti_ms": sum(ref.values()) / steps / 1e6, "kernels_per_step": kernels / steps,
-           "launches_per_step": sum(s.attrs[names.A_LAUNCHES] for s in spans) / steps,
-           "idle_us_per_kernel": (event - busy) / kernels / 1e3 if kernels else None,
-           "step_max_rel_diff": max(abs(b - r) / r for b, r in per_step if r) if per_step else None,
-           "outside": sum(c.value for c in trace.counters if c.name == names.C_DEVICE_WORK_OUTSIDE)}
+    per_step = [
+        (sum(s.attrs[names.A_BUSY_NS] for s in spans if s.step == k), sum(ref[s.span_id] for s in spans if s.step == k))
+        for k in sorted({s.step for s in spans})
+    ]
+    row = {
+        "batch": batch,
+        "mode": "graphs" if graphs is not None else "eager",
+        "spans": len(spans),
+        "steps": steps,
+        "event_ms": event / steps / 1e6,
+        "busy_ms": busy / steps / 1e6,
+        "cupti_ms": sum(ref.values()) / steps / 1e6,
+        "kernels_per_step": kernels / steps,
+        "launches_per_step": sum(s.attrs[names.A_LAUNCHES] for s in spans) / steps,
+        "idle_us_per_kernel": (event - busy) / kernels / 1e3 if kernels else None,
+        "step_max_rel_diff": max(abs(b - r) / r for b, r in per_step if r) if per_step else None,
+        "outside": sum(c.value for c in trace.counters if c.name == names.C_DEVICE_WORK_OUTSIDE),
+    }
     log(f"{row['mode']} batch {batch}: {row}")
     return row
 
@@ -135,8 +156,14 @@ def cost(runner, batch: int, tables, graphs, log) -> dict:
             if window is not None:
                 window.profiler.stop()
                 window.emitted = True  # timing only: no records to read
-    row = {"batch": batch, "mode": "graphs" if graphs is not None else "eager", "on_ms": statistics.median(on),
-           "off_ms": statistics.median(off), "on_all": on, "off_all": off}
+    row = {
+        "batch": batch,
+        "mode": "graphs" if graphs is not None else "eager",
+        "on_ms": statistics.median(on),
+        "off_ms": statistics.median(off),
+        "on_all": on,
+        "off_all": off,
+    }
     log(f"cost {row}")
     return row
 
@@ -159,9 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda m: print(m, flush=True)  # noqa: E731
     max_b = max(args.batches)
     per_seq = -(-(CONTEXT + WARMUP + STEPS * (2 + 2 * ROUNDS) + 1) // BLOCK)
-    runner = ModelRunner(ModelConfig(preset=PRESET, dtype="bfloat16", device="cuda", seed=0), block_size=BLOCK,
-                         num_blocks=max_b * per_seq, cuda_graphs=True, max_num_seqs=max_b,
-                         max_model_len=per_seq * BLOCK)
+    runner = ModelRunner(
+        ModelConfig(preset=PRESET, dtype="bfloat16", device="cuda", seed=0),
+        block_size=BLOCK,
+        num_blocks=max_b * per_seq,
+        cuda_graphs=True,
+        max_num_seqs=max_b,
+        max_model_len=per_seq * BLOCK,
+    )
     tables = np.arange(max_b * per_seq, dtype=np.int32).reshape(max_b, per_seq)
     graphs = runner.graphs
     rows, costs = [], []
@@ -175,23 +207,31 @@ def main(argv: list[str] | None = None) -> int:
                 costs.append(cost(runner, b, tables[:b], g, log))
         llmtrace.shutdown()
         log(f"spools: {len(glob.glob(tmp + '/*/spool/*.lts'))}")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {PRESET} bf16, context {CONTEXT}, "
-          f"{STEPS} decode steps per case")
-    print("| batch, mode | event ms/step | busy ms/step | CUPTI ms/step | busy/CUPTI | event/busy | kernels/step "
-          "| launches/step | idle us/kernel | worst step |")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {PRESET} bf16, context {CONTEXT}, "
+        f"{STEPS} decode steps per case"
+    )
+    print(
+        "| batch, mode | event ms/step | busy ms/step | CUPTI ms/step | busy/CUPTI | event/busy | kernels/step "
+        "| launches/step | idle us/kernel | worst step |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in (r for r in rows if r["spans"]):
-        print(f"| {r['batch']}, {r['mode']} | {r['event_ms']:.3f} | {r['busy_ms']:.3f} | {r['cupti_ms']:.3f} | "
-              f"{r['busy_ms'] / r['cupti_ms']:.4f} | {r['event_ms'] / r['busy_ms']:.2f}x | "
-              f"{r['kernels_per_step']:.0f} | {r['launches_per_step']:.0f} | {r['idle_us_per_kernel']:.2f} | "
-              f"{r['step_max_rel_diff']:.2%} |")
+        print(
+            f"| {r['batch']}, {r['mode']} | {r['event_ms']:.3f} | {r['busy_ms']:.3f} | {r['cupti_ms']:.3f} | "
+            f"{r['busy_ms'] / r['cupti_ms']:.4f} | {r['event_ms'] / r['busy_ms']:.2f}x | "
+            f"{r['kernels_per_step']:.0f} | {r['launches_per_step']:.0f} | {r['idle_us_per_kernel']:.2f} | "
+            f"{r['step_max_rel_diff']:.2%} |"
+        )
     print(f"\nstep wall time, window on vs off ({ROUNDS} interleaved rounds, medians of {STEPS} steps):")
     print("| batch, mode | on ms | off ms | cost | rounds on | rounds off |")
     print("|---|---|---|---|---|---|")
     for c in costs:
-        print(f"| {c['batch']}, {c['mode']} | {c['on_ms']:.3f} | {c['off_ms']:.3f} | "
-              f"{c['on_ms'] / c['off_ms'] - 1:+.2%} | {', '.join(f'{x:.3f}' for x in c['on_all'])} | "
-              f"{', '.join(f'{x:.3f}' for x in c['off_all'])} |")
+        print(
+            f"| {c['batch']}, {c['mode']} | {c['on_ms']:.3f} | {c['off_ms']:.3f} | "
+            f"{c['on_ms'] / c['off_ms'] - 1:+.2%} | {', '.join(f'{x:.3f}' for x in c['on_all'])} | "
+            f"{', '.join(f'{x:.3f}' for x in c['off_all'])} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows, "cost": costs}, f, indent=1)

@@ -18,6 +18,7 @@ breakdown, transformers helpers).
 Run (GPU):  python3 benchmarks/gpu_e2e.py --out DIR [--skip-transformers] [--tracing-cost N]
 Goal: engine >= 5x generate_batch; service overhead <= 5% of the step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,13 @@ def serve_and_analyze(config_path: str, run_dir: str, log) -> dict:
     md = analyze(run_dir, "--markdown")
     with open(os.path.join(run_dir, "report.md"), "w") as f:
         f.write(md)
-    return {"tok_s": tok_s, "tokens": tokens, "breakdown": report["breakdown"],
-            "suggestions": report.get("suggestions"), "report_md": md}
+    return {
+        "tok_s": tok_s,
+        "tokens": tokens,
+        "breakdown": report["breakdown"],
+        "suggestions": report.get("suggestions"),
+        "report_md": md,
+    }
 
 
 def engine_tok_s(config_path: str, workdir: str, out: str | None) -> float:
@@ -90,7 +96,7 @@ def tracing_cost(rounds: int, out_dir: str, log) -> dict:
 
     runs: dict[str, list[float]] = {"on": [], "off": []}
     for r in range(rounds):
-        for mode in (("on", "off") if r % 2 == 0 else ("off", "on")):
+        for mode in ("on", "off") if r % 2 == 0 else ("off", "on"):
             out = os.path.join(out_dir, f"cost_{r}_{mode}")
             runs[mode].append(engine_tok_s(MAIN_CONFIG, out + ".work", out if mode == "on" else None))
             log(f"tracing {mode}, round {r}: {runs[mode][-1]:,.1f} tok/s")
@@ -100,8 +106,9 @@ def tracing_cost(rounds: int, out_dir: str, log) -> dict:
 
 def analyze(run_dir: str, fmt: str) -> str:
     """`llmtrace analyze` of a run directory, as the user runs it."""
-    return subprocess.run([sys.executable, "-m", "llmtrace.cli", "analyze", fmt, run_dir], check=True,
-                          capture_output=True, text=True).stdout
+    return subprocess.run(
+        [sys.executable, "-m", "llmtrace.cli", "analyze", fmt, run_dir], check=True, capture_output=True, text=True
+    ).stdout
 
 
 def bench_transformers(config_path: str, log) -> dict:
@@ -124,8 +131,9 @@ def bench_transformers(config_path: str, log) -> dict:
     et.warm_up_transformers(model, prompts[0], gen_cfg)
     t0 = time.perf_counter()
     # a cache for max_num_seqs sequences of the longest length does not fit next to the weights
-    tok_s, tokens = et.bench_generate_batch(model, prompts, cfg.engine.max_num_seqs, gen_cfg,
-                                            cfg.engine.max_batched_tokens, size_cache=False)
+    tok_s, tokens = et.bench_generate_batch(
+        model, prompts, cfg.engine.max_num_seqs, gen_cfg, cfg.engine.max_batched_tokens, size_cache=False
+    )
     log(f"transformers generate_batch: {tok_s:,.0f} tok/s, {tokens} tokens ({time.perf_counter() - t0:.0f} s)")
     return {"tok_s": tok_s, "tokens": tokens, "engine_tokens": sum(out_lens), "max_new_tokens": mean_out}
 
@@ -149,8 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="run directories and results.json go here")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--skip-engine", action="store_true", help="only transformers (results.json is rewritten)")
-    p.add_argument("--tracing-cost", type=int, default=0, metavar="N",
-                   help="also N rounds of tracing on vs off, interleaved (table 5)")
+    p.add_argument(
+        "--tracing-cost",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also N rounds of tracing on vs off, interleaved (table 5)",
+    )
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     log = lambda m: print(m, flush=True)  # noqa: E731
@@ -181,11 +194,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"engine {e['tok_s']:,.0f} tok/s", end="")
     if "transformers" in results:
         t = results["transformers"]
-        print(f" | transformers generate_batch {t['tok_s']:,.0f} tok/s ({t['tokens']} tokens, max_new_tokens "
-              f"{t['max_new_tokens']}; engine {t['engine_tokens']}) | {e['tok_s'] / t['tok_s']:.1f}x")
+        print(
+            f" | transformers generate_batch {t['tok_s']:,.0f} tok/s ({t['tokens']} tokens, max_new_tokens "
+            f"{t['max_new_tokens']}; engine {t['engine_tokens']}) | {e['tok_s'] / t['tok_s']:.1f}x"
+        )
     print("\n## table 3: breakdown")
-    print({k: bd.get(k) for k in ("steps", "tokens", "ms_per_step", "per_token_ms", "model_ms", "overhead_ms",
-                                  "overhead_fraction")})
+    print(
+        {
+            k: bd.get(k)
+            for k in ("steps", "tokens", "ms_per_step", "per_token_ms", "model_ms", "overhead_ms", "overhead_fraction")
+        }
+    )
     print(bd["headline"])
     print("stages ms/step:", stage_ms(bd))
     print("\n## table 4: host_timed_forward")
@@ -199,8 +218,10 @@ def print_tracing_cost(c: dict) -> None:
     print(f"\n## table 5: tracing cost (recorder backend {recorder_backend()})")
     for m in ("on", "off"):
         v = c["runs"][m]
-        print(f"tracing {m}: median {c['median'][m]:,.1f} tok/s, runs {', '.join(f'{x:,.1f}' for x in v)} "
-              f"(spread {max(v) - min(v):,.1f})")
+        print(
+            f"tracing {m}: median {c['median'][m]:,.1f} tok/s, runs {', '.join(f'{x:,.1f}' for x in v)} "
+            f"(spread {max(v) - min(v):,.1f})"
+        )
     print(f"cost: {100 * c['cost']:.2f}% of throughput")
 
 

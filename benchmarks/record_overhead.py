@@ -6,6 +6,7 @@ the bare program.
 
     python benchmarks/record_overhead.py [--rounds 3] [--pipelines thread_queue_server ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,11 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PIPELINES = {"thread_queue_server": ["--requests", "48"], "asyncio_pipe_worker": ["--requests", "48"],
-             "mp_queue_workers": ["--requests", "48", "--workers", "1"]}
+PIPELINES = {
+    "thread_queue_server": ["--requests", "48"],
+    "asyncio_pipe_worker": ["--requests", "48"],
+    "mp_queue_workers": ["--requests", "48", "--workers", "1"],
+}
 MODES = {
     "bare": None,
     "record, spans only (--no-auto --sample-hz 0)": ["--no-auto", "--sample-hz", "0"],
@@ -32,8 +36,11 @@ def tok_s(pipeline: str, options: list[str] | None) -> float:
     prog = [sys.executable, os.path.join(ROOT, "examples", "pipelines", pipeline + ".py"), *PIPELINES[pipeline]]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTRACE_")} | {"PIPELINE_CLEAN": "1"}
     with tempfile.TemporaryDirectory() as out:
-        cmd = prog if options is None else [sys.executable, "-m", "llmtrace.cli", "record", "--out", out,
-                                            *options, "--", *prog]
+        cmd = (
+            prog
+            if options is None
+            else [sys.executable, "-m", "llmtrace.cli", "record", "--out", out, *options, "--", *prog]
+        )
         stdout = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True, timeout=600).stdout
     line = next(ln for ln in stdout.splitlines() if ln.startswith('{"pipeline"'))
     return json.loads(line)["tok_s"]
@@ -49,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in args.pipelines:
         runs: dict[str, list[float]] = {m: [] for m in MODES}
         for r in range(args.rounds):
-            for m in (list(MODES) if r % 2 == 0 else list(reversed(MODES))):
+            for m in list(MODES) if r % 2 == 0 else list(reversed(MODES)):
                 runs[m].append(tok_s(p, MODES[m]))
         bare = statistics.median(runs["bare"])
         for m, v in runs.items():

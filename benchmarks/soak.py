@@ -18,6 +18,7 @@ every block free, invariants hold. 3 x 3,000 requests beyond a full queue: all 9
 (the first burst's high-water mark of 200 concurrent connections, then flat); the 6 held
 requests finished with 200.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,10 @@ def soak_leaks(n: int, concurrency: int) -> None:
         stats = test_leaks.check_no_leaks(engine)  # raises on a leak or a broken invariant
     finally:
         engine.close()
-    print(f"leaks: {n} requests in {dt:.1f} s, concurrency {concurrency}, "
-          f"{stats['kv_blocks_total']} KV blocks, {stats['steps']} steps, {stats['preemptions']} preemptions")
+    print(
+        f"leaks: {n} requests in {dt:.1f} s, concurrency {concurrency}, "
+        f"{stats['kv_blocks_total']} KV blocks, {stats['steps']} steps, {stats['preemptions']} preemptions"
+    )
     print(f"  {'what happened':<16}{'requests':>9}")
     for what, k in sorted(tally.items(), key=lambda kv: -kv[1]):
         print(f"  {what:<16}{k:>9}")
@@ -83,13 +86,17 @@ def soak_overload(burst: int) -> None:
         engine.wait_idle()
     finally:
         engine.close()
-    print(f"overload: queue held full ({test_overload.MAX_NUM_SEQS} running + {test_overload.MAX_WAITING} waiting), "
-          f"then {ROUNDS} bursts of {burst} requests, 200 at a time")
+    print(
+        f"overload: queue held full ({test_overload.MAX_NUM_SEQS} running + {test_overload.MAX_WAITING} waiting), "
+        f"then {ROUNDS} bursts of {burst} requests, 200 at a time"
+    )
     print(f"  {'status, Retry-After':<22}{'requests':>9}")
     for (status, retry), k in sorted(tally.items()):
         print(f"  {f'{status}, {retry}':<22}{k:>9}")
-    print(f"  {ROUNDS * burst / dt:.0f} rejections/s; waiting {stats['waiting']} (max {test_overload.MAX_WAITING}) "
-          f"after the bursts")
+    print(
+        f"  {ROUNDS * burst / dt:.0f} rejections/s; waiting {stats['waiting']} (max {test_overload.MAX_WAITING}) "
+        f"after the bursts"
+    )
     print("  RSS MiB before, then after each burst: " + " -> ".join(f"{r / 2**20:.1f}" for r in rss))
     ok = sum(status == 200 for status, _ in done)
     print(f"  held requests: {ok}/{len(done)} finished with 200")

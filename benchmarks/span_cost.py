@@ -22,6 +22,7 @@ here (two special-method lookups and two calls into C that do nothing) and the s
 call ~14 ns more; a disabled @trace function meets it. Other jobs on the machine make the
 medians swing by up to 2x (the other tools' rows most); the min column shows the spread.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -139,13 +140,28 @@ def llmtrace_cases():
     traced = trace("forward")(empty_fn)
     cases = [
         Case(f"llmtrace span ({label})", loop_with, recorder.span, setup=on, teardown=drain, kind="enabled"),
-        Case(f"llmtrace span, step + 1 attr ({label})", loop_with_attrs, recorder.span, setup=on, teardown=drain,
-             kind="enabled"),
-        Case(f"llmtrace @trace ({label})", loop_call, traced, loop_call, empty_fn, setup=on, teardown=drain,
-             kind="enabled"),
+        Case(
+            f"llmtrace span, step + 1 attr ({label})",
+            loop_with_attrs,
+            recorder.span,
+            setup=on,
+            teardown=drain,
+            kind="enabled",
+        ),
+        Case(
+            f"llmtrace @trace ({label})",
+            loop_call,
+            traced,
+            loop_call,
+            empty_fn,
+            setup=on,
+            teardown=drain,
+            kind="enabled",
+        ),
         Case(f"llmtrace span, disabled ({label})", loop_with, recorder.span, setup=off, kind="disabled"),
-        Case(f"llmtrace @trace, disabled ({label})", loop_call, traced, loop_call, empty_fn, setup=off,
-             kind="disabled"),
+        Case(
+            f"llmtrace @trace, disabled ({label})", loop_call, traced, loop_call, empty_fn, setup=off, kind="disabled"
+        ),
     ]
     if recorder.BACKEND == "c":
         cases.append(Case("with on a no-op C object (floor)", loop_with_obj, recorder.span("x"), setup=off))
@@ -160,8 +176,14 @@ def otel_cases():
 
     provider, exporter = TracerProvider(), InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return [Case("OpenTelemetry SDK span", loop_with, provider.get_tracer("bench").start_as_current_span,
-                 teardown=exporter.clear)]
+    return [
+        Case(
+            "OpenTelemetry SDK span",
+            loop_with,
+            provider.get_tracer("bench").start_as_current_span,
+            teardown=exporter.clear,
+        )
+    ]
 
 
 def torch_cases():
@@ -169,17 +191,25 @@ def torch_cases():
 
     rf = torch.profiler.record_function
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-    return [Case("torch record_function (no profiler)", loop_with, rf),
-            Case("torch record_function (profiling)", loop_with, rf, setup=prof.__enter__,
-                 teardown=lambda: prof.__exit__(None, None, None))]
+    return [
+        Case("torch record_function (no profiler)", loop_with, rf),
+        Case(
+            "torch record_function (profiling)",
+            loop_with,
+            rf,
+            setup=prof.__enter__,
+            teardown=lambda: prof.__exit__(None, None, None),
+        ),
+    ]
 
 
 def viztracer_cases():
     from viztracer import VizTracer, log_sparse
 
     tracer = VizTracer(log_sparse=True, verbose=0)  # installs a profile hook: its own process
-    return [Case("viztracer log_sparse", loop_call, log_sparse(lambda: None), loop_call, empty_fn,
-                 teardown=tracer.clear)]
+    return [
+        Case("viztracer log_sparse", loop_call, log_sparse(lambda: None), loop_call, empty_fn, teardown=tracer.clear)
+    ]
 
 
 def nvtx_cases():
@@ -190,8 +220,14 @@ def nvtx_cases():
 
 # Each group runs in its own process: tools install hooks (viztracer's profile function
 # slows every call in its process) and imports that must not touch the others' numbers.
-GROUPS = {"llmtrace": llmtrace_cases, "llmtrace-python": llmtrace_cases, "otel": otel_cases, "torch": torch_cases,
-          "viztracer": viztracer_cases, "nvtx": nvtx_cases}
+GROUPS = {
+    "llmtrace": llmtrace_cases,
+    "llmtrace-python": llmtrace_cases,
+    "otel": otel_cases,
+    "torch": torch_cases,
+    "viztracer": viztracer_cases,
+    "nvtx": nvtx_cases,
+}
 
 
 def run_worker(group, repeats, target_s):
@@ -218,11 +254,15 @@ def main():
         sys.exit("the C backend is not built: pip install -e . (needs a C compiler)")
     results = {}
     for group in GROUPS:
-        env = {**os.environ, "LLMTRACE_PURE_PYTHON": "1" if group == "llmtrace-python" else "0",
-               "KINETO_LOG_LEVEL": "5"}
+        env = {
+            **os.environ,
+            "LLMTRACE_PURE_PYTHON": "1" if group == "llmtrace-python" else "0",
+            "KINETO_LOG_LEVEL": "5",
+        }
         cmd = [sys.executable, __file__, "--worker", group, "--repeats", str(args.repeats)]
-        out = subprocess.run(cmd + (["--quick"] if args.quick else []), env=env, capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run(
+            cmd + (["--quick"] if args.quick else []), env=env, capture_output=True, text=True, check=True
+        )
         results.update(json.loads(out.stdout.strip().splitlines()[-1]))
     print_table(results)
 
@@ -240,8 +280,10 @@ def print_table(results):
                 print(f"goal {kind} <= {goal} ns: {label}: median {r['ns']:.0f} ns ({verdict}), min {r['min']:.0f} ns")
     floor = results.get("with on a no-op C object (floor)")
     if floor:
-        print(f"floor: a `with` statement on a C object that does nothing costs {floor['ns']:.0f} ns here "
-              f"(min {floor['min']:.0f} ns)")
+        print(
+            f"floor: a `with` statement on a C object that does nothing costs {floor['ns']:.0f} ns here "
+            f"(min {floor['min']:.0f} ns)"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Needs the serving extras of transformers, which `make` does not install:
     .venv/bin/pip install fastapi uvicorn 'openai>=1.98' 'accelerate>=1.1' 'kernels>=0.19.1,<0.20'
     .venv/bin/python benchmarks/transformers_serve.py [--requests 50] [--compare 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,14 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 CORPUS = os.path.join(ROOT, "engine", "assets", "tokenizer_corpus.txt")
-PROMPTS = ["The quick brown fox", "Tell me a story about a robot", "What is the capital of France",
-           "Write a poem about the sea", "Explain attention", "How do I cook rice"]
+PROMPTS = [
+    "The quick brown fox",
+    "Tell me a story about a robot",
+    "What is the capital of France",
+    "Write a poem about the sea",
+    "Explain attention",
+    "How do I cook rice",
+]
 
 
 def checkpoint(path: str) -> str:
@@ -60,11 +67,15 @@ def serve(ckpt: str, port: int, out: str | None) -> subprocess.Popen:
     cli = os.path.join(os.path.dirname(sys.executable), "transformers")  # this environment's console script
     exe = cli if os.path.exists(cli) else shutil.which("transformers") or "transformers"
     server = [exe, "serve", ckpt, "--port", str(port), "--device", "cpu", "--host", "127.0.0.1"]
-    cmd = server if out is None else [sys.executable, "-m", "llmtrace.cli", "record", "--out", out, *RECORD_ARGS,
-                                      "--", *server]
+    cmd = (
+        server
+        if out is None
+        else [sys.executable, "-m", "llmtrace.cli", "record", "--out", out, *RECORD_ARGS, "--", *server]
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTRACE_")}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -131,11 +142,19 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = checkpoint(os.path.join(tmp, "tiny-llama"))
         out = args.out or os.path.join(tmp, "run")
         tok_s = run_once(ckpt, out, args)
-        report = json.loads(subprocess.run([sys.executable, "-m", "llmtrace.cli", "analyze", "--json", out],
-                                           capture_output=True, text=True, check=True).stdout)
-        print(f"recorded: {tok_s:.1f} tok/s, {report['tracing']['spans_recorded']} spans, "
-              f"{report['tracing']['stack_samples']} stack samples, processes "
-              f"{[p['name'] for p in report['tracing']['processes']]}")
+        report = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "llmtrace.cli", "analyze", "--json", out],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        print(
+            f"recorded: {tok_s:.1f} tok/s, {report['tracing']['spans_recorded']} spans, "
+            f"{report['tracing']['stack_samples']} stack samples, processes "
+            f"{[p['name'] for p in report['tracing']['processes']]}"
+        )
         bd = report["breakdown"]
         if bd is None:
             print("no steps found:", report.get("whole_run"))
@@ -150,9 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.compare:
             runs = {"untraced": [], "recorded": []}
             for r in range(args.compare):
-                for mode in (("untraced", "recorded") if r % 2 == 0 else ("recorded", "untraced")):
-                    runs[mode].append(run_once(ckpt, None if mode == "untraced" else os.path.join(tmp, f"c{r}"),
-                                               args))
+                for mode in ("untraced", "recorded") if r % 2 == 0 else ("recorded", "untraced"):
+                    runs[mode].append(run_once(ckpt, None if mode == "untraced" else os.path.join(tmp, f"c{r}"), args))
             for mode, v in runs.items():
                 print(f"{mode}: {', '.join(f'{x:.1f}' for x in v)} tok/s")
     return 0

@@ -16,6 +16,7 @@ the spool files the spooler writes anyway (no socket, no extra write).
 
 Run:  .venv/bin/python benchmarks/tui_feed.py [--steps 3000] [--rates 10000,30000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,8 +84,8 @@ def split(path: str) -> tuple[bytes, list[tuple[bytes, int]]]:
     decoder = RecordDecoder(Process(0, "bench"))
     head, batches = data[:pos], []
     while pos < len(data):
-        size = BATCH_HEADER + int.from_bytes(data[pos + 4:pos + 8], "little")
-        chunk, into = data[pos:pos + size], Trace()
+        size = BATCH_HEADER + int.from_bytes(data[pos + 4 : pos + 8], "little")
+        chunk, into = data[pos : pos + size], Trace()
         for b in scan_batches(memoryview(chunk), 0, path).batches:
             decoder.add(b, into)
         batches.append((chunk, len(into.spans)))
@@ -114,9 +115,11 @@ def periodic(model: RunModel) -> list[tuple[str, float, float]]:
             fn()
         return (time.thread_time() - t0) / n * 1e3
 
-    return [("stage table (breakdown_view)", cpu_ms(model.breakdown_view, 20), 1 / REDRAW_S),
-            ("header (live_summary)", cpu_ms(model.live_summary, 20), 1 / REDRAW_S),
-            ("suggestions (rules on window)", cpu_ms(lambda: build_report(model.window_trace()), 3), 1 / SUGGEST_S)]
+    return [
+        ("stage table (breakdown_view)", cpu_ms(model.breakdown_view, 20), 1 / REDRAW_S),
+        ("header (live_summary)", cpu_ms(model.live_summary, 20), 1 / REDRAW_S),
+        ("suggestions (rules on window)", cpu_ms(lambda: build_report(model.window_trace()), 3), 1 / SUGGEST_S),
+    ]
 
 
 def _write_paced(path: str, batches: list[tuple[bytes, int]], rate: float) -> None:
@@ -155,8 +158,13 @@ def live(head: bytes, batches: list[tuple[bytes, int]], rate: float) -> dict:
     wall = time.perf_counter() - t_start
     writer.join()
     polls.sort()
-    return {"spans": read, "busy": sum(polls) / wall, "p50_ms": polls[len(polls) // 2] * 1e3,
-            "max_ms": polls[-1] * 1e3, "late_s": wall - total / rate}
+    return {
+        "spans": read,
+        "busy": sum(polls) / wall,
+        "p50_ms": polls[len(polls) // 2] * 1e3,
+        "max_ms": polls[-1] * 1e3,
+        "late_s": wall - total / rate,
+    }
 
 
 def main() -> None:
@@ -166,8 +174,10 @@ def main() -> None:
     args = ap.parse_args()
     path = record(tempfile.mkdtemp(prefix="tui-feed-"), args.steps)
     spans, records, dec, agg, model = offline(path)
-    print(f"recorded {args.steps} engine-shaped steps: {spans} spans, {records} records, "
-          f"{os.path.getsize(path) / 1e6:.1f} MB (backend {recorder.BACKEND})\n")
+    print(
+        f"recorded {args.steps} engine-shaped steps: {spans} spans, {records} records, "
+        f"{os.path.getsize(path) / 1e6:.1f} MB (backend {recorder.BACKEND})\n"
+    )
     print(f"{'stage':<28}{'spans/s':>12}{'records/s':>12}{'goal':>10}")
     rows = (("decode (SpoolFeed.poll)", dec), ("aggregate (ingest+settle)", agg), ("decode + aggregate", dec + agg))
     for name, secs in rows:
@@ -179,13 +189,17 @@ def main() -> None:
         print(f"{what:<32}{ms:>10.1f}{per_s:>10.2f}{ms * per_s / 1e3:>11.1%}")
     head, batches = split(path)
     print(f"\nlive replay, polled every {POLL_S * 1e3:.0f} ms as the app does:")
-    print(f"{'spans/s':>10}{'spans read':>12}{'reader CPU':>12}{'poll p50 ms':>13}{'poll max ms':>13}"
-          f"{'behind at end s':>17}{'keeps up':>10}")
+    print(
+        f"{'spans/s':>10}{'spans read':>12}{'reader CPU':>12}{'poll p50 ms':>13}{'poll max ms':>13}"
+        f"{'behind at end s':>17}{'keeps up':>10}"
+    )
     for rate in (float(r) for r in args.rates.split(",")):
         r = live(head, batches, rate)
         keeps = "yes" if r["busy"] < 0.8 and r["late_s"] < 1.0 else "NO"
-        print(f"{rate:>10,.0f}{r['spans']:>12,}{r['busy']:>12.0%}{r['p50_ms']:>13.1f}{r['max_ms']:>13.1f}"
-              f"{r['late_s']:>17.2f}{keeps:>10}")
+        print(
+            f"{rate:>10,.0f}{r['spans']:>12,}{r['busy']:>12.0%}{r['p50_ms']:>13.1f}{r['max_ms']:>13.1f}"
+            f"{r['late_s']:>17.2f}{keeps:>10}"
+        )
 
 
 if __name__ == "__main__":

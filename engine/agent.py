@@ -13,6 +13,7 @@ docs/architecture.md: `agent.step` n spans the work for reply n (with the launch
 inside it when that arrived meanwhile) and follows the master's carrier; waiting for the
 next step is in no span.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,6 +49,7 @@ def process_name(rank: int) -> str:
 
 class LaunchedStep(NamedTuple):
     """A step whose device work is queued; `output` is the runner's handle on its result."""
+
     step: int
     num_seqs: int
     carrier: Carrier | None
@@ -83,16 +85,30 @@ class Agent:
 
         e = cfg.engine
         if setup.get("process_group"):
-            self.tp = join_process_group(setup["process_group"], self.rank, setup["world_size"],
-                                         cfg.model.resolve_device())
-        self.runner = make_runner(cfg.model, block_size=e.block_size, num_blocks=e.num_blocks,
-                                  cuda_graphs=e.cuda_graphs, max_num_seqs=e.max_num_seqs,
-                                  max_model_len=e.max_model_len, antipatterns=cfg.antipatterns, tp=self.tp)
+            self.tp = join_process_group(
+                setup["process_group"], self.rank, setup["world_size"], cfg.model.resolve_device()
+            )
+        self.runner = make_runner(
+            cfg.model,
+            block_size=e.block_size,
+            num_blocks=e.num_blocks,
+            cuda_graphs=e.cuda_graphs,
+            max_num_seqs=e.max_num_seqs,
+            max_model_len=e.max_model_len,
+            antipatterns=cfg.antipatterns,
+            tp=self.tp,
+        )
         if self.runner.device.type == "cuda":
             llmtrace.gpu.install()
         freeze_heap()
-        self.conn.send(protocol.message("ready", rank=self.rank, num_blocks=int(self.runner.num_blocks),
-                                        vocab_size=int(self.runner.model.config.vocab_size)))
+        self.conn.send(
+            protocol.message(
+                "ready",
+                rank=self.rank,
+                num_blocks=int(self.runner.num_blocks),
+                vocab_size=int(self.runner.model.config.vocab_size),
+            )
+        )
 
     def serve(self) -> None:
         """Execute steps until shutdown or until the master goes away."""
@@ -142,8 +158,16 @@ class Agent:
                 reply["top_logprobs"][:B, :top] = out.top_logprobs
         carrier = list(llmtrace.context.current())  # agent.step's: the master's tcp.recv follows it
         with llmtrace.span("tcp.send", **{names.A_MSG: n, names.A_NODELAY: int(self.conn.nodelay)}):
-            self.conn.send(protocol.message("reply", step=n, carrier=carrier, n=B, top=out.top_ids.shape[1],
-                                            timings={"arrival_ns": oldest.arrival_ns, "send_ns": perf_counter_ns()}))
+            self.conn.send(
+                protocol.message(
+                    "reply",
+                    step=n,
+                    carrier=carrier,
+                    n=B,
+                    top=out.top_ids.shape[1],
+                    timings={"arrival_ns": oldest.arrival_ns, "send_ns": perf_counter_ns()},
+                )
+            )
 
     def _receive_next(self) -> None:
         t0 = perf_counter_ns()
@@ -153,8 +177,13 @@ class Agent:
             return
         carrier = Carrier.from_wire(msg.get("carrier"))
         # a later step arriving inside this agent.step: its decoding carries the sender's step
-        llmtrace.record_span("tcp.recv", t0, perf_counter_ns(), step=carrier.step if carrier else -1,
-                             **{names.A_MSG: msg["step"], names.A_READY: 1})  # after the poll saw it
+        llmtrace.record_span(
+            "tcp.recv",
+            t0,
+            perf_counter_ns(),
+            step=carrier.step if carrier else -1,
+            **{names.A_MSG: msg["step"], names.A_READY: 1},
+        )  # after the poll saw it
         self._launch(msg, carrier, t0)
 
     def _launch(self, msg: dict, carrier: Carrier | None, t_arrival: int) -> None:
@@ -166,9 +195,18 @@ class Agent:
         with llmtrace.span("preprocess.batch", step=n, new=len(msg["new"]), drop=len(msg["drop"])):
             self.batch.apply(msg["new"], msg["drop"])
             temperature, top_p, top_k, seed, top_logprobs = self.batch.sampling_arrays(seq_ids)
-            inp = StepInput(step=n, is_prefill=bool(msg["prefill"]), seq_ids=seq_ids,
-                            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, top_logprobs=top_logprobs,
-                            banned=self.batch.banned(seq_ids, views["context_lens"]), **views)
+            inp = StepInput(
+                step=n,
+                is_prefill=bool(msg["prefill"]),
+                seq_ids=seq_ids,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                seed=seed,
+                top_logprobs=top_logprobs,
+                banned=self.batch.banned(seq_ids, views["context_lens"]),
+                **views,
+            )
         self.launched.append(LaunchedStep(n, B, carrier, t_arrival, self.runner.launch(inp)))
 
     def close(self) -> None:
@@ -236,8 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         conn = FrameSocket.connect(*args.connect)
     except OSError as e:
-        print(f"{process_name(args.rank)}: cannot connect to the master at {args.connect[0]}:{args.connect[1]}: {e}",
-              file=sys.stderr)
+        print(
+            f"{process_name(args.rank)}: cannot connect to the master at {args.connect[0]}:{args.connect[1]}: {e}",
+            file=sys.stderr,
+        )
         return 1
     agent = Agent(conn, args.rank)
     try:

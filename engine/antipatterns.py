@@ -5,6 +5,7 @@ diagnosis and the fix. They are written the way they appear in the wild, and the
 not announce themselves: the analyzer finds them from stage times, function-level data
 (stack samples, viztracer, py-spy) and what the engine honestly records (d2h_bytes).
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,11 +21,13 @@ log = logging.getLogger("engine.agent")
 def log_step_arrays(step: StepInput) -> None:
     """logging.debug with an f-string: the arrays are formatted even though DEBUG is off."""
     full = sys.maxsize
-    log.debug(f"step {step.step} prefill={step.is_prefill} "
-              f"input_ids={np.array2string(step.input_ids, threshold=full)} "
-              f"positions={np.array2string(step.positions, threshold=full)} "
-              f"slot_mapping={np.array2string(step.slot_mapping, threshold=full)} "
-              f"block_tables={np.array2string(step.block_tables, threshold=full)}")
+    log.debug(
+        f"step {step.step} prefill={step.is_prefill} "
+        f"input_ids={np.array2string(step.input_ids, threshold=full)} "
+        f"positions={np.array2string(step.positions, threshold=full)} "
+        f"slot_mapping={np.array2string(step.slot_mapping, threshold=full)} "
+        f"block_tables={np.array2string(step.block_tables, threshold=full)}"
+    )
 
 
 def pad_by_concatenate(step: StepInput, block_size: int) -> StepInput:
@@ -39,19 +42,33 @@ def pad_by_concatenate(step: StepInput, block_size: int) -> StepInput:
     for i in range(step.num_seqs):
         lo, hi = qsl[i], qsl[i + 1]
         for t in range(lo, hi):  # token by token, as the padded-batch code did
-            input_ids = np.concatenate([input_ids, step.input_ids[t:t + 1]])
-            positions = np.concatenate([positions, step.positions[t:t + 1]])
-            slots = np.concatenate([slots, step.slot_mapping[t:t + 1]])
+            input_ids = np.concatenate([input_ids, step.input_ids[t : t + 1]])
+            positions = np.concatenate([positions, step.positions[t : t + 1]])
+            slots = np.concatenate([slots, step.slot_mapping[t : t + 1]])
         row = step.block_tables[i, : -(-int(step.context_lens[i]) // block_size)]
         while len(row) < width:  # pad one entry at a time
             row = np.concatenate([row, np.array([-1], np.int32)])
         tables = np.concatenate([tables, row[None, :]])
-    return StepInput(step.step, step.is_prefill, step.seq_ids, input_ids, positions, qsl, step.context_lens,
-                     tables, slots, step.temperature, step.top_p, step.top_k, step.seed)
+    return StepInput(
+        step.step,
+        step.is_prefill,
+        step.seq_ids,
+        input_ids,
+        positions,
+        qsl,
+        step.context_lens,
+        tables,
+        slots,
+        step.temperature,
+        step.top_p,
+        step.top_k,
+        step.seed,
+    )
 
 
-def host_sample(logits_host: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray,
-                rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def host_sample(
+    logits_host: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Sampling in numpy over the full [B, V] logits copied to the host."""
     ids = np.empty(len(logits_host), np.int32)
     logprobs = np.empty(len(logits_host), np.float32)

@@ -7,6 +7,7 @@ server has a single path from body to SamplingParams. Every rejection is a
 renders as OpenAI's error object. Checks here are about the wire format (types, names,
 the API's documented ranges); limits that need the tokenized prompt live in the server.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,7 +24,7 @@ MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256
 MAX_N = 16  # choices per request
 MAX_MIN_TOKENS = 2**31 - 1  # above max_tokens it is refused when the sampling params are built
-OPENAI_DEFAULT_MAX_TOKENS = 16   # OpenAI's legacy completions default
+OPENAI_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default
 TGI_DEFAULT_MAX_NEW_TOKENS = 20  # TGI's default
 Alternatives = list[list[tuple[str, float]]]  # per token: the most likely tokens' text and logprob
 
@@ -31,8 +32,9 @@ Alternatives = list[list[tuple[str, float]]]  # per token: the most likely token
 class RequestError(Exception):
     """A request the client must fix (4xx); `param` names the field when there is one."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 err_type: str = "invalid_request_error"):
+    def __init__(
+        self, message: str, param: str | None = None, status: int = 400, err_type: str = "invalid_request_error"
+    ):
         super().__init__(message)
         self.message, self.param, self.status, self.err_type = message, param, status, err_type
 
@@ -54,7 +56,7 @@ class GenerateRequest:
     ignore_eos: bool = False
     stream: bool = False
     include_usage: bool = False  # OpenAI stream_options.include_usage
-    details: bool = False        # TGI details object in the response
+    details: bool = False  # TGI details object in the response
     model: str | None = None
     n: int = 1  # choices: n sequences generated for the prompt
     logprobs: bool = False  # return each chosen token's log-probability
@@ -71,10 +73,18 @@ class GenerateRequest:
         return self.max_tokens == 0
 
     def sampling_params(self) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              max_tokens=self.max_tokens, seed=self.seed, ignore_eos=self.ignore_eos,
-                              logprobs=self.logprobs, top_logprobs=self.top_logprobs, min_tokens=self.min_tokens,
-                              stop=self.stop)
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_tokens=self.max_tokens,
+            seed=self.seed,
+            ignore_eos=self.ignore_eos,
+            logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs,
+            min_tokens=self.min_tokens,
+            stop=self.stop,
+        )
 
 
 def parse_json(raw: bytes) -> dict:
@@ -96,10 +106,13 @@ def parse_completion(body: dict, max_model_len: int) -> GenerateRequest:
         raise RequestError("prompt must be a string; lists of prompts or token ids are not supported", "prompt")
     _only_neutral(body, _NEUTRAL)
     top = _int(body, "logprobs", "logprobs", None, 0, MAX_TOP_LOGPROBS)  # the chosen token's and `top` others
-    return GenerateRequest(prompt=_prompt(body, "prompt"),
-                           max_tokens=_int(body, "max_tokens", "max_tokens", OPENAI_DEFAULT_MAX_TOKENS, 1,
-                                           max_model_len),
-                           logprobs=top is not None, top_logprobs=top or 0, **_openai_common(body))
+    return GenerateRequest(
+        prompt=_prompt(body, "prompt"),
+        max_tokens=_int(body, "max_tokens", "max_tokens", OPENAI_DEFAULT_MAX_TOKENS, 1, max_model_len),
+        logprobs=top is not None,
+        top_logprobs=top or 0,
+        **_openai_common(body),
+    )
 
 
 def parse_chat(body: dict, max_model_len: int, render) -> GenerateRequest:
@@ -114,9 +127,16 @@ def parse_chat(body: dict, max_model_len: int, render) -> GenerateRequest:
     if top and not logprobs:
         raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
     text, has_bos = render(_messages(body))
-    return GenerateRequest(prompt=text, max_tokens=_int(body, budget, budget, 0, 1, max_model_len),
-                           add_bos=not has_bos, prompt_param="messages", max_tokens_param=budget,
-                           logprobs=logprobs, top_logprobs=top, **_openai_common(body))
+    return GenerateRequest(
+        prompt=text,
+        max_tokens=_int(body, budget, budget, 0, 1, max_model_len),
+        add_bos=not has_bos,
+        prompt_param="messages",
+        max_tokens_param=budget,
+        logprobs=logprobs,
+        top_logprobs=top,
+        **_openai_common(body),
+    )
 
 
 def _openai_common(body: dict) -> dict:
@@ -135,12 +155,19 @@ def _openai_common(body: dict) -> dict:
     n = _int(body, "n", "n", 1, 1, MAX_N)
     if n > 1 and stream:
         raise RequestError("n > 1 is supported without stream only", "n")
-    return dict(temperature=_number(body, "temperature", "temperature", 1.0, 0.0, 2.0),
-                top_p=_top_p(body, "top_p", "top_p"), top_k=_top_k(body, "top_k", "top_k", allow_off=True),
-                seed=_int(body, "seed", "seed", None, 0, MAX_SEED), stop=_stop(body, "stop", "stop"),
-                ignore_eos=_bool(body, "ignore_eos", "ignore_eos", False), stream=stream,
-                include_usage=include_usage, model=_str(body, "model", "model", None), n=n,
-                min_tokens=_int(body, "min_tokens", "min_tokens", 0, 0, MAX_MIN_TOKENS))
+    return dict(
+        temperature=_number(body, "temperature", "temperature", 1.0, 0.0, 2.0),
+        top_p=_top_p(body, "top_p", "top_p"),
+        top_k=_top_k(body, "top_k", "top_k", allow_off=True),
+        seed=_int(body, "seed", "seed", None, 0, MAX_SEED),
+        stop=_stop(body, "stop", "stop"),
+        ignore_eos=_bool(body, "ignore_eos", "ignore_eos", False),
+        stream=stream,
+        include_usage=include_usage,
+        model=_str(body, "model", "model", None),
+        n=n,
+        min_tokens=_int(body, "min_tokens", "min_tokens", 0, 0, MAX_MIN_TOKENS),
+    )
 
 
 def _messages(body: dict) -> list[dict]:
@@ -164,11 +191,15 @@ def _messages(body: dict) -> list[dict]:
 def _content(v, param: str) -> str:
     if isinstance(v, str):
         return v
-    if isinstance(v, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                                   for p in v):
+    if isinstance(v, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in v
+    ):
         return "".join(p["text"] for p in v)
-    raise RequestError(f"{param} must be a string or an array of text parts ({{\"type\": \"text\", "
-                       f"\"text\": ...}}); images and audio are not supported", param)
+    raise RequestError(
+        f'{param} must be a string or an array of text parts ({{"type": "text", '
+        f'"text": ...}}); images and audio are not supported',
+        param,
+    )
 
 
 def parse_generate(body: dict, max_model_len: int) -> GenerateRequest:
@@ -189,8 +220,7 @@ def parse_generate(body: dict, max_model_len: int) -> GenerateRequest:
     temperature = _number(params, "temperature", p + "temperature", 1.0, 0.0, 2.0, low_open=True)
     return GenerateRequest(
         prompt=_prompt(body, "inputs"),
-        max_tokens=_int(params, "max_new_tokens", p + "max_new_tokens", TGI_DEFAULT_MAX_NEW_TOKENS, 1,
-                        max_model_len),
+        max_tokens=_int(params, "max_new_tokens", p + "max_new_tokens", TGI_DEFAULT_MAX_NEW_TOKENS, 1, max_model_len),
         temperature=temperature if sampling else 0.0,
         top_p=_top_p(params, "top_p", p + "top_p"),
         top_k=_top_k(params, "top_k", p + "top_k", allow_off=False),
@@ -207,28 +237,53 @@ def parse_generate(body: dict, max_model_len: int) -> GenerateRequest:
 # OpenAI (and vLLM) fields the engine does not implement, accepted at the value that means
 # "off" so that benchmark clients which always send them work; any other value is refused by name.
 _NEUTRAL = {"best_of": 1, "echo": False, "suffix": None, "presence_penalty": 0, "frequency_penalty": 0}
-_CHAT_NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "parallel_tool_calls": None,
-                 "tool_choice": "none"}
-_OPENAI_FIELDS = {"model", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options", "ignore_eos",
-                  "user", "n", "min_tokens"}
+_CHAT_NEUTRAL = {
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "logit_bias": None,
+    "parallel_tool_calls": None,
+    "tool_choice": "none",
+}
+_OPENAI_FIELDS = {
+    "model",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "ignore_eos",
+    "user",
+    "n",
+    "min_tokens",
+}
 _COMPLETION_FIELDS = frozenset({*_OPENAI_FIELDS, "prompt", "max_tokens", "logprobs", *_NEUTRAL})
-_CHAT_FIELDS = frozenset({*_OPENAI_FIELDS, "messages", "max_tokens", "max_completion_tokens", "logprobs",
-                          "top_logprobs", *_CHAT_NEUTRAL})
+_CHAT_FIELDS = frozenset(
+    {*_OPENAI_FIELDS, "messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs", *_CHAT_NEUTRAL}
+)
 _GENERATE_FIELDS = frozenset({"inputs", "parameters", "stream"})
-_GENERATE_PARAMETERS = frozenset({"max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "seed",
-                                  "stop", "ignore_eos", "details"})
+_GENERATE_PARAMETERS = frozenset(
+    {"max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "seed", "stop", "ignore_eos", "details"}
+)
 
 
 def _kind(v) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
-            dict: "an object", type(None): "null"}.get(type(v), type(v).__name__)
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+        type(None): "null",
+    }.get(type(v), type(v).__name__)
 
 
 def _reject_unknown(obj: dict, known: frozenset | set, prefix: str) -> None:
     for key in obj:
         if key not in known:
-            raise RequestError(f"unknown field '{prefix}{key}' (accepted: {', '.join(sorted(known))})",
-                               prefix + key)
+            raise RequestError(f"unknown field '{prefix}{key}' (accepted: {', '.join(sorted(known))})", prefix + key)
 
 
 def _only_neutral(body: dict, neutral: dict) -> None:
@@ -320,15 +375,18 @@ def _stop(obj: dict, key: str, param: str) -> tuple[str, ...]:
 
 # ---- responses -------------------------------------------------------------------------
 
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def completion_object(rid: str, created: int, model: str, choices: list[dict], usage_: dict | None = None) -> dict:
     """OpenAI text_completion: the whole response, or one stream chunk (usage only at the end)."""
-    obj = {"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": model,
-           "choices": choices}
+    obj = {"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": model, "choices": choices}
     if usage_ is not None:
         obj["usage"] = usage_
     return obj
@@ -338,23 +396,30 @@ def completion_choice(index: int, text: str, finish_reason: str | None, logprobs
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def completion_logprobs(tokens: list[str], logprobs: list[float], top: Alternatives | None,
-                        offset: int = 0) -> dict:
+def completion_logprobs(tokens: list[str], logprobs: list[float], top: Alternatives | None, offset: int = 0) -> dict:
     """OpenAI completions' logprobs object: the chosen tokens, and per token a {token: logprob}
     of the most likely ones when asked for (`top`)."""
     offsets = []
     for t in tokens:
         offsets.append(offset)
         offset += len(t)
-    return {"tokens": tokens, "token_logprobs": logprobs, "text_offset": offsets,
-            "top_logprobs": None if top is None else [dict(alts) for alts in top]}
+    return {
+        "tokens": tokens,
+        "token_logprobs": logprobs,
+        "text_offset": offsets,
+        "top_logprobs": None if top is None else [dict(alts) for alts in top],
+    }
 
 
 def chat_logprobs(tokens: list[str], logprobs: list[float], top: Alternatives | None) -> dict:
     """OpenAI chat's logprobs object: per chosen token, its logprob and the most likely
     tokens with theirs (empty unless asked for)."""
-    return {"content": [{**_chat_token(t, lp), "top_logprobs": [_chat_token(a, alp) for a, alp in alts]}
-                        for t, lp, alts in zip(tokens, logprobs, top if top is not None else [[]] * len(tokens))]}
+    return {
+        "content": [
+            {**_chat_token(t, lp), "top_logprobs": [_chat_token(a, alp) for a, alp in alts]}
+            for t, lp, alts in zip(tokens, logprobs, top if top is not None else [[]] * len(tokens))
+        ]
+    }
 
 
 def _chat_token(token: str, logprob: float) -> dict:
@@ -363,28 +428,57 @@ def _chat_token(token: str, logprob: float) -> dict:
 
 def completion_usage_chunk(rid: str, created: int, model: str, usage_: dict) -> dict:
     """The extra last chunk that stream_options.include_usage asks for (empty choices)."""
-    return {"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": model,
-            "choices": [], "usage": usage_}
+    return {
+        "id": f"cmpl-{rid}",
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage_,
+    }
 
 
 def chat_object(rid: str, created: int, model: str, choices: list[dict], usage_: dict) -> dict:
     """OpenAI chat.completion (the whole response)."""
-    return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": created, "model": model,
-            "choices": choices, "usage": usage_}
+    return {
+        "id": f"chatcmpl-{rid}",
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage_,
+    }
 
 
 def chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-            "finish_reason": finish_reason}
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": logprobs,
+        "finish_reason": finish_reason,
+    }
 
 
-def chat_chunk(rid: str, created: int, model: str, delta: dict | None, finish_reason: str | None = None,
-               usage_: dict | None = None, logprobs: dict | None = None) -> dict:
+def chat_chunk(
+    rid: str,
+    created: int,
+    model: str,
+    delta: dict | None,
+    finish_reason: str | None = None,
+    usage_: dict | None = None,
+    logprobs: dict | None = None,
+) -> dict:
     """One chat.completion.chunk: a delta ({"role"} first, then {"content"}), the finish
     reason on the last, or (delta None) the usage chunk with empty choices."""
-    obj = {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": created, "model": model,
-           "choices": [] if delta is None else [{"index": 0, "delta": delta, "logprobs": logprobs,
-                                                 "finish_reason": finish_reason}]}
+    obj = {
+        "id": f"chatcmpl-{rid}",
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": []
+        if delta is None
+        else [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+    }
     if usage_ is not None:
         obj["usage"] = usage_
     return obj
@@ -392,8 +486,20 @@ def chat_chunk(rid: str, created: int, model: str, delta: dict | None, finish_re
 
 def models_list(model: str, created: int, max_model_len: int) -> dict:
     """`GET /v1/models`: the one model this server serves."""
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "llmtrace",
-                                        "root": model, "parent": None, "max_model_len": max_model_len}]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": model,
+                "object": "model",
+                "created": created,
+                "owned_by": "llmtrace",
+                "root": model,
+                "parent": None,
+                "max_model_len": max_model_len,
+            }
+        ],
+    }
 
 
 def model_not_found(model: str) -> RequestError:
@@ -412,8 +518,13 @@ def tgi_details(finish_reason: str, generated_tokens: int, seed: int | None) -> 
     return {"finish_reason": finish_reason, "generated_tokens": generated_tokens, "seed": seed}
 
 
-def tgi_token_event(index: int, token_id: int, text: str, generated_text: str | None = None,
-                    details: dict | None = None) -> dict:
+def tgi_token_event(
+    index: int, token_id: int, text: str, generated_text: str | None = None, details: dict | None = None
+) -> dict:
     """One TGI stream event; the last one carries the full text (and details when asked for)."""
-    return {"index": index, "token": {"id": token_id, "text": text, "logprob": None, "special": False},
-            "generated_text": generated_text, "details": details}
+    return {
+        "index": index,
+        "token": {"id": token_id, "text": text, "logprob": None, "special": False},
+        "generated_text": generated_text,
+        "details": details,
+    }

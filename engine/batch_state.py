@@ -4,6 +4,7 @@ A sequence's sampling parameters arrive once (in a step's `new`) and stay until 
 master drops the sequence, so a step message names only what changed and the per-row
 sampling arrays are rebuilt here from the sequence ids in the request arena.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,8 +37,11 @@ class BatchState:
         sequence's length after the step) is before its min_tokens end."""
         if not self.bans:
             return ()
-        return tuple((row, ban[1]) for row, (s, pos) in enumerate(zip(seq_ids.tolist(), positions.tolist()))
-                     if (ban := self.bans.get(s)) is not None and pos < ban[0])
+        return tuple(
+            (row, ban[1])
+            for row, (s, pos) in enumerate(zip(seq_ids.tolist(), positions.tolist()))
+            if (ban := self.bans.get(s)) is not None and pos < ban[0]
+        )
 
     def sampling_arrays(self, seq_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
         """(temperature f32, top_p f32, top_k i32, seed i64), one row per sequence of the step,
@@ -45,8 +49,14 @@ class BatchState:
         try:
             rows = [self.params[s] for s in seq_ids.tolist()]
         except KeyError as e:
-            raise ProtocolError(f"step schedules sequence {e.args[0]}, whose sampling parameters "
-                                "were never sent") from None
+            raise ProtocolError(
+                f"step schedules sequence {e.args[0]}, whose sampling parameters were never sent"
+            ) from None
         t, p, k, s, top = zip(*rows) if rows else ((), (), (), (), ())
-        return (np.array(t, np.float32), np.array(p, np.float32), np.array(k, np.int32), np.array(s, np.int64),
-                max(top, default=0))
+        return (
+            np.array(t, np.float32),
+            np.array(p, np.float32),
+            np.array(k, np.int32),
+            np.array(s, np.int64),
+            max(top, default=0),
+        )

@@ -3,6 +3,7 @@
 Token `pos` of a sequence lives in cache slot
 `block_table[pos // block_size] * block_size + pos % block_size`.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -16,8 +17,9 @@ FREE = -1
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int):
         if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"BlockManager needs num_blocks >= 1 and block_size >= 1, "
-                             f"got {num_blocks} and {block_size}")
+            raise ValueError(
+                f"BlockManager needs num_blocks >= 1 and block_size >= 1, got {num_blocks} and {block_size}"
+            )
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.free_blocks: deque[int] = deque(range(num_blocks))
@@ -100,8 +102,9 @@ class BlockManager:
                 raise AssertionError(f"{seq!r} has cached tokens outside its blocks")
             held += len(seq.block_table)
         if held + len(free) != self.num_blocks:
-            raise AssertionError(f"{self.num_blocks - len(free) - held} blocks leaked "
-                                 f"(owned by no live sequence and not free)")
+            raise AssertionError(
+                f"{self.num_blocks - len(free) - held} blocks leaked (owned by no live sequence and not free)"
+            )
 
 
 def slot_mapping(block_table: list[int], start_pos: int, num_tokens: int, block_size: int) -> list[int]:

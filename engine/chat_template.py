@@ -15,6 +15,7 @@ Llama-2's chat format without special tokens:
 The engine's tokenizer adds BOS itself; a rendered text that starts with the BOS token's
 text is encoded without a second one (`adds_bos`).
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,11 @@ class ChatTemplate:
         template = data.get("chat_template")
         if isinstance(template, list):  # several named templates: the default one
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-        return cls(template if isinstance(template, str) else None, _token(data, "bos_token", "<s>"),
-                   _token(data, "eos_token", "</s>"))
+        return cls(
+            template if isinstance(template, str) else None,
+            _token(data, "bos_token", "<s>"),
+            _token(data, "eos_token", "</s>"),
+        )
 
     @property
     def name(self) -> str:
@@ -59,8 +63,9 @@ class ChatTemplate:
             env.globals["raise_exception"] = _raise
             self._compiled = env.from_string(self.source)
         try:
-            return self._compiled.render(messages=messages, bos_token=self.bos_token, eos_token=self.eos_token,
-                                         add_generation_prompt=True)
+            return self._compiled.render(
+                messages=messages, bos_token=self.bos_token, eos_token=self.eos_token, add_generation_prompt=True
+            )
         except ChatTemplateError:
             raise
         except Exception as e:  # the template's own error, in the client's words

@@ -7,6 +7,7 @@ dict (plus `--set a.b=value` overrides) against them: every bad key or value is 
 Field metadata drives the checks: `choices` (allowed values), `ge`/`gt`/`le` (bounds). A
 section may add cross-field rules in `_check(path)`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -55,17 +56,21 @@ class ModelConfig:
 
     def _check(self, path: str) -> None:
         if self.preset is not None and self.path is not None:
-            raise ConfigError(f"{path}.path: give either preset or path, not both "
-                              f"(preset is {self.preset!r})", f"{path}.path")
+            raise ConfigError(
+                f"{path}.path: give either preset or path, not both (preset is {self.preset!r})", f"{path}.path"
+            )
         if self.path is not None and not Path(self.path).is_dir():
-            raise ConfigError(f"{path}.path: {self.path!r} is not a directory; "
-                              f"give a Hugging Face checkpoint directory", f"{path}.path")
+            raise ConfigError(
+                f"{path}.path: {self.path!r} is not a directory; give a Hugging Face checkpoint directory",
+                f"{path}.path",
+            )
 
     def resolve_device(self) -> str:
         """`auto` means CUDA when torch sees a GPU."""
         if self.device != "auto":
             return self.device
         import torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def resolve_dtype(self, device: str) -> str:
@@ -98,8 +103,11 @@ class EngineConfig:
 
     def _check(self, path: str) -> None:
         if self.tensor_parallel > 1 and self.agents > 1:
-            raise ConfigError(f"{path}.agents: {self.agents} replicas and tensor_parallel {self.tensor_parallel} "
-                              f"cannot be combined; use one of them", f"{path}.agents")
+            raise ConfigError(
+                f"{path}.agents: {self.agents} replicas and tensor_parallel {self.tensor_parallel} "
+                f"cannot be combined; use one of them",
+                f"{path}.agents",
+            )
         # A preempted sequence is recomputed in one prefill step, so the longest sequence
         # must fit the step's token budget, or it could never be scheduled again.
         if self.max_batched_tokens < self.max_model_len:
@@ -107,19 +115,22 @@ class EngineConfig:
                 f"{path}.max_batched_tokens: {self.max_batched_tokens} is smaller than "
                 f"{path}.max_model_len ({self.max_model_len}); a prefill (or the recompute of a "
                 f"preempted sequence) runs in one step, so use at least {self.max_model_len}",
-                f"{path}.max_batched_tokens")
+                f"{path}.max_batched_tokens",
+            )
         if self.max_batched_tokens < self.max_num_seqs:
             raise ConfigError(
                 f"{path}.max_batched_tokens: {self.max_batched_tokens} is smaller than "
                 f"{path}.max_num_seqs ({self.max_num_seqs}); a decode step of max_num_seqs "
                 f"sequences would not fit, so use at least {self.max_num_seqs}",
-                f"{path}.max_batched_tokens")
+                f"{path}.max_batched_tokens",
+            )
         if self.num_blocks is not None and self.num_blocks * self.block_size < self.max_model_len:
             need = -(-self.max_model_len // self.block_size)
             raise ConfigError(
                 f"{path}.num_blocks: {self.num_blocks} blocks of {self.block_size} tokens cannot hold one "
                 f"sequence of {path}.max_model_len ({self.max_model_len}) tokens; use at least {need}",
-                f"{path}.num_blocks")
+                f"{path}.num_blocks",
+            )
 
 
 _DIST_KEYS = {"fixed": ("value",), "uniform": ("min", "max"), "normal": ("mean", "std")}
@@ -147,11 +158,13 @@ class LengthDist:
         for key in ("value", "min", "max", "mean", "std"):
             given = getattr(self, key) is not None
             if key in needed and not given:
-                raise ConfigError(f"{path}.{key}: missing; dist {self.dist} needs "
-                                  f"{' and '.join(needed)}", f"{path}.{key}")
+                raise ConfigError(
+                    f"{path}.{key}: missing; dist {self.dist} needs {' and '.join(needed)}", f"{path}.{key}"
+                )
             if key not in needed and given:
-                raise ConfigError(f"{path}.{key}: not used by dist {self.dist}; it takes "
-                                  f"{' and '.join(needed)}", f"{path}.{key}")
+                raise ConfigError(
+                    f"{path}.{key}: not used by dist {self.dist}; it takes {' and '.join(needed)}", f"{path}.{key}"
+                )
         if self.dist == "uniform" and self.min > self.max:
             raise ConfigError(f"{path}.max: {self.max} is smaller than min ({self.min})", f"{path}.max")
 
@@ -184,11 +197,13 @@ class WorkloadConfig:
 
     def _check(self, path: str) -> None:
         if self.num_requests is not None and self.duration_s is not None:
-            raise ConfigError(f"{path}.duration_s: give either num_requests or duration_s, not both "
-                              f"(num_requests is {self.num_requests})", f"{path}.duration_s")
+            raise ConfigError(
+                f"{path}.duration_s: give either num_requests or duration_s, not both "
+                f"(num_requests is {self.num_requests})",
+                f"{path}.duration_s",
+            )
         if self.arrival == "poisson" and self.rate is None:
-            raise ConfigError(f"{path}.rate: missing; arrival poisson needs rate (requests/s)",
-                              f"{path}.rate")
+            raise ConfigError(f"{path}.rate: missing; arrival poisson needs rate (requests/s)", f"{path}.rate")
 
 
 @dataclass(frozen=True)
@@ -238,8 +253,10 @@ class RunConfig:
         limit = self.engine.max_model_len
         longest = self.workload.input_len.upper_bound
         if longest is not None and longest > limit:
-            raise ConfigError(f"workload.input_len: prompts up to {longest} tokens do not fit "
-                              f"engine.max_model_len ({limit})", "workload.input_len")
+            raise ConfigError(
+                f"workload.input_len: prompts up to {longest} tokens do not fit engine.max_model_len ({limit})",
+                "workload.input_len",
+            )
 
     def to_dict(self) -> dict:
         """Plain dicts/lists, for writing into the run's output; `load_config` reads it back."""
@@ -290,8 +307,7 @@ def _read_yaml(path: Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with the sections {_names(RunConfig)}, "
-                          f"got {_show(data)}")
+        raise ConfigError(f"{path}: expected a mapping with the sections {_names(RunConfig)}, got {_show(data)}")
     return data
 
 
@@ -324,8 +340,10 @@ def _build(cls, data, path: str):
     if not isinstance(data, Mapping) and hasattr(cls, "_from_scalar"):
         data = cls._from_scalar(data)
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{path or 'config'}: {_show(data)} is not allowed; expected a mapping "
-                          f"with keys {_names(cls)}", path or None)
+        raise ConfigError(
+            f"{path or 'config'}: {_show(data)} is not allowed; expected a mapping with keys {_names(cls)}",
+            path or None,
+        )
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -372,10 +390,14 @@ def _check_bounds(value, meta: Mapping, path: str) -> None:
         return
     choices = meta.get("choices")
     if choices is not None and value not in choices:
-        raise ConfigError(f"{path}: {_show(value)} is not allowed; use one of "
-                          f"{', '.join(str(c) for c in choices)}", path)
-    for key, ok, words in (("ge", lambda b: value >= b, "at least"), ("gt", lambda b: value > b, "greater than"),
-                           ("le", lambda b: value <= b, "at most")):
+        raise ConfigError(
+            f"{path}: {_show(value)} is not allowed; use one of {', '.join(str(c) for c in choices)}", path
+        )
+    for key, ok, words in (
+        ("ge", lambda b: value >= b, "at least"),
+        ("gt", lambda b: value > b, "greater than"),
+        ("le", lambda b: value <= b, "at most"),
+    ):
         if key in meta and not ok(meta[key]):
             raise ConfigError(f"{path}: {_show(value)} is not allowed; use a value {words} {meta[key]}", path)
 

@@ -10,6 +10,7 @@ uses `max_model_len` as max_context_len, because the Triton decode grid is sized
 it. Sampling runs on the device right after the replay (engine.sampler), eagerly: its
 per-request generators cannot live inside a graph. Prefill stays eager.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -47,11 +48,17 @@ class StagedInputs:
 
     def __init__(self, max_batch: int, max_blocks: int, device: torch.device):
         pin = device.type == "cuda"
-        shapes = (("input_ids", (max_batch,), torch.int64), ("positions", (max_batch,), torch.int64),
-                  ("slot_mapping", (max_batch,), torch.int64), ("context_lens", (max_batch,), torch.int32),
-                  ("block_tables", (max_batch, max_blocks), torch.int32))
-        self.hosts = [{name: torch.zeros(shape, dtype=dtype, pin_memory=pin) for name, shape, dtype in shapes}
-                      for _ in range(STAGING_SETS)]
+        shapes = (
+            ("input_ids", (max_batch,), torch.int64),
+            ("positions", (max_batch,), torch.int64),
+            ("slot_mapping", (max_batch,), torch.int64),
+            ("context_lens", (max_batch,), torch.int32),
+            ("block_tables", (max_batch, max_blocks), torch.int32),
+        )
+        self.hosts = [
+            {name: torch.zeros(shape, dtype=dtype, pin_memory=pin) for name, shape, dtype in shapes}
+            for _ in range(STAGING_SETS)
+        ]
         self._np = [{name: t.numpy() for name, t in host.items()} for host in self.hosts]
         self.dev = {name: torch.zeros(shape, dtype=dtype, device=device) for name, shape, dtype in shapes}
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
@@ -63,8 +70,9 @@ class StagedInputs:
         b = step.num_seqs
         width = step.block_tables.shape[1]
         if width > self.max_blocks:
-            raise ValueError(f"decode step needs {width} blocks per sequence; "
-                             f"graphs were captured for {self.max_blocks}")
+            raise ValueError(
+                f"decode step needs {width} blocks per sequence; graphs were captured for {self.max_blocks}"
+            )
         host, a = self.hosts[self._turn], self._np[self._turn]
         self._turn = (self._turn + 1) % STAGING_SETS
         a["input_ids"][:b] = step.input_ids
@@ -88,9 +96,14 @@ class StagedInputs:
     def metadata(self, bucket: int, max_context_len: int) -> AttentionMetadata:
         d = self.dev
         return AttentionMetadata(
-            is_prefill=False, slot_mapping=d["slot_mapping"][:bucket], block_tables=d["block_tables"][:bucket],
-            context_lens=d["context_lens"][:bucket], query_start_loc=self.query_start_loc[:bucket + 1],
-            max_query_len=1, max_context_len=max_context_len)
+            is_prefill=False,
+            slot_mapping=d["slot_mapping"][:bucket],
+            block_tables=d["block_tables"][:bucket],
+            context_lens=d["context_lens"][:bucket],
+            query_start_loc=self.query_start_loc[: bucket + 1],
+            max_query_len=1,
+            max_context_len=max_context_len,
+        )
 
 
 class DecodeGraphRunner:

@@ -1,6 +1,7 @@
 """The engine as a child process: `llmtrace serve` (server + master, which spawns the
 agents) started, watched until it prints its address, and stopped; its exit is kept.
 Used by `llmtrace run` and the benchmarks."""
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,9 @@ class EngineProcess:
         os.makedirs(log_dir, exist_ok=True)
         self.log_path = os.path.join(log_dir, "engine.log")
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, env=env, text=True,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=self._log, env=env, text=True, start_new_session=True
+        )
         self.url: str | None = None
 
     def wait_ready(self) -> str:

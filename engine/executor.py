@@ -9,6 +9,7 @@ they can forget); `wait` blocks until every rank has replied; `receive` reads th
 and the sampled ids from the reply slot. The master's step loop sees only steps going out
 and token ids coming back.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -126,6 +127,7 @@ class Executor:
 
     def watch(self, on_exit: Callable[[EngineDead], None]) -> list[asyncio.Task]:
         """A task per agent that calls on_exit when its process ends."""
+
         async def watch(agent: AgentHandle) -> None:
             await agent.proc.wait()
             on_exit(EngineDead(agent.exit_text()))
@@ -173,8 +175,16 @@ class Executor:
         env = {**os.environ, llmtrace.ENV_PROCESS_NAME: f"agent-{rank}", TOKEN_ENV: self._token}
         connect = "127.0.0.1" if host in ("", "0.0.0.0") else host
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "engine.agent", "--connect", f"{connect}:{port}", "--rank", str(rank),
-            env=env, stdin=asyncio.subprocess.DEVNULL)
+            sys.executable,
+            "-m",
+            "engine.agent",
+            "--connect",
+            f"{connect}:{port}",
+            "--rank",
+            str(rank),
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+        )
 
     async def _handshake(self, incoming: asyncio.Queue) -> int:
         """Accept one connection per rank, send each the config and arenas, collect `ready`.
@@ -196,9 +206,15 @@ class Executor:
                 await _send_error(conn, str(e))
                 continue
             agent.conn = conn
-            await conn.send(protocol.message(
-                "hello", config=self.cfg.to_dict(), world_size=len(self.agents), process_group=group,
-                arenas={"request": self._request.to_wire(), "reply": self._reply.to_wire()}))
+            await conn.send(
+                protocol.message(
+                    "hello",
+                    config=self.cfg.to_dict(),
+                    world_size=len(self.agents),
+                    process_group=group,
+                    arenas={"request": self._request.to_wire(), "reply": self._reply.to_wire()},
+                )
+            )
         ready = [protocol.check(await a.conn.recv(), "ready") for a in self.agents]
         self.vocab_size = min(int(r["vocab_size"]) for r in ready)
         return min(int(r["num_blocks"]) for r in ready)
@@ -208,8 +224,7 @@ class Executor:
         task = asyncio.ensure_future(coro)
         exits = {asyncio.ensure_future(a.proc.wait()): a for a in self.agents}
         try:
-            done, _ = await asyncio.wait([task, *exits], timeout=START_TIMEOUT_S,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait([task, *exits], timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
             if task not in done and done:
                 # The agent may have said why before exiting: give its message a moment to arrive.
                 await asyncio.wait([task], timeout=EXIT_GRACE_S)
@@ -235,8 +250,17 @@ class Executor:
             T, W = self._write_inputs(out, step)
         # The carrier names the step sent, which is not the enclosing master.step's when ahead.
         carrier = list(llmtrace.context.current()._replace(step=step))
-        msg = protocol.message("step", step=step, carrier=carrier, prefill=out.is_prefill, num_seqs=B,
-                               num_tokens=T, block_width=W, new=self._new_seqs(out), drop=self._take_drop())
+        msg = protocol.message(
+            "step",
+            step=step,
+            carrier=carrier,
+            prefill=out.is_prefill,
+            num_seqs=B,
+            num_tokens=T,
+            block_width=W,
+            new=self._new_seqs(out),
+            drop=self._take_drop(),
+        )
         # msg: the step sent (this root's, or the next one's ahead), as the agents' tcp.recv says
         nodelay = int(all(a.conn.nodelay for a in self.agents))
         with llmtrace.span("tcp.send", **{names.A_MSG: step, names.A_NODELAY: nodelay}):
@@ -259,10 +283,15 @@ class Executor:
         self._account(replies, step, num_seqs, sent_ns, waiting_ns, ready_ns)
         with llmtrace.span("shm.read", seqs=num_seqs):
             reply, k = protocol.slot_views(self._reply, step), int(replies[0].get("top", 0))
-            top = [list(zip(ids, lps)) for ids, lps in zip(reply["top_ids"][:num_seqs, :k].tolist(),
-                                                           reply["top_logprobs"][:num_seqs, :k].tolist())]
-            return SampledRows(reply["token_ids"][:num_seqs].tolist(), reply["logprobs"][:num_seqs].tolist(),
-                               top if k else None)
+            top = [
+                list(zip(ids, lps))
+                for ids, lps in zip(
+                    reply["top_ids"][:num_seqs, :k].tolist(), reply["top_logprobs"][:num_seqs, :k].tolist()
+                )
+            ]
+            return SampledRows(
+                reply["token_ids"][:num_seqs].tolist(), reply["logprobs"][:num_seqs].tolist(), top if k else None
+            )
 
     def forget(self, seq: Sequence) -> None:
         """A finished sequence: the next frame tells the agents to drop its parameters."""
@@ -270,8 +299,9 @@ class Executor:
             self._known.discard(seq.seq_id)
             self._drop.append(seq.seq_id)
 
-    def _account(self, replies: list[dict], step: int, num_seqs: int, sent_ns: int, waiting_ns: int,
-                 ready_ns: int) -> None:
+    def _account(
+        self, replies: list[dict], step: int, num_seqs: int, sent_ns: int, waiting_ns: int, ready_ns: int
+    ) -> None:
         """Check the replies answer this step; add its agent time and its transport time: the
         step message's way to the slowest rank, and the reply's way back as far as the master
         was waiting for it (a reply that arrived while the master was busy elsewhere waited
@@ -279,8 +309,9 @@ class Executor:
         share the host's CLOCK_MONOTONIC."""
         for r in replies:
             if r.get("step") != step or r.get("n") != num_seqs:
-                raise ProtocolError(f"reply for step {r.get('step')} with {r.get('n')} rows, "
-                                    f"expected step {step} with {num_seqs}")
+                raise ProtocolError(
+                    f"reply for step {r.get('step')} with {r.get('n')} rows, expected step {step} with {num_seqs}"
+                )
         arrival = max(r["timings"]["arrival_ns"] for r in replies)
         sent_back = max(r["timings"]["send_ns"] for r in replies)
         self.agent_ns += max(r["timings"]["send_ns"] - r["timings"]["arrival_ns"] for r in replies)
@@ -305,7 +336,7 @@ class Executor:
         a = protocol.step_arrays(self._request, step, B, T, W)
         a["block_tables"][:] = -1
         for row, s in enumerate(out.scheduled):
-            a["block_tables"][row, :len(s.seq.block_table)] = s.seq.block_table
+            a["block_tables"][row, : len(s.seq.block_table)] = s.seq.block_table
         a["input_ids"][:] = ids
         a["positions"][:] = positions
         a["slot_mapping"][:] = slots
@@ -319,8 +350,12 @@ class Executor:
         for s in out.scheduled:
             if s.seq.seq_id not in self._known:
                 self._known.add(s.seq.seq_id)
-                new.append([s.seq.seq_id, protocol.sampling_to_wire(s.seq.sampling_params, s.seq.num_prompt_tokens,
-                                                                     self.eos_id)])
+                new.append(
+                    [
+                        s.seq.seq_id,
+                        protocol.sampling_to_wire(s.seq.sampling_params, s.seq.num_prompt_tokens, self.eos_id),
+                    ]
+                )
         return new
 
     def _take_drop(self) -> list[int]:
@@ -359,7 +394,7 @@ def token_ids(seq: Sequence, start: int, n: int) -> list[int]:
     prompt = seq.prompt_token_ids
     if start >= len(prompt):
         o = start - len(prompt)
-        return seq.output_token_ids[o:o + n]
+        return seq.output_token_ids[o : o + n]
     if start + n <= len(prompt):
-        return prompt[start:start + n]
-    return (prompt + seq.output_token_ids)[start:start + n]
+        return prompt[start : start + n]
+    return (prompt + seq.output_token_ids)[start : start + n]

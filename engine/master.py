@@ -22,6 +22,7 @@ and the frames (a step goes out, token ids come back); the `OutputProcessor`
 dies, every stream fails with `EngineDead`, which names the process and how it ended, and
 the master stops stepping.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -52,6 +53,7 @@ log = logging.getLogger("engine.master")
 
 class InFlight(NamedTuple):
     """A step sent to the agents whose reply is not read yet."""
+
     step: int
     out: SchedulerOutput
     sent_ns: int
@@ -96,13 +98,21 @@ class Master:
         """Start the agents and the step loop."""
         eng = self.cfg.engine
         num_blocks = await self.executor.start()
-        self.scheduler = Scheduler(eng, BlockManager(num_blocks, eng.block_size), self.tokenizer.eos_id,
-                                   prefill_batch_1=self.cfg.antipatterns.prefill_batch_1)
+        self.scheduler = Scheduler(
+            eng,
+            BlockManager(num_blocks, eng.block_size),
+            self.tokenizer.eos_id,
+            prefill_batch_1=self.cfg.antipatterns.prefill_batch_1,
+        )
         self._watchers = self.executor.watch(self._die)
         freeze_heap()
         self._loop_task = asyncio.create_task(self._run(), name="master-step-loop")
-        log.info("engine started: %d agent(s), %d KV blocks of %d tokens", len(self.executor.agents), num_blocks,
-                 eng.block_size)
+        log.info(
+            "engine started: %d agent(s), %d KV blocks of %d tokens",
+            len(self.executor.agents),
+            num_blocks,
+            eng.block_size,
+        )
 
     async def stop(self) -> None:
         """Graceful stop: stop stepping, tell the agents to shut down, wait for them, unlink the arenas."""
@@ -129,8 +139,9 @@ class Master:
 
     # ---- requests --------------------------------------------------------------------------
 
-    def add_request(self, req_id: str, prompt_token_ids,
-                    sampling_params: SamplingParams | None = None) -> RequestStream:
+    def add_request(
+        self, req_id: str, prompt_token_ids, sampling_params: SamplingParams | None = None
+    ) -> RequestStream:
         """Queue a request. Raises RequestRejected (a ValueError; QueueFull when the waiting
         queue is full), SamplingParamsError for parameters that do not fit, EngineDead if the
         engine is not running."""
@@ -166,11 +177,16 @@ class Master:
         if s is None:
             return {"running": 0, "waiting": 0, "kv_blocks_used": 0, "kv_blocks_total": 0, "steps": 0}
         steps = max(self.num_steps, 1)
-        return {"running": s.num_running, "waiting": s.num_waiting,
-                "kv_blocks_used": s.block_manager.num_used_blocks, "kv_blocks_total": s.block_manager.num_blocks,
-                "preemptions": s.num_preemptions, "steps": self.num_steps,
-                "agent_ms_per_step": self.executor.agent_ns / steps / 1e6,
-                "transport_ms_per_step": self.executor.transport_ns / steps / 1e6}
+        return {
+            "running": s.num_running,
+            "waiting": s.num_waiting,
+            "kv_blocks_used": s.block_manager.num_used_blocks,
+            "kv_blocks_total": s.block_manager.num_blocks,
+            "preemptions": s.num_preemptions,
+            "steps": self.num_steps,
+            "agent_ms_per_step": self.executor.agent_ns / steps / 1e6,
+            "transport_ms_per_step": self.executor.transport_ns / steps / 1e6,
+        }
 
     # ---- the step loop ---------------------------------------------------------------------
 

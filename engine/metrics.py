@@ -14,6 +14,7 @@ histograms observed when a request finishes (`time_to_first_token_seconds`,
 `requests_rejected_total` (by HTTP status) is this server's own. Single event loop, so
 no locks.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -23,10 +24,51 @@ from dataclasses import dataclass
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_PREFIX = "vllm:"
 
-LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                     20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-TOKEN_GAP_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                       20.0, 40.0, 80.0)
+LATENCY_BUCKETS_S = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+TOKEN_GAP_BUCKETS_S = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 LENGTH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
@@ -70,8 +112,10 @@ class Histogram:
         for bound, c in zip((*self.bounds, math.inf), self.counts):
             running += c
             lines.append(f"{self.name}_bucket{_labels({**labels, 'le': _fmt(bound)})} {running}")
-        lines += [f"{self.name}_sum{_labels(labels)} {_fmt(self.sum)}",
-                  f"{self.name}_count{_labels(labels)} {self.count}"]
+        lines += [
+            f"{self.name}_sum{_labels(labels)} {_fmt(self.sum)}",
+            f"{self.name}_count{_labels(labels)} {self.count}",
+        ]
         return lines
 
 
@@ -89,8 +133,9 @@ class Counter:
         lines = _header(self.name, self.help, "counter")
         if self.label is None:
             return lines + [f"{self.name}{_labels(labels)} {_fmt(self.values.get('', 0))}"]
-        return lines + [f"{self.name}{_labels({**labels, self.label: k})} {_fmt(v)}"
-                        for k, v in sorted(self.values.items())]
+        return lines + [
+            f"{self.name}{_labels({**labels, self.label: k})} {_fmt(v)}" for k, v in sorted(self.values.items())
+        ]
 
 
 @dataclass
@@ -112,17 +157,28 @@ class RequestTimes:
 HISTOGRAMS = {
     "ttft": ("time_to_first_token_seconds", "Histogram of time to first token in seconds.", LATENCY_BUCKETS_S),
     "itl": ("inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", TOKEN_GAP_BUCKETS_S),
-    "tpot": ("request_time_per_output_token_seconds",
-             "Histogram of time per output token of each request in seconds.", TOKEN_GAP_BUCKETS_S),
+    "tpot": (
+        "request_time_per_output_token_seconds",
+        "Histogram of time per output token of each request in seconds.",
+        TOKEN_GAP_BUCKETS_S,
+    ),
     "e2e": ("e2e_request_latency_seconds", "Histogram of end to end request latency in seconds.", LATENCY_BUCKETS_S),
-    "queue": ("request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.",
-              LATENCY_BUCKETS_S),
-    "inference": ("request_inference_time_seconds", "Histogram of time spent in RUNNING phase for request.",
-                  LATENCY_BUCKETS_S),
-    "prefill": ("request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.",
-                LATENCY_BUCKETS_S),
-    "decode": ("request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.",
-               LATENCY_BUCKETS_S),
+    "queue": ("request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", LATENCY_BUCKETS_S),
+    "inference": (
+        "request_inference_time_seconds",
+        "Histogram of time spent in RUNNING phase for request.",
+        LATENCY_BUCKETS_S,
+    ),
+    "prefill": (
+        "request_prefill_time_seconds",
+        "Histogram of time spent in PREFILL phase for request.",
+        LATENCY_BUCKETS_S,
+    ),
+    "decode": (
+        "request_decode_time_seconds",
+        "Histogram of time spent in DECODE phase for request.",
+        LATENCY_BUCKETS_S,
+    ),
     "prompt_len": ("request_prompt_tokens", "Number of prefill tokens processed.", LENGTH_BUCKETS),
     "generation_len": ("request_generation_tokens", "Number of generation tokens processed.", LENGTH_BUCKETS),
 }
@@ -134,14 +190,17 @@ class EngineMetrics:
     def __init__(self, model_name: str, prefix: str = DEFAULT_PREFIX):
         self.labels = {"model_name": model_name}
         self.prefix = p = prefix
-        self.histograms = {attr: Histogram(p + name, help_, buckets)
-                           for attr, (name, help_, buckets) in HISTOGRAMS.items()}
-        self.success = Counter(p + "request_success_total", "Count of successfully processed requests.",
-                               "finished_reason")
+        self.histograms = {
+            attr: Histogram(p + name, help_, buckets) for attr, (name, help_, buckets) in HISTOGRAMS.items()
+        }
+        self.success = Counter(
+            p + "request_success_total", "Count of successfully processed requests.", "finished_reason"
+        )
         self.prompt_tokens = Counter(p + "prompt_tokens_total", "Number of prefill tokens processed.")
         self.generation_tokens = Counter(p + "generation_tokens_total", "Number of generation tokens processed.")
-        self.rejected = Counter(p + "requests_rejected_total", "Requests refused before scheduling, by HTTP status.",
-                                "status")
+        self.rejected = Counter(
+            p + "requests_rejected_total", "Requests refused before scheduling, by HTTP status.", "status"
+        )
 
     def observe_request(self, t: RequestTimes) -> None:
         h = self.histograms
@@ -165,14 +224,32 @@ class EngineMetrics:
 
     def _gauges(self, stats: dict) -> list[tuple[str, str, str, float]]:
         p, total = self.prefix, stats.get("kv_blocks_total") or 0
-        return [(p + "num_requests_running", "Number of requests in model execution batches.", "gauge",
-                 stats.get("running", 0)),
-                (p + "num_requests_waiting", "Number of requests waiting to be processed.", "gauge",
-                 stats.get("waiting", 0)),
-                (p + "kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", "gauge",
-                 stats.get("kv_blocks_used", 0) / total if total else 0.0),
-                (p + "num_preemptions_total", "Cumulative number of preemption from the engine.", "counter",
-                 stats.get("preemptions", 0))]
+        return [
+            (
+                p + "num_requests_running",
+                "Number of requests in model execution batches.",
+                "gauge",
+                stats.get("running", 0),
+            ),
+            (
+                p + "num_requests_waiting",
+                "Number of requests waiting to be processed.",
+                "gauge",
+                stats.get("waiting", 0),
+            ),
+            (
+                p + "kv_cache_usage_perc",
+                "KV-cache usage. 1 means 100 percent usage.",
+                "gauge",
+                stats.get("kv_blocks_used", 0) / total if total else 0.0,
+            ),
+            (
+                p + "num_preemptions_total",
+                "Cumulative number of preemption from the engine.",
+                "counter",
+                stats.get("preemptions", 0),
+            ),
+        ]
 
     def render(self, stats: dict) -> str:
         lines: list[str] = []

@@ -1,6 +1,7 @@
 """The model runner with the deliberate mistakes of `cfg.antipatterns` (engine/antipatterns.py
 holds the mistakes themselves): overrides of ModelRunner's hooks, so the clean runner has
 no branch for them. `make_runner` picks the class at the agent's handshake."""
+
 from __future__ import annotations
 
 from dataclasses import fields
@@ -41,11 +42,16 @@ class MistakenModelRunner(ModelRunner):
         if self.device_timed:
             return super()._sample(step, logits, sampling)
         # host_timed_forward: no sync span; the blocking copy waits for forward inside sampling
-        with llmtrace.span("sampling", step=step.step, seqs=step.num_seqs,
-                           d2h_bytes=8 * step.num_seqs * (1 + step.top_logprobs)):
+        with llmtrace.span(
+            "sampling", step=step.step, seqs=step.num_seqs, d2h_bytes=8 * step.num_seqs * (1 + step.top_logprobs)
+        ):
             got = self.sampler(logits, sampling)
-            out = StepOutput(got.ids.to(torch.int32).cpu().numpy(), got.logprobs.cpu().numpy(),
-                             got.top_ids.to(torch.int32).cpu().numpy(), got.top_logprobs.cpu().numpy())
+            out = StepOutput(
+                got.ids.to(torch.int32).cpu().numpy(),
+                got.logprobs.cpu().numpy(),
+                got.top_ids.to(torch.int32).cpu().numpy(),
+                got.top_logprobs.cpu().numpy(),
+            )
         return self._pending(step, got.ids, output=out)
 
     def _sample_on_host(self, step: StepInput, logits: torch.Tensor) -> StepOutput:

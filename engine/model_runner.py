@@ -6,6 +6,7 @@ launched before step n is read (async scheduling): its placeholder input ids are
 samples, gathered on the device. Spans (docs/architecture.md): preprocess, forward,
 sampling at launch, sync.wait in result(); the host waits for the device only there.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,14 +53,26 @@ def prepare_inputs(step: StepInput, device: torch.device) -> ModelInputs:
         max_query_len=int((qsl[1:] - qsl[:-1]).max()),
         max_context_len=int(step.context_lens.max()),
     )
-    return ModelInputs(dev(step.input_ids, np.int64), dev(step.positions, np.int64), meta,
-                       dev(qsl[1:] - 1, np.int64), sampling_tensors(step, device))
+    return ModelInputs(
+        dev(step.input_ids, np.int64),
+        dev(step.positions, np.int64),
+        meta,
+        dev(qsl[1:] - 1, np.int64),
+        sampling_tensors(step, device),
+    )
 
 
 def sampling_tensors(step: StepInput, device: torch.device) -> SamplingTensors:
-    return SamplingTensors.from_numpy(step.temperature, step.top_p, step.top_k, step.seed,
-                                      positions=step.context_lens, device=device, banned=step.banned,
-                                      top_logprobs=step.top_logprobs)
+    return SamplingTensors.from_numpy(
+        step.temperature,
+        step.top_p,
+        step.top_k,
+        step.seed,
+        positions=step.context_lens,
+        device=device,
+        banned=step.banned,
+        top_logprobs=step.top_logprobs,
+    )
 
 
 def kv_block_bytes(model: LlamaForCausalLM, block_size: int) -> int:
@@ -80,10 +93,19 @@ class ModelRunner:
 
     device_timed = True  # forward/sampling carry CUDA-event device time
 
-    def __init__(self, model_cfg, *, block_size: int = 16, num_blocks: int | None = None,
-                 kv_cache_memory: int | None = None, gpu_memory_utilization: float = 0.9,
-                 cuda_graphs: bool = False, max_num_seqs: int = 32, max_model_len: int = 2048,
-                 tp: TPGroup | None = None):
+    def __init__(
+        self,
+        model_cfg,
+        *,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        kv_cache_memory: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        cuda_graphs: bool = False,
+        max_num_seqs: int = 32,
+        max_model_len: int = 2048,
+        tp: TPGroup | None = None,
+    ):
         self.model, _ = load_model(model_cfg)
         if tp is not None and tp.world > 1:
             shard(self.model, tp)
@@ -93,8 +115,13 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_cache()
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
-            self.graphs = DecodeGraphRunner(self.model, self.kv_caches, max_num_seqs=max_num_seqs,
-                                            max_model_len=max_model_len, block_size=block_size)
+            self.graphs = DecodeGraphRunner(
+                self.model,
+                self.kv_caches,
+                max_num_seqs=max_num_seqs,
+                max_model_len=max_model_len,
+                block_size=block_size,
+            )
         self._host_out = [{} for _ in range(PIPELINE_DEPTH)]  # pinned reply buffers, one per output
         self._launches = 0
         self._unread = 0  # launched steps whose result() has not run
@@ -117,6 +144,7 @@ class ModelRunner:
         c = self.model.config
         dtype = next(self.model.parameters()).dtype
         shape = (self.num_blocks, self.block_size, local_kv_heads(self.model), c.head_dim)
+
         def zeros():
             return torch.zeros(shape, dtype=dtype, device=self.device)
 
@@ -164,12 +192,14 @@ class ModelRunner:
         d2h = 8 * step.num_seqs * (1 + step.top_logprobs)
         with llmtrace.span("sampling", step=step.step, device=True, seqs=step.num_seqs, d2h_bytes=d2h):
             got = self.sampler(logits, sampling)
-            host = self._copy_to_host(got.ids.to(torch.int32), got.logprobs, got.top_ids.to(torch.int32),
-                                      got.top_logprobs)
+            host = self._copy_to_host(
+                got.ids.to(torch.int32), got.logprobs, got.top_ids.to(torch.int32), got.top_logprobs
+            )
         return self._pending(step, got.ids, *host)
 
-    def _pending(self, step: StepInput, ids: torch.Tensor, *host: torch.Tensor,
-                 output: StepOutput | None = None) -> PendingOutput:
+    def _pending(
+        self, step: StepInput, ids: torch.Tensor, *host: torch.Tensor, output: StepOutput | None = None
+    ) -> PendingOutput:
         """The step's handle; its sampled ids (on the device) stay for the next step's placeholders."""
         self._last_ids = (step.seq_ids.copy(), ids)
         return PendingOutput(self, step.step, *host, output=output)
@@ -177,7 +207,7 @@ class ModelRunner:
     def _fill_placeholders(self, step: StepInput, input_ids: torch.Tensor) -> None:
         """Input ids the master wrote as PLACEHOLDER are the tokens the previous launched step
         sampled for the same sequences: gather them on the device, no host round trip."""
-        rows = np.flatnonzero(step.input_ids[:step.num_tokens] < 0)
+        rows = np.flatnonzero(step.input_ids[: step.num_tokens] < 0)
         if not rows.size:
             return
         seq_rows = np.searchsorted(step.query_start_loc, rows, side="right") - 1
@@ -186,8 +216,9 @@ class ModelRunner:
         try:
             src = [where[int(s)] for s in step.seq_ids[seq_rows]]
         except KeyError as e:
-            raise ValueError(f"step {step.step}: a placeholder input for sequence {e.args[0]}, "
-                             "which the step before did not sample") from None
+            raise ValueError(
+                f"step {step.step}: a placeholder input for sequence {e.args[0]}, which the step before did not sample"
+            ) from None
         dst = torch.from_numpy(rows.astype(np.int64)).to(self.device, non_blocking=True)
         src_t = torch.tensor(src, dtype=torch.int64).to(self.device, non_blocking=True)
         input_ids.index_copy_(0, dst, prev_ids.index_select(0, src_t).to(input_ids.dtype))
@@ -206,7 +237,7 @@ class ModelRunner:
             buf = ring.get(i)
             if buf is None or buf.numel() < t.numel() or buf.dtype != t.dtype:
                 buf = ring[i] = torch.empty(max(t.numel(), 256), dtype=t.dtype, pin_memory=True)
-            out.append(buf[:t.numel()].view(t.shape).copy_(t, non_blocking=True))
+            out.append(buf[: t.numel()].view(t.shape).copy_(t, non_blocking=True))
         return out
 
 

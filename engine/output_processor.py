@@ -3,6 +3,7 @@
 is cut before the first one and the sequence stopped), and the deltas pushed to it once a
 step is postprocessed (`detokenize` and `stream.write` spans, with that step's id). The
 master runs it while the agents compute the next step."""
+
 from __future__ import annotations
 
 import asyncio
@@ -29,6 +30,7 @@ class Delta(NamedTuple):
 
 class UnstreamedStep(NamedTuple):
     """A postprocessed step whose tokens are not streamed yet."""
+
     step: int
     out: SchedulerOutput
     sampled: SampledRows
@@ -90,8 +92,7 @@ class OutputProcessor:
     """The open requests' streams; `finished(seq)` is called once a sequence's last token is
     out, `stop(seq)` when its output showed a stop string (the scheduler finishes it)."""
 
-    def __init__(self, tokenizer: Tokenizer, finished: Callable[[Sequence], None],
-                 stop: Callable[[Sequence], None]):
+    def __init__(self, tokenizer: Tokenizer, finished: Callable[[Sequence], None], stop: Callable[[Sequence], None]):
         self.tokenizer = tokenizer
         self.streams: dict[str, RequestStream] = {}
         self._finished, self._stop = finished, stop
@@ -131,8 +132,9 @@ class OutputProcessor:
             stream = self.streams.get(s.seq.req_id)
             if stream is not None and not stream.queue_recorded:
                 stream.queue_recorded = True
-                llmtrace.record_span(names.QUEUE_SPAN, s.seq.arrival_ns, s.seq.first_scheduled_ns, parent=0, step=step,
-                                     req=s.seq.req_id)
+                llmtrace.record_span(
+                    names.QUEUE_SPAN, s.seq.arrival_ns, s.seq.first_scheduled_ns, parent=0, step=step, req=s.seq.req_id
+                )
 
     def _detokenize(self, out: SchedulerOutput, sampled: SampledRows) -> list[tuple[RequestStream, Delta]]:
         deltas = []
@@ -144,7 +146,7 @@ class OutputProcessor:
             if seq.sampling_params.logprobs:
                 stream.logprobs.append(logprob)
             if seq.sampling_params.top_logprobs and sampled.top is not None:
-                stream.top_logprobs.append(sampled.top[row][:seq.sampling_params.top_logprobs])
+                stream.top_logprobs.append(sampled.top[row][: seq.sampling_params.top_logprobs])
             text, stop = self._text(stream, token_id)
             if stop is not None and not seq.is_finished:
                 self._stop(seq)

@@ -24,6 +24,7 @@ rewrites a reply slot only for a step sent after the master read it. An input to
 -1 (engine.sequence.PLACEHOLDER) is the token the agent sampled for that sequence in the
 step before.
 """
+
 from __future__ import annotations
 
 from .ipc.shm import ArenaLayout, Field
@@ -57,8 +58,10 @@ def check(msg: dict, *expected: str) -> dict:
     """
     v = msg.get("v")
     if v != VERSION:
-        raise ProtocolError(f"protocol version mismatch: peer speaks v{v}, this side speaks v{VERSION} "
-                            "(master and agent must run the same engine version)")
+        raise ProtocolError(
+            f"protocol version mismatch: peer speaks v{v}, this side speaks v{VERSION} "
+            "(master and agent must run the same engine version)"
+        )
     t = msg.get("type")
     if t == "error" and "error" not in expected:
         raise PeerError(str(msg.get("message", "?")))
@@ -71,8 +74,13 @@ def sampling_to_wire(sp: SamplingParams, num_prompt_tokens: int = 0, eos_token_i
     """What the agent needs to sample a sequence's tokens: [temperature, top_p, top_k, seed
     (-1: none), top_logprobs], and with min_tokens [.., ban_until, [token ids]]: those tokens
     (EOS and the stop tokens) cannot be sampled at positions before ban_until."""
-    wire = [float(sp.temperature), float(sp.top_p), int(sp.top_k), -1 if sp.seed is None else int(sp.seed),
-            int(sp.top_logprobs)]
+    wire = [
+        float(sp.temperature),
+        float(sp.top_p),
+        int(sp.top_k),
+        -1 if sp.seed is None else int(sp.seed),
+        int(sp.top_logprobs),
+    ]
     banned = ([] if eos_token_id is None else [int(eos_token_id)]) + [int(t) for t in sp.stop_token_ids]
     if sp.min_tokens and banned:
         wire += [num_prompt_tokens + sp.min_tokens, banned]
@@ -82,20 +90,26 @@ def sampling_to_wire(sp: SamplingParams, num_prompt_tokens: int = 0, eos_token_i
 def request_layout(max_num_seqs: int, max_batched_tokens: int, max_blocks_per_seq: int) -> ArenaLayout:
     """The step's input arrays (step_io.ARENA_ARRAYS, after the slot index), written by the
     master; rows past num_tokens / num_seqs are stale."""
-    return ArenaLayout([Field(name, dtype, (SLOTS, *extent(kind, max_num_seqs, max_batched_tokens, max_blocks_per_seq)))
-                        for name, dtype, kind in ARENA_ARRAYS])
+    return ArenaLayout(
+        [
+            Field(name, dtype, (SLOTS, *extent(kind, max_num_seqs, max_batched_tokens, max_blocks_per_seq)))
+            for name, dtype, kind in ARENA_ARRAYS
+        ]
+    )
 
 
 def reply_layout(max_num_seqs: int) -> ArenaLayout:
     """The step's outputs (after the slot index), written by agent rank 0: one sampled token
     per sequence, its logprob, and the step's most likely tokens with theirs (the first
     `top` columns, `top` in the reply message: the most any sequence of the step asked for)."""
-    return ArenaLayout([
-        Field("token_ids", "int32", (SLOTS, max_num_seqs)),
-        Field("logprobs", "float32", (SLOTS, max_num_seqs)),
-        Field("top_ids", "int32", (SLOTS, max_num_seqs, MAX_TOP_LOGPROBS)),
-        Field("top_logprobs", "float32", (SLOTS, max_num_seqs, MAX_TOP_LOGPROBS)),
-    ])
+    return ArenaLayout(
+        [
+            Field("token_ids", "int32", (SLOTS, max_num_seqs)),
+            Field("logprobs", "float32", (SLOTS, max_num_seqs)),
+            Field("top_ids", "int32", (SLOTS, max_num_seqs, MAX_TOP_LOGPROBS)),
+            Field("top_logprobs", "float32", (SLOTS, max_num_seqs, MAX_TOP_LOGPROBS)),
+        ]
+    )
 
 
 def slot_views(arena, step: int) -> dict:
@@ -108,5 +122,7 @@ def step_arrays(arena, step: int, num_seqs: int, num_tokens: int, block_width: i
     """Step `step`'s input arrays in the request arena, cut to its sequences, tokens and
     block-table width: what the master fills and StepInput's arrays on the agent."""
     views = slot_views(arena, step)
-    return {name: views[name][tuple(slice(0, n) for n in extent(kind, num_seqs, num_tokens, block_width))]
-            for name, _, kind in ARENA_ARRAYS}
+    return {
+        name: views[name][tuple(slice(0, n) for n in extent(kind, num_seqs, num_tokens, block_width))]
+        for name, _, kind in ARENA_ARRAYS
+    }

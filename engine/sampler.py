@@ -8,6 +8,7 @@ Only the chosen ids and their logprobs leave the device, and for requests that a
 them (`top_logprobs`) the step's K most likely tokens per row with theirs (K: the most any
 row asked for; the output processor keeps each row's own count).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,9 +36,17 @@ class SamplingTensors:
     top_logprobs: int = 0  # the most likely tokens to return per row, with their logprobs
 
     @classmethod
-    def from_numpy(cls, temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray, seed: np.ndarray,
-                   positions: np.ndarray, device: torch.device, banned: tuple = (),
-                   top_logprobs: int = 0) -> SamplingTensors:
+    def from_numpy(
+        cls,
+        temperature: np.ndarray,
+        top_p: np.ndarray,
+        top_k: np.ndarray,
+        seed: np.ndarray,
+        positions: np.ndarray,
+        device: torch.device,
+        banned: tuple = (),
+        top_logprobs: int = 0,
+    ) -> SamplingTensors:
         """seed: -1 = unseeded; positions: position of the token each row samples."""
         greedy = temperature <= 0
         rows = np.flatnonzero((seed >= 0) & ~greedy)
@@ -46,8 +55,11 @@ class SamplingTensors:
             top_p=torch.from_numpy(np.asarray(top_p, np.float32)).to(device, non_blocking=True),
             top_k=torch.from_numpy(np.asarray(top_k, np.int64)).to(device, non_blocking=True),
             seeded_rows=[(int(r), int(seed[r]) * _SEED_STRIDE + int(positions[r])) for r in rows],
-            all_greedy=bool(greedy.all()), any_greedy=bool(greedy.any()),
-            any_top_k=bool((top_k > 0).any()), any_top_p=bool((top_p < 1).any()), banned=banned,
+            all_greedy=bool(greedy.all()),
+            any_greedy=bool(greedy.any()),
+            any_top_k=bool((top_k > 0).any()),
+            any_top_p=bool((top_p < 1).any()),
+            banned=banned,
             top_logprobs=top_logprobs,
         )
 

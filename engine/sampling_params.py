@@ -1,4 +1,5 @@
 """Per-request sampling settings, checked at construction so the HTTP server can answer 400."""
+
 from __future__ import annotations
 
 import math
@@ -58,15 +59,17 @@ class SamplingParams:
         object.__setattr__(self, "stop", tuple(self.stop))
         _integer(self.min_tokens, "min_tokens")
         if not 0 <= self.min_tokens <= self.max_tokens:
-            raise SamplingParamsError("min_tokens", f"{self.min_tokens} is not allowed; use 0 <= min_tokens <= "
-                                                    f"max_tokens ({self.max_tokens})")
+            raise SamplingParamsError(
+                "min_tokens", f"{self.min_tokens} is not allowed; use 0 <= min_tokens <= max_tokens ({self.max_tokens})"
+            )
         for name in ("ignore_eos", "logprobs"):
             if not isinstance(getattr(self, name), bool):
                 raise SamplingParamsError(name, f"{getattr(self, name)!r} is not allowed; use true or false")
         _integer(self.top_logprobs, "top_logprobs")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise SamplingParamsError("top_logprobs", f"{self.top_logprobs} is not allowed; use 0 <= top_logprobs "
-                                                      f"<= {MAX_TOP_LOGPROBS}")
+            raise SamplingParamsError(
+                "top_logprobs", f"{self.top_logprobs} is not allowed; use 0 <= top_logprobs <= {MAX_TOP_LOGPROBS}"
+            )
         if self.top_logprobs and not self.logprobs:
             raise SamplingParamsError("top_logprobs", "needs logprobs: true")
 
@@ -79,8 +82,10 @@ class SamplingParams:
         limit = max_model_len - num_prompt_tokens
         if self.max_tokens > limit:
             raise SamplingParamsError(
-                "max_tokens", f"{self.max_tokens} is not allowed; the {num_prompt_tokens}-token prompt leaves "
-                f"{max(limit, 0)} of the model's {max_model_len}-token context")
+                "max_tokens",
+                f"{self.max_tokens} is not allowed; the {num_prompt_tokens}-token prompt leaves "
+                f"{max(limit, 0)} of the model's {max_model_len}-token context",
+            )
 
 
 def _number(value, name: str) -> None:

@@ -15,6 +15,7 @@ token finishes is known only at postprocess(n), and its row in step n+1 is disca
 Lookahead never preempts: when step n+1 would need to, it returns None and the caller
 schedules after step n's outputs are in.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -60,8 +61,13 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, engine_cfg: EngineConfig, block_manager: BlockManager, eos_token_id: int | None,
-                 prefill_batch_1: bool = False):
+    def __init__(
+        self,
+        engine_cfg: EngineConfig,
+        block_manager: BlockManager,
+        eos_token_id: int | None,
+        prefill_batch_1: bool = False,
+    ):
         """prefill_batch_1: the antipattern of the same name, at most one request per prefill."""
         capacity = block_manager.num_blocks * block_manager.block_size
         if engine_cfg.max_model_len > capacity:
@@ -69,7 +75,9 @@ class Scheduler:
             raise ConfigError(
                 f"engine.max_model_len: {engine_cfg.max_model_len} exceeds the KV cache capacity of "
                 f"{capacity} tokens ({block_manager.num_blocks} blocks of {block_manager.block_size}); "
-                f"lower engine.max_model_len or raise engine.num_blocks", "engine.max_model_len")
+                f"lower engine.max_model_len or raise engine.num_blocks",
+                "engine.max_model_len",
+            )
         self.cfg = engine_cfg
         self.block_manager = block_manager
         self.eos_token_id = eos_token_id
@@ -99,9 +107,11 @@ class Scheduler:
         if n == 0:
             raise RequestRejected("the prompt is empty")
         if n > self.max_prompt_len:
-            raise RequestRejected(f"the prompt has {n} tokens, more than the {self.max_prompt_len} "
-                                  f"the engine takes (max_model_len {self.cfg.max_model_len}, "
-                                  f"max_batched_tokens {self.cfg.max_batched_tokens})")
+            raise RequestRejected(
+                f"the prompt has {n} tokens, more than the {self.max_prompt_len} "
+                f"the engine takes (max_model_len {self.cfg.max_model_len}, "
+                f"max_batched_tokens {self.cfg.max_batched_tokens})"
+            )
         if len(self.waiting) >= self.cfg.max_waiting:
             raise QueueFull(f"{len(self.waiting)} requests are waiting already (engine.max_waiting)")
         seq.status = SequenceStatus.WAITING
@@ -144,15 +154,15 @@ class Scheduler:
 
     def _last_by_length(self, seq: Sequence) -> bool:
         """Whether the token being sampled for `seq` ends it by max_tokens or max_model_len."""
-        return (seq.num_output_tokens + 1 >= seq.sampling_params.max_tokens
-                or seq.num_tokens + 1 >= self.cfg.max_model_len)
+        return (
+            seq.num_output_tokens + 1 >= seq.sampling_params.max_tokens or seq.num_tokens + 1 >= self.cfg.max_model_len
+        )
 
     def _schedule_prefill(self) -> SchedulerOutput | None:
         bm, now = self.block_manager, perf_counter_ns()
         scheduled: list[ScheduledSeq] = []
         num_tokens = 0
-        while (self.waiting and len(scheduled) < self.max_prefill_seqs
-               and len(self.running) < self.cfg.max_num_seqs):
+        while self.waiting and len(scheduled) < self.max_prefill_seqs and len(self.running) < self.cfg.max_num_seqs:
             seq = self.waiting[0]
             # The whole sequence: the prompt, plus what a preempted one had generated.
             n = seq.num_tokens - seq.num_cached_tokens

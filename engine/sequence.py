@@ -1,4 +1,5 @@
 """One request's token sequence as the scheduler and block manager see it."""
+
 from __future__ import annotations
 
 import enum
@@ -16,8 +17,9 @@ class SequenceStatus(enum.Enum):
     FINISHED_ABORTED = "abort"
 
 
-_FINISHED = frozenset({SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
-                       SequenceStatus.FINISHED_ABORTED})
+_FINISHED = frozenset(
+    {SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH, SequenceStatus.FINISHED_ABORTED}
+)
 _seq_ids = itertools.count()
 
 # An output token the device is sampling while the scheduler already plans the next step
@@ -33,12 +35,31 @@ class Sequence:
     computes the rest (the whole sequence again after a preemption by recompute).
     """
 
-    __slots__ = ("seq_id", "req_id", "prompt_token_ids", "output_token_ids", "sampling_params", "status",
-                 "block_table", "num_tokens", "num_cached_tokens", "arrival_ns", "first_scheduled_ns",
-                 "first_token_ns", "finish_reason", "num_preemptions")
+    __slots__ = (
+        "seq_id",
+        "req_id",
+        "prompt_token_ids",
+        "output_token_ids",
+        "sampling_params",
+        "status",
+        "block_table",
+        "num_tokens",
+        "num_cached_tokens",
+        "arrival_ns",
+        "first_scheduled_ns",
+        "first_token_ns",
+        "finish_reason",
+        "num_preemptions",
+    )
 
-    def __init__(self, req_id: str, prompt_token_ids, sampling_params: SamplingParams | None = None,
-                 arrival_ns: int | None = None, seq_id: int | None = None):
+    def __init__(
+        self,
+        req_id: str,
+        prompt_token_ids,
+        sampling_params: SamplingParams | None = None,
+        arrival_ns: int | None = None,
+        seq_id: int | None = None,
+    ):
         self.seq_id = next(_seq_ids) if seq_id is None else seq_id
         self.req_id = req_id
         self.prompt_token_ids: list[int] = list(prompt_token_ids)
@@ -55,8 +76,10 @@ class Sequence:
         self.num_preemptions = 0
 
     def __repr__(self) -> str:
-        return (f"Sequence(req={self.req_id!r}, seq_id={self.seq_id}, {self.status.name}, "
-                f"tokens={self.num_prompt_tokens}+{self.num_output_tokens}, blocks={len(self.block_table)})")
+        return (
+            f"Sequence(req={self.req_id!r}, seq_id={self.seq_id}, {self.status.name}, "
+            f"tokens={self.num_prompt_tokens}+{self.num_output_tokens}, blocks={len(self.block_table)})"
+        )
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -11,6 +11,7 @@ Per request: validate (api_schema), tokenize, hand the ids to the master, relay 
 deltas (the master's output processor cuts them at stop strings). A request whose client
 goes away is aborted so its KV blocks are freed. Bad input is always a 4xx JSON error, never a 5xx.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -51,8 +52,9 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 class Generation:
     """One request in flight: relays the master's deltas and keeps counts."""
 
-    def __init__(self, master, rid: str, greq: GenerateRequest, prompt_ids: list[int], params: SamplingParams,
-                 t_arrival: float):
+    def __init__(
+        self, master, rid: str, greq: GenerateRequest, prompt_ids: list[int], params: SamplingParams, t_arrival: float
+    ):
         self.master, self.rid, self.greq = master, rid, greq
         self.prompt_tokens = len(prompt_ids)
         self.t_arrival = t_arrival
@@ -104,26 +106,34 @@ class Generation:
         seq, now_ns = self.stream.seq, time.perf_counter_ns()
         sched, first = seq.first_scheduled_ns, seq.first_token_ns
         return RequestTimes(
-            prompt_tokens=self.prompt_tokens, output_tokens=self.output_tokens,
-            e2e_s=time.perf_counter() - self.t_arrival, finish_reason=self.finish_reason or "abort",
-            ttft_s=self.ttft_s, token_gaps_s=tuple(self.token_gaps_s),
+            prompt_tokens=self.prompt_tokens,
+            output_tokens=self.output_tokens,
+            e2e_s=time.perf_counter() - self.t_arrival,
+            finish_reason=self.finish_reason or "abort",
+            ttft_s=self.ttft_s,
+            token_gaps_s=tuple(self.token_gaps_s),
             queue_s=None if sched is None else (sched - seq.arrival_ns) / 1e9,
             prefill_s=None if sched is None or first is None else (first - sched) / 1e9,
-            decode_s=None if first is None else (now_ns - first) / 1e9)
+            decode_s=None if first is None else (now_ns - first) / 1e9,
+        )
 
     def usage(self) -> dict:
         return api.usage(self.prompt_tokens, self.output_tokens)
 
-    def logprobs(self, tokenizer, start: int = 0,
-                 end: int | None = None) -> tuple[list[str], list[float], api.Alternatives | None] | None:
+    def logprobs(
+        self, tokenizer, start: int = 0, end: int | None = None
+    ) -> tuple[list[str], list[float], api.Alternatives | None] | None:
         """The chosen tokens [start, end) as text with their log-probabilities, and the most
         likely tokens at each position with theirs, when asked for."""
         if not self.greq.logprobs:
             return None
         ids = self.token_ids[start:end]
-        top = self.stream.top_logprobs[start:start + len(ids)] if self.greq.top_logprobs else None
-        return ([_piece(tokenizer, t) for t in ids], [float(x) for x in self.stream.logprobs[start:start + len(ids)]],
-                None if top is None else [[(_piece(tokenizer, t), float(lp)) for t, lp in alts] for alts in top])
+        top = self.stream.top_logprobs[start : start + len(ids)] if self.greq.top_logprobs else None
+        return (
+            [_piece(tokenizer, t) for t in ids],
+            [float(x) for x in self.stream.logprobs[start : start + len(ids)]],
+            None if top is None else [[(_piece(tokenizer, t), float(lp)) for t, lp in alts] for alts in top],
+        )
 
 
 def _piece(tokenizer, token_id: int) -> str:
@@ -145,10 +155,16 @@ class ApiServer:
     def build_app(self) -> web.Application:
         limit = max(MIN_BODY_LIMIT, self.max_model_len * BODY_BYTES_PER_TOKEN)
         app = web.Application(client_max_size=limit, middlewares=[self._errors])
-        app.add_routes([web.post("/v1/completions", self.completions),
-                        web.post("/v1/chat/completions", self.chat_completions),
-                        web.get("/v1/models", self.models), web.post("/generate", self.generate),
-                        web.get("/health", self.health), web.get("/metrics", self.metrics_page)])
+        app.add_routes(
+            [
+                web.post("/v1/completions", self.completions),
+                web.post("/v1/chat/completions", self.chat_completions),
+                web.get("/v1/models", self.models),
+                web.post("/generate", self.generate),
+                web.get("/health", self.health),
+                web.get("/metrics", self.metrics_page),
+            ]
+        )
         return app
 
     # ---- endpoints -----------------------------------------------------------------------
@@ -157,8 +173,9 @@ class ApiServer:
         return await self._serve(request, api.parse_completion, self._openai_stream, self._openai_response)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._serve(request, lambda body, n: api.parse_chat(body, n, self._render_chat),
-                                 self._chat_stream, self._chat_response)
+        return await self._serve(
+            request, lambda body, n: api.parse_chat(body, n, self._render_chat), self._chat_stream, self._chat_response
+        )
 
     async def models(self, request: web.Request) -> web.Response:
         return _json(api.models_list(self.model_name, self._started, self.max_model_len))
@@ -172,8 +189,9 @@ class ApiServer:
         return _json({"status": "unavailable", "message": self.master.failure or "the engine is not running"}, 503)
 
     async def metrics_page(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render(self.master.stats()).encode(),
-                            headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(
+            body=self.metrics.render(self.master.stats()).encode(), headers={"Content-Type": CONTENT_TYPE}
+        )
 
     # ---- one request ---------------------------------------------------------------------
 
@@ -192,8 +210,11 @@ class ApiServer:
             finally:
                 for gen in gens:
                     gen.close(self.metrics)
-                sp.set(prompt_tokens=gens[0].prompt_tokens, output_tokens=sum(g.output_tokens for g in gens),
-                       ttft_us=-1 if gens[0].ttft_s is None else int(gens[0].ttft_s * 1e6))
+                sp.set(
+                    prompt_tokens=gens[0].prompt_tokens,
+                    output_tokens=sum(g.output_tokens for g in gens),
+                    ttft_us=-1 if gens[0].ttft_s is None else int(gens[0].ttft_s * 1e6),
+                )
                 if self.capture_text:
                     llmtrace.instant("http.text", req=rid, prompt=greq.prompt, completion="".join(gens[0].text))
         if not resp.prepared:  # an SSE response sent its headers already
@@ -212,8 +233,9 @@ class ApiServer:
         if given is None:
             return f"req-{next(self._ids)}"
         if not _REQUEST_ID.fullmatch(given):
-            raise RequestError(f"{REQUEST_ID_HEADER} must be 1 to 64 characters of A-Z a-z 0-9 . _ : -",
-                               REQUEST_ID_HEADER)
+            raise RequestError(
+                f"{REQUEST_ID_HEADER} must be 1 to 64 characters of A-Z a-z 0-9 . _ : -", REQUEST_ID_HEADER
+            )
         return given
 
     def _admit(self, rid: str, greq: GenerateRequest, t_arrival: float) -> list[Generation]:
@@ -222,9 +244,11 @@ class ApiServer:
         with llmtrace.span("tokenize", req=rid):
             prompt_ids = self.tokenizer.encode(greq.prompt, add_bos=greq.add_bos)
         if len(prompt_ids) >= self.max_model_len:
-            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the model's context is "
-                               f"{self.max_model_len} tokens and must leave room for at least one output token",
-                               greq.prompt_param)
+            raise RequestError(
+                f"the prompt has {len(prompt_ids)} tokens; the model's context is "
+                f"{self.max_model_len} tokens and must leave room for at least one output token",
+                greq.prompt_param,
+            )
         if greq.fills_context:
             greq = replace(greq, max_tokens=self.max_model_len - len(prompt_ids))
         gens: list[Generation] = []
@@ -237,8 +261,9 @@ class ApiServer:
             raise
         return gens
 
-    def _generation(self, rid: str, i: int, greq: GenerateRequest, prompt_ids: list[int],
-                    t_arrival: float) -> Generation:
+    def _generation(
+        self, rid: str, i: int, greq: GenerateRequest, prompt_ids: list[int], t_arrival: float
+    ) -> Generation:
         try:
             params = greq.sampling_params()
             if i and params.seed is not None:
@@ -259,15 +284,18 @@ class ApiServer:
 
     async def _openai_response(self, gens: list[Generation]) -> web.Response:
         texts = await asyncio.gather(*(gen.collect() for gen in gens))
-        choices = [api.completion_choice(i, text, gen.finish_reason, self._logprobs(gen, api.completion_logprobs))
-                   for i, (gen, text) in enumerate(zip(gens, texts))]
-        return _json(api.completion_object(gens[0].rid, int(time.time()), self._model(gens[0]), choices,
-                                           _usage(gens)))
+        choices = [
+            api.completion_choice(i, text, gen.finish_reason, self._logprobs(gen, api.completion_logprobs))
+            for i, (gen, text) in enumerate(zip(gens, texts))
+        ]
+        return _json(api.completion_object(gens[0].rid, int(time.time()), self._model(gens[0]), choices, _usage(gens)))
 
     async def _chat_response(self, gens: list[Generation]) -> web.Response:
         texts = await asyncio.gather(*(gen.collect() for gen in gens))
-        choices = [api.chat_choice(i, text, gen.finish_reason, self._logprobs(gen, api.chat_logprobs))
-                   for i, (gen, text) in enumerate(zip(gens, texts))]
+        choices = [
+            api.chat_choice(i, text, gen.finish_reason, self._logprobs(gen, api.chat_logprobs))
+            for i, (gen, text) in enumerate(zip(gens, texts))
+        ]
         return _json(api.chat_object(gens[0].rid, int(time.time()), self._model(gens[0]), choices, _usage(gens)))
 
     async def _chat_stream(self, request: web.Request, gen: Generation) -> web.StreamResponse:
@@ -280,8 +308,12 @@ class ApiServer:
                 text = gen.accept(delta)
                 if text or gen.finish_reason is not None:
                     lps = self._logprobs(gen, api.chat_logprobs, n0, gen.output_tokens)
-                    await _sse(resp, api.chat_chunk(gen.rid, created, model, {"content": text} if text else {},
-                                                    gen.finish_reason, logprobs=lps))
+                    await _sse(
+                        resp,
+                        api.chat_chunk(
+                            gen.rid, created, model, {"content": text} if text else {}, gen.finish_reason, logprobs=lps
+                        ),
+                    )
                 if gen.finish_reason is not None:
                     break
             if gen.greq.include_usage:
@@ -298,8 +330,12 @@ class ApiServer:
                 text = gen.accept(delta)
                 if text or gen.finish_reason is not None:
                     lps = self._logprobs(gen, api.completion_logprobs, n0, gen.output_tokens)
-                    await _sse(resp, api.completion_object(gen.rid, created, model,
-                                                           [api.completion_choice(0, text, gen.finish_reason, lps)]))
+                    await _sse(
+                        resp,
+                        api.completion_object(
+                            gen.rid, created, model, [api.completion_choice(0, text, gen.finish_reason, lps)]
+                        ),
+                    )
                 if gen.finish_reason is not None:
                     break
             if gen.greq.include_usage:
@@ -339,8 +375,9 @@ class ApiServer:
                     if i < len(token_ids):
                         event = api.tgi_token_event(index + i, int(tid), "")
                     elif done:
-                        event = api.tgi_token_event(index + i, int(tid), text, "".join(gen.text),
-                                                    self._tgi_details(gen))
+                        event = api.tgi_token_event(
+                            index + i, int(tid), text, "".join(gen.text), self._tgi_details(gen)
+                        )
                     else:
                         event = api.tgi_token_event(index + i, int(tid), text)
                     await _sse(resp, event)
@@ -438,8 +475,9 @@ async def start_engine(cfg: RunConfig, host: str | None = None, port: int | None
     try:
         server = ApiServer(master, master.tokenizer, cfg)
         # handler_cancellation: a client that disconnects cancels its handler, which aborts its request
-        runner = web.AppRunner(server.build_app(), handler_cancellation=True, access_log=None,
-                               shutdown_timeout=SHUTDOWN_GRACE_S)
+        runner = web.AppRunner(
+            server.build_app(), handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S
+        )
         await runner.setup()
         try:
             await web.TCPSite(runner, host, port).start()

@@ -1,4 +1,5 @@
 """What the master sends the model side each step, and what comes back (numpy only)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,9 +47,15 @@ class StepInput:
 # StepInput's arrays that travel through the request arena, once: (name, dtype, extent);
 # extent "T": one per new token, "B": per sequence, "B+1": sequence starts, "B,M": a row
 # of block ids per sequence. protocol.request_layout and step_arrays are built from it.
-ARENA_ARRAYS = (("input_ids", "int32", "T"), ("positions", "int32", "T"), ("slot_mapping", "int64", "T"),
-                ("query_start_loc", "int32", "B+1"), ("context_lens", "int32", "B"),
-                ("block_tables", "int32", "B,M"), ("seq_ids", "int64", "B"))
+ARENA_ARRAYS = (
+    ("input_ids", "int32", "T"),
+    ("positions", "int32", "T"),
+    ("slot_mapping", "int64", "T"),
+    ("query_start_loc", "int32", "B+1"),
+    ("context_lens", "int32", "B"),
+    ("block_tables", "int32", "B,M"),
+    ("seq_ids", "int64", "B"),
+)
 
 
 def extent(kind: str, B: int, T: int, M: int) -> tuple[int, ...]:

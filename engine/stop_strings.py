@@ -3,6 +3,7 @@
 The matcher holds back the tail of the text that could still grow into a stop string,
 so a streamed response never shows part of one; the output is cut before the match.
 """
+
 from __future__ import annotations
 
 
@@ -20,8 +21,8 @@ class StopStringMatcher:
             at, stop = min(hits)
             return text[:at], stop
         keep = self._partial_suffix(text)
-        self._held = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep], None
+        self._held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], None
 
     def flush(self) -> str:
         """The held-back tail, when the stream ends without a match."""

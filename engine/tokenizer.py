@@ -4,6 +4,7 @@ Loads a `.model` file with `sentencepiece` directly (transformers 5.x `LlamaToke
 misloads a bare vocab file). The engine ships one (assets/tokenizer.model, built by
 scripts/build_tokenizer.py) for random-weight presets.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -73,9 +74,9 @@ class IncrementalDetokenizer:
         return self._delta(final=True)
 
     def _delta(self, final: bool) -> str:
-        done = self._tok.decode(self.ids[self._prefix:self._read])
-        text = self._tok.decode(self.ids[self._prefix:])
+        done = self._tok.decode(self.ids[self._prefix : self._read])
+        text = self._tok.decode(self.ids[self._prefix :])
         if len(text) <= len(done) or (text.endswith(_REPLACEMENT) and not final):
             return ""
         self._prefix, self._read = self._read, len(self.ids)
-        return text[len(done):]
+        return text[len(done) :]

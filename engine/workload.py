@@ -7,6 +7,7 @@ config's distributions with a seeded RNG, so a workload is reproducible. Prompts
 tokens are slices of the tokenizer's shipped corpus. Every request is also an llmtrace
 span `client.request` (req) in the caller's process, for the analyzer's cross-check.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -95,6 +96,7 @@ class WorkloadSummary:
 
 # ---- request building ----------------------------------------------------------------------
 
+
 def sample_length(dist: LengthDist, rng: random.Random) -> int:
     if dist.dist == "fixed":
         return dist.value
@@ -132,11 +134,12 @@ class PromptBuilder:
         """n ids from start, wrapping around the corpus (prompts may be longer than it)."""
         ids = self.ids
         reps = -(-(start + n) // len(ids))
-        return (ids * reps)[start:start + n] if reps > 1 else ids[start:start + n]
+        return (ids * reps)[start : start + n] if reps > 1 else ids[start : start + n]
 
 
-def iter_requests(wl: WorkloadConfig, tokenizer, max_model_len: int | None = None,
-                  corpus: str | None = None) -> Iterator[RequestSpec]:
+def iter_requests(
+    wl: WorkloadConfig, tokenizer, max_model_len: int | None = None, corpus: str | None = None
+) -> Iterator[RequestSpec]:
     """The workload's requests in order (endless when the workload runs for duration_s).
 
     max_model_len caps prompt + output so no request is refused for length."""
@@ -161,9 +164,15 @@ def iter_requests(wl: WorkloadConfig, tokenizer, max_model_len: int | None = Non
 
 # ---- the client ----------------------------------------------------------------------------
 
+
 class LoadGenerator:
-    def __init__(self, base_url: str, wl: WorkloadConfig, requests: Iterator[RequestSpec],
-                 progress: Callable[[Progress], None] | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        wl: WorkloadConfig,
+        requests: Iterator[RequestSpec],
+        progress: Callable[[Progress], None] | None = None,
+    ):
         self.url = base_url.rstrip("/") + "/v1/completions"
         self.wl, self.requests, self.progress = wl, requests, progress
         self.results: list[RequestResult] = []
@@ -200,17 +209,24 @@ class LoadGenerator:
     async def _send(self, session, spec: RequestSpec) -> None:
         res = RequestResult(spec.req_id, spec.prompt_len, spec.max_tokens)
         self.results.append(res)
-        body = {"prompt": spec.prompt, "max_tokens": spec.max_tokens, "ignore_eos": self.wl.ignore_eos,
-                "temperature": 0.0, "stream": self.wl.stream}
+        body = {
+            "prompt": spec.prompt,
+            "max_tokens": spec.max_tokens,
+            "ignore_eos": self.wl.ignore_eos,
+            "temperature": 0.0,
+            "stream": self.wl.stream,
+        }
         if self.wl.stream:
             body["stream_options"] = {"include_usage": True}
         start = time.perf_counter()
         res.start_s = start - self._t0
         with llmtrace.span("client.request", req=spec.req_id) as sp:
             try:
-                async with session.post(self.url, data=orjson.dumps(body),
-                                        headers={"Content-Type": "application/json",
-                                                 "X-Request-Id": spec.req_id}) as resp:
+                async with session.post(
+                    self.url,
+                    data=orjson.dumps(body),
+                    headers={"Content-Type": "application/json", "X-Request-Id": spec.req_id},
+                ) as resp:
                     if resp.status != 200:
                         res.error = f"HTTP {resp.status}: {_error_message(await resp.read())}"
                     elif self.wl.stream:
@@ -260,8 +276,9 @@ class LoadGenerator:
     def _report(self) -> None:
         if self.progress is None:
             return
-        self.progress(Progress(self._done, self.wl.num_requests, self._tokens, self._errors,
-                               time.perf_counter() - self._t0))
+        self.progress(
+            Progress(self._done, self.wl.num_requests, self._tokens, self._errors, time.perf_counter() - self._t0)
+        )
 
 
 def _error_message(raw: bytes) -> str:
@@ -272,6 +289,7 @@ def _error_message(raw: bytes) -> str:
 
 
 # ---- summary -------------------------------------------------------------------------------
+
 
 def percentile(values: list[float], q: float) -> float:
     """Linear interpolation between closest ranks (numpy's default)."""
@@ -284,16 +302,19 @@ def percentile(values: list[float], q: float) -> float:
 def _ms_stats(values: list[float]) -> dict:
     if not values:
         return {"mean": None, "p50": None, "p90": None, "p99": None}
-    return {"mean": sum(values) / len(values) * 1e3,
-            **{f"p{q}": percentile(values, q) * 1e3 for q in (50, 90, 99)}}
+    return {"mean": sum(values) / len(values) * 1e3, **{f"p{q}": percentile(values, q) * 1e3 for q in (50, 90, 99)}}
 
 
 def summarize(results: list[RequestResult], duration_s: float) -> WorkloadSummary:
     ok = [r for r in results if r.ok]
     out = sum(r.output_tokens for r in ok)
     return WorkloadSummary(
-        requests=len(results), completed=len(ok), errors=len(results) - len(ok), duration_s=duration_s,
-        prompt_tokens=sum(r.prompt_tokens for r in ok), output_tokens=out,
+        requests=len(results),
+        completed=len(ok),
+        errors=len(results) - len(ok),
+        duration_s=duration_s,
+        prompt_tokens=sum(r.prompt_tokens for r in ok),
+        output_tokens=out,
         throughput_tok_s=out / duration_s if duration_s > 0 else 0.0,
         request_rate=len(ok) / duration_s if duration_s > 0 else 0.0,
         ttft_ms=_ms_stats([r.ttft_s for r in ok if r.ttft_s is not None]),
@@ -303,9 +324,15 @@ def summarize(results: list[RequestResult], duration_s: float) -> WorkloadSummar
     )
 
 
-async def run_workload(base_url: str, wl: WorkloadConfig, tokenizer, *, max_model_len: int | None = None,
-                       progress: Callable[[Progress], None] | None = None,
-                       corpus: str | None = None) -> tuple[list[RequestResult], WorkloadSummary]:
+async def run_workload(
+    base_url: str,
+    wl: WorkloadConfig,
+    tokenizer,
+    *,
+    max_model_len: int | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    corpus: str | None = None,
+) -> tuple[list[RequestResult], WorkloadSummary]:
     """Run the whole workload against a server; returns per-request results and the summary."""
     requests = iter_requests(wl, tokenizer, max_model_len, corpus)
     if wl.num_requests is not None:  # build every prompt up front, off the measured path

@@ -12,6 +12,7 @@ padded batch at DEBUG with an f-string, so numpy formats the whole array every s
 though DEBUG is off (the seeds' 7 ms of `logging.debug` formatting arrays).
 `--fixed` logs lazily instead, for comparison.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,7 @@ class TinyModel:
 
     def __init__(self, seed: int = 0):
         rng = np.random.default_rng(seed)
-        scale = HIDDEN ** -0.5
+        scale = HIDDEN**-0.5
         self.embed = rng.standard_normal((VOCAB, HIDDEN), dtype=np.float32) * scale
         self.layers = [rng.standard_normal((HIDDEN, HIDDEN), dtype=np.float32) * scale for _ in range(LAYERS)]
         self.lm_head = rng.standard_normal((HIDDEN, VOCAB), dtype=np.float32) * scale

@@ -14,6 +14,7 @@ Importing llmtrace imports neither torch, numpy nor textual. A process started w
 LLMTRACE_OUT set (by `llmtrace run/record` or by a parent that called configure) starts
 recording at import.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,22 @@ from .recorder import counter, instant, span
 from .steps import step, steps
 from .timed import record_span
 
-__all__ = ["span", "trace", "counter", "instant", "record_span", "step", "steps", "instrument", "uninstrument",
-           "configure", "enabled", "flush", "context", "shutdown"]
+__all__ = [
+    "span",
+    "trace",
+    "counter",
+    "instant",
+    "record_span",
+    "step",
+    "steps",
+    "instrument",
+    "uninstrument",
+    "configure",
+    "enabled",
+    "flush",
+    "context",
+    "shutdown",
+]
 __version__ = "0.1.0"
 
 ENV_OUT = "LLMTRACE_OUT"
@@ -58,9 +73,15 @@ def _default_process_name() -> str:
     return f"{argv0}-{os.getpid()}"
 
 
-def configure(enabled: bool = True, out: str | None = None, process_name: str | None = None,
-              sample_hz: float | None = None, gc: bool | None = None,
-              propagate: bool = True, resource: dict[str, object] | None = None) -> None:
+def configure(
+    enabled: bool = True,
+    out: str | None = None,
+    process_name: str | None = None,
+    sample_hz: float | None = None,
+    gc: bool | None = None,
+    propagate: bool = True,
+    resource: dict[str, object] | None = None,
+) -> None:
     """Turn recording on or off and choose where records go.
 
     out: run directory; records spool to OUT/spool/<pid>.lts. Without it, records stay
@@ -90,9 +111,11 @@ def configure(enabled: bool = True, out: str | None = None, process_name: str | 
         gc = os.environ.get(ENV_GC) == "1"
     if sample_hz > 0:
         from . import stack_sampler
+
         stack_sampler.start(1.0 / sample_hz)
     if gc:
         from . import gc_spans
+
         gc_spans.install()
     if propagate and out is not None:
         os.environ[ENV_OUT] = out
@@ -127,9 +150,11 @@ def _configure_from_env() -> None:
             instrument()
         if os.environ.get("LLMTRACE_VIZTRACER"):  # viztracer inside chosen stages (integrations/viztracer.py)
             from .integrations import viztracer
+
             viztracer.install_from_env()
         if os.environ.get("LLMTRACE_PYSPY"):  # py-spy samples this process tree (integrations/pyspy.py)
             from .integrations import pyspy
+
             pyspy.child_start()
 
 

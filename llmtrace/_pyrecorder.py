@@ -5,6 +5,7 @@ record layout; `recorder.py` picks the C one when it is built. Everything here r
 under the GIL: each thread appends to its own list, the flush thread drains a prefix
 of it (`del lst[:n]` is atomic), so the hot path takes no lock.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -123,9 +124,20 @@ def _append(rec: Record) -> None:
         buf.dropped += 1
 
 
-def emit(kind: int, name_id: int, stage_id: int, start: int, end: int, span_id: int = 0, parent_id: int = 0,
-         link_id: int = 0, step: int = -1, attrs: Mapping[str, object] | None = None, flags: int = 0,
-         tid: int = 0) -> None:
+def emit(
+    kind: int,
+    name_id: int,
+    stage_id: int,
+    start: int,
+    end: int,
+    span_id: int = 0,
+    parent_id: int = 0,
+    link_id: int = 0,
+    step: int = -1,
+    attrs: Mapping[str, object] | None = None,
+    flags: int = 0,
+    tid: int = 0,
+) -> None:
     """Append one raw record (device timing, generator wrappers, stack samples).
     tid=0 means the calling thread; the stack sampler passes the sampled thread's id."""
     vals: Sequence[int]
@@ -135,15 +147,45 @@ def emit(kind: int, name_id: int, stage_id: int, start: int, end: int, span_id: 
         flags |= f
     else:
         vals = keys = _NO_ATTRS
-    _append((start, end, span_id, parent_id, link_id, step, *vals, *keys, name_id, stage_id,
-             tid or threading.get_native_id(), kind, flags, 0))
+    _append(
+        (
+            start,
+            end,
+            span_id,
+            parent_id,
+            link_id,
+            step,
+            *vals,
+            *keys,
+            name_id,
+            stage_id,
+            tid or threading.get_native_id(),
+            kind,
+            flags,
+            0,
+        )
+    )
 
 
 class LiveSpan:
     """A timed region; use through `llmtrace.span(...)`."""
 
-    __slots__ = ("name_id", "stage_id", "step", "link", "attrs", "device", "t0", "has_t0", "span_id",
-                 "parent", "token", "dtok", "tid", "reported")
+    __slots__ = (
+        "name_id",
+        "stage_id",
+        "step",
+        "link",
+        "attrs",
+        "device",
+        "t0",
+        "has_t0",
+        "span_id",
+        "parent",
+        "token",
+        "dtok",
+        "tid",
+        "reported",
+    )
     # set by __enter__ (a span never entered is never exited with its id set)
     parent: int
     token: contextvars.Token[tuple[int, int]] | None
@@ -151,8 +193,16 @@ class LiveSpan:
     tid: int
     reported: bool
 
-    def __init__(self, name: str, stage: str | None = None, step: int = -1, follows: Carrier | None = None,
-                 device: bool = False, attrs: dict[str, object] | None = None, start_ns: int | None = None):
+    def __init__(
+        self,
+        name: str,
+        stage: str | None = None,
+        step: int = -1,
+        follows: Carrier | None = None,
+        device: bool = False,
+        attrs: dict[str, object] | None = None,
+        start_ns: int | None = None,
+    ):
         self.name_id = intern(name)
         self.stage_id = intern(stage if stage is not None else _stage_of(name))
         self.step, self.link, self.span_id = step, 0, 0
@@ -200,8 +250,9 @@ class LiveSpan:
             self.t0 = perf_counter_ns()
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> Literal[False]:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> Literal[False]:
         t1 = perf_counter_ns()
         if not self.span_id or self.token is None:
             return False
@@ -210,8 +261,19 @@ class LiveSpan:
         _current.reset(self.token)
         _open.pop(id(self), None)
         if not self.reported:
-            emit(SPAN, self.name_id, self.stage_id, self.t0, t1, self.span_id, self.parent, self.link, self.step,
-                 self.attrs, FLAG_EXCEPTION if et is not None else 0)
+            emit(
+                SPAN,
+                self.name_id,
+                self.stage_id,
+                self.t0,
+                t1,
+                self.span_id,
+                self.parent,
+                self.link,
+                self.step,
+                self.attrs,
+                FLAG_EXCEPTION if et is not None else 0,
+            )
         self.token = None
         return False
 
@@ -220,8 +282,16 @@ class LiveSpan:
         self.attrs = {**(self.attrs or {}), **attrs}
 
 
-def span(name: str, *, stage: str | None = None, step: int = -1, follows: Carrier | None = None, device: bool = False,
-         start_ns: int | None = None, **attrs: object) -> LiveSpan:
+def span(
+    name: str,
+    *,
+    stage: str | None = None,
+    step: int = -1,
+    follows: Carrier | None = None,
+    device: bool = False,
+    start_ns: int | None = None,
+    **attrs: object,
+) -> LiveSpan:
     return LiveSpan(name, stage, step, follows, device, attrs or None, start_ns)
 
 
@@ -229,15 +299,24 @@ def instant(name: str, *, step: int = -1, **attrs: object) -> None:
     if _enabled:
         t = perf_counter_ns()
         cur = _current.get()
-        emit(INSTANT, intern(name), intern(_stage_of(name)), t, t, 0, cur[0], 0,
-             cur[1] if step == -1 else step, attrs or None)
+        emit(
+            INSTANT,
+            intern(name),
+            intern(_stage_of(name)),
+            t,
+            t,
+            0,
+            cur[0],
+            0,
+            cur[1] if step == -1 else step,
+            attrs or None,
+        )
 
 
 def counter(name: str, value: float, **attrs: object) -> None:
     if _enabled:
         t = perf_counter_ns()
-        emit(COUNTER, intern(name), intern(_stage_of(name)), t, t, 0, 0, 0, -1,
-             {"value": float(value), **attrs})
+        emit(COUNTER, intern(name), intern(_stage_of(name)), t, t, 0, 0, 0, -1, {"value": float(value), **attrs})
 
 
 def traced(fn: Callable[..., R], name: str, stage: str) -> Callable[..., R]:
@@ -325,8 +404,20 @@ def close_open() -> int:
     t1, n = perf_counter_ns(), 0
     for s in list(_open.values()):
         if not s.reported:
-            emit(SPAN, s.name_id, s.stage_id, s.t0, t1, s.span_id, s.parent, s.link, s.step, s.attrs,
-                 FLAG_OPEN_AT_STOP, tid=s.tid)
+            emit(
+                SPAN,
+                s.name_id,
+                s.stage_id,
+                s.t0,
+                t1,
+                s.span_id,
+                s.parent,
+                s.link,
+                s.step,
+                s.attrs,
+                FLAG_OPEN_AT_STOP,
+                tid=s.tid,
+            )
             s.reported = True
             n += 1
     return n

@@ -20,6 +20,7 @@ process's header names the reference domain from then on (its own is kept as
 `recorded_clock_domain`), so a trace exported after alignment is not aligned again, and
 `llmtrace merge` of traces recorded on different hosts aligns them as one.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -52,11 +53,18 @@ def align(trace: Trace) -> list[dict] | None:
         for pid in pids:  # on the reference clock now: aligned once
             header = trace.processes[pid].header
             header["recorded_clock_domain"], header["clock_domain"] = d, ref
-        done.append({"domain": d, "processes": sorted(trace.processes[p].name for p in pids),
-                     "offset_ns": {trace.processes[p].name: trace.processes[p].header.get("clock_shift_ns", 0)
-                                   for p in pids},
-                     "uncertainty_ns": uncertainty, "round_trips": trips,
-                     "method": "round trips" if theta is not None else "Unix clocks only"})
+        done.append(
+            {
+                "domain": d,
+                "processes": sorted(trace.processes[p].name for p in pids),
+                "offset_ns": {
+                    trace.processes[p].name: trace.processes[p].header.get("clock_shift_ns", 0) for p in pids
+                },
+                "uncertainty_ns": uncertainty,
+                "round_trips": trips,
+                "method": "round trips" if theta is not None else "Unix clocks only",
+            }
+        )
     trace.meta[META_KEY] = {"reference": ref, "domains": done}
     trace.sort()
     return done

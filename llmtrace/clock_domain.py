@@ -11,6 +11,7 @@ the process named NAME at its spool's start writes every timestamp MONO ns later
 Unix clock WALL ns off (an imperfect NTP sync), in a domain of its own. Nothing else reads
 it: it only moves a test process's records, never a real one's.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ A process puts `current()` (a small tuple: trace id, span id, step) into its own
 messages; the receiver opens `llmtrace.span(..., follows=carrier)`, which records a
 link that the export draws as a Perfetto flow arrow from sender to receiver.
 """
+
 from __future__ import annotations
 
 import os

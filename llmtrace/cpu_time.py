@@ -12,6 +12,7 @@ meta (`CPU_KEY`: {"ns": when, "load1": the machine's 1-minute load, "threads": {
 [on_cpu_ns, runqueue_ns]}}); the analyzer interpolates them over step windows. Reading
 costs ~5 us per thread, 20 times a second. Elsewhere than Linux: nothing is recorded.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """`@llmtrace.trace`: spans around sync, async, generator and async-generator functions."""
+
 from __future__ import annotations
 
 import contextvars
@@ -28,8 +29,7 @@ def trace(fn: F, /) -> F: ...
 def trace(fn: str | None = None, /, name: str | None = None, *, stage: str | None = None) -> Callable[[F], F]: ...
 
 
-def trace(fn: F | str | None = None, /, name: str | None = None, *,
-          stage: str | None = None) -> F | Callable[[F], F]:
+def trace(fn: F | str | None = None, /, name: str | None = None, *, stage: str | None = None) -> F | Callable[[F], F]:
     """Decorate a function with a span.
 
     @trace                      name = qualified name, stage "user"
@@ -91,8 +91,19 @@ class _Lifetime:
 
     def finish(self) -> None:
         if self.span_id:
-            recorder.emit(SPAN, self.name_id, self.stage_id, self.t0, perf_counter_ns(), self.span_id,
-                          self.parent, 0, self.step, None, 1 if self.failed else 0)
+            recorder.emit(
+                SPAN,
+                self.name_id,
+                self.stage_id,
+                self.t0,
+                perf_counter_ns(),
+                self.span_id,
+                self.parent,
+                0,
+                self.step,
+                None,
+                1 if self.failed else 0,
+            )
 
 
 def _wrap_gen(fn: Callable[..., Generator[Any, Any, Any]], name: str, stage: str) -> Callable[..., Any]:

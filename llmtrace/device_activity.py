@@ -18,6 +18,7 @@ the union of a span's intervals is its busy time, and a `device.busy` instant pe
 carries it (parent: the span; attrs busy_ns, kernels, launches). Kineto stamps host events with the
 Unix clock; llmtrace's clock is CLOCK_MONOTONIC: the offset is read around the start.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,6 +47,7 @@ def window_from_env() -> int:
 @dataclass(slots=True)
 class ModelSpan:
     """A model span of the window: its host interval (llmtrace clock) and identity."""
+
     start_ns: int
     end_ns: int
     span_id: int
@@ -89,8 +91,11 @@ def busy_by_span(events, spans: list[ModelSpan], offset_ns: int) -> tuple[list[S
     correlation_id); a launch maps to the innermost span open at its host time. Returns the
     spans with any device work, and how many device records launched during the window had
     no span (device work outside the model spans)."""
-    launch_at = {e.correlation_id(): e.start_ns() - offset_ns for e in events
-                 if e.activity_type() in LAUNCH_KINDS and e.correlation_id()}
+    launch_at = {
+        e.correlation_id(): e.start_ns() - offset_ns
+        for e in events
+        if e.activity_type() in LAUNCH_KINDS and e.correlation_id()
+    }
     spans = sorted(spans, key=lambda s: s.start_ns)
     starts = [s.start_ns for s in spans]
     work: dict[int, list[tuple[int, int]]] = {}
@@ -163,8 +168,18 @@ class Window:
         name, stage = recorder.intern(names.I_DEVICE_BUSY), recorder.intern("device")
         t = time.perf_counter_ns()
         for b in found:
-            recorder.emit(INSTANT, name, stage, t, t, 0, b.span.span_id, 0, b.span.step,
-                          {names.A_BUSY_NS: b.busy_ns, names.A_KERNELS: b.kernels, names.A_LAUNCHES: b.launches})
+            recorder.emit(
+                INSTANT,
+                name,
+                stage,
+                t,
+                t,
+                0,
+                b.span.span_id,
+                0,
+                b.span.step,
+                {names.A_BUSY_NS: b.busy_ns, names.A_KERNELS: b.kernels, names.A_LAUNCHES: b.launches},
+            )
         if outside:
             recorder.counter(names.C_DEVICE_WORK_OUTSIDE, outside)
 

@@ -2,6 +2,7 @@
 
 A collection runs inside whatever the thread was doing, so the analyzer finds the
 pauses that land inside engine steps by their time."""
+
 from __future__ import annotations
 
 import gc
@@ -20,9 +21,18 @@ def _callback(phase: str, info: dict) -> None:
         _start_ns = perf_counter_ns()
     elif _start_ns and recorder.is_enabled():
         sid, step = recorder.current()
-        recorder.emit(SPAN, recorder.intern("gc"), recorder.intern("gc"), _start_ns, perf_counter_ns(),
-                      recorder.new_span_id(), sid, 0, step,
-                      {"generation": info.get("generation", -1), "collected": info.get("collected", 0)})
+        recorder.emit(
+            SPAN,
+            recorder.intern("gc"),
+            recorder.intern("gc"),
+            _start_ns,
+            perf_counter_ns(),
+            recorder.new_span_id(),
+            sid,
+            0,
+            step,
+            {"generation": info.get("generation", -1), "collected": info.get("collected", 0)},
+        )
         _start_ns = 0
 
 

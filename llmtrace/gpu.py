@@ -8,6 +8,7 @@ single synchronize, when timing is installed). torch is imported only by `instal
 With `LLMTRACE_DEVICE_ACTIVITY=N` the first N device spans also get their busy time from
 the GPU's kernel records (device_activity.py); their host intervals are kept for it.
 """
+
 from __future__ import annotations
 
 import sys

@@ -8,6 +8,7 @@
 
 Bad input raises `UserError` naming the file and the byte offset, never a traceback.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,11 @@ def load_trace(path: str) -> Trace:
 def truncation_warnings(trace: Trace) -> list[str]:
     """One line per spool file that ends early (a crash, or corruption from some batch on):
     which file, where, why; the batches before that point were read."""
-    return [f"warning: {p.source}: at byte {p.truncated_at}: {p.truncation_reason}; read what precedes it"
-            for p in trace.processes.values() if p.truncated_at is not None]
+    return [
+        f"warning: {p.source}: at byte {p.truncated_at}: {p.truncation_reason}; read what precedes it"
+        for p in trace.processes.values()
+        if p.truncated_at is not None
+    ]
 
 
 def _load_dir(path: str) -> Trace:

@@ -19,6 +19,7 @@ Processes: a pid of a foreign file that is an llmtrace process is that process (
 host, same time). Any other pid already used by an earlier input is renamed to a fresh
 one, and each foreign process without a name gets "<kind>: <file>".
 """
+
 from __future__ import annotations
 
 import itertools
@@ -68,8 +69,9 @@ def load_source(path: str) -> Source:
         base = doc["viztracer_metadata"].get("baseTimeNanoseconds")
         return Source(path, VIZTRACER, _event_list(doc, path), epoch_base_ns=base, shift_us=0.0)
     if torch_profiler.is_torch_trace(doc):
-        return Source(path, torch_profiler.KIND, torch_profiler.events(doc),
-                      epoch_base_ns=torch_profiler.epoch_base_ns(doc))
+        return Source(
+            path, torch_profiler.KIND, torch_profiler.events(doc), epoch_base_ns=torch_profiler.epoch_base_ns(doc)
+        )
     events = _event_list(doc, path)
     if any(e.get("cat") == pyspy.SOURCE for e in events[:50]):
         return _pyspy_source(path, events)
@@ -120,8 +122,10 @@ def merge_files(paths: list[str]) -> MergeResult:
     for s in traces[1:]:
         _join_trace(base, s.trace, used)
     for d in align(base) or []:  # recordings from other hosts: onto one clock
-        notes.append(f"{', '.join(d['processes'])}: another host's clock, aligned by {d['method']}"
-                     + (f" (+-{d['uncertainty_ns'] / 1e3:.0f} us)" if d["uncertainty_ns"] is not None else ""))
+        notes.append(
+            f"{', '.join(d['processes'])}: another host's clock, aligned by {d['method']}"
+            + (f" (+-{d['uncertainty_ns'] / 1e3:.0f} us)" if d["uncertainty_ns"] is not None else "")
+        )
     ref_epoch = _reference_epoch_offset(base, sources)
     foreign = [s for s in sources if s.trace is None and not s.skipped]
     for s in foreign:
@@ -234,6 +238,13 @@ def _moved_events(s: Source, known: set[int], used: set[int]) -> list[dict]:
     for old, new in sorted(rename.items()):
         if new not in named:
             suffix = f" (pid {old})" if old != new else ""
-            out.append({"ph": "M", "name": "process_name", "pid": new, "tid": 0,
-                        "args": {"name": f"{s.kind}: {label}{suffix}"}})
+            out.append(
+                {
+                    "ph": "M",
+                    "name": "process_name",
+                    "pid": new,
+                    "tid": 0,
+                    "args": {"name": f"{s.kind}: {label}{suffix}"},
+                }
+            )
     return out

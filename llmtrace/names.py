@@ -4,6 +4,7 @@ repeated across the boundary. docs/architecture.md describes them; this module o
 
 A span's stage is the first dotted part of its name (`tcp.send` -> `tcp`) unless given.
 """
+
 from __future__ import annotations
 
 from typing import Protocol

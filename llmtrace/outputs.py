@@ -1,6 +1,7 @@
 """What every recording command leaves in its run directory: trace.json (Perfetto),
 report.json and report.md, plus the printed summary. `llmtrace run` and `llmtrace record`
 both end here, so a run directory looks the same whoever made it."""
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,11 @@ def write_outputs(out: str, trace: Trace, failure: str | None = None, command: s
         report = build_report(trace)
     except Exception:  # noqa: BLE001 (an analyzer bug must not cost the recording)
         traceback.print_exc()
-        print(f"\nllmtrace {command}: the analysis failed on this trace (a bug in llmtrace: please report it "
-              f"with {out}/spool); the trace is kept: {out}/{TRACE_JSON}", file=sys.stderr)
+        print(
+            f"\nllmtrace {command}: the analysis failed on this trace (a bug in llmtrace: please report it "
+            f"with {out}/spool); the trace is kept: {out}/{TRACE_JSON}",
+            file=sys.stderr,
+        )
         return 1
     if failure:
         report["failure"] = failure

@@ -4,6 +4,7 @@ Both expose the same functions (see `_pyrecorder`, whose signatures are the type
 C module mirrors them, tests/test_recorder.py runs both) and write the same 112-byte
 records. Set LLMTRACE_PURE_PYTHON=1 to force the Python one (the tests run both).
 """
+
 import os
 from types import ModuleType
 from typing import TYPE_CHECKING

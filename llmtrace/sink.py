@@ -9,6 +9,7 @@ kernel, so a SIGKILLed process loses only the last few milliseconds. `mapped=Fal
 appends each batch with one write() every 50 ms (a kill loses up to 50 ms).
 benchmarks/crash_survival.py measures both.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -69,8 +70,8 @@ class _MappedFile:
         if end > self.size:
             self._grow(end + CHUNK)
         # The batch magic goes in last: a reader sees zeros (not there yet) or the whole batch.
-        self.mm[self.pos + 4:end] = memoryview(batch)[4:]
-        self.mm[self.pos:self.pos + 4] = batch[:4]
+        self.mm[self.pos + 4 : end] = memoryview(batch)[4:]
+        self.mm[self.pos : self.pos + 4] = batch[:4]
         self.pos = end
 
     def close(self) -> None:
@@ -84,8 +85,15 @@ def _thread_names() -> dict[str, str]:
 
 
 class Spooler:
-    def __init__(self, out_dir: str, process_name: str, trace_id: int, interval_s: float | None = None,
-                 extra_header: dict | None = None, mapped: bool = True):
+    def __init__(
+        self,
+        out_dir: str,
+        process_name: str,
+        trace_id: int,
+        interval_s: float | None = None,
+        extra_header: dict | None = None,
+        mapped: bool = True,
+    ):
         self.out_dir = out_dir
         self.process_name = process_name
         self.mapped = mapped
@@ -224,8 +232,9 @@ def set_resource(attrs: dict) -> None:
         _spooler.flush({"resource": dict(attrs)})
 
 
-def start(out_dir: str, process_name: str, trace_id: int,
-          extra_header: dict | None = None, mapped: bool = True) -> Spooler:
+def start(
+    out_dir: str, process_name: str, trace_id: int, extra_header: dict | None = None, mapped: bool = True
+) -> Spooler:
     global _spooler
     stop(final=False)
     _spooler = Spooler(out_dir, process_name, trace_id, extra_header=extra_header, mapped=mapped)
@@ -306,8 +315,7 @@ def _after_fork_in_child() -> None:
     _spooler = None
     _hooks_installed = False
     if parent is not None:
-        start(parent.out_dir, f"{parent.process_name}-child", int(parent.header["trace_id"], 16),
-              mapped=parent.mapped)
+        start(parent.out_dir, f"{parent.process_name}-child", int(parent.header["trace_id"], 16), mapped=parent.mapped)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -12,6 +12,7 @@ appends a batch with one write() call or copies it into a mapping of the file ma
 after a zero-filled (preallocated) tail. A crash leaves at most one unfinished batch at
 the end, and a mapped file a zero tail; readers stop there and report the offset.
 """
+
 from __future__ import annotations
 
 import json
@@ -122,8 +123,9 @@ def decode_batch(payload: memoryview, path: str = "<stream>", base: int = 0) -> 
         pos += 4
         meta = json.loads(bytes(payload[pos : pos + mlen])) if mlen else {}
         if not _meta_ok(meta):
-            raise SpoolError(path, base + pos, "batch meta is not an object of {tid: name} threads, "
-                                               "{tid: count} dropped")
+            raise SpoolError(
+                path, base + pos, "batch meta is not an object of {tid: name} threads, {tid: count} dropped"
+            )
         pos += mlen
         (n_rec,) = _U32.unpack_from(payload, pos)
         pos += 4
@@ -141,9 +143,13 @@ def _meta_ok(meta) -> bool:
     if not isinstance(meta, dict):
         return False
     threads, dropped = meta.get("threads", {}), meta.get("dropped", {})
-    return (isinstance(threads, dict) and isinstance(dropped, dict)
-            and all(k.isdigit() for k in (*threads, *dropped))
-            and all(isinstance(v, str) for v in threads.values()) and all(isinstance(v, int) for v in dropped.values()))
+    return (
+        isinstance(threads, dict)
+        and isinstance(dropped, dict)
+        and all(k.isdigit() for k in (*threads, *dropped))
+        and all(isinstance(v, str) for v in threads.values())
+        and all(isinstance(v, int) for v in dropped.values())
+    )
 
 
 def parse_header(data: memoryview, path: str) -> tuple[dict, int] | None:
@@ -161,8 +167,11 @@ def parse_header(data: memoryview, path: str) -> tuple[dict, int] | None:
         header = json.loads(bytes(data[_HDR.size : _HDR.size + hlen]))
     except ValueError as e:
         raise SpoolError(path, _HDR.size, f"malformed header JSON: {e}") from None
-    if not isinstance(header, dict) or not isinstance(header.get("pid", 0), int) \
-            or not isinstance(header.get("process_name", ""), str):
+    if (
+        not isinstance(header, dict)
+        or not isinstance(header.get("pid", 0), int)
+        or not isinstance(header.get("process_name", ""), str)
+    ):
         raise SpoolError(path, _HDR.size, "the header is not an object with an integer pid and a process_name")
     return header, _HDR.size + hlen
 

@@ -26,6 +26,7 @@ other in-process samplers on 3.11, cpython#99110 and its follow-ups). Seen here 
 engine agent killed while importing torch (faulthandler: this thread in `_labels_of`),
 about 4 times in ~150 recorded runs. An import's own time is then unsampled, never a step's.
 """
+
 from __future__ import annotations
 
 import importlib._bootstrap
@@ -103,8 +104,12 @@ class StackSampler:
         fresh, prefix = [], ()
         while frame is not None and len(fresh) < MAX_DEPTH:
             hit = prev.get(id(frame))
-            if (hit is not None and hit[0] is frame and hit[1] == frame.f_lasti
-                    and len(hit[2]) + len(fresh) <= MAX_DEPTH):
+            if (
+                hit is not None
+                and hit[0] is frame
+                and hit[1] == frame.f_lasti
+                and len(hit[2]) + len(fresh) <= MAX_DEPTH
+            ):
                 prefix = hit[2]
                 break
             fresh.append(frame)

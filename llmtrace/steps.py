@@ -9,6 +9,7 @@ A step is a span named `step` with the next step id of this process; the spans o
 inside it are its stages. `tokens` (output tokens of the step, default one per step in
 the report) can also be set later with `.set(tokens=n)` on the span `step()` returns.
 """
+
 from __future__ import annotations
 
 import itertools

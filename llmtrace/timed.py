@@ -5,6 +5,7 @@ first schedule; a frame's decoding, known once the frame says whom it follows) a
 instrumentation that wraps a call and records afterwards. Times are
 `time.perf_counter_ns()` values. Modelled on OpenTelemetry's explicit start/end times.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -13,9 +14,18 @@ from . import recorder
 from .spool_format import FLAG_EXCEPTION, SPAN
 
 
-def record_span(name: str, start_ns: int, end_ns: int, *, stage: str | None = None, step: int = -1,
-                parent: int | None = None, follows: Sequence[int] | None = None, failed: bool = False,
-                **attrs: object) -> int:
+def record_span(
+    name: str,
+    start_ns: int,
+    end_ns: int,
+    *,
+    stage: str | None = None,
+    step: int = -1,
+    parent: int | None = None,
+    follows: Sequence[int] | None = None,
+    failed: bool = False,
+    **attrs: object,
+) -> int:
     """Record a finished span; returns its id (0 while recording is off).
 
     parent: the enclosing span's id (default: the current span of this thread or task);
@@ -34,6 +44,17 @@ def record_span(name: str, start_ns: int, end_ns: int, *, stage: str | None = No
         if step == -1:
             step = cur_step
     sid = recorder.new_span_id()
-    recorder.emit(SPAN, recorder.intern(name), recorder.intern(stage or name.split(".", 1)[0]), int(start_ns),
-                  int(end_ns), sid, parent, link, step, attrs or None, FLAG_EXCEPTION if failed else 0)
+    recorder.emit(
+        SPAN,
+        recorder.intern(name),
+        recorder.intern(stage or name.split(".", 1)[0]),
+        int(start_ns),
+        int(end_ns),
+        sid,
+        parent,
+        link,
+        step,
+        attrs or None,
+        FLAG_EXCEPTION if failed else 0,
+    )
     return sid

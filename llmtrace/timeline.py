@@ -3,6 +3,7 @@
 Times are host CLOCK_MONOTONIC nanoseconds (shared by all processes of a host). A span
 with device timing carries `device_start_ns`/`device_end_ns` on the same clock.
 """
+
 from __future__ import annotations
 
 import glob
@@ -201,8 +202,28 @@ class RecordDecoder:
             proc.cpu.append(b.meta[CPU_KEY])
         by_id, device = self._by_id, self._device
         for r in RECORD.iter_unpack(b.records):
-            (start, end, span_id, parent, link, step, a0, a1, a2, a3, k0, k1, k2, k3,
-             name_id, stage_id, tid, kind, flags, _) = r
+            (
+                start,
+                end,
+                span_id,
+                parent,
+                link,
+                step,
+                a0,
+                a1,
+                a2,
+                a3,
+                k0,
+                k1,
+                k2,
+                k3,
+                name_id,
+                stage_id,
+                tid,
+                kind,
+                flags,
+                _,
+            ) = r
             if kind == DEVICE:
                 s = by_id.get(span_id)
                 if s is None:
@@ -250,8 +271,14 @@ def load_spool_file(path: str, trace: Trace) -> Process:
     """Add one process's spool file to `trace`."""
     sf = read_spool(path)
     h = sf.header
-    proc = Process(int(h.get("pid", 0)), h.get("process_name", str(h.get("pid", 0))), h,
-                   truncated_at=sf.truncated_at, truncation_reason=sf.truncation_reason, source=path)
+    proc = Process(
+        int(h.get("pid", 0)),
+        h.get("process_name", str(h.get("pid", 0))),
+        h,
+        truncated_at=sf.truncated_at,
+        truncation_reason=sf.truncation_reason,
+        source=path,
+    )
     decoder = RecordDecoder(proc)
     for b in sf.batches:
         decoder.add(b, trace)

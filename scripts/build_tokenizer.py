@@ -6,6 +6,7 @@ Deterministic (one thread, no sampling of the input), so rerunning reproduces th
 committed engine/assets/tokenizer.model byte for byte. Llama-style settings: byte
 fallback (any text round-trips), digits split, no normalisation, bos=1, eos=2, unk=0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,12 +23,26 @@ def train(corpus: Path, out: Path, vocab_size: int) -> None:
     model = io.BytesIO()
     with corpus.open(encoding="utf-8") as lines:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=(line.rstrip("\n") for line in lines), model_writer=model, vocab_size=vocab_size,
+            sentence_iterator=(line.rstrip("\n") for line in lines),
+            model_writer=model,
+            vocab_size=vocab_size,
             model_type="bpe",
-            character_coverage=1.0, byte_fallback=True, split_digits=True,
-            max_sentencepiece_length=16, normalization_rule_name="identity", remove_extra_whitespaces=False,
-            add_dummy_prefix=True, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2,
+            character_coverage=1.0,
+            byte_fallback=True,
+            split_digits=True,
+            max_sentencepiece_length=16,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=True,
+            allow_whitespace_only_pieces=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            num_threads=1,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            minloglevel=2,
         )
     out.write_bytes(model.getvalue())
 

@@ -9,6 +9,7 @@ version found (python3.10 ... python3.14 on PATH or under pyenv), not just this 
 
     python scripts/check_recorder_memory.py [--seconds S] [--no-asan]   # prints a table; exit 1 on a failure
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,13 @@ def interpreters() -> list[str]:
 
 def _version(exe: str) -> tuple[int, int] | None:
     try:
-        out = subprocess.run([exe, "-c", "import sys; print(*sys.version_info[:2])"], capture_output=True,
-                             text=True, timeout=30, check=True).stdout.split()
+        out = subprocess.run(
+            [exe, "-c", "import sys; print(*sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.split()
     except (OSError, subprocess.SubprocessError):
         return None
     return int(out[0]), int(out[1])
@@ -58,14 +64,32 @@ def asan_runtime() -> str | None:
 
 def build(exe: str, dest: str, asan: bool) -> str:
     """A copy of the llmtrace package under dest with _fastspan built for exe; returns dest."""
-    shutil.copytree(os.path.join(ROOT, "llmtrace"), os.path.join(dest, "llmtrace"),
-                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    shutil.copytree(
+        os.path.join(ROOT, "llmtrace"),
+        os.path.join(dest, "llmtrace"),
+        ignore=shutil.ignore_patterns("*.so", "__pycache__"),
+    )
     include, suffix = subprocess.run(
         [exe, "-c", "import sysconfig as s; print(s.get_paths()['include']); print(s.get_config_var('EXT_SUFFIX'))"],
-        capture_output=True, text=True, check=True).stdout.split()
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     flags = ["-g", "-O1", "-fno-omit-frame-pointer", "-fsanitize=address"] if asan else ["-O2"]
-    subprocess.run(["gcc", "-shared", "-fPIC", *flags, f"-I{include}", SOURCE, "-o",
-                    os.path.join(dest, "llmtrace", f"_fastspan{suffix}")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "gcc",
+            "-shared",
+            "-fPIC",
+            *flags,
+            f"-I{include}",
+            SOURCE,
+            "-o",
+            os.path.join(dest, "llmtrace", f"_fastspan{suffix}"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return dest
 
 

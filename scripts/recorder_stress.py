@@ -11,6 +11,7 @@ tests/test_recorder_memory.py and scripts/check_recorder_memory.sh do.
 
     python scripts/recorder_stress.py [seconds]      # prints "ok <steps> <device spans>"
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -7,6 +7,7 @@ stage's host duration, the device times, transport latency, nested spans (antipa
 fingerprints) and the step's gap are parameters, so a test knows the exact cost it
 injected. `record_pipeline` records a real (not synthetic) trace of a small pipeline.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -22,8 +23,16 @@ MASTER_PID, AGENT_PID = 1000, 2000
 MASTER_BEFORE = {"schedule": 0.3, "shm.write": 0.1, "tcp.send": 0.05}
 MASTER_AFTER = {"tcp.recv": 0.05, "shm.read": 0.05, "postprocess": 0.3, "detokenize": 0.2, "stream.write": 0.1}
 MASTER_OUTPUT = ("detokenize", "stream.write")  # what the engine defers into the next step's agent.wait
-AGENT_STAGES = {"tcp.recv": 0.05, "shm.read": 0.05, "preprocess": 0.5, "forward": 0.2, "sampling": 0.1,
-                "sync.wait": 0.0, "shm.write": 0.05, "tcp.send": 0.05}
+AGENT_STAGES = {
+    "tcp.recv": 0.05,
+    "shm.read": 0.05,
+    "preprocess": 0.5,
+    "forward": 0.2,
+    "sampling": 0.1,
+    "sync.wait": 0.0,
+    "shm.write": 0.05,
+    "tcp.send": 0.05,
+}
 DEVICE = {"forward": 20.0, "sampling": 0.5}
 LAUNCH_DELAY_MS = 0.01
 IDLE_BETWEEN_STEPS_MS = 0.1
@@ -37,8 +46,14 @@ class EngineTraceBuilder:
     """gpu: forward/sampling run on a device, sync.wait blocks until it is done.
     device_timing: forward/sampling carry CUDA-event device times (False = host-timed GPU)."""
 
-    def __init__(self, gpu: bool = True, device_timing: bool = True, span_cost_ns: float = 300.0,
-                 max_num_seqs: int | None = None, kv_blocks_total: int | None = None):
+    def __init__(
+        self,
+        gpu: bool = True,
+        device_timing: bool = True,
+        span_cost_ns: float = 300.0,
+        max_num_seqs: int | None = None,
+        kv_blocks_total: int | None = None,
+    ):
         self.gpu, self.device_timing = gpu, gpu and device_timing
         self.trace = Trace()
         self._seq: dict[int, itertools.count] = {}
@@ -58,8 +73,19 @@ class EngineTraceBuilder:
 
     def span(self, pid, name, start, end, parent=None, step=-1, attrs=None, stage=None, device=None) -> Span:
         sid = (pid << 40) | next(self._seq[pid])
-        s = Span(name, stage or name.split(".", 1)[0], pid, pid, start, end, sid,
-                 parent.span_id if parent else 0, 0, step, dict(attrs or {}))
+        s = Span(
+            name,
+            stage or name.split(".", 1)[0],
+            pid,
+            pid,
+            start,
+            end,
+            sid,
+            parent.span_id if parent else 0,
+            0,
+            step,
+            dict(attrs or {}),
+        )
         if device is not None:
             s.device_start_ns, s.device_end_ns = device
         self.trace.spans.append(s)
@@ -69,15 +95,30 @@ class EngineTraceBuilder:
         self.trace.counters.append(CounterSample(name, MASTER_PID, self.t if ts is None else ts, float(value)))
 
     def instant(self, name, ts=None, step=-1, pid=MASTER_PID, **attrs):
-        self.trace.instants.append(Instant(name, name.split(".", 1)[0], pid, pid,
-                                           self.t if ts is None else ts, step, 0, attrs))
+        self.trace.instants.append(
+            Instant(name, name.split(".", 1)[0], pid, pid, self.t if ts is None else ts, step, 0, attrs)
+        )
 
     # -- one engine step ---------------------------------------------------------------
-    def step(self, batch: int = 8, prefill: bool = False, *, master: dict | None = None,
-             agent: dict | None = None, device: dict | None = None, nested: dict | None = None,
-             transport_ms: float = 0.05, reply_ms: float = 0.05, gap_ms: float = 0.0,
-             waiting: int = 0, kv_used: int | None = None, agent_order: list[str] | None = None,
-             attrs: dict | None = None, span_attrs: dict | None = None, output_in_wait: bool = False) -> int:
+    def step(
+        self,
+        batch: int = 8,
+        prefill: bool = False,
+        *,
+        master: dict | None = None,
+        agent: dict | None = None,
+        device: dict | None = None,
+        nested: dict | None = None,
+        transport_ms: float = 0.05,
+        reply_ms: float = 0.05,
+        gap_ms: float = 0.0,
+        waiting: int = 0,
+        kv_used: int | None = None,
+        agent_order: list[str] | None = None,
+        attrs: dict | None = None,
+        span_attrs: dict | None = None,
+        output_in_wait: bool = False,
+    ) -> int:
         """Append one step; returns its step id.
 
         master/agent: host ms per stage overriding the defaults; device: device ms of
@@ -101,8 +142,14 @@ class EngineTraceBuilder:
         m_after = {**MASTER_AFTER, **{k: v for k, v in (master or {}).items() if k not in MASTER_BEFORE}}
         a_stages = {**AGENT_STAGES, **(agent or {})}
         dev = {**DEVICE, **(device or {})}
-        root = self.span(MASTER_PID, "master.step", self.t, 0, step=step,
-                         attrs={"batch": batch, "tokens": batch, "prefill": int(prefill), **(attrs or {})})
+        root = self.span(
+            MASTER_PID,
+            "master.step",
+            self.t,
+            0,
+            step=step,
+            attrs={"batch": batch, "tokens": batch, "prefill": int(prefill), **(attrs or {})},
+        )
         t = self._stages(MASTER_PID, root, m_before, self.t, step, nested, skip=set(AGENT_STAGES))
         wait = self.span(MASTER_PID, "agent.wait", t, 0, root, step)
         busy_until = t
@@ -118,8 +165,9 @@ class EngineTraceBuilder:
 
     def _stages(self, pid, parent, stages, t, step, nested, skip=()):
         for name, ms in stages.items():
-            t = self._stage(pid, parent, name, ms, t, step, [] if name in skip and pid == MASTER_PID
-                            else nested.get(name, ()))
+            t = self._stage(
+                pid, parent, name, ms, t, step, [] if name in skip and pid == MASTER_PID else nested.get(name, ())
+            )
         return t
 
     def _stage(self, pid, parent, name, ms, t, step, nested_spans, device=None, attrs=None):
@@ -183,8 +231,9 @@ def _render_tokens(seconds: float) -> None:
         pass
 
 
-def record_pipeline(out, steps: int = 50, inject_s: float = 0.0005, helper_s: float = 0.0,
-                    sample_hz: float = 0.0) -> int:
+def record_pipeline(
+    out, steps: int = 50, inject_s: float = 0.0005, helper_s: float = 0.0, sample_hz: float = 0.0
+) -> int:
     """Record a REAL trace, in this process, of a small generic pipeline (llmtrace spans, one
     step per token) with `time.sleep(inject_s)` inside `postprocess` (plus `helper_s` in a
     helper function with no span, for the stack sampler); returns the ns slept in both."""

@@ -1,5 +1,6 @@
 """The antipattern switches are faithful: slower, never wrong. Greedy tokens match the
 clean engine, and what the engine records (d2h_bytes, no sync span) changes as it would."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,8 +58,7 @@ def test_host_sampling_reports_the_full_logits_copy(tmp_path):
 
 
 def test_host_timed_forward_drops_the_sync_span(tmp_path):
-    runner = make_runner(TINY, block_size=16, num_blocks=64,
-                         antipatterns=AntipatternsConfig(host_timed_forward=True))
+    runner = make_runner(TINY, block_size=16, num_blocks=64, antipatterns=AntipatternsConfig(host_timed_forward=True))
     llmtrace.configure(out=str(tmp_path), process_name="agent-0", propagate=False)
     try:
         _generate(runner, steps=2)

@@ -2,6 +2,7 @@
 file and the byte offset, exit code 2, no traceback; a spool file that is whole up to some
 batch (cut short by a crash, or a checksum mismatch in the middle) is read up to there,
 with a warning that says which batch and where."""
+
 from __future__ import annotations
 
 import os
@@ -81,9 +82,10 @@ def _steps(run_dir: str) -> int:
 
 # ---- spool files whole up to some batch: read up to there, with a warning ---------------------------
 
+
 def test_truncated_spool_is_read_up_to_its_last_whole_batch(tmp_path, capsys, good_run):
     last = _batch_offsets(good_run)[-1]
-    run, path = _run_dir(tmp_path, good_run[:len(good_run) - 100])
+    run, path = _run_dir(tmp_path, good_run[: len(good_run) - 100])
     rc, out, err = _cli(capsys, "analyze", run)
     assert rc == 0 and f"warning: {path}: at byte {last}: batch {BATCHES}: batch of" in err
     assert _steps(run) == (BATCHES - 1) * STEPS_PER_BATCH
@@ -103,8 +105,9 @@ def test_bit_flip_mid_file_keeps_the_batches_before_it_and_names_the_batch(tmp_p
 
 # ---- files that cannot be read: exit 2 naming the file and the offset ---------------------------------
 
+
 def _bad_meta_batch(good: bytes) -> bytes:
-    head = good[:_batch_offsets(good)[0]]
+    head = good[: _batch_offsets(good)[0]]
     return head + encode_batch([], {"threads": ["not", "a", "map"]}, b"", 0)
 
 
@@ -112,10 +115,16 @@ SPOOL_CASES = {
     "empty": (lambda good: b"", 0, "file is 0 bytes, too short for a spool header"),
     "random bytes": (lambda good: random.Random(1).randbytes(4000), 0, "not an llmtrace spool file"),
     "header cut": (lambda good: good[:30], 0, "too short for a spool header"),
-    "header a JSON list": (lambda good: struct.pack("<8sHHI", b"LLMTRACE", 1, 0, 9) + b"[1, 2, 3]", 16,
-                           "the header is not an object"),
-    "header not JSON": (lambda good: struct.pack("<8sHHI", b"LLMTRACE", 1, 0, 5) + b"{pid:", 16,
-                        "malformed header JSON"),
+    "header a JSON list": (
+        lambda good: struct.pack("<8sHHI", b"LLMTRACE", 1, 0, 9) + b"[1, 2, 3]",
+        16,
+        "the header is not an object",
+    ),
+    "header not JSON": (
+        lambda good: struct.pack("<8sHHI", b"LLMTRACE", 1, 0, 5) + b"{pid:",
+        16,
+        "malformed header JSON",
+    ),
     "other version": (lambda good: good[:8] + struct.pack("<H", 7) + good[10:], 8, "spool version 7"),
     "batch meta a list": (_bad_meta_batch, None, "batch meta is not an object"),
 }
@@ -126,8 +135,7 @@ def test_unreadable_spool_file_is_exit_2_naming_file_and_offset(tmp_path, capsys
     make, offset, what = SPOOL_CASES[case]
     run, path = _run_dir(tmp_path, make(good_run))
     where = f"{path}: at byte {offset}: " if offset is not None else f"{path}: at byte "
-    for argv in (["analyze", run], ["export", run, "-o", str(tmp_path / "t.json")], ["tui", run],
-                 ["analyze", path]):
+    for argv in (["analyze", run], ["export", run, "-o", str(tmp_path / "t.json")], ["tui", run], ["analyze", path]):
         rc, _, err = _cli(capsys, *argv)
         assert rc == 2 and f"llmtrace {argv[0]}: error: " in err and where in err and what in err, (argv, err)
     assert not (tmp_path / "t.json").exists()
@@ -152,13 +160,17 @@ def test_unreadable_trace_json_is_exit_2_naming_the_file(tmp_path, capsys, good_
     if case == "cut export":
         data = _export(tmp_path, good_run)
         capsys.readouterr()
-        data, what = data[:len(data) // 2], f"at byte {len(data) // 2}: malformed JSON"
+        data, what = data[: len(data) // 2], f"at byte {len(data) // 2}: malformed JSON"
     else:
         data, what = JSON_CASES[case]
     path = tmp_path / "trace.json"
     path.write_bytes(data)
-    for argv in (["analyze", str(path)], ["export", str(path), "-o", str(tmp_path / "t.json")], ["tui", str(path)],
-                 ["merge", str(path), "-o", str(tmp_path / "m.json")]):
+    for argv in (
+        ["analyze", str(path)],
+        ["export", str(path), "-o", str(tmp_path / "t.json")],
+        ["tui", str(path)],
+        ["merge", str(path), "-o", str(tmp_path / "m.json")],
+    ):
         rc, _, err = _cli(capsys, *argv)
         assert rc == 2 and f"{path.name}: " in err and what in err, (argv, err)
 

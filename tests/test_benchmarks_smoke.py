@@ -1,6 +1,7 @@
 """benchmarks/engine_throughput.py end to end at the smallest sizes, so it cannot rot
 unnoticed: the engine (`llmtrace serve` + agent, traced and untraced) and both transformers
 paths produce every requested token, the trace yields a step breakdown, the tables print."""
+
 from __future__ import annotations
 
 import importlib.util

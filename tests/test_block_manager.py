@@ -1,4 +1,5 @@
 """BlockManager: allocation, growth, freeing, invariants (property test) and slot mapping."""
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -76,8 +77,11 @@ def test_freeing_someone_elses_block_is_refused():
         bm.free(b)
 
 
-@given(table=st.lists(st.integers(0, 50), min_size=1, max_size=8, unique=True),
-       block_size=st.sampled_from([1, 8, 16]), data=st.data())
+@given(
+    table=st.lists(st.integers(0, 50), min_size=1, max_size=8, unique=True),
+    block_size=st.sampled_from([1, 8, 16]),
+    data=st.data(),
+)
 @settings(max_examples=200, deadline=None)
 def test_slot_mapping_matches_the_formula(table, block_size, data):
     capacity = len(table) * block_size

@@ -1,4 +1,5 @@
 """The per-step / per-token breakdown and the serving metrics."""
+
 import time
 
 import pytest
@@ -42,8 +43,11 @@ def test_gpu_model_is_device_time_and_agent_wait_is_replaced():
 
 def test_cpu_model_is_host_time_less_host_side_nested_work():
     b = EngineTraceBuilder(gpu=False)
-    b.steps(10, device={"forward": 10.0, "sampling": 1.0},
-            nested={"sampling": [("sampling.host", 2.0, {}), ("logging.debug", 0.5, {})]})
+    b.steps(
+        10,
+        device={"forward": 10.0, "sampling": 1.0},
+        nested={"sampling": [("sampling.host", 2.0, {}), ("logging.debug", 0.5, {})]},
+    )
     ctx = Analysis(b.build())
     _sums_to_wall(ctx)
     sc = ctx.steps[0]

@@ -1,6 +1,7 @@
 """Processes on other hosts' clocks (llmtrace/clock_align.py): a test clock makes one process
 look like another host (its monotonic clock 5 s ahead, its Unix clock 3 ms off); loading
 the trace puts it back on the reference clock from the messages' round trips."""
+
 from __future__ import annotations
 
 import json
@@ -31,13 +32,24 @@ def _two_hosts(theta: int, coarse_error: int, steps: int = 40) -> Trace:
         wire = (30 + (k * 7) % 50) * US
         msg = {names.A_MSG: k}
         send = Span(names.TCP + ".send", names.TCP, 1, 1, now, now + 20 * US, next(ids), step=k, attrs=msg)
-        recv = Span(names.TCP + ".recv", names.TCP, 2, 2, now + wire + theta, now + wire + 10 * US + theta,
-                    next(ids), step=k + 1, attrs=msg)  # step ids need not agree: the message id does
+        recv = Span(
+            names.TCP + ".recv",
+            names.TCP,
+            2,
+            2,
+            now + wire + theta,
+            now + wire + 10 * US + theta,
+            next(ids),
+            step=k + 1,
+            attrs=msg,
+        )  # step ids need not agree: the message id does
         back = now + 2_000 * US
-        reply = Span(names.TCP + ".send", names.TCP, 2, 2, back + theta, back + 20 * US + theta, next(ids), step=k,
-                     attrs=msg)
-        got = Span(names.TCP + ".recv", names.TCP, 1, 1, back - 500 * US, back + wire + 5 * US, next(ids), step=k,
-                   attrs=msg)
+        reply = Span(
+            names.TCP + ".send", names.TCP, 2, 2, back + theta, back + 20 * US + theta, next(ids), step=k, attrs=msg
+        )
+        got = Span(
+            names.TCP + ".recv", names.TCP, 1, 1, back - 500 * US, back + wire + 5 * US, next(ids), step=k, attrs=msg
+        )
         t.spans += [send, recv, reply, got]
         now += 5_000 * US
     t.sort()
@@ -76,8 +88,9 @@ def test_without_replies_only_the_unix_clocks_align():
     assert done["method"] == "Unix clocks only" and done["offset_ns"]["agent"] == -MONO + WALL
 
 
-@pytest.mark.parametrize("spec, expect", [("agent-0=5,7", (5, 7)), ("agent-0=5", (5, 0)), ("master=5", (0, 0)),
-                                          ("", (0, 0))])
+@pytest.mark.parametrize(
+    "spec, expect", [("agent-0=5,7", (5, 7)), ("agent-0=5", (5, 0)), ("master=5", (0, 0)), ("", (0, 0))]
+)
 def test_the_test_clock_applies_to_the_named_process_only(monkeypatch, spec, expect):
     monkeypatch.setenv(ENV_TEST_CLOCK, spec)
     assert injected_skew("agent-0") == expect
@@ -89,10 +102,28 @@ def test_an_engine_agent_on_another_clock_is_aligned_within_its_uncertainty(tmp_
     clocks' alignment (WALL off)."""
     out = tmp_path / "run"
     env = {**os.environ, ENV_TEST_CLOCK: f"agent-0={MONO},{WALL}"}
-    r = subprocess.run([sys.executable, "-m", "llmtrace.cli", "run", "--config", "examples/quickstart.yaml",
-                        "--out", str(out), "--set", "workload.num_requests=6", "--set", "workload.concurrency=3",
-                        "--set", "workload.output_len={dist: fixed, value: 16}"],
-                       capture_output=True, text=True, timeout=240, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmtrace.cli",
+            "run",
+            "--config",
+            "examples/quickstart.yaml",
+            "--out",
+            str(out),
+            "--set",
+            "workload.num_requests=6",
+            "--set",
+            "workload.concurrency=3",
+            "--set",
+            "workload.output_len={dist: fixed, value: 16}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     trace = load_trace(str(out))
     (done,) = trace.meta[META_KEY]["domains"]

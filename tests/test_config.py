@@ -1,4 +1,5 @@
 """The run config loader: defaults, round trip, overrides, and errors that name the key."""
+
 from pathlib import Path
 
 import pytest
@@ -63,9 +64,17 @@ def test_examples_load(path):
 
 
 def test_overrides_are_yaml_parsed():
-    cfg = load_config({"engine": {"block_size": 8}}, [
-        "engine.block_size=32", "workload.input_len.value=7", "trace.viztracer.steps=3",
-        "antipatterns.host_sampling=true", "model.dtype=bfloat16", "trace.out=null"])
+    cfg = load_config(
+        {"engine": {"block_size": 8}},
+        [
+            "engine.block_size=32",
+            "workload.input_len.value=7",
+            "trace.viztracer.steps=3",
+            "antipatterns.host_sampling=true",
+            "model.dtype=bfloat16",
+            "trace.out=null",
+        ],
+    )
     assert cfg.engine.block_size == 32
     assert cfg.workload.input_len.value == 7
     assert cfg.trace.viztracer.steps == 3 and cfg.trace.viztracer.stages == ("preprocess", "sampling", "postprocess")
@@ -78,53 +87,83 @@ def test_overrides_do_not_touch_the_callers_dict():
     assert data == {"engine": {"block_size": 8}}
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"engine": {"block_size": 17}}, "engine.block_size: 17 is not allowed; use one of 8, 16, 32"),
-    ({"workload": {"arival": "closed"}},
-     "workload.arival: unknown key (did you mean arrival?); allowed keys: arrival, concurrency, duration_s,"),
-    ({"egnine": {}}, "egnine: unknown key (did you mean engine?); allowed keys: antipatterns, engine, model,"),
-    ({"model": {"dtype": "fp8"}}, "model.dtype: 'fp8' is not allowed; use one of auto, float32, bfloat16, float16"),
-    ({"model": {"preset": "gpt5"}}, "model.preset: 'gpt5' is not allowed; use one of tiny, llama2-7b, llama3-8b"),
-    ({"engine": {"max_num_seqs": 0}}, "engine.max_num_seqs: 0 is not allowed; use a value at least 1"),
-    ({"engine": {"max_num_seqs": "many"}}, "engine.max_num_seqs: 'many' is not allowed; expected an integer"),
-    ({"engine": {"max_num_seqs": True}}, "engine.max_num_seqs: True is not allowed; expected an integer"),
-    ({"engine": {"port": 70000}}, "engine.port: 70000 is not allowed; use a value at most 65535"),
-    ({"engine": {"cuda_graphs": "yes please"}},
-     "engine.cuda_graphs: 'yes please' is not allowed; expected true or false"),
-    ({"engine": {"num_blocks": -4}}, "engine.num_blocks: -4 is not allowed; use a value at least 1"),
-    ({"engine": {"max_batched_tokens": 512}},
-     "engine.max_batched_tokens: 512 is smaller than engine.max_model_len (2048)"),
-    ({"engine": {"max_model_len": 16, "max_batched_tokens": 16}},
-     "engine.max_batched_tokens: 16 is smaller than engine.max_num_seqs (32)"),
-    ({"engine": {"num_blocks": 100, "block_size": 8}},
-     "engine.num_blocks: 100 blocks of 8 tokens cannot hold one sequence of engine.max_model_len (2048) tokens; "
-     "use at least 256"),
-    ({"engine": 5}, "engine: 5 is not allowed; expected a mapping with keys agents, async_scheduling, block_size,"),
-    ({"workload": {"rate": 0}}, "workload.rate: 0.0 is not allowed; use a value greater than 0"),
-    ({"workload": {"rate": float("nan")}}, "workload.rate: nan is not allowed; expected a finite number"),
-    ({"workload": {"arrival": "poisson"}}, "workload.rate: missing; arrival poisson needs rate"),
-    ({"workload": {"num_requests": 5, "duration_s": 2}}, "workload.duration_s: give either num_requests or duration_s"),
-    ({"workload": {"input_len": {"dist": "zipf"}}},
-     "workload.input_len.dist: 'zipf' is not allowed; use one of fixed, uniform, normal"),
-    ({"workload": {"input_len": {"dist": "uniform", "min": 5}}},
-     "workload.input_len.max: missing; dist uniform needs min and max"),
-    ({"workload": {"output_len": {"dist": "fixed", "value": 5, "std": 2}}},
-     "workload.output_len.std: not used by dist fixed; it takes value"),
-    ({"workload": {"input_len": {"dist": "uniform", "min": 50, "max": 10}}},
-     "workload.input_len.max: 10 is smaller than min (50)"),
-    ({"workload": {"input_len": {"dist": "fixed", "value": 4000}}},
-     "workload.input_len: prompts up to 4000 tokens do not fit engine.max_model_len (2048)"),
-    ({"workload": {"input_len": "long"}}, "workload.input_len: 'long' is not allowed; expected a mapping"),
-    ({"trace": {"detail": "verbose"}}, "trace.detail: 'verbose' is not allowed; use one of basic, full"),
-    ({"trace": {"viztracer": {"stages": "forward"}}},
-     "trace.viztracer.stages: 'forward' is not allowed; expected a list"),
-    ({"trace": {"viztracer": {"stages": ["forward", 3]}}},
-     "trace.viztracer.stages[1]: 3 is not allowed; expected a string"),
-    ({"trace": {"py_spy": {"rat": 100}}}, "trace.py_spy.rat: unknown key (did you mean rate?); allowed keys: rate"),
-    ({"antipatterns": {"gc_churning": True}}, "antipatterns.gc_churning: unknown key (did you mean gc_churn?)"),
-    ({"antipatterns": {"gc_churn": 1}}, "antipatterns.gc_churn: 1 is not allowed; expected true or false"),
-    ({"model": {"path": "/nonexistent/ckpt"}}, "model.path: '/nonexistent/ckpt' is not a directory"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"engine": {"block_size": 17}}, "engine.block_size: 17 is not allowed; use one of 8, 16, 32"),
+        (
+            {"workload": {"arival": "closed"}},
+            "workload.arival: unknown key (did you mean arrival?); allowed keys: arrival, concurrency, duration_s,",
+        ),
+        ({"egnine": {}}, "egnine: unknown key (did you mean engine?); allowed keys: antipatterns, engine, model,"),
+        ({"model": {"dtype": "fp8"}}, "model.dtype: 'fp8' is not allowed; use one of auto, float32, bfloat16, float16"),
+        ({"model": {"preset": "gpt5"}}, "model.preset: 'gpt5' is not allowed; use one of tiny, llama2-7b, llama3-8b"),
+        ({"engine": {"max_num_seqs": 0}}, "engine.max_num_seqs: 0 is not allowed; use a value at least 1"),
+        ({"engine": {"max_num_seqs": "many"}}, "engine.max_num_seqs: 'many' is not allowed; expected an integer"),
+        ({"engine": {"max_num_seqs": True}}, "engine.max_num_seqs: True is not allowed; expected an integer"),
+        ({"engine": {"port": 70000}}, "engine.port: 70000 is not allowed; use a value at most 65535"),
+        (
+            {"engine": {"cuda_graphs": "yes please"}},
+            "engine.cuda_graphs: 'yes please' is not allowed; expected true or false",
+        ),
+        ({"engine": {"num_blocks": -4}}, "engine.num_blocks: -4 is not allowed; use a value at least 1"),
+        (
+            {"engine": {"max_batched_tokens": 512}},
+            "engine.max_batched_tokens: 512 is smaller than engine.max_model_len (2048)",
+        ),
+        (
+            {"engine": {"max_model_len": 16, "max_batched_tokens": 16}},
+            "engine.max_batched_tokens: 16 is smaller than engine.max_num_seqs (32)",
+        ),
+        (
+            {"engine": {"num_blocks": 100, "block_size": 8}},
+            "engine.num_blocks: 100 blocks of 8 tokens cannot hold one sequence of engine.max_model_len (2048) tokens; "
+            "use at least 256",
+        ),
+        ({"engine": 5}, "engine: 5 is not allowed; expected a mapping with keys agents, async_scheduling, block_size,"),
+        ({"workload": {"rate": 0}}, "workload.rate: 0.0 is not allowed; use a value greater than 0"),
+        ({"workload": {"rate": float("nan")}}, "workload.rate: nan is not allowed; expected a finite number"),
+        ({"workload": {"arrival": "poisson"}}, "workload.rate: missing; arrival poisson needs rate"),
+        (
+            {"workload": {"num_requests": 5, "duration_s": 2}},
+            "workload.duration_s: give either num_requests or duration_s",
+        ),
+        (
+            {"workload": {"input_len": {"dist": "zipf"}}},
+            "workload.input_len.dist: 'zipf' is not allowed; use one of fixed, uniform, normal",
+        ),
+        (
+            {"workload": {"input_len": {"dist": "uniform", "min": 5}}},
+            "workload.input_len.max: missing; dist uniform needs min and max",
+        ),
+        (
+            {"workload": {"output_len": {"dist": "fixed", "value": 5, "std": 2}}},
+            "workload.output_len.std: not used by dist fixed; it takes value",
+        ),
+        (
+            {"workload": {"input_len": {"dist": "uniform", "min": 50, "max": 10}}},
+            "workload.input_len.max: 10 is smaller than min (50)",
+        ),
+        (
+            {"workload": {"input_len": {"dist": "fixed", "value": 4000}}},
+            "workload.input_len: prompts up to 4000 tokens do not fit engine.max_model_len (2048)",
+        ),
+        ({"workload": {"input_len": "long"}}, "workload.input_len: 'long' is not allowed; expected a mapping"),
+        ({"trace": {"detail": "verbose"}}, "trace.detail: 'verbose' is not allowed; use one of basic, full"),
+        (
+            {"trace": {"viztracer": {"stages": "forward"}}},
+            "trace.viztracer.stages: 'forward' is not allowed; expected a list",
+        ),
+        (
+            {"trace": {"viztracer": {"stages": ["forward", 3]}}},
+            "trace.viztracer.stages[1]: 3 is not allowed; expected a string",
+        ),
+        ({"trace": {"py_spy": {"rat": 100}}}, "trace.py_spy.rat: unknown key (did you mean rate?); allowed keys: rate"),
+        ({"antipatterns": {"gc_churning": True}}, "antipatterns.gc_churning: unknown key (did you mean gc_churn?)"),
+        ({"antipatterns": {"gc_churn": 1}}, "antipatterns.gc_churn: 1 is not allowed; expected true or false"),
+        ({"model": {"path": "/nonexistent/ckpt"}}, "model.path: '/nonexistent/ckpt' is not a directory"),
+    ],
+)
 def test_bad_values_name_the_key(data, message):
     with pytest.raises(ConfigError) as err:
         load_config(data)
@@ -182,14 +221,26 @@ def test_sampling_params_defaults_and_normalization():
     assert p.greedy and p.stop_token_ids == (2, 7) and p.top_k == -1 and p.max_tokens == 16
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"temperature": -0.1}, "temperature"), ({"temperature": float("inf")}, "temperature"),
-    ({"temperature": "hot"}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-    ({"top_k": 0}, "top_k"), ({"top_k": -2}, "top_k"), ({"top_k": 2.5}, "top_k"),
-    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": True}, "max_tokens"), ({"seed": -1}, "seed"),
-    ({"stop_token_ids": "2"}, "stop_token_ids"), ({"stop_token_ids": [1, -3]}, "stop_token_ids"),
-    ({"ignore_eos": "no"}, "ignore_eos"), ({"logprobs": 1}, "logprobs"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": -2}, "top_k"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"seed": -1}, "seed"),
+        ({"stop_token_ids": "2"}, "stop_token_ids"),
+        ({"stop_token_ids": [1, -3]}, "stop_token_ids"),
+        ({"ignore_eos": "no"}, "ignore_eos"),
+        ({"logprobs": 1}, "logprobs"),
+    ],
+)
 def test_sampling_params_errors_name_the_field(kwargs, field):
     with pytest.raises(SamplingParamsError) as err:
         SamplingParams(**kwargs)

@@ -2,6 +2,7 @@
 step loop waits for a CPU (here: pinned to one CPU beside a busy process), and
 `gil-contention` when it waits for the GIL while another Python thread runs; a run with
 neither gets neither."""
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,25 @@ def _record(tmp_path, mode: str) -> dict:
     prog = tmp_path / "prog.py"
     prog.write_text(PROGRAM)
     out = tmp_path / mode
-    r = subprocess.run([sys.executable, "-m", "llmtrace.cli", "record", "--sample-hz", "0", "--out", str(out), "--",
-                        sys.executable, str(prog), mode], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmtrace.cli",
+            "record",
+            "--sample-hz",
+            "0",
+            "--out",
+            str(out),
+            "--",
+            sys.executable,
+            str(prog),
+            mode,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     with open(os.path.join(out, "report.json")) as f:
         return {s["id"]: s for s in json.load(f)["suggestions"]}

@@ -4,6 +4,7 @@ the partial trace.json / report.json / report.md and exits non-zero.
 
 The loss per kill in numbers (mapped spool vs one write() per batch): benchmarks/crash_survival.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -121,8 +122,13 @@ def test_run_reports_a_sigkilled_agent_and_writes_the_partial_trace(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(RUN_CONFIG)
     out = str(tmp_path / "run")
-    run = subprocess.Popen([sys.executable, "-m", "llmtrace.cli", "run", "--config", str(config), "--out", out],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "llmtrace.cli", "run", "--config", str(config), "--out", out],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         found = None

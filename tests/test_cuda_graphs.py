@@ -1,4 +1,5 @@
 """Decode CUDA graphs: buckets, padding of the static inputs (CPU), graphs == eager (CUDA)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,8 +58,7 @@ def test_greedy_tokens_with_graphs_equal_eager(num_seqs):
     cfg = ModelConfig(preset="tiny", dtype="float32", device="cuda", seed=0)
     runs = []
     for graphs in (False, True):
-        runner = ModelRunner(cfg, block_size=16, num_blocks=128, cuda_graphs=graphs, max_num_seqs=8,
-                             max_model_len=256)
+        runner = ModelRunner(cfg, block_size=16, num_blocks=128, cuda_graphs=graphs, max_num_seqs=8, max_model_len=256)
         assert (runner.graphs is not None) == graphs
         d = Driver(runner, seed=3)
         rng = np.random.default_rng(num_seqs)

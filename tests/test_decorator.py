@@ -1,4 +1,5 @@
 """@llmtrace.trace on sync, async, generator and async-generator functions and methods, per backend."""
+
 from __future__ import annotations
 
 import asyncio
@@ -45,7 +46,10 @@ def test_sync_wrapper_keeps_metadata_args_and_nesting(backend):
     wrapped = trace(detokenize)
     assert wrapped.__wrapped__ is detokenize
     assert (wrapped.__name__, wrapped.__qualname__, wrapped.__doc__) == (
-        "detokenize", detokenize.__qualname__, "Turn ids into text.")
+        "detokenize",
+        detokenize.__qualname__,
+        "Turn ids into text.",
+    )
     assert inspect.signature(wrapped) == inspect.signature(detokenize)
     with recorder.span("outer", step=3):
         assert wrapped([1, 2], skip=True) == "12!"

@@ -1,6 +1,7 @@
 """Device busy time from kernel records (llmtrace/device_activity.py) without a GPU: Kineto's
 events are stand-ins with its accessors, CUDA events complete at once; the mapping, the
 instants, their join to the spans and the breakdown's split are the real code."""
+
 import time
 
 import pytest
@@ -47,19 +48,28 @@ def test_union_counts_overlap_once():
 
 def test_each_spans_busy_time_is_the_union_of_the_kernels_it_launched():
     offset = 7_000_000_000  # Kineto's clock (Unix) minus llmtrace's
-    spans = [ModelSpan(1000 * US, 1100 * US, span_id=11, step=1), ModelSpan(2000 * US, 2100 * US, 12, 2),
-             ModelSpan(2010 * US, 2050 * US, 13, 2)]  # 13 nests in 12: its launches are its own
+    spans = [
+        ModelSpan(1000 * US, 1100 * US, span_id=11, step=1),
+        ModelSpan(2000 * US, 2100 * US, 12, 2),
+        ModelSpan(2010 * US, 2050 * US, 13, 2),
+    ]  # 13 nests in 12: its launches are its own
     gpu_t = 5_000 * US
     events = [
-        launch(1010 * US, 1, offset), KinetoEvent("kernel", gpu_t, 100 * US, 1),
-        launch(1020 * US, 2, offset), KinetoEvent("kernel", gpu_t + 150 * US, 50 * US, 2),
-        launch(1030 * US, 3, offset), KinetoEvent("gpu_memcpy", gpu_t + 180 * US, 40 * US, 3),  # overlaps: 20 more
+        launch(1010 * US, 1, offset),
+        KinetoEvent("kernel", gpu_t, 100 * US, 1),
+        launch(1020 * US, 2, offset),
+        KinetoEvent("kernel", gpu_t + 150 * US, 50 * US, 2),
+        launch(1030 * US, 3, offset),
+        KinetoEvent("gpu_memcpy", gpu_t + 180 * US, 40 * US, 3),  # overlaps: 20 more
         KinetoEvent("cuda_sync", gpu_t, 1000 * US, 3),  # a sync record is no device work
         launch(2005 * US, 4, offset),  # a CUDA graph: one launch, three kernels
         *[KinetoEvent("kernel", gpu_t + 1000 * US + i * 30 * US, 20 * US, 4) for i in range(3)],
-        launch(2020 * US, 5, offset), KinetoEvent("kernel", gpu_t + 2000 * US, 10 * US, 5),
-        launch(1500 * US, 6, offset), KinetoEvent("kernel", gpu_t + 3000 * US, 10 * US, 6),  # between spans
-        launch(9000 * US, 7, offset), KinetoEvent("kernel", gpu_t + 4000 * US, 10 * US, 7),  # after the window
+        launch(2020 * US, 5, offset),
+        KinetoEvent("kernel", gpu_t + 2000 * US, 10 * US, 5),
+        launch(1500 * US, 6, offset),
+        KinetoEvent("kernel", gpu_t + 3000 * US, 10 * US, 6),  # between spans
+        launch(9000 * US, 7, offset),
+        KinetoEvent("kernel", gpu_t + 4000 * US, 10 * US, 7),  # after the window
     ]
     found, outside = busy_by_span(events, spans, offset)
     got = {b.span.span_id: (b.busy_ns, b.kernels, b.launches) for b in found}
@@ -81,6 +91,7 @@ def test_window_size_comes_from_the_environment(monkeypatch, capsys):
 
 
 # ---- a DeviceTimer with a window, over stand-ins for CUDA events and the profiler ------------
+
 
 class Event:
     def __init__(self, enable_timing=False):
@@ -132,7 +143,6 @@ class Profiler:
         pass
 
 
-
 def test_window_spans_get_their_busy_time_and_the_breakdown_splits_it(tmp_path):
     llmtrace.configure(out=str(tmp_path), process_name="agent", propagate=False)
     prof = Profiler()
@@ -150,8 +160,11 @@ def test_window_spans_get_their_busy_time_and_the_breakdown_splits_it(tmp_path):
     for i, s in enumerate(window.spans):  # each span: one launch of two kernels, busy half its device time
         t = s.start_ns + window.offset_ns + 100 * US
         dev = (s.end_ns - s.start_ns) // 4
-        prof.recorded += [launch(t, i + 1), KinetoEvent("kernel", 0, dev, i + 1),
-                          KinetoEvent("kernel", dev, dev, i + 1)]
+        prof.recorded += [
+            launch(t, i + 1),
+            KinetoEvent("kernel", 0, dev, i + 1),
+            KinetoEvent("kernel", dev, dev, i + 1),
+        ]
     gpu._timer = timer  # as gpu.install() leaves it: the flush thread's poll reads a complete window
     try:
         gpu.poll()
@@ -174,8 +187,13 @@ def _launch_bound_trace(busy_share: float, launches: int, kernels: int = 300):
     trace.processes[MASTER_PID].header["resource"][names.R_SETTINGS] = SETTINGS
     for s in trace.spans:
         if s.pid == AGENT_PID and s.name in ("forward", "sampling") and s.step < 20:  # a window of 20 steps
-            s.attrs.update({names.A_BUSY_NS: int(s.device_dur_ns * busy_share), names.A_KERNELS: kernels,
-                            names.A_LAUNCHES: launches})
+            s.attrs.update(
+                {
+                    names.A_BUSY_NS: int(s.device_dur_ns * busy_share),
+                    names.A_KERNELS: kernels,
+                    names.A_LAUNCHES: launches,
+                }
+            )
     return trace
 
 

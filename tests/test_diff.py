@@ -1,6 +1,7 @@
 """`llmtrace diff`: a change that removes a stage's cost is significant in that row and
 the finding is gone; rows that did not change stay within noise; bad input is a clear
 error."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,12 @@ def _run(padding_ms: float, seed: int):
     b = EngineTraceBuilder(gpu=False)
     for _ in range(60):
         nested = {"preprocess": [("np.concatenate", padding_ms * rng.uniform(0.9, 1.1), {})]} if padding_ms else None
-        b.step(batch=4, master={"schedule": rng.uniform(0.2, 0.4)}, device={"forward": rng.uniform(4.5, 5.5)},
-               nested=nested)
+        b.step(
+            batch=4,
+            master={"schedule": rng.uniform(0.2, 0.4)},
+            device={"forward": rng.uniform(4.5, 5.5)},
+            nested=nested,
+        )
     return b.build()
 
 

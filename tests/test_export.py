@@ -1,5 +1,6 @@
 """Chrome trace export: structure that Perfetto / chrome://tracing rely on, round trip back
 into a Trace, streaming memory, and bad input given to `load_trace`."""
+
 from __future__ import annotations
 
 import json
@@ -37,13 +38,21 @@ def hand_made() -> Trace:
     def span(name, pid, start, end, n, parent=0, link=0, step=7, **kw):
         return Span(name, name.split(".")[0], pid, pid, BASE + start, BASE + end, sid(pid, n), parent, link, step, **kw)
 
-    t = Trace(processes={
-        MASTER: Process(MASTER, "master", {"pid": MASTER, "epoch_offset_ns": 1_700_000_000_000_000_000},
-                        threads={MASTER: "MainThread"}),
-        AGENT1: Process(AGENT1, "agent-1", {"pid": AGENT1, "epoch_offset_ns": 1_700_000_000_000_000_123}),
-        AGENT0: Process(AGENT0, "agent-0", {"pid": AGENT0, "epoch_offset_ns": 1_700_000_000_000_000_077},
-                        dropped={AGENT0: 3}),
-    }, meta={"config": {"model": "tiny"}})
+    t = Trace(
+        processes={
+            MASTER: Process(
+                MASTER,
+                "master",
+                {"pid": MASTER, "epoch_offset_ns": 1_700_000_000_000_000_000},
+                threads={MASTER: "MainThread"},
+            ),
+            AGENT1: Process(AGENT1, "agent-1", {"pid": AGENT1, "epoch_offset_ns": 1_700_000_000_000_000_123}),
+            AGENT0: Process(
+                AGENT0, "agent-0", {"pid": AGENT0, "epoch_offset_ns": 1_700_000_000_000_000_077}, dropped={AGENT0: 3}
+            ),
+        },
+        meta={"config": {"model": "tiny"}},
+    )
     t.spans = [
         span("http.request", MASTER, 500, 30_000, 10, step=-1, attrs={"req": "r1", "prompt_tokens": 12}),
         span("master.step", MASTER, 1_000, 50_000, 1, attrs={"batch": 2, "prefill": 1}),
@@ -58,28 +67,52 @@ def hand_made() -> Trace:
         # and the child comes first, as the recorder writes them (children end first).
         span("tcp.recv", AGENT0, 8_000, 9_000, 4, a0_step),
         span("agent.step", AGENT0, 8_000, 38_000, 1, link=m_step),
-        span("forward", AGENT0, 10_000, 30_000, 2, a0_step, device_start_ns=BASE + 12_000,
-             device_end_ns=BASE + 35_000, attrs={"tokens": 2}),
-        span("sampling", AGENT0, 30_000, 33_000, 3, a0_step, device_start_ns=BASE + 35_000,
-             device_end_ns=BASE + 36_500),
+        span(
+            "forward",
+            AGENT0,
+            10_000,
+            30_000,
+            2,
+            a0_step,
+            device_start_ns=BASE + 12_000,
+            device_end_ns=BASE + 35_000,
+            attrs={"tokens": 2},
+        ),
+        span(
+            "sampling", AGENT0, 30_000, 33_000, 3, a0_step, device_start_ns=BASE + 35_000, device_end_ns=BASE + 36_500
+        ),
         span("agent.step", AGENT1, 8_500, 37_000, 1, link=m_step),
         span("tcp.recv", AGENT1, 9_000, 9_500, 2, a1_step, link=sid(999, 1)),  # link outside the trace
     ]
-    t.instants = [Instant("token", "token", MASTER, MASTER, BASE + 43_000, 7, m_step, {"req": "r1", "n": 1}),
-                  Instant("batch.ready", "batch", MASTER, MASTER, BASE + 1_200, 7, m_step, {}),
-                  Instant("preempt", "preempt", MASTER, MASTER, BASE + 44_000, 7, 0, {})]
-    t.counters = [CounterSample("running", MASTER, BASE + 1_500, 2.0),
-                  CounterSample("kv_blocks_used", MASTER, BASE + 1_500, 17.0, {"total": 64}),
-                  CounterSample("kv_blocks_used", MASTER, BASE + 45_000, 19.0, {"total": 64})]
+    t.instants = [
+        Instant("token", "token", MASTER, MASTER, BASE + 43_000, 7, m_step, {"req": "r1", "n": 1}),
+        Instant("batch.ready", "batch", MASTER, MASTER, BASE + 1_200, 7, m_step, {}),
+        Instant("preempt", "preempt", MASTER, MASTER, BASE + 44_000, 7, 0, {}),
+    ]
+    t.counters = [
+        CounterSample("running", MASTER, BASE + 1_500, 2.0),
+        CounterSample("kv_blocks_used", MASTER, BASE + 1_500, 17.0, {"total": 64}),
+        CounterSample("kv_blocks_used", MASTER, BASE + 45_000, 19.0, {"total": 64}),
+    ]
     loop = ("engine.agent:main", "engine.agent:Agent.run_step")
-    t.samples = [Sample(AGENT0, AGENT0, BASE + 11_000, (*loop, "engine.agent:Agent.preprocess:88")),
-                 Sample(AGENT0, AGENT0, BASE + 12_000, (*loop, "engine.agent:Agent.preprocess:88")),
-                 Sample(MASTER, MASTER, BASE + 3_000, ("engine.master:main",), "py-spy")]
+    t.samples = [
+        Sample(AGENT0, AGENT0, BASE + 11_000, (*loop, "engine.agent:Agent.preprocess:88")),
+        Sample(AGENT0, AGENT0, BASE + 12_000, (*loop, "engine.agent:Agent.preprocess:88")),
+        Sample(MASTER, MASTER, BASE + 3_000, ("engine.master:main",), "py-spy"),
+    ]
     # A viztracer-style event, already on our clock (µs of CLOCK_MONOTONIC), and its metadata.
-    t.foreign_events = [{"name": "process_name", "ph": "M", "pid": AGENT0, "tid": AGENT0,
-                         "args": {"name": "agent-0"}},
-                        {"name": "build_inputs", "ph": "X", "ts": (BASE + 10_500) / 1000, "dur": 2.0,
-                         "pid": AGENT0, "tid": AGENT0, "cat": "FEE"}]
+    t.foreign_events = [
+        {"name": "process_name", "ph": "M", "pid": AGENT0, "tid": AGENT0, "args": {"name": "agent-0"}},
+        {
+            "name": "build_inputs",
+            "ph": "X",
+            "ts": (BASE + 10_500) / 1000,
+            "dur": 2.0,
+            "pid": AGENT0,
+            "tid": AGENT0,
+            "cat": "FEE",
+        },
+    ]
     t.sort()
     return t
 
@@ -124,8 +157,11 @@ def check_chrome(doc: dict) -> None:
         assert inside, f"flow event {e} is not inside any slice of its track"
         return min(inside, key=lambda x: x[1] - x[0])[2]
 
-    spans = {e["args"]["span_id"]: e for e in events if e["ph"] == "X" and "span_id" in e.get("args", {})
-             and not e["args"].get("device")}
+    spans = {
+        e["args"]["span_id"]: e
+        for e in events
+        if e["ph"] == "X" and "span_id" in e.get("args", {}) and not e["args"].get("device")
+    }
 
     def binds_to(bound: str, expected: str) -> bool:
         """The span itself, or (when a child starts with it, leaving no room) that child."""
@@ -170,8 +206,22 @@ def perfetto_flow_binding(events: list[dict]) -> dict[str, tuple]:
 
 
 def span_key(s: Span) -> tuple:
-    return (s.name, s.stage, s.pid, s.tid, s.start_ns, s.end_ns, s.span_id, s.parent_id, s.link_id, s.step,
-            s.attrs, s.flags, s.device_start_ns, s.device_end_ns)
+    return (
+        s.name,
+        s.stage,
+        s.pid,
+        s.tid,
+        s.start_ns,
+        s.end_ns,
+        s.span_id,
+        s.parent_id,
+        s.link_id,
+        s.step,
+        s.attrs,
+        s.flags,
+        s.device_start_ns,
+        s.device_end_ns,
+    )
 
 
 def assert_same(a: Trace, b: Trace) -> None:
@@ -182,8 +232,9 @@ def assert_same(a: Trace, b: Trace) -> None:
     assert a.instants == b.instants
     assert a.counters == b.counters
     assert a.samples == b.samples
-    assert {p: (x.name, x.header, x.threads, x.dropped) for p, x in a.processes.items()} == \
-        {p: (x.name, x.header, x.threads, x.dropped) for p, x in b.processes.items()}
+    assert {p: (x.name, x.header, x.threads, x.dropped) for p, x in a.processes.items()} == {
+        p: (x.name, x.header, x.threads, x.dropped) for p, x in b.processes.items()
+    }
     assert a.meta == b.meta
 
 
@@ -198,13 +249,18 @@ def test_hand_made_trace_structure(tmp_path):
     order = sorted((e["args"]["sort_index"], e["pid"]) for e in ev if e["name"] == "process_sort_index")
     assert [pid for _, pid in order] == [MASTER, AGENT0, AGENT1]
     flows = {(e["ph"], e["pid"], e["id"]) for e in ev if e["ph"] in "sf"}
-    assert flows == {("s", MASTER, hex(sid(AGENT0, 1))), ("f", AGENT0, hex(sid(AGENT0, 1))),
-                     ("s", MASTER, hex(sid(AGENT1, 1))), ("f", AGENT1, hex(sid(AGENT1, 1))),
-                     ("s", AGENT0, hex(sid(MASTER, 5))), ("f", MASTER, hex(sid(MASTER, 5)))}
+    assert flows == {
+        ("s", MASTER, hex(sid(AGENT0, 1))),
+        ("f", AGENT0, hex(sid(AGENT0, 1))),
+        ("s", MASTER, hex(sid(AGENT1, 1))),
+        ("f", AGENT1, hex(sid(AGENT1, 1))),
+        ("s", AGENT0, hex(sid(MASTER, 5))),
+        ("f", MASTER, hex(sid(MASTER, 5))),
+    }
 
     forward = [e for e in ev if e["name"] == "forward"]
-    host, = [e for e in forward if "device" not in e["args"]]
-    dev, = [e for e in forward if e["args"].get("device")]
+    (host,) = [e for e in forward if "device" not in e["args"]]
+    (dev,) = [e for e in forward if e["args"].get("device")]
     assert host["args"]["device_ms"] == pytest.approx(0.023)
     assert (dev["pid"], dev["ts"], dev["dur"]) == (AGENT0, 11.5, 23.0)
     gpu_names = {e["tid"]: e["args"]["name"] for e in ev if e["name"] == "thread_name" and e["pid"] == AGENT0}
@@ -215,25 +271,30 @@ def test_hand_made_trace_structure(tmp_path):
     x = [e for e in ev if e["ph"] == "X" and e["pid"] == MASTER]
     tid = {(e["name"], e["args"].get("attrs", {}).get("req")): e["tid"] for e in x}
     lanes = {e["tid"]: e["args"]["name"] for e in ev if e["name"] == "thread_name" and e["pid"] == MASTER}
-    assert {n: tid[n, None] for n in ("master.step", "schedule", "agent.wait", "tcp.recv")} == \
-        dict.fromkeys(("master.step", "schedule", "agent.wait", "tcp.recv"), MASTER)
+    assert {n: tid[n, None] for n in ("master.step", "schedule", "agent.wait", "tcp.recv")} == dict.fromkeys(
+        ("master.step", "schedule", "agent.wait", "tcp.recv"), MASTER
+    )
     assert lanes[tid["http.request", "r1"]] == "MainThread (requests 1)" == lanes[tid["tokenize", None]]
     assert lanes[tid["http.request", "r2"]] == "MainThread (requests 2)"
 
     counters = [e for e in ev if e["ph"] == "C"]
-    assert {(e["name"], tuple(sorted(e["args"]))) for e in counters} == \
-        {("running", ("value",)), ("kv_blocks_used", ("total", "value"))}
-    failed, = [e for e in ev if e["name"] == "postprocess"]
+    assert {(e["name"], tuple(sorted(e["args"]))) for e in counters} == {
+        ("running", ("value",)),
+        ("kv_blocks_used", ("total", "value")),
+    }
+    (failed,) = [e for e in ev if e["name"] == "postprocess"]
     assert failed["args"]["failed"] is True and failed["dur"] == 0
 
     samples = [e for e in ev if e.get("cat") == "sample"]
-    assert [(e["name"], e["args"]["stack"]) for e in samples] == \
-        [("engine.master:main", 0), ("engine.agent:Agent.preprocess:88", 1), ("engine.agent:Agent.preprocess:88", 1)]
+    assert [(e["name"], e["args"]["stack"]) for e in samples] == [
+        ("engine.master:main", 0),
+        ("engine.agent:Agent.preprocess:88", 1),
+        ("engine.agent:Agent.preprocess:88", 1),
+    ]
     assert info["stacks"][1][-1] == "engine.agent:Agent.preprocess:88"
 
     # Foreign events come last, shifted onto the export's origin.
-    assert ev[info["events"]:] == [hand_made().foreign_events[0],
-                                   {**hand_made().foreign_events[1], "ts": 10.0}]
+    assert ev[info["events"] :] == [hand_made().foreign_events[0], {**hand_made().foreign_events[1], "ts": 10.0}]
 
 
 def test_round_trip_hand_made(tmp_path):
@@ -324,13 +385,13 @@ def test_cli_export_writes_next_to_its_input_and_never_overwrites_silently(tmp_p
     assert cli_main(["export", str(tmp_path / "run")]) == 2
     assert "trace.json exists; pass --force" in capsys.readouterr().err and written.read_bytes() == before
     assert cli_main(["export", str(tmp_path / "run"), "--force"]) == 0
-    spool, = (tmp_path / "run" / "spool").glob("*.lts")
+    (spool,) = (tmp_path / "run" / "spool").glob("*.lts")
     assert cli_main(["export", str(spool)]) == 0 and spool.with_suffix(".trace.json").exists()
 
 
 def test_cli_export_of_a_crashed_run_notes_the_cut(tmp_path, capsys):
     _record(str(tmp_path / "run"))
-    spool, = (tmp_path / "run" / "spool").iterdir()
+    (spool,) = (tmp_path / "run" / "spool").iterdir()
     size = spool.stat().st_size
     with open(spool, "ab") as f:  # a batch the process did not finish writing
         f.write(b"LTB1" + (1 << 16).to_bytes(4, "little") + bytes(4) + b"partial")
@@ -414,8 +475,13 @@ def test_large_trace_streams_with_bounded_memory(tmp_path):
     per flow (an anchor time per linked span), not per event."""
     out = tmp_path / "big.json"
     bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-    r = subprocess.run([sys.executable, "-c", BIG, "200000", str(out)], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": bench})
+    r = subprocess.run(
+        [sys.executable, "-c", BIG, "200000", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": bench},
+    )
     assert r.returncode == 0, r.stderr
     events, flows, size, growth, _secs = r.stdout.split()
     steps = 200_000 // 4

@@ -2,6 +2,7 @@
 change to their code: the steps are inferred, the planted mistakes are found with the
 program's function responsible, and the clean variants get none of those findings.
 (benchmarks/diagnosis_accuracy.py scores the estimates against measured savings.)"""
+
 from __future__ import annotations
 
 import json
@@ -16,19 +17,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # pipeline -> (arguments, {rule: function responsible}) for the findings that rest on spans
 # (the sample-based ones are scored by the benchmark over repeated recordings)
 CASES = {
-    "thread_queue_server": (["--requests", "24"], {"polling-sleep": "Engine.admit",
-                                                    "full-logits-transfer": "Engine.argmax_on_host",
-                                                    "log-in-hot-path": "Engine.step",
-                                                    "detokenize-whole-sequence": "Engine.stopped"}),
+    "thread_queue_server": (
+        ["--requests", "24"],
+        {
+            "polling-sleep": "Engine.admit",
+            "full-logits-transfer": "Engine.argmax_on_host",
+            "log-in-hot-path": "Engine.step",
+            "detokenize-whole-sequence": "Engine.stopped",
+        },
+    ),
     "tcp_master_agent": (["--requests", "8"], {"tcp-nodelay": None, "serialization-in-hot-path": "send_frame"}),
     "mp_queue_workers": (["--requests", "16", "--workers", "1", "--concurrency", "6"], {"wait-in-step": "take_new"}),
-    "asyncio_pipe_worker": (["--requests", "24"], {"full-logits-transfer": "worker",
-                                                    "log-in-hot-path": "Scheduler.run"}),
-    "zmq_engine_core": (["--requests", "24"], {"wait-in-step": "EngineCore.admit",
-                                                "full-logits-transfer": "EngineCore.step"}),
-    "fastapi_batcher": (["--requests", "24"], {"polling-sleep": "Batcher.run",
-                                               "full-logits-transfer": "Batcher.argmax_on_host",
-                                               "serialization-in-hot-path": "Batcher.step"}),
+    "asyncio_pipe_worker": (
+        ["--requests", "24"],
+        {"full-logits-transfer": "worker", "log-in-hot-path": "Scheduler.run"},
+    ),
+    "zmq_engine_core": (
+        ["--requests", "24"],
+        {"wait-in-step": "EngineCore.admit", "full-logits-transfer": "EngineCore.step"},
+    ),
+    "fastapi_batcher": (
+        ["--requests", "24"],
+        {
+            "polling-sleep": "Batcher.run",
+            "full-logits-transfer": "Batcher.argmax_on_host",
+            "serialization-in-hot-path": "Batcher.step",
+        },
+    ),
 }
 
 pytestmark = pytest.mark.slow
@@ -38,10 +53,26 @@ def record(out, pipeline: str, args: list[str], timeout_s: float = 200, **env) -
     """The report of `llmtrace record` on the pipeline. A run past `timeout_s` (under the
     suite's 300 s per test) fails with every process's Python stacks (faulthandler, SIGABRT
     to the whole session) instead of hanging the suite."""
-    cmd = [sys.executable, "-m", "llmtrace.cli", "record", "--out", str(out), "--", sys.executable,
-           os.path.join(ROOT, "examples", "pipelines", pipeline + ".py"), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONFAULTHANDLER": "1", **env})
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmtrace.cli",
+        "record",
+        "--out",
+        str(out),
+        "--",
+        sys.executable,
+        os.path.join(ROOT, "examples", "pipelines", pipeline + ".py"),
+        *args,
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONFAULTHANDLER": "1", **env},
+    )
     try:
         _, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:

@@ -1,5 +1,6 @@
 """engine.models.fused_ops: the PyTorch path equals HF's math (CPU); each Triton kernel
 equals the PyTorch path within the dtype's rounding (CUDA, skipped elsewhere)."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,9 @@ import torch.nn.functional as F
 
 from engine.models import fused_ops
 
-cuda = pytest.mark.skipif(not (torch.cuda.is_available() and fused_ops.triton is not None),
-                          reason="needs CUDA and triton")
+cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and fused_ops.triton is not None), reason="needs CUDA and triton"
+)
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
@@ -72,8 +74,9 @@ def test_rms_norm_kernel_matches_torch(dtype, rows, hidden):
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens,heads,kv_heads,dim",
-                         [(1, 32, 32, 128), (9, 32, 8, 128), (4, 12, 4, 64), (2, 4, 2, 16)])
+@pytest.mark.parametrize(
+    "tokens,heads,kv_heads,dim", [(1, 32, 32, 128), (9, 32, 8, 128), (4, 12, 4, 64), (2, 4, 2, 16)]
+)
 def test_rotary_kernel_matches_torch_in_the_fused_qkv_output(dtype, tokens, heads, kv_heads, dim):
     qkv = make((tokens, (heads + 2 * kv_heads) * dim), dtype, "cuda", 7)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device="cuda").float() / dim))

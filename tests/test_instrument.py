@@ -1,5 +1,6 @@
 """Automatic instrumentation (llmtrace/instrument/): the spans it records at library
 boundaries, and that it changes nothing else about the program."""
+
 from __future__ import annotations
 
 import json
@@ -134,8 +135,9 @@ def test_uninstrument_restores_every_attribute():
 def test_a_module_imported_later_is_patched_after_its_import(tmp_path, monkeypatch):
     (tmp_path / "late_lib.py").write_text("def work(x):\n    return x * 2\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    patching.on_import("late_lib", lambda mod: patching.replace(
-        mod, "work", lambda orig: recorder.traced(orig, "late.work", "late")))
+    patching.on_import(
+        "late_lib", lambda mod: patching.replace(mod, "work", lambda orig: recorder.traced(orig, "late.work", "late"))
+    )
     try:
         import late_lib
 
@@ -167,8 +169,9 @@ def test_a_decode_records_how_many_ids_it_decoded(spans):
     spm = pytest.importorskip("sentencepiece")
     import os
 
-    sp = spm.SentencePieceProcessor(model_file=os.path.join(os.path.dirname(__file__), "..", "engine", "assets",
-                                                            "tokenizer.model"))
+    sp = spm.SentencePieceProcessor(
+        model_file=os.path.join(os.path.dirname(__file__), "..", "engine", "assets", "tokenizer.model")
+    )
     ids = sp.encode("hello world, this is a test")
     spans()
     assert sp.decode(ids) == "hello world, this is a test"

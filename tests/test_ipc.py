@@ -1,4 +1,5 @@
 """The master/agent transport: TCP frames, shared-memory arenas, protocol checks, receive spans."""
+
 from __future__ import annotations
 
 import asyncio
@@ -37,9 +38,11 @@ def pair():
 
 def test_frames_round_trip_including_large_and_binary(pair):
     left, right = pair
-    msgs = [protocol.message("step", step=3, carrier=[1, 2, 3], new=[[7, [0.0, 1.0, -1, -1, 0]]], drop=[]),
-            {"blob": b"\x00\xff" * 3_000_000, "text": "é" * 1000},  # ~6 MB: many recv() calls
-            {"nested": {"x": [1.5, None, True]}}]
+    msgs = [
+        protocol.message("step", step=3, carrier=[1, 2, 3], new=[[7, [0.0, 1.0, -1, -1, 0]]], drop=[]),
+        {"blob": b"\x00\xff" * 3_000_000, "text": "é" * 1000},  # ~6 MB: many recv() calls
+        {"nested": {"x": [1.5, None, True]}},
+    ]
     sender = threading.Thread(target=lambda: [left.send(m) for m in msgs])  # 6 MB overflows the socket buffers
     sender.start()
     for m in msgs:
@@ -75,6 +78,7 @@ def test_garbage_and_non_map_frames_are_errors(pair):
     with pytest.raises(FrameError, match="undecodable"):
         right.recv()
     import msgpack
+
     body = msgpack.packb([1, 2])
     left.sock.sendall(len(body).to_bytes(4, "big") + body)
     with pytest.raises(FrameError, match="expected a map"):

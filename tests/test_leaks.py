@@ -5,6 +5,7 @@ the scheduler's and BlockManager's invariants hold.
 
 `chaos_load` is also what benchmarks/soak.py runs, with 2,000 requests.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,8 +22,14 @@ pytestmark = pytest.mark.timeout(120)
 
 C = "/v1/completions"
 # Small KV cache for the batch: sequences are preempted and recomputed while others hang up.
-ENGINE = {"max_model_len": 128, "max_batched_tokens": 256, "max_num_seqs": 8, "max_waiting": 16,
-          "num_blocks": 12, "block_size": 16}
+ENGINE = {
+    "max_model_len": 128,
+    "max_batched_tokens": 256,
+    "max_num_seqs": 8,
+    "max_waiting": 16,
+    "num_blocks": 12,
+    "block_size": 16,
+}
 WORDS = "the quick brown fox jumps over lazy dogs while seven tiny models decode random tokens".split()
 KINDS = ("complete", "stream", "disconnect", "give_up", "abort")
 
@@ -32,8 +39,12 @@ async def _one(session, url: str, rng: random.Random, i: int, abort) -> str:
     kind = rng.choice(KINDS)
     rid = f"chaos-{i}"
     max_tokens = rng.randint(1, 12)
-    body = {"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30))), "max_tokens": max_tokens,
-            "ignore_eos": True, "stream": kind != "complete" and kind != "give_up"}
+    body = {
+        "prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30))),
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": kind != "complete" and kind != "give_up",
+    }
     timeout = aiohttp.ClientTimeout(total=rng.uniform(0.005, 0.3) if kind == "give_up" else 60)
     cut = rng.randint(0, max_tokens)  # SSE events before hanging up / aborting
     try:
@@ -68,6 +79,7 @@ async def chaos_load(engine: EngineThread, n: int, concurrency: int, seed: int) 
     tally: collections.Counter = collections.Counter()
     sem = asyncio.Semaphore(concurrency)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
         async def run(i: int, r: random.Random) -> None:
             async with sem:
                 tally[await _one(session, engine.url, r, i, abort)] += 1

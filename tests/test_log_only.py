@@ -1,5 +1,6 @@
 """Lines that exist only to feed a log call (llmtrace/analyze/log_only.py): their samples are
 the log finding's time, not the step's unexplained host work."""
+
 from __future__ import annotations
 
 import textwrap
@@ -7,7 +8,7 @@ import textwrap
 from llmtrace.analyze.functions import line_callee
 from llmtrace.analyze.log_only import log_only_lines
 
-SERVER = textwrap.dedent('''\
+SERVER = textwrap.dedent("""\
     import logging
     import numpy as np
     log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ SERVER = textwrap.dedent('''\
             return kept
         log.warning("kept %s", kept)
         return padded, later
-    ''')
+    """)
 
 
 def _lines(tmp_path) -> tuple[str, dict[int, str]]:

@@ -1,5 +1,6 @@
 """Master + agent processes end to end (no HTTP): streaming, equality with ModelRunner alone,
 aborts, bad input, an agent killed mid-generation, and the spans both processes record."""
+
 from __future__ import annotations
 
 import asyncio
@@ -28,9 +29,17 @@ from engine.tokenizer import IncrementalDetokenizer
 pytestmark = pytest.mark.timeout(120)
 on_shared_loop = pytest.mark.asyncio(loop_scope="module")  # the tests that use the module's master
 
-CFG = {"model": {"preset": "tiny", "seed": 0},
-       "engine": {"block_size": 16, "num_blocks": 16, "max_num_seqs": 4, "max_batched_tokens": 256,
-                  "max_model_len": 256, "max_waiting": 8}}
+CFG = {
+    "model": {"preset": "tiny", "seed": 0},
+    "engine": {
+        "block_size": 16,
+        "num_blocks": 16,
+        "max_num_seqs": 4,
+        "max_batched_tokens": 256,
+        "max_model_len": 256,
+        "max_waiting": 8,
+    },
+}
 
 
 def prompt(n: int, offset: int = 0) -> list[int]:
@@ -90,7 +99,7 @@ async def test_a_stop_string_in_the_output_finishes_the_sequence_and_frees_its_b
     _, full, _ = await collect(master.add_request("whole", prompt(20, 4), greedy(16)))
     stop = full[6:9]
     deltas = [d async for d in master.add_request("cut", prompt(20, 4), greedy(16, stop=(stop,)))]
-    assert "".join(d.text for d in deltas) == full[:full.find(stop)]
+    assert "".join(d.text for d in deltas) == full[: full.find(stop)]
     assert (deltas[-1].finish_reason, deltas[-1].stop_reason) == ("stop", stop)
     assert sum(len(d.token_ids) for d in deltas) < 16  # stopped there, not run to max_tokens
     stats = master.stats()
@@ -129,12 +138,20 @@ def reference_generate(requests: list[tuple[list[int], SamplingParams]]) -> list
             start = 0 if not out else len(tokens) - 1
             new = tokens[start:]
             step_in = StepInput(
-                step=step, is_prefill=not out, seq_ids=np.array([0]), input_ids=np.array(new, np.int32),
+                step=step,
+                is_prefill=not out,
+                seq_ids=np.array([0]),
+                input_ids=np.array(new, np.int32),
                 positions=np.arange(start, len(tokens), dtype=np.int32),
-                query_start_loc=np.array([0, len(new)], np.int32), context_lens=np.array([len(tokens)], np.int32),
-                block_tables=np.array([blocks], np.int32), slot_mapping=np.arange(start, len(tokens), dtype=np.int64),
-                temperature=np.array([sp.temperature], np.float32), top_p=np.array([sp.top_p], np.float32),
-                top_k=np.array([sp.top_k], np.int32), seed=np.array([-1 if sp.seed is None else sp.seed], np.int64))
+                query_start_loc=np.array([0, len(new)], np.int32),
+                context_lens=np.array([len(tokens)], np.int32),
+                block_tables=np.array([blocks], np.int32),
+                slot_mapping=np.arange(start, len(tokens), dtype=np.int64),
+                temperature=np.array([sp.temperature], np.float32),
+                top_p=np.array([sp.top_p], np.float32),
+                top_k=np.array([sp.top_k], np.int32),
+                seed=np.array([-1 if sp.seed is None else sp.seed], np.int64),
+            )
             result = runner.execute(step_in)
             out.append(int(result.token_ids[0]))
             logprobs.append(float(result.logprobs[0]))
@@ -219,8 +236,11 @@ async def test_killed_agent_fails_streams_promptly_and_unlinks_arenas(master):
 def test_agent_refuses_a_master_of_another_protocol_version():
     with socket.create_server(("127.0.0.1", 0)) as srv:
         address = "127.0.0.1:%d" % srv.getsockname()[1]
-        agent = subprocess.Popen([sys.executable, "-m", "engine.agent", "--connect", address, "--rank", "0"],
-                                 stderr=subprocess.PIPE, text=True)
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "engine.agent", "--connect", address, "--rank", "0"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         srv.settimeout(60)
         conn, _ = srv.accept()
         master = FrameSocket(conn)
@@ -316,18 +336,33 @@ def test_spans_of_all_processes_link_up_with_two_ranks(tmp_path, async_schedulin
             sends, sender = send, ms
         else:  # the first iteration sends steps 0 and 1; the last has nothing left to send ahead
             sends, sender = (send * 2 if i == 0 else ["schedule"] if last else send), steps[max(i - 1, 0)]
-        assert children[ms.span_id] == [*sends, "agent.wait", "tcp.recv", "shm.read",
-                                        "postprocess", *(["detokenize", "stream.write"] if last else [])]
+        assert children[ms.span_id] == [
+            *sends,
+            "agent.wait",
+            "tcp.recv",
+            "shm.read",
+            "postprocess",
+            *(["detokenize", "stream.write"] if last else []),
+        ]
         wait = next(s for s in trace.spans if s.parent_id == ms.span_id and s.name == "agent.wait")
         output = [s for s in trace.spans if s.parent_id == wait.span_id]  # the previous step's, while agents run
-        assert [(s.name, s.step) for s in output] == ([] if i == 0 else
-                                                      [("detokenize", ms.step - 1), ("stream.write", ms.step - 1)])
+        assert [(s.name, s.step) for s in output] == (
+            [] if i == 0 else [("detokenize", ms.step - 1), ("stream.write", ms.step - 1)]
+        )
         for rank in (0, 1):
             ag = agent_steps[pids[f"agent-{rank}"], ms.step]
             assert ag.link_id == sender.span_id  # master.step that sent it -> agent.step
             kids = [k for k in children[ag.span_id] if k not in ("preprocess.batch", "gc")]
-            assert kids == ["tcp.recv", "shm.read", "preprocess", "forward", "sampling", "sync.wait",
-                            *(["shm.write"] if rank == 0 else []), "tcp.send"]
+            assert kids == [
+                "tcp.recv",
+                "shm.read",
+                "preprocess",
+                "forward",
+                "sampling",
+                "sync.wait",
+                *(["shm.write"] if rank == 0 else []),
+                "tcp.send",
+            ]
             assert all(by_id[i].step == ag.step for i in by_id if by_id[i].parent_id == ag.span_id)
         recv = next(by_id[i] for i in by_id if by_id[i].parent_id == ms.span_id and by_id[i].name == "tcp.recv")
         lead = agent_steps[pids["agent-0"], ms.step]
@@ -366,8 +401,12 @@ class _PendingStub:
 
         self.device.events.append(("result", self.step.step))
         b = self.step.num_seqs
-        return StepOutput(np.full(b, 100 + self.step.step, np.int32), np.zeros(b, np.float32),
-                          np.zeros((b, 0), np.int32), np.zeros((b, 0), np.float32))
+        return StepOutput(
+            np.full(b, 100 + self.step.step, np.int32),
+            np.zeros(b, np.float32),
+            np.zeros((b, 0), np.int32),
+            np.zeros((b, 0), np.float32),
+        )
 
 
 def test_agent_launches_the_next_step_while_the_device_runs_and_replies_in_order():
@@ -387,9 +426,19 @@ def test_agent_launches_the_next_step_while_the_device_runs_and_replies_in_order
             slot["seq_ids"][:2] = [7, 8]
             slot["input_ids"][:2] = [5, 6] if n == 0 else [-1, -1]
             slot["query_start_loc"][:3] = [0, 1, 2]
-            master.send(protocol.message("step", step=n, carrier=None, prefill=False, num_seqs=2, num_tokens=2,
-                                         block_width=1, drop=[],
-                                         new=[[s, [0.0, 1.0, -1, -1, 0]] for s in (7, 8)] if n == 0 else []))
+            master.send(
+                protocol.message(
+                    "step",
+                    step=n,
+                    carrier=None,
+                    prefill=False,
+                    num_seqs=2,
+                    num_tokens=2,
+                    block_width=1,
+                    drop=[],
+                    new=[[s, [0.0, 1.0, -1, -1, 0]] for s in (7, 8)] if n == 0 else [],
+                )
+            )
         serving = threading.Thread(target=agent.serve)
         serving.start()
         replies = []
@@ -406,5 +455,11 @@ def test_agent_launches_the_next_step_while_the_device_runs_and_replies_in_order
         b.close()
     assert [(r["step"], r["ids"]) for r in replies] == [(n, [100 + n] * 2) for n in range(3)]
     # step n+1 went to the device before the host waited for step n
-    assert agent.runner.events == [("launch", 0), ("launch", 1), ("result", 0), ("launch", 2), ("result", 1),
-                                   ("result", 2)]
+    assert agent.runner.events == [
+        ("launch", 0),
+        ("launch", 1),
+        ("result", 0),
+        ("launch", 2),
+        ("result", 1),
+        ("result", 2),
+    ]

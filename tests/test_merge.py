@@ -1,5 +1,6 @@
 """`llmtrace merge`: llmtrace + viztracer + torch.profiler traces of one process, recorded
 around the same marker, land on one timeline; every event is kept; pids are renamed apart."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,8 @@ from llmtrace.export.load_chrome import load_chrome_trace
 
 MARKERS = 5
 
-RECORD_MARKERS = textwrap.dedent("""
+RECORD_MARKERS = textwrap.dedent(
+    """
     import sys, time
     import llmtrace, torch
     from torch.profiler import profile, record_function
@@ -39,15 +41,21 @@ RECORD_MARKERS = textwrap.dedent("""
     vt.save(viz_path)
     prof.export_chrome_trace(torch_path)
     llmtrace.shutdown()
-""" % MARKERS)
+"""
+    % MARKERS
+)
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("merge")
     run, viz, tp = str(d / "run"), str(d / "viz.json"), str(d / "torch.json")
-    subprocess.run([sys.executable, "-c", RECORD_MARKERS, run, viz, tp], check=True, timeout=120,
-                   env={k: v for k, v in os.environ.items() if not k.startswith("LLMTRACE_")})
+    subprocess.run(
+        [sys.executable, "-c", RECORD_MARKERS, run, viz, tp],
+        check=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("LLMTRACE_")},
+    )
     exported = str(d / "llmtrace.json")
     assert cli_main(["export", run, "-o", exported]) == 0
     return d, exported, viz, tp
@@ -112,13 +120,15 @@ def test_torch_profiler_string_pids_are_renamed_and_the_merge_analyzes(inputs, c
 def test_begin_end_pairs_gzip_and_unclosed_events(tmp_path):
     import gzip
 
-    events = [{"ph": "B", "name": "outer", "pid": "gpu", "tid": "stream 7", "ts": 100.0},
-              {"ph": "B", "name": "inner", "pid": "gpu", "tid": "stream 7", "ts": 110.0},
-              {"ph": "E", "pid": "gpu", "tid": "stream 7", "ts": 120.0},
-              {"ph": "E", "pid": "gpu", "tid": "stream 7", "ts": 150.0},
-              {"ph": "B", "name": "cut", "pid": 3, "tid": 3, "ts": 200.0},
-              {"ph": "X", "name": "last", "pid": 3, "tid": 3, "ts": 240.0, "dur": 10.0},
-              {"ph": "E", "pid": 3, "tid": 4, "ts": 260.0}]
+    events = [
+        {"ph": "B", "name": "outer", "pid": "gpu", "tid": "stream 7", "ts": 100.0},
+        {"ph": "B", "name": "inner", "pid": "gpu", "tid": "stream 7", "ts": 110.0},
+        {"ph": "E", "pid": "gpu", "tid": "stream 7", "ts": 120.0},
+        {"ph": "E", "pid": "gpu", "tid": "stream 7", "ts": 150.0},
+        {"ph": "B", "name": "cut", "pid": 3, "tid": 3, "ts": 200.0},
+        {"ph": "X", "name": "last", "pid": 3, "tid": 3, "ts": 240.0, "dur": 10.0},
+        {"ph": "E", "pid": 3, "tid": 4, "ts": 260.0},
+    ]
     src = tmp_path / "t.json.gz"
     src.write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
     out = tmp_path / "m.json"
@@ -145,8 +155,14 @@ def test_a_file_the_recording_embeds_is_not_added_twice(tmp_path, capsys):
     sink.stop()
     viz = run / "viztracer" / "123.json"
     viz.parent.mkdir()
-    viz.write_text(json.dumps({"traceEvents": [{"ph": "X", "name": "f (a.py:1)", "pid": 123, "tid": 123,
-                                                "ts": 10.0, "dur": 2.0}], "llmtrace": {}}))
+    viz.write_text(
+        json.dumps(
+            {
+                "traceEvents": [{"ph": "X", "name": "f (a.py:1)", "pid": 123, "tid": 123, "ts": 10.0, "dur": 2.0}],
+                "llmtrace": {},
+            }
+        )
+    )
     exported = tmp_path / "run.json"
     assert cli_main(["export", str(run), "-o", str(exported)]) == 0
     assert sum(e.get("cat") == "viztracer" for e in _events(exported)) == 1
@@ -166,8 +182,9 @@ def test_a_file_the_recording_embeds_is_not_added_twice(tmp_path, capsys):
 def test_pid_collisions_renamed_and_named(tmp_path):
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     for p, name in ((a, "first"), (b, "second")):
-        p.write_text(json.dumps({"traceEvents": [
-            {"ph": "X", "name": name, "pid": 5, "tid": 1, "ts": 100.0, "dur": 10.0}]}))
+        p.write_text(
+            json.dumps({"traceEvents": [{"ph": "X", "name": name, "pid": 5, "tid": 1, "ts": 100.0, "dur": 10.0}]})
+        )
     out = tmp_path / "m.json"
     assert cli_main(["merge", str(a), str(b), "-o", str(out)]) == 0
     events = _events(out)
@@ -194,11 +211,13 @@ def test_pyspy_trace_of_a_record_run_is_aligned_else_placed_at_the_start(tmp_pat
     run.mkdir(parents=True)
     events = chrometrace(7, 140000000000009, 77, [(0, ["main", "work"]), (10_000, ["main", "idle"])])
     (run / "pyspy.json").write_text(json.dumps(events))
-    (run / "clock.json").write_text(json.dumps({"started_ns": 5_000_000_000, "attached_ns": 5_100_000_000,
-                                                "rate": 100}))
+    (run / "clock.json").write_text(
+        json.dumps({"started_ns": 5_000_000_000, "attached_ns": 5_100_000_000, "rate": 100})
+    )
     other = tmp_path / "other.json"
-    other.write_text(json.dumps({"traceEvents": [{"ph": "X", "name": "x", "pid": 9, "tid": 9, "ts": 6_000_000.0,
-                                                  "dur": 5.0}]}))
+    other.write_text(
+        json.dumps({"traceEvents": [{"ph": "X", "name": "x", "pid": 9, "tid": 9, "ts": 6_000_000.0, "dur": 5.0}]})
+    )
     bare = tmp_path / "bare.json"
     bare.write_text(json.dumps(events[::-1]))  # another file (the same bytes would be skipped as a repeat)
     from llmtrace.merge import merge_files

@@ -4,6 +4,7 @@ A tiny random model is saved with save_checkpoint, loaded by both sides, and the
 driven through ModelRunner with a minimal block allocation built here (blocks handed out
 in scrambled order, so block tables are never contiguous).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -39,8 +40,16 @@ class MiniAllocator:
         self.free.extend(self.tables.pop(seq_id))
 
 
-def make_step(step: int, alloc: MiniAllocator, batch: list[tuple[int, list[int], int]], *,
-              temperature=0.0, top_p=1.0, top_k=0, seed=-1) -> StepInput:
+def make_step(
+    step: int,
+    alloc: MiniAllocator,
+    batch: list[tuple[int, list[int], int]],
+    *,
+    temperature=0.0,
+    top_p=1.0,
+    top_k=0,
+    seed=-1,
+) -> StepInput:
     """batch: (seq_id, all token ids, tokens already cached); the rest are this step's new tokens.
     Sampling parameters are scalars or one value per sequence."""
     bs = alloc.block_size
@@ -56,13 +65,20 @@ def make_step(step: int, alloc: MiniAllocator, batch: list[tuple[int, list[int],
     b = len(batch)
     full = lambda v, dt: np.broadcast_to(np.asarray(v, dt), (b,)).copy()  # noqa: E731
     return StepInput(
-        step=step, is_prefill=any(len(t) - c > 1 or c == 0 for _, t, c in batch),
-        seq_ids=np.array([s for s, _, _ in batch], np.int64), input_ids=np.array(ids, np.int32),
-        positions=np.array(pos, np.int32), query_start_loc=np.array(qsl, np.int32),
+        step=step,
+        is_prefill=any(len(t) - c > 1 or c == 0 for _, t, c in batch),
+        seq_ids=np.array([s for s, _, _ in batch], np.int64),
+        input_ids=np.array(ids, np.int32),
+        positions=np.array(pos, np.int32),
+        query_start_loc=np.array(qsl, np.int32),
         context_lens=np.array([len(t) for _, t, _ in batch], np.int32),
         block_tables=np.array([t + [-1] * (width - len(t)) for t in tables], np.int32),
-        slot_mapping=np.array(slots, np.int64), temperature=full(temperature, np.float32),
-        top_p=full(top_p, np.float32), top_k=full(top_k, np.int32), seed=full(seed, np.int64))
+        slot_mapping=np.array(slots, np.int64),
+        temperature=full(temperature, np.float32),
+        top_p=full(top_p, np.float32),
+        top_k=full(top_k, np.int32),
+        seed=full(seed, np.int64),
+    )
 
 
 class Driver:
@@ -112,22 +128,25 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_model(checkpoint):
-    return transformers.LlamaForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32,
-                                                         attn_implementation="eager").eval()
+    return transformers.LlamaForCausalLM.from_pretrained(
+        str(checkpoint), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 @pytest.fixture(scope="module")
 def runner(checkpoint):
-    return ModelRunner(ModelConfig(path=str(checkpoint), dtype="float32", device="cpu"), block_size=BLOCK_SIZE,
-                       num_blocks=96)
+    return ModelRunner(
+        ModelConfig(path=str(checkpoint), dtype="float32", device="cpu"), block_size=BLOCK_SIZE, num_blocks=96
+    )
 
 
 def hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
-    gen = transformers.GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                        eos_token_id=None, pad_token_id=0)
+    gen = transformers.GenerationConfig(
+        max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
     with torch.no_grad():
         out = hf_model.generate(torch.tensor([prompt]), generation_config=gen)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def prompts(n: int, seed: int = 0, lo: int = 3, hi: int = 30) -> list[list[int]]:
@@ -141,7 +160,7 @@ def test_alone_matches_transformers(runner, hf_model):
     d.add(0, prompt)
     for _ in range(8):
         d.step()
-    assert d.tokens[0][len(prompt):] == hf_greedy(hf_model, prompt, 8)
+    assert d.tokens[0][len(prompt) :] == hf_greedy(hf_model, prompt, 8)
 
 
 def test_batched_with_staggered_joins_matches_transformers(runner, hf_model):
@@ -158,7 +177,7 @@ def test_batched_with_staggered_joins_matches_transformers(runner, hf_model):
     while any(len(d.tokens[i]) - len(ps[i]) < n for i in range(4)):
         d.step([i for i in range(4) if len(d.tokens[i]) - len(ps[i]) < n])
     for i, p in enumerate(ps):
-        assert d.tokens[i][len(p):] == hf_greedy(hf_model, p, n), f"sequence {i}"
+        assert d.tokens[i][len(p) :] == hf_greedy(hf_model, p, n), f"sequence {i}"
 
 
 def test_crossing_block_boundaries_and_chunked_prefill(runner, hf_model):
@@ -171,7 +190,7 @@ def test_crossing_block_boundaries_and_chunked_prefill(runner, hf_model):
     for _ in range(9):
         d.step()
     assert len(d.tokens[0]) > 3 * BLOCK_SIZE
-    assert d.tokens[0][len(prompt):] == hf_greedy(hf_model, prompt, 9)
+    assert d.tokens[0][len(prompt) :] == hf_greedy(hf_model, prompt, 9)
 
 
 def test_recompute_after_preemption_continues_the_same(runner, hf_model):
@@ -185,35 +204,54 @@ def test_recompute_after_preemption_continues_the_same(runner, hf_model):
     d.step([1])  # the other sequence keeps going while 0 waits
     for _ in range(5):
         d.step()  # 0 comes back as a prefill of prompt + its 5 tokens, batched with 1's decode
-    assert d.tokens[0][len(ps[0]):] == hf_greedy(hf_model, ps[0], 10)
-    assert d.tokens[1][len(ps[1]):] == hf_greedy(hf_model, ps[1], 11)
+    assert d.tokens[0][len(ps[0]) :] == hf_greedy(hf_model, ps[0], 10)
+    assert d.tokens[1][len(ps[1]) :] == hf_greedy(hf_model, ps[1], 11)
 
 
-SMALL = {"vocab_size": 512, "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-         "model_type": "llama"}
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}
+SMALL = {
+    "vocab_size": 512,
+    "hidden_size": 128,
+    "intermediate_size": 344,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "model_type": "llama",
+}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
-@pytest.mark.parametrize("variant", [
-    {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
-    {"rope_scaling": LLAMA3_ROPE, "rope_theta": 500000.0, "tie_word_embeddings": True},
-    {"num_key_value_heads": 4, "head_dim": 48, "rms_norm_eps": 1e-6},
-], ids=["linear-rope", "llama3-rope-tied", "mha-head-dim"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+        {"rope_scaling": LLAMA3_ROPE, "rope_theta": 500000.0, "tie_word_embeddings": True},
+        {"num_key_value_heads": 4, "head_dim": 48, "rms_norm_eps": 1e-6},
+    ],
+    ids=["linear-rope", "llama3-rope-tied", "mha-head-dim"],
+)
 def test_logits_match_transformers(tmp_path, variant):
     model = build_random_model({**SMALL, **variant}, seed=7)
     save_checkpoint(model, tmp_path)
     model = load_checkpoint(tmp_path)  # through the HF-format round trip
-    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32,
-                                                       attn_implementation="sdpa").eval()
+    hf = transformers.LlamaForCausalLM.from_pretrained(
+        str(tmp_path), dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
     ids = np.random.default_rng(0).integers(0, 512, size=70).tolist()
     alloc = MiniAllocator(8)
     step = make_step(0, alloc, [(0, ids, 0)])
     inp = prepare_inputs(step, torch.device("cpu"))
     c = model.config
-    kv = [tuple(torch.zeros(8, BLOCK_SIZE, c.num_key_value_heads, c.head_dim) for _ in range(2))
-          for _ in range(c.num_hidden_layers)]
+    kv = [
+        tuple(torch.zeros(8, BLOCK_SIZE, c.num_key_value_heads, c.head_dim) for _ in range(2))
+        for _ in range(c.num_hidden_layers)
+    ]
     with torch.no_grad():
         ours = model.compute_logits(model(inp.input_ids, inp.positions, kv, inp.meta), torch.arange(len(ids)))
         ref = hf(torch.tensor([ids])).logits[0]

@@ -1,4 +1,5 @@
 """ModelRunner: spans per step, KV cache sizing, output arrays, seeded sampling through steps."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -2,6 +2,7 @@
 local HTTP server) as protobuf that the official opentelemetry-proto definitions decode:
 parents, cross-process links, resource attributes per process, error status, Unix times,
 and the GenAI attributes on request spans."""
+
 from __future__ import annotations
 
 import http.server
@@ -27,8 +28,13 @@ def _trace():
     b.trace.processes[MASTER_PID].header["resource"]["max_num_seqs"] = 8
     for _ in range(3):
         b.step(batch=2)
-    req = b.span(MASTER_PID, "http.request", b.t, b.t + 50_000_000, attrs={"req": "r1", "prompt_tokens": 17,
-                                                                       "output_tokens": 12, "ttft_us": 25_000})
+    req = b.span(
+        MASTER_PID,
+        "http.request",
+        b.t,
+        b.t + 50_000_000,
+        attrs={"req": "r1", "prompt_tokens": 17, "output_tokens": 12, "ttft_us": 25_000},
+    )
     boom = b.span(AGENT_PID, "forward", b.t, b.t + 1_000_000, attrs={})
     boom.flags = FLAG_EXCEPTION
     boom.link_id = req.span_id  # a cross-process `follows` link
@@ -101,8 +107,9 @@ def test_batches_and_a_receiver_that_refuses(tmp_path, capsys):
     trace, _ = _trace()
     bodies = otlp.requests(trace, batch=5)
     assert len(bodies) >= len(trace.spans) // 5
-    assert sum(len(ss.spans) for b in bodies for rs in _decode(b).resource_spans for ss in rs.scope_spans) \
-        == len(trace.spans)
+    assert sum(len(ss.spans) for b in bodies for rs in _decode(b).resource_spans for ss in rs.scope_spans) == len(
+        trace.spans
+    )
     path = tmp_path / "t.json"
     write_chrome_trace(trace, str(path))
     assert cli_main(["export", str(path), "--otlp", "http://127.0.0.1:9/v1/traces"]) == 2

@@ -4,6 +4,7 @@ of rejected requests leaves the server's memory where it was.
 
 The heavier burst (thousands of requests, RSS before/after): benchmarks/soak.py.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,8 +21,13 @@ pytestmark = pytest.mark.timeout(120)
 
 C = "/v1/completions"
 MAX_NUM_SEQS, MAX_WAITING = 2, 4
-ENGINE = {"max_model_len": 256, "max_batched_tokens": 256, "max_num_seqs": MAX_NUM_SEQS, "max_waiting": MAX_WAITING,
-          "num_blocks": 32}
+ENGINE = {
+    "max_model_len": 256,
+    "max_batched_tokens": 256,
+    "max_num_seqs": MAX_NUM_SEQS,
+    "max_waiting": MAX_WAITING,
+    "num_blocks": 32,
+}
 HELD_TOKENS = 240  # outlasts the burst: at <= 10 ms a step, the first held request ends after 2.4 s
 
 
@@ -37,6 +43,7 @@ async def burst(url: str, n: int, concurrency: int) -> collections.Counter:
     tally: collections.Counter = collections.Counter()
     body = {"prompt": "a request that finds the queue full", "max_tokens": 4}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as s:
+
         async def one() -> None:
             async with s.post(url + C, json=body) as r:
                 await r.read()
@@ -48,13 +55,16 @@ async def burst(url: str, n: int, concurrency: int) -> collections.Counter:
 
 async def stats(engine: EngineThread) -> dict:
     """The master's stats, without blocking this event loop (its clients must keep talking)."""
+
     async def read():
         return engine.handle.master.stats()
+
     return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(read(), engine.loop))
 
 
-async def hold_the_queue(engine: EngineThread, session: aiohttp.ClientSession,
-                         max_tokens: int = HELD_TOKENS) -> list[asyncio.Task]:
+async def hold_the_queue(
+    engine: EngineThread, session: aiohttp.ClientSession, max_tokens: int = HELD_TOKENS
+) -> list[asyncio.Task]:
     """Fill the running batch and the waiting queue with long requests, one at a time, each
     once the previous one is where it belongs (sent together, or before the scheduler has
     moved the first ones to running, they would find the queue full); their tasks."""

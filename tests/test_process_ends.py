@@ -1,6 +1,7 @@
 """A process that dies is reported: `llmtrace record` of a program whose multiprocessing
 worker is SIGKILLed and whose subprocess exits with code 3 warns about both (the parent
 saw them reaped), says nothing of the workers that ended cleanly, and keeps the trace."""
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,24 @@ def test_dead_children_are_reported_with_how_they_died(tmp_path):
     prog = tmp_path / "prog.py"
     prog.write_text(PROGRAM)
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "llmtrace.cli", "record", "--sample-hz", "0", "--out", str(out), "--",
-                        sys.executable, str(prog)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmtrace.cli",
+            "record",
+            "--sample-hz",
+            "0",
+            "--out",
+            str(out),
+            "--",
+            sys.executable,
+            str(prog),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     with open(os.path.join(out, "report.json")) as f:
         ends = json.load(f)["process_ends"]
@@ -74,9 +91,26 @@ def test_spans_open_at_a_stop_signal_are_kept_and_flagged(tmp_path, pure_python)
     prog.write_text(SIGTERMED)
     out = tmp_path / "run"
     env = {**os.environ, "LLMTRACE_PURE_PYTHON": pure_python}
-    r = subprocess.run([sys.executable, "-m", "llmtrace.cli", "record", "--sample-hz", "0", "--no-auto", "--out",
-                        str(out), "--", sys.executable, str(prog)], capture_output=True, text=True, timeout=120,
-                       env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmtrace.cli",
+            "record",
+            "--sample-hz",
+            "0",
+            "--no-auto",
+            "--out",
+            str(out),
+            "--",
+            sys.executable,
+            str(prog),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert r.returncode != 0  # the program died of its signal
     trace = load_trace(str(out))
     cut = {s.name: s for s in trace.spans if s.open_at_stop}

@@ -1,5 +1,6 @@
 """Pipelines llmtrace did not write: how the analyzer finds their steps (profile.py) and
 charges a blocking receive to the peer's work (peers.py)."""
+
 from __future__ import annotations
 
 import itertools
@@ -15,10 +16,30 @@ MS = 1_000_000
 _ids = itertools.count(1)
 
 
-def span(trace: Trace, name: str, start_ms: float, end_ms: float, pid: int = 1, tid: int = 1,
-         parent: Span | None = None, step: int = -1, **attrs) -> Span:
-    s = Span(name, name.split(".", 1)[0], pid, tid, int(start_ms * MS), int(end_ms * MS), next(_ids),
-             parent.span_id if parent else 0, 0, step, attrs)
+def span(
+    trace: Trace,
+    name: str,
+    start_ms: float,
+    end_ms: float,
+    pid: int = 1,
+    tid: int = 1,
+    parent: Span | None = None,
+    step: int = -1,
+    **attrs,
+) -> Span:
+    s = Span(
+        name,
+        name.split(".", 1)[0],
+        pid,
+        tid,
+        int(start_ms * MS),
+        int(end_ms * MS),
+        next(_ids),
+        parent.span_id if parent else 0,
+        0,
+        step,
+        attrs,
+    )
     trace.spans.append(s)
     return s
 
@@ -202,8 +223,10 @@ def test_a_log_call_line_names_the_formatting_of_its_arguments(tmp_path):
     from llmtrace.analyze.functions import line_callee
 
     main = tmp_path / "server.py"
-    main.write_text("import logging\nlog = logging.getLogger()\n"
-                    "def step(x):\n    log.debug(f'logits {x.tolist()}')\n    return np.concatenate([x])\n")
+    main.write_text(
+        "import logging\nlog = logging.getLogger()\n"
+        "def step(x):\n    log.debug(f'logits {x.tolist()}')\n    return np.concatenate([x])\n"
+    )
     assert line_callee("__main__:step:4", str(main)) == "logging.Logger.debug"
     assert line_callee("__main__:step:5", str(main)) == "numpy.concatenate"
     assert line_callee("__main__:step:4") is None  # without the process's main file: not this process's

@@ -1,4 +1,5 @@
 """The public surface: cheap to import, and names that stay what they are."""
+
 from __future__ import annotations
 
 import subprocess
@@ -15,8 +16,9 @@ def test_import_pulls_in_no_heavy_modules():
 
 
 def test_trace_stays_the_decorator_after_submodules_load():
-    out = _run("import llmtrace, llmtrace.timeline, llmtrace.load, llmtrace.analyze.report; "
-               "print(llmtrace.trace.__module__)")
+    out = _run(
+        "import llmtrace, llmtrace.timeline, llmtrace.load, llmtrace.analyze.report; print(llmtrace.trace.__module__)"
+    )
     assert out == "llmtrace.decorator"
 
 
@@ -29,11 +31,13 @@ def test_public_names():
 
 
 def test_naming_a_process_that_records_from_the_environment_keeps_its_records(tmp_path):
-    code = ("import llmtrace\n"
-            "with llmtrace.span('before.rename'): pass\n"
-            "llmtrace.flush()\n"
-            "llmtrace.configure(process_name='agent-7')\n"
-            "with llmtrace.span('after.rename'): pass\n")
+    code = (
+        "import llmtrace\n"
+        "with llmtrace.span('before.rename'): pass\n"
+        "llmtrace.flush()\n"
+        "llmtrace.configure(process_name='agent-7')\n"
+        "with llmtrace.span('after.rename'): pass\n"
+    )
     env = {**__import__("os").environ, "LLMTRACE_OUT": str(tmp_path)}
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
     from llmtrace.timeline import load_spool_dir

@@ -1,6 +1,7 @@
 """py-spy over a recorded run: its chrometrace turned into samples on our clock (beacon
 alignment), the slow function named under its stage when ptrace works here, and the
 fallback to the in-process sampler, with what to grant, when it does not."""
+
 from __future__ import annotations
 
 import bisect
@@ -28,8 +29,11 @@ def ptrace_denied() -> str | None:
     finally:
         child.kill()
         child.wait()
-    return None if r.returncode == 0 else f"py-spy dump failed: {(r.stderr or r.stdout).strip()[:200]}; " \
-                                           f"{pyspy.ptrace_advice()}"
+    return (
+        None
+        if r.returncode == 0
+        else f"py-spy dump failed: {(r.stderr or r.stdout).strip()[:200]}; {pyspy.ptrace_advice()}"
+    )
 
 
 def test_record_with_pyspy_names_the_slow_function(tmp_path):
@@ -49,8 +53,9 @@ def test_fallback_when_pyspy_may_not_attach(tmp_path):
     fake.chmod(0o755)
     out = tmp_path / "run"
     env = {pyspy.ENV_EXECUTABLE: str(fake)}
-    r = record(out, "--py-spy", "--py-spy-rate", "1000", program=[sys.executable, PIPELINE, "--steps", "150"],
-               env_extra=env)
+    r = record(
+        out, "--py-spy", "--py-spy-rate", "1000", program=[sys.executable, PIPELINE, "--steps", "150"], env_extra=env
+    )
     assert r.returncode == 0, r.stderr
     assert "py-spy was not allowed to read the program" in r.stderr
     assert "ptrace is not permitted here" in r.stderr and "sudo" in r.stderr
@@ -63,8 +68,9 @@ def chrometrace(pid: int, pthread: int, native: int, stacks: list[tuple[int, lis
     events, prev = [], []
 
     def frames(names):
-        return [(f"process {pid}:\"python x.py\"", ""), (f"thread ({native}): MainThread", "")] + \
-            [(n, "/app/pipeline.py") for n in names]
+        return [(f'process {pid}:"python x.py"', ""), (f"thread ({native}): MainThread", "")] + [
+            (n, "/app/pipeline.py") for n in names
+        ]
 
     for ts, names in stacks + [(stacks[-1][0] + 5000, None)]:
         cur = frames(names) if names is not None else []
@@ -72,18 +78,40 @@ def chrometrace(pid: int, pthread: int, native: int, stacks: list[tuple[int, lis
         while keep < min(len(prev), len(cur)) and prev[keep] == cur[keep]:
             keep += 1
         for name, fn in reversed(prev[keep:]):
-            events.append({"ph": "E", "name": name, "pid": pid, "tid": pthread, "ts": ts, "cat": "py-spy",
-                           "args": {"filename": fn, "line": 7}})
+            events.append(
+                {
+                    "ph": "E",
+                    "name": name,
+                    "pid": pid,
+                    "tid": pthread,
+                    "ts": ts,
+                    "cat": "py-spy",
+                    "args": {"filename": fn, "line": 7},
+                }
+            )
         for name, fn in cur[keep:]:
-            events.append({"ph": "B", "name": name, "pid": pid, "tid": pthread, "ts": ts, "cat": "py-spy",
-                           "args": {"filename": fn, "line": 7}})
+            events.append(
+                {
+                    "ph": "B",
+                    "name": name,
+                    "pid": pid,
+                    "tid": pthread,
+                    "ts": ts,
+                    "cat": "py-spy",
+                    "args": {"filename": fn, "line": 7},
+                }
+            )
         prev = cur
     return events
 
 
 def test_chrometrace_to_samples_on_native_threads():
-    events = chrometrace(42, 140000000000001, 4242, [(0, ["main", "step", "tokenize"]),
-                                                     (20_000, ["main", "step", "preprocess", "format"])])
+    events = chrometrace(
+        42,
+        140000000000001,
+        4242,
+        [(0, ["main", "step", "tokenize"]), (20_000, ["main", "step", "preprocess", "format"])],
+    )
     threads = pyspy.stack_changes(events)
     assert list(threads) == [(42, 4242)]
     samples = pyspy.to_samples(threads, offset_ns=1_000_000, rate=200)
@@ -108,7 +136,7 @@ def test_beacon_fit_recovers_the_offset():
         obs.append((t - true + rng.randint(0, 300_000), j % 2 == 0))
         t += 5_000_000
     fitted = pyspy.fit_beacon(obs, marks, lo=true - 20_000_000, hi=true + 30_000_000)
-    assert abs(fitted - true) < 500_000, (fitted - true)
+    assert abs(fitted - true) < 500_000, fitted - true
 
 
 def observed_beacon(seed: int, rate: int, jitter_ns: int) -> tuple[list[int], list[tuple[int, bool]], int]:

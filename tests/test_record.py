@@ -1,6 +1,7 @@
 """`llmtrace record`: any program recorded from interpreter start, its stages found by span
 name, the slow function inside a stage named by the in-process sampler; the program's exit
 code comes back and the trace is written however it ended."""
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,12 @@ def names_array_formatting_in_preprocess(rep: dict, source: str) -> None:
     hits = [f for f in tops if any(k in f["name"] for k in ARRAY_FORMATTING)]
     assert hits, tops
     assert any(source in s for f in hits for s in f["sources"]), hits
-    found = [s for s in rep["suggestions"] if s["stage"] == "preprocess"
-             and any(any(k in f["name"] for k in ARRAY_FORMATTING) for f in s["evidence"].get("functions", []))]
+    found = [
+        s
+        for s in rep["suggestions"]
+        if s["stage"] == "preprocess"
+        and any(any(k in f["name"] for k in ARRAY_FORMATTING) for f in s["evidence"].get("functions", []))
+    ]
     assert found and found[0]["id"] == "log-in-hot-path", rep["suggestions"]
 
 
@@ -86,9 +91,12 @@ def test_program_that_raises_exit_code_and_trace(tmp_path):
 
 
 def test_exit_code_passed_through(tmp_path):
-    r = record(tmp_path / "run", "--sample-hz", "0",
-               program=[sys.executable, "-c",
-                        "import sys, llmtrace\nwith llmtrace.span('x', step=0): pass\nsys.exit(3)"])
+    r = record(
+        tmp_path / "run",
+        "--sample-hz",
+        "0",
+        program=[sys.executable, "-c", "import sys, llmtrace\nwith llmtrace.span('x', step=0): pass\nsys.exit(3)"],
+    )
     assert r.returncode == 3, r.stderr
 
 
@@ -107,8 +115,19 @@ def test_sigterm_forwarded_children_recorded_trace_written(tmp_path):
     has its own spool file (with samples); the trace is written; exit code 128 + 15."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMTRACE_")}
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "llmtrace.cli", "record", "--out", str(out), "--sample-hz", "200", "--",
-           sys.executable, script(tmp_path, SPAWNS_A_PLAIN_CHILD)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmtrace.cli",
+        "record",
+        "--out",
+        str(out),
+        "--sample-hz",
+        "200",
+        "--",
+        sys.executable,
+        script(tmp_path, SPAWNS_A_PLAIN_CHILD),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     assert proc.stdout.readline().strip() == "spans done"
     time.sleep(0.2)  # a spool flush (50 ms) for the spans
@@ -133,8 +152,10 @@ def test_no_program_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "already holds a recording" in r.stderr
 
 
-@pytest.mark.parametrize("rc,expected", [(0, (0, None)), (3, (3, "the program exited with code 3")),
-                                         (-9, (137, "the program was killed by SIGKILL"))])
+@pytest.mark.parametrize(
+    "rc,expected",
+    [(0, (0, None)), (3, (3, "the program exited with code 3")), (-9, (137, "the program was killed by SIGKILL"))],
+)
 def test_exit_status(rc, expected):
     from llmtrace.commands.record import exit_status
 
@@ -183,9 +204,24 @@ def test_sighup_keeps_the_trace_like_sigterm(tmp_path):
     out = tmp_path / "run"
     # SIGHUP as a terminal leaves it (a suite run under nohup ignores it, and an ignored
     # signal stays ignored in the program, as it should)
-    proc = subprocess.Popen([sys.executable, "-m", "llmtrace.cli", "record", "--out", str(out), "--", sys.executable,
-                             script(tmp_path, HANGS_UP)], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT,
-                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llmtrace.cli",
+            "record",
+            "--out",
+            str(out),
+            "--",
+            sys.executable,
+            script(tmp_path, HANGS_UP),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
+    )
     assert proc.stdout.readline().strip() == "ready"
     (child,) = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == proc.pid]
     os.kill(child, signal.SIGHUP)
@@ -225,8 +261,10 @@ def test_without_a_step_loop_the_report_says_where_the_time_went(tmp_path):
     assert {row["stage"] for row in rep["whole_run"]} >= {"serialize"}  # the automatic json spans
     busy = [row["function"] for row in rep["whole_run_functions"]]
     assert busy and busy[0].startswith("__main__.encode_forever"), busy
-    assert "No step loop found" in r.stdout + r.stderr or "No step loop found" in open(
-        os.path.join(tmp_path / "run", "report.md")).read()
+    assert (
+        "No step loop found" in r.stdout + r.stderr
+        or "No step loop found" in open(os.path.join(tmp_path / "run", "report.md")).read()
+    )
 
 
 def test_an_analyzer_failure_keeps_the_trace_and_says_so(tmp_path, monkeypatch, capsys):

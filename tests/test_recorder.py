@@ -3,6 +3,7 @@
 Every test runs once per backend through the `backend` fixture, which points
 `llmtrace.recorder` (and so the decorator, sink and context modules) at that backend.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,9 +20,25 @@ import llmtrace
 from llmtrace import recorder
 from llmtrace.spool_format import ATTR_FLOAT, ATTR_ID_MASK, ATTR_STR, COUNTER, INSTANT, RECORD, SPAN, bits_float
 
-FUNCTIONS = ("span", "instant", "counter", "traced", "emit", "intern", "drain", "current", "set_current",
-             "reset_current", "new_span_id", "set_enabled", "is_enabled", "set_device_hook", "reset_after_fork",
-             "requeue_strings", "close_open")
+FUNCTIONS = (
+    "span",
+    "instant",
+    "counter",
+    "traced",
+    "emit",
+    "intern",
+    "drain",
+    "current",
+    "set_current",
+    "reset_current",
+    "new_span_id",
+    "set_enabled",
+    "is_enabled",
+    "set_device_hook",
+    "reset_after_fork",
+    "requeue_strings",
+    "close_open",
+)
 MODULES = {"c": "llmtrace._fastspan", "python": "llmtrace._pyrecorder"}
 FLAG_EXCEPTION, FLAG_ATTRS_CUT = 1, 2
 _strings: dict[str, dict[int, str]] = {"c": {}, "python": {}}  # every string each backend has sent
@@ -77,8 +94,20 @@ class Recorded:
             if k:
                 key = self.strings[k & ATTR_ID_MASK]
                 attrs[key] = self.strings[v] if k & ATTR_STR else bits_float(v) if k & ATTR_FLOAT else v
-        return dict(start=start, end=end, span_id=span_id, parent=parent, link=link, step=step, attrs=attrs,
-                    name=self.strings.get(name_id), stage=self.strings.get(stage_id), tid=tid, kind=kind, flags=flags)
+        return dict(
+            start=start,
+            end=end,
+            span_id=span_id,
+            parent=parent,
+            link=link,
+            step=step,
+            attrs=attrs,
+            name=self.strings.get(name_id),
+            stage=self.strings.get(stage_id),
+            tid=tid,
+            kind=kind,
+            flags=flags,
+        )
 
 
 def test_nesting_steps_stages_and_current(backend):
@@ -419,8 +448,12 @@ def test_explicit_start_and_record_span(backend):
     got = backend.spans()
     assert got["agent.step"]["start"] == t0 and got["agent.step"]["link"] == 7
     recv = got["tcp.recv"]
-    assert (recv["span_id"], recv["parent"], recv["step"], recv["attrs"]) == (sid, got["agent.step"]["span_id"], 4,
-                                                                              {"bytes": 64})
+    assert (recv["span_id"], recv["parent"], recv["step"], recv["attrs"]) == (
+        sid,
+        got["agent.step"]["span_id"],
+        4,
+        {"bytes": 64},
+    )
     assert (recv["start"], recv["end"]) == (t0, t0 + 1_000)
     q = got["queue"]
     assert (q["span_id"], q["parent"], q["step"], q["attrs"]) == (queue_id, 0, 9, {"req": "r1"})

@@ -4,6 +4,7 @@ ships it (scripts/check_recorder_memory.py; the stress program is scripts/record
 
 This is the check that catches a span freed inside its own `with` on 3.12+ (the agent's
 SIGSEGV on the GPU) without a GPU."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -13,8 +14,9 @@ import shutil
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("check_recorder_memory",
-                                               os.path.join(ROOT, "scripts", "check_recorder_memory.py"))
+_spec = importlib.util.spec_from_file_location(
+    "check_recorder_memory", os.path.join(ROOT, "scripts", "check_recorder_memory.py")
+)
 check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(check)
 

@@ -1,4 +1,5 @@
 """report.json's schema, its text and markdown renderings, and `llmtrace analyze`."""
+
 import json
 
 import pytest
@@ -25,16 +26,41 @@ def test_report_has_the_design_schema(report):
         assert key in s
     assert set(s["ttft_ms"]) >= {"p50", "p90", "p99"}
     bd = report["breakdown"]
-    for key in ("per_token_ms", "model_ms", "overhead_ms", "overhead_fraction", "stages", "decode", "prefill",
-                "headline"):
+    for key in (
+        "per_token_ms",
+        "model_ms",
+        "overhead_ms",
+        "overhead_fraction",
+        "stages",
+        "decode",
+        "prefill",
+        "headline",
+    ):
         assert key in bd
     for row in bd["stages"]:
-        assert set(row) >= {"name", "ms_per_step", "ms_per_token", "share", "count", "p50_ms", "p99_ms",
-                            "top_functions"}
+        assert set(row) >= {
+            "name",
+            "ms_per_step",
+            "ms_per_token",
+            "share",
+            "count",
+            "p50_ms",
+            "p99_ms",
+            "top_functions",
+        }
     assert bd["decode"]["steps"] == 30 and bd["prefill"]["steps"] == 3
     for sug in report["suggestions"]:
-        assert set(sug) == {"id", "title", "stage", "evidence", "est_saving_ms_per_token", "est_speedup",
-                            "est_saving_interval", "fix", "impact"}
+        assert set(sug) == {
+            "id",
+            "title",
+            "stage",
+            "evidence",
+            "est_saving_ms_per_token",
+            "est_speedup",
+            "est_saving_interval",
+            "fix",
+            "impact",
+        }
     assert [x["id"] for x in report["suggestions"]][:2] == ["log-in-hot-path", "concat-padding"]
     t = report["tracing"]
     assert set(t) >= {"spans_recorded", "spans_dropped", "instrumentation_cost_us_per_token", "processes"}
@@ -94,11 +120,17 @@ def test_analyze_command_bad_path_is_a_clear_error(tmp_path, capsys):
 def test_the_hand_found_overheads_are_found_automatically():
     """The motivating case: a 40 ms decode token whose bare model takes 25 ms."""
     b = EngineTraceBuilder()
-    b.steps(40, batch=1, agent_order=["tcp.recv", "shm.read", "preprocess", "forward", "sync.wait", "sampling",
-                                      "shm.write", "tcp.send"],
-            device={"forward": 25.0, "sampling": 0}, agent={"sampling": 0.0},
-            nested={"preprocess": [("logging.debug", 7.0, {}), ("np.concatenate", 4.8, {})],
-                    "sampling": [("sampling.host", 2.5, {"logits_bytes": 128256 * 4})]})
+    b.steps(
+        40,
+        batch=1,
+        agent_order=["tcp.recv", "shm.read", "preprocess", "forward", "sync.wait", "sampling", "shm.write", "tcp.send"],
+        device={"forward": 25.0, "sampling": 0},
+        agent={"sampling": 0.0},
+        nested={
+            "preprocess": [("logging.debug", 7.0, {}), ("np.concatenate", 4.8, {})],
+            "sampling": [("sampling.host", 2.5, {"logits_bytes": 128256 * 4})],
+        },
+    )
     rep = build_report(b.build())
     bd = rep["breakdown"]
     assert bd["model_ms"] == pytest.approx(25.0, rel=0.01)

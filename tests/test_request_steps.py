@@ -1,6 +1,7 @@
 """Requests linked to the steps that served them without the program's help
 (analyze/request_steps.py, auto/handoff.py): a TTFT and a queue time for programs that
 never name their requests."""
+
 from __future__ import annotations
 
 import itertools
@@ -25,8 +26,19 @@ _ids = itertools.count(1)
 
 
 def _span(t: Trace, name: str, start: float, end: float, tid: int, parent: Span | None = None) -> Span:
-    s = Span(name, name.split(".", 1)[0], 1, tid, int(start * MS), int(end * MS), next(_ids),
-             parent.span_id if parent else 0, 0, -1, {})
+    s = Span(
+        name,
+        name.split(".", 1)[0],
+        1,
+        tid,
+        int(start * MS),
+        int(end * MS),
+        next(_ids),
+        parent.span_id if parent else 0,
+        0,
+        -1,
+        {},
+    )
     t.spans.append(s)
     return s
 
@@ -38,10 +50,21 @@ def _engine_steps(t: Trace, tid: int, n: int = 10) -> None:
 
 
 def _handoff(t: Trace, request: Span, key: int, put_ms: float, get_ms: float, get_tid: int) -> None:
-    t.instants.append(Instant(names.I_HANDOFF_PUT, "handoff", 1, request.tid, int(put_ms * MS), -1,
-                              request.span_id, {names.A_HANDOFF: key}))
-    t.instants.append(Instant(names.I_HANDOFF_GET, "handoff", 1, get_tid, int(get_ms * MS), -1, 0,
-                              {names.A_HANDOFF: key}))
+    t.instants.append(
+        Instant(
+            names.I_HANDOFF_PUT,
+            "handoff",
+            1,
+            request.tid,
+            int(put_ms * MS),
+            -1,
+            request.span_id,
+            {names.A_HANDOFF: key},
+        )
+    )
+    t.instants.append(
+        Instant(names.I_HANDOFF_GET, "handoff", 1, get_tid, int(get_ms * MS), -1, 0, {names.A_HANDOFF: key})
+    )
 
 
 def _analysis(t: Trace) -> Analysis:
@@ -110,7 +133,7 @@ def test_queue_hand_offs_are_recorded_inside_a_span_and_matched_by_identity():
     assert put.attrs[names.A_HANDOFF] == get.attrs[names.A_HANDOFF] and put.parent_id and get.tid != put.tid
 
 
-SERVER = textwrap.dedent('''\
+SERVER = textwrap.dedent("""\
     import json, queue, threading, time, urllib.request
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -165,7 +188,7 @@ SERVER = textwrap.dedent('''\
     for c in clients:
         c.join()
     server.shutdown()
-    ''')
+    """)
 
 
 @pytest.mark.slow
@@ -173,8 +196,12 @@ def test_an_unannotated_queue_server_gets_ttft_and_queue_time(tmp_path):
     program = tmp_path / "server.py"
     program.write_text(SERVER)
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "llmtrace.cli", "record", "--out", str(out), "--", sys.executable,
-                        str(program)], capture_output=True, text=True, timeout=240)
+    r = subprocess.run(
+        [sys.executable, "-m", "llmtrace.cli", "record", "--out", str(out), "--", sys.executable, str(program)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "report.json").read_text())["summary"]
     assert summary["requests"] == 6 and summary["request_links"]["by"] == {HANDOFF: 6}

@@ -1,5 +1,6 @@
 """Each rule fires on a trace built with its antipattern, with the right stage, evidence and
 a saving within 10% of the injected cost, and stays silent on clean traces."""
+
 import pytest
 from synthetic import AGENT_PID, MASTER_PID, MS, EngineTraceBuilder, clean_trace
 
@@ -7,8 +8,16 @@ from llmtrace.analyze.analysis import Analysis
 from llmtrace.analyze.rules import RULES, run_rules
 from llmtrace.timeline import Sample
 
-SAMPLING_AFTER_SYNC = ["tcp.recv", "shm.read", "preprocess", "forward", "sync.wait", "sampling", "shm.write",
-                       "tcp.send"]
+SAMPLING_AFTER_SYNC = [
+    "tcp.recv",
+    "shm.read",
+    "preprocess",
+    "forward",
+    "sync.wait",
+    "sampling",
+    "shm.write",
+    "tcp.send",
+]
 
 
 def _only(ctx, rule_id):
@@ -59,10 +68,25 @@ def test_log_in_hot_path_from_viztracer_functions_counts_nested_calls_once():
     for s in _stage_spans(trace, "preprocess"):
         us = s.start_ns / 1000
         trace.foreign_events += [
-            {"ph": "X", "name": "logging.Logger.debug", "ts": us + 100, "dur": 2000, "pid": s.pid, "tid": s.tid,
-             "cat": "viztracer"},
-            {"ph": "X", "name": "numpy.core.arrayprint._array_repr", "ts": us + 200, "dur": 1500, "pid": s.pid,
-             "tid": s.tid, "cat": "viztracer"}]
+            {
+                "ph": "X",
+                "name": "logging.Logger.debug",
+                "ts": us + 100,
+                "dur": 2000,
+                "pid": s.pid,
+                "tid": s.tid,
+                "cat": "viztracer",
+            },
+            {
+                "ph": "X",
+                "name": "numpy.core.arrayprint._array_repr",
+                "ts": us + 200,
+                "dur": 1500,
+                "pid": s.pid,
+                "tid": s.tid,
+                "cat": "viztracer",
+            },
+        ]
     s = _one(Analysis(trace), "log-in-hot-path")
     assert s.est_saving_ms_per_token == pytest.approx(2.0, rel=0.1)
     assert {f["name"] for f in s.evidence["functions"]} == {"logging.Logger.debug", "numpy.core.arrayprint._array_repr"}
@@ -76,9 +100,11 @@ def test_log_in_hot_path_from_stack_samples():
     loop = ("engine.agent:main", "engine.agent:Agent.run_step")
     for s in _stage_spans(trace, "preprocess"):
         for k in range(30):  # every 0.1 ms; the first 2 ms inside logger.debug formatting an array
-            stack = loop + (("engine.agent:Agent.preprocess", "logging:Logger.debug",
-                             "numpy.core.arrayprint:_array_repr:1580") if k < 20 else
-                            ("engine.agent:Agent.preprocess:212",))
+            stack = loop + (
+                ("engine.agent:Agent.preprocess", "logging:Logger.debug", "numpy.core.arrayprint:_array_repr:1580")
+                if k < 20
+                else ("engine.agent:Agent.preprocess:212",)
+            )
             trace.samples.append(Sample(s.pid, s.tid, s.start_ns + 50_000 + k * 100_000, stack))
     s = _one(Analysis(trace), "log-in-hot-path")
     assert s.est_saving_ms_per_token == pytest.approx(2.0, rel=0.1)
@@ -96,8 +122,13 @@ def test_concat_padding():
 
 def test_full_logits_transfer_subtracts_device_sampling_estimate():
     b = EngineTraceBuilder()
-    b.steps(30, batch=8, agent_order=SAMPLING_AFTER_SYNC, device={"sampling": 0},
-            nested={"sampling": [("sampling.host", 2.5, {"logits_bytes": 8 * 128256 * 4})]})
+    b.steps(
+        30,
+        batch=8,
+        agent_order=SAMPLING_AFTER_SYNC,
+        device={"sampling": 0},
+        nested={"sampling": [("sampling.host", 2.5, {"logits_bytes": 8 * 128256 * 4})]},
+    )
     s = _one(Analysis(b.build()), "full-logits-transfer")
     assert s.stage == "sampling"
     assert s.est_saving_ms_per_token == pytest.approx(2.5 / 8, rel=0.1)
@@ -124,16 +155,30 @@ def _async_steps_with_one_token_windows(sampling_attrs: dict):
     m = lambda x: int(x * MS)  # noqa: E731
     for n in range(12):
         t = 12 * n
-        root = b.span(MASTER_PID, "master.step", m(t), m(t + 12), step=n,
-                      attrs={"batch": 128, "prefill": 0, "output_tokens": 1 if n % 2 else 128})
+        root = b.span(
+            MASTER_PID,
+            "master.step",
+            m(t),
+            m(t + 12),
+            step=n,
+            attrs={"batch": 128, "prefill": 0, "output_tokens": 1 if n % 2 else 128},
+        )
         b.span(MASTER_PID, "schedule", m(t), m(t + 0.1), root, n)
         b.span(MASTER_PID, "agent.wait", m(t + 0.2), m(t + 10.5), root, n)
         b.span(MASTER_PID, "postprocess", m(t + 10.6), m(t + 12), root, n)
         a = m(0.3) if n == 0 else m(t - 1.6)
         agent = b.span(AGENT_PID, "agent.step", a, m(t + 10.3), step=n)
         b.span(AGENT_PID, "forward", a + m(0.1), a + m(0.2), agent, n, device=(m(t + 0.5), m(t + 12.45)))
-        b.span(AGENT_PID, "sampling", a + m(0.2), a + m(0.5), agent, n, attrs=sampling_attrs,
-               device=(m(t + 12.45), m(t + 12.5)))
+        b.span(
+            AGENT_PID,
+            "sampling",
+            a + m(0.2),
+            a + m(0.5),
+            agent,
+            n,
+            attrs=sampling_attrs,
+            device=(m(t + 12.45), m(t + 12.5)),
+        )
         b.span(AGENT_PID, "sync.wait", m(t + 1), m(t + 10.2), agent, n)
     return Analysis(b.build())
 
@@ -152,8 +197,10 @@ def test_unsynced_gpu_timing_short_launch_long_sync():
     s = _one(Analysis(clean_trace(30, device_timing=False)), "unsynced-gpu-timing")
     assert s.stage == "sync" and s.est_saving_ms_per_token == 0
     assert s.evidence["misattributed_ms_per_token"] == pytest.approx(20.5 / 8, rel=0.1)
-    assert s.impact == f"a true breakdown: {s.evidence['misattributed_ms_per_token']:.3f} ms/token of device " \
-                       "work now shows as sync"
+    assert (
+        s.impact == f"a true breakdown: {s.evidence['misattributed_ms_per_token']:.3f} ms/token of device "
+        "work now shows as sync"
+    )
 
 
 def test_unsynced_gpu_timing_wait_lands_in_host_timed_sampling():
@@ -169,8 +216,12 @@ def test_unsynced_gpu_timing_periodic_spikes():
     b = EngineTraceBuilder(device_timing=False)
     for i in range(40):  # a .item() every 4th step in postprocess absorbs the queued device work
         spike = i % 4 == 3
-        b.step(batch=1, device={"forward": 0.3}, master={"postprocess": 0.3},
-               nested={"postprocess": [("Tensor.item", 11.7, {})]} if spike else None)
+        b.step(
+            batch=1,
+            device={"forward": 0.3},
+            master={"postprocess": 0.3},
+            nested={"postprocess": [("Tensor.item", 11.7, {})]} if spike else None,
+        )
     ctx = Analysis(b.build())
     (s,) = [x for x in _only(ctx, "unsynced-gpu-timing") if x.stage == "postprocess"]
     assert not [x for x in run_rules(ctx) if x.id == "hot-function-in-stage" and x.stage == "postprocess"]
@@ -300,8 +351,14 @@ def test_gc_pauses_name_the_code_the_collections_interrupted():
         b.step(batch=4, nested={"postprocess": [("gc", 6.0, {"generation": 2})]} if i % 10 == 0 else None)
     t = b.build()
     for g in (s for s in t.spans if s.name == "gc"):
-        t.samples.append(Sample(g.pid, g.tid, (g.start_ns + g.end_ns) // 2,
-                                ("app.postprocess:render_tokens:42", "llmtrace.gc_spans:_callback:17")))
+        t.samples.append(
+            Sample(
+                g.pid,
+                g.tid,
+                (g.start_ns + g.end_ns) // 2,
+                ("app.postprocess:render_tokens:42", "llmtrace.gc_spans:_callback:17"),
+            )
+        )
     t.sort()
     s = _one(Analysis(t), "gc-pauses")
     assert s.evidence["responsible"][0]["function"] == "app.postprocess.render_tokens:42"
@@ -368,8 +425,14 @@ def test_underfilled_batch_needs_the_max_in_the_trace():
 
 def test_hot_function_in_stage_skips_what_specific_rules_explained():
     b = EngineTraceBuilder()
-    b.steps(30, batch=2, nested={"detokenize": [("Detokenizer.decode_incremental", 3.0, {})],
-                                 "preprocess": [("logging.debug", 2.0, {})]})
+    b.steps(
+        30,
+        batch=2,
+        nested={
+            "detokenize": [("Detokenizer.decode_incremental", 3.0, {})],
+            "preprocess": [("logging.debug", 2.0, {})],
+        },
+    )
     ctx = Analysis(b.build())
     (s,) = _only(ctx, "hot-function-in-stage")
     assert s.stage == "detokenize" and s.evidence["function"] == "Detokenizer.decode_incremental"
@@ -514,8 +577,14 @@ def test_the_masters_samples_while_it_waits_for_the_agent_are_not_gap():
     t = b.build()
     for w in (s for s in t.spans if s.name == "agent.wait"):
         for k in range(4):
-            t.samples.append(Sample(MASTER_PID, MASTER_PID, w.start_ns + (k + 1) * (w.end_ns - w.start_ns) // 5,
-                                    ("asyncio.base_events:BaseEventLoop.run_forever", f"selectors:select_{k % 2}")))
+            t.samples.append(
+                Sample(
+                    MASTER_PID,
+                    MASTER_PID,
+                    w.start_ns + (k + 1) * (w.end_ns - w.start_ns) // 5,
+                    ("asyncio.base_events:BaseEventLoop.run_forever", f"selectors:select_{k % 2}"),
+                )
+            )
     t.sort()
     ctx = Analysis(t)
     assert not ctx.functions.select(stage="gap")

@@ -1,4 +1,5 @@
 """`llmtrace run` end to end on a tiny workload, and its config errors."""
+
 from __future__ import annotations
 
 import json
@@ -10,13 +11,22 @@ import pytest
 
 from llmtrace.load import load_trace
 
-SMALL = ["--set", "workload.num_requests=6", "--set", "workload.concurrency=3",
-         "--set", "workload.input_len={dist: fixed, value: 24}", "--set", "workload.output_len={dist: fixed, value: 8}"]
+SMALL = [
+    "--set",
+    "workload.num_requests=6",
+    "--set",
+    "workload.concurrency=3",
+    "--set",
+    "workload.input_len={dist: fixed, value: 24}",
+    "--set",
+    "workload.output_len={dist: fixed, value: 8}",
+]
 
 
 def _run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmtrace.cli", "run", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "llmtrace.cli", "run", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_run_writes_a_valid_trace_and_report(tmp_path):
@@ -38,11 +48,14 @@ def test_run_writes_a_valid_trace_and_report(tmp_path):
     assert "ms/token" in r.stdout and "trace.json" in r.stdout
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("engine.block_size=17", "engine.block_size: 17 is not allowed; use one of 8, 16, 32"),
-    ("workload.arival=poisson", "workload.arival: unknown key (did you mean arrival?)"),
-    ("model.dtype=float8", "model.dtype"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("engine.block_size=17", "engine.block_size: 17 is not allowed; use one of 8, 16, 32"),
+        ("workload.arival=poisson", "workload.arival: unknown key (did you mean arrival?)"),
+        ("model.dtype=float8", "model.dtype"),
+    ],
+)
 def test_bad_config_values_are_named(tmp_path, override, expected):
     r = _run("--config", "examples/quickstart.yaml", "--out", str(tmp_path / "x"), "--set", override, timeout=60)
     assert r.returncode == 2

@@ -1,4 +1,5 @@
 """Sampler: greedy, top-k/top-p filtering, per-request seeds, logprobs."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,9 +13,16 @@ V = 50
 
 def params(b, temperature=1.0, top_p=1.0, top_k=0, seed=-1, positions=None, banned=(), top_logprobs=0):
     arr = lambda v, dt: np.broadcast_to(np.asarray(v, dt), (b,)).copy()  # noqa: E731
-    return SamplingTensors.from_numpy(arr(temperature, np.float32), arr(top_p, np.float32), arr(top_k, np.int32),
-                                      arr(seed, np.int64), arr(0 if positions is None else positions, np.int32),
-                                      torch.device("cpu"), banned=banned, top_logprobs=top_logprobs)
+    return SamplingTensors.from_numpy(
+        arr(temperature, np.float32),
+        arr(top_p, np.float32),
+        arr(top_k, np.int32),
+        arr(seed, np.int64),
+        arr(0 if positions is None else positions, np.int32),
+        torch.device("cpu"),
+        banned=banned,
+        top_logprobs=top_logprobs,
+    )
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """Scheduler: continuous batching, budgets, preemption by recompute, aborts, stop rules, and a
 long randomized simulation that must leave every KV block free."""
+
 import random
 import time
 import zlib
@@ -76,8 +77,9 @@ def test_new_requests_join_the_running_batch():
     assert a.num_output_tokens == 3 and b.num_output_tokens == 2
 
 
-@pytest.mark.parametrize("prefill_batch_size, prefill_batch_1, sizes",
-                         [(2, False, [2, 2, 1]), (8, True, [1, 1, 1, 1, 1])])
+@pytest.mark.parametrize(
+    "prefill_batch_size, prefill_batch_1, sizes", [(2, False, [2, 2, 1]), (8, True, [1, 1, 1, 1, 1])]
+)
 def test_prefill_batch_size_and_the_batch_1_antipattern(prefill_batch_size, prefill_batch_1, sizes):
     sched = make(prefill_batch_size=prefill_batch_size, prefill_batch_1=prefill_batch_1)
     for i in range(5):
@@ -186,14 +188,17 @@ def test_abort_while_the_step_runs():
     sched.check_invariants()
 
 
-@pytest.mark.parametrize("params, tokens, reason, n_out", [
-    ({}, [7, 7, EOS, 7], "stop", 3),
-    ({"ignore_eos": True}, [7, EOS, EOS, EOS, 7, 7], "length", 6),
-    ({"stop_token_ids": [9]}, [7, 9, 7], "stop", 2),
-    ({"ignore_eos": True, "stop_token_ids": [EOS]}, [7, EOS, 7], "stop", 2),
-    ({}, [7] * 10, "length", 6),  # max_tokens
-    ({"max_tokens": 100}, [7] * 100, "length", 60),  # max_model_len (64) with a 4-token prompt
-])
+@pytest.mark.parametrize(
+    "params, tokens, reason, n_out",
+    [
+        ({}, [7, 7, EOS, 7], "stop", 3),
+        ({"ignore_eos": True}, [7, EOS, EOS, EOS, 7, 7], "length", 6),
+        ({"stop_token_ids": [9]}, [7, 9, 7], "stop", 2),
+        ({"ignore_eos": True, "stop_token_ids": [EOS]}, [7, EOS, 7], "stop", 2),
+        ({}, [7] * 10, "length", 6),  # max_tokens
+        ({"max_tokens": 100}, [7] * 100, "length", 60),  # max_model_len (64) with a 4-token prompt
+    ],
+)
 def test_stop_conditions(params, tokens, reason, n_out):
     sched = make()
     s = seq("r", 4, **{"max_tokens": 6, **params})
@@ -230,11 +235,20 @@ def test_kv_cache_smaller_than_max_model_len_is_a_config_error():
 def test_randomized_simulation_leaves_every_block_free():
     """2,000 requests with random arrivals, lengths, EOS and aborts on a small KV cache."""
     rng = random.Random(1234)
-    sched = make(num_blocks=48, block_size=8, max_num_seqs=16, max_batched_tokens=128,
-                 prefill_batch_size=4, max_model_len=128, max_waiting=32)
+    sched = make(
+        num_blocks=48,
+        block_size=8,
+        max_num_seqs=16,
+        max_batched_tokens=128,
+        prefill_batch_size=4,
+        max_model_len=128,
+        max_waiting=32,
+    )
     cfg, bm = sched.cfg, sched.block_manager
-    pending = [seq(f"r{i}", rng.randint(1, 100), max_tokens=rng.randint(1, 60), ignore_eos=rng.random() < 0.5)
-               for i in range(2000)]
+    pending = [
+        seq(f"r{i}", rng.randint(1, 100), max_tokens=rng.randint(1, 60), ignore_eos=rng.random() < 0.5)
+        for i in range(2000)
+    ]
     pending.reverse()
     ended: dict[str, Sequence] = {}
     deadline = time.monotonic() + 20
@@ -303,10 +317,19 @@ def _serve(async_scheduling: bool, seed: int, aborts: bool) -> tuple[dict[str, S
     own previous samples, and every input token is checked against what the model sampled
     for that position."""
     rng = random.Random(seed)
-    sched = make(num_blocks=40, block_size=8, max_num_seqs=12, max_batched_tokens=128,
-                 prefill_batch_size=4, max_model_len=128, max_waiting=16)
-    pending = [seq(f"r{i}", rng.randint(1, 90), max_tokens=rng.randint(1, 50), ignore_eos=rng.random() < 0.3)
-               for i in range(400)]
+    sched = make(
+        num_blocks=40,
+        block_size=8,
+        max_num_seqs=12,
+        max_batched_tokens=128,
+        prefill_batch_size=4,
+        max_model_len=128,
+        max_waiting=16,
+    )
+    pending = [
+        seq(f"r{i}", rng.randint(1, 90), max_tokens=rng.randint(1, 50), ignore_eos=rng.random() < 0.3)
+        for i in range(400)
+    ]
     pending.reverse()
     ended: dict[str, Sequence] = {}
     in_flight: deque = deque()
@@ -395,4 +418,3 @@ def test_schedule_ahead_skips_length_finishes_and_never_preempts():
     prefill = full.schedule()
     assert full.schedule_ahead(prefill) is None  # a sync schedule after postprocess preempts instead
     assert full.num_preemptions == 0 and b.output_token_ids == c.output_token_ids == []
-

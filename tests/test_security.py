@@ -8,6 +8,7 @@ attached; an agent that attached before the master died unlinks them on its way 
 the spool files of every process stay, readable, which is the point of them. Nothing
 else of the master's survives it.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,19 +47,37 @@ def served(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     (tmp / "serve.yaml").write_text(SERVE_CONFIG)
     out = tmp / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "llmtrace.cli", "serve", "--config", str(tmp / "serve.yaml"),
-                             "--port", "0", "--out", str(out)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llmtrace.cli",
+            "serve",
+            "--config",
+            str(tmp / "serve.yaml"),
+            "--port",
+            "0",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         url = re.search(r"http://\S+:\d+", line).group()
         body = ('{"prompt": "%s", "max_tokens": 6, "ignore_eos": true}' % SECRET_PROMPT).encode()
-        req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json",
-                                                                     "X-Request-Id": REQUEST_ID})
+        req = urllib.request.Request(
+            url + "/v1/completions", body, {"Content-Type": "application/json", "X-Request-Id": REQUEST_ID}
+        )
         with urllib.request.urlopen(req, timeout=60) as r:
             assert r.status == 200
         server = psutil.Process(proc.pid)
-        info = {"url": url, "listening": _listening(server),
-                "agents": {c.pid: _listening(c) for c in server.children()}}
+        info = {
+            "url": url,
+            "listening": _listening(server),
+            "agents": {c.pid: _listening(c) for c in server.children()},
+        }
     finally:
         proc.terminate()
         proc.wait(60)
@@ -71,6 +90,7 @@ def _listening(p: psutil.Process) -> list[str]:
 
 # ---- sockets -------------------------------------------------------------------------------------------
 
+
 def test_engine_listens_on_loopback_only_unless_told_otherwise(served):
     info, _ = served
     assert info["url"].startswith("http://127.0.0.1:")
@@ -81,19 +101,30 @@ def test_engine_listens_on_loopback_only_unless_told_otherwise(served):
 
 
 def test_msgpack_frames_are_plain_data_only():
-    for body in (msgpack.packb(msgpack.ExtType(1, b"payload")), msgpack.packb({"t": msgpack.Timestamp(1, 0)}),
-                 msgpack.packb({1: "int key"}), b"\xdd\x7f\xff\xff\xff",  # an array claiming 2**31 items
-                 b"\x91" * 200_000 + b"\x00", b"\xc1"):  # nesting past the decoder's stack; a reserved byte
+    for body in (
+        msgpack.packb(msgpack.ExtType(1, b"payload")),
+        msgpack.packb({"t": msgpack.Timestamp(1, 0)}),
+        msgpack.packb({1: "int key"}),
+        b"\xdd\x7f\xff\xff\xff",  # an array claiming 2**31 items
+        b"\x91" * 200_000 + b"\x00",
+        b"\xc1",
+    ):  # nesting past the decoder's stack; a reserved byte
         with pytest.raises(FrameError):
             decode(body)
-    assert decode(msgpack.packb({"type": "step", "ids": [1, 2], "blob": b"\x00"})) == \
-        {"type": "step", "ids": [1, 2], "blob": b"\x00"}
+    assert decode(msgpack.packb({"type": "step", "ids": [1, 2], "blob": b"\x00"})) == {
+        "type": "step",
+        "ids": [1, 2],
+        "blob": b"\x00",
+    }
 
 
-UNSAFE_LOADERS = re.compile(r"^\s*(import|from)\s+(pickle|_pickle|marshal|shelve|dill|cloudpickle|joblib)\b"
-                            r"|pickle\.loads?\(|marshal\.loads?\(|yaml\.load\(|yaml\.unsafe_load"
-                            r"|allow_pickle\s*=\s*True"
-                            r"|torch\.load\((?![^)]*weights_only\s*=\s*True)", re.M)
+UNSAFE_LOADERS = re.compile(
+    r"^\s*(import|from)\s+(pickle|_pickle|marshal|shelve|dill|cloudpickle|joblib)\b"
+    r"|pickle\.loads?\(|marshal\.loads?\(|yaml\.load\(|yaml\.unsafe_load"
+    r"|allow_pickle\s*=\s*True"
+    r"|torch\.load\((?![^)]*weights_only\s*=\s*True)",
+    re.M,
+)
 
 
 def test_no_package_unpickles_what_it_reads():
@@ -110,6 +141,7 @@ def test_no_package_unpickles_what_it_reads():
 
 
 # ---- shared memory -------------------------------------------------------------------------------------
+
 
 def test_arenas_are_private_with_unguessable_names():
     layout = shm.ArenaLayout([shm.Field("x", "int32", (4,))])
@@ -175,6 +207,7 @@ def test_master_sigkilled_while_agents_load_leaves_no_shared_memory():
 
 
 # ---- text in traces ------------------------------------------------------------------------------------
+
 
 def test_prompt_text_is_in_no_spool_file_nor_the_exported_trace(served, tmp_path):
     _, out = served

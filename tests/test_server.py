@@ -4,6 +4,7 @@ One engine serves the whole module from a background thread with its own event l
 plain blocking clients (http.client, hypothesis) and async ones can both talk to it.
 The last test kills the agent, so it must stay last.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,8 +34,13 @@ from llmtrace.timeline import Trace
 
 MAX_MODEL_LEN = 128
 PROMPT = "The quick brown fox jumps over the lazy dog."  # 17 tokens with BOS
-ENGINE = {"max_model_len": MAX_MODEL_LEN, "max_batched_tokens": 256, "max_num_seqs": 4, "max_waiting": 4,
-          "num_blocks": 64}
+ENGINE = {
+    "max_model_len": MAX_MODEL_LEN,
+    "max_batched_tokens": 256,
+    "max_num_seqs": 4,
+    "max_waiting": 4,
+    "num_blocks": 64,
+}
 
 
 class EngineThread:
@@ -54,6 +60,7 @@ class EngineThread:
     def stats(self) -> dict:
         async def read():
             return self.handle.master.stats()
+
         return self.call(read())
 
     def wait_idle(self, timeout: float = 10) -> dict:
@@ -118,10 +125,21 @@ def sse_events(raw: bytes) -> list:
 
 # ---- the endpoints -----------------------------------------------------------------------------
 
+
 def test_completion_non_stream_and_stream_agree(engine):
-    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
-            # benchmark clients send these unsupported fields at their "off" values
-            "n": 1, "best_of": 1, "logprobs": None, "echo": False, "frequency_penalty": 0.0}
+    body = {
+        "model": "tiny",
+        "prompt": PROMPT,
+        "max_tokens": 12,
+        "temperature": 0,
+        "ignore_eos": True,
+        # benchmark clients send these unsupported fields at their "off" values
+        "n": 1,
+        "best_of": 1,
+        "logprobs": None,
+        "echo": False,
+        "frequency_penalty": 0.0,
+    }
     status, resp, data = post(engine, "/v1/completions", body, {"X-Request-Id": "same-1"})
     assert status == 200 and resp.getheader("X-Request-Id") == "same-1"
     assert data["object"] == "text_completion" and data["model"] == "tiny" and data["id"] == "cmpl-same-1"
@@ -129,8 +147,9 @@ def test_completion_non_stream_and_stream_agree(engine):
     assert choice["finish_reason"] == "length" and choice["text"]
     assert data["usage"] == {"prompt_tokens": 17, "completion_tokens": 12, "total_tokens": 29}
 
-    status, resp, raw = post(engine, "/v1/completions",
-                             {**body, "stream": True, "stream_options": {"include_usage": True}})
+    status, resp, raw = post(
+        engine, "/v1/completions", {**body, "stream": True, "stream_options": {"include_usage": True}}
+    )
     assert status == 200 and resp.getheader("Content-Type").startswith("text/event-stream")
     events = sse_events(raw)
     assert events[-1] == "[DONE]"
@@ -147,8 +166,15 @@ CHAT = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "cont
 
 
 def test_chat_non_stream_and_stream_agree(engine):
-    body = {"model": "tiny", "messages": CHAT, "max_completion_tokens": 10, "temperature": 0, "ignore_eos": True,
-            "logprobs": False, "min_tokens": 0}
+    body = {
+        "model": "tiny",
+        "messages": CHAT,
+        "max_completion_tokens": 10,
+        "temperature": 0,
+        "ignore_eos": True,
+        "logprobs": False,
+        "min_tokens": 0,
+    }
     status, resp, data = post(engine, H, body, {"X-Request-Id": "chat-1"})
     assert status == 200 and data["object"] == "chat.completion" and data["id"] == "chatcmpl-chat-1"
     (choice,) = data["choices"]
@@ -167,8 +193,9 @@ def test_chat_non_stream_and_stream_agree(engine):
 
 
 def test_logprobs_of_the_chosen_tokens(engine):
-    status, _, data = post(engine, C, {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "ignore_eos": True,
-                                       "logprobs": 0})
+    status, _, data = post(
+        engine, C, {"prompt": PROMPT, "max_tokens": 5, "temperature": 0, "ignore_eos": True, "logprobs": 0}
+    )
     lp = data["choices"][0]["logprobs"]
     assert status == 200 and len(lp["tokens"]) == len(lp["token_logprobs"]) == 5
     assert all(x <= 0 for x in lp["token_logprobs"]) and lp["text_offset"][0] == 0
@@ -177,8 +204,12 @@ def test_logprobs_of_the_chosen_tokens(engine):
     content = data["choices"][0]["logprobs"]["content"]
     assert status == 200 and len(content) == 5 and all(c["logprob"] <= 0 and c["bytes"] for c in content)
     status, _, raw = post(engine, H, {**body, "stream": True})
-    streamed = [c for e in sse_events(raw)[:-1] if e["choices"] and e["choices"][0]["logprobs"]
-                for c in e["choices"][0]["logprobs"]["content"]]
+    streamed = [
+        c
+        for e in sse_events(raw)[:-1]
+        if e["choices"] and e["choices"][0]["logprobs"]
+        for c in e["choices"][0]["logprobs"]["content"]
+    ]
     assert [c["logprob"] for c in streamed] == pytest.approx([c["logprob"] for c in content])
 
 
@@ -191,15 +222,25 @@ def test_top_logprobs_list_the_most_likely_tokens_at_each_position(engine):
         ranked = sorted(top.values(), reverse=True)
         assert len(top) <= 3 and ranked[0] == pytest.approx(chosen)  # greedy: the chosen token is the likeliest
         assert top.get(token, chosen) == pytest.approx(chosen)
-    chat = {"messages": CHAT, "max_tokens": 4, "temperature": 0, "ignore_eos": True, "logprobs": True,
-            "top_logprobs": 2}
+    chat = {
+        "messages": CHAT,
+        "max_tokens": 4,
+        "temperature": 0,
+        "ignore_eos": True,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
     status, _, data = post(engine, H, chat)
     content = data["choices"][0]["logprobs"]["content"]
     assert status == 200 and [len(c["top_logprobs"]) for c in content] == [2] * 4
     assert all(c["top_logprobs"][0]["logprob"] >= c["top_logprobs"][1]["logprob"] for c in content)
     status, _, raw = post(engine, H, {**chat, "stream": True})
-    streamed = [c for e in sse_events(raw)[:-1] if e["choices"] and e["choices"][0]["logprobs"]
-                for c in e["choices"][0]["logprobs"]["content"]]
+    streamed = [
+        c
+        for e in sse_events(raw)[:-1]
+        if e["choices"] and e["choices"][0]["logprobs"]
+        for c in e["choices"][0]["logprobs"]["content"]
+    ]
     assert [c["top_logprobs"] for c in streamed] == [c["top_logprobs"] for c in content]
     plain = post(engine, C, {**body, "logprobs": 0})[2]["choices"][0]["logprobs"]
     assert plain["top_logprobs"] is None and plain["token_logprobs"] == pytest.approx(lp["token_logprobs"])
@@ -239,8 +280,9 @@ def test_the_openai_client_works(engine):
     assert [m.id for m in client.models.list()] == ["tiny"]
     chat = client.chat.completions.create(model="tiny", messages=CHAT, max_completion_tokens=5, temperature=0)
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 5
-    stream = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=5, temperature=0, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="tiny", messages=CHAT, max_tokens=5, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
     parts = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert "".join(parts) == chat.choices[0].message.content
     text = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=4, n=2, seed=1)
@@ -264,16 +306,17 @@ def test_generate_non_stream_and_stream(engine):
     assert last["generated_text"] == "".join(e["token"]["text"] for e in events) == data["generated_text"]
     assert last["details"]["finish_reason"] == "length"
     # without do_sample and warpers /generate is greedy, like the OpenAI call at temperature 0
-    status, _, oai = post(engine, "/v1/completions", {"prompt": PROMPT, "max_tokens": 6, "temperature": 0,
-                                                        "ignore_eos": True})
+    status, _, oai = post(
+        engine, "/v1/completions", {"prompt": PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    )
     assert oai["choices"][0]["text"] == data["generated_text"]
 
 
 def test_stop_string_cuts_the_text_and_frees_the_request(engine):
     base = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
     full = post(engine, "/v1/completions", base)[2]["choices"][0]["text"]
-    stop = full[len(full) // 2:len(full) // 2 + 3]
-    cut = full[:full.find(stop)]
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    cut = full[: full.find(stop)]
     status, _, data = post(engine, "/v1/completions", {**base, "stop": [stop]})
     assert status == 200
     assert data["choices"][0] == {"index": 0, "text": cut, "logprobs": None, "finish_reason": "stop"}
@@ -281,19 +324,25 @@ def test_stop_string_cuts_the_text_and_frees_the_request(engine):
     events = sse_events(post(engine, "/v1/completions", {**base, "stop": stop, "stream": True})[2])
     assert "".join(e["choices"][0]["text"] for e in events[:-1]) == cut
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
-    tgi = post(engine, "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 12, "stop": [stop],
-                                                                       "ignore_eos": True, "details": True}})[2]
+    tgi = post(
+        engine,
+        "/generate",
+        {"inputs": PROMPT, "parameters": {"max_new_tokens": 12, "stop": [stop], "ignore_eos": True, "details": True}},
+    )[2]
     assert tgi["generated_text"] == cut and tgi["details"]["finish_reason"] == "stop_sequence"
     engine.wait_idle()
 
 
-@pytest.mark.parametrize("stops,deltas,expect", [
-    (("END",), ["abc", "E", "N", "D", "x"], ("abc", "END")),
-    (("END",), ["abE", "Nx", "y"], ("abENxy", None)),
-    (("a", "bc"), ["xb", "cd"], ("x", "bc")),
-    (("aab",), ["aa", "aab"], ("aa", "aab")),
-    (("cd", "b"), ["abcd"], ("a", "b")),  # the first in the text, not in the list
-])
+@pytest.mark.parametrize(
+    "stops,deltas,expect",
+    [
+        (("END",), ["abc", "E", "N", "D", "x"], ("abc", "END")),
+        (("END",), ["abE", "Nx", "y"], ("abENxy", None)),
+        (("a", "bc"), ["xb", "cd"], ("x", "bc")),
+        (("aab",), ["aa", "aab"], ("aa", "aab")),
+        (("cd", "b"), ["abcd"], ("a", "b")),  # the first in the text, not in the list
+    ],
+)
 def test_stop_string_matcher_holds_back_partial_matches(stops, deltas, expect):
     m, out, hit = StopStringMatcher(stops), "", None
     for d in deltas:
@@ -320,13 +369,25 @@ def test_metrics_parse_as_prometheus_text(engine):
     assert status == 200 and resp.getheader("Content-Type").startswith("text/plain; version=0.0.4")
     families = {f.name: f for f in text_string_to_metric_families(raw.decode())}
     # vLLM's names and labels, so its dashboards and scrapers read these
-    vllm = {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-            "vllm:num_preemptions", "vllm:prompt_tokens", "vllm:generation_tokens", "vllm:request_success",
-            "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
-            "vllm:request_time_per_output_token_seconds", "vllm:e2e_request_latency_seconds",
-            "vllm:request_queue_time_seconds", "vllm:request_inference_time_seconds",
-            "vllm:request_prefill_time_seconds", "vllm:request_decode_time_seconds", "vllm:request_prompt_tokens",
-            "vllm:request_generation_tokens"}
+    vllm = {
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:num_preemptions",
+        "vllm:prompt_tokens",
+        "vllm:generation_tokens",
+        "vllm:request_success",
+        "vllm:time_to_first_token_seconds",
+        "vllm:inter_token_latency_seconds",
+        "vllm:request_time_per_output_token_seconds",
+        "vllm:e2e_request_latency_seconds",
+        "vllm:request_queue_time_seconds",
+        "vllm:request_inference_time_seconds",
+        "vllm:request_prefill_time_seconds",
+        "vllm:request_decode_time_seconds",
+        "vllm:request_prompt_tokens",
+        "vllm:request_generation_tokens",
+    }
     assert vllm <= set(families), vllm - set(families)
     assert all(s.labels["model_name"] == "tiny" for f in families.values() for s in f.samples)
     assert families["vllm:num_requests_running"].type == "gauge"
@@ -338,8 +399,11 @@ def test_metrics_parse_as_prometheus_text(engine):
     assert counts == sorted(counts) and buckets[-1].labels["le"] == "+Inf"
     count = next(s.value for s in ttft.samples if s.name.endswith("_count"))
     assert counts[-1] == count >= 1
-    finished = {s.labels["finished_reason"]: s.value for s in families["vllm:request_success"].samples
-                if s.name.endswith("_total")}
+    finished = {
+        s.labels["finished_reason"]: s.value
+        for s in families["vllm:request_success"].samples
+        if s.name.endswith("_total")
+    }
     assert finished["length"] >= 1 and sum(finished.values()) >= count  # every request that got a first token
     assert families["vllm:generation_tokens"].samples[0].value >= 3
     itl = next(s.value for s in families["vllm:inter_token_latency_seconds"].samples if s.name.endswith("_count"))
@@ -448,18 +512,25 @@ def test_oversize_body_unknown_route_and_method_are_json(engine):
 
 
 _JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-    max_leaves=6)
+    max_leaves=6,
+)
 _KEYS = st.sampled_from(sorted(api_schema._COMPLETION_FIELDS | api_schema._GENERATE_FIELDS)) | st.text(max_size=8)
-_PARAMS = st.dictionaries(st.sampled_from(sorted(api_schema._GENERATE_PARAMETERS)) | st.text(max_size=6), _JSON,
-                          max_size=4)
+_PARAMS = st.dictionaries(
+    st.sampled_from(sorted(api_schema._GENERATE_PARAMETERS)) | st.text(max_size=6), _JSON, max_size=4
+)
 _BODIES = st.one_of(
     st.dictionaries(_KEYS, _JSON, max_size=6),
     st.fixed_dictionaries({"inputs": _JSON | st.text(min_size=1, max_size=20)}, optional={"parameters": _PARAMS}),
-    st.fixed_dictionaries({"prompt": st.text(min_size=1, max_size=20)},
-                          optional={k: _JSON for k in ("max_tokens", "temperature", "top_p", "top_k", "stop")}),
+    st.fixed_dictionaries(
+        {"prompt": st.text(min_size=1, max_size=20)},
+        optional={k: _JSON for k in ("max_tokens", "temperature", "top_p", "top_k", "stop")},
+    ),
     st.binary(max_size=64),
 )
 FUZZ_SECONDS = 10
@@ -483,8 +554,12 @@ def test_fuzzed_bodies_never_get_a_5xx(engine):
     end = time.monotonic() + FUZZ_SECONDS
     seen = []
 
-    @settings(max_examples=300, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=300,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(path=st.sampled_from([C, G]), body=_BODIES)
     def check(path, body):
         if time.monotonic() > end:
@@ -504,12 +579,15 @@ def test_fuzzed_bodies_never_get_a_5xx(engine):
 
 # ---- load, disconnects, tracing ----------------------------------------------------------------
 
+
 async def test_queue_full_is_429_with_retry_after(engine):
     body = {"prompt": PROMPT, "max_tokens": 6, "ignore_eos": True}
     async with aiohttp.ClientSession() as s:
+
         async def one():
             async with s.post(engine.url + C, json=body) as r:
                 return r.status, r.headers.get("Retry-After"), await r.json()
+
         results = await asyncio.gather(*(one() for _ in range(16)))
     statuses = sorted(r[0] for r in results)
     assert set(statuses) == {200, 429}, statuses  # 4 running + 4 waiting fit, the rest must wait
@@ -521,11 +599,14 @@ async def test_queue_full_is_429_with_retry_after(engine):
     engine.wait_idle()
 
 
-@pytest.mark.parametrize("path,body", [
-    (C, {"prompt": PROMPT, "max_tokens": 100, "ignore_eos": True, "stream": True}),
-    (G, {"inputs": PROMPT, "parameters": {"max_new_tokens": 100, "ignore_eos": True}, "stream": True}),
-    (C, {"prompt": PROMPT, "max_tokens": 100, "ignore_eos": True}),  # a client that gives up waiting
-])
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        (C, {"prompt": PROMPT, "max_tokens": 100, "ignore_eos": True, "stream": True}),
+        (G, {"inputs": PROMPT, "parameters": {"max_new_tokens": 100, "ignore_eos": True}, "stream": True}),
+        (C, {"prompt": PROMPT, "max_tokens": 100, "ignore_eos": True}),  # a client that gives up waiting
+    ],
+)
 def test_client_disconnect_aborts_the_request(engine, path, body):
     _, _, raw = get(engine, "/metrics")
     aborted = _finished(raw, "abort")
@@ -589,10 +670,15 @@ def test_request_spans_record_counts_not_text(engine):
 
 # ---- must stay last: kills the engine's agent --------------------------------------------------
 
+
 def test_agent_death_is_503_and_ends_open_streams(engine):
     conn = http.client.HTTPConnection(engine.host, engine.port, timeout=30)
-    conn.request("POST", C, orjson.dumps({"prompt": PROMPT, "max_tokens": 100, "ignore_eos": True, "stream": True}),
-                 {"Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        C,
+        orjson.dumps({"prompt": PROMPT, "max_tokens": 100, "ignore_eos": True, "stream": True}),
+        {"Content-Type": "application/json"},
+    )
     resp = conn.getresponse()
     while not resp.readline().startswith(b"data:"):
         pass

@@ -1,4 +1,5 @@
 """Spool files end to end, per backend: sink -> spool file -> trace, drops, truncation, child processes."""
+
 from __future__ import annotations
 
 import json
@@ -115,13 +116,22 @@ llmtrace.shutdown()
 
 
 def test_child_process_span_follows_the_parents_carrier(spool_dir, backend):
-    env = {**os.environ, "LLMTRACE_OUT": str(spool_dir), "LLMTRACE_PROCESS_NAME": "agent-0",
-           "LLMTRACE_TRACE_ID": f"{context.trace_id:x}",
-           "LLMTRACE_PURE_PYTHON": "1" if backend.name == "python" else "0"}
+    env = {
+        **os.environ,
+        "LLMTRACE_OUT": str(spool_dir),
+        "LLMTRACE_PROCESS_NAME": "agent-0",
+        "LLMTRACE_TRACE_ID": f"{context.trace_id:x}",
+        "LLMTRACE_PURE_PYTHON": "1" if backend.name == "python" else "0",
+    }
     with llmtrace.span("master.step", step=11):
         carrier = context.current()
-        child = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(list(carrier))], env=env,
-                               capture_output=True, text=True, timeout=60)
+        child = subprocess.run(
+            [sys.executable, "-c", _CHILD, json.dumps(list(carrier))],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert child.returncode == 0, child.stderr
     sink.stop()
     tr = load_spool_dir(str(spool_dir))

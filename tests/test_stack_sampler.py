@@ -1,5 +1,6 @@
 """The in-process stack sampler (llmtrace/stack_sampler.py): a tick names each thread's
 functions, and on CPython 3.11 no tick walks frames while a thread is importing."""
+
 from __future__ import annotations
 
 import importlib._bootstrap

@@ -1,6 +1,7 @@
 """Tensor parallelism (engine/models/tensor_parallel.py) on the CPU: two gloo ranks of the
 tiny model in float32 give the greedy tokens one rank gives, each keeps half the KV heads,
 and each all-reduce is a span; the engine runs with `engine.tensor_parallel: 2`."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,11 @@ def generate(tp: TPGroup | None) -> dict:
         d.add(s, toks)
     for _ in range(STEPS):
         d.step()
-    return {"tokens": {s: t[len(PROMPTS[s]):] for s, t in d.tokens.items()},
-            "kv_heads": local_kv_heads(runner.model), "kv_shape": list(runner.kv_caches[0][0].shape)}
+    return {
+        "tokens": {s: t[len(PROMPTS[s]) :] for s, t in d.tokens.items()},
+        "kv_heads": local_kv_heads(runner.model),
+        "kv_shape": list(runner.kv_caches[0][0].shape),
+    }
 
 
 def _rank(rank: int, address: str, out) -> None:
@@ -84,16 +88,37 @@ def test_engine_serves_with_two_tensor_parallel_agents(tmp_path):
     from llmtrace.load import load_trace
 
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "llmtrace.cli", "run", "--config", "examples/quickstart.yaml",
-                        "--out", str(out), "--set", "engine.tensor_parallel=2", "--set", "workload.num_requests=4",
-                        "--set", "workload.concurrency=2", "--set", "workload.output_len={dist: fixed, value: 8}"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmtrace.cli",
+            "run",
+            "--config",
+            "examples/quickstart.yaml",
+            "--out",
+            str(out),
+            "--set",
+            "engine.tensor_parallel=2",
+            "--set",
+            "workload.num_requests=4",
+            "--set",
+            "workload.concurrency=2",
+            "--set",
+            "workload.output_len={dist: fixed, value: 8}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["summary"]["output_tokens"] == 32
     trace = load_trace(str(out))
-    by_proc = {p.name: sum(1 for s in trace.spans if s.pid == pid and s.name == names.ALLREDUCE)
-               for pid, p in trace.processes.items()}
+    by_proc = {
+        p.name: sum(1 for s in trace.spans if s.pid == pid and s.name == names.ALLREDUCE)
+        for pid, p in trace.processes.items()
+    }
     assert by_proc["agent-0"] > 0 and by_proc["agent-0"] == by_proc["agent-1"]
 
 

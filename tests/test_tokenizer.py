@@ -1,4 +1,5 @@
 """The shipped SentencePiece tokenizer and streaming detokenization."""
+
 from __future__ import annotations
 
 import subprocess
@@ -55,7 +56,7 @@ def test_incremental_in_uneven_chunks(tok):
     detok = IncrementalDetokenizer(tok)
     out, i = [], 0
     for n in [1, 3, 2, 5, 1, 8, 100]:
-        out.append(detok.add(ids[i:i + n]))
+        out.append(detok.add(ids[i : i + n]))
         i += n
     assert "".join(out) == tok.decode(ids)
 
@@ -75,8 +76,12 @@ def test_missing_model_file_is_a_clear_error(tmp_path):
 
 def test_build_script_reproduces_the_shipped_model(tmp_path):
     out = tmp_path / "tok.model"
-    subprocess.run([sys.executable, "scripts/build_tokenizer.py", "--out", str(out)], check=True,
-                   capture_output=True, cwd=SHIPPED_TOKENIZER.parents[2])
+    subprocess.run(
+        [sys.executable, "scripts/build_tokenizer.py", "--out", str(out)],
+        check=True,
+        capture_output=True,
+        cwd=SHIPPED_TOKENIZER.parents[2],
+    )
     assert out.read_bytes() == SHIPPED_TOKENIZER.read_bytes()
 
 

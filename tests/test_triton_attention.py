@@ -2,6 +2,7 @@
 
 The kernels need CUDA; on a CPU machine only the import check runs.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,7 @@ from engine.attention import torch_ref
 from engine.attention import triton as backend
 from engine.attention.metadata import AttentionMetadata
 
-cuda = pytest.mark.skipif(not (torch.cuda.is_available() and backend.AVAILABLE),
-                          reason="needs CUDA and triton")
+cuda = pytest.mark.skipif(not (torch.cuda.is_available() and backend.AVAILABLE), reason="needs CUDA and triton")
 BF16, FP16 = torch.bfloat16, torch.float16
 # Largest per-token relative error: bf16 rounds p and the output to 8 bits, fp16 to 11.
 TOL = {BF16: 2e-2, FP16: 4e-3}
@@ -35,8 +35,8 @@ def _batch(ctx_lens, q_lens, block_size, heads, kv_heads, dim, dtype, is_prefill
     block_tables = torch.zeros(len(ctx_lens), max(max(n_blocks), 1), dtype=torch.int32)
     slots = []
     for b, (c, n) in enumerate(zip(ctx_lens, q_lens)):
-        block_tables[b, :n_blocks[b]] = torch.tensor(perm[:n_blocks[b]], dtype=torch.int32)
-        perm = perm[n_blocks[b]:]
+        block_tables[b, : n_blocks[b]] = torch.tensor(perm[: n_blocks[b]], dtype=torch.int32)
+        perm = perm[n_blocks[b] :]
         pos = torch.arange(c - n, c)
         slots.append(block_tables[b, pos // block_size].long() * block_size + pos % block_size)
     shape = (num_blocks, block_size, kv_heads, dim)
@@ -49,9 +49,14 @@ def _batch(ctx_lens, q_lens, block_size, heads, kv_heads, dim, dtype, is_prefill
     qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
     qsl[1:] = torch.tensor(q_lens).cumsum(0)
     meta = AttentionMetadata(
-        is_prefill=is_prefill, slot_mapping=torch.cat(slots).to(dev), block_tables=block_tables.to(dev),
-        context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=dev), query_start_loc=qsl.to(dev),
-        max_query_len=max(q_lens), max_context_len=max(ctx_lens))
+        is_prefill=is_prefill,
+        slot_mapping=torch.cat(slots).to(dev),
+        block_tables=block_tables.to(dev),
+        context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=dev),
+        query_start_loc=qsl.to(dev),
+        max_query_len=max(q_lens),
+        max_context_len=max(ctx_lens),
+    )
     return [x.to(dev) for x in (q, k, v, k_cache, v_cache)], meta
 
 
@@ -83,16 +88,17 @@ def _max_row_error(out, ref):
 
 def _run_and_check(ctx_lens, q_lens, block_size, heads, kv_heads, dim, dtype, is_prefill, seed):
     gen = torch.Generator().manual_seed(seed)
-    (q, k, v, k_cache, v_cache), meta = _batch(ctx_lens, q_lens, block_size, heads, kv_heads, dim,
-                                               dtype, is_prefill, gen)
+    (q, k, v, k_cache, v_cache), meta = _batch(
+        ctx_lens, q_lens, block_size, heads, kv_heads, dim, dtype, is_prefill, gen
+    )
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
     torch_ref.store_kv(k, v, ref_k, ref_v, meta.slot_mapping)
     backend.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
-    out = backend.attention(q, k_cache, v_cache, meta, dim ** -0.5)
+    out = backend.attention(q, k_cache, v_cache, meta, dim**-0.5)
     assert out.shape == q.shape and out.dtype == dtype
     assert _max_row_error(out, _reference(q, k_cache, v_cache, meta)) < TOL[dtype]
-    ref_out = torch_ref.attention(q, k_cache, v_cache, meta, dim ** -0.5)
+    ref_out = torch_ref.attention(q, k_cache, v_cache, meta, dim**-0.5)
     assert _max_row_error(out, ref_out.float()) < 2 * TOL[dtype]
 
 
@@ -169,11 +175,10 @@ def test_decode_replays_in_cuda_graph():
     num_blocks = batch * max_ctx // bs
     gen = torch.Generator().manual_seed(1)
     ctx = _lens(batch - 1, max_ctx, gen) + [1]
-    (q, k, v, k_cache, v_cache), meta = _batch(ctx, [1] * batch, bs, heads, kv_heads, dim, BF16, False, gen,
-                                               num_blocks)
+    (q, k, v, k_cache, v_cache), meta = _batch(ctx, [1] * batch, bs, heads, kv_heads, dim, BF16, False, gen, num_blocks)
     meta.context_lens[-1] = 0
     meta.slot_mapping[-1] = -1
-    scale = dim ** -0.5
+    scale = dim**-0.5
 
     def step():
         backend.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -192,8 +197,12 @@ def test_decode_replays_in_cuda_graph():
         g2 = torch.Generator().manual_seed(seed)
         new_ctx = _lens(batch - 1, max_ctx, g2) + [1]
         new, m2 = _batch(new_ctx, [1] * batch, bs, heads, kv_heads, dim, BF16, False, g2, num_blocks)
-        for dst, src in (*zip((q, k, v, k_cache, v_cache), new), (meta.block_tables, m2.block_tables),
-                         (meta.context_lens, m2.context_lens), (meta.slot_mapping, m2.slot_mapping)):
+        for dst, src in (
+            *zip((q, k, v, k_cache, v_cache), new),
+            (meta.block_tables, m2.block_tables),
+            (meta.context_lens, m2.context_lens),
+            (meta.slot_mapping, m2.slot_mapping),
+        ):
             dst.copy_(src)
         meta.context_lens[-1] = 0
         meta.slot_mapping[-1] = -1
@@ -206,5 +215,12 @@ def test_decode_replays_in_cuda_graph():
 
 def _live_rows(meta, n):
     """The metadata of the first n decode sequences."""
-    return AttentionMetadata(False, meta.slot_mapping[:n], meta.block_tables[:n], meta.context_lens[:n],
-                             meta.query_start_loc[:n + 1], 1, meta.max_context_len)
+    return AttentionMetadata(
+        False,
+        meta.slot_mapping[:n],
+        meta.block_tables[:n],
+        meta.context_lens[:n],
+        meta.query_start_loc[: n + 1],
+        1,
+        meta.max_context_len,
+    )

@@ -1,4 +1,5 @@
 """The TUI: the incremental spool feed, the model, and the app driven headless by Pilot."""
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,9 @@ class SpoolWriter:
         self.path = os.path.join(run_dir, "spool", f"{pid}.lts")
         self.pid, self.strings = pid, {}
         with open(self.path, "wb") as f:
-            f.write(encode_header({"pid": pid, "process_name": name, "span_cost_ns": 300.0,
-                                   "resource": resource or {}}))
+            f.write(
+                encode_header({"pid": pid, "process_name": name, "span_cost_ns": 300.0, "resource": resource or {}})
+            )
 
     def _id(self, s: str, new: list) -> int:
         if s not in self.strings:
@@ -58,19 +60,79 @@ class SpoolWriter:
         new, recs = [], []
         for s in spans:
             a = self._attrs(s.attrs, new)
-            recs.append(RECORD.pack(s.start_ns, s.end_ns, s.span_id, s.parent_id, s.link_id, s.step, *a,
-                                    self._id(s.name, new), self._id(s.stage, new), s.tid, SPAN, s.flags, 0))
+            recs.append(
+                RECORD.pack(
+                    s.start_ns,
+                    s.end_ns,
+                    s.span_id,
+                    s.parent_id,
+                    s.link_id,
+                    s.step,
+                    *a,
+                    self._id(s.name, new),
+                    self._id(s.stage, new),
+                    s.tid,
+                    SPAN,
+                    s.flags,
+                    0,
+                )
+            )
             if s.device_start_ns is not None:
-                recs.append(RECORD.pack(s.device_start_ns, s.device_end_ns, s.span_id, 0, 0, s.step, *[0] * 8,
-                                        self._id(s.name, new), self._id(s.stage, new), s.tid, DEVICE, 0, 0))
+                recs.append(
+                    RECORD.pack(
+                        s.device_start_ns,
+                        s.device_end_ns,
+                        s.span_id,
+                        0,
+                        0,
+                        s.step,
+                        *[0] * 8,
+                        self._id(s.name, new),
+                        self._id(s.stage, new),
+                        s.tid,
+                        DEVICE,
+                        0,
+                        0,
+                    )
+                )
         for i in instants:
             a = self._attrs(i.attrs, new)
-            recs.append(RECORD.pack(i.ts_ns, i.ts_ns, 0, i.parent_id, 0, i.step, *a, self._id(i.name, new),
-                                    self._id(i.stage, new), i.tid, INSTANT, 0, 0))
+            recs.append(
+                RECORD.pack(
+                    i.ts_ns,
+                    i.ts_ns,
+                    0,
+                    i.parent_id,
+                    0,
+                    i.step,
+                    *a,
+                    self._id(i.name, new),
+                    self._id(i.stage, new),
+                    i.tid,
+                    INSTANT,
+                    0,
+                    0,
+                )
+            )
         for c in counters:
             a = self._attrs({"value": float(c.value)}, new)
-            recs.append(RECORD.pack(c.ts_ns, c.ts_ns, 0, 0, 0, -1, *a, self._id(c.name, new), self._id(c.name, new),
-                                    c.pid, COUNTER, 0, 0))
+            recs.append(
+                RECORD.pack(
+                    c.ts_ns,
+                    c.ts_ns,
+                    0,
+                    0,
+                    0,
+                    -1,
+                    *a,
+                    self._id(c.name, new),
+                    self._id(c.name, new),
+                    c.pid,
+                    COUNTER,
+                    0,
+                    0,
+                )
+            )
         return encode_batch(new, {}, b"".join(recs), len(recs))
 
     def append(self, data: bytes) -> None:
@@ -83,8 +145,13 @@ def write_run(trace: Trace, run_dir) -> dict[int, SpoolWriter]:
     writers = {}
     for pid, proc in trace.processes.items():
         w = writers[pid] = SpoolWriter(run_dir, pid, proc.name, proc.resource)
-        w.append(w.batch([s for s in trace.spans if s.pid == pid], [i for i in trace.instants if i.pid == pid],
-                         [c for c in trace.counters if c.pid == pid]))
+        w.append(
+            w.batch(
+                [s for s in trace.spans if s.pid == pid],
+                [i for i in trace.instants if i.pid == pid],
+                [c for c in trace.counters if c.pid == pid],
+            )
+        )
     return writers
 
 
@@ -107,10 +174,11 @@ def _split(trace: Trace, pid: int, parts: int) -> list[tuple]:
     """One process's records cut into `parts` time-ordered chunks (as successive flushes would be)."""
     spans = sorted((s for s in trace.spans if s.pid == pid), key=lambda s: s.end_ns)
     k = -(-len(spans) // parts)
-    return [(spans[i:i + k],) for i in range(0, len(spans), k)]
+    return [(spans[i : i + k],) for i in range(0, len(spans), k)]
 
 
 # -- the feed ----------------------------------------------------------------------------
+
 
 def test_feed_decodes_only_appended_batches_and_waits_for_a_truncated_one(tmp_path):
     trace = engine_trace(steps=6)
@@ -169,12 +237,26 @@ def test_feed_joins_a_device_record_that_arrives_a_batch_after_its_span(tmp_path
 
 def _device_only(w: SpoolWriter, s) -> bytes:
     new = []
-    rec = RECORD.pack(s.device_start_ns, s.device_end_ns, s.span_id, 0, 0, s.step, *[0] * 8,
-                      w._id(s.name, new), w._id(s.stage, new), s.tid, DEVICE, 0, 0)
+    rec = RECORD.pack(
+        s.device_start_ns,
+        s.device_end_ns,
+        s.span_id,
+        0,
+        0,
+        s.step,
+        *[0] * 8,
+        w._id(s.name, new),
+        w._id(s.stage, new),
+        s.tid,
+        DEVICE,
+        0,
+        0,
+    )
     return encode_batch(new, {}, rec, 1)
 
 
 # -- the model ---------------------------------------------------------------------------
+
 
 def test_model_costs_each_step_as_the_analyzer_does():
     from llmtrace.analyze import build_report
@@ -239,6 +321,7 @@ def test_window_trace_keeps_only_the_recent_steps():
 
 # -- the app -----------------------------------------------------------------------------
 
+
 def finished_app(tmp_path, steps: int = 30, log_ms: float = 3.0):
     from llmtrace.analyze import build_report
     from llmtrace.load import load_trace
@@ -250,8 +333,9 @@ def finished_app(tmp_path, steps: int = 30, log_ms: float = 3.0):
     model = RunModel(window=None, series=None)
     model.ingest(trace)
     model.settle(everything=True)
-    return LlmtraceApp(model, RunInfo("tiny", "cpu", 4), str(tmp_path), report=build_report(trace), trace=trace,
-                       source=str(tmp_path))
+    return LlmtraceApp(
+        model, RunInfo("tiny", "cpu", 4), str(tmp_path), report=build_report(trace), trace=trace, source=str(tmp_path)
+    )
 
 
 async def _exported(app) -> None:
@@ -318,7 +402,7 @@ async def test_call_chain_nests_the_agent_step_under_the_masters_wait(tmp_path):
         (agent,) = wait.children
         assert "[agent-0]" in str(agent.label)
         names = [str(n.label).split()[0] for n in agent.children]
-        assert names[names.index("preprocess"):names.index("sampling") + 1] == ["preprocess", "forward", "sampling"]
+        assert names[names.index("preprocess") : names.index("sampling") + 1] == ["preprocess", "forward", "sampling"]
         assert "device" in str(agent.children[names.index("forward")].label)
 
 
@@ -422,6 +506,7 @@ def test_a_slow_step_waits_for_its_roots():
 
 
 # -- llmtrace run --tui: the workload in a thread, the app in the foreground -------------------
+
 
 @pytest.fixture
 def headless_live(monkeypatch):

@@ -1,6 +1,7 @@
 """viztracer inside chosen stages for N steps: the window's bookkeeping, and a recorded
 pipeline whose report names the slow function under its stage from viztracer's events,
 which lie inside that stage's spans on the same thread."""
+
 from __future__ import annotations
 
 import json
@@ -73,15 +74,28 @@ def test_event_names_for_the_analyzer():
     logging_file = os.path.join(os.path.dirname(os.__file__), "logging", "__init__.py")
     assert event_name(f"Logger.debug ({logging_file}:1467)") == "logging.Logger.debug"
     assert event_name("numpy.empty") == "numpy.empty"
-    ev = to_foreign([{"ph": "M", "name": "thread_name"}, {"ph": "X", "name": "builtins.len", "pid": 1, "tid": 2,
-                                                            "ts": 10.0, "dur": 1.5}])
+    ev = to_foreign(
+        [
+            {"ph": "M", "name": "thread_name"},
+            {"ph": "X", "name": "builtins.len", "pid": 1, "tid": 2, "ts": 10.0, "dur": 1.5},
+        ]
+    )
     assert ev == [{"name": "builtins.len", "cat": "viztracer", "ph": "X", "pid": 1, "tid": 2, "ts": 10.0, "dur": 1.5}]
 
 
 def test_record_with_viztracer_names_the_slow_function(tmp_path):
     steps = 3
-    r = record(tmp_path, "--sample-hz", "0", "--viztracer", "--viztracer-stages", "preprocess",
-               "--viztracer-steps", str(steps), program=[sys.executable, PIPELINE, "--steps", "10"])
+    r = record(
+        tmp_path,
+        "--sample-hz",
+        "0",
+        "--viztracer",
+        "--viztracer-stages",
+        "preprocess",
+        "--viztracer-steps",
+        str(steps),
+        program=[sys.executable, PIPELINE, "--steps", "10"],
+    )
     assert r.returncode == 0, r.stderr
     rep = report(tmp_path)
     names_array_formatting_in_preprocess(rep, "viztracer")
@@ -96,8 +110,11 @@ def test_record_with_viztracer_names_the_slow_function(tmp_path):
     inside = {s.step: s for s in pre}
     for e in trace.foreign_events:
         start, end = e["ts"] * 1000, (e["ts"] + e.get("dur", 0)) * 1000
-        owner = [s for s in inside.values() if s.pid == e["pid"] and s.tid == e["tid"]
-                 and s.start_ns <= start and end <= s.end_ns + 1000]
+        owner = [
+            s
+            for s in inside.values()
+            if s.pid == e["pid"] and s.tid == e["tid"] and s.start_ns <= start and end <= s.end_ns + 1000
+        ]
         assert owner and owner[0].step < steps, e
 
 
@@ -105,7 +122,8 @@ def test_a_forked_multiprocessing_worker_saves_its_own_window(tmp_path):
     """A fork-started worker ends with os._exit (no atexit): its window is saved when its
     target returns, and the analyzer names the function inside its stage."""
     prog = tmp_path / "forked.py"
-    prog.write_text(textwrap.dedent("""
+    prog.write_text(
+        textwrap.dedent("""
         import multiprocessing as mp
         import llmtrace
 
@@ -126,10 +144,20 @@ def test_a_forked_multiprocessing_worker_saves_its_own_window(tmp_path):
             p = mp.Process(target=worker, args=(12,), name="fork-worker")
             p.start()
             p.join()
-    """))
+    """)
+    )
     out = tmp_path / "run"
-    r = record(out, "--sample-hz", "0", "--viztracer", "--viztracer-stages", "preprocess", "--viztracer-steps", "5",
-               program=[sys.executable, str(prog)])
+    r = record(
+        out,
+        "--sample-hz",
+        "0",
+        "--viztracer",
+        "--viztracer-stages",
+        "preprocess",
+        "--viztracer-steps",
+        "5",
+        program=[sys.executable, str(prog)],
+    )
     assert r.returncode == 0, r.stderr
     from llmtrace.load import load_trace
 

@@ -1,6 +1,7 @@
 """The load generator: request building (seeded, exact prompt lengths) and runs against a
 real `llmtrace serve` process (tiny model, one agent) whose counts must agree with the
 client's. The last test stops that process and checks its shutdown and its trace."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,16 +45,31 @@ class ServeProcess:
         (tmp / "serve.yaml").write_text(CONFIG)
         self.out_dir = tmp / "run"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "llmtrace.cli", "serve", "--config", str(tmp / "serve.yaml"), "--port", "0",
-             "--out", str(self.out_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "llmtrace.cli",
+                "serve",
+                "--config",
+                str(tmp / "serve.yaml"),
+                "--port",
+                "0",
+                "--out",
+                str(self.out_dir),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         line = self.proc.stdout.readline().decode()
         m = re.search(r"http://[\d.]+:\d+", line)
         if m is None:
             self.proc.kill()
             raise AssertionError(f"llmtrace serve did not start: {line}{self.proc.communicate()[0].decode()}")
         self.url = m.group()
-        self.agent_pids = [int(p) for p in subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True,
-                                                          text=True).stdout.split()]
+        self.agent_pids = [
+            int(p)
+            for p in subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
+        ]
 
     def health(self) -> dict:
         with urllib.request.urlopen(self.url + "/health", timeout=10) as r:
@@ -85,6 +101,7 @@ def engine(tmp_path_factory):
 
 # ---- building requests -------------------------------------------------------------------------
 
+
 def test_prompts_have_the_asked_token_length(tokenizer):
     builder, rng = PromptBuilder(tokenizer), random.Random(0)
     for n in [2, 3, 17, 64, 300, 9000]:  # 9000 is longer than the corpus: slices wrap around
@@ -93,8 +110,12 @@ def test_prompts_have_the_asked_token_length(tokenizer):
 
 
 def test_requests_are_seeded_and_within_the_distributions(tokenizer):
-    wl = workload(num_requests=20, input_len={"dist": "uniform", "min": 4, "max": 40},
-                  output_len={"dist": "normal", "mean": 10, "std": 30}, seed=3)
+    wl = workload(
+        num_requests=20,
+        input_len={"dist": "uniform", "min": 4, "max": 40},
+        output_len={"dist": "normal", "mean": 10, "std": 30},
+        seed=3,
+    )
     a, b = list(iter_requests(wl, tokenizer, MAX_MODEL_LEN)), list(iter_requests(wl, tokenizer, MAX_MODEL_LEN))
     assert a == b and len(a) == 20 and len({r.req_id for r in a}) == 20
     assert a != list(iter_requests(dataclasses.replace(wl, seed=4), tokenizer, MAX_MODEL_LEN))
@@ -128,13 +149,17 @@ def test_percentile_matches_numpy():
 
 
 async def test_closed_loop_counts_agree_with_the_server(engine, tokenizer):
-    wl = workload(num_requests=8, arrival="closed", concurrency=4, seed=5,
-                  input_len={"dist": "uniform", "min": 8, "max": 48},
-                  output_len={"dist": "uniform", "min": 3, "max": 8})
+    wl = workload(
+        num_requests=8,
+        arrival="closed",
+        concurrency=4,
+        seed=5,
+        input_len={"dist": "uniform", "min": 8, "max": 48},
+        output_len={"dist": "uniform", "min": 3, "max": 8},
+    )
     specs = {r.req_id: r for r in iter_requests(wl, tokenizer, MAX_MODEL_LEN)}
     seen = []
-    results, summary = await run_workload(engine.url, wl, tokenizer, max_model_len=MAX_MODEL_LEN,
-                                          progress=seen.append)
+    results, summary = await run_workload(engine.url, wl, tokenizer, max_model_len=MAX_MODEL_LEN, progress=seen.append)
     assert sorted(r.req_id for r in results) == sorted(specs)
     for r in results:
         spec = specs[r.req_id]
@@ -184,6 +209,7 @@ async def test_unreachable_server_counts_errors(tokenizer):
 
 
 # ---- must stay last: stops the server ----------------------------------------------------------
+
 
 @pytest.mark.skipif(sink.current() is not None, reason="a spooler in this process would take the records")
 async def test_client_spans_match_the_servers_and_sigterm_stops_everything(engine, tokenizer):

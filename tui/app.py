@@ -5,6 +5,7 @@ the widgets redraw at REDRAW_S (never per record), and the analyzer's rules run 
 recent window every SUGGEST_S in a worker thread. Finished (`report` given): the report
 of the whole run is shown as `llmtrace analyze` computes it.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,8 +51,17 @@ class LlmtraceApp(App):
         Binding("p", "phase", "All/decode/prefill"),
     ]
 
-    def __init__(self, model: RunModel, info: RunInfo, run_dir: str | None, *, feed: SpoolFeed | None = None,
-                 report: dict | None = None, trace: Trace | None = None, source: str | None = None):
+    def __init__(
+        self,
+        model: RunModel,
+        info: RunInfo,
+        run_dir: str | None,
+        *,
+        feed: SpoolFeed | None = None,
+        report: dict | None = None,
+        trace: Trace | None = None,
+        source: str | None = None,
+    ):
         super().__init__()
         self.model, self.info, self.run_dir = model, info, run_dir
         self.feed, self.report, self.trace, self.source = feed, report, trace, source
@@ -166,8 +176,11 @@ class LlmtraceApp(App):
         if not self.live:
             return self.state
         problems, late = self.feed.problems, self.model.late_spans
-        return (f"{self.state}  {self.model.records_total} records" + (f"  {late} late spans ignored" if late else "")
-                + (f"  ({problems[0]})" if problems else ""))
+        return (
+            f"{self.state}  {self.model.records_total} records"
+            + (f"  {late} late spans ignored" if late else "")
+            + (f"  ({problems[0]})" if problems else "")
+        )
 
     def _show_step(self, view: StepView | None) -> None:
         self.chain.show(view, self.model.processes, self._slowest)

@@ -1,5 +1,6 @@
 """The call chain of one step across processes: the master's step, the hop to each agent
 (grafted under the master's `agent.wait`), the agent's stages, and the reply, with times."""
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -83,9 +84,15 @@ class CallChain(Vertical):
             self.heading.update(Text("No step to show yet", style="dim"))
             return
         c = view.cost
-        self.heading.update(Text.assemble(
-            ("step ", "bold"), (str(c.step), "bold"), f"  {_ms(c.wall_ns)}  {c.tokens} tokens  ",
-            ("prefill" if c.prefill else "decode", "yellow"), ("  (slowest in window)" if slowest else "", "red"),
-            ("   [ ] previous/next  s slowest", "dim")))
+        self.heading.update(
+            Text.assemble(
+                ("step ", "bold"),
+                (str(c.step), "bold"),
+                f"  {_ms(c.wall_ns)}  {c.tokens} tokens  ",
+                ("prefill" if c.prefill else "decode", "yellow"),
+                ("  (slowest in window)" if slowest else "", "red"),
+                ("   [ ] previous/next  s slowest", "dim"),
+            )
+        )
         build_tree(self.spans_tree.root, view, processes)
         self.spans_tree.root.expand_all()

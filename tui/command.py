@@ -1,6 +1,7 @@
 """`llmtrace tui PATH`: browse a run in the terminal. A run directory whose processes are
 still writing their spool files opens live; anything else (a finished run, a spool
 directory or file, a trace.json) opens with the full report of the run."""
+
 from __future__ import annotations
 
 import os

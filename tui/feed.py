@@ -5,6 +5,7 @@ batches are decoded (a batch the writer is still writing is read again at the ne
 and so is a mapped spool file's zero-filled tail, which the writer fills in place), so a
 poll costs what was appended since the previous one, never a re-read of the file.
 """
+
 from __future__ import annotations
 
 import glob
@@ -72,8 +73,9 @@ class SpoolFeed:
 
     def __init__(self, run_dir: str):
         spool = os.path.join(run_dir, "spool")
-        self.spool_dir = spool if os.path.isdir(spool) or not glob.glob(os.path.join(run_dir, "*" + SPOOL_SUFFIX)) \
-            else run_dir
+        self.spool_dir = (
+            spool if os.path.isdir(spool) or not glob.glob(os.path.join(run_dir, "*" + SPOOL_SUFFIX)) else run_dir
+        )
         self.tails: dict[str, SpoolTail] = {}
         self.processes: dict[int, Process] = {}
 

@@ -1,5 +1,6 @@
 """The header: what ran (model, device), how fast (throughput, requests, TTFT/TPOT), and the
 one-line answer (where a token's time goes)."""
+
 from __future__ import annotations
 
 import os
@@ -34,16 +35,34 @@ class RunHeader(Static):
         total = info.total_requests or summary.get("requests")
         now, avg = summary.get("throughput_now_tok_s"), summary.get("throughput_tok_s") or 0.0
         rate = f"{now:.1f} tok/s now, {avg:.1f} avg  " if now is not None else f"{avg:.1f} tok/s  "
-        t = Text.assemble(("llmtrace  ", "bold"), ("model ", "dim"), (info.model, "bold cyan"), ("  device ", "dim"),
-                          (info.device, "bold cyan"), "  ",
-                          (state, "bold green" if state.startswith("live") else "bold"), "\n")
-        t.append_text(Text.assemble(
-            ("throughput ", "dim"), rate,
-            ("requests ", "dim"), f"{done}/{total if total is not None else '?'}  ",
-            ("tokens ", "dim"), f"{summary.get('output_tokens') or 0}  ",
-            ("steps ", "dim"), f"{summary.get('steps') or 0}\n",
-            ("TTFT ", "dim"), _p(summary.get("ttft_ms")), "   ", ("TPOT ", "dim"), _p(summary.get("tpot_ms"), "ms"),
-            "\n"))
+        t = Text.assemble(
+            ("llmtrace  ", "bold"),
+            ("model ", "dim"),
+            (info.model, "bold cyan"),
+            ("  device ", "dim"),
+            (info.device, "bold cyan"),
+            "  ",
+            (state, "bold green" if state.startswith("live") else "bold"),
+            "\n",
+        )
+        t.append_text(
+            Text.assemble(
+                ("throughput ", "dim"),
+                rate,
+                ("requests ", "dim"),
+                f"{done}/{total if total is not None else '?'}  ",
+                ("tokens ", "dim"),
+                f"{summary.get('output_tokens') or 0}  ",
+                ("steps ", "dim"),
+                f"{summary.get('steps') or 0}\n",
+                ("TTFT ", "dim"),
+                _p(summary.get("ttft_ms")),
+                "   ",
+                ("TPOT ", "dim"),
+                _p(summary.get("tpot_ms"), "ms"),
+                "\n",
+            )
+        )
         if breakdown:
             t.append(f"overhead {breakdown['overhead_fraction']:.0%}  ", "bold yellow")
             t.append(breakdown["headline"], "bold")

@@ -1,5 +1,6 @@
 """`llmtrace run --tui`: the workload runs in a background thread (its own asyncio loop)
 while the TUI runs in the foreground, reading the run's spool files as they grow."""
+
 from __future__ import annotations
 
 import asyncio

@@ -7,6 +7,7 @@ the analyzer's view over the last `window` steps; the suggestions are the analyz
 run on the spans of that window (`window_trace`). Requests: one row per request, updated
 by its `http.request`/`queue` spans and `token`/`req.finish` instants.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -94,8 +95,13 @@ class _OpenStep:
 
 
 class RunModel:
-    def __init__(self, settle_s: float = SETTLE_S, window: int | None = WINDOW_STEPS,
-                 series: int | None = SERIES_POINTS, clock=time.monotonic):
+    def __init__(
+        self,
+        settle_s: float = SETTLE_S,
+        window: int | None = WINDOW_STEPS,
+        series: int | None = SERIES_POINTS,
+        clock=time.monotonic,
+    ):
         self.settle_s, self.clock = settle_s, clock
         self.processes: dict[int, Process] = {}
         self.steps: deque[StepView] = deque(maxlen=window)
@@ -194,8 +200,11 @@ class RunModel:
         # A parent may sit in another step's group: with async scheduling agent.step n holds
         # the launch of step n+1 (spans of step n+1).
         present = set().union(*(st.ids for st in self._open.values()), *self._recent_ids)
-        ready = [k for k, st in self._open.items() if everything or now - st.seen >= STALE_S
-                 or (now - st.seen >= self.settle_s and not st.missing - present)]
+        ready = [
+            k
+            for k, st in self._open.items()
+            if everything or now - st.seen >= STALE_S or (now - st.seen >= self.settle_s and not st.missing - present)
+        ]
         if not ready:
             return 0
         groups = {k: self._open.pop(k).spans for k in ready}
@@ -206,8 +215,11 @@ class RunModel:
         # next step's device time and its agent step the next step's launch.
         spans = [x for g in groups.values() for x in g] + [x for st in self._open.values() for x in st.spans]
         spans.sort(key=lambda x: x.start_ns)
-        views = [StepView(c, sorted(groups[c.step], key=lambda x: x.start_ns))
-                 for c in Breakdown.of(TraceIndex(Trace(self.processes, spans))).steps if c.step in groups]
+        views = [
+            StepView(c, sorted(groups[c.step], key=lambda x: x.start_ns))
+            for c in Breakdown.of(TraceIndex(Trace(self.processes, spans))).steps
+            if c.step in groups
+        ]
         views.sort(key=lambda v: v.cost.root.start_ns)
         for v in views:
             self._add_step(v)
@@ -250,10 +262,13 @@ class RunModel:
         t0 = self.steps[0].cost.root.start_ns
         spans = [s for v in self.steps for s in v.spans]
         spans += [s for s in self._unstepped if s.start_ns >= t0]
-        trace = Trace(processes=dict(self.processes), spans=spans,
-                      instants=[i for i in self._instants if i.ts_ns >= t0],
-                      counters=[c for c in self._counters if c.ts_ns >= t0],
-                      samples=[s for s in self._samples if s.ts_ns >= t0])
+        trace = Trace(
+            processes=dict(self.processes),
+            spans=spans,
+            instants=[i for i in self._instants if i.ts_ns >= t0],
+            counters=[c for c in self._counters if c.ts_ns >= t0],
+            samples=[s for s in self._samples if s.ts_ns >= t0],
+        )
         trace.sort()
         return trace
 
@@ -263,11 +278,17 @@ class RunModel:
         ttft = [r.ttft for r in rows if r.ttft is not None]
         tpot = [r.tpot for r in rows if r.tpot is not None]
         tokens = sum(r.tokens for r in rows) if self.requests else self.tokens_total
-        return {"requests": len(self.requests) or None, "output_tokens": tokens, "steps": self.steps_total,
-                "throughput_tok_s": _rate(self.tokens_total, self._first_start_ns, self._last_end_ns),
-                "throughput_now_tok_s": _rate(sum(n for _, n in list(self._ends)[1:]), self._ends[0][0],
-                                              self._last_end_ns) if self._ends else 0.0,
-                "ttft_ms": summary(ttft, 1e-6), "tpot_ms": summary(tpot, 1e-6)}
+        return {
+            "requests": len(self.requests) or None,
+            "output_tokens": tokens,
+            "steps": self.steps_total,
+            "throughput_tok_s": _rate(self.tokens_total, self._first_start_ns, self._last_end_ns),
+            "throughput_now_tok_s": _rate(sum(n for _, n in list(self._ends)[1:]), self._ends[0][0], self._last_end_ns)
+            if self._ends
+            else 0.0,
+            "ttft_ms": summary(ttft, 1e-6),
+            "tpot_ms": summary(tpot, 1e-6),
+        }
 
     @property
     def requests_done(self) -> int:

@@ -1,4 +1,5 @@
 """One row per request: queue time, TTFT, tokens so far, TPOT and end-to-end latency."""
+
 from __future__ import annotations
 
 from textual.widgets import DataTable
@@ -13,8 +14,15 @@ def _ms(ns: int | float | None) -> str:
 
 
 def cells(r: RequestRow) -> tuple[str, ...]:
-    state = f"done ({r.reason})" if r.done and r.reason else "done" if r.done else \
-        "running" if r.first_token_ns is not None else "waiting"
+    state = (
+        f"done ({r.reason})"
+        if r.done and r.reason
+        else "done"
+        if r.done
+        else "running"
+        if r.first_token_ns is not None
+        else "waiting"
+    )
     return (r.req, state, _ms(r.queue_ns), _ms(r.ttft), str(r.tokens), _ms(r.tpot), _ms(r.e2e))
 
 

@@ -1,4 +1,5 @@
 """Step time and batch size over the run, as sparklines with their latest/p50/max."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -15,8 +16,11 @@ def _label(title: str, vals: Sequence[float], fmt: str) -> Text:
     if not vals:
         return Text.assemble((title, "bold"), ("  no steps yet", "dim"))
     s = sorted(vals)
-    return Text.assemble((title, "bold"), f"  last {fmt.format(vals[-1])}  p50 {fmt.format(percentile(s, 50))}"
-                         f"  max {fmt.format(s[-1])}  ({len(vals)} steps)")
+    return Text.assemble(
+        (title, "bold"),
+        f"  last {fmt.format(vals[-1])}  p50 {fmt.format(percentile(s, 50))}"
+        f"  max {fmt.format(s[-1])}  ({len(vals)} steps)",
+    )
 
 
 class StepSparklines(Vertical):

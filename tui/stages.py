@@ -1,5 +1,6 @@
 """Where a token's time goes: a stacked bar (model vs each overhead stage) over the stage
 table (ms/step, ms/token, share, p50/p99), both sorted by cost."""
+
 from __future__ import annotations
 
 from rich.text import Text
@@ -8,8 +9,18 @@ from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
 MODEL = "model"
-PALETTE = ("red", "yellow", "blue", "magenta", "cyan", "bright_red", "bright_yellow", "bright_blue",
-           "bright_magenta", "bright_cyan")
+PALETTE = (
+    "red",
+    "yellow",
+    "blue",
+    "magenta",
+    "cyan",
+    "bright_red",
+    "bright_yellow",
+    "bright_blue",
+    "bright_magenta",
+    "bright_cyan",
+)
 MODEL_COLOR = "green"
 BAR_STAGES = 6  # stages drawn separately in the bar; the rest are "other"
 COLUMNS = ("stage", "ms/step", "ms/token", "share", "p50 ms", "p99 ms")
@@ -18,9 +29,14 @@ COLUMNS = ("stage", "ms/step", "ms/token", "share", "p50 ms", "p99 ms")
 def stage_rows(view: dict) -> list[dict]:
     """The view's stages plus the model, as one list sorted by ms/token."""
     tokens_per_step = view["tokens"] / view["steps"] if view["steps"] else 0.0
-    model = {"name": MODEL, "ms_per_step": view["model_ms"] * tokens_per_step, "ms_per_token": view["model_ms"],
-             "share": view["model_ms"] / view["per_token_ms"] if view["per_token_ms"] else 0.0,
-             "p50_ms": None, "p99_ms": None}
+    model = {
+        "name": MODEL,
+        "ms_per_step": view["model_ms"] * tokens_per_step,
+        "ms_per_token": view["model_ms"],
+        "share": view["model_ms"] / view["per_token_ms"] if view["per_token_ms"] else 0.0,
+        "p50_ms": None,
+        "p99_ms": None,
+    }
     return sorted([model, *view["stages"]], key=lambda r: -r["ms_per_token"])
 
 
@@ -93,13 +109,24 @@ class StagePanel(Vertical):
             self.bar.show([])
             self.table.clear()
             return
-        self.heading.update(Text.assemble(("Per-token breakdown ", "bold"),
-                                          f"{view['per_token_ms']:.3f} ms/token over {scope}",
-                                          ("  p: all/decode/prefill", "dim")))
+        self.heading.update(
+            Text.assemble(
+                ("Per-token breakdown ", "bold"),
+                f"{view['per_token_ms']:.3f} ms/token over {scope}",
+                ("  p: all/decode/prefill", "dim"),
+            )
+        )
         rows = stage_rows(view)
         self.bar.show(rows)
         col = colors(rows)
         self.table.clear()
         for r in rows:
-            self.table.add_row(Text(r["name"], style=col[r["name"]]), _ms(r["ms_per_step"]), _ms(r["ms_per_token"]),
-                               f"{r['share']:.1%}", _ms(r["p50_ms"]), _ms(r["p99_ms"]), key=r["name"])
+            self.table.add_row(
+                Text(r["name"], style=col[r["name"]]),
+                _ms(r["ms_per_step"]),
+                _ms(r["ms_per_token"]),
+                f"{r['share']:.1%}",
+                _ms(r["p50_ms"]),
+                _ms(r["p99_ms"]),
+                key=r["name"],
+            )

@@ -1,4 +1,5 @@
 """The analyzer's suggestions, ranked by estimated saving; Enter opens one's details."""
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,12 @@ class SuggestionScreen(ModalScreen):
 
     def compose(self) -> ComposeResult:
         s = self.suggestion
-        head = Text.assemble((f"#{self.rank} {s['title']}\n", "bold"), (s["id"], "cyan"), f"  stage {s['stage']}\n",
-                             (saving_text(s), "bold green"))
+        head = Text.assemble(
+            (f"#{self.rank} {s['title']}\n", "bold"),
+            (s["id"], "cyan"),
+            f"  stage {s['stage']}\n",
+            (saving_text(s), "bold green"),
+        )
         with Vertical(id="suggestion-dialog"):
             yield Static(head)
             with VerticalScroll():

@@ -1,4 +1,5 @@
 """Attention backends: `store_kv` + `attention` over a paged KV cache (see metadata.py)."""
+
 from __future__ import annotations
 
 import importlib

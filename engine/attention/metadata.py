@@ -1,4 +1,5 @@
 """Per-step attention metadata shared by every attention backend."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -5,6 +5,7 @@ K/V of every sequence are gathered through its block table into a padded
 sequence, so prefill (with or without a cached prefix) and decode take the same path,
 vectorised over the batch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,16 +14,18 @@ import torch.nn.functional as F
 from .metadata import AttentionMetadata
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Write the new tokens' k/v [T, kv_heads, head_dim] into their cache slots."""
     heads, dim = k_cache.shape[2], k_cache.shape[3]
     k_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, v)
 
 
-def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-              scale: float) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
     """q [T, heads, head_dim] -> out [T, heads, head_dim]; the new tokens' K/V must be stored."""
     num_tokens, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
@@ -33,8 +36,9 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
         q = q.new_zeros(b * ql, heads, dim).index_copy_(0, rows, q)
     # Query heads sharing a kv head are stacked along the query axis: [B, kv_heads, group*Q, D].
     q = q.view(b, ql, kv_heads, group, dim).permute(0, 2, 3, 1, 4).reshape(b, kv_heads, group * ql, dim)
-    out = F.scaled_dot_product_attention(q, _gather(k_cache, meta), _gather(v_cache, meta),
-                                         attn_mask=_mask(meta, group), scale=scale)
+    out = F.scaled_dot_product_attention(
+        q, _gather(k_cache, meta), _gather(v_cache, meta), attn_mask=_mask(meta, group), scale=scale
+    )
     out = out.view(b, kv_heads, group, ql, dim).permute(0, 3, 1, 2, 4).reshape(b * ql, heads, dim)
     return out if rows is None else out.index_select(0, rows)
 
@@ -45,7 +49,7 @@ def _gather(cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     n_blocks = -(-meta.max_context_len // block_size)
     # index_select on the flat table: half the time of advanced indexing on CPU
     x = cache.index_select(0, meta.block_tables[:, :n_blocks].reshape(-1))  # [B * n_blocks, bs, kv, D]
-    x = x.view(meta.num_seqs, n_blocks * block_size, kv_heads, dim)[:, :meta.max_context_len]
+    x = x.view(meta.num_seqs, n_blocks * block_size, kv_heads, dim)[:, : meta.max_context_len]
     return x.transpose(1, 2)
 
 
@@ -59,8 +63,9 @@ def _query_rows(meta: AttentionMetadata) -> torch.Tensor | None:
             s["rows"] = None
         else:
             qsl = meta.query_start_loc.long()
-            seq = torch.repeat_interleave(torch.arange(b, device=qsl.device), qsl[1:] - qsl[:-1],
-                                          output_size=num_tokens)
+            seq = torch.repeat_interleave(
+                torch.arange(b, device=qsl.device), qsl[1:] - qsl[:-1], output_size=num_tokens
+            )
             s["rows"] = seq * ql + torch.arange(num_tokens, device=qsl.device) - qsl[seq]
     return s["rows"]
 

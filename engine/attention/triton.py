@@ -15,6 +15,7 @@ when the runner captures with fixed shapes and a fixed max_context_len. Padded r
 a captured batch are harmless: slots < 0 are not stored and a sequence with
 context_lens == 0 gets a zero output.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,6 +37,7 @@ except ImportError:  # CPU-only installs: the module imports, the launchers refu
     def _jit(fn):
         return fn
 
+
 AVAILABLE = triton is not None
 
 
@@ -55,11 +57,24 @@ _SPLIT_WAVES = 3  # programs per SM to aim for when splitting long contexts
 
 
 @_jit
-def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
-                     stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_cb, stride_cs, stride_ch,
-                     NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _store_kv_kernel(
+    k_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    NUM_KV_HEADS: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
     t = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + t).to(tl.int64)
     h = tl.arange(0, HEADS_PAD)[:, None]
@@ -73,9 +88,25 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
 
 
 @_jit
-def _attend_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, kv_head_ptrs, start, hi, pos,
-                 scale_log2, stride_cb, stride_cs,
-                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASK: tl.constexpr):
+def _attend_keys(
+    q,
+    m_i,
+    l_i,
+    acc,
+    k_cache_ptr,
+    v_cache_ptr,
+    bt_row,
+    kv_head_ptrs,
+    start,
+    hi,
+    pos,
+    scale_log2,
+    stride_cb,
+    stride_cs,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    MASK: tl.constexpr,
+):
     """One online-softmax step over keys start..start+BLOCK_N, read through the block table.
 
     MASK drops keys at or past hi and keys after each row's position; without it every key
@@ -110,14 +141,37 @@ def _attend_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, kv_head_ptr
 
 @_jit
 def _paged_attention_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr,
-        block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
-        scale_log2, num_splits, kv_chunk,
-        stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt,
-        stride_ot, stride_oh, stride_os, stride_lt, stride_lh,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr,
-        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        SPLIT: tl.constexpr):
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    lse_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    query_start_loc_ptr,
+    scale_log2,
+    num_splits,
+    kv_chunk,
+    stride_qt,
+    stride_qh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    stride_os,
+    stride_lt,
+    stride_lh,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     tile = tl.program_id(2) // num_splits
@@ -138,8 +192,9 @@ def _paged_attention_kernel(
     q_row = (q_start + tok).to(tl.int64)
     head = kv_head * GROUP + g
     d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + q_row[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q = tl.load(
+        q_ptr + q_row[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=row_ok[:, None], other=0.0
+    )
 
     # Keys this program reads: its split's chunk, cut at the tile's last query position.
     last_tok = tl.minimum(tile * BLOCK_M + BLOCK_M, q_len)
@@ -155,13 +210,45 @@ def _paged_attention_kernel(
     first_pos = ctx - q_len + tile * BLOCK_M
     full_hi = lo + tl.maximum(tl.minimum(hi, first_pos + 1) - lo, 0) // BLOCK_N * BLOCK_N
     for start in range(lo, full_hi, BLOCK_N):
-        m_i, l_i, acc = _attend_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, kv_head_ptrs,
-                                     start, hi, pos, scale_log2, stride_cb, stride_cs,
-                                     BLOCK_N, BLOCK_SIZE, False)
+        m_i, l_i, acc = _attend_keys(
+            q,
+            m_i,
+            l_i,
+            acc,
+            k_cache_ptr,
+            v_cache_ptr,
+            bt_row,
+            kv_head_ptrs,
+            start,
+            hi,
+            pos,
+            scale_log2,
+            stride_cb,
+            stride_cs,
+            BLOCK_N,
+            BLOCK_SIZE,
+            False,
+        )
     for start in range(full_hi, hi, BLOCK_N):
-        m_i, l_i, acc = _attend_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, kv_head_ptrs,
-                                     start, hi, pos, scale_log2, stride_cb, stride_cs,
-                                     BLOCK_N, BLOCK_SIZE, True)
+        m_i, l_i, acc = _attend_keys(
+            q,
+            m_i,
+            l_i,
+            acc,
+            k_cache_ptr,
+            v_cache_ptr,
+            bt_row,
+            kv_head_ptrs,
+            start,
+            hi,
+            pos,
+            scale_log2,
+            stride_cb,
+            stride_cs,
+            BLOCK_N,
+            BLOCK_SIZE,
+            True,
+        )
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = out_ptr + q_row[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
@@ -174,10 +261,21 @@ def _paged_attention_kernel(
 
 
 @_jit
-def _reduce_splits_kernel(partial_ptr, lse_ptr, out_ptr, num_splits,
-                          stride_pt, stride_ph, stride_ps, stride_lt, stride_lh,
-                          stride_ot, stride_oh,
-                          SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _reduce_splits_kernel(
+    partial_ptr,
+    lse_ptr,
+    out_ptr,
+    num_splits,
+    stride_pt,
+    stride_ph,
+    stride_ps,
+    stride_lt,
+    stride_lh,
+    stride_ot,
+    stride_oh,
+    SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
@@ -186,15 +284,17 @@ def _reduce_splits_kernel(partial_ptr, lse_ptr, out_ptr, num_splits,
     lse = tl.load(lse_ptr + t * stride_lt + h * stride_lh + s, mask=s_ok, other=float("-inf"))
     m = tl.max(lse, 0)
     w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
-    part = tl.load(partial_ptr + t * stride_pt + h * stride_ph + s[:, None] * stride_ps + d[None, :],
-                   mask=s_ok[:, None], other=0.0)
+    part = tl.load(
+        partial_ptr + t * stride_pt + h * stride_ph + s[:, None] * stride_ps + d[None, :], mask=s_ok[:, None], other=0.0
+    )
     total = tl.sum(w, 0)
     out = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + t * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Write the new tokens' k/v [T, kv_heads, head_dim] into their slots; slots < 0 are skipped."""
     _require_triton()
     _check_cache(k_cache, v_cache)
@@ -204,23 +304,35 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if num_tokens == 0:
         return
     _store_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NUM_KV_HEADS=kv_heads, HEADS_PAD=triton.next_power_of_2(kv_heads),
-        HEAD_DIM=dim, BLOCK_SIZE=k_cache.shape[1])
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        NUM_KV_HEADS=kv_heads,
+        HEADS_PAD=triton.next_power_of_2(kv_heads),
+        HEAD_DIM=dim,
+        BLOCK_SIZE=k_cache.shape[1],
+    )
 
 
-def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-              scale: float) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
     """q [T, heads, head_dim] -> out [T, heads, head_dim]; the new tokens' K/V must be stored."""
     _require_triton()
     _check_cache(k_cache, v_cache)
     num_tokens, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
     if heads % kv_heads or dim != k_cache.shape[3] or q.dtype != k_cache.dtype or q.stride(2) != 1:
-        raise ValueError(f"q {tuple(q.shape)} {q.dtype} does not fit the cache "
-                         f"{tuple(k_cache.shape)} {k_cache.dtype}")
+        raise ValueError(f"q {tuple(q.shape)} {q.dtype} does not fit the cache {tuple(k_cache.shape)} {k_cache.dtype}")
     if num_tokens == 0:
         return torch.empty_like(q)
     # One sequence whose context is no longer than its new tokens has no cached prefix
@@ -236,8 +348,9 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
         cfg, block_m = _DECODE, 1
     q_tiles = triton.cdiv(meta.max_query_len, block_m)
     max_splits = min(_MAX_SPLITS, max(1, _MAX_SPLIT_BYTES // (4 * num_tokens * heads * dim)))
-    num_splits, kv_chunk = _kv_splits(meta.num_seqs * kv_heads * q_tiles, meta.max_context_len,
-                                      cfg.block_n, max_splits, q.device)
+    num_splits, kv_chunk = _kv_splits(
+        meta.num_seqs * kv_heads * q_tiles, meta.max_context_len, cfg.block_n, max_splits, q.device
+    )
     rows = max(16, block_m * group_pad)  # tl.dot needs at least 16 rows
     split = num_splits > 1
     if split:
@@ -248,25 +361,62 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     grid = (meta.num_seqs, kv_heads, q_tiles * num_splits)
     bt = meta.block_tables
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, target, lse, bt, meta.context_lens, meta.query_start_loc,
-        scale * _LOG2E, num_splits, kv_chunk,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), bt.stride(0),
-        target.stride(0), target.stride(1), target.stride(2) if split else 0,
-        lse.stride(0), lse.stride(1),
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_M=block_m, ROWS=rows, BLOCK_N=cfg.block_n,
-        HEAD_DIM=dim, BLOCK_SIZE=k_cache.shape[1], SPLIT=split,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        q,
+        k_cache,
+        v_cache,
+        target,
+        lse,
+        bt,
+        meta.context_lens,
+        meta.query_start_loc,
+        scale * _LOG2E,
+        num_splits,
+        kv_chunk,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        bt.stride(0),
+        target.stride(0),
+        target.stride(1),
+        target.stride(2) if split else 0,
+        lse.stride(0),
+        lse.stride(1),
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        BLOCK_M=block_m,
+        ROWS=rows,
+        BLOCK_N=cfg.block_n,
+        HEAD_DIM=dim,
+        BLOCK_SIZE=k_cache.shape[1],
+        SPLIT=split,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
     if split:
         _reduce_splits_kernel[(num_tokens, heads)](
-            partial, lse, out, num_splits,
-            partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
-            out.stride(0), out.stride(1),
-            SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=dim, num_warps=4)
+            partial,
+            lse,
+            out,
+            num_splits,
+            partial.stride(0),
+            partial.stride(1),
+            partial.stride(2),
+            lse.stride(0),
+            lse.stride(1),
+            out.stride(0),
+            out.stride(1),
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            HEAD_DIM=dim,
+            num_warps=4,
+        )
     return out
 
 
-def _prefill_without_prefix(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            slot_mapping: torch.Tensor, scale: float) -> torch.Tensor:
+def _prefill_without_prefix(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, scale: float
+) -> torch.Tensor:
     """One sequence whose context is exactly its new tokens: SDPA's causal (flash) kernel.
 
     Picking its K/V out of the cache by slot costs a few microseconds; the paged kernel
@@ -274,13 +424,15 @@ def _prefill_without_prefix(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     """
     kv_heads, dim = k_cache.shape[2:]
     k, v = (c.view(-1, kv_heads, dim)[slot_mapping].transpose(0, 1)[None] for c in (k_cache, v_cache))
-    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, is_causal=True, scale=scale,
-                                         enable_gqa=q.shape[1] != kv_heads)  # 4-D, or no flash kernel
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != kv_heads
+    )  # 4-D, or no flash kernel
     return out[0].transpose(0, 1).contiguous()
 
 
-def _kv_splits(programs: int, max_context_len: int, block_n: int, max_splits: int,
-               device: torch.device) -> tuple[int, int]:
+def _kv_splits(
+    programs: int, max_context_len: int, block_n: int, max_splits: int, device: torch.device
+) -> tuple[int, int]:
     """(num_splits, keys per split): about _SPLIT_WAVES programs per SM, whole tiles each."""
     tiles = max(1, triton.cdiv(max_context_len, block_n))
     want = triton.cdiv(_SPLIT_WAVES * _sm_count(device), programs)
@@ -289,14 +441,16 @@ def _kv_splits(programs: int, max_context_len: int, block_n: int, max_splits: in
     return triton.cdiv(tiles * block_n, chunk), chunk
 
 
-def _split_buffers(meta: AttentionMetadata, num_tokens: int, heads: int, dim: int, num_splits: int,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _split_buffers(
+    meta: AttentionMetadata, num_tokens: int, heads: int, dim: int, num_splits: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial outputs [T, heads, splits, dim] and log2-sum-exps, shared by every layer of a step."""
     key = ("triton_split_buffers", num_tokens, heads, dim, num_splits)
     if key not in meta.scratch:
         meta.scratch[key] = (
             torch.empty(num_tokens, heads, num_splits, dim, dtype=torch.float32, device=device),
-            torch.empty(num_tokens, heads, num_splits, dtype=torch.float32, device=device))
+            torch.empty(num_tokens, heads, num_splits, dtype=torch.float32, device=device),
+        )
     return meta.scratch[key]
 
 

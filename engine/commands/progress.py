@@ -1,4 +1,5 @@
 """The progress bar of `llmtrace run`: requests done and live output tokens/s."""
+
 from __future__ import annotations
 
 import time
@@ -10,8 +11,13 @@ class WorkloadProgress:
     def __init__(self, workload_cfg):
         total = getattr(workload_cfg, "num_requests", None)
         self._progress = Progress(
-            TextColumn("[bold]workload"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(), transient=False)
+            TextColumn("[bold]workload"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            transient=False,
+        )
         self._task = self._progress.add_task("requests", total=total, rate="")
         self._t0 = time.monotonic()
         self._window: list[tuple[float, int]] = []

@@ -5,6 +5,7 @@ print the breakdown.
 The engine (server + master, which spawns the agents) runs as a child process so the
 load generator in this process does not share a GIL with the code being measured.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,8 +25,13 @@ def add_parser(sub) -> None:
     p.add_argument("--config", required=True, help="YAML config (see examples/quickstart.yaml)")
     p.add_argument("--out", help="output directory (default runs/<timestamp>/)")
     p.add_argument("--tui", action="store_true", help="show the live TUI while the workload runs")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set workload.num_requests=8")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set workload.num_requests=8",
+    )
 
 
 def main(args) -> int:
@@ -116,8 +122,9 @@ def _drive(cfg, url: str, engine: EngineProcess, live: str | None):
     tokenizer = Tokenizer(tokenizer_path(cfg.model))
 
     async def go(progress):
-        task = asyncio.ensure_future(run_workload(url, cfg.workload, tokenizer, max_model_len=cfg.engine.max_model_len,
-                                                  progress=progress))
+        task = asyncio.ensure_future(
+            run_workload(url, cfg.workload, tokenizer, max_model_len=cfg.engine.max_model_len, progress=progress)
+        )
         try:
             while not task.done():
                 await asyncio.wait({task}, timeout=0.5)
@@ -185,4 +192,3 @@ def _write_yaml(data: dict, path: str) -> None:
 
     with open(path, "w") as f:
         yaml.safe_dump(data, f, sort_keys=False)
-

@@ -6,6 +6,7 @@ on every path (a failed start included). With --out the master and agents record
 and when the server stops it writes trace.json, report.json and report.md there, as `run`
 does.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,10 +21,16 @@ def add_parser(sub) -> None:
     p.add_argument("--config", required=True, help="YAML config (see examples/quickstart.yaml)")
     p.add_argument("--host", help="bind address (default: engine.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: engine.port, 8000; 0 = any free port)")
-    p.add_argument("--out", help="record a trace into this directory; trace.json, report.json and report.md "
-                                 "are written there when the server stops")
-    p.add_argument("--no-report", action="store_true",
-                   help="with --out, keep only the recording (spool/): `llmtrace run` writes the report itself")
+    p.add_argument(
+        "--out",
+        help="record a trace into this directory; trace.json, report.json and report.md "
+        "are written there when the server stops",
+    )
+    p.add_argument(
+        "--no-report",
+        action="store_true",
+        help="with --out, keep only the recording (spool/): `llmtrace run` writes the report itself",
+    )
 
 
 def main(args) -> int:
@@ -65,8 +72,11 @@ async def _serve(cfg, host: str | None, port: int | None) -> None:
             return
         raise UserError(f"the engine did not start: {e}") from None
     try:
-        print(f"serving {cfg.model.preset or cfg.model.path} at {handle.url}  "
-              f"(POST /v1/completions, POST /generate, GET /health, GET /metrics; Ctrl-C stops)", flush=True)
+        print(
+            f"serving {cfg.model.preset or cfg.model.path} at {handle.url}  "
+            f"(POST /v1/completions, POST /generate, GET /health, GET /metrics; Ctrl-C stops)",
+            flush=True,
+        )
         await stop.wait()
         print("stopping", flush=True)
     finally:

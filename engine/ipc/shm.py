@@ -10,6 +10,7 @@ them when an attaching process exits. Here only the creator unlinks: explicitly
 (`unlink`), as soon as every agent has attached (the name is needed only to attach), at
 exit, and on SIGTERM/SIGINT/SIGHUP.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -68,8 +69,10 @@ class ShmArena:
     def __init__(self, name: str, layout: ArenaLayout, mm: mmap.mmap, owner: bool):
         self.name, self.layout, self.owner = name, layout, owner
         self._mm = mm
-        self.arrays = {f.name: np.ndarray(f.shape, np.dtype(f.dtype), buffer=mm, offset=layout.offsets[f.name])
-                       for f in layout.fields}
+        self.arrays = {
+            f.name: np.ndarray(f.shape, np.dtype(f.dtype), buffer=mm, offset=layout.offsets[f.name])
+            for f in layout.fields
+        }
 
     @classmethod
     def create(cls, layout: ArenaLayout) -> ShmArena:

@@ -11,6 +11,7 @@ TCP_NODELAY is on by default. `nodelay=False` reproduces the seeds' channel (the
 `no_tcp_nodelay` antipattern): Nagle on, and each frame written as two sends (length,
 then body) -- the write-write-read pattern that stalls on the peer's delayed ACK.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -30,8 +31,9 @@ class FrameError(Exception):
 
 class FrameTooLarge(FrameError):
     def __init__(self, size: int, limit: int):
-        super().__init__(f"frame of {size} bytes exceeds the {limit}-byte limit "
-                         "(bulk data belongs in the shared-memory arenas)")
+        super().__init__(
+            f"frame of {size} bytes exceeds the {limit}-byte limit (bulk data belongs in the shared-memory arenas)"
+        )
         self.size, self.limit = size, limit
 
 

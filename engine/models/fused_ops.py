@@ -13,6 +13,7 @@ scale in the model dtype) and the path on CPU or without triton. The kernels com
 float32 and round once where the reference rounds per op, so they agree within the
 dtype's rounding, not bit for bit.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,9 +37,21 @@ def _on_triton(x: torch.Tensor) -> bool:
 
 # ---- RMSNorm, with the residual add ----------------------------------------------------
 
+
 @_jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, eps,
-                     N: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+def _rms_norm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    res_out_ptr,
+    stride_x,
+    stride_r,
+    eps,
+    N: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -54,8 +67,9 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stri
     tl.store(out_ptr + row * N + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm of x [T, N]; with `residual`, of x + residual, returned as (normed, x + residual)."""
     if not _on_triton(x):
         return _rms_norm_torch(x, weight, eps, residual)
@@ -67,9 +81,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     res = residual if residual is not None else x
     block = triton.next_power_of_2(n)
     if rows:
-        _rms_norm_kernel[(rows,)](x, res, weight, out, res_out, x.stride(0), res.stride(0), eps,
-                                  N=n, BLOCK=block, HAS_RESIDUAL=residual is not None,
-                                  num_warps=min(16, max(1, block // 512)))
+        _rms_norm_kernel[(rows,)](
+            x,
+            res,
+            weight,
+            out,
+            res_out,
+            x.stride(0),
+            res.stride(0),
+            eps,
+            N=n,
+            BLOCK=block,
+            HAS_RESIDUAL=residual is not None,
+            num_warps=min(16, max(1, block // 512)),
+        )
     return out if residual is None else (out, res_out)
 
 
@@ -84,6 +109,7 @@ def _rms_norm_torch(x, weight, eps, residual):
 
 # ---- rotary embedding ------------------------------------------------------------------
 
+
 @_jit
 def _rotate_heads(ptr, t, stride_t, stride_h, n, cos, sin, HEADS_PAD: tl.constexpr, HALF: tl.constexpr):
     h = tl.arange(0, HEADS_PAD)[:, None]
@@ -96,8 +122,20 @@ def _rotate_heads(ptr, t, stride_t, stride_h, n, cos, sin, HEADS_PAD: tl.constex
 
 
 @_jit
-def _rotary_kernel(q_ptr, k_ptr, cos_sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
-                   heads, kv_heads, HEADS_PAD: tl.constexpr, HALF: tl.constexpr):
+def _rotary_kernel(
+    q_ptr,
+    k_ptr,
+    cos_sin_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_ct,
+    heads,
+    kv_heads,
+    HEADS_PAD: tl.constexpr,
+    HALF: tl.constexpr,
+):
     t = tl.program_id(0)
     d = tl.arange(0, HALF)
     cos = tl.load(cos_sin_ptr + t * stride_ct + d)[None, :]
@@ -121,10 +159,21 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor) -> tup
         raise ValueError("apply_rotary needs contiguous head dims of a power-of-two size")
     if tokens:
         kv_heads = k.shape[1]
-        _rotary_kernel[(tokens,)](q, k, cos_sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                                  cos_sin.stride(0), heads, kv_heads,
-                                  HEADS_PAD=triton.next_power_of_2(max(heads, kv_heads)), HALF=dim // 2,
-                                  num_warps=4)
+        _rotary_kernel[(tokens,)](
+            q,
+            k,
+            cos_sin,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            cos_sin.stride(0),
+            heads,
+            kv_heads,
+            HEADS_PAD=triton.next_power_of_2(max(heads, kv_heads)),
+            HALF=dim // 2,
+            num_warps=4,
+        )
     return q, k
 
 
@@ -134,6 +183,7 @@ def _rotate_torch(x, cos, sin):
 
 
 # ---- SiLU(gate) * up -------------------------------------------------------------------
+
 
 @_jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, N: tl.constexpr, BLOCK: tl.constexpr):

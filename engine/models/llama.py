@@ -4,6 +4,7 @@ Same math and weight names as HF `LlamaForCausalLM`, with q/k/v and gate/up fuse
 one matmul each; `load_weights` fuses HF tensors on the way in and `hf_weights` splits
 them again on the way out. Attention goes through a backend module (engine.attention).
 """
+
 from __future__ import annotations
 
 import math
@@ -43,8 +44,10 @@ class LlamaConfig:
         if not self.head_dim:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads {self.num_key_value_heads}")
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
 
     @classmethod
     def from_hf(cls, hf: dict) -> LlamaConfig:
@@ -68,8 +71,14 @@ class LlamaConfig:
     def to_hf(self) -> dict:
         d = asdict(self)
         extra = d.pop("extra")
-        return {**extra, **d, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                "hidden_act": "silu", "mlp_bias": False}
+        return {
+            **extra,
+            **d,
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "mlp_bias": False,
+        }
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
@@ -128,14 +137,15 @@ class LlamaAttention(nn.Module):
         self.q_size, self.kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.backend = backend
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = fused_ops.apply_rotary(q.view(n, self.heads, self.head_dim),
-                                      k.view(n, self.kv_heads, self.head_dim), rope)
+        q, k = fused_ops.apply_rotary(
+            q.view(n, self.heads, self.head_dim), k.view(n, self.kv_heads, self.head_dim), rope
+        )
         k_cache, v_cache = kv_cache
         self.backend.store_kv(k, v.view(n, self.kv_heads, self.head_dim), k_cache, v_cache, meta.slot_mapping)
         out = self.backend.attention(q, k_cache, v_cache, meta, self.scale)
@@ -188,8 +198,13 @@ class LlamaModel(nn.Module):
 
 
 # HF projection name -> (fused parameter, index of its part along dim 0)
-_PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+_PACKED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
 
 
 class LlamaForCausalLM(nn.Module):
@@ -201,8 +216,9 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache], meta: AttentionMetadata
+    ) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, hidden]."""
         return self.model(input_ids, positions, kv_caches, meta)
 
@@ -223,7 +239,7 @@ class LlamaForCausalLM(nn.Module):
             if p in _PACKED:
                 fused, idx = _PACKED[p]
                 sizes = self._part_sizes(fused)
-                return ".".join(parts[:i] + [fused] + parts[i + 1:]), sum(sizes[:idx]), sizes[idx]
+                return ".".join(parts[:i] + [fused] + parts[i + 1 :]), sum(sizes[:idx]), sizes[idx]
         return hf_name, 0, 0
 
     @torch.no_grad()
@@ -240,7 +256,7 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"unexpected weight {name!r} for a Llama model")
             own, start, rows = self._locate(name)
             dst = params[own].data
-            dst = dst[start:start + rows] if rows else dst
+            dst = dst[start : start + rows] if rows else dst
             if dst.shape != w.shape:
                 raise ValueError(f"weight {name!r} has shape {tuple(w.shape)}, the model expects {tuple(dst.shape)}")
             dst.copy_(w)

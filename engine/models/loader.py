@@ -3,6 +3,7 @@
 No hub access: a checkpoint is a local directory with config.json and *.safetensors
 (single file or sharded with model.safetensors.index.json).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,14 @@ from .llama import LlamaConfig, LlamaForCausalLM
 from .presets import PRESETS
 
 INIT_STD = 0.02
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -57,8 +64,12 @@ def _instantiate(cfg: LlamaConfig, dtype: torch.dtype, device: str) -> LlamaForC
 
 
 @torch.no_grad()
-def build_random_model(preset_or_hf_config: str | dict | LlamaConfig, dtype: str | torch.dtype = "float32",
-                       device: str = "cpu", seed: int = 0) -> LlamaForCausalLM:
+def build_random_model(
+    preset_or_hf_config: str | dict | LlamaConfig,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    seed: int = 0,
+) -> LlamaForCausalLM:
     """A model with N(0, 0.02) weights and unit norms; same seed and device -> same weights."""
     model = _instantiate(resolve_config(preset_or_hf_config), resolve_dtype(dtype), device)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -82,8 +93,9 @@ def _safetensors_files(ckpt: Path) -> list[Path]:
     return files
 
 
-def load_checkpoint(ckpt_dir: str | Path, dtype: str | torch.dtype = "float32",
-                    device: str = "cpu") -> LlamaForCausalLM:
+def load_checkpoint(
+    ckpt_dir: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu"
+) -> LlamaForCausalLM:
     """An HF Llama checkpoint directory (config.json + safetensors) loaded shard by shard."""
     from safetensors import safe_open
 
@@ -138,6 +150,8 @@ def load_model(model_cfg) -> tuple[LlamaForCausalLM, Tokenizer]:
         model = build_random_model(model_cfg.preset, dtype, device, model_cfg.seed)
     tokenizer = Tokenizer(tokenizer_path(model_cfg))
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model's vocab_size is "
-                         f"{model.config.vocab_size}")
+        raise ValueError(
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model's vocab_size is "
+            f"{model.config.vocab_size}"
+        )
     return model, tokenizer

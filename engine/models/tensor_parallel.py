@@ -12,6 +12,7 @@ seed or checkpoint) and keeps its part, so N ranks compute what one would. An al
 is a span of stage `allreduce` (bytes; device time on a GPU), so each rank's trace shows
 what its collectives cost and which rank the others waited for.
 """
+
 from __future__ import annotations
 
 import torch
@@ -51,10 +52,11 @@ class RowParallelLinear(nn.Module):
 
 def _rows(linear: nn.Linear, parts: list[tuple[int, int]]) -> None:
     """Keep only these row ranges (start, length) of a column-parallel linear, in order."""
-    linear.weight = nn.Parameter(torch.cat([linear.weight[a:a + n] for a, n in parts]).contiguous(),
-                                 requires_grad=False)
+    linear.weight = nn.Parameter(
+        torch.cat([linear.weight[a : a + n] for a, n in parts]).contiguous(), requires_grad=False
+    )
     if linear.bias is not None:
-        linear.bias = nn.Parameter(torch.cat([linear.bias[a:a + n] for a, n in parts]), requires_grad=False)
+        linear.bias = nn.Parameter(torch.cat([linear.bias[a : a + n] for a, n in parts]), requires_grad=False)
     linear.out_features = linear.weight.shape[0]
 
 
@@ -72,11 +74,11 @@ def shard(model: nn.Module, group: TPGroup) -> nn.Module:
         attn, mlp = layer.self_attn, layer.mlp
         d, q, kv = attn.head_dim, attn.q_size // w, attn.kv_size // w
         _rows(attn.qkv_proj, [(r * q, q), (attn.q_size + r * kv, kv), (attn.q_size + attn.kv_size + r * kv, kv)])
-        attn.o_proj = RowParallelLinear(attn.o_proj.weight[:, r * q:(r + 1) * q], attn.o_proj.bias, group)
+        attn.o_proj = RowParallelLinear(attn.o_proj.weight[:, r * q : (r + 1) * q], attn.o_proj.bias, group)
         attn.heads, attn.kv_heads, attn.q_size, attn.kv_size = q // d, kv // d, q, kv
         i = c.intermediate_size // w
         _rows(mlp.gate_up_proj, [(r * i, i), (c.intermediate_size + r * i, i)])
-        mlp.down_proj = RowParallelLinear(mlp.down_proj.weight[:, r * i:(r + 1) * i], None, group)
+        mlp.down_proj = RowParallelLinear(mlp.down_proj.weight[:, r * i : (r + 1) * i], None, group)
     return model
 
 

@@ -12,6 +12,7 @@ Planted mistakes (on by default; PLANT_<NAME>=0 switches one off, PIPELINE_CLEAN
                  takes the argmax
   log_arrays     every step is logged at INFO with the step's token array
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -95,8 +96,8 @@ class Scheduler:
             if not self.waiting and not self.running:
                 self.wake.clear()
                 await self.wake.wait()
-            take = self.waiting[:MAX_BATCH - len(self.running)]
-            del self.waiting[:len(take)]
+            take = self.waiting[: MAX_BATCH - len(self.running)]
+            del self.waiting[: len(take)]
             for rid, _, n, fut in take:
                 self.running[rid] = ([], n, fut)
             self.conn.send({"new": [(rid, ids) for rid, ids, _, _ in take], "done": done, "sampled": sampled})

@@ -5,6 +5,7 @@ switches for the planted mistakes. None of the pipelines imports llmtrace.
 Mistakes are on by default and switched off one by one with PLANT_<NAME>=0, or all at
 once with PIPELINE_CLEAN=1 (the clean variant). PIPELINE_DEVICE=cuda puts the model of
 the pipelines that support it on a GPU."""
+
 from __future__ import annotations
 
 import argparse
@@ -48,9 +49,12 @@ class TinyLM(torch.nn.Module):
         super().__init__()
         torch.manual_seed(seed)
         self.embed = torch.nn.Embedding(vocab, hidden)
-        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(hidden, 2 * hidden), torch.nn.GELU(),
-                                                              torch.nn.Linear(2 * hidden, hidden))
-                                          for _ in range(layers))
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(
+                torch.nn.Linear(hidden, 2 * hidden), torch.nn.GELU(), torch.nn.Linear(2 * hidden, hidden)
+            )
+            for _ in range(layers)
+        )
         self.head = torch.nn.Linear(hidden, vocab)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -63,21 +67,30 @@ class TinyLM(torch.nn.Module):
 
 # A chat server's prompts start with the same system prompt (~230 tokens here), so the
 # sequences a serving loop carries are hundreds of tokens long, as real ones are.
-SYSTEM_PROMPT = " ".join([
-    "You are a helpful, careful assistant for a team of engineers who run language model servers.",
-    "Answer in plain words, keep each answer short, and say so when you are not sure.",
-    "When a question is about code, name the function and the file, give the smallest change that",
-    "fixes the problem, and explain what it costs at run time. When a question is about numbers,",
-    "say how they were measured, how many times, and how much they varied between runs.",
-    "Never invent a setting, a flag or an interface that the system does not have; if the user asks",
-    "for one, say that it does not exist and offer the closest thing that does. Prefer measurements",
-    "to guesses, and small experiments to long arguments. If a request is ambiguous, ask one short",
-    "question before answering. Do not repeat the question back. Do not apologise for the length of",
-    "an answer. Use units everywhere: milliseconds per token, tokens per second, bytes per step.",
-])
-PROMPTS = ["The quick brown fox jumps over the lazy dog", "Tell me a story about a robot",
-           "What is the capital of France", "Write a poem about the sea", "Explain attention in transformers",
-           "How do I cook rice", "List three prime numbers", "Summarize the plot of Hamlet"]
+SYSTEM_PROMPT = " ".join(
+    [
+        "You are a helpful, careful assistant for a team of engineers who run language model servers.",
+        "Answer in plain words, keep each answer short, and say so when you are not sure.",
+        "When a question is about code, name the function and the file, give the smallest change that",
+        "fixes the problem, and explain what it costs at run time. When a question is about numbers,",
+        "say how they were measured, how many times, and how much they varied between runs.",
+        "Never invent a setting, a flag or an interface that the system does not have; if the user asks",
+        "for one, say that it does not exist and offer the closest thing that does. Prefer measurements",
+        "to guesses, and small experiments to long arguments. If a request is ambiguous, ask one short",
+        "question before answering. Do not repeat the question back. Do not apologise for the length of",
+        "an answer. Use units everywhere: milliseconds per token, tokens per second, bytes per step.",
+    ]
+)
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog",
+    "Tell me a story about a robot",
+    "What is the capital of France",
+    "Write a poem about the sea",
+    "Explain attention in transformers",
+    "How do I cook rice",
+    "List three prime numbers",
+    "Summarize the plot of Hamlet",
+]
 
 
 def drive(url: str, requests: int, concurrency: int, max_tokens: int, system_prompt: bool = True) -> dict:
@@ -181,6 +194,7 @@ def advance(running: list[Request], next_ids: list[int]) -> list[Request]:
 
 def blocking(put: Callable[[Request], None]) -> Callable[[list[int], int], list[int]]:
     """generate() for serve_generate: hand a Request to the loop with `put`, wait for it."""
+
     def generate(prompt_ids: list[int], max_tokens: int) -> list[int]:
         req = Request(prompt_ids, max_tokens)
         put(req)

@@ -13,6 +13,7 @@ Planted mistakes (on by default; PLANT_<NAME>=0 switches one off, PIPELINE_CLEAN
   log_json     each step logs every sequence's top logits as JSON at DEBUG, the message
                built eagerly (json.dumps of 500 floats per sequence) with DEBUG off
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -42,8 +43,11 @@ class Batcher:
         self.model = model
         self.queue: asyncio.Queue | None = None
         self.running: list[tuple[list[int], list[int], int, asyncio.Future]] = []  # (ids, out, max, future)
-        self.poll_sleep, self.host_argmax, self.log_json = (planted("poll_sleep"), planted("host_argmax"),
-                                                            planted("log_json"))
+        self.poll_sleep, self.host_argmax, self.log_json = (
+            planted("poll_sleep"),
+            planted("host_argmax"),
+            planted("log_json"),
+        )
 
     async def submit(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
         fut = asyncio.get_running_loop().create_future()
@@ -114,8 +118,9 @@ def main() -> None:
     args = load_args(__doc__).parse_args()
     torch.set_num_threads(1)
     sp = tokenizer()
-    server = uvicorn.Server(uvicorn.Config(make_app(Batcher(TinyLM()), sp), host="127.0.0.1", port=0,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(make_app(Batcher(TinyLM()), sp), host="127.0.0.1", port=0, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, name="uvicorn")
     thread.start()
     while not server.started:

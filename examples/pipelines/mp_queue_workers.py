@@ -12,6 +12,7 @@ Planted mistakes (on by default; PLANT_<NAME>=0 switches one off, PIPELINE_CLEAN
   log_arrays     an f-string in log.debug sorts the logits and formats the top candidates
                  every step, DEBUG off or on
 """
+
 from __future__ import annotations
 
 import itertools

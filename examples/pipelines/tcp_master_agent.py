@@ -15,6 +15,7 @@ Planted mistakes (on by default; PLANT_<NAME>=0 switches one off, PIPELINE_CLEAN
                  np.concatenate, one token at a time, over the whole sequence
   log_arrays     the master logs the padded batch with %-formatting of the array
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,6 +62,7 @@ def recv_frame(sock: socket.socket) -> dict:
 
 # ---------------------------------------------------------------- agent process
 
+
 def agent_main(port: int, shm_name: str) -> None:
     import torch
     from common import TinyLM
@@ -78,7 +80,7 @@ def agent_main(port: int, shm_name: str) -> None:
             msg = recv_frame(sock)
             if msg.get("stop"):
                 break
-            logits = model(torch.from_numpy(ids[:msg["batch"]].copy()))
+            logits = model(torch.from_numpy(ids[: msg["batch"]].copy()))
             if json_topk:
                 top = logits.topk(256, dim=-1)
                 reply = {"top_logits": top.values.tolist(), "top_ids": top.indices.tolist()}
@@ -90,6 +92,7 @@ def agent_main(port: int, shm_name: str) -> None:
 
 
 # ---------------------------------------------------------------- master process
+
 
 class Master(threading.Thread):
     def __init__(self, sock: socket.socket, shm: shared_memory.SharedMemory):
@@ -125,19 +128,21 @@ class Master(threading.Thread):
             return np.concatenate([row, np.zeros(WINDOW - len(row), dtype=np.int64)])
         tail = seq[-WINDOW:]
         out = np.zeros(WINDOW, dtype=np.int64)
-        out[:len(tail)] = tail
+        out[: len(tail)] = tail
         return out
 
     def step(self) -> None:
         batch = np.stack([self.pad(r.ids) for r in self.running])
         if self.log_arrays:
             log.debug("batch %s" % batch)
-        self.ids[:len(batch)] = batch
+        self.ids[: len(batch)] = batch
         send_frame(self.sock, {"batch": len(batch)}, split=self.nagle)
         reply = recv_frame(self.sock)
         if "top_logits" in reply:
-            next_ids = [ids[max(range(len(row)), key=row.__getitem__)]
-                        for row, ids in zip(reply["top_logits"], reply["top_ids"])]
+            next_ids = [
+                ids[max(range(len(row)), key=row.__getitem__)]
+                for row, ids in zip(reply["top_logits"], reply["top_ids"])
+            ]
         else:
             next_ids = reply["ids"]
         self.running = advance(self.running, next_ids)

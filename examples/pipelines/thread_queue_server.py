@@ -14,6 +14,7 @@ Planted mistakes (on by default; PLANT_<NAME>=0 switches one off, PIPELINE_CLEAN
                (prompt and output) every step and cuts the prompt's text off; the clean
                variant decodes only the last few output tokens
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,7 +50,11 @@ class Engine(threading.Thread):
         self.inbox: queue.Queue[Request] = queue.Queue()
         self.running: list[Request] = []
         self.log_arrays, self.host_argmax, self.poll_sleep, self.stop_text = (
-            planted("log_arrays"), planted("host_argmax"), planted("poll_sleep"), planted("stop_text"))
+            planted("log_arrays"),
+            planted("host_argmax"),
+            planted("poll_sleep"),
+            planted("stop_text"),
+        )
 
     def run(self) -> None:
         while True:
@@ -79,7 +84,7 @@ class Engine(threading.Thread):
     def stopped(self, r: Request) -> bool:
         """Whether the request's text reached the stop string (then it is done)."""
         if self.stop_text:
-            prompt = len(self.sp.decode(r.ids[:len(r.ids) - len(r.out)]))
+            prompt = len(self.sp.decode(r.ids[: len(r.ids) - len(r.out)]))
             text = self.sp.decode(r.ids)[prompt:]
         else:
             text = self.sp.decode(r.out[-TAIL:])

@@ -14,6 +14,7 @@ Planted mistakes (on by default; PLANT_<NAME>=0 switches one off, PIPELINE_CLEAN
   log_arrays    each step logs the five most likely tokens and their probabilities at
                 INFO, through a handler
 """
+
 from __future__ import annotations
 
 import io
@@ -31,8 +32,15 @@ def build_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -40,8 +48,11 @@ class Generator:
     def __init__(self, model):
         self.model = model
         self.lock = threading.Lock()
-        self.no_cache, self.host_softmax, self.log_arrays = (planted("no_kv_cache"), planted("host_softmax"),
-                                                             planted("log_arrays"))
+        self.no_cache, self.host_softmax, self.log_arrays = (
+            planted("no_kv_cache"),
+            planted("host_softmax"),
+            planted("log_arrays"),
+        )
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[int], max_tokens: int) -> list[int]:

@@ -14,6 +14,7 @@ Planted mistakes (on by default; PLANT_<NAME>=0 switches one off, PIPELINE_CLEAN
   log_arrays     the engine core %-formats the step's input tensor into a log.debug message,
                  DEBUG off or on
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,6 +38,7 @@ WINDOW, MAX_BATCH, TOP_LOGPROBS = 16, 8, 5
 
 # ---------------------------------------------------------------- engine-core process
 
+
 class EngineCore:
     def __init__(self, requests: zmq.Socket, outputs: zmq.Socket):
         import torch
@@ -46,8 +48,11 @@ class EngineCore:
         self.requests, self.outputs = requests, outputs
         self.waiting: deque = deque()  # (rid, prompt ids, max tokens)
         self.running: dict[int, tuple[list[int], int, int]] = {}  # rid -> (ids, max tokens, produced)
-        self.poll_wait, self.full_logprobs, self.log_arrays = (planted("poll_wait"), planted("full_logprobs"),
-                                                               planted("log_arrays"))
+        self.poll_wait, self.full_logprobs, self.log_arrays = (
+            planted("poll_wait"),
+            planted("full_logprobs"),
+            planted("log_arrays"),
+        )
         self.poller = zmq.Poller()
         self.poller.register(requests, zmq.POLLIN)
 
@@ -109,6 +114,7 @@ def engine_core_main(requests_addr: str, outputs_addr: str) -> None:
 
 
 # ---------------------------------------------------------------- front-end process
+
 
 class EngineDead(RuntimeError):
     pass

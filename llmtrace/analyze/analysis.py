@@ -1,5 +1,6 @@
 """What a rule gets (`Analysis`): the trace, its indexes, the breakdown, the serving
 metrics and the functions seen inside each stage; and the `Suggestion` a rule returns."""
+
 from __future__ import annotations
 
 import re
@@ -31,10 +32,17 @@ class Suggestion:
     interval: tuple[float, float] | None = None  # 95% bootstrap interval of the saving over steps
 
     def to_dict(self) -> SuggestionEntry:
-        return {"id": self.id, "title": self.title, "stage": self.stage, "evidence": self.evidence,
-                "est_saving_ms_per_token": self.est_saving_ms_per_token, "est_speedup": self.est_speedup,
-                "est_saving_interval": list(self.interval) if self.interval else None,
-                "fix": self.fix, "impact": self.impact}
+        return {
+            "id": self.id,
+            "title": self.title,
+            "stage": self.stage,
+            "evidence": self.evidence,
+            "est_saving_ms_per_token": self.est_saving_ms_per_token,
+            "est_speedup": self.est_speedup,
+            "est_saving_interval": list(self.interval) if self.interval else None,
+            "fix": self.fix,
+            "impact": self.impact,
+        }
 
 
 def saving_cells(s: SuggestionEntry) -> tuple[str, str]:
@@ -109,12 +117,22 @@ class Analysis:
         """Evidence for a finding about `calls`: the functions, their time, example steps."""
         stats = self.functions.stats(calls)
         return {
-            "functions": [{"name": f.name, "stage": f.stage, "ms_per_token": round(self.ms_per_token(f.total_ns), 4),
-                           "ms_per_call": round(f.total_ns / f.count / 1e6, 4), "count": f.count,
-                           "sources": f.sources} for f in stats[:top]],
+            "functions": [
+                {
+                    "name": f.name,
+                    "stage": f.stage,
+                    "ms_per_token": round(self.ms_per_token(f.total_ns), 4),
+                    "ms_per_call": round(f.total_ns / f.count / 1e6, 4),
+                    "count": f.count,
+                    "sources": f.sources,
+                }
+                for f in stats[:top]
+            ],
             # where the fix goes: the program's own functions (with the line when sampled innermost)
-            "responsible": [{"function": name, "ms_per_token": round(self.ms_per_token(ns), 4)}
-                            for name, ns in self.functions.responsible(calls)[:3]],
+            "responsible": [
+                {"function": name, "ms_per_token": round(self.ms_per_token(ns), 4)}
+                for name, ns in self.functions.responsible(calls)[:3]
+            ],
             "steps_affected": len({c.step for c in calls}),
             "example_steps": sorted({c.step for c in calls})[:EXAMPLE_STEPS],
         }
@@ -140,17 +158,25 @@ class Analysis:
         cells = {(c.pid, c.start, c.end) for c in claimed}
         left = [c for c in calls if c.name not in self.claimed and (c.pid, c.start, c.end) not in cells]
         before = covered(claimed)[1]
-        return left, {step: ns - before.get(step, 0) for step, ns in covered(left + claimed)[1].items()
-                      if ns > before.get(step, 0)}
+        return left, {
+            step: ns - before.get(step, 0)
+            for step, ns in covered(left + claimed)[1].items()
+            if ns > before.get(step, 0)
+        }
 
     def stage_calls(self, label: str) -> list[Call]:
         """The critical-path spans of breakdown row `label` themselves, as calls (an
         automatic `logging` span is a log call even when no sample landed in it)."""
-        return [Call(label, sc.step, s.pid, s.start_ns, s.end_ns, s.name, "span", True, s)
-                for sc in self.steps for st, s in sc.stage_spans if st == label]
+        return [
+            Call(label, sc.step, s.pid, s.start_ns, s.end_ns, s.name, "span", True, s)
+            for sc in self.steps
+            for st, s in sc.stage_spans
+            if st == label
+        ]
 
-    def removable(self, pattern: re.Pattern[str], stage: str | None = None
-                  ) -> tuple[list[Call], float, Evidence, dict[int, int]] | None:
+    def removable(
+        self, pattern: re.Pattern[str], stage: str | None = None
+    ) -> tuple[list[Call], float, Evidence, dict[int, int]] | None:
         """Host-side calls matching `pattern` (and the spans of breakdown row `stage`) whose
         whole time a fix removes (log calls, padding by concatenation), less what earlier
         findings explain: (calls, ms/token saved, evidence, their ns per step), the calls
@@ -171,12 +197,16 @@ class Analysis:
             return None
         calls = self.stage_calls(label) + self.functions.select(stage=label)
         ev = self.function_evidence(calls)
-        ev.update(spans=sum(sc.counts.get(label, 0) for sc in steps), steps_affected=len(steps),
-                  example_steps=[sc.step for sc in steps[:5]])
+        ev.update(
+            spans=sum(sc.counts.get(label, 0) for sc in steps),
+            steps_affected=len(steps),
+            example_steps=[sc.step for sc in steps[:5]],
+        )
         return self.breakdown.ms_per_token(label), [sc.step for sc in steps], ev
 
-    def stage_suggestion(self, id: str, label: str, title: Callable[[float, list[int], Evidence], str],
-                         fix: str) -> list[Suggestion]:
+    def stage_suggestion(
+        self, id: str, label: str, title: Callable[[float, list[int], Evidence], str], fix: str
+    ) -> list[Suggestion]:
         """The finding of a rule whose fix removes a breakdown row's time (a sleep, a
         serialization): saving = the row's ms/token; title(ms, steps, evidence) says it."""
         found = self.stage_cost(label)
@@ -185,18 +215,39 @@ class Analysis:
         ms, steps, ev = found
         self.claim(f["name"] for f in ev["functions"])
         per_step = {sc.step: sc.parts.get(label, 0) for sc in self.steps}
-        return [self.suggestion(id, title(ms, steps, ev), label, {**ev, "ms_per_token": round(ms, 4)}, ms, fix,
-                                per_step=per_step)]
+        return [
+            self.suggestion(
+                id, title(ms, steps, ev), label, {**ev, "ms_per_token": round(ms, 4)}, ms, fix, per_step=per_step
+            )
+        ]
 
-    def suggestion(self, id: str, title: str, stage: str, evidence: Evidence, saving_ms: float, fix: str,
-                   impact: str | None = None, per_step: Mapping[int, float] | None = None) -> Suggestion:
+    def suggestion(
+        self,
+        id: str,
+        title: str,
+        stage: str,
+        evidence: Evidence,
+        saving_ms: float,
+        fix: str,
+        impact: str | None = None,
+        per_step: Mapping[int, float] | None = None,
+    ) -> Suggestion:
         """A finding; `per_step` (its cost in each step, any scale) gives the saving a 95%
         bootstrap interval over the steps."""
         per_token = self.per_token_ms
         saving_ms = max(0.0, min(saving_ms, per_token))
         speedup = round(per_token / (per_token - saving_ms), 3) if per_token > saving_ms else None
-        return Suggestion(id, title, stage, evidence, round(saving_ms, 4), speedup, fix, impact,
-                          self._interval(saving_ms, per_step) if per_step else None)
+        return Suggestion(
+            id,
+            title,
+            stage,
+            evidence,
+            round(saving_ms, 4),
+            speedup,
+            fix,
+            impact,
+            self._interval(saving_ms, per_step) if per_step else None,
+        )
 
     def _interval(self, saving_ms: float, per_step: Mapping[int, float]) -> tuple[float, float] | None:
         """The saving's interval: its per-step costs scaled to add up to the saving."""
@@ -204,8 +255,9 @@ class Analysis:
         if total <= 0 or saving_ms <= 0:
             return None
         scale = saving_ms * self.tokens * 1e6 / total
-        ci = per_token_interval([per_step.get(sc.step, 0) * scale for sc in self.steps],
-                                [sc.tokens for sc in self.steps])
+        ci = per_token_interval(
+            [per_step.get(sc.step, 0) * scale for sc in self.steps], [sc.tokens for sc in self.steps]
+        )
         return (round(ci[0], 4), round(ci[1], 4)) if ci else None
 
     def saving_if_batched(self, steps: list[StepCost], targets: list[int]) -> float:

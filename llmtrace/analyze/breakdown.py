@@ -32,6 +32,7 @@ covers it; only what outlasts the agent's step (its reply) counts, under its sta
 (all of it when no agent step is traced).
 So for every step: model + stages + gap == wall time.
 """
+
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
@@ -234,8 +235,13 @@ class _StepWalker:
     def cost(self, step: int, root: Span, handoff: tuple[int, int, int, int] | None = None) -> StepCost:
         """The step's parts; `handoff` (pid, tid, lo, hi): another thread whose work in
         [lo, hi) is on the step's path (the pool thread that runs the next forward)."""
-        sc = StepCost(step, root, step_tokens(root), bool(root.attrs.get(names.A_PREFILL)),
-                      _int_or_none(root.attrs.get(names.A_BATCH)))
+        sc = StepCost(
+            step,
+            root,
+            step_tokens(root),
+            bool(root.attrs.get(names.A_PREFILL)),
+            _int_or_none(root.attrs.get(names.A_BATCH)),
+        )
         segs = [_Segment(root.start_ns, root.end_ns, GAP, _P_ROOT, root)]
         self._children(root, root.start_ns, root.end_ns, segs, sc, _P_ROOT_STAGE)
         if handoff is not None:
@@ -258,8 +264,9 @@ class _StepWalker:
         sc.parts, sc.counts = dict(parts), dict(counts)
         return sc
 
-    def _children(self, parent: Span, lo: int, hi: int, segs: list[_Segment], sc: StepCost,
-                  prio: int = _P_STAGE) -> None:
+    def _children(
+        self, parent: Span, lo: int, hi: int, segs: list[_Segment], sc: StepCost, prio: int = _P_STAGE
+    ) -> None:
         """Segments of `parent`'s children in [lo, hi); `prio` ranks its plain stage spans."""
         for c in self.index.children.get(parent.span_id, ()):
             a, b = max(c.start_ns, lo), min(c.end_ns, hi)
@@ -327,8 +334,9 @@ class _StepWalker:
             return
         self._thread_work(peer.pid, peer.tid, peer.spans(a, hi), a, hi, segs, sc)
 
-    def _thread_work(self, pid: int, tid: int, spans: list[Span], a: int, hi: int, segs: list[_Segment],
-                     sc: StepCost) -> None:
+    def _thread_work(
+        self, pid: int, tid: int, spans: list[Span], a: int, hi: int, segs: list[_Segment], sc: StepCost
+    ) -> None:
         """Another thread's `spans` in [a, hi), on the step's critical path, by their stages;
         its unannotated code there is the step's gap (its samples count: peer_windows)."""
         sc.peer_windows.append((pid, tid, a, hi, GAP))
@@ -378,8 +386,9 @@ class Breakdown:
     def of(cls, index: TraceIndex) -> Breakdown:
         found, peers = find_steps(index), Peers(index)
         walker = _StepWalker(index, found.profile, peers)
-        return cls([walker.cost(step, root, found.handoffs.get(root.span_id)) for step, root in found.roots],
-                   found, peers)
+        return cls(
+            [walker.cost(step, root, found.handoffs.get(root.span_id)) for step, root in found.roots], found, peers
+        )
 
     @property
     def profile(self) -> Profile:
@@ -426,15 +435,17 @@ def breakdown_view(steps: list[StepCost]) -> BreakdownView | None:
     for lab in labels:
         per_step = sorted(s.parts.get(lab, 0) / 1e6 for s in steps)
         total = sum(per_step)
-        stages.append({
-            "name": lab,
-            "ms_per_step": total / len(steps),
-            "ms_per_token": total / tokens,
-            "share": total / tokens / per_token if per_token else 0.0,
-            "count": sum(s.counts.get(lab, 0) for s in steps),
-            "p50_ms": percentile(per_step, 50),
-            "p99_ms": percentile(per_step, 99),
-        })
+        stages.append(
+            {
+                "name": lab,
+                "ms_per_step": total / len(steps),
+                "ms_per_token": total / tokens,
+                "share": total / tokens / per_token if per_token else 0.0,
+                "count": sum(s.counts.get(lab, 0) for s in steps),
+                "p50_ms": percentile(per_step, 50),
+                "p99_ms": percentile(per_step, 99),
+            }
+        )
     stages.sort(key=lambda r: -r["ms_per_token"])
     return {
         "steps": len(steps),

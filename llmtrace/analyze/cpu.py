@@ -2,6 +2,7 @@
 (llmtrace/cpu_time.py): how long a thread ran on a CPU and how long it waited runnable on
 a run queue, interpolated linearly between the readings (20 a second), so sums over many
 steps are right even where one step is shorter than the reading interval."""
+
 from __future__ import annotations
 
 import bisect
@@ -28,8 +29,10 @@ class _Series:
             return float(self.run[-1]), float(self.runq[-1])
         t0, t1 = self.ts[i - 1], self.ts[i]
         f = (t - t0) / (t1 - t0) if t1 > t0 else 0.0
-        return (self.run[i - 1] + f * (self.run[i] - self.run[i - 1]),
-                self.runq[i - 1] + f * (self.runq[i] - self.runq[i - 1]))
+        return (
+            self.run[i - 1] + f * (self.run[i] - self.run[i - 1]),
+            self.runq[i - 1] + f * (self.runq[i] - self.runq[i - 1]),
+        )
 
 
 class ThreadCpu:

@@ -2,6 +2,7 @@
 how much of their CUDA-event interval the device was busy, with how many kernels and
 launches. The breakdown splits each such span's device time into model and `device.idle`;
 this summary is the report's "device" line and the launch-bound finding's evidence."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,10 +34,16 @@ class DeviceActivity:
         return self.idle_ns / self.device_ns if self.device_ns else 0.0
 
     def to_dict(self) -> DeviceSummary:
-        return {"spans": self.spans, "timed_spans": self.timed_spans, "device_ms": round(self.device_ns / 1e6, 3),
-                "busy_ms": round(self.busy_ns / 1e6, 3), "idle_share": round(self.idle_share, 4),
-                "kernels_per_span": self.kernels_per_span, "launches_per_span": self.launches_per_span,
-                "idle_us_per_kernel": round(self.idle_ns_per_kernel / 1e3, 3)}
+        return {
+            "spans": self.spans,
+            "timed_spans": self.timed_spans,
+            "device_ms": round(self.device_ns / 1e6, 3),
+            "busy_ms": round(self.busy_ns / 1e6, 3),
+            "idle_share": round(self.idle_share, 4),
+            "kernels_per_span": self.kernels_per_span,
+            "launches_per_span": self.launches_per_span,
+            "idle_us_per_kernel": round(self.idle_ns_per_kernel / 1e3, 3),
+        }
 
 
 def has_busy(s: Span) -> bool:
@@ -51,6 +58,13 @@ def device_activity(index: TraceIndex, model_stages: tuple[str, ...]) -> DeviceA
     device = sum(s.device_dur_ns or 0 for s in spans)
     busy = sum(min(s.attrs[names.A_BUSY_NS], s.device_dur_ns or 0) for s in spans)
     kernels = [int(s.attrs.get(names.A_KERNELS, 0)) for s in spans]
-    return DeviceActivity(len(spans), len(timed), device, busy, median(kernels),
-                          median([int(s.attrs.get(names.A_LAUNCHES, 0)) for s in spans]),
-                          (device - busy) / sum(kernels) if sum(kernels) else 0.0, sum(kernels))
+    return DeviceActivity(
+        len(spans),
+        len(timed),
+        device,
+        busy,
+        median(kernels),
+        median([int(s.attrs.get(names.A_LAUNCHES, 0)) for s in spans]),
+        (device - busy) / sum(kernels) if sum(kernels) else 0.0,
+        sum(kernels),
+    )

@@ -12,6 +12,7 @@ samples of one place (a thread's spans of one stage and name, or its time outsid
 never stand for more than that place's time: an in-process sampler gets the GIL where
 the program lets go of it (a sleep, a wait), so its samples crowd there; unchecked, a
 stage's functions added up to ten times the stage."""
+
 from __future__ import annotations
 
 import bisect
@@ -44,8 +45,10 @@ SiteSample = tuple[int, Sample, int, int, "Span | None"]  # (step, sample, start
 ForeignRow = tuple[int, int, str, str]  # (start, end, name, source) of a foreign complete event
 ForeignByThread = dict[Thread, tuple[list[int], list[ForeignRow]]]
 # functions that wait rather than work: a stage "spending time" there is blocked
-IDLE = re.compile(r"(^|\.)(select|poll|epoll|wait|wait_for|sleep|acquire|recv|recv_into|accept|_run_once"
-                  r"|run_forever|run_until_complete)(:\d+)?$")
+IDLE = re.compile(
+    r"(^|\.)(select|poll|epoll|wait|wait_for|sleep|acquire|recv|recv_into|accept|_run_once"
+    r"|run_forever|run_until_complete)(:\d+)?$"
+)
 
 
 @dataclass(slots=True)
@@ -141,8 +144,10 @@ class FunctionIndex:
         step loop, the function that opens the span) are not the stage's functions; with
         one span name only, its common frames are dropped. A site's samples shrink about
         their times to stand for at most the site's `site_ns` together."""
-        names = {site: [_sampled_names(smp.stack, self._main.get(smp.pid, "")) for _, smp, _, _, _ in rows]
-                 for site, rows in by_site.items()}
+        names = {
+            site: [_sampled_names(smp.stack, self._main.get(smp.pid, "")) for _, smp, _, _, _ in rows]
+            for site, rows in by_site.items()
+        }
         present = {site: {f for stack in stacks for f in enumerate(stack)} for site, stacks in names.items()}
         for site, rows in by_site.items():
             stage = site[0]
@@ -156,8 +161,21 @@ class FunctionIndex:
                 idle = is_idle_sample(smp.stack, self._main.get(smp.pid, ""))
                 for d, name in enumerate(stack):
                     if (d, name) not in enclosing:
-                        self.calls.append(Call(stage, step, smp.pid, a, b, name, f"samples:{smp.source}",
-                                               stage not in MODEL_STAGES, sample=smp, within=within, idle=idle))
+                        self.calls.append(
+                            Call(
+                                stage,
+                                step,
+                                smp.pid,
+                                a,
+                                b,
+                                name,
+                                f"samples:{smp.source}",
+                                stage not in MODEL_STAGES,
+                                sample=smp,
+                                within=within,
+                                idle=idle,
+                            )
+                        )
 
     def _nested(self, index: TraceIndex, stage: str, s: Span, step: int, lo: int, hi: int) -> None:
         """`s`'s descendants, their part in [lo, hi)."""
@@ -214,7 +232,7 @@ class FunctionIndex:
             by = named.attrs.get(A_CALLER) if named is not None else None
             if isinstance(by, str) and is_user_code(by):  # an instrumented call names its caller (also for
                 if c.sample is None or id(c.sample) not in seen:  # the samples inside it: an await's
-                    per[by] += c.end - c.start                      # stack shows only the event loop)
+                    per[by] += c.end - c.start  # stack shows only the event loop)
                     if c.sample is not None:
                         seen.add(id(c.sample))
                 continue
@@ -226,10 +244,14 @@ class FunctionIndex:
                         per[owner] += b - a
         return sorted(per.items(), key=lambda kv: -kv[1])
 
-    def select(self, pattern: re.Pattern[str] | None = None, stage: str | None = None,
-               host_side: bool | None = None) -> list[Call]:
-        calls = [c for c in self.calls if (stage is None or c.stage == stage)
-                 and (host_side is None or c.host_side == host_side)]
+    def select(
+        self, pattern: re.Pattern[str] | None = None, stage: str | None = None, host_side: bool | None = None
+    ) -> list[Call]:
+        calls = [
+            c
+            for c in self.calls
+            if (stage is None or c.stage == stage) and (host_side is None or c.host_side == host_side)
+        ]
         if pattern is None:
             return calls
         match = {n for n in {c.name for c in calls} if pattern.search(n)}  # once per distinct name
@@ -240,8 +262,9 @@ class FunctionIndex:
         out = []
         for (stage, name), group in _group(calls, lambda c: (c.stage, c.name)).items():
             total, per_step = covered(group)
-            out.append(FunctionStat(name, stage, total, len(group), sorted(per_step),
-                                    sorted({c.source for c in group})))
+            out.append(
+                FunctionStat(name, stage, total, len(group), sorted(per_step), sorted({c.source for c in group}))
+            )
         return sorted(out, key=lambda f: -f.total_ns)
 
 
@@ -296,10 +319,12 @@ def _sampled_names(stack: tuple[str, ...], main_file: str = "") -> tuple[str, ..
 # a leaf line that blocks in C (no frame of its own): a queue's get, a wait, a join, a
 # lock (acquired, or entered by `with`), a receive (not dict.get or str.join: those always
 # take an argument)
-_BLOCKING_CALL = re.compile(r"\.(?:get|join|result)\(\s*(?:\)|block\s*=|timeout\s*=|True\b|False\b)"
-                            r"|\.(?:wait|wait_for|acquire|recv|recv_into|recvfrom|accept|poll|select)\s*\("
-                            r"|\bsleep\s*\("
-                            r"|^\s*(?:async\s+)?with\b[^:#]*\b\w*(?:lock|Lock|mutex|semaphore)\b")  # entering a lock
+_BLOCKING_CALL = re.compile(
+    r"\.(?:get|join|result)\(\s*(?:\)|block\s*=|timeout\s*=|True\b|False\b)"
+    r"|\.(?:wait|wait_for|acquire|recv|recv_into|recvfrom|accept|poll|select)\s*\("
+    r"|\bsleep\s*\("
+    r"|^\s*(?:async\s+)?with\b[^:#]*\b\w*(?:lock|Lock|mutex|semaphore)\b"
+)  # entering a lock
 
 
 @functools.lru_cache(maxsize=1 << 14)
@@ -394,8 +419,10 @@ def _samples_by_thread(samples: Iterable[Sample]) -> SamplesByThread:
         lst.sort(key=lambda x: x.ts_ns)
         ts = [x.ts_ns for x in lst]
         gaps = [b - a for a, b in zip(ts, ts[1:])]
-        pace = [sorted(block)[len(block) // 2] for block in
-                (gaps[i:i + PACE_BLOCK] for i in range(0, len(gaps), PACE_BLOCK))] or [0]
+        pace = [
+            sorted(block)[len(block) // 2]
+            for block in (gaps[i : i + PACE_BLOCK] for i in range(0, len(gaps), PACE_BLOCK))
+        ] or [0]
         cells = []
         for i, x in enumerate(lst):
             half = pace[min(i, len(gaps) - 1) // PACE_BLOCK] if gaps else 0
@@ -431,8 +458,9 @@ def _overlap_ns(union: list[list[int]], start: int, end: int) -> int:
     return sum(max(0, min(b, end) - max(a, start)) for a, b in union)
 
 
-def _outside(by_thread: SamplesByThread, union: list[list[int]], pid: int, tid: int, start: int,
-             end: int) -> list[SampleCell]:
+def _outside(
+    by_thread: SamplesByThread, union: list[list[int]], pid: int, tid: int, start: int, end: int
+) -> list[SampleCell]:
     """Samples of one thread in [start, end) that lie in none of the intervals of `union`."""
     starts = [a for a, _ in union]
     out = []
@@ -451,7 +479,8 @@ def _foreign_by_thread(events: list[dict[str, Any]]) -> ForeignByThread:
             continue
         start = int(float(ev["ts"]) * 1000)
         rows[(int(ev.get("pid", 0)), int(ev.get("tid", 0)))].append(
-            (start, start + int(float(ev["dur"]) * 1000), str(ev.get("name", "?")), str(ev.get("cat") or "foreign")))
+            (start, start + int(float(ev["dur"]) * 1000), str(ev.get("name", "?")), str(ev.get("cat") or "foreign"))
+        )
     out: ForeignByThread = {}
     for key, lst in rows.items():
         lst.sort()
@@ -474,8 +503,12 @@ def is_user_code(name: str) -> bool:
     except (ImportError, ValueError):
         spec = None
     origin = (spec.origin or "") if spec is not None else ""
-    return not ("site-packages" in origin or "dist-packages" in origin or origin.startswith(_STDLIB)
-                or origin in ("built-in", "frozen"))
+    return not (
+        "site-packages" in origin
+        or "dist-packages" in origin
+        or origin.startswith(_STDLIB)
+        or origin in ("built-in", "frozen")
+    )
 
 
 _STDLIB = sysconfig.get_paths()["stdlib"]

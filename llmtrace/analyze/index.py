@@ -1,4 +1,5 @@
 """Lookups over a `Trace` that the breakdown, the metrics and the rules share."""
+
 from __future__ import annotations
 
 import bisect

@@ -11,6 +11,7 @@ function's syntax tree, by names: a value that is also returned, stored or passe
 anything else is not log-only (a conservative reading: a name used anywhere else in the
 function, nested functions included, keeps its assignment out).
 """
+
 from __future__ import annotations
 
 import ast
@@ -74,8 +75,12 @@ def _in_function(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> dict[int, str]:
             if readers and all(id(r) in level for r in readers):
                 level[id(stmt)] = level[id(readers[0])]
                 changed = True
-    return {line: level[id(s)] for s in statements if id(s) in level
-            for line in range(s.lineno, (s.end_lineno or s.lineno) + 1)}
+    return {
+        line: level[id(s)]
+        for s in statements
+        if id(s) in level
+        for line in range(s.lineno, (s.end_lineno or s.lineno) + 1)
+    }
 
 
 def _own_statements(body: list[ast.stmt]) -> Iterator[ast.stmt]:

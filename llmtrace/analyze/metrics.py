@@ -7,6 +7,7 @@ counters. A generic pipeline with none of them still gets duration, tokens and
 throughput from its steps, and a request's TTFT and queue time from the steps that served
 it where they can be linked (request_steps.py).
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -99,8 +100,12 @@ def _latencies(reqs: dict[object, _Request]) -> Latencies:
         for (t0, n0), (t1, n1) in zip(r.tokens, r.tokens[1:]):
             if n1 > n0:
                 itl.append((t1 - t0) / (n1 - n0))
-    return {"ttft_ms": summary(ttft, 1e-6), "tpot_ms": summary(tpot, 1e-6),
-            "itl_ms": summary(itl, 1e-6), "e2e_ms": summary(e2e, 1e-6)}
+    return {
+        "ttft_ms": summary(ttft, 1e-6),
+        "tpot_ms": summary(tpot, 1e-6),
+        "itl_ms": summary(itl, 1e-6),
+        "e2e_ms": summary(e2e, 1e-6),
+    }
 
 
 def _timeline(ts: list[int], vals: list[float], t0: int) -> list[list[float]]:
@@ -108,7 +113,7 @@ def _timeline(ts: list[int], vals: list[float], t0: int) -> list[list[float]]:
     if not ts:
         return []
     k = max(1, -(-len(ts) // TIMELINE_POINTS))
-    return [[(ts[i] - t0) / 1e9, max(vals[i:i + k])] for i in range(0, len(ts), k)]
+    return [[(ts[i] - t0) / 1e9, max(vals[i : i + k])] for i in range(0, len(ts), k)]
 
 
 def _batch_size(index: TraceIndex, bd: Breakdown, t0: int) -> BatchSize | None:
@@ -133,9 +138,13 @@ def _kv_usage(index: TraceIndex, t0: int) -> KvUsage | None:
     for t, u in zip(ts, used):
         total = index.counter_at(names.C_KV_BLOCKS_TOTAL, t) or index.counter_max(names.C_KV_BLOCKS_TOTAL)
         frac.append(u / total if total else 0.0)
-    return {"peak_fraction": max(frac), "mean_fraction": sum(frac) / len(frac),
-            "peak_blocks": max(used), "total_blocks": index.counter_max(names.C_KV_BLOCKS_TOTAL),
-            "timeline": _timeline(ts, frac, t0)}
+    return {
+        "peak_fraction": max(frac),
+        "mean_fraction": sum(frac) / len(frac),
+        "peak_blocks": max(used),
+        "total_blocks": index.counter_max(names.C_KV_BLOCKS_TOTAL),
+        "timeline": _timeline(ts, frac, t0),
+    }
 
 
 def _extent(index: TraceIndex, reqs: dict[object, _Request], bd: Breakdown) -> tuple[int, int] | None:
@@ -159,7 +168,8 @@ def serving_metrics(index: TraceIndex, bd: Breakdown) -> Summary:
     output_tokens = sum(counted) if counted else bd.tokens
     duration_s = (t1 - t0) / 1e9
     queue = [s.dur_ns for s in index.by_name.get(names.QUEUE_SPAN, ())] or [
-        r.link.queue_ns for r in reqs.values() if r.link is not None and r.link.queue_ns is not None]
+        r.link.queue_ns for r in reqs.values() if r.link is not None and r.link.queue_ns is not None
+    ]
     return {
         "requests": len(reqs) if reqs else None,
         "output_tokens": output_tokens,

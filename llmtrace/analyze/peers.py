@@ -10,6 +10,7 @@ answer to a queue read). While the receiver waited, the sending thread's work up
 was the pipeline's critical path (the motivating stack's master formatting arrays while
 the worker waited on its socket), so the breakdown charges it by the sender's stages.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -29,6 +30,7 @@ MIN_WAIT_NS = 50_000  # a receive shorter than this found its message waiting
 class Peer:
     """The other end of a hop: the thread whose `hop` (a send that ended a receive, or a
     receive that let a blocked send return) decided when the waiting span ended."""
+
     pid: int
     tid: int
     hop: Span
@@ -41,8 +43,11 @@ class Peer:
         asyncio task's (an idle `await asyncio.sleep(...)` spans the hop while the thread
         runs it), which did not hold the thread up."""
         hop, up = self.hop, self._ancestors()
-        return [s for s in self.index.in_window(self.top, lo, hi)
-                if s is not hop and (s.end_ns <= hop.start_ns or s.span_id in up)]
+        return [
+            s
+            for s in self.index.in_window(self.top, lo, hi)
+            if s is not hop and (s.end_ns <= hop.start_ns or s.span_id in up)
+        ]
 
     def _ancestors(self) -> set[int]:
         out, s = set(), self.index.by_id.get(self.hop.parent_id)
@@ -94,8 +99,9 @@ class Peers:
             return None
         i = bisect.bisect_left(self.receive_ends, send.end_ns - MATCH_NS)
         j = bisect.bisect_right(self.receive_ends, send.end_ns + MATCH_NS)
-        cands = [r for r in self.receives[i:j] if r.pid != send.pid and r.stage == send.stage
-                 and r.start_ns < send.end_ns]
+        cands = [
+            r for r in self.receives[i:j] if r.pid != send.pid and r.stage == send.stage and r.start_ns < send.end_ns
+        ]
         return self._peer(cands, send.attrs.get(names.A_BYTES), lambda r: -abs(r.end_ns - send.end_ns))
 
     def _match_send(self, recv: Span) -> Peer | None:
@@ -106,6 +112,11 @@ class Peers:
         # returns, but may end after it.
         lo = max(recv.start_ns, recv.end_ns - MATCH_NS)
         i, j = bisect.bisect_left(self.ends, lo), bisect.bisect_right(self.ends, recv.end_ns + MATCH_NS)
-        cands = [s for s in self.sends[i:j] if s.pid != recv.pid and s.stage == recv.stage  # same transport
-                 and s.start_ns <= recv.end_ns]
+        cands = [
+            s
+            for s in self.sends[i:j]
+            if s.pid != recv.pid
+            and s.stage == recv.stage  # same transport
+            and s.start_ns <= recv.end_ns
+        ]
         return self._peer(cands, recv.attrs.get(names.A_BYTES), lambda s: s.start_ns)

@@ -5,6 +5,7 @@ the spans it still had open, recorded up to the stop and flagged), and a process
 recording stops without the spool's closing mark (killed, crashed, or still running). A dead worker
 explains a run's stall or its missing steps better than any stage breakdown.
 """
+
 from __future__ import annotations
 
 import signal
@@ -55,12 +56,14 @@ def process_ends(trace: Trace) -> list[ProcessEnd]:
             continue
         reason = (p.closed or {}).get("reason")
         if reason is not None and reason != "exit":
-            how = f"stopped by {reason}" + (f" with {open_spans[pid]} spans open (kept, ending there)"
-                                            if open_spans[pid] else "")
+            how = f"stopped by {reason}" + (
+                f" with {open_spans[pid]} spans open (kept, ending there)" if open_spans[pid] else ""
+            )
             out.append(_end(trace, pid, how, (last[pid] - t0) / 1e9))
         elif reason is None and any(q.closed for q in trace.processes.values()):  # a finished run
-            out.append(_end(trace, pid, "stopped recording without closing it (killed or crashed)",
-                            (last[pid] - t0) / 1e9))
+            out.append(
+                _end(trace, pid, "stopped recording without closing it (killed or crashed)", (last[pid] - t0) / 1e9)
+            )
     return out
 
 

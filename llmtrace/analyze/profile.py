@@ -21,6 +21,7 @@ awaiting its result, or a server's periodic `asyncio.sleep`, is open across it).
 Tokens per step: the root's `tokens`/`batch` attrs, else the batch of its forward
 (auto-instrumentation records it), else one.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -48,12 +49,20 @@ class Profile:
 
     @classmethod
     def from_resource(cls, d: dict[str, Any]) -> Profile:
-        return cls(tuple(d.get("roots", ())), tuple(d.get("waits", ())), tuple(d.get("remote_roots", ())),
-                   tuple(d.get("model_stages", names.MODEL_STAGES)))
+        return cls(
+            tuple(d.get("roots", ())),
+            tuple(d.get("waits", ())),
+            tuple(d.get("remote_roots", ())),
+            tuple(d.get("model_stages", names.MODEL_STAGES)),
+        )
 
     def to_resource(self) -> dict[str, list[str]]:
-        return {"roots": list(self.roots), "waits": list(self.waits), "remote_roots": list(self.remote_roots),
-                "model_stages": list(self.model_stages)}
+        return {
+            "roots": list(self.roots),
+            "waits": list(self.waits),
+            "remote_roots": list(self.remote_roots),
+            "model_stages": list(self.model_stages),
+        }
 
 
 @dataclass
@@ -98,8 +107,11 @@ def _find_steps(index: TraceIndex) -> Steps:
         return Steps(Profile(source="step-ids"), _longest_per_step(with_ids))
     repeated = _repeated_roots(index)
     if repeated:
-        return Steps(Profile(source="repeated-span"), repeated,
-                     note=f"steps inferred: each `{repeated[0][1].name}` span is one step (no step ids recorded)")
+        return Steps(
+            Profile(source="repeated-span"),
+            repeated,
+            note=f"steps inferred: each `{repeated[0][1].name}` span is one step (no step ids recorded)",
+        )
     return _model_cadence(index)
 
 
@@ -168,8 +180,10 @@ def _model_cadence(index: TraceIndex) -> Steps:
         return steps
     windows = []
     for fwds in lanes:
-        tops = {(pid, tid): _own_task(index, index.top_level(pid, tid), [f for f in fwds if f.tid == tid])
-                for pid, tid in {(f.pid, f.tid) for f in fwds}}
+        tops = {
+            (pid, tid): _own_task(index, index.top_level(pid, tid), [f for f in fwds if f.tid == tid])
+            for pid, tid in {(f.pid, f.tid) for f in fwds}
+        }
         starts = [f.start_ns for f in fwds]
         last = tops[(fwds[-1].pid, fwds[-1].tid)]
         tail_end = max((s.end_ns for s in last if s.start_ns >= starts[-1]), default=fwds[-1].end_ns)
@@ -183,14 +197,15 @@ def _model_cadence(index: TraceIndex) -> Steps:
             windows.append((a, b, f.pid, f.tid, index.in_window(tops[(f.pid, f.tid)], a, b, around=f), handoff))
     windows.sort(key=lambda w: w[0])
     for n, (a, b, pid, tid, children, handoff) in enumerate(windows):
-        root = Span(names.STEP, names.STEP, pid, tid, a, b, _SYNTHETIC_ID | n, step=n,
-                    attrs=_window_tokens(children))
+        root = Span(names.STEP, names.STEP, pid, tid, a, b, _SYNTHETIC_ID | n, step=n, attrs=_window_tokens(children))
         index.add_synthetic(root, children)
         steps.roots.append((n, root))
         if handoff is not None:
             steps.handoffs[root.span_id] = handoff
-    steps.note = ("steps inferred from the model's cadence: one per outermost `forward` on its thread "
-                  "(mark the loop with `llmtrace.steps(...)` to say where a step starts)")
+    steps.note = (
+        "steps inferred from the model's cadence: one per outermost `forward` on its thread "
+        "(mark the loop with `llmtrace.steps(...)` to say where a step starts)"
+    )
     if steps.idle_windows:
         n = steps.idle_windows
         steps.note += f"; {n} window{'s' if n != 1 else ''} holding idle waits left out"
@@ -210,7 +225,7 @@ def _own_task(index: TraceIndex, top: list[Span], fwds: list[Span]) -> list[Span
     out = []
     for s in top:
         i = max(0, bisect_right(starts, s.start_ns) - 1)
-        crosses = any(f.end_ns > s.start_ns for f in fwds[i:bisect_left(starts, s.end_ns)])
+        crosses = any(f.end_ns > s.start_ns for f in fwds[i : bisect_left(starts, s.end_ns)])
         if not crosses or s.span_id in holders or any(f is s for f in fwds):
             out.append(s)
     return out

@@ -1,5 +1,6 @@
 """The report (`report.json`, DESIGN.md; its shape: report_schema.py): summary, breakdown,
 suggestions, tracing, built from one analysis of a trace. render.py draws it."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -31,8 +32,10 @@ TOP_FUNCTIONS = 5
 def _stage_functions(ctx: Analysis, stage: str) -> list[StageFunction]:
     """The stage's busiest functions (samples of a thread blocked in a wait left out)."""
     stats = ctx.functions.stats([c for c in ctx.functions.select(stage=stage, host_side=True) if not c.idle])
-    return [{"name": f.name, "ms_per_token": round(ctx.ms_per_token(f.total_ns), 4), "count": f.count,
-             "sources": f.sources} for f in stats[:TOP_FUNCTIONS]]
+    return [
+        {"name": f.name, "ms_per_token": round(ctx.ms_per_token(f.total_ns), 4), "count": f.count, "sources": f.sources}
+        for f in stats[:TOP_FUNCTIONS]
+    ]
 
 
 def _breakdown(ctx: Analysis) -> Breakdown | None:
@@ -42,18 +45,28 @@ def _breakdown(ctx: Analysis) -> Breakdown | None:
         return None
     for row in view["stages"]:
         row["top_functions"] = _stage_functions(ctx, row["name"])
-    return {**view, "decode": bd.view(bd.decode_steps()), "prefill": bd.view(bd.prefill_steps()),
-            "steps_from": _steps_from(ctx), "device": ctx.device.to_dict() if ctx.device else None}
+    return {
+        **view,
+        "decode": bd.view(bd.decode_steps()),
+        "prefill": bd.view(bd.prefill_steps()),
+        "steps_from": _steps_from(ctx),
+        "device": ctx.device.to_dict() if ctx.device else None,
+    }
 
 
 def _steps_from(ctx: Analysis) -> StepsFrom:
     """How the steps were found, and what the report assumed, in words for the reader."""
     found = ctx.breakdown.found
     notes = [found.note] if found.note else []
-    if not any(isinstance(sc.root.attrs.get(k), (int, float)) for sc in ctx.steps
-               for k in (names.A_OUTPUT_TOKENS, names.A_BATCH, names.A_TOKENS)):
-        notes.append("no step recorded its tokens: one token per step assumed "
-                     "(`llmtrace.step(tokens=n)` or a `tokens` attr says how many)")
+    if not any(
+        isinstance(sc.root.attrs.get(k), (int, float))
+        for sc in ctx.steps
+        for k in (names.A_OUTPUT_TOKENS, names.A_BATCH, names.A_TOKENS)
+    ):
+        notes.append(
+            "no step recorded its tokens: one token per step assumed "
+            "(`llmtrace.step(tokens=n)` or a `tokens` attr says how many)"
+        )
     return {"source": found.profile.source, "idle_windows": found.idle_windows, "notes": notes}
 
 
@@ -77,7 +90,8 @@ def _off_steps(ctx: Analysis, top: int = 10) -> list[OffStepRow]:
     rows = _top_level_time(ctx, {(s.pid, s.tid) for s in ctx.trace.spans} - step_threads)
     out: list[OffStepRow] = [
         {"process": p, "stage": st, "count": n, "ms": round(ns / 1e6, 3), "mean_ms": round(ns / n / 1e6, 3)}
-        for (p, st), (n, ns) in rows.items()]
+        for (p, st), (n, ns) in rows.items()
+    ]
     return sorted(out, key=lambda r: -r["ms"])[:top]
 
 
@@ -101,18 +115,31 @@ def _tracing(ctx: Analysis) -> Tracing:
         p = tr.processes.get(pid)
         span_cost = p.span_cost_ns if p else 0.0
         cost_ns += (spans + instants + ctrs) * span_cost
-        procs.append({"pid": pid, "name": p.name if p else str(pid), "spans": spans, "instants": instants,
-                      "counters": ctrs, "dropped": sum(p.dropped.values()) if p else 0, "span_cost_ns": span_cost,
-                      "truncated": bool(p and p.truncated_at is not None),
-                      "spans_open_at_stop": sum(1 for s in tr.spans if s.pid == pid and s.open_at_stop)})
+        procs.append(
+            {
+                "pid": pid,
+                "name": p.name if p else str(pid),
+                "spans": spans,
+                "instants": instants,
+                "counters": ctrs,
+                "dropped": sum(p.dropped.values()) if p else 0,
+                "span_cost_ns": span_cost,
+                "truncated": bool(p and p.truncated_at is not None),
+                "spans_open_at_stop": sum(1 for s in tr.spans if s.pid == pid and s.open_at_stop),
+            }
+        )
     own, total = ctx.cpu.own_share(tr) if ctx.cpu else (0.0, 0.0)
-    return {"spans_recorded": len(tr.spans), "records": len(tr.spans) + len(tr.instants) + len(tr.counters),
-            "spans_dropped": tr.spans_dropped, "stack_samples": len(tr.samples),
-            "instrumentation_cost_us_per_token": cost_ns / ctx.tokens / 1e3 if ctx.tokens else None,
-            # the sampler's and the flusher's CPU time (their GIL time is at most that)
-            "own_threads_cpu_ms": round(own / 1e6, 1) if total else None,
-            "own_threads_cpu_share": round(own / total, 4) if total else None,
-            "processes": procs}
+    return {
+        "spans_recorded": len(tr.spans),
+        "records": len(tr.spans) + len(tr.instants) + len(tr.counters),
+        "spans_dropped": tr.spans_dropped,
+        "stack_samples": len(tr.samples),
+        "instrumentation_cost_us_per_token": cost_ns / ctx.tokens / 1e3 if ctx.tokens else None,
+        # the sampler's and the flusher's CPU time (their GIL time is at most that)
+        "own_threads_cpu_ms": round(own / 1e6, 1) if total else None,
+        "own_threads_cpu_share": round(own / total, 4) if total else None,
+        "processes": procs,
+    }
 
 
 def build_report(trace: Trace) -> Report:

@@ -3,6 +3,7 @@ what the renderers, `llmtrace diff` and the TUI read, as typed dictionaries: a k
 reader expects and the analyzer does not write is a type error, not a KeyError at a
 user's terminal. JSON in, JSON out: a report read back from report.json has this type.
 """
+
 from __future__ import annotations
 
 from typing import Any, TypedDict

@@ -12,6 +12,7 @@ bound: the end of its first served step, the step that ran its prefill and so pr
 its first token. Requests whose work crossed a process boundary (the object was copied)
 stay unlinked.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -60,7 +61,7 @@ class _Group:
 
     def computed(self, lo: int, hi: int) -> list[StepCost]:
         """The steps whose model started in [lo, hi)."""
-        return self.steps[bisect.bisect_left(self.starts, lo):bisect.bisect_left(self.starts, hi)]
+        return self.steps[bisect.bisect_left(self.starts, lo) : bisect.bisect_left(self.starts, hi)]
 
 
 def _compute_start(sc: StepCost) -> int:
@@ -79,14 +80,16 @@ def request_links(index: TraceIndex, steps: list[StepCost]) -> dict[int, Request
     for r, put, get in _handoffs(index):
         served = by_steps.served(get.pid, get.tid, get.ts_ns, r.end_ns)
         if served:
-            links[r.span_id] = RequestLink(served[0].step, len(served), served[0].root.end_ns - r.start_ns,
-                                           max(0, get.ts_ns - put.ts_ns), HANDOFF)
+            links[r.span_id] = RequestLink(
+                served[0].step, len(served), served[0].root.end_ns - r.start_ns, max(0, get.ts_ns - put.ts_ns), HANDOFF
+            )
     for r in _one_at_a_time(requests):
         own = by_steps.by_thread.get((r.pid, r.tid))
         inside = own.computed(r.start_ns, r.end_ns) if own else []
         if inside and r.span_id not in links:
-            links[r.span_id] = RequestLink(inside[0].step, len(inside), inside[0].root.end_ns - r.start_ns, None,
-                                           SAME_THREAD)
+            links[r.span_id] = RequestLink(
+                inside[0].step, len(inside), inside[0].root.end_ns - r.start_ns, None, SAME_THREAD
+            )
     return links
 
 

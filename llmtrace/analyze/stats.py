@@ -1,4 +1,5 @@
 """Small statistics helpers (nearest-rank percentiles) so the analyzer needs no numpy."""
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,13 @@ def summary(vals: Sequence[float], scale: float = 1.0) -> Percentiles | None:
     if not vals:
         return None
     s = sorted(v * scale for v in vals)
-    return {"p50": percentile(s, 50), "p90": percentile(s, 90), "p99": percentile(s, 99),
-            "mean": sum(s) / len(s), "count": len(s)}
+    return {
+        "p50": percentile(s, 50),
+        "p90": percentile(s, 90),
+        "p99": percentile(s, 99),
+        "mean": sum(s) / len(s),
+        "count": len(s),
+    }
 
 
 def union_ns(intervals: Iterable[tuple[int, int]]) -> int:

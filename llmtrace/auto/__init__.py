@@ -15,12 +15,19 @@ Each patch replaces one attribute once (patching.py), keeps the original's behav
 exceptions, records nothing while recording is off, and a library that is not installed
 is simply never patched (patches wait for the module's import).
 """
+
 from __future__ import annotations
 
 from . import handoff, libraries, patching, processes, runtime, torch_model, transport
 
-GROUPS = {"transport": transport, "runtime": runtime, "torch": torch_model, "libraries": libraries,
-          "processes": processes, "handoff": handoff}
+GROUPS = {
+    "transport": transport,
+    "runtime": runtime,
+    "torch": torch_model,
+    "libraries": libraries,
+    "processes": processes,
+    "handoff": handoff,
+}
 _installed: set[str] = set()
 
 

@@ -6,6 +6,7 @@ llmtrace (the call may go through multiprocessing, asyncio, json ...) are skippe
 code object's label and verdict are cached. Materialising the frames still costs about a
 microsecond, so only calls of at least SLOW_NS get a caller (`name_if_slow`): the ones a
 finding can be about."""
+
 from __future__ import annotations
 
 import sys

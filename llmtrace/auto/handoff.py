@@ -7,6 +7,7 @@ naming its requests (analyze/request_steps.py). Objects are matched by identity:
 keeps its object until the get (at most MAX_PENDING at once, the oldest forgotten past
 that; an object put twice before its get is matched once). queue.SimpleQueue (C) and
 multiprocessing queues (the object is copied) are not matched."""
+
 from __future__ import annotations
 
 import functools

@@ -4,6 +4,7 @@ http.server, wsgiref (WSGI), aiohttp and Starlette/FastAPI (ASGI) as `http.reque
 with the path.
 A decode records how many ids it decoded (`ids`): a streaming server that decodes each
 whole sequence again for every new token shows as ids growing with the output."""
+
 from __future__ import annotations
 
 import functools
@@ -69,6 +70,7 @@ def _patch_http_server(mod) -> None:
                 self._llmtrace_span = recorder.span(names.HTTP_REQUEST, start_ns=t0, path=getattr(self, "path", "?"))
                 self._llmtrace_span.__enter__()
             return parsed
+
         return parse_request
 
     def handle(orig):
@@ -83,6 +85,7 @@ def _patch_http_server(mod) -> None:
             if self._llmtrace_span is not None:
                 self._llmtrace_span.__exit__(None, None, None)
             return result
+
         return handle_one_request
 
     replace(handler, "parse_request", parse)
@@ -92,11 +95,13 @@ def _patch_http_server(mod) -> None:
 def _wsgi_run(orig):
     """wsgiref's handler runs the application and writes the response in `run` (the
     request's environ: `base_env`, given to the handler before)."""
+
     def run(self, application):
         if not recorder.is_enabled():
             return orig(self, application)
         with recorder.span(names.HTTP_REQUEST, path=(getattr(self, "base_env", None) or {}).get("PATH_INFO", "?")):
             return orig(self, application)
+
     return run
 
 
@@ -109,17 +114,29 @@ def _async_request(path_of):
                 return await orig(self, first, *args, **kwargs)
             with recorder.span(names.HTTP_REQUEST, path=path):
                 return await orig(self, first, *args, **kwargs)
+
         return handle
+
     return wrap
 
 
 def install() -> None:
-    on_import("transformers.tokenization_utils_base",
-              lambda mod: _patch_methods(mod.PreTrainedTokenizerBase, _TOKENIZE, _DETOKENIZE))
+    on_import(
+        "transformers.tokenization_utils_base",
+        lambda mod: _patch_methods(mod.PreTrainedTokenizerBase, _TOKENIZE, _DETOKENIZE),
+    )
     on_import("sentencepiece", lambda mod: _patch_methods(mod.SentencePieceProcessor, _SP_TOKENIZE, _SP_DETOKENIZE))
     on_import("http.server", _patch_http_server)
     on_import("wsgiref.handlers", lambda mod: replace(mod.BaseHandler, "run", _wsgi_run))
-    on_import("aiohttp.web_protocol", lambda mod: replace(mod.RequestHandler, "_handle_request",
-                                                          _async_request(lambda req: req.path)))
-    on_import("starlette.applications", lambda mod: replace(mod.Starlette, "__call__", _async_request(
-        lambda scope: scope.get("path") if scope.get("type") == "http" else None)))
+    on_import(
+        "aiohttp.web_protocol",
+        lambda mod: replace(mod.RequestHandler, "_handle_request", _async_request(lambda req: req.path)),
+    )
+    on_import(
+        "starlette.applications",
+        lambda mod: replace(
+            mod.Starlette,
+            "__call__",
+            _async_request(lambda scope: scope.get("path") if scope.get("type") == "http" else None),
+        ),
+    )

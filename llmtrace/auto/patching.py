@@ -2,6 +2,7 @@
 original kept for `restore`, and patches for modules not yet imported applied right
 after their import (a post-import hook), so `llmtrace record` can patch at interpreter
 start whatever the program imports later."""
+
 from __future__ import annotations
 
 import importlib.abc

@@ -5,6 +5,7 @@ target returns (a forked child ends with os._exit(), which skips atexit); and a 
 child (multiprocessing or subprocess) records a `process.exit` instant with the child's
 pid and exit code, so a worker that died is reported with how (a negative code is the
 signal: -9 for SIGKILL), even when it could write nothing itself."""
+
 from __future__ import annotations
 
 from .. import names, recorder, sink
@@ -32,6 +33,7 @@ def _exited(pid: int, code) -> None:
 
 def _mp_poll(orig):
     """multiprocessing's Popen.poll sets returncode once, when it reaps the child."""
+
     def poll(self, *args, **kwargs):
         was = self.returncode
         code = orig(self, *args, **kwargs)
@@ -44,6 +46,7 @@ def _mp_poll(orig):
 
 def _subprocess_status(orig):
     """subprocess.Popen._handle_exitstatus: every wait()/poll() that reaps the child ends here."""
+
     def _handle_exitstatus(self, *args, **kwargs):
         was = self.returncode
         try:

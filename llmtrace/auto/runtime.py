@@ -2,6 +2,7 @@
 for enabled levels, with formatting and handlers), sleeps (`sleep`: time.sleep,
 asyncio.sleep; a sleep inside a step is a polling loop), and serialization (`serialize`:
 json, pickle, msgpack, orjson encode and decode)."""
+
 from __future__ import annotations
 
 import functools
@@ -16,6 +17,7 @@ from .patching import on_import, replace
 def _spanned(name: str, stage: str):
     """A span that names its caller: the C encoders hold the GIL (no stack sample ever
     lands inside them) and a log record's cost is the program's call, not logging's."""
+
     def wrap(orig):
         @functools.wraps(orig)
         def call(*args, **kwargs):
@@ -26,13 +28,16 @@ def _spanned(name: str, stage: str):
                     return orig(*args, **kwargs)
                 finally:
                     name_if_slow(sp)
+
         return call
+
     return wrap
 
 
 def _async_sleep(orig):
     """`await asyncio.sleep(d)`; not sleep(0): that only yields to the other tasks, and their
     work is what the time holds, no sleep a fix could remove."""
+
     @functools.wraps(orig)
     async def sleep(delay, *args, **kwargs):
         if not recorder.is_enabled() or not delay or delay <= 0:
@@ -56,5 +61,6 @@ def install() -> None:
     codecs = (("dumps", "serialize.encode"), ("loads", "serialize.decode"))
     for module in ("json", "pickle", "orjson"):  # patched where the program uses them; llmtrace unpickles nothing
         on_import(module, lambda mod: _patch_encoders(mod, codecs))
-    on_import("msgpack", lambda mod: _patch_encoders(mod, (("packb", "serialize.encode"),
-                                                            ("unpackb", "serialize.decode"))))
+    on_import(
+        "msgpack", lambda mod: _patch_encoders(mod, (("packb", "serialize.encode"), ("unpackb", "serialize.decode")))
+    )

@@ -6,6 +6,7 @@ added sync), and the points where the host waits for (or copies from) the device
 whole logits tensor is host work of the same kind (a vocab-sized copy per token); smaller
 CPU conversions (a tensor printer's, a few ids) are not recorded.
 Nothing is recorded while torch.compile traces."""
+
 from __future__ import annotations
 
 import threading
@@ -52,8 +53,12 @@ def _module_call(torch, compiling):
                 return orig(self, *args, **kwargs)
             _local.inside = True
             try:
-                with recorder.span(names.FORWARD, device=_on_device(torch, args, kwargs), fn=type(self).__name__,
-                                   **_forward_attrs(torch, args, kwargs)):
+                with recorder.span(
+                    names.FORWARD,
+                    device=_on_device(torch, args, kwargs),
+                    fn=type(self).__name__,
+                    **_forward_attrs(torch, args, kwargs),
+                ):
                     return orig(self, *args, **kwargs)
             finally:
                 _local.inside = False
@@ -69,8 +74,11 @@ MIN_HOST_ELEMENTS = 1024  # on a CPU only conversions of a vocab row or more are
 def _host_copy(compiling, fn: str, only_cuda: bool):
     def wrap(orig):
         def copy(t, *args, **kwargs):
-            if (not recorder.is_enabled() or compiling()
-                    or (not t.is_cuda and (only_cuda or t.numel() < MIN_HOST_ELEMENTS))):
+            if (
+                not recorder.is_enabled()
+                or compiling()
+                or (not t.is_cuda and (only_cuda or t.numel() < MIN_HOST_ELEMENTS))
+            ):
                 return orig(t, *args, **kwargs)
             with recorder.span(names.SYNC_WAIT, fn=fn, **{names.A_BYTES: t.numel() * t.element_size()}) as sp:
                 try:

@@ -4,6 +4,7 @@ sockets and pollers (`ipc`; zmq with bytes; zmq.asyncio's sockets, whose calls r
 futures, are not timed). A receive or poll span that blocks is the time the process
 waited for its peer, which the analyzer replaces by what the peer did meanwhile
 (analyze/peers.py), or reports as a wait no peer answered (wait-in-step)."""
+
 from __future__ import annotations
 
 import _socket
@@ -54,6 +55,7 @@ def _sender(orig):
 
 def _receiver(orig, size, stage_of=_stage):
     """A receive span with the bytes size(result) says it got."""
+
     def recv(sock, *args, **kwargs):
         if not recorder.is_enabled():
             return orig(sock, *args, **kwargs)
@@ -82,6 +84,7 @@ def install_sockets() -> None:
 
 def _pipe_write(orig):
     """The bytes a Connection writes (its send pickles first): nested in `ipc.send`."""
+
     def _send_bytes(conn, buf, *args):
         if not recorder.is_enabled():
             return orig(conn, buf, *args)
@@ -96,8 +99,14 @@ def _pipe_write(orig):
 
 def _patch_connection(mod) -> None:
     base = mod._ConnectionBase
-    for attr, name in (("send", "ipc.send"), ("send_bytes", "ipc.send"), ("recv", "ipc.recv"),
-                       ("recv_bytes", "ipc.recv"), ("recv_bytes_into", "ipc.recv"), ("poll", "ipc.poll")):
+    for attr, name in (
+        ("send", "ipc.send"),
+        ("send_bytes", "ipc.send"),
+        ("recv", "ipc.recv"),
+        ("recv_bytes", "ipc.recv"),
+        ("recv_bytes_into", "ipc.recv"),
+        ("poll", "ipc.poll"),
+    ):
         replace(base, attr, traced(name, names.IPC))
     replace(mod.Connection, "_send_bytes", _pipe_write)
 
@@ -105,6 +114,7 @@ def _patch_connection(mod) -> None:
 def _queue_get(orig):
     """Queue.get; a get asked not to wait says so (its time, however long on a loaded
     machine, is no wait for work)."""
+
     def get(q, block=True, timeout=None):
         if not recorder.is_enabled():
             return orig(q, block, timeout)

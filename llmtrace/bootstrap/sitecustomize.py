@@ -2,6 +2,7 @@
 the recorded program's PYTHONPATH, so every Python process of it (children included)
 runs this before its own code, whether or not it imports llmtrace. Then the
 sitecustomize this one shadows, if any, runs as it would have."""
+
 import os
 import sys
 
@@ -13,6 +14,7 @@ def _start() -> None:
         return
     try:
         import llmtrace  # noqa: F401
+
         return
     except ImportError:
         pass

@@ -1,5 +1,6 @@
 """`llmtrace analyze PATH [--json|--markdown]`: the per-token overhead breakdown and the
 ranked suggestions for a run directory, spool directory or trace.json."""
+
 from __future__ import annotations
 
 import json

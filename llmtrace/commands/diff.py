@@ -1,6 +1,7 @@
 """`llmtrace diff BEFORE AFTER [--json|--markdown]`: two runs (run directories, spool
 directories or trace.json files) compared per breakdown row, with 95% intervals and a
 significant / within-noise verdict per row, and the findings gone, kept and new."""
+
 from __future__ import annotations
 
 import json

@@ -2,6 +2,7 @@
 (ui.perfetto.dev), written next to its input unless -o says where; an existing file is
 never overwritten without --force. With --otlp, the spans go to an OpenTelemetry receiver
 instead (llmtrace/export/otlp.py)."""
+
 from __future__ import annotations
 
 import os
@@ -42,8 +43,10 @@ def main(args) -> int:
     except OSError as e:
         raise UserError(f"{output}: cannot write: {e.strerror}") from None
     names = ", ".join(p.name for p in sorted(trace.processes.values(), key=lambda p: p.pid))
-    print(f"wrote {stats.path}: {stats.events} events ({len(trace.spans)} spans, {stats.flows} flows, "
-          f"{stats.foreign_events} foreign), {stats.processes} processes ({names}), {_size(stats.bytes)}")
+    print(
+        f"wrote {stats.path}: {stats.events} events ({len(trace.spans)} spans, {stats.flows} flows, "
+        f"{stats.foreign_events} foreign), {stats.processes} processes ({names}), {_size(stats.bytes)}"
+    )
     for note in _notes(trace):
         print(f"note: {note}")
     print("open it in https://ui.perfetto.dev or chrome://tracing")
@@ -64,8 +67,11 @@ def _send_otlp(args) -> int:
 def _notes(trace: Trace) -> list[str]:
     """What the recording lost: spans dropped on full buffers, spool files cut short."""
     notes = [f"{trace.spans_dropped} spans were dropped while recording (buffers full)"] if trace.spans_dropped else []
-    notes += [f"{p.source} ends early at byte {p.truncated_at} ({p.truncation_reason}); exported what precedes it"
-              for p in trace.processes.values() if p.truncated_at is not None]
+    notes += [
+        f"{p.source} ends early at byte {p.truncated_at} ({p.truncation_reason}); exported what precedes it"
+        for p in trace.processes.values()
+        if p.truncated_at is not None
+    ]
     return notes
 
 

@@ -1,5 +1,6 @@
 """`llmtrace merge A.json B.json ... -o merged.json`: llmtrace, viztracer, py-spy and
 torch.profiler Chrome traces on one timeline (llmtrace/merge.py says how clocks align)."""
+
 from __future__ import annotations
 
 import os
@@ -26,6 +27,5 @@ def main(args) -> int:
         print(f"  {s.kind:15} {s.count:8} {what:14} {s.path}{' (skipped: ' + s.skipped + ')' if s.skipped else ''}")
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
-    print(f"wrote {stats.path}: {stats.events} events, {stats.processes} processes "
-          f"(open in https://ui.perfetto.dev)")
+    print(f"wrote {stats.path}: {stats.events} events, {stats.processes} processes (open in https://ui.perfetto.dev)")
     return 0

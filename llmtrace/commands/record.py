@@ -15,6 +15,7 @@ inside chosen stages for a bounded number of steps (`--viztracer`).
 the trace whatever way the program ended. SIGINT and SIGTERM sent to `record` go on to
 the program; a Ctrl-C from the terminal reaches the program directly (same process group).
 """
+
 from __future__ import annotations
 
 import os
@@ -53,8 +54,15 @@ def main(args) -> int:
         sample_hz = 0.0 if pyspy is not None else float(args.py_spy_rate)
     else:
         sample_hz = args.sample_hz
-    env = child_env(os.environ, out, sample_hz=sample_hz, gc=args.gc or not args.no_auto, auto=not args.no_auto,
-                    viztracer=window.to_env() if window else None, pyspy=pyspy)
+    env = child_env(
+        os.environ,
+        out,
+        sample_hz=sample_hz,
+        gc=args.gc or not args.no_auto,
+        auto=not args.no_auto,
+        viztracer=window.to_env() if window else None,
+        pyspy=pyspy,
+    )
     if args.device_activity:
         env[device_activity.ENV] = str(args.device_activity)
     return _finish(out, command, _run(command, env, pyspy, float(args.py_spy_rate)))
@@ -107,8 +115,11 @@ def _finish(out: str, command: list[str], rc: int) -> int:
     try:
         trace = load_trace(out)  # spools, plus what viztracer and py-spy left in `out`
     except UserError as e:
-        print(f"llmtrace record: nothing recorded ({e}); the program needs to be Python with llmtrace "
-              f"importable by its interpreter", file=sys.stderr)
+        print(
+            f"llmtrace record: nothing recorded ({e}); the program needs to be Python with llmtrace "
+            f"importable by its interpreter",
+            file=sys.stderr,
+        )
         return code or 1
     trace.meta["record"] = {"command": command, "exit_code": rc}
     write_outputs(out, trace, failure, command="record")

@@ -16,6 +16,7 @@ Flows use the v1 form (`ph: s` / `ph: f` with `bp: e`): it binds to whatever sli
 the flow event, so a span can start and end any number of flows, which v2's single
 `bind_id` per slice cannot express.
 """
+
 from __future__ import annotations
 
 import os
@@ -111,12 +112,14 @@ def write_chrome_trace(trace: Trace, path: str, *, meta: dict | None = None) -> 
 
 def _origin_ns(trace: Trace) -> int:
     """The earliest time in the trace: ts 0 of the export."""
-    starts = [min((s.start_ns for s in trace.spans), default=None),
-              min((s.device_start_ns for s in trace.spans if s.device_start_ns is not None), default=None),
-              min((i.ts_ns for i in trace.instants), default=None),
-              min((c.ts_ns for c in trace.counters), default=None),
-              min((smp.ts_ns for smp in trace.samples), default=None),
-              min((int(e["ts"] * 1000) for e in trace.foreign_events if _has_ts(e)), default=None)]
+    starts = [
+        min((s.start_ns for s in trace.spans), default=None),
+        min((s.device_start_ns for s in trace.spans if s.device_start_ns is not None), default=None),
+        min((i.ts_ns for i in trace.instants), default=None),
+        min((c.ts_ns for c in trace.counters), default=None),
+        min((smp.ts_ns for smp in trace.samples), default=None),
+        min((int(e["ts"] * 1000) for e in trace.foreign_events if _has_ts(e)), default=None),
+    ]
     return min((t for t in starts if t is not None), default=0)
 
 
@@ -153,14 +156,12 @@ def _metadata_events(trace: Trace, names: dict[int, str], layout: Layout) -> Ite
     order = sorted(names, key=lambda pid: (names[pid] != "master", _natural_key(names[pid]), pid))
     for index, pid in enumerate(order):
         yield {"name": "process_name", "ph": "M", "ts": 0, "pid": pid, "tid": pid, "args": {"name": names[pid]}}
-        yield {"name": "process_sort_index", "ph": "M", "ts": 0, "pid": pid, "tid": pid,
-               "args": {"sort_index": index}}
+        yield {"name": "process_sort_index", "ph": "M", "ts": 0, "pid": pid, "tid": pid, "args": {"sort_index": index}}
     for pid, p in trace.processes.items():
         for tid, name in p.threads.items():
             yield {"name": "thread_name", "ph": "M", "ts": 0, "pid": pid, "tid": tid, "args": {"name": name}}
     for tid, track in layout.tracks.items():
-        yield {"name": "thread_name", "ph": "M", "ts": 0, "pid": track.pid, "tid": tid,
-               "args": {"name": track.name}}
+        yield {"name": "thread_name", "ph": "M", "ts": 0, "pid": track.pid, "tid": tid, "args": {"name": track.name}}
 
 
 def _parents_first(spans: list[Span]) -> list[Span]:
@@ -177,26 +178,46 @@ def _parents_first(spans: list[Span]) -> list[Span]:
 def _span_events(trace: Trace, layout: Layout, origin: int) -> Iterator[dict]:
     moved = layout.moved  # hot loop: hex_id, _us and span_tid are inlined
     for s in _parents_first(trace.spans):
-        args = {"stage": s.stage, "step": s.step, "span_id": f"{s.span_id:#x}", "parent_id": f"{s.parent_id:#x}",
-                "link_id": f"{s.link_id:#x}", "failed": bool(s.flags & 1)}
+        args = {
+            "stage": s.stage,
+            "step": s.step,
+            "span_id": f"{s.span_id:#x}",
+            "parent_id": f"{s.parent_id:#x}",
+            "link_id": f"{s.link_id:#x}",
+            "failed": bool(s.flags & 1),
+        }
         if s.flags & ~1:
             args["flags"] = s.flags
         if s.attrs:
             args["attrs"] = s.attrs
         if s.device_start_ns is not None:
             args["device_ms"] = (s.device_end_ns - s.device_start_ns) / 1e6
-        yield {"name": s.name, "cat": s.stage, "ph": "X", "ts": (s.start_ns - origin) / 1000,
-               "dur": (s.end_ns - s.start_ns) / 1000, "pid": s.pid, "tid": moved.get(s.span_id, s.tid),
-               "args": args}
+        yield {
+            "name": s.name,
+            "cat": s.stage,
+            "ph": "X",
+            "ts": (s.start_ns - origin) / 1000,
+            "dur": (s.end_ns - s.start_ns) / 1000,
+            "pid": s.pid,
+            "tid": moved.get(s.span_id, s.tid),
+            "args": args,
+        }
 
 
 def _device_events(trace: Trace, layout: Layout, origin: int) -> Iterator[dict]:
     """Device execution of each span timed with CUDA events, on its process's device track."""
     for s in trace.spans:
         if s.device_start_ns is not None:
-            yield {"name": s.name, "cat": s.stage, "ph": "X", "ts": _us(s.device_start_ns - origin),
-                   "dur": _us(s.device_dur_ns), "pid": s.pid, "tid": layout.device_tid(s),
-                   "args": {"device": True, "span_id": hex_id(s.span_id), "step": s.step}}
+            yield {
+                "name": s.name,
+                "cat": s.stage,
+                "ph": "X",
+                "ts": _us(s.device_start_ns - origin),
+                "dur": _us(s.device_dur_ns),
+                "pid": s.pid,
+                "tid": layout.device_tid(s),
+                "args": {"device": True, "span_id": hex_id(s.span_id), "step": s.step},
+            }
 
 
 def _instant_events(trace: Trace, origin: int) -> Iterator[dict]:
@@ -204,8 +225,16 @@ def _instant_events(trace: Trace, origin: int) -> Iterator[dict]:
         args = {"stage": e.stage, "step": e.step, "parent_id": hex_id(e.parent_id)}
         if e.attrs:
             args["attrs"] = e.attrs
-        yield {"name": e.name, "cat": e.stage, "ph": "i", "s": "t", "ts": _us(e.ts_ns - origin),
-               "pid": e.pid, "tid": e.tid, "args": args}
+        yield {
+            "name": e.name,
+            "cat": e.stage,
+            "ph": "i",
+            "s": "t",
+            "ts": _us(e.ts_ns - origin),
+            "pid": e.pid,
+            "tid": e.tid,
+            "args": args,
+        }
 
 
 def _counter_events(trace: Trace, origin: int) -> Iterator[dict]:
@@ -216,8 +245,15 @@ def _counter_events(trace: Trace, origin: int) -> Iterator[dict]:
         for k, v in c.attrs.items():
             if isinstance(v, (int, float)) and k != "value":
                 args[k] = v
-        yield {"name": c.name, "cat": "counter", "ph": "C", "ts": _us(c.ts_ns - origin), "pid": c.pid,
-               "tid": c.pid, "args": args}
+        yield {
+            "name": c.name,
+            "cat": "counter",
+            "ph": "C",
+            "ts": _us(c.ts_ns - origin),
+            "pid": c.pid,
+            "tid": c.pid,
+            "args": args,
+        }
 
 
 def _flow_events(trace: Trace, sources: dict[int, Span], layout: Layout, origin: int) -> Iterator[dict]:
@@ -227,10 +263,25 @@ def _flow_events(trace: Trace, sources: dict[int, Span], layout: Layout, origin:
         if src is None:
             continue
         fid = hex_id(dst.span_id)
-        yield {"name": FLOW_NAME, "cat": FLOW_CAT, "ph": "s", "id": fid,
-               "ts": _us(layout.anchors[src.span_id] - origin), "pid": src.pid, "tid": layout.span_tid(src)}
-        yield {"name": FLOW_NAME, "cat": FLOW_CAT, "ph": "f", "bp": "e", "id": fid,
-               "ts": _us(layout.anchors[dst.span_id] - origin), "pid": dst.pid, "tid": layout.span_tid(dst)}
+        yield {
+            "name": FLOW_NAME,
+            "cat": FLOW_CAT,
+            "ph": "s",
+            "id": fid,
+            "ts": _us(layout.anchors[src.span_id] - origin),
+            "pid": src.pid,
+            "tid": layout.span_tid(src),
+        }
+        yield {
+            "name": FLOW_NAME,
+            "cat": FLOW_CAT,
+            "ph": "f",
+            "bp": "e",
+            "id": fid,
+            "ts": _us(layout.anchors[dst.span_id] - origin),
+            "pid": dst.pid,
+            "tid": layout.span_tid(dst),
+        }
 
 
 def _sample_events(trace: Trace, origin: int, stacks: dict[tuple[str, ...], int]) -> Iterator[dict]:
@@ -238,9 +289,16 @@ def _sample_events(trace: Trace, origin: int, stacks: dict[tuple[str, ...], int]
     numbered in `stacks` (written once, into otherData) and referenced by its number."""
     for smp in trace.samples:
         n = stacks.setdefault(smp.stack, len(stacks))
-        yield {"name": smp.stack[-1] if smp.stack else "?", "cat": "sample", "ph": "i", "s": "t",
-               "ts": _us(smp.ts_ns - origin), "pid": smp.pid, "tid": smp.tid,
-               "args": {"stack": n, "source": smp.source}}
+        yield {
+            "name": smp.stack[-1] if smp.stack else "?",
+            "cat": "sample",
+            "ph": "i",
+            "s": "t",
+            "ts": _us(smp.ts_ns - origin),
+            "pid": smp.pid,
+            "tid": smp.tid,
+            "args": {"stack": n, "source": smp.source},
+        }
 
 
 def _foreign_events(trace: Trace, origin: int) -> Iterator[dict]:
@@ -250,18 +308,29 @@ def _foreign_events(trace: Trace, origin: int) -> Iterator[dict]:
         yield {**e, "ts": e["ts"] - shift} if _has_ts(e) else e
 
 
-def _other_data(trace: Trace, layout: Layout, origin: int, ours: int, stacks: dict[tuple[str, ...], int],
-                meta: dict | None) -> dict:
+def _other_data(
+    trace: Trace, layout: Layout, origin: int, ours: int, stacks: dict[tuple[str, ...], int], meta: dict | None
+) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "clock": "CLOCK_MONOTONIC",
         "origin_ns": origin,  # ts 0, in CLOCK_MONOTONIC ns; + epoch_offset_ns = Unix time
         "events": ours,  # traceEvents[:events] are llmtrace's, the rest foreign
-        "processes": {pid: {"name": p.name, "epoch_offset_ns": p.epoch_offset_ns, "header": p.header,
-                            "threads": p.threads, "dropped": p.dropped, "truncated_at": p.truncated_at,
-                            "truncation_reason": p.truncation_reason, "source": p.source, "closed": p.closed,
-                            "cpu": p.cpu}
-                      for pid, p in trace.processes.items()},
+        "processes": {
+            pid: {
+                "name": p.name,
+                "epoch_offset_ns": p.epoch_offset_ns,
+                "header": p.header,
+                "threads": p.threads,
+                "dropped": p.dropped,
+                "truncated_at": p.truncated_at,
+                "truncation_reason": p.truncation_reason,
+                "source": p.source,
+                "closed": p.closed,
+                "cpu": p.cpu,
+            }
+            for pid, p in trace.processes.items()
+        },
         "tracks": {tid: {"pid": t.pid, "tid": t.tid, "name": t.name} for tid, t in layout.tracks.items()},
         "stacks": list(stacks),  # stack samples' frames (outermost first), by number
         "meta": {**trace.meta, **(meta or {})},

@@ -7,6 +7,7 @@ pairs for durations, and a trace cut short leaves `B` events without their `E`. 
 analyzer keys events by (pid, tid) integers and reads durations from `X` events, so
 every foreign input goes through `normalize` once, where it enters (merge, load).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,8 +44,9 @@ def normalize(events: list[dict], used_pids: set[int], label: str) -> list[dict]
     named = {(e["pid"], e.get("name")) for e in out if e.get("ph") == "M"}
     for old, new in pids.items():
         if (new, "process_name") not in named:
-            out.append({"ph": "M", "name": "process_name", "pid": new, "tid": 0,
-                        "args": {"name": f"{label}: {old or '?'}"}})
+            out.append(
+                {"ph": "M", "name": "process_name", "pid": new, "tid": 0, "args": {"name": f"{label}: {old or '?'}"}}
+            )
     for (pid, old), new in tids.items():
         out.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": new, "args": {"name": str(old) or "?"}})
     return out

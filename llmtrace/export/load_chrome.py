@@ -1,5 +1,6 @@
 """Read a Chrome trace JSON written by `write_chrome_trace` back into a `Trace`, so a shared
 trace.json can be analyzed without the run's spool files."""
+
 from __future__ import annotations
 
 import gzip
@@ -38,11 +39,14 @@ def load_chrome_trace(path: str) -> Trace:
     doc = read_json(path)
     info = doc.get("otherData", {}).get("llmtrace") if isinstance(doc, dict) else None
     if not isinstance(info, dict) or not isinstance(doc.get("traceEvents"), list):
-        raise UserError(f"{path}: not a trace written by `llmtrace export` (no otherData.llmtrace); "
-                        "other tools' traces are combined with `llmtrace merge`")
+        raise UserError(
+            f"{path}: not a trace written by `llmtrace export` (no otherData.llmtrace); "
+            "other tools' traces are combined with `llmtrace merge`"
+        )
     if info.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path}: llmtrace trace format {info.get('format_version')}, "
-                        f"this llmtrace reads format {FORMAT_VERSION}")
+        raise UserError(
+            f"{path}: llmtrace trace format {info.get('format_version')}, this llmtrace reads format {FORMAT_VERSION}"
+        )
     try:
         return _Loader(info).load(doc["traceEvents"], path)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -60,7 +64,7 @@ def read_export_info(path: str) -> dict | None:
     if i < 0:
         return None
     try:
-        other = orjson.loads(tail[i + len(OTHER_DATA):].rstrip()[:-1])
+        other = orjson.loads(tail[i + len(OTHER_DATA) :].rstrip()[:-1])
     except orjson.JSONDecodeError:
         return None
     info = other.get("llmtrace") if isinstance(other, dict) else None
@@ -73,8 +77,10 @@ class _Loader:
         self.ours = int(info["events"])
         # lane (synthetic track) -> the real thread it belongs to
         self.real_tid = {int(t): v["tid"] for t, v in info["tracks"].items() if v["tid"] is not None}
-        self.trace = Trace(processes={int(pid): _process(int(pid), p) for pid, p in info["processes"].items()},
-                           meta=info.get("meta") or {})
+        self.trace = Trace(
+            processes={int(pid): _process(int(pid), p) for pid, p in info["processes"].items()},
+            meta=info.get("meta") or {},
+        )
         self.stacks = [tuple(frames) for frames in info["stacks"]]
         self.device: list[tuple[int, int, int]] = []
 
@@ -88,11 +94,12 @@ class _Loader:
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise UserError(f"{path}: traceEvents[{n}]: malformed event ({e!r}): {str(ev)[:200]}") from None
         shift = self.origin / 1000
-        foreign = [e for e in events[self.ours:] if isinstance(e, dict)]
+        foreign = [e for e in events[self.ours :] if isinstance(e, dict)]
         used = set(self.trace.processes) | {e["pid"] for e in foreign if isinstance(e.get("pid"), int)}
         self.trace.foreign_events = [
             {**e, "ts": e["ts"] + shift} if e.get("ph") != "M" and isinstance(e.get("ts"), (int, float)) else e
-            for e in foreign_events.normalize(foreign, used, "foreign")]
+            for e in foreign_events.normalize(foreign, used, "foreign")
+        ]
         by_id = {s.span_id: s for s in self.trace.spans}
         for span_id, start, end in self.device:
             s = by_id.get(span_id)
@@ -113,18 +120,42 @@ class _Loader:
             return
         flags = int(a.get("flags", 0)) | int(bool(a["failed"]))
         tid = self.real_tid.get(ev["tid"], ev["tid"])
-        self.trace.spans.append(Span(ev["name"], a["stage"], ev["pid"], tid, start, end, int(a["span_id"], 16),
-                                     int(a["parent_id"], 16), int(a["link_id"], 16), a["step"], a.get("attrs", {}),
-                                     flags))
+        self.trace.spans.append(
+            Span(
+                ev["name"],
+                a["stage"],
+                ev["pid"],
+                tid,
+                start,
+                end,
+                int(a["span_id"], 16),
+                int(a["parent_id"], 16),
+                int(a["link_id"], 16),
+                a["step"],
+                a.get("attrs", {}),
+                flags,
+            )
+        )
 
     def _instant(self, ev: dict) -> None:
         a = ev["args"]
         if "stage" not in a:  # a stack sample
-            self.trace.samples.append(Sample(ev["pid"], ev["tid"], self._ns(ev["ts"]), self.stacks[a["stack"]],
-                                             a["source"]))
+            self.trace.samples.append(
+                Sample(ev["pid"], ev["tid"], self._ns(ev["ts"]), self.stacks[a["stack"]], a["source"])
+            )
             return
-        self.trace.instants.append(Instant(ev["name"], a["stage"], ev["pid"], ev["tid"], self._ns(ev["ts"]),
-                                           a["step"], int(a["parent_id"], 16), a.get("attrs", {})))
+        self.trace.instants.append(
+            Instant(
+                ev["name"],
+                a["stage"],
+                ev["pid"],
+                ev["tid"],
+                self._ns(ev["ts"]),
+                a["step"],
+                int(a["parent_id"], 16),
+                a.get("attrs", {}),
+            )
+        )
 
     def _counter(self, ev: dict) -> None:
         attrs = dict(ev["args"])
@@ -133,6 +164,15 @@ class _Loader:
 
 
 def _process(pid: int, p: dict) -> Process:
-    return Process(pid, p["name"], p["header"], {int(t): n for t, n in p["threads"].items()},
-                   {int(t): n for t, n in p["dropped"].items()}, p["truncated_at"], p["truncation_reason"],
-                   p["source"], p.get("closed"), p.get("cpu") or [])
+    return Process(
+        pid,
+        p["name"],
+        p["header"],
+        {int(t): n for t, n in p["threads"].items()},
+        {int(t): n for t, n in p["dropped"].items()},
+        p["truncated_at"],
+        p["truncation_reason"],
+        p["source"],
+        p.get("closed"),
+        p.get("cpu") or [],
+    )

@@ -16,6 +16,7 @@ length-delimited fields, with the field numbers of opentelemetry-proto's
 collector/trace/v1 ExportTraceServiceRequest, which the tests decode with the official
 definitions.
 """
+
 from __future__ import annotations
 
 import struct
@@ -32,11 +33,15 @@ SCOPE = ("llmtrace", "0.1.0")
 STATUS_ERROR = 2
 KIND_INTERNAL = 1
 KIND_SERVER = 2
-_GENAI = ((names.A_TTFT_US, "gen_ai.server.time_to_first_token", 1e-6),
-          ("prompt_tokens", "gen_ai.usage.input_tokens", 1), (names.A_OUTPUT_TOKENS, "gen_ai.usage.output_tokens", 1))
+_GENAI = (
+    (names.A_TTFT_US, "gen_ai.server.time_to_first_token", 1e-6),
+    ("prompt_tokens", "gen_ai.usage.input_tokens", 1),
+    (names.A_OUTPUT_TOKENS, "gen_ai.usage.output_tokens", 1),
+)
 
 
 # ---- protobuf wire format --------------------------------------------------------------
+
 
 def _varint(n: int) -> bytes:
     n &= (1 << 64) - 1  # negative int64 as two's complement, as protobuf does
@@ -84,6 +89,7 @@ def _attributes(num: int, attrs: dict) -> bytes:
 
 # ---- llmtrace -> OTLP -------------------------------------------------------------------
 
+
 def _trace_id(proc: Process) -> bytes:
     """llmtrace's 64-bit trace id in OTLP's 16 bytes (high half zero)."""
     tid = proc.header.get("trace_id") or "0"
@@ -112,11 +118,17 @@ def _span_attrs(s: Span, model: str | None) -> dict:
 
 def _span(s: Span, proc: Process, model: str | None) -> bytes:
     epoch, trace_id = proc.epoch_offset_ns, _trace_id(proc)
-    out = (_len(1, trace_id) + _len(2, _span_id(s.span_id))
-           + (_len(4, _span_id(s.parent_id)) if s.parent_id else b"")
-           + _str(5, s.name) + _field(6, 0) + _varint(KIND_SERVER if s.name == names.HTTP_REQUEST else KIND_INTERNAL)
-           + _fixed64(7, s.start_ns + epoch) + _fixed64(8, s.end_ns + epoch)
-           + _attributes(9, _span_attrs(s, model)))
+    out = (
+        _len(1, trace_id)
+        + _len(2, _span_id(s.span_id))
+        + (_len(4, _span_id(s.parent_id)) if s.parent_id else b"")
+        + _str(5, s.name)
+        + _field(6, 0)
+        + _varint(KIND_SERVER if s.name == names.HTTP_REQUEST else KIND_INTERNAL)
+        + _fixed64(7, s.start_ns + epoch)
+        + _fixed64(8, s.end_ns + epoch)
+        + _attributes(9, _span_attrs(s, model))
+    )
     if s.link_id:
         out += _len(13, _len(1, trace_id) + _len(2, _span_id(s.link_id)))
     if s.failed:
@@ -151,7 +163,7 @@ def requests(trace: Trace, batch: int = BATCH_SPANS) -> list[bytes]:
     for pid, spans in sorted(by_pid.items()):
         proc = trace.processes.get(pid) or Process(pid, str(pid))
         for i in range(0, len(spans), batch):
-            chunk = spans[i:i + batch]
+            chunk = spans[i : i + batch]
             encoded = b"".join(_len(2, _span(s, proc, model)) for s in chunk)
             body += _len(1, _len(1, _resource(proc)) + _len(2, scope + encoded))
             n += len(chunk)
@@ -168,14 +180,14 @@ def send(trace: Trace, url: str, batch: int = BATCH_SPANS) -> tuple[int, int]:
     cannot be reached is a UserError naming the URL and what it said."""
     sent = 0
     for body in requests(trace, batch):
-        req = urllib.request.Request(url, data=body, method="POST",
-                                     headers={"Content-Type": "application/x-protobuf"})
+        req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/x-protobuf"})
         try:
             with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:
                 resp.read()
         except urllib.error.HTTPError as e:
-            raise UserError(f"{url}: the OTLP receiver answered {e.code} {e.reason}: "
-                            f"{e.read()[:300].decode('utf-8', 'replace')}") from None
+            raise UserError(
+                f"{url}: the OTLP receiver answered {e.code} {e.reason}: {e.read()[:300].decode('utf-8', 'replace')}"
+            ) from None
         except (urllib.error.URLError, OSError) as e:
             raise UserError(f"{url}: cannot send OTLP: {getattr(e, 'reason', e)}") from None
         sent += 1

@@ -12,6 +12,7 @@ one safe time is inside the span before anything else (a child, an instant, a sa
 starts on its track; chrome://tracing binds to the innermost enclosing slice, which that
 time also satisfies. The layout picks that time ("anchor") for each span a flow binds to.
 """
+
 from __future__ import annotations
 
 from bisect import bisect_left
@@ -101,8 +102,13 @@ class _Lanes:
         return len(self.stacks) - 1
 
 
-def nest(spans: list[Span], device: bool = False, anchored: Callable[[Span], bool] | None = None,
-         first_child: dict[int, int] | None = None, apart: Callable[[Span], bool] | None = None) -> list[int]:
+def nest(
+    spans: list[Span],
+    device: bool = False,
+    anchored: Callable[[Span], bool] | None = None,
+    first_child: dict[int, int] | None = None,
+    apart: Callable[[Span], bool] | None = None,
+) -> list[int]:
     """Lanes for the spans of one thread (or the device intervals of one process) such that
     each lane nests properly; returns the lane of each span, in the order given.
 
@@ -133,8 +139,10 @@ def nest(spans: list[Span], device: bool = False, anchored: Callable[[Span], boo
 def in_order(spans: list[Span], start_of, end_of) -> bool:
     """Sorted by start, and a span starting with the one before it is not longer (the usual
     case: `Trace.sort()` ordered them), so no sort key list is needed."""
-    return all(start_of(a) < start_of(b) or start_of(a) == start_of(b) and end_of(a) >= end_of(b)
-               for a, b in zip(spans, spans[1:]))
+    return all(
+        start_of(a) < start_of(b) or start_of(a) == start_of(b) and end_of(a) >= end_of(b)
+        for a, b in zip(spans, spans[1:])
+    )
 
 
 def lay_out(trace: Trace, anchored: Callable[[Span], bool]) -> Layout:

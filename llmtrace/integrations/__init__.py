@@ -7,6 +7,7 @@ Run directory, besides spool/:
     viztracer/<pid>.json   viztracer's events inside the chosen stages (viztracer.py)
     pyspy/pyspy.json       py-spy's chrometrace of the whole run, pyspy/clock.json its alignment
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,16 @@ PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath
 ENV_HOME = "LLMTRACE_HOME"
 
 
-def child_env(base: dict, out: str, *, sample_hz: float = 0.0, gc: bool = False, auto: bool = False,
-              viztracer: str | None = None, pyspy=None) -> dict:
+def child_env(
+    base: dict,
+    out: str,
+    *,
+    sample_hz: float = 0.0,
+    gc: bool = False,
+    auto: bool = False,
+    viztracer: str | None = None,
+    pyspy=None,
+) -> dict:
     """The environment that makes every Python process of a program record into `out`
     from interpreter start: the bootstrap directory first on PYTHONPATH (its
     sitecustomize configures llmtrace from these variables), plus the settings."""
@@ -66,7 +75,7 @@ def module_of(filename: str) -> str:
     """'/usr/lib/python3.11/logging/__init__.py' -> 'logging': the dotted path below the
     longest sys.path entry holding the file; else the file's stem."""
     if filename.startswith("<frozen "):
-        return filename[len("<frozen "):].rstrip(">")
+        return filename[len("<frozen ") :].rstrip(">")
     path = os.path.abspath(filename)
     best = ""
     for entry in sys.path:

@@ -23,6 +23,7 @@ Permissions: py-spy reads the program's memory, which needs ptrace permission. Y
 forbids it; containers need `--cap-add SYS_PTRACE`. When py-spy cannot attach, the gate
 tells the program to fall back to llmtrace's in-process sampler.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -119,13 +120,15 @@ def _hold_at_gate(gate: str) -> None:
     at an open gate (a sibling of the first, started by a shell) just follows it."""
     if not os.path.exists(gate):
         marks = _beacon(gate, GATE_TIMEOUT_S, int(os.environ.get(ENV_ACTIVE) or 0))
-        _write_json({"pid": os.getpid(), "tid": threading.get_native_id(), "marks": marks},
-                    os.path.join(os.path.dirname(gate), BEACON))
+        _write_json(
+            {"pid": os.getpid(), "tid": threading.get_native_id(), "marks": marks},
+            os.path.join(os.path.dirname(gate), BEACON),
+        )
     verdict = _read(gate).strip()
     if verdict.startswith(FALLBACK):
         from .. import ENV_SAMPLE_HZ, stack_sampler
 
-        hz = float(verdict[len(FALLBACK):])
+        hz = float(verdict[len(FALLBACK) :])
         os.environ[ENV_SAMPLE_HZ] = str(hz)  # this process's children sample too
         stack_sampler.start(1.0 / hz)
 
@@ -143,8 +146,10 @@ def recorder_for(run_dir: str, rate: int, command: str) -> PySpyRecorder | None:
     """A recorder, or None (said on stderr) when py-spy is not installed."""
     exe = find_executable()
     if exe is None:
-        print(f"llmtrace {command}: py-spy not found (pip install py-spy); sampling in-process at {rate} Hz instead",
-              file=sys.stderr)
+        print(
+            f"llmtrace {command}: py-spy not found (pip install py-spy); sampling in-process at {rate} Hz instead",
+            file=sys.stderr,
+        )
         return None
     return PySpyRecorder(exe, run_dir, rate)
 
@@ -167,11 +172,25 @@ class PySpyRecorder:
         return {ENV_GATE: self.gate, ENV_ACTIVE: str(self.rate)}
 
     def start(self, pid: int) -> None:
-        cmd = [self.executable, "record", "--pid", str(pid), "--subprocesses", "--threads", "--nonblocking",
-               "--format", "chrometrace", "--rate", str(self.rate), "--output", os.path.join(self.dir, OUTPUT)]
+        cmd = [
+            self.executable,
+            "record",
+            "--pid",
+            str(pid),
+            "--subprocesses",
+            "--threads",
+            "--nonblocking",
+            "--format",
+            "chrometrace",
+            "--rate",
+            str(self.rate),
+            "--output",
+            os.path.join(self.dir, OUTPUT),
+        ]
         self.started_ns = time.perf_counter_ns()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, errors="replace")
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        )
         threading.Thread(target=self._read_output, name="llmtrace-pyspy-output", daemon=True).start()
 
     def _read_output(self) -> None:
@@ -190,8 +209,10 @@ class PySpyRecorder:
         attached_ns = time.perf_counter_ns()
         while not os.path.exists(self.gate + HELD) and program_alive() and time.monotonic() < deadline:
             _sleep(0.005)
-        _write_json({"started_ns": self.started_ns, "attached_ns": attached_ns, "rate": self.rate},
-                    os.path.join(self.dir, CLOCK))
+        _write_json(
+            {"started_ns": self.started_ns, "attached_ns": attached_ns, "rate": self.rate},
+            os.path.join(self.dir, CLOCK),
+        )
         _sleep(max(BEACON_MIN_S, BEACON_SAMPLES / self.rate))
         return True
 
@@ -201,8 +222,11 @@ class PySpyRecorder:
         if self.attach(program_alive):
             self.open_gate()
             return
-        print(f"llmtrace {command}: {self.failure()}\nllmtrace {command}: sampling in-process at {fallback_hz:g} Hz "
-              f"instead", file=sys.stderr)
+        print(
+            f"llmtrace {command}: {self.failure()}\nllmtrace {command}: sampling in-process at {fallback_hz:g} Hz "
+            f"instead",
+            file=sys.stderr,
+        )
         self.open_gate(fallback_hz)
 
     def open_gate(self, fallback_hz: float | None = None) -> None:
@@ -241,16 +265,20 @@ def ptrace_advice() -> str:
     """What this machine lacks for ptrace, and what to grant."""
     scope = _read(_YAMA).strip()
     cap = _has_cap_sys_ptrace()
-    facts = [f"kernel.yama.ptrace_scope={scope}" if scope else "no Yama LSM",
-             "CAP_SYS_PTRACE present" if cap else "no CAP_SYS_PTRACE"]
+    facts = [
+        f"kernel.yama.ptrace_scope={scope}" if scope else "no Yama LSM",
+        "CAP_SYS_PTRACE present" if cap else "no CAP_SYS_PTRACE",
+    ]
     if _in_container():
         facts.append("inside a container")
     grant = ["run llmtrace as root (`sudo -E env PATH=$PATH llmtrace record ...`)"]
     if scope in ("2", "3"):
         grant.append("`echo 1 | sudo tee /proc/sys/kernel/yama/ptrace_scope` (0 works too; scope 3 needs a reboot)")
     if _in_container() or not cap:
-        grant.append("in Docker `docker run --cap-add SYS_PTRACE ...` (Kubernetes: "
-                     "securityContext.capabilities.add: [SYS_PTRACE])")
+        grant.append(
+            "in Docker `docker run --cap-add SYS_PTRACE ...` (Kubernetes: "
+            "securityContext.capabilities.add: [SYS_PTRACE])"
+        )
     return f"ptrace is not permitted here ({', '.join(facts)}); grant one of: " + "; ".join(grant) + "."
 
 
@@ -262,8 +290,7 @@ def _has_cap_sys_ptrace() -> bool:
 
 
 def _in_container() -> bool:
-    return os.path.exists("/.dockerenv") or bool(re.search(r"docker|kubepods|containerd|lxc",
-                                                            _read("/proc/1/cgroup")))
+    return os.path.exists("/.dockerenv") or bool(re.search(r"docker|kubepods|containerd|lxc", _read("/proc/1/cgroup")))
 
 
 # -- after the run ---------------------------------------------------------------------
@@ -348,8 +375,11 @@ def clock_offset_ns(threads: dict, beacon: dict | None, clock: dict) -> int:
     hi = int(clock.get("attached_ns", lo))
     if beacon:
         changes = threads.get((int(beacon["pid"]), int(beacon["tid"])), [])
-        obs = [(ts, frames[-1][0] == _beacon_tick.__name__) for ts, frames in changes
-               if frames and frames[-1][0] in (_beacon_tick.__name__, _beacon_tock.__name__)]
+        obs = [
+            (ts, frames[-1][0] == _beacon_tick.__name__)
+            for ts, frames in changes
+            if frames and frames[-1][0] in (_beacon_tick.__name__, _beacon_tock.__name__)
+        ]
         if len(obs) >= 3:
             return fit_beacon(obs, beacon["marks"], lo, hi)
     return lo

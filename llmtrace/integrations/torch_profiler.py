@@ -6,6 +6,7 @@ Unix time of an event = ts * 1000 + baseTimeNanoseconds (older torch wrote absol
 carry the OS pid/tid; device tracks use small pids (the device index), which `merge`
 renames apart from real processes.
 """
+
 from __future__ import annotations
 
 KIND = "torch.profiler"

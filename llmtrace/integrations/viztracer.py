@@ -18,6 +18,7 @@ stage); its events are saved to RUN/viztracer/<pid>.json when the process stops 
 (exit, SIGTERM/SIGHUP, a multiprocessing child's target returning: sink.on_final_stop),
 not then, so no step pays for the save. A forked child starts a window of its own.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -134,8 +135,7 @@ class Window:
         if self._tracer is None:
             from viztracer import VizTracer
 
-            self._tracer = VizTracer(tracer_entries=TRACER_ENTRIES, verbose=0, register_global=False,
-                                     file_info=False)
+            self._tracer = VizTracer(tracer_entries=TRACER_ENTRIES, verbose=0, register_global=False, file_info=False)
         return self._tracer
 
     def close(self) -> None:
@@ -152,8 +152,11 @@ class Window:
         self._tracer.parse()
         data = self._tracer.data
         data.setdefault("viztracer_metadata", {})["baseTimeNanoseconds"] = self._tracer.get_base_time()
-        data["llmtrace"] = {"clock": "CLOCK_MONOTONIC", "stages": sorted(self.stages),
-                            "steps": [k for k in self._seen if isinstance(k, int)]}
+        data["llmtrace"] = {
+            "clock": "CLOCK_MONOTONIC",
+            "stages": sorted(self.stages),
+            "steps": [k for k in self._seen if isinstance(k, int)],
+        }
         self._tracer = None
         _write_json(data, os.path.join(self.out_dir, DIR, f"{os.getpid()}.json"))
 
@@ -234,8 +237,14 @@ def to_foreign(events: list[dict], shift_us: float = 0.0) -> list[dict]:
     for e in events:
         if e.get("ph") not in ("X", "i") or "ts" not in e:
             continue
-        ev = {"name": event_name(str(e.get("name", "?"))), "cat": SOURCE, "ph": e["ph"], "pid": e.get("pid", 0),
-              "tid": e.get("tid", 0), "ts": float(e["ts"]) + shift_us}
+        ev = {
+            "name": event_name(str(e.get("name", "?"))),
+            "cat": SOURCE,
+            "ph": e["ph"],
+            "pid": e.get("pid", 0),
+            "tid": e.get("tid", 0),
+            "ts": float(e["ts"]) + shift_us,
+        }
         if e["ph"] == "X":
             ev["dur"] = float(e.get("dur", 0.0))
         else:
@@ -253,7 +262,7 @@ def load_run(run_dir: str) -> tuple[list[dict], dict]:
     for path in run_files(run_dir):
         data = read_json(path)
         events.extend(to_foreign(data.get("traceEvents", [])))
-        windows[os.path.basename(path)[:-len(".json")]] = data.get("llmtrace", {})
+        windows[os.path.basename(path)[: -len(".json")]] = data.get("llmtrace", {})
     return events, windows
 
 

@@ -9,6 +9,7 @@ A finding that promises time but less than MIN_SAVING_SHARE of the per-token tim
 noise and dropped, a zero saving included; findings whose worth is not time (wrong
 timing, memory, what is not recorded) say so in their `impact` and stay.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -41,10 +42,27 @@ if TYPE_CHECKING:
     from ..analysis import Analysis, Suggestion
 
 RULES: tuple[Rule, ...] = (
-    log_in_hot_path, concat_padding, full_logits_transfer, gc_pauses, tcp_nodelay, polling_sleep, serialization,
-    detokenize_whole_sequence, idle_wait, no_kv_cache, unsynced_gpu_timing, small_prefill_batch, kv_cache_pressure,
-    underfilled_batch, unbatched_requests, launch_bound, straggler_rank, cpu_starved, gil_contention,
-    hot_function_in_stage)
+    log_in_hot_path,
+    concat_padding,
+    full_logits_transfer,
+    gc_pauses,
+    tcp_nodelay,
+    polling_sleep,
+    serialization,
+    detokenize_whole_sequence,
+    idle_wait,
+    no_kv_cache,
+    unsynced_gpu_timing,
+    small_prefill_batch,
+    kv_cache_pressure,
+    underfilled_batch,
+    unbatched_requests,
+    launch_bound,
+    straggler_rank,
+    cpu_starved,
+    gil_contention,
+    hot_function_in_stage,
+)
 MIN_SAVING_SHARE = 0.005
 ALL = "*"
 
@@ -61,8 +79,9 @@ class Rule(Protocol):
 def ordered(rules: Sequence[Rule]) -> list[Rule]:
     """`rules` in their given order, except that each runs after the rules its AFTER names."""
     ids = {r.ID for r in rules}
-    needs = {r.ID: (ids - {r.ID}) if getattr(r, "AFTER", ()) == ALL else set(getattr(r, "AFTER", ())) & ids
-             for r in rules}
+    needs = {
+        r.ID: (ids - {r.ID}) if getattr(r, "AFTER", ()) == ALL else set(getattr(r, "AFTER", ())) & ids for r in rules
+    }
     out: list[Rule] = []
     while len(out) < len(rules):
         done = {r.ID for r in out}

@@ -10,6 +10,7 @@ Saving: their union time per token. Writing rows into a buffer preallocated once
 padded shape copies each element once, which is a small fraction of that (not subtracted:
 the estimate is the upper end).
 """
+
 from __future__ import annotations
 
 import re
@@ -22,8 +23,10 @@ if TYPE_CHECKING:
 
 ID = "concat-padding"
 AFTER = ("log-in-hot-path",)  # a torch.cat inside the tensor printer a log call runs is the log's
-PATTERN = re.compile(r"(^|\.)(np|numpy)\.(concatenate|pad|append|vstack|hstack|stack)$"
-                     r"|^(torch\.cat|Tensor\.cat|torch\.stack)$|^preprocess\.pad$|concatenat")
+PATTERN = re.compile(
+    r"(^|\.)(np|numpy)\.(concatenate|pad|append|vstack|hstack|stack)$"
+    r"|^(torch\.cat|Tensor\.cat|torch\.stack)$|^preprocess\.pad$|concatenat"
+)
 
 
 def check(ctx: Analysis) -> list[Suggestion]:
@@ -33,10 +36,17 @@ def check(ctx: Analysis) -> list[Suggestion]:
     calls, saving, ev, ns_per_step = found
     stage = main_stage(calls)
     per_step = ev["functions"][0]["count"] / max(1, ev["steps_affected"])
-    return [ctx.suggestion(
-        ID, f"Padding by concatenation costs {saving:.2f} ms/token in {stage} "
-            f"({per_step:.0f} call{'s' if round(per_step) != 1 else ''}/step)", stage,
-        {**ev, "ms_per_token": round(saving, 4)}, saving,
-        "Preallocate the padded arrays once (np.full((max_batch, max_len), pad_id)) and write each "
-        "sequence's row in place, or keep persistent per-slot buffers updated by the step's diff; "
-        "never grow arrays with np.concatenate/np.pad inside the step loop.", per_step=ns_per_step)]
+    return [
+        ctx.suggestion(
+            ID,
+            f"Padding by concatenation costs {saving:.2f} ms/token in {stage} "
+            f"({per_step:.0f} call{'s' if round(per_step) != 1 else ''}/step)",
+            stage,
+            {**ev, "ms_per_token": round(saving, 4)},
+            saving,
+            "Preallocate the padded arrays once (np.full((max_batch, max_len), pad_id)) and write each "
+            "sequence's row in place, or keep persistent per-slot buffers updated by the step's diff; "
+            "never grow arrays with np.concatenate/np.pad inside the step loop.",
+            per_step=ns_per_step,
+        )
+    ]

@@ -8,6 +8,7 @@ intra-op threads in every process, say), took the CPUs.
 Saving: that run-queue time per token (what a CPU of its own would give back); the
 model's time on a starved machine is inflated too, which the estimate leaves out.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -50,16 +51,26 @@ def check(ctx: Analysis) -> list[Suggestion]:
     lo, hi = ctx.steps[0].root.start_ns, ctx.steps[-1].root.end_ns
     usable = cpu.machine.get("cpus_usable")
     demand = _demand_cores(cpu, lo, hi)
-    ev = {"runqueue_share_of_steps": round(runq / wall, 3),
-          "runqueue_ms_per_step": round(runq / len(ctx.steps) / 1e6, 4),
-          "cpus_usable": usable, "cpu_demand_cores": round(demand, 2), "load1": cpu.load1(),
-          "threads_recorded": len(cpu.series)}
+    ev = {
+        "runqueue_share_of_steps": round(runq / wall, 3),
+        "runqueue_ms_per_step": round(runq / len(ctx.steps) / 1e6, 4),
+        "cpus_usable": usable,
+        "cpu_demand_cores": round(demand, 2),
+        "load1": cpu.load1(),
+        "threads_recorded": len(cpu.series),
+    }
     ms = ctx.ms_per_token(runq)
     where = f" (load {ev['load1']} on {usable} CPUs)" if usable and ev["load1"] is not None else ""
-    return [ctx.suggestion(
-        ID, f"Steps waited for a CPU {runq / wall:.0%} of their time{where}: the machine, not the model, "
-            f"is slow", names.CPU, ev, ms,
-        "Give the serving processes CPUs of their own: fewer busy processes and threads than usable CPUs "
-        "(torch.set_num_threads / OMP_NUM_THREADS in each process, one intra-op pool per core), move other "
-        "jobs off this machine or pin them elsewhere (taskset, cgroups cpusets). Timings taken while starved "
-        "overstate every stage, the model included.")]
+    return [
+        ctx.suggestion(
+            ID,
+            f"Steps waited for a CPU {runq / wall:.0%} of their time{where}: the machine, not the model, is slow",
+            names.CPU,
+            ev,
+            ms,
+            "Give the serving processes CPUs of their own: fewer busy processes and threads than usable CPUs "
+            "(torch.set_num_threads / OMP_NUM_THREADS in each process, one intra-op pool per core), move other "
+            "jobs off this machine or pin them elsewhere (taskset, cgroups cpusets). Timings taken while starved "
+            "overstate every stage, the model included.",
+        )
+    ]

@@ -13,6 +13,7 @@ not grow with the ids), and a call saves that times its ids beyond INCREMENTAL_I
 call saves at most its time in proportion to those ids, which is the estimate where the
 ids are too alike to fit (long calls: the fixed cost is small beside them).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -32,10 +33,12 @@ MIN_IDS_PER_TOKEN = 16
 INCREMENTAL_IDS = 8  # ids an incremental decode reads per call: the new one and the context for word boundaries
 SPREAD = 1.5  # the longest call's ids over the shortest's below which no slope is fitted
 
-FIX = ("Detokenize incrementally: keep each sequence's text and offsets, decode only the new ids with a few "
-       "before them for word boundaries and emit the text past the previous offset (vLLM's "
-       "detokenize_incrementally, tokenizers' decoders.DecodeStream); never decode the whole sequence "
-       "for every streamed token.")
+FIX = (
+    "Detokenize incrementally: keep each sequence's text and offsets, decode only the new ids with a few "
+    "before them for word boundaries and emit the text past the previous offset (vLLM's "
+    "detokenize_incrementally, tokenizers' decoders.DecodeStream); never decode the whole sequence "
+    "for every streamed token."
+)
 
 
 def _decode_calls(ctx: Analysis) -> list[Call]:
@@ -64,16 +67,25 @@ def check(ctx: Analysis) -> list[Suggestion]:
     per_id_ns = slope(ids, durations) if max(ids) >= SPREAD * max(1.0, min(ids)) else float("inf")
     if per_id_ns <= 0:
         return []
-    saved_ns = sum(min(per_id_ns * (n - INCREMENTAL_IDS), d * (n - INCREMENTAL_IDS) / n)
-                   for n, d in zip(ids, durations) if n > INCREMENTAL_IDS)
+    saved_ns = sum(
+        min(per_id_ns * (n - INCREMENTAL_IDS), d * (n - INCREMENTAL_IDS) / n)
+        for n, d in zip(ids, durations)
+        if n > INCREMENTAL_IDS
+    )
     ctx.claim_calls(calls)
     ms = ctx.ms_per_token(saved_ns)
-    evidence = {**ctx.function_evidence(calls), "decode_calls": len(calls),
-                "median_ids_per_call": statistics.median(ids), "ids_per_output_token": round(sum(ids) / ctx.tokens, 1),
-                "ms_per_token": round(ms, 4)}
+    evidence = {
+        **ctx.function_evidence(calls),
+        "decode_calls": len(calls),
+        "median_ids_per_call": statistics.median(ids),
+        "ids_per_output_token": round(sum(ids) / ctx.tokens, 1),
+        "ms_per_token": round(ms, 4),
+    }
     if per_id_ns != float("inf"):
         evidence["us_per_1000_ids"] = round(per_id_ns, 2)  # ns per id = us per 1000 ids
-    title = (f"Each decode call detokenizes the whole sequence again ({evidence['median_ids_per_call']:.0f} ids "
-             f"per call, {evidence['ids_per_output_token']:.0f} per output token): {ms:.2f} ms/token grows "
-             f"with the output")
+    title = (
+        f"Each decode call detokenizes the whole sequence again ({evidence['median_ids_per_call']:.0f} ids "
+        f"per call, {evidence['ids_per_output_token']:.0f} per output token): {ms:.2f} ms/token grows "
+        f"with the output"
+    )
     return [ctx.suggestion(ID, title, names.DETOKENIZE, evidence, ms, FIX)]

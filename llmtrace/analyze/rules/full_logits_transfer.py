@@ -17,6 +17,7 @@ on the device costs: the measured device time of `sampling` spans when the trace
 some, else the logits read once at DEVICE_READ_BYTES_PER_S (GPU) or HOST_READ_BYTES_PER_S
 (CPU) plus one kernel launch.
 """
+
 from __future__ import annotations
 
 import re
@@ -33,8 +34,10 @@ if TYPE_CHECKING:
 
 ID = "full-logits-transfer"
 AFTER = ("log-in-hot-path",)  # a top-k computed only to be logged, in the sampling function, is the log's
-PATTERN = re.compile(r"^sampling\.host$|(^|\.)Tensor\.(cpu|numpy|tolist)$"
-                     r"|(^|\.)(np|numpy)\.(argmax|argsort|exp|max|sum)$|(^|\.)(softmax|log_softmax|host_sample)$")
+PATTERN = re.compile(
+    r"^sampling\.host$|(^|\.)Tensor\.(cpu|numpy|tolist)$"
+    r"|(^|\.)(np|numpy)\.(argmax|argsort|exp|max|sum)$|(^|\.)(softmax|log_softmax|host_sample)$"
+)
 DEVICE_READ_BYTES_PER_S = 1.0e12  # conservative HBM read rate of a datacenter GPU
 HOST_READ_BYTES_PER_S = 1.0e10  # conservative DRAM read rate of one CPU core
 LAUNCH_NS = 20_000
@@ -103,12 +106,20 @@ def check(ctx: Analysis) -> list[Suggestion]:
         return []
     ev = ctx.function_evidence(calls)
     ctx.claim_calls(calls)
-    return [ctx.suggestion(
-        ID, f"Sampling on the host over the full logits costs {ctx.ms_per_token(sum(per_step.values())):.2f} ms/token",
-        names.SAMPLING,
-        {**ev, "host_ms_per_step": round(median(per_step.values()) / 1e6, 4),
-         "logits_bytes": logits_bytes, "device_sampling_ms_est": round(device_ns / 1e6, 4),
-         "device_estimate": basis},
-        saving,
-        "Sample on the device (torch.argmax / torch.multinomial on the logits tensor, or a fused "
-        "top-k/top-p kernel) and copy only the [batch] token ids (and the requested logprobs) to the host.")]
+    return [
+        ctx.suggestion(
+            ID,
+            f"Sampling on the host over the full logits costs {ctx.ms_per_token(sum(per_step.values())):.2f} ms/token",
+            names.SAMPLING,
+            {
+                **ev,
+                "host_ms_per_step": round(median(per_step.values()) / 1e6, 4),
+                "logits_bytes": logits_bytes,
+                "device_sampling_ms_est": round(device_ns / 1e6, 4),
+                "device_estimate": basis,
+            },
+            saving,
+            "Sample on the device (torch.argmax / torch.multinomial on the logits tensor, or a fused "
+            "top-k/top-p kernel) and copy only the [batch] token ids (and the requested logprobs) to the host.",
+        )
+    ]

@@ -12,6 +12,7 @@ removes most of it. Evidence `responsible`: the program's code the collections i
 (stack samples inside gc spans), where the garbage is made; allocating less there saves
 its own time too, which the estimate leaves out.
 """
+
 from __future__ import annotations
 
 import re
@@ -31,9 +32,11 @@ ID = "gc-pauses"
 PATTERN = re.compile(r"^gc(\.|$)")
 SPIKE = 5.0
 MIN_SPIKES = 2
-FIX = ("Call gc.freeze() after model load and warm-up (moves long-lived objects out of the collected "
-       "generations), raise gc.set_threshold() for generation 0, and avoid per-step allocation of many "
-       "small Python objects (lists of ints, dicts per token).")
+FIX = (
+    "Call gc.freeze() after model load and warm-up (moves long-lived objects out of the collected "
+    "generations), raise gc.set_threshold() for generation 0, and avoid per-step allocation of many "
+    "small Python objects (lists of ints, dicts per token)."
+)
 
 
 def _gc_time(ctx: Analysis) -> tuple[int, set[int], list[Call]]:
@@ -54,12 +57,19 @@ def _unexplained(ctx: Analysis) -> Suggestion | None:
         return None
     excess = sum(e for _, e in spikes)
     return ctx.suggestion(
-        ID, f"{len(spikes)} unexplained pauses inside steps (no span covers them; often GC)", GAP,
-        {"pauses": len(spikes), "pause_ms_p50": round(median(e for _, e in spikes) / 1e6, 3),
-         "gap_ms_p50": round(m / 1e6, 4), "example_steps": [s for s, _ in spikes][:5]},
+        ID,
+        f"{len(spikes)} unexplained pauses inside steps (no span covers them; often GC)",
+        GAP,
+        {
+            "pauses": len(spikes),
+            "pause_ms_p50": round(median(e for _, e in spikes) / 1e6, 3),
+            "gap_ms_p50": round(m / 1e6, 4),
+            "example_steps": [s for s, _ in spikes][:5],
+        },
         ctx.ms_per_token(excess),
         "Find what runs there: record gc with gc.callbacks (llmtrace's engine does), or run "
-        "`llmtrace record --py-spy`. If it is GC: " + FIX)
+        "`llmtrace record --py-spy`. If it is GC: " + FIX,
+    )
 
 
 def check(ctx: Analysis) -> list[Suggestion]:
@@ -76,10 +86,20 @@ def check(ctx: Analysis) -> list[Suggestion]:
     # garbage is made; its own allocating time is not in the saving, only named
     allocators = ctx.functions.responsible(calls)[:3]
     where = f"; collections start in {allocators[0][0]}" if allocators else ""
-    return [ctx.suggestion(
-        ID, f"GC pauses cost {ctx.ms_per_token(ns):.2f} ms/token ({collections} collections in steps{where})",
-        names.GC,
-        {"collections_in_steps": collections, "gc_ms_per_collection": round(ns / max(1, collections) / 1e6, 4),
-         "gc_instants": len(instants), "steps_affected": len(steps), "example_steps": sorted(steps)[:5],
-         "responsible": [{"function": f, "ms_per_token": round(ctx.ms_per_token(t), 4)} for f, t in allocators]},
-        ctx.ms_per_token(ns), FIX)]
+    return [
+        ctx.suggestion(
+            ID,
+            f"GC pauses cost {ctx.ms_per_token(ns):.2f} ms/token ({collections} collections in steps{where})",
+            names.GC,
+            {
+                "collections_in_steps": collections,
+                "gc_ms_per_collection": round(ns / max(1, collections) / 1e6, 4),
+                "gc_instants": len(instants),
+                "steps_affected": len(steps),
+                "example_steps": sorted(steps)[:5],
+                "responsible": [{"function": f, "ms_per_token": round(ctx.ms_per_token(t), 4)} for f, t in allocators],
+            },
+            ctx.ms_per_token(ns),
+            FIX,
+        )
+    ]

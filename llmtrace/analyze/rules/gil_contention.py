@@ -10,6 +10,7 @@ threads count (torch's native intra-op threads do not hold the GIL). At least MI
 of the steps' wall time, summed.
 Saving: that time per token.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -30,8 +31,9 @@ _WAIT_STAGES = (names.SLEEP, names.SYNC)
 
 def _own_waits_ns(sc: StepCost) -> int:
     r = sc.root
-    spans = [s for _, s in sc.stage_spans
-             if s.pid == r.pid and s.tid == r.tid and (is_receive(s) or s.stage in _WAIT_STAGES)]
+    spans = [
+        s for _, s in sc.stage_spans if s.pid == r.pid and s.tid == r.tid and (is_receive(s) or s.stage in _WAIT_STAGES)
+    ]
     return union_ns((max(s.start_ns, r.start_ns), min(s.end_ns, r.end_ns)) for s in spans)
 
 
@@ -57,15 +59,30 @@ def check(ctx: Analysis) -> list[Suggestion]:
     if not wall or gil_ns / wall < MIN_SHARE:
         return []
     top = sorted(by_thread.items(), key=lambda kv: -kv[1])[:3]
-    threads = [{"thread": ctx.trace.processes[pid].threads.get(tid, str(tid)), "pid": pid, "tid": tid,
-                "busy_ms_in_steps": round(ns / 1e6, 3)} for (pid, tid), ns in top]
-    ev = {"gil_wait_share_of_steps": round(gil_ns / wall, 3),
-          "gil_wait_ms_per_step": round(gil_ns / len(ctx.steps) / 1e6, 4),
-          "threads": threads}
+    threads = [
+        {
+            "thread": ctx.trace.processes[pid].threads.get(tid, str(tid)),
+            "pid": pid,
+            "tid": tid,
+            "busy_ms_in_steps": round(ns / 1e6, 3),
+        }
+        for (pid, tid), ns in top
+    ]
+    ev = {
+        "gil_wait_share_of_steps": round(gil_ns / wall, 3),
+        "gil_wait_ms_per_step": round(gil_ns / len(ctx.steps) / 1e6, 4),
+        "threads": threads,
+    }
     busiest = f" while {threads[0]['thread']} ran" if threads else ""
-    return [ctx.suggestion(
-        ID, f"The step loop waited for the GIL {gil_ns / wall:.0%} of its time{busiest}", names.GIL, ev,
-        ctx.ms_per_token(gil_ns),
-        "Python threads of one process take turns on the GIL: move the other threads' Python work "
-        "(request parsing, detokenizing, metrics, logging) to another process or onto the step loop's idle "
-        "time, make it release the GIL (numpy, I/O), or batch it so it runs less often.")]
+    return [
+        ctx.suggestion(
+            ID,
+            f"The step loop waited for the GIL {gil_ns / wall:.0%} of its time{busiest}",
+            names.GIL,
+            ev,
+            ctx.ms_per_token(gil_ns),
+            "Python threads of one process take turns on the GIL: move the other threads' Python work "
+            "(request parsing, detokenizing, metrics, logging) to another process or onto the step loop's idle "
+            "time, make it release the GIL (numpy, I/O), or batch it so it runs less often.",
+        )
+    ]

@@ -16,6 +16,7 @@ per-step path saves; making it cheaper saves part of it.
 A host stage worth >= MIN_STAGE_SHARE with no function-level data at all gets a
 finding with no saving: record functions inside it (stack samples, viztracer, py-spy).
 """
+
 from __future__ import annotations
 
 import re
@@ -80,23 +81,37 @@ def check(ctx: Analysis) -> list[Suggestion]:
         for ms, name, calls in _stage_findings(ctx, row["name"], row["ms_per_token"]):
             share = ms / row["ms_per_token"]
             stat = ctx.functions.stats(calls)[0]
-            out.append(ctx.suggestion(
-                ID, f"{name} takes {share:.0%} of {row['name']} ({ms:.2f} ms/token)", row["name"],
-                {"function": name, "sources": stat.sources, "ms_per_token": round(ms, 4),
-                 "ms_per_call": round(stat.total_ns / stat.count / 1e6, 4), "calls": stat.count,
-                 "share_of_stage": round(share, 3), "example_steps": stat.example_steps()},
-                ms,
-                f"Look at {name}: hoist it out of the per-step path, cache its result across steps, or "
-                f"vectorize it; it is the largest unexplained cost inside {row['name']}."))
+            out.append(
+                ctx.suggestion(
+                    ID,
+                    f"{name} takes {share:.0%} of {row['name']} ({ms:.2f} ms/token)",
+                    row["name"],
+                    {
+                        "function": name,
+                        "sources": stat.sources,
+                        "ms_per_token": round(ms, 4),
+                        "ms_per_call": round(stat.total_ns / stat.count / 1e6, 4),
+                        "calls": stat.count,
+                        "share_of_stage": round(share, 3),
+                        "example_steps": stat.example_steps(),
+                    },
+                    ms,
+                    f"Look at {name}: hoist it out of the per-step path, cache its result across steps, or "
+                    f"vectorize it; it is the largest unexplained cost inside {row['name']}.",
+                )
+            )
     return out
 
 
 def _blind(ctx: Analysis, row: StageRow) -> Suggestion:
     return ctx.suggestion(
-        ID, f"{row['name']} takes {row['share']:.0%} of each token and nothing inside it is recorded",
-        row["name"], {"ms_per_token": round(row["ms_per_token"], 4), "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"]},
+        ID,
+        f"{row['name']} takes {row['share']:.0%} of each token and nothing inside it is recorded",
+        row["name"],
+        {"ms_per_token": round(row["ms_per_token"], 4), "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"]},
         0.0,
         f"Record what runs inside {row['name']}: `trace.detail: full` (stack samples and gc spans) in the run "
         f"config, `llmtrace record --py-spy` or `--viztracer --viztracer-stages {row['name']}`, or "
         f"@llmtrace.trace on its helpers; then this report names the functions and their cost.",
-        f"visibility: {row['share']:.0%} of each token is unexplained")
+        f"visibility: {row['share']:.0%} of each token is unexplained",
+    )

@@ -10,6 +10,7 @@ during the wait.
 Saving: their time per token: take new work without blocking while a batch is running
 (get_nowait / poll(0)) and block only when idle.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -30,10 +31,16 @@ MIN_WAIT_MS = 0.5
 
 def check(ctx: Analysis) -> list[Suggestion]:
     peers = ctx.breakdown.peers
-    calls = [Call(stage, sc.step, s.pid, s.start_ns, s.end_ns, s.name, "span", True, s)
-             for sc in ctx.steps for stage, s in sc.stage_spans
-             if is_receive(s) and s.name not in ctx.claimed and s.dur_ns >= MIN_WAIT_MS * 1e6
-             and not s.attrs.get(names.A_NONBLOCKING) and peers.sender_of(s) is None]
+    calls = [
+        Call(stage, sc.step, s.pid, s.start_ns, s.end_ns, s.name, "span", True, s)
+        for sc in ctx.steps
+        for stage, s in sc.stage_spans
+        if is_receive(s)
+        and s.name not in ctx.claimed
+        and s.dur_ns >= MIN_WAIT_MS * 1e6
+        and not s.attrs.get(names.A_NONBLOCKING)
+        and peers.sender_of(s) is None
+    ]
     if len({c.step for c in calls}) < MIN_STEPS_AFFECTED:
         return []
     ns, per_step = covered(calls)
@@ -42,9 +49,15 @@ def check(ctx: Analysis) -> list[Suggestion]:
     ctx.claim_calls(calls)
     ev["ms_per_wait"] = round(ns / len(calls) / 1e6, 4)
     where = f" in {ev['responsible'][0]['function']}" if ev["responsible"] else ""
-    return [ctx.suggestion(
-        ID, f"Steps block{where} on {calls[0].name} that no peer answered: {len(calls)} waits, "
-            f"{ms:.2f} ms/token", calls[0].stage, ev, ms,
-        "While a batch is running, take new work without blocking (queue.get_nowait(), conn.poll(0), a "
-        "non-blocking socket) and block only when nothing is running; a timeout meant for the idle loop "
-        "otherwise costs every step its full length.")]
+    return [
+        ctx.suggestion(
+            ID,
+            f"Steps block{where} on {calls[0].name} that no peer answered: {len(calls)} waits, {ms:.2f} ms/token",
+            calls[0].stage,
+            ev,
+            ms,
+            "While a batch is running, take new work without blocking (queue.get_nowait(), conn.poll(0), a "
+            "non-blocking socket) and block only when nothing is running; a timeout meant for the idle loop "
+            "otherwise costs every step its full length.",
+        )
+    ]

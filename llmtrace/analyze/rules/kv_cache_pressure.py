@@ -7,6 +7,7 @@ Savings: a preemption costs a recompute, estimated as the median prefill step; a
 step could have run min(batch + waiting, max_num_seqs) sequences in about the same time
 (decode is memory-bound); an oversized budget saves no time (it frees memory).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -45,12 +46,18 @@ def _preemptions(ctx: Analysis) -> Suggestion | None:
     ref = ctx.breakdown.prefill_steps() or ctx.steps
     recompute_ns = median(sc.wall_ns for sc in ref) if ref else 0
     return ctx.suggestion(
-        ID, f"{len(pre)} preemptions: KV cache too small for the batch", names.SCHEDULE,
-        {"preemptions": len(pre), "requests": sorted({str(i.attrs.get("req")) for i in pre})[:5],
-         "recompute_ms_est": round(recompute_ns / 1e6, 4)},
+        ID,
+        f"{len(pre)} preemptions: KV cache too small for the batch",
+        names.SCHEDULE,
+        {
+            "preemptions": len(pre),
+            "requests": sorted({str(i.attrs.get("req")) for i in pre})[:5],
+            "recompute_ms_est": round(recompute_ns / 1e6, 4),
+        },
         ctx.ms_per_token(len(pre) * recompute_ns),
         f"Give the KV cache more blocks ({_blocks(ctx)}), lower {_seqs(ctx)} so admitted sequences fit, "
-        "or shorten the requests' max_tokens; each preemption recomputes the sequence's prefix.")
+        "or shorten the requests' max_tokens; each preemption recomputes the sequence's prefix.",
+    )
 
 
 def _capped(ctx: Analysis) -> Suggestion | None:
@@ -68,29 +75,47 @@ def _capped(ctx: Analysis) -> Suggestion | None:
         return None
     saving = ctx.saving_if_batched(steps, targets)
     return ctx.suggestion(
-        ID, f"KV cache full in {len(steps)} decode steps while requests wait", "schedule",
-        {"steps_capped": len(steps), "kv_usage_peak": round(peak, 3),
-         "batch_p50": median(sc.tokens for sc in steps), "batch_possible_p50": median(targets),
-         "example_steps": [sc.step for sc in steps[:5]]},
+        ID,
+        f"KV cache full in {len(steps)} decode steps while requests wait",
+        "schedule",
+        {
+            "steps_capped": len(steps),
+            "kv_usage_peak": round(peak, 3),
+            "batch_p50": median(sc.tokens for sc in steps),
+            "batch_possible_p50": median(targets),
+            "example_steps": [sc.step for sc in steps[:5]],
+        },
         saving,
         f"Give the KV cache more blocks ({_blocks(ctx)}), store it in a smaller dtype (fp8), or use smaller "
         f"blocks ({ctx.setting(names.K_KV_BLOCK_SIZE, 'tokens per KV block')}) to cut fragmentation, so "
-        "more sequences decode per step.")
+        "more sequences decode per step.",
+    )
 
 
 def _oversized(ctx: Analysis) -> Suggestion | None:
     kv = ctx.metrics["kv_usage"]
-    if (not kv or not kv["total_blocks"] or kv["peak_fraction"] >= OVERSIZED or len(ctx.steps) < 10
-            or ctx.index.instants.get(names.I_PREEMPT)):  # no total: the budget is unknown
+    if (
+        not kv
+        or not kv["total_blocks"]
+        or kv["peak_fraction"] >= OVERSIZED
+        or len(ctx.steps) < 10
+        or ctx.index.instants.get(names.I_PREEMPT)
+    ):  # no total: the budget is unknown
         return None
     return ctx.suggestion(
-        ID, f"KV cache peaks at {kv['peak_fraction']:.0%} of its budget", "schedule",
-        {"peak_blocks": kv["peak_blocks"], "total_blocks": kv["total_blocks"],
-         "kv_usage_peak": round(kv["peak_fraction"], 3)},
+        ID,
+        f"KV cache peaks at {kv['peak_fraction']:.0%} of its budget",
+        "schedule",
+        {
+            "peak_blocks": kv["peak_blocks"],
+            "total_blocks": kv["total_blocks"],
+            "kv_usage_peak": round(kv["peak_fraction"], 3),
+        },
         0.0,
         f"The KV budget is far above peak use: allocate fewer blocks ({_blocks(ctx)}) to free memory, "
         f"or raise {_seqs(ctx)} if requests queue.",
-        f"memory: {kv['total_blocks'] - kv['peak_blocks']:.0f} of {kv['total_blocks']:.0f} KV blocks were never used")
+        f"memory: {kv['total_blocks'] - kv['peak_blocks']:.0f} of {kv['total_blocks']:.0f} KV blocks were never used",
+    )
 
 
 def check(ctx: Analysis) -> list[Suggestion]:

@@ -9,6 +9,7 @@ Fingerprints, on the steps' critical path:
   `torch._tensor_str`, which an f-string in a log call runs even when the level is off.
 Saving: the union time of these calls per token (removing the call removes all of it).
 """
+
 from __future__ import annotations
 
 import re
@@ -21,9 +22,11 @@ if TYPE_CHECKING:
     from ..analysis import Analysis, Suggestion
 
 ID = "log-in-hot-path"
-PATTERN = re.compile(r"^logging(\.|$)|(^|\.)Logger\.(debug|info|warning|error|exception|log|_log|handle)$"
-                     r"|(^|\.)Handler\.(emit|handle)$|(^|\.)(arrayprint|_tensor_str)\."
-                     r"|(^|\.)(_array_repr|_array_str|array2string|array_repr)$")
+PATTERN = re.compile(
+    r"^logging(\.|$)|(^|\.)Logger\.(debug|info|warning|error|exception|log|_log|handle)$"
+    r"|(^|\.)Handler\.(emit|handle)$|(^|\.)(arrayprint|_tensor_str)\."
+    r"|(^|\.)(_array_repr|_array_str|array2string|array_repr)$"
+)
 
 
 def check(ctx: Analysis) -> list[Suggestion]:
@@ -32,11 +35,16 @@ def check(ctx: Analysis) -> list[Suggestion]:
         return []
     calls, saving, ev, ns_per_step = found
     stages = sorted({c.stage for c in calls})
-    return [ctx.suggestion(
-        ID, f"Logging / array formatting in the hot path costs {saving:.2f} ms/token ({', '.join(stages)})",
-        main_stage(calls),
-        {**ev, "stages": stages, "ms_per_token": round(saving, 4)}, saving,
-        "Remove per-step log calls or guard them with `if logger.isEnabledFor(logging.DEBUG):`; "
-        "never format arrays/tensors in a log message on the step path (pass lazy %-args, log shapes "
-        "not contents, or log every N steps).", per_step=ns_per_step)]
-
+    return [
+        ctx.suggestion(
+            ID,
+            f"Logging / array formatting in the hot path costs {saving:.2f} ms/token ({', '.join(stages)})",
+            main_stage(calls),
+            {**ev, "stages": stages, "ms_per_token": round(saving, 4)},
+            saving,
+            "Remove per-step log calls or guard them with `if logger.isEnabledFor(logging.DEBUG):`; "
+            "never format arrays/tensors in a log message on the step path (pass lazy %-args, log shapes "
+            "not contents, or log every N steps).",
+            per_step=ns_per_step,
+        )
+    ]

@@ -9,6 +9,7 @@ Saving: from a least-squares fit of those forwards' time against their tokens pe
 sequence, t = a + b * L: a step with a KV cache costs about a + b (one new token), so
 each step saves t - (a + b).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -28,8 +29,12 @@ def _runs(ctx: Analysis) -> list[list[tuple[float, Span]]]:
     by_thread: dict[tuple[int, int], dict[int, Span]] = {}
     for sc in ctx.steps:
         for _, s in sc.stage_spans:
-            if s.stage == names.FORWARD and isinstance(s.attrs.get(names.A_TOKENS), int) \
-                    and isinstance(s.attrs.get(names.A_BATCH), int) and s.attrs[names.A_BATCH] > 0:
+            if (
+                s.stage == names.FORWARD
+                and isinstance(s.attrs.get(names.A_TOKENS), int)
+                and isinstance(s.attrs.get(names.A_BATCH), int)
+                and s.attrs[names.A_BATCH] > 0
+            ):
                 by_thread.setdefault((s.pid, s.tid), {})[s.span_id] = s
     runs: list[list[tuple[float, Span]]] = []
     for spans in by_thread.values():
@@ -69,13 +74,23 @@ def check(ctx: Analysis) -> list[Suggestion]:
     saving_ns = sum(max(0.0, t - cached) for _, t in points)
     longest = max(L for L, _ in points)
     ms = ctx.ms_per_token(saving_ns)
-    return [ctx.suggestion(
-        ID, f"The decode loop recomputes the whole sequence each step ({len(points)} forwards, up to "
-            f"{longest:.0f} tokens per sequence)", names.FORWARD,
-        {"forwards": len(points), "runs": len(runs), "longest_tokens_per_seq": longest,
-         "fit_ms": {"per_step": round(a / 1e6, 4), "per_token_of_context": round(b / 1e6, 5)},
-         "cached_step_ms_est": round(cached / 1e6, 4), "example_steps": [run[0][1].step for run in runs[:5]]},
-        ms,
-        "Keep the KV cache: call the model with use_cache=True and pass its past_key_values (or a Cache) "
-        "back with only the new token each step; a serving engine with a paged KV cache does this for a "
-        "whole batch.")]
+    return [
+        ctx.suggestion(
+            ID,
+            f"The decode loop recomputes the whole sequence each step ({len(points)} forwards, up to "
+            f"{longest:.0f} tokens per sequence)",
+            names.FORWARD,
+            {
+                "forwards": len(points),
+                "runs": len(runs),
+                "longest_tokens_per_seq": longest,
+                "fit_ms": {"per_step": round(a / 1e6, 4), "per_token_of_context": round(b / 1e6, 5)},
+                "cached_step_ms_est": round(cached / 1e6, 4),
+                "example_steps": [run[0][1].step for run in runs[:5]],
+            },
+            ms,
+            "Keep the KV cache: call the model with use_cache=True and pass its past_key_values (or a Cache) "
+            "back with only the new token each step; a serving engine with a paged KV cache does this for a "
+            "whole batch.",
+        )
+    ]

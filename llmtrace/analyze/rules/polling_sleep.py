@@ -7,6 +7,7 @@ the stack samples taken during them.
 Saving: their time per token: a loop that blocks on its queue or event instead wakes
 the moment work arrives, and a step never waits on a clock.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -20,10 +21,12 @@ if TYPE_CHECKING:
 ID = "polling-sleep"
 
 
-FIX = ("Do not sleep on the step path: block on the work queue with a timeout (queue.get(timeout=...), "
-       "threading.Condition.wait, asyncio.Event / asyncio.Queue.get) so the loop wakes as soon as a request "
-       "arrives; to batch arrivals, take what is queued now and let continuous batching add the rest at "
-       "the next step instead of waiting a fixed time.")
+FIX = (
+    "Do not sleep on the step path: block on the work queue with a timeout (queue.get(timeout=...), "
+    "threading.Condition.wait, asyncio.Event / asyncio.Queue.get) so the loop wakes as soon as a request "
+    "arrives; to batch arrivals, take what is queued now and let continuous batching add the rest at "
+    "the next step instead of waiting a fixed time."
+)
 
 
 def _title(ms: float, steps: list[int], ev: Evidence) -> str:

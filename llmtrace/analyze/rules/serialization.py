@@ -9,6 +9,7 @@ on average: encoding a small control message per step is normal (tens of us a ca
 Saving: their time per token: send only what the receiver needs (the sampled ids, not
 the logits), as raw buffers (numpy `tobytes`, shared memory) instead of text.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -24,9 +25,11 @@ MIN_SHARE = 0.03
 MIN_CALL_MS = 0.1
 
 
-FIX = ("Move less and encode it cheaply: send token ids instead of logits or hidden states, pass arrays "
-       "as raw bytes (ndarray.tobytes / np.frombuffer, torch shared memory, multiprocessing.shared_memory) "
-       "with a small header, and keep json/pickle for control messages off the per-step path.")
+FIX = (
+    "Move less and encode it cheaply: send token ids instead of logits or hidden states, pass arrays "
+    "as raw bytes (ndarray.tobytes / np.frombuffer, torch shared memory, multiprocessing.shared_memory) "
+    "with a small header, and keep json/pickle for control messages off the per-step path."
+)
 
 
 def _title(ms: float, steps: list[int], ev: Evidence) -> str:

@@ -10,6 +10,7 @@ the time the group waits for it, which a balanced group (the straggler's device,
 placement or share of the work fixed) would not spend. Evidence: the collectives' share
 of the slowest rank's steps.
 """
+
 from __future__ import annotations
 
 from collections import Counter, defaultdict
@@ -23,9 +24,11 @@ if TYPE_CHECKING:
 
 ID = "straggler-rank"
 MIN_SHARE = 0.6  # of the steps with collectives on several ranks
-FIX = ("Find what slows this rank: another process or the host's other work on its GPU or CPU cores "
-       "(pin each rank to its own cores and NUMA node), a slower or throttled device, or more work "
-       "assigned to it; the other ranks wait for it in every collective.")
+FIX = (
+    "Find what slows this rank: another process or the host's other work on its GPU or CPU cores "
+    "(pin each rank to its own cores and NUMA node), a slower or throttled device, or more work "
+    "assigned to it; the other ranks wait for it in every collective."
+)
 
 
 def _collective_ns(ctx: Analysis) -> dict[int, dict[int, int]]:
@@ -55,10 +58,20 @@ def check(ctx: Analysis) -> list[Suggestion]:
     slowest = [max(r.values()) for r in per_step.values()]
     walls = {sc.step: sc.wall_ns for sc in ctx.steps}
     share = [c / walls[k] for k, c in zip(per_step, slowest) if walls.get(k)]
-    return [ctx.suggestion(
-        ID, f"{name} is the straggler: the other ranks wait for it in {n} of {len(per_step)} steps' collectives",
-        names.ALLREDUCE,
-        {"rank_process": name, "steps_waited_for": n, "steps_with_collectives": len(per_step),
-         "wait_ms_per_step_p50": round(median(waits.values()) / 1e6, 4),
-         "collective_share_of_step_p50": round(median(share), 4) if share else None},
-        saving, FIX, per_step=waits)]
+    return [
+        ctx.suggestion(
+            ID,
+            f"{name} is the straggler: the other ranks wait for it in {n} of {len(per_step)} steps' collectives",
+            names.ALLREDUCE,
+            {
+                "rank_process": name,
+                "steps_waited_for": n,
+                "steps_with_collectives": len(per_step),
+                "wait_ms_per_step_p50": round(median(waits.values()) / 1e6, 4),
+                "collective_share_of_step_p50": round(median(share), 4) if share else None,
+            },
+            saving,
+            FIX,
+            per_step=waits,
+        )
+    ]

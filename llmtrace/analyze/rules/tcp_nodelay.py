@@ -19,6 +19,7 @@ delayed ACK depends on the timing of each run (the engine's planted mistake stal
 of 5 runs, never in the other 2), so it is reported with no saving and that risk as its
 impact.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -36,8 +37,10 @@ MIN_STALLS = 2
 MIN_BASELINE = 3
 MIN_STEPS = 3
 MIN_STEP_SHARE = 0.2
-FIX = ("Set TCP_NODELAY on both ends (sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)) and "
-       "send each frame with one sendall() (header and body together) instead of write-write-read.")
+FIX = (
+    "Set TCP_NODELAY on both ends (sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)) and "
+    "send each frame with one sendall() (header and body together) instead of write-write-read."
+)
 
 
 def _stalls(values: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], float]:
@@ -60,9 +63,12 @@ def check(ctx: Analysis) -> list[Suggestion]:
     for name, values in series.items():
         stalls, baseline = _stalls(values)
         if len(stalls) >= MIN_STALLS:
-            found[name] = {"stalls": len(stalls), "of": len(values),
-                           "stall_ms_p50": round(median(v for _, v in stalls) / 1e6, 3),
-                           "baseline_ms": round(baseline / 1e6, 4)}
+            found[name] = {
+                "stalls": len(stalls),
+                "of": len(values),
+                "stall_ms_p50": round(median(v for _, v in stalls) / 1e6, 3),
+                "baseline_ms": round(baseline / 1e6, 4),
+            }
             excess += sum(v - baseline for _, v in stalls)
             worst += [st for st, _ in stalls]
     if not found:
@@ -72,30 +78,55 @@ def check(ctx: Analysis) -> list[Suggestion]:
     ctx.claim(c.name for c in ctx.functions.select(stage="tcp"))  # the stall is waiting, whatever the frame
     ctx.claim(("tcp.send", "tcp.recv"))  # its receives are stalls, not waits for work (wait-in-step)
     saving = ctx.ms_per_token(excess)
-    return [ctx.suggestion(
-        ID, f"Control messages stall up to 40 ms ({sum(f['stalls'] for f in found.values())} times): "
+    return [
+        ctx.suggestion(
+            ID,
+            f"Control messages stall up to 40 ms ({sum(f['stalls'] for f in found.values())} times): "
             "Nagle + delayed ACK",
-        "tcp", {"measures": found, "example_steps": sorted(set(worst))[:5]}, saving, FIX)]
+            "tcp",
+            {"measures": found, "example_steps": sorted(set(worst))[:5]},
+            saving,
+            FIX,
+        )
+    ]
 
 
 def _nagle_off_everywhere(ctx: Analysis) -> bool:
     """Every TCP send that recorded TCP_NODELAY (small sends do) had it on."""
-    seen = [s.attrs[names.A_NODELAY] for s in ctx.index.by_stage.get(names.TCP, ())
-            if names.is_send(s) and names.A_NODELAY in s.attrs]
+    seen = [
+        s.attrs[names.A_NODELAY]
+        for s in ctx.index.by_stage.get(names.TCP, ())
+        if names.is_send(s) and names.A_NODELAY in s.attrs
+    ]
     return bool(seen) and all(v == 1 for v in seen)
 
 
 def _latent(ctx: Analysis) -> list[Suggestion]:
     """Sends on the step path from sockets with TCP_NODELAY off, when nothing stalled."""
-    sends = [(sc.step, s) for sc in ctx.steps for _, s in sc.stage_spans
-             if s.stage == names.TCP and names.is_send(s) and s.attrs.get(names.A_NODELAY) == 0]
+    sends = [
+        (sc.step, s)
+        for sc in ctx.steps
+        for _, s in sc.stage_spans
+        if s.stage == names.TCP and names.is_send(s) and s.attrs.get(names.A_NODELAY) == 0
+    ]
     steps = sorted({st for st, _ in sends})
     if len(steps) < max(MIN_STEPS, MIN_STEP_SHARE * len(ctx.steps)):
         return []
     procs = sorted({ctx.trace.processes[s.pid].name if s.pid in ctx.trace.processes else str(s.pid) for _, s in sends})
-    return [ctx.suggestion(
-        ID, f"TCP_NODELAY is off on the step's sends ({', '.join(procs)}): no stall in this run, but Nagle + "
-            "delayed ACK can hold a small message up to 40 ms", "tcp",
-        {"sends_without_nodelay": len(sends), "steps_affected": len(steps), "example_steps": steps[:5],
-         "processes": procs}, 0.0, FIX,
-        "latent: the stall depends on each run's timing; none in this one")]
+    return [
+        ctx.suggestion(
+            ID,
+            f"TCP_NODELAY is off on the step's sends ({', '.join(procs)}): no stall in this run, but Nagle + "
+            "delayed ACK can hold a small message up to 40 ms",
+            "tcp",
+            {
+                "sends_without_nodelay": len(sends),
+                "steps_affected": len(steps),
+                "example_steps": steps[:5],
+                "processes": procs,
+            },
+            0.0,
+            FIX,
+            "latent: the stall depends on each run's timing; none in this one",
+        )
+    ]

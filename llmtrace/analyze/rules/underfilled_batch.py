@@ -7,6 +7,7 @@ counter or step attr: the maximum comes from the trace) while `waiting` > 0 and 
 Saving: each such step could have run min(batch + waiting, max_num_seqs) sequences in
 about the same wall time (decode is memory-bound).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -38,12 +39,22 @@ def check(ctx: Analysis) -> list[Suggestion]:
             targets.append(min(sc.tokens + int(waiting), cap))
     if len(steps) < MIN_STEPS:
         return []
-    return [ctx.suggestion(
-        ID, f"Decode batch {median(sc.tokens for sc in steps):.0f} of max {cap} while requests wait "
-            f"({len(steps)} steps)", "schedule",
-        {"steps_underfilled": len(steps), "max_num_seqs": cap, "batch_p50": median(sc.tokens for sc in steps),
-         "batch_possible_p50": median(targets), "example_steps": [sc.step for sc in steps[:5]]},
-        ctx.saving_if_batched(steps, targets),
-        "Let the scheduler admit waiting requests into running decode batches (continuous batching: "
-        "schedule new prefills alongside decodes or as soon as a slot frees) up to "
-        f"{ctx.setting(names.K_MAX_NUM_SEQS, 'the sequences-per-step limit')}.")]
+    return [
+        ctx.suggestion(
+            ID,
+            f"Decode batch {median(sc.tokens for sc in steps):.0f} of max {cap} while requests wait "
+            f"({len(steps)} steps)",
+            "schedule",
+            {
+                "steps_underfilled": len(steps),
+                "max_num_seqs": cap,
+                "batch_p50": median(sc.tokens for sc in steps),
+                "batch_possible_p50": median(targets),
+                "example_steps": [sc.step for sc in steps[:5]],
+            },
+            ctx.saving_if_batched(steps, targets),
+            "Let the scheduler admit waiting requests into running decode batches (continuous batching: "
+            "schedule new prefills alongside decodes or as soon as a slot frees) up to "
+            f"{ctx.setting(names.K_MAX_NUM_SEQS, 'the sequences-per-step limit')}.",
+        )
+    ]

@@ -12,6 +12,7 @@ Two patterns, both only when `forward`/`sampling` carry no device time:
 It saves no time by itself (est_saving 0); evidence gives the ms/token the current
 timing charges to the wrong stage.
 """
+
 from __future__ import annotations
 
 import re
@@ -29,9 +30,11 @@ ID = "unsynced-gpu-timing"
 SYNC = re.compile(r"(^|\.)(sync|synchronize|item|wait)(\.|$)|(^|\.)Tensor\.(cpu|item|tolist)$")
 LAUNCH_RATIO = 3.0  # sync time / forward host time above which forward looks like a launch only
 MIN_SPIKES = 3
-FIX = ("Time device work with CUDA events: `llmtrace.span('forward', device=True)` after "
-       "`llmtrace.gpu.install()` (or torch.cuda.Event pairs); then a host span measures only the host "
-       "and the breakdown puts the device time into the model.")
+FIX = (
+    "Time device work with CUDA events: `llmtrace.span('forward', device=True)` after "
+    "`llmtrace.gpu.install()` (or torch.cuda.Event pairs); then a host span measures only the host "
+    "and the breakdown puts the device time into the model."
+)
 
 
 def _host_timed_model(ctx: Analysis) -> bool:
@@ -63,11 +66,20 @@ def _sync_absorbs(ctx: Analysis) -> Suggestion | None:
     stage = where.most_common(1)[0][0]
     wrong = round(ctx.ms_per_token(sum(sync)), 4)
     return ctx.suggestion(
-        ID, f"Device time is charged to {stage}: forward is host-timed on an asynchronous device", stage,
-        {"steps_affected": len(steps), "example_steps": steps[:5],
-         "forward_host_ms_p50": round(median(fwd) / 1e6, 4), "sync_ms_p50": round(median(sync) / 1e6, 4),
-         "misattributed_ms_per_token": wrong},
-        0.0, FIX, _impact(wrong, stage))
+        ID,
+        f"Device time is charged to {stage}: forward is host-timed on an asynchronous device",
+        stage,
+        {
+            "steps_affected": len(steps),
+            "example_steps": steps[:5],
+            "forward_host_ms_p50": round(median(fwd) / 1e6, 4),
+            "sync_ms_p50": round(median(sync) / 1e6, 4),
+            "misattributed_ms_per_token": wrong,
+        },
+        0.0,
+        FIX,
+        _impact(wrong, stage),
+    )
 
 
 def _impact(ms_per_token: float, stage: str) -> str:
@@ -102,12 +114,24 @@ def _spikes(ctx: Analysis) -> list[Suggestion]:
         if k is None or not _syncs_in(ctx, lab, {s for s, _ in spikes}):
             continue
         wrong = round(ctx.ms_per_token(sum(e for _, e in spikes)), 4)
-        out.append(ctx.suggestion(
-            ID, f"'{lab}' spikes every {k} steps: a periodic sync absorbs queued device work", lab,
-            {"period_steps": k, "spikes": len(spikes), "example_steps": [s for s, _ in spikes][:5],
-             "stage_ms_p50": round(m / 1e6, 4), "spike_ms_p50": round(median(e for _, e in spikes) / 1e6 + m / 1e6, 4),
-             "misattributed_ms_per_token": wrong},
-            0.0, FIX, _impact(wrong, lab)))
+        out.append(
+            ctx.suggestion(
+                ID,
+                f"'{lab}' spikes every {k} steps: a periodic sync absorbs queued device work",
+                lab,
+                {
+                    "period_steps": k,
+                    "spikes": len(spikes),
+                    "example_steps": [s for s, _ in spikes][:5],
+                    "stage_ms_p50": round(m / 1e6, 4),
+                    "spike_ms_p50": round(median(e for _, e in spikes) / 1e6 + m / 1e6, 4),
+                    "misattributed_ms_per_token": wrong,
+                },
+                0.0,
+                FIX,
+                _impact(wrong, lab),
+            )
+        )
     return out
 
 
