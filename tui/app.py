@@ -9,6 +9,8 @@ of the whole run is shown as `llmtrace analyze` computes it.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 from textual import work
 from textual.app import App, ComposeResult
@@ -16,12 +18,13 @@ from textual.binding import Binding
 from textual.widgets import DataTable, Footer, TabbedContent, TabPane
 from textual.worker import Worker
 
+from llmtrace.analyze.report_schema import BreakdownView, Report
 from llmtrace.timeline import Trace
 
 from .callchain import CallChain
 from .feed import SpoolFeed
 from .header import RunHeader, RunInfo
-from .model import ALL, PHASES, RunModel, StepView
+from .model import ALL, DECODE, PHASES, RunModel, StepView
 from .requests import RequestTable
 from .sparklines import StepSparklines
 from .stages import StagePanel
@@ -58,7 +61,7 @@ class LlmtraceApp(App):
         run_dir: str | None,
         *,
         feed: SpoolFeed | None = None,
-        report: dict | None = None,
+        report: Report | None = None,
         trace: Trace | None = None,
         source: str | None = None,
     ):
@@ -72,7 +75,7 @@ class LlmtraceApp(App):
         self.workload_ended: str | None = None
         self._ended_shown = False
         self._drawn = -1  # the model version on screen
-        self._breakdown: dict | None = None  # live: the window's breakdown as of that version
+        self._breakdown: BreakdownView | None = None  # live: the window's breakdown as of that version
         self._suggesting: Worker | None = None
         self._suggested = -1  # the model version the suggestions were computed on
         self._step_id: int | None = None  # the call chain's step; None follows the latest
@@ -106,16 +109,18 @@ class LlmtraceApp(App):
         yield Footer()
 
     def on_mount(self) -> None:
-        if self.live:
+        if self.report is not None:
+            self.suggestions.show(self.report["suggestions"])
+        else:
             self.set_interval(POLL_S, self.poll)
             self.set_interval(SUGGEST_S, self.refresh_suggestions)
-        else:
-            self.suggestions.show(self.report["suggestions"])
         self.set_interval(REDRAW_S, self.redraw)
         self.redraw()
 
     # -- data ------------------------------------------------------------------------------
     def poll(self) -> None:
+        if self.feed is None:  # a finished run has no feed
+            return
         self.model.ingest(self.feed.poll())
         if self.workload_ended is not None and not self._ended_shown:
             self._ended_shown = True
@@ -151,9 +156,13 @@ class LlmtraceApp(App):
         m = self.model
         changed = force or m.version != self._drawn
         self._drawn = m.version
-        if not self.live:
+        summary: Mapping[str, Any]
+        breakdown: BreakdownView | None
+        if self.report is not None:  # a finished run: the report's numbers
             summary, overall = self.report["summary"], self.report["breakdown"]
-            breakdown = overall if self._phase == ALL or overall is None else overall[self._phase]
+            breakdown = overall
+            if overall is not None and self._phase != ALL:
+                breakdown = overall["decode"] if self._phase == DECODE else overall["prefill"]
             scope = f"all {overall['steps']} steps" if overall else ""
         else:
             summary, scope = m.live_summary(), f"the last {len(m.steps)} steps"
@@ -173,7 +182,7 @@ class LlmtraceApp(App):
             self._show_step(m.steps[-1] if m.steps else None)
 
     def _state_text(self) -> str:
-        if not self.live:
+        if self.feed is None:
             return self.state
         problems, late = self.feed.problems, self.model.late_spans
         return (
@@ -229,16 +238,16 @@ class LlmtraceApp(App):
             self.notify(f"this trace already is {path}")
             return
         self.notify(f"exporting to {path}…")
-        self._export(path)
+        self._export(path, self.run_dir)
 
     @work(thread=True, exclusive=True, group="export")
-    def _export(self, path: str) -> None:
+    def _export(self, path: str, run_dir: str) -> None:
         from llmtrace.errors import UserError
         from llmtrace.export.chrome import write_chrome_trace
         from llmtrace.load import load_trace
 
         try:
-            trace = self.trace if self.trace is not None else load_trace(self.run_dir)  # live: the spool so far
+            trace = self.trace if self.trace is not None else load_trace(run_dir)  # live: the spool so far
             stats = write_chrome_trace(trace, path, meta=trace.meta)
         except (UserError, OSError) as e:
             self.call_from_thread(self.notify, f"export failed: {e}", severity="error")

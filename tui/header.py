@@ -4,10 +4,14 @@ one-line answer (where a token's time goes)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from rich.text import Text
 from textual.widgets import Static
+
+from llmtrace.analyze.report_schema import BreakdownView
 
 
 @dataclass
@@ -31,7 +35,9 @@ def _p(d: dict | None, unit: str = "ms") -> str:
 
 
 class RunHeader(Static):
-    def show(self, info: RunInfo, summary: dict, done: int, breakdown: dict | None, state: str) -> None:
+    def show(
+        self, info: RunInfo, summary: Mapping[str, Any], done: int, breakdown: BreakdownView | None, state: str
+    ) -> None:
         total = info.total_requests or summary.get("requests")
         now, avg = summary.get("throughput_now_tok_s"), summary.get("throughput_tok_s") or 0.0
         rate = f"{now:.1f} tok/s now, {avg:.1f} avg  " if now is not None else f"{avg:.1f} tok/s  "

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from .app import LlmtraceApp
 from .feed import SpoolFeed
 from .header import RunInfo
 from .model import RunModel
 
-Workload = Callable[[Callable], Awaitable]  # workload(progress_callback) -> result
+Workload = Callable[[Callable], Coroutine[Any, Any, Any]]  # workload(progress_callback) -> result
 
 
 def run_live(run_dir: str, info: RunInfo, workload: Workload):

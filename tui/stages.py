@@ -3,10 +3,14 @@ table (ms/step, ms/token, share, p50/p99), both sorted by cost."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
+
+from llmtrace.analyze.report_schema import BreakdownView
 
 MODEL = "model"
 PALETTE = (
@@ -26,7 +30,7 @@ BAR_STAGES = 6  # stages drawn separately in the bar; the rest are "other"
 COLUMNS = ("stage", "ms/step", "ms/token", "share", "p50 ms", "p99 ms")
 
 
-def stage_rows(view: dict) -> list[dict]:
+def stage_rows(view: BreakdownView) -> list[dict[str, Any]]:
     """The view's stages plus the model, as one list sorted by ms/token."""
     tokens_per_step = view["tokens"] / view["steps"] if view["steps"] else 0.0
     model = {
@@ -37,7 +41,7 @@ def stage_rows(view: dict) -> list[dict]:
         "p50_ms": None,
         "p99_ms": None,
     }
-    return sorted([model, *view["stages"]], key=lambda r: -r["ms_per_token"])
+    return sorted([model, *(dict(r) for r in view["stages"])], key=lambda r: -r["ms_per_token"])
 
 
 def colors(rows: list[dict]) -> dict[str, str]:
@@ -93,7 +97,7 @@ class StagePanel(Vertical):
         super().__init__(**kw)
         self.heading = Static("", classes="panel-title")
         self.bar = TokenBar(classes="token-bar")
-        self.table = DataTable(cursor_type="row", zebra_stripes=True, classes="stage-table")
+        self.table: DataTable[Text | str] = DataTable(cursor_type="row", zebra_stripes=True, classes="stage-table")
 
     def compose(self) -> ComposeResult:
         yield self.heading
@@ -103,7 +107,7 @@ class StagePanel(Vertical):
     def on_mount(self) -> None:
         self.table.add_columns(*COLUMNS)
 
-    def show(self, view: dict | None, scope: str) -> None:
+    def show(self, view: BreakdownView | None, scope: str) -> None:
         if view is None:
             self.heading.update(Text(f"Per-token breakdown: no steps ({scope})", style="dim"))
             self.bar.show([])

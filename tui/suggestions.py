@@ -12,6 +12,7 @@ from textual.screen import ModalScreen
 from textual.widgets import DataTable, Static
 
 from llmtrace.analyze.analysis import saving_cells, saving_text
+from llmtrace.analyze.report_schema import SuggestionEntry
 
 COLUMNS = ("#", "saves ms/tok", "speedup", "stage", "finding")
 
@@ -19,12 +20,12 @@ COLUMNS = ("#", "saves ms/tok", "speedup", "stage", "finding")
 class SuggestionTable(DataTable):
     def __init__(self, **kw):
         super().__init__(cursor_type="row", zebra_stripes=True, **kw)
-        self.suggestions: list[dict] = []
+        self.suggestions: list[SuggestionEntry] = []
 
     def on_mount(self) -> None:
         self.add_columns(*COLUMNS)
 
-    def show(self, suggestions: list[dict]) -> None:
+    def show(self, suggestions: list[SuggestionEntry]) -> None:
         if suggestions == self.suggestions:
             return
         row = self.cursor_row
@@ -54,7 +55,7 @@ class SuggestionScreen(ModalScreen):
 
     BINDINGS = [Binding("escape,enter,q", "dismiss", "Close")]
 
-    def __init__(self, suggestion: dict, rank: int):
+    def __init__(self, suggestion: SuggestionEntry, rank: int):
         super().__init__()
         self.suggestion, self.rank = suggestion, rank
 
