@@ -69,9 +69,14 @@ class StackSampler:
         self.samples = 0
 
     def start(self) -> StackSampler:
-        sys.setswitchinterval(min(sys.getswitchinterval(), self.interval_s / 2))
+        self.set_interval(self.interval_s)
         self._thread.start()
         return self
+
+    def set_interval(self, interval_s: float) -> None:
+        """Sample every `interval_s` from the next tick on (the switch interval follows)."""
+        self.interval_s = interval_s
+        sys.setswitchinterval(min(sys.getswitchinterval(), interval_s / 2))
 
     def stop(self) -> None:
         self._stop.set()
@@ -167,9 +172,13 @@ _sampler: StackSampler | None = None
 
 
 def start(interval_s: float = 0.001) -> StackSampler:
+    """The process's sampler, at `interval_s` (a running one takes the new rate: configure
+    called again, or after the environment started one, asks for it)."""
     global _sampler
     if _sampler is None:
         _sampler = StackSampler(interval_s).start()
+    elif _sampler.interval_s != interval_s:
+        _sampler.set_interval(interval_s)
     return _sampler
 
 

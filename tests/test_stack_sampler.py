@@ -37,3 +37,17 @@ def test_no_tick_while_a_thread_imports(recording):
     assert sampler.sample_once() >= 1
     kept = importlib._bootstrap._get_module_lock("llmtrace_test_module_imported_before")  # held by nobody
     assert not stack_sampler.importing() and kept is not None
+
+
+def test_a_running_sampler_takes_the_rate_asked_for_next():
+    """configure(sample_hz=...) after the environment (or an earlier configure) started a
+    sampler: the rate asked for last is the rate (it stayed at the first one: a recording
+    at 1000 Hz sampled at 250 Hz and its hot function went unreported)."""
+    switch = sys.getswitchinterval()
+    try:
+        first = stack_sampler.start(0.004)
+        assert stack_sampler.start(0.001) is first and first.interval_s == 0.001
+        assert sys.getswitchinterval() <= 0.0005
+    finally:
+        stack_sampler.stop()
+        sys.setswitchinterval(switch)
