@@ -140,7 +140,7 @@ class FunctionIndex:
 
     def _sampled(self, by_site: dict[Site, list[SiteSample]], site_ns: dict[Site, int]) -> None:
         """One thread's samples, by (stage, span name): spans of one name open at one place
-        in the code. Frames every sample of such a span has that also run other spans (the
+        in the code. Frames (nearly) every sample of such a span has that also run other spans (the
         step loop, the function that opens the span) are not the stage's functions; with
         one span name only, its common frames are dropped. A site's samples shrink about
         their times to stand for at most the site's `site_ns` together."""
