@@ -100,6 +100,17 @@ def test_a_handler_running_the_loop_itself_serves_its_own_request():
     assert [(x.by, x.steps, x.ttft_ns) for x in links] == [(SAME_THREAD, 3, 15 * MS)] * 2
 
 
+def test_a_get_on_a_thread_without_steps_is_served_by_its_process_steps_ties_included():
+    t = Trace()
+    _engine_steps(t, tid=2)
+    _engine_steps(t, tid=3)  # a second loop whose forwards start at the same instants
+    request = _span(t, names.HTTP_REQUEST, 13, 45, tid=5)
+    _handoff(t, request, key=1, put_ms=13.5, get_ms=23, get_tid=4)  # a thread that runs no step
+    a = _analysis(t)
+    (link,) = request_links(a.index, a.breakdown.steps).values()
+    assert link.by == HANDOFF and link.steps == 4  # forwards at 32 and 42 on both threads
+
+
 def test_concurrent_requests_on_one_thread_prove_nothing_by_time():
     t = Trace()
     _engine_steps(t, tid=1)  # an event loop: the step task and the handlers share the thread

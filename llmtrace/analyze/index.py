@@ -47,11 +47,7 @@ class TraceIndex:
         its own children there: a request handler around a decode loop (whether or not it
         ends inside the window), or an asyncio task's sleep beside the loop, is not the
         window's work."""
-        holders = set()
-        p = self.by_id.get(around.parent_id) if around is not None else None
-        while p is not None:
-            holders.add(p.span_id)
-            p = self.by_id.get(p.parent_id)
+        holders = {a.span_id for a in self.ancestors(around.parent_id)} if around is not None else set()
         return self._in_window(spans, lo, hi, holders, around)
 
     def _in_window(self, spans: list[Span], lo: int, hi: int, holders: set[int], around: Span | None) -> list[Span]:
@@ -70,6 +66,13 @@ class TraceIndex:
         `children` as its stages; not part of the trace."""
         self.by_id[root.span_id] = root
         self.children[root.span_id] = children
+
+    def ancestors(self, parent_id: int) -> Iterator[Span]:
+        """The span `parent_id` names and its parents, innermost first (a record's enclosing spans)."""
+        p = self.by_id.get(parent_id)
+        while p is not None:
+            yield p
+            p = self.by_id.get(p.parent_id)
 
     def is_root(self, s: Span) -> bool:
         return s.parent_id not in self.by_id

@@ -147,10 +147,7 @@ def _repeated_roots(index: TraceIndex) -> list[tuple[int, Span]]:
 def _outermost_forwards(index: TraceIndex) -> dict[tuple[int, int], list[Span]]:
     by_thread: dict[tuple[int, int], list[Span]] = defaultdict(list)
     for s in index.by_stage.get(names.FORWARD, ()):
-        parent = index.by_id.get(s.parent_id)
-        while parent is not None and parent.stage != names.FORWARD:
-            parent = index.by_id.get(parent.parent_id)
-        if parent is None:
+        if not any(a.stage == names.FORWARD for a in index.ancestors(s.parent_id)):
             by_thread[(s.pid, s.tid)].append(s)
     return by_thread
 
@@ -215,12 +212,12 @@ def _model_cadence(index: TraceIndex) -> Steps:
 def _own_task(index: TraceIndex, top: list[Span], fwds: list[Span]) -> list[Span]:
     """`top` less the spans of other asyncio tasks: those overlapping a forward of `fwds`
     (by start) that is not inside them."""
-    holders = set()
+    holders: set[int] = set()
     for f in fwds:
-        p = index.by_id.get(f.parent_id)
-        while p is not None and p.span_id not in holders:
-            holders.add(p.span_id)
-            p = index.by_id.get(p.parent_id)
+        for a in index.ancestors(f.parent_id):
+            if a.span_id in holders:  # and its parents: another forward's
+                break
+            holders.add(a.span_id)
     starts = [f.start_ns for f in fwds]
     out = []
     for s in top:

@@ -56,8 +56,8 @@ class _Steps:
 
 class _Group:
     def __init__(self, steps: list[StepCost]):
-        computed = sorted((_compute_start(sc), sc.root.start_ns, sc) for sc in steps)
-        self.starts, self.steps = [c[0] for c in computed], [c[2] for c in computed]
+        self.steps = sorted(steps, key=_compute_start)
+        self.starts = [_compute_start(sc) for sc in self.steps]
 
     def computed(self, lo: int, hi: int) -> list[StepCost]:
         """The steps whose model started in [lo, hi)."""
@@ -126,7 +126,4 @@ def _handoffs(index: TraceIndex) -> list[tuple[Span, Instant, Instant]]:
 def _enclosing_request(index: TraceIndex, put: Instant) -> Span | None:
     """The http.request span a put was made in: up its parent spans (a task's own chain,
     where concurrent requests share one thread)."""
-    span = index.by_id.get(put.parent_id)
-    while span is not None and span.name != names.HTTP_REQUEST:
-        span = index.by_id.get(span.parent_id)
-    return span
+    return next((s for s in index.ancestors(put.parent_id) if s.name == names.HTTP_REQUEST), None)
