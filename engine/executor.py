@@ -283,15 +283,17 @@ class Executor:
         self._account(replies, step, num_seqs, sent_ns, waiting_ns, ready_ns)
         with llmtrace.span("shm.read", seqs=num_seqs):
             reply, k = protocol.slot_views(self._reply, step), int(replies[0].get("top", 0))
-            top = [
-                list(zip(ids, lps))
-                for ids, lps in zip(
-                    reply["top_ids"][:num_seqs, :k].tolist(), reply["top_logprobs"][:num_seqs, :k].tolist()
-                )
-            ]
-            return SampledRows(
-                reply["token_ids"][:num_seqs].tolist(), reply["logprobs"][:num_seqs].tolist(), top if k else None
+            top = (
+                [
+                    list(zip(ids, lps))
+                    for ids, lps in zip(
+                        reply["top_ids"][:num_seqs, :k].tolist(), reply["top_logprobs"][:num_seqs, :k].tolist()
+                    )
+                ]
+                if k  # asked for: most steps ask for none
+                else None
             )
+            return SampledRows(reply["token_ids"][:num_seqs].tolist(), reply["logprobs"][:num_seqs].tolist(), top)
 
     def forget(self, seq: Sequence) -> None:
         """A finished sequence: the next frame tells the agents to drop its parameters."""

@@ -368,7 +368,7 @@ def line_callee(frame: str, main_file: str = "") -> str | None:
     level = log_only_lines(path).get(line) if path and is_user_code(frame_name(frame)) else None
     if level:  # the program's line only computes or formats what a log call prints
         return f"logging.Logger.{level}"
-    text = linecache.getline(path, line) if path else ""
+    text = _source_line(frame, main_file)
     log_call = LOG_CALL_TEXT.search(text)  # a line of a library, or of a file that does not parse
     if log_call:
         return f"logging.Logger.{log_call.group(1)}"

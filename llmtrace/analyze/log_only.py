@@ -23,10 +23,11 @@ from collections.abc import Iterator
 
 LEVELS = frozenset({"debug", "info", "warning", "warn", "error", "exception", "critical", "log"})
 # the receiver of a log call: log, logger, LOG, _logger, logging, self.log, self.logger, ...
-LOGGER_NAME = re.compile(r"^_*(?:log|logger|logging)$", re.IGNORECASE)
+_LOGGER = r"_*(?i:log|logger|logging)"
+LOGGER_NAME = re.compile(rf"^{_LOGGER}$")
 # a log call in a line's text (its time there is the formatting of its arguments: an
 # f-string or a %-format runs before the call, whether or not the level is enabled)
-LOG_CALL_TEXT = re.compile(rf"\b_*(?i:log|logger|logging)\.({'|'.join(sorted(LEVELS))})\s*\(")
+LOG_CALL_TEXT = re.compile(rf"\b{_LOGGER}\.({'|'.join(sorted(LEVELS))})\s*\(")
 _COMPOUND = (ast.If, ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith, ast.Try, ast.Match)
 
 

@@ -42,6 +42,8 @@ NO_STEPS = (
     "time per stage over the whole run:"
 )
 STAGE_HEADER = ("stage", "ms/step", "ms/token", "share", "count", "p50 ms", "p99 ms", "top functions (ms/token)")
+OFF_STEPS_TITLE = "Off the step loop: threads that run no step (per process and stage)"
+OFF_STEPS_HEADER = ("process", "stage", "spans", "total ms", "mean ms")
 RULE_FAILED = "rule failed on this trace (a bug in llmtrace; the other rules ran)"
 OWN_FUNCTIONS = "The program's own functions its threads were busy in (stack samples):"
 
@@ -165,12 +167,7 @@ class TextRenderer(ReportRenderer):
             )
 
     def off_steps(self, rows: list[OffStepRow]) -> None:
-        self._table(
-            "Off the step loop: threads that run no step (per process and stage)",
-            ("process", "stage", "spans", "total ms", "mean ms"),
-            [(r["process"], r["stage"], str(r["count"]), f"{r['ms']:.1f}", f"{r['mean_ms']:.3f}") for r in rows],
-            {"spans", "total ms", "mean ms"},
-        )
+        self._table(OFF_STEPS_TITLE, OFF_STEPS_HEADER, off_step_rows(rows), set(OFF_STEPS_HEADER[2:]))
 
     def suggestions(self, sugg: list[SuggestionEntry]) -> None:
         if not sugg:
@@ -246,11 +243,8 @@ class MarkdownRenderer(ReportRenderer):
         self._table(STAGE_HEADER, stage_rows(bd))
 
     def off_steps(self, rows: list[OffStepRow]) -> None:
-        self.lines += ["", "Off the step loop: threads that run no step (per process and stage)", ""]
-        self._table(
-            ("process", "stage", "spans", "total ms", "mean ms"),
-            [(r["process"], r["stage"], str(r["count"]), f"{r['ms']:.1f}", f"{r['mean_ms']:.3f}") for r in rows],
-        )
+        self.lines += ["", OFF_STEPS_TITLE, ""]
+        self._table(OFF_STEPS_HEADER, off_step_rows(rows))
 
     def suggestions(self, sugg: list[SuggestionEntry]) -> None:
         self.lines += ["", "## Suggestions", ""]
@@ -316,6 +310,10 @@ def summary_rows(s: Summary) -> list[tuple[str, str]]:
     if s["preemptions"]:
         rows.append(("preemptions", str(s["preemptions"])))
     return rows
+
+
+def off_step_rows(rows: list[OffStepRow]) -> list[tuple[str, ...]]:
+    return [(r["process"], r["stage"], str(r["count"]), f"{r['ms']:.1f}", f"{r['mean_ms']:.3f}") for r in rows]
 
 
 def stage_rows(view: BreakdownView) -> list[tuple[str, ...]]:
