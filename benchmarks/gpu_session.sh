@@ -18,7 +18,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
 python3 - <<'PY' || exit 1
 import llmtrace.recorder as r, torch
-print("recorder backend:", r.BACKEND, "| torch", torch.__version__, "|", torch.cuda.get_device_name())
+from llmtrace import native_stacks
+print("recorder backend:", r.BACKEND, "| GIL-free stack reads:", native_stacks.reader() is not None,
+      "| torch", torch.__version__, "|", torch.cuda.get_device_name())
 assert r.BACKEND == "c", "the C recorder was not built"
 PY
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -43,7 +45,8 @@ if [ "$part" = checks ]; then
   cp /tmp/e2e/results.json "$out/e2e.json"; cp /tmp/e2e/llama2_7b/report.md "$out/report.md" 2>/dev/null
 elif [ "$part" = sanity ]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py tests/test_model_runner.py \
-    tests/test_triton_attention.py tests/test_fused_ops.py tests/test_recorder.py tests/test_sampler.py 2>&1 | tail -3
+    tests/test_triton_attention.py tests/test_fused_ops.py tests/test_recorder.py tests/test_sampler.py \
+    tests/test_stack_sampler.py 2>&1 | tail -3
   python3 scripts/recorder_stress.py 5
   python3 -m llmtrace.cli run --config examples/quickstart.yaml --out /tmp/qs --set model.device=cuda 2>&1 \
     | tee "$out/quickstart.txt" | grep -E "ms/token|tok/s|error" | head -5

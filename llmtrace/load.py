@@ -7,6 +7,7 @@
     trace file         a Chrome trace JSON written by `llmtrace export`
 
 Bad input raises `UserError` naming the file and the byte offset, never a traceback.
+`drain_recorded()`: what this process recorded in memory (recording with no `out`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,22 @@ from .clock_align import align
 from .errors import UserError
 from .export.load_chrome import load_chrome_trace, read_export_info
 from .spool_format import SpoolError
-from .timeline import Trace, load_spool_dir, load_spool_file, spool_files
+from .timeline import Process, RecordDecoder, Trace, load_spool_dir, load_spool_file, spool_files
 
 TRACE_JSON = "trace.json"
+
+
+def drain_recorded(process_name: str = "this process") -> Trace:
+    """Everything this process has recorded in memory so far (no sink), decoded into a
+    Trace; the records are consumed."""
+    from . import recorder
+    from .spool_format import Batch
+
+    recorder.requeue_strings()
+    records, n, strings, _ = recorder.drain()
+    out = Trace()
+    RecordDecoder(Process(os.getpid(), process_name)).add(Batch(strings, {}, memoryview(records), n), out)
+    return out
 
 
 def load_trace(path: str) -> Trace:

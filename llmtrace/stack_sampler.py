@@ -1,41 +1,47 @@
 """In-process stack sampler: which functions a stage spends its time in, without ptrace.
 
-A daemon thread wakes every `interval_s`, reads `sys._current_frames()` and records each
-thread's stack as a SAMPLE record (folded "module:func:line;...;module:func:line",
-outermost first; every frame carries its line, so a call into C such as np.concatenate is
-still named by the source line that makes it, and a library call by the program's line
-that makes it). A thread still at the same instruction of the same frame as at the last
-tick (blocked in a wait) reuses that tick's stack id, a busy thread relabels only the
-frames below the deepest caller that has not moved, and a stack seen before (as a tuple
-of labels) is not joined or interned again. The analyzer places samples on the
-span timeline by (pid, tid, time), so every stage gets its top functions.
+A daemon thread wakes every `interval_s` and records each thread's stack as a SAMPLE
+record (folded "module:func:line;...;module:func:line", outermost first; every frame
+carries its line, so a call into C such as np.concatenate is still named by the source
+line that makes it, and a library call by the program's line that makes it). The analyzer
+places samples on the span timeline by (pid, tid, time), so every stage gets its top
+functions.
 
-Samples are taken when the sampler gets the GIL, so a thread running pure Python for a
-long stretch is sampled at its next switch point (sys.getswitchinterval(), 5 ms by
-default: a 3 ms pure-Python stage would hardly ever be sampled). `start` lowers the
-switch interval to half the sampling interval (2 ms at the 250 Hz default), and that is
-what in-process sampling costs: on `transformers serve` recorded at 250 Hz, 21% of its
-throughput with half the interval, 8.5% leaving CPython's 5 ms (medians of 3 interleaved
-rounds); at 5 ms a short pure-Python stage goes unseen.
-py-spy (`llmtrace record --py-spy`) samples from outside, with no such bias.
+Where `llmtrace._frames` works (CPython 3.11/3.12 on Linux, the extension built) the
+stacks are read without the GIL (native_stacks.py): the tick sees a thread running pure
+Python where it is. Elsewhere they are read with sys._current_frames(), which needs the
+GIL, and a thread running Python is seen only when it lets the GIL go: at its next call
+into C that releases it, or after the switch interval (sys.getswitchinterval(), 5 ms by
+default). The time of an f-string formatting an array, a deepcopy or np.pad's Python code
+then lands in the matmul or the torch.cat that follows it: on a numpy server
+(benchmarks/sampler_bias.py) those three had no sample at all under the GIL reader. That
+reader lowers the switch interval to half the sampling interval, which is what it costs:
+on `transformers serve` recorded at 250 Hz, 21% of its throughput with half the interval,
+8.5% leaving CPython's 5 ms (medians of 3 interleaved rounds). The GIL-free reader leaves
+the switch interval alone. A GIL-reader tick reuses the stack of a thread still at the
+same instruction of the same frame as at the last tick (blocked in a wait), and relabels
+only the frames below the deepest caller that has not moved.
+py-spy (`llmtrace record --py-spy`) samples from outside, with no such bias either.
 
-On CPython 3.11 a tick skips while any thread is importing a module: walking `f_back`
-from another thread's frame can then reach a frame an extension module's init left
-half made and crash the process (SIGSEGV in PyFrame_GetBack; the same race segfaults
+On CPython 3.11 a GIL-reader tick skips while any thread is importing a module: walking
+`f_back` from another thread's frame can then reach a frame an extension module's init
+left half made and crash the process (SIGSEGV in PyFrame_GetBack; the same race segfaults
 other in-process samplers on 3.11, cpython#99110 and its follow-ups). Seen here as an
 engine agent killed while importing torch (faulthandler: this thread in `_labels_of`),
-about 4 times in ~150 recorded runs. An import's own time is then unsampled, never a step's.
+about 4 times in ~150 recorded runs. The GIL-free reader makes no frame objects and reads
+through process_vm_readv, which fails instead of crashing.
 """
 
 from __future__ import annotations
 
 import importlib._bootstrap
 import os
+import random
 import sys
 import threading
 import time
 
-from . import recorder
+from . import native_stacks, recorder
 from .spool_format import SAMPLE
 
 MAX_DEPTH = 48
@@ -57,16 +63,21 @@ def importing() -> bool:
 
 
 class StackSampler:
-    def __init__(self, interval_s: float = 0.001):
+    def __init__(self, interval_s: float = 0.001, gil_free: bool = True):
+        """gil_free=False reads under the GIL even where the GIL-free reader works (to
+        compare the two: benchmarks/sampler_bias.py)."""
         self.interval_s = interval_s
         self._labels: dict = {}  # code object -> "module:qualname"
         self._line_labels: dict = {}  # (code object, instruction offset) -> "module:qualname:line"
         self._chains: dict = {}  # id(frame) -> (frame, f_lasti, labels up to it) of the frames seen last tick
         self._stack_ids: dict = {}  # thread ident -> its stack's string id at the last tick
         self._ids_by_labels: dict = {}  # a stack's labels (tuple) -> its string id
+        self._raw_ids: dict = {}  # a GIL-free read's stack (bytes) -> its string id
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llmtrace-sampler", daemon=True)
         self.samples = 0
+        frames = native_stacks.reader() if gil_free else None
+        self.native = native_stacks.NativeStacks(frames) if frames is not None else None
 
     def start(self) -> StackSampler:
         self.set_interval(self.interval_s)
@@ -74,9 +85,11 @@ class StackSampler:
         return self
 
     def set_interval(self, interval_s: float) -> None:
-        """Sample every `interval_s` from the next tick on (the switch interval follows)."""
+        """Sample every `interval_s` from the next tick on (the GIL reader's switch interval
+        follows)."""
         self.interval_s = interval_s
-        sys.setswitchinterval(min(sys.getswitchinterval(), interval_s / 2))
+        if self.native is None:
+            sys.setswitchinterval(min(sys.getswitchinterval(), interval_s / 2))
 
     def stop(self) -> None:
         self._stop.set()
@@ -154,6 +167,27 @@ class StackSampler:
         self.samples += n
         return n
 
+    def sample_native(self, sleep_s: float) -> int:
+        """Sleep `sleep_s`, then one GIL-free tick (the module docstring)."""
+        assert self.native is not None
+        now, rows = self.native.snapshot(sleep_s, MAX_DEPTH, _SKIP_THREADS)
+        if not recorder.is_enabled():
+            return 0
+        n = 0
+        for tid, raw in rows:
+            stack_id = self._raw_ids.get(raw)
+            if stack_id is None:
+                labels = self.native.labels(raw)
+                if labels is None:  # a frame that returned before it could be named
+                    continue
+                if len(self._raw_ids) > native_stacks.MAX_KNOWN:
+                    self._raw_ids.clear()
+                stack_id = self._raw_ids[raw] = self._stack_id(labels)
+            recorder.emit(SAMPLE, stack_id, 0, now, now, tid=tid)
+            n += 1
+        self.samples += n
+        return n
+
     def _run(self) -> None:
         """A tick holds the GIL: with many threads or deep stacks it costs more, and the rate
         drops so that the sampler takes at most MAX_GIL_SHARE of the program's time. The
@@ -161,9 +195,20 @@ class StackSampler:
         a rate that reacted to what a tick found would sample that code less (the analyzer
         weighs each sample by its neighbours' spacing)."""
         wait, cost = self.interval_s, 0.0
-        while not self._stop.wait(wait):
-            t0 = time.thread_time()
-            self.sample_once()
+        due = time.perf_counter()
+        while not self._stop.is_set():
+            t0 = time.thread_time()  # CPU time: a GIL-free read costs a CPU too, sleeping nothing
+            if self.native is not None:
+                # ticks on their own beat: the wait for the GIL after a read (up to the switch
+                # interval) overlaps the next sleep instead of stretching every interval, and
+                # no tick waits on the program's GIL hand-off (a loop's release points would
+                # set the phase); jittered, so that no loop of a period near it aliases
+                due = max(due + wait * (0.75 + 0.5 * random.random()), time.perf_counter())
+                self.sample_native(due - time.perf_counter())
+            elif self._stop.wait(wait):
+                break
+            else:
+                self.sample_once()
             cost += COST_SMOOTHING * (time.thread_time() - t0 - cost)  # CPU time: not other threads'
             wait = max(self.interval_s, cost * (1 / MAX_GIL_SHARE - 1))
 

@@ -262,17 +262,9 @@ def record_pipeline(
 
 def drain_recorded_trace() -> Trace:
     """Everything this process has recorded so far (no sink), decoded into a Trace."""
-    import os
+    from llmtrace.load import drain_recorded
 
-    from llmtrace import recorder
-    from llmtrace.spool_format import Batch
-    from llmtrace.timeline import RecordDecoder
-
-    recorder.requeue_strings()
-    records, n, strings, _ = recorder.drain()
-    out = Trace()
-    RecordDecoder(Process(os.getpid(), "test")).add(Batch(strings, {}, memoryview(records), n), out)
-    return out
+    return drain_recorded("test")
 
 
 def pipelined_trace() -> Trace:

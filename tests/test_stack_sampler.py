@@ -1,16 +1,22 @@
 """The in-process stack sampler (llmtrace/stack_sampler.py): a tick names each thread's
-functions, and on CPython 3.11 no tick walks frames while a thread is importing."""
+functions; the GIL-free reader (llmtrace/_frames.c) sees pure Python where it runs and
+names an address only through a live object; on CPython 3.11 no GIL-reader tick walks
+frames while a thread is importing."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib._bootstrap
 import sys
+import threading
+import time
+import types
 
 import pytest
 from synthetic import drain_recorded_trace
 
 import llmtrace
-from llmtrace import stack_sampler
+from llmtrace import native_stacks, stack_sampler
 
 
 @pytest.fixture
@@ -47,7 +53,93 @@ def test_a_running_sampler_takes_the_rate_asked_for_next():
     try:
         first = stack_sampler.start(0.004)
         assert stack_sampler.start(0.001) is first and first.interval_s == 0.001
-        assert sys.getswitchinterval() <= 0.0005
+        # the GIL reader's switch interval follows the rate; the GIL-free reader leaves it alone
+        assert sys.getswitchinterval() == (switch if first.native is not None else min(switch, 0.0005))
     finally:
         stack_sampler.stop()
         sys.setswitchinterval(switch)
+
+
+frames = native_stacks.reader()
+needs_frames = pytest.mark.skipif(frames is None, reason="llmtrace._frames is not built for this Python")
+
+
+def _pure_python(n: int = 20000) -> int:
+    x = 0
+    for i in range(n):
+        x += i
+    return x
+
+
+@needs_frames
+def test_a_gil_free_tick_sees_pure_python_before_a_call_that_releases_the_gil(recording):
+    """The bias the GIL-free read removes: a pure-Python function followed by a call that
+    releases the GIL (hashlib on 2 MB). Read under the GIL, the function's samples land in
+    the call after it (0 of ~150 samples in it while it took a third of the time); read
+    without the GIL, it gets about its share."""
+    sampler = stack_sampler.StackSampler(0.002)
+    assert sampler.native is not None
+    data, spent = b"x" * 2_000_000, [0.0, 0.0]
+    stop = threading.Event()
+
+    def work():
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            _pure_python()
+            t1 = time.perf_counter()
+            hashlib.sha256(data).digest()
+            spent[0] += t1 - t0
+            spent[1] += time.perf_counter() - t1
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    sampler.start()
+    try:
+        time.sleep(0.6)
+    finally:
+        sampler.stop()
+        stop.set()
+        worker.join()
+    stacks = [s.stack for s in drain_recorded_trace().samples if s.tid == worker.native_id]
+    in_pure = sum(1 for st in stacks if ":_pure_python:" in st[-1])
+    in_work = sum(1 for st in stacks if ".<locals>.work:" in st[-1])
+    share, truth = in_pure / max(1, in_pure + in_work), spent[0] / sum(spent)
+    assert in_pure + in_work >= 100
+    assert 0.5 * truth <= share <= 1.5 * truth, (share, truth)
+
+
+@needs_frames
+def test_a_gil_free_tick_names_other_threads_frames_with_their_lines(recording):
+    started, stop = threading.Event(), threading.Event()
+
+    def waiting_here():
+        started.set()
+        stop.wait()
+
+    t = threading.Thread(target=waiting_here)
+    t.start()
+    started.wait()
+    try:
+        assert stack_sampler.StackSampler().sample_native(0) >= 2
+    finally:
+        stop.set()
+        t.join()
+    (stack,) = [s.stack for s in drain_recorded_trace().samples if s.tid == t.native_id]
+    assert stack[-1].startswith("threading:Condition.wait:")
+    assert any(
+        f.startswith(
+            f"{__name__}:test_a_gil_free_tick_names_other_threads_frames_with_their_lines.<locals>.waiting_here:"
+        )
+        for f in stack
+    )
+
+
+@needs_frames
+def test_an_address_is_named_only_while_a_live_object_of_its_type_is_there():
+    code = _pure_python.__code__
+    assert frames.object_at(id(code), types.CodeType) is code
+    assert frames.object_at(id(code), dict) is None  # another type
+    assert frames.object_at(0, types.CodeType) is None
+    assert frames.object_at(8, types.CodeType) is None  # unmapped: the read fails, nothing crashes
+    buf = bytearray(64)  # bytes that are no object at all
+    assert frames.object_at(id(buf) + 32, types.CodeType) is None
