@@ -53,14 +53,6 @@ static int safe_read(const void *addr, void *dst, size_t n)
     return process_vm_readv(g_pid, &local, 1, &remote, 1, 0) == (ssize_t)n ? 0 : -1;
 }
 
-static _PyInterpreterFrame *current_frame(const PyThreadState *ts)
-{
-    _PyCFrame cf;
-    if (ts->cframe == NULL || safe_read(ts->cframe, &cf, sizeof cf))
-        return NULL;
-    return cf.current_frame;
-}
-
 static int skipped(unsigned long tid, const unsigned long *skip, Py_ssize_t n)
 {
     for (Py_ssize_t i = 0; i < n; i++)
@@ -69,14 +61,53 @@ static int skipped(unsigned long tid, const unsigned long *skip, Py_ssize_t n)
     return 0;
 }
 
-static int read_frame(const _PyInterpreterFrame *frame, _PyInterpreterFrame *f, uint64_t *out)
+/* A thread's frames sit next to each other in its data stack (3.11+), each caller below
+   its callee: one read of the pages below the innermost frame holds most of a stack, read
+   at one instant (frame by frame, a deep stack took ~40 reads, and a busy thread moved on
+   between the first and the last). Pages are read top down, so an unmapped page below a
+   chunk only shortens the block. Generator frames live elsewhere: a read of their own. */
+#define PAGE 4096
+#define BLOCK_PAGES 4
+#define FRAME_HEAD offsetof(_PyInterpreterFrame, localsplus)
+static char g_block[BLOCK_PAGES * PAGE + FRAME_HEAD];
+static uintptr_t g_block_start;         /* the address g_block[0] stands for */
+static uintptr_t g_block_lo, g_block_hi; /* the part of it read; none when equal */
+
+static int read_block(uintptr_t end)
 {
-    if (safe_read(frame, f, offsetof(_PyInterpreterFrame, localsplus)))
+    struct iovec local[BLOCK_PAGES + 2], remote[BLOCK_PAGES + 2];
+    uintptr_t start = end > sizeof g_block ? end - sizeof g_block : 0;
+    uintptr_t hi = end, lo = (end - 1) & ~(uintptr_t)(PAGE - 1);
+    int n = 0;
+    while (hi > start) { /* [lo, hi): within one page, so each is read whole or not at all */
+        if (lo < start)
+            lo = start;
+        remote[n].iov_base = (void *)lo;
+        local[n].iov_base = g_block + (lo - start);
+        remote[n].iov_len = local[n].iov_len = hi - lo;
+        n++;
+        hi = lo;
+        lo -= PAGE;
+    }
+    ssize_t got = process_vm_readv(g_pid, local, n, remote, n, 0); /* stops at the first unmapped page */
+    if (got < (ssize_t)FRAME_HEAD) {
+        g_block_lo = g_block_hi = 0;
         return -1;
-    char *code_start = (char *)f->f_code + offsetof(PyCodeObject, co_code_adaptive);
-    out[0] = (uint64_t)(uintptr_t)f->f_code;
-    out[1] = (uint64_t)(int64_t)((char *)f->prev_instr - code_start);
-    out[2] = (uint64_t)(uintptr_t)f->f_globals;
+    }
+    g_block_start = start;
+    g_block_hi = end;
+    g_block_lo = end - (uintptr_t)got;
+    return 0;
+}
+
+static int read_frame(const _PyInterpreterFrame *frame, _PyInterpreterFrame *f)
+{
+    uintptr_t at = (uintptr_t)frame;
+    if (at < g_block_lo || at + FRAME_HEAD > g_block_hi) {
+        if (at + FRAME_HEAD < at || read_block(at + FRAME_HEAD))
+            return -1;
+    }
+    memcpy(f, g_block + (at - g_block_start), FRAME_HEAD);
     return 0;
 }
 
@@ -89,35 +120,139 @@ static const ThreadStack *last_tick(unsigned long tid)
     return NULL;
 }
 
-/* Thread `slot`'s frames from `frame` down, innermost first, into its part of this tick's buffer. */
-static void read_stack(ThreadStack *t, int slot, const _PyInterpreterFrame *frame)
+/* Elements [0, n) of one scattered read, as many system calls as failures + 1; ok[i]:
+   whether element i was read (each lies within one object, read whole or not at all). */
+static void read_all(struct iovec *local, struct iovec *remote, int n, char *ok)
+{
+    int i = 0;
+    while (i < n) {
+        ssize_t got = process_vm_readv(g_pid, local + i, (unsigned long)(n - i), remote + i, (unsigned long)(n - i), 0);
+        for (; i < n && got >= (ssize_t)remote[i].iov_len; i++) {
+            ok[i] = 1;
+            got -= (ssize_t)remote[i].iov_len;
+        }
+        if (i < n)
+            ok[i++] = 0; /* the element the read stopped at */
+    }
+}
+
+/* This tick's thread states into g_ts (their addresses in g_ts_at), in list order: one
+   read of last tick's list where it is still the list, else a walk of `next`. */
+static PyThreadState *g_ts_at[MAX_THREADS];
+static PyThreadState g_ts[MAX_THREADS];
+static int g_nts;
+
+static int read_thread_states(PyInterpreterState *interp)
+{
+    static struct iovec local[MAX_THREADS], remote[MAX_THREADS];
+    static char ok[MAX_THREADS];
+    PyThreadState *head = PyInterpreterState_ThreadHead(interp);
+    if (g_nts > 0 && g_ts_at[0] == head) {
+        for (int i = 0; i < g_nts; i++) {
+            local[i].iov_base = &g_ts[i];
+            remote[i].iov_base = g_ts_at[i];
+            local[i].iov_len = remote[i].iov_len = sizeof(PyThreadState);
+        }
+        read_all(local, remote, g_nts, ok);
+        int same = 1;
+        for (int i = 0; i < g_nts && same; i++)
+            same = ok[i] && g_ts[i].next == (i + 1 < g_nts ? g_ts_at[i + 1] : NULL);
+        if (same)
+            return g_nts;
+    }
+    g_nts = 0;
+    for (PyThreadState *t = head; t != NULL && g_nts < MAX_THREADS && safe_read(t, &g_ts[g_nts], sizeof *t) == 0;
+         t = g_ts[g_nts++].next)
+        g_ts_at[g_nts] = t;
+    return g_nts;
+}
+
+/* Whether thread t's stack is last tick's: the same innermost frame at the same instruction
+   (it waits in a call). Then its frames are copied into `out`. */
+static int unmoved(ThreadStack *t, const uint64_t *top, uint64_t *out)
+{
+    const ThreadStack *last = last_tick(t->tid);
+    if (last == NULL || last->top != t->top || last->depth == 0)
+        return 0;
+    const uint64_t *before = g_frames[1 - g_cur] + (size_t)(last - g_threads[1 - g_cur]) * WORDS_PER_FRAME * g_depth;
+    if (memcmp(before, top, sizeof(uint64_t) * WORDS_PER_FRAME) != 0)
+        return 0;
+    memcpy(out, before, sizeof(uint64_t) * WORDS_PER_FRAME * last->depth);
+    t->depth = last->depth;
+    return 1;
+}
+
+static void frame_words(const _PyInterpreterFrame *f, uint64_t *out)
+{
+    char *code_start = (char *)f->f_code + offsetof(PyCodeObject, co_code_adaptive);
+    out[0] = (uint64_t)(uintptr_t)f->f_code;
+    out[1] = (uint64_t)(int64_t)((char *)f->prev_instr - code_start);
+    out[2] = (uint64_t)(uintptr_t)f->f_globals;
+}
+
+/* Thread `slot`'s stack: its innermost frame `top` (read already, at address t->top), then
+   the callers through the block. */
+static void read_stack(ThreadStack *t, int slot, const _PyInterpreterFrame *top)
 {
     uint64_t *out = g_frames[g_cur] + (size_t)slot * WORDS_PER_FRAME * g_depth;
-    _PyInterpreterFrame f;
-    t->top = NULL;
+    _PyInterpreterFrame f = *top;
     t->depth = 0;
-    while (frame != NULL && t->depth < g_depth && read_frame(frame, &f, out) == 0) {
+    g_block_lo = g_block_hi = 0; /* this thread's frames as they are now */
+    const _PyInterpreterFrame *at = t->top;
+    for (;;) {
 #if PY_VERSION_HEX >= 0x030C0000
-        if (f.owner == FRAME_OWNED_BY_CSTACK) { /* the C stack's shim frame: no Python code */
-            frame = f.previous;
-            continue;
-        }
+        if (f.owner != FRAME_OWNED_BY_CSTACK) /* the C stack's shim frame: no Python code */
 #endif
-        if (t->depth == 0) {
-            t->top = frame;
-            const ThreadStack *last = last_tick(t->tid);
-            int prev_slot = last != NULL ? (int)(last - g_threads[1 - g_cur]) : -1;
-            const uint64_t *before = prev_slot >= 0 ? g_frames[1 - g_cur] + (size_t)prev_slot * WORDS_PER_FRAME * g_depth : NULL;
-            if (last != NULL && last->top == frame && last->depth > 0 && memcmp(before, out, sizeof(uint64_t) * WORDS_PER_FRAME) == 0) {
-                memcpy(out, before, sizeof(uint64_t) * WORDS_PER_FRAME * last->depth);
-                t->depth = last->depth;
+        {
+            frame_words(&f, out);
+            if (t->depth == 0 && unmoved(t, out, out))
                 return;
-            }
+            out += WORDS_PER_FRAME;
+            t->depth++;
         }
-        out += WORDS_PER_FRAME;
-        t->depth++;
-        frame = f.previous;
+        at = f.previous;
+        if (at == NULL || t->depth >= g_depth || read_frame(at, &f))
+            return;
     }
+}
+
+/* Every thread's stack, those in `skip` excepted: scattered reads of all thread states,
+   all their frame pointers and all innermost frames, then a block per thread that moved. */
+static int read_threads(PyInterpreterState *interp, const unsigned long *skip, Py_ssize_t nskip)
+{
+    static struct iovec local[MAX_THREADS], remote[MAX_THREADS];
+    static char ok[MAX_THREADS];
+    static _PyCFrame cframes[MAX_THREADS];
+    static _PyInterpreterFrame tops[MAX_THREADS];
+    static int which[MAX_THREADS]; /* g_ts index of each thread read */
+    int n = 0, nts = read_thread_states(interp);
+    for (int i = 0; i < nts; i++) {
+        if (g_ts[i].cframe == NULL || skipped(g_ts[i].native_thread_id, skip, nskip))
+            continue;
+        which[n] = i;
+        local[n].iov_base = &cframes[n];
+        remote[n].iov_base = g_ts[i].cframe;
+        local[n].iov_len = remote[n].iov_len = sizeof(_PyCFrame);
+        n++;
+    }
+    read_all(local, remote, n, ok);
+    for (int k = 0; k < n; k++) {
+        local[k].iov_base = &tops[k];
+        remote[k].iov_base = ok[k] ? cframes[k].current_frame : NULL;
+        local[k].iov_len = remote[k].iov_len = ok[k] && cframes[k].current_frame != NULL ? FRAME_HEAD : 0;
+    }
+    read_all(local, remote, n, ok);
+    int nthreads = 0;
+    for (int k = 0; k < n; k++) {
+        if (!ok[k] || remote[k].iov_len == 0)
+            continue;
+        ThreadStack *t = &g_threads[g_cur][nthreads];
+        t->tid = g_ts[which[k]].native_thread_id;
+        t->top = remote[k].iov_base;
+        read_stack(t, nthreads, &tops[k]);
+        nthreads++;
+    }
+    return nthreads;
 }
 #endif
 
@@ -185,17 +320,7 @@ static PyObject *snapshot(PyObject *Py_UNUSED(m), PyObject *args)
         }
     }
     clock_gettime(CLOCK_MONOTONIC, &ts_now);
-    PyThreadState *tstate = PyInterpreterState_ThreadHead(interp);
-    PyThreadState ts;
-    while (tstate != NULL && nthreads < MAX_THREADS && safe_read(tstate, &ts, sizeof ts) == 0) {
-        if (!skipped(ts.native_thread_id, skip, nskip)) {
-            ThreadStack *t = &g_threads[g_cur][nthreads];
-            t->tid = ts.native_thread_id;
-            read_stack(t, nthreads, current_frame(&ts));
-            nthreads++;
-        }
-        tstate = ts.next;
-    }
+    nthreads = read_threads(interp, skip, nskip);
     g_nthreads[g_cur] = nthreads;
     Py_END_ALLOW_THREADS
     PyObject *rows = PyList_New(0);
