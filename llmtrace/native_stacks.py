@@ -35,13 +35,15 @@ class NativeStacks:
     def __init__(self, frames: Any):
         self.frames = frames
         self._codes: dict[int, CodeType] = {}  # address -> code object, held
-        self._globals: dict[int, dict] = {}  # address -> a frame's globals, held
+        self._globals: dict[int, dict[str, object]] = {}  # address -> a frame's globals, held
         self._frame_labels: dict[bytes, str] = {}
         self._stacks: dict[bytes, tuple[str, ...]] = {}
         self._skip: tuple[int, ...] = ()
         self._ticks = 0
 
-    def snapshot(self, sleep_s: float, max_depth: int, skip_names: tuple[str, ...]) -> tuple[int, list]:
+    def snapshot(
+        self, sleep_s: float, max_depth: int, skip_names: tuple[str, ...]
+    ) -> tuple[int, list[tuple[int, bytes]]]:
         """(t_ns, [(native tid, raw stack)]) after sleeping `sleep_s` (llmtrace's own
         threads, by name, left out)."""
         if self._ticks % 64 == 0:  # threads come and go; their names rarely matter sooner
@@ -79,7 +81,7 @@ class NativeStacks:
         )
         return label
 
-    def _held(self, table: dict, address: int, kind: type) -> Any:
+    def _held(self, table: dict[int, Any], address: int, kind: type) -> Any:
         """The object of type `kind` at `address`, held from now on: a held object cannot
         be freed, so its address keeps naming it."""
         obj = table.get(address)

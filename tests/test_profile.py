@@ -244,3 +244,42 @@ def test_caller_skips_library_frames():
         return json.loads("[1]", object_hook=None) and instrumented(1)
 
     assert program_function() == f"{__name__}.test_caller_skips_library_frames.<locals>.program_function"
+
+
+def _submodule_step(t: Trace, start: float, fns: list[str], batch: int = 2) -> float:
+    """One step whose model call is several outermost module calls (0.5 ms each, 0.1 ms
+    apart), then 1 ms of host work; returns where the next step starts."""
+    for i, fn in enumerate(fns):
+        span(t, "forward", start + 0.6 * i, start + 0.6 * i + 0.5, fn=fn, batch=batch, tokens=batch)
+    return start + 0.6 * len(fns) + 1.0
+
+
+def test_a_model_called_through_its_forward_is_one_model_call_per_step():
+    """`model.forward(ids)` called directly: the outermost module calls are its embedding,
+    blocks and head, one step's worth of them each time (each of them was a step: 6x the
+    steps, a sixth of the time per token)."""
+    t, start = trace_of(1), 0.0
+    for _ in range(30):
+        start = _submodule_step(t, start, ["Embedding", "Block", "Block", "Block", "Block", "Linear"])
+    ctx = done(t)
+    assert len(ctx.steps) == 30 and ctx.breakdown.tokens == 30 * 2
+    view = ctx.breakdown.view()
+    assert view is not None and view["model_ms"] == pytest.approx((0.6 * 5 + 0.5) / 2)  # per token, layers' gaps in
+    fwd = [s for s in ctx.index.by_stage[names.FORWARD] if ctx.index.is_root(s)]
+    assert len(fwd) == 30 and fwd[0].attrs[names.A_FUNCTION] == "Embedding+Block+Linear"
+
+
+def test_a_model_and_a_sampler_module_per_step_make_one_step():
+    t, start = trace_of(1), 0.0
+    for _ in range(20):
+        start = _submodule_step(t, start, ["LlamaForCausalLM", "Sampler"])
+    assert len(done(t).steps) == 20
+
+
+def test_one_module_per_step_is_left_as_it_is():
+    t, start = trace_of(1), 0.0
+    for k in range(20):
+        start = _submodule_step(t, start, ["LlamaForCausalLM" if k else "Warmup"])
+    ctx = done(t)
+    assert len(ctx.steps) == 20
+    assert all(not ctx.index.children.get(s.span_id) for s in ctx.index.by_stage[names.FORWARD])

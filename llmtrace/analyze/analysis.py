@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from .. import names
 from ..timeline import Trace
+from . import model_calls
 from .breakdown import Breakdown, StepCost
 from .cpu import ThreadCpu
 from .device import device_activity
@@ -70,6 +71,7 @@ MIN_STEPS_AFFECTED = 3  # a per-step pattern seen in fewer steps is a coincidenc
 class Analysis:
     def __init__(self, trace: Trace):
         self.trace = trace
+        model_calls.group(trace)
         self.index = TraceIndex(trace)
         self.breakdown = Breakdown.of(self.index)
         self.metrics = serving_metrics(self.index, self.breakdown)
