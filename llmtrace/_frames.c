@@ -77,17 +77,15 @@ static int read_block(uintptr_t end)
 {
     struct iovec local[BLOCK_PAGES + 2], remote[BLOCK_PAGES + 2];
     uintptr_t start = end > sizeof g_block ? end - sizeof g_block : 0;
-    uintptr_t hi = end, lo = (end - 1) & ~(uintptr_t)(PAGE - 1);
     int n = 0;
-    while (hi > start) { /* [lo, hi): within one page, so each is read whole or not at all */
+    for (uintptr_t hi = end; hi > start; n++) { /* [lo, hi): within one page, read whole or not at all */
+        uintptr_t lo = (hi - 1) & ~(uintptr_t)(PAGE - 1);
         if (lo < start)
             lo = start;
         remote[n].iov_base = (void *)lo;
         local[n].iov_base = g_block + (lo - start);
         remote[n].iov_len = local[n].iov_len = hi - lo;
-        n++;
         hi = lo;
-        lo -= PAGE;
     }
     ssize_t got = process_vm_readv(g_pid, local, n, remote, n, 0); /* stops at the first unmapped page */
     if (got < (ssize_t)FRAME_HEAD) {
@@ -103,10 +101,10 @@ static int read_block(uintptr_t end)
 static int read_frame(const _PyInterpreterFrame *frame, _PyInterpreterFrame *f)
 {
     uintptr_t at = (uintptr_t)frame;
-    if (at < g_block_lo || at + FRAME_HEAD > g_block_hi) {
-        if (at + FRAME_HEAD < at || read_block(at + FRAME_HEAD))
-            return -1;
-    }
+    if (at > UINTPTR_MAX - FRAME_HEAD) /* a torn read's `previous` (0xffff...): no frame */
+        return -1;
+    if ((at < g_block_lo || at + FRAME_HEAD > g_block_hi) && read_block(at + FRAME_HEAD))
+        return -1;
     memcpy(f, g_block + (at - g_block_start), FRAME_HEAD);
     return 0;
 }
@@ -184,9 +182,10 @@ static int unmoved(ThreadStack *t, const uint64_t *top, uint64_t *out)
 
 static void frame_words(const _PyInterpreterFrame *f, uint64_t *out)
 {
-    char *code_start = (char *)f->f_code + offsetof(PyCodeObject, co_code_adaptive);
+    /* integer arithmetic: the pointers of a torn read may point anywhere */
+    uintptr_t code_start = (uintptr_t)f->f_code + offsetof(PyCodeObject, co_code_adaptive);
     out[0] = (uint64_t)(uintptr_t)f->f_code;
-    out[1] = (uint64_t)(int64_t)((char *)f->prev_instr - code_start);
+    out[1] = (uint64_t)((uintptr_t)f->prev_instr - code_start);
     out[2] = (uint64_t)(uintptr_t)f->f_globals;
 }
 
@@ -379,12 +378,12 @@ PyDoc_STRVAR(line_doc, "line(code, offset) -> int: the source line of the instru
 static PyObject *line(PyObject *Py_UNUSED(m), PyObject *args)
 {
     PyCodeObject *code;
-    int offset;
-    if (!PyArg_ParseTuple(args, "O!i", &PyCode_Type, &code, &offset))
+    long long offset;
+    if (!PyArg_ParseTuple(args, "O!L", &PyCode_Type, &code, &offset))
         return NULL;
-    if (offset < 0 || offset >= (int)(Py_SIZE(code) * 2)) /* ob_size: 2-byte code units */
-        return PyLong_FromLong(code->co_firstlineno); /* a frame not yet started, or a torn read */
-    return PyLong_FromLong(PyCode_Addr2Line(code, offset));
+    if (offset < 0 || offset >= (long long)Py_SIZE(code) * 2) /* ob_size: 2-byte code units */
+        return PyLong_FromLong(code->co_firstlineno);      /* a frame not yet started, or a torn read */
+    return PyLong_FromLong(PyCode_Addr2Line(code, (int)offset));
 }
 
 static PyMethodDef methods[] = {

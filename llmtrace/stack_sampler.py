@@ -204,7 +204,11 @@ class StackSampler:
                 # no tick waits on the program's GIL hand-off (a loop's release points would
                 # set the phase); jittered, so that no loop of a period near it aliases
                 due = max(due + wait * (0.75 + 0.5 * random.random()), time.perf_counter())
-                self.sample_native(due - time.perf_counter())
+                try:
+                    self.sample_native(due - time.perf_counter())
+                except Exception:  # a failed tick never ends sampling: the GIL reader takes over
+                    self.native = None
+                    self.set_interval(self.interval_s)
             elif self._stop.wait(wait):
                 break
             else:

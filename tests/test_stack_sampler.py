@@ -143,3 +143,38 @@ def test_an_address_is_named_only_while_a_live_object_of_its_type_is_there():
     assert frames.object_at(8, types.CodeType) is None  # unmapped: the read fails, nothing crashes
     buf = bytearray(64)  # bytes that are no object at all
     assert frames.object_at(id(buf) + 32, types.CodeType) is None
+
+
+@needs_frames
+def test_gil_free_ticks_survive_stacks_that_change_while_they_are_read(recording):
+    """Threads that call, return and resume generators without pause: a read sees frames
+    popped and reused under it (torn reads: a `previous` of 0xffff..., a code address that
+    is now a list). Every tick must return, and every name come from a live code object."""
+    stop = threading.Event()
+
+    def churn(depth: int) -> int:
+        if depth == 0:
+            return sum(x for x in (i * i for i in range(20)))
+        return churn(depth - 1) + 1
+
+    def work(seed: int) -> None:
+        k = seed
+        while not stop.is_set():
+            k = (k * 1103515245 + 12345) % 2**31
+            churn(k % 40)
+
+    workers = [threading.Thread(target=work, args=(s,)) for s in (1, 2)]
+    for w in workers:
+        w.start()
+    sampler, switch = stack_sampler.StackSampler(), sys.getswitchinterval()
+    sys.setswitchinterval(0.0002)  # the tick gets the GIL back soon after each read
+    try:
+        ticks = sum(sampler.sample_native(0) for _ in range(2000))
+    finally:
+        sys.setswitchinterval(switch)
+        stop.set()
+        for w in workers:
+            w.join()
+    stacks = [s.stack for s in drain_recorded_trace().samples]
+    assert ticks > 2000 and len(stacks) == ticks
+    assert all(frame.count(":") >= 2 for st in stacks for frame in st)
