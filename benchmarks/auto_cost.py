@@ -9,6 +9,7 @@ Goal (issue 14): <= 0.5 us on top of the call while recording, on this machine's
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import queue
 import socket
@@ -20,14 +21,30 @@ import llmtrace
 from llmtrace import recorder
 
 
-def cases():
+@functools.cache
+def _sockets() -> tuple[socket.socket, ...]:
+    """A Unix socket pair and a loopback TCP pair, made once (every round's cases share them;
+    the patched methods are looked up at call time)."""
     a, b = socket.socketpair()
     b.setblocking(False)
+    srv = socket.create_server(("127.0.0.1", 0))
+    c = socket.create_connection(srv.getsockname())
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle stall between the rounds' sends
+    d, _ = srv.accept()
+    return a, b, c, d
+
+
+def cases():
+    a, b, c, d = _sockets()
     payload = b"x" * 64
 
     def sock_send():
         a.send(payload)
         b.recv(64)
+
+    def tcp_send():  # a send below a segment: the socket's TCP_NODELAY goes with it
+        c.send(payload)
+        d.recv(64)
 
     small = {"ids": [1, 2, 3]}
     inbox: queue.Queue = queue.Queue()
@@ -42,6 +59,7 @@ def cases():
         "json.dumps (small dict)": lambda: json.dumps(small),
         "time.sleep(0)": lambda: time.sleep(0),
         "socket send + recv (64 B)": sock_send,
+        "TCP send + recv (64 B, loopback)": tcp_send,
         "queue.Queue put + get (a hand-off)": handoff,
     }
 

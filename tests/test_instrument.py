@@ -76,6 +76,20 @@ def test_transport_runtime_and_serialization_spans(spans):
         s.close()
 
 
+def test_a_sockets_nodelay_is_read_once_and_again_after_the_program_sets_it(spans):
+    srv = socket.create_server(("127.0.0.1", 0))
+    a = socket.create_connection(srv.getsockname())
+    b, _ = srv.accept()
+    a.sendall(b"x")
+    a.sendall(b"y")
+    a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    a.sendall(b"z")
+    sends = [s["attrs"][names.A_NODELAY] for s in spans() if s["name"] == "tcp.send"]
+    assert sends == [0, 0, 1]
+    for s in (a, b, srv):
+        s.close()
+
+
 def test_behaviour_and_exceptions_are_the_programs(spans):
     with pytest.raises(TypeError, match="not JSON serializable"):
         json.dumps(object())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import _socket
 import socket
+import weakref
 
 from .. import names, recorder
 from .caller import name_if_slow
@@ -18,6 +19,8 @@ _TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 _family = _socket.socket.family.__get__  # the int: socket.socket.family converts to an enum (~0.6 us)
 _type = _socket.socket.type.__get__
 NAGLE_BYTES = 1024  # Nagle delays only sends smaller than a segment: only those ask the socket
+_SEND, _RECV = ({st: st + verb for st in (names.TCP, names.IPC)} for verb in (".send", ".recv"))
+_NODELAY: dict[int, int] = {}  # id(socket) -> its TCP_NODELAY, read once, while the socket lives
 
 
 def _stage(sock) -> str:
@@ -30,10 +33,28 @@ def _nbytes(data) -> int:
 
 
 def _nodelay(sock) -> int:
-    try:
-        return int(bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
-    except OSError:
-        return -1
+    """The socket's TCP_NODELAY: read once (a getsockopt, ~0.6 us, was one per small send)
+    and again after the program sets the option (`_setsockopt`)."""
+    v = _NODELAY.get(id(sock))
+    if v is None:
+        try:
+            v = int(bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
+        except OSError:
+            return -1
+        _NODELAY[id(sock)] = v
+        weakref.finalize(sock, _NODELAY.pop, id(sock), None)
+    return v
+
+
+def _setsockopt(orig):
+    def setsockopt(sock, level, option, *args):
+        try:
+            return orig(sock, level, option, *args)
+        finally:
+            if level == socket.IPPROTO_TCP and option == socket.TCP_NODELAY:
+                _NODELAY.pop(id(sock), None)  # read again at the next small send
+
+    return setsockopt
 
 
 def _sender(orig):
@@ -41,10 +62,11 @@ def _sender(orig):
         if not recorder.is_enabled():
             return orig(sock, data, *args)
         stage, n = _stage(sock), _nbytes(data)
-        attrs = {names.A_BYTES: n}
         if n < NAGLE_BYTES and stage == names.TCP and _type(sock) == socket.SOCK_STREAM:
-            attrs[names.A_NODELAY] = _nodelay(sock)
-        with recorder.span(stage + ".send", stage=stage, **attrs) as sp:
+            span = recorder.span(_SEND[stage], stage=stage, **{names.A_BYTES: n, names.A_NODELAY: _nodelay(sock)})
+        else:
+            span = recorder.span(_SEND[stage], stage=stage, **{names.A_BYTES: n})
+        with span as sp:
             try:
                 return orig(sock, data, *args)
             finally:
@@ -60,7 +82,7 @@ def _receiver(orig, size, stage_of=_stage):
         if not recorder.is_enabled():
             return orig(sock, *args, **kwargs)
         stage = stage_of(sock)
-        with recorder.span(stage + ".recv", stage=stage) as sp:
+        with recorder.span(_RECV[stage], stage=stage) as sp:
             got = orig(sock, *args, **kwargs)
             sp.set(**{names.A_BYTES: size(got)})
             return got
@@ -74,6 +96,7 @@ def _datagram_size(got) -> int:
 
 def install_sockets() -> None:
     cls = socket.socket
+    replace(cls, "setsockopt", _setsockopt)
     for attr in ("send", "sendall", "sendto"):
         replace(cls, attr, _sender)
     for attr in ("recv", "recvfrom"):
