@@ -36,6 +36,7 @@ class NativeStacks:
         self.frames = frames
         self._codes: dict[int, CodeType] = {}  # address -> code object, held
         self._globals: dict[int, dict[str, object]] = {}  # address -> a frame's globals, held
+        self._modules: dict[int, str] = {}  # code address -> its frames' module
         self._frame_labels: dict[bytes, str] = {}
         self._stacks: dict[bytes, tuple[str, ...]] = {}
         self._skip: tuple[int, ...] = ()
@@ -73,7 +74,10 @@ class NativeStacks:
         if code is None:
             return None
         g = self._held(self._globals, globals_id, dict)
-        module = str(g.get("__name__", "?")) if g is not None else "?"
+        if g is not None:
+            module = self._modules[code_id] = str(g.get("__name__", "?"))
+        else:  # a torn read's globals: the module this code was seen in before
+            module = self._modules.get(code_id, "?")
         if len(self._frame_labels) > MAX_KNOWN:
             self._frame_labels.clear()
         label = self._frame_labels[key] = (
@@ -88,5 +92,8 @@ class NativeStacks:
         if obj is None:
             obj = self.frames.object_at(address, kind)
             if obj is not None:
+                if len(table) >= MAX_KNOWN:  # code made at run time (exec, recompiles): let it go, name anew
+                    for t in (self._codes, self._globals, self._modules, self._frame_labels, self._stacks):
+                        t.clear()
                 table[address] = obj
         return obj

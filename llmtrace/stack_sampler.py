@@ -72,7 +72,6 @@ class StackSampler:
         self._chains: dict = {}  # id(frame) -> (frame, f_lasti, labels up to it) of the frames seen last tick
         self._stack_ids: dict = {}  # thread ident -> its stack's string id at the last tick
         self._ids_by_labels: dict = {}  # a stack's labels (tuple) -> its string id
-        self._raw_ids: dict = {}  # a GIL-free read's stack (bytes) -> its string id
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llmtrace-sampler", daemon=True)
         self.samples = 0
@@ -175,15 +174,10 @@ class StackSampler:
             return 0
         n = 0
         for tid, raw in rows:
-            stack_id = self._raw_ids.get(raw)
-            if stack_id is None:
-                labels = self.native.labels(raw)
-                if labels is None:  # a frame that returned before it could be named
-                    continue
-                if len(self._raw_ids) > native_stacks.MAX_KNOWN:
-                    self._raw_ids.clear()
-                stack_id = self._raw_ids[raw] = self._stack_id(labels)
-            recorder.emit(SAMPLE, stack_id, 0, now, now, tid=tid)
+            labels = self.native.labels(raw)
+            if labels is None:  # a frame that returned before it could be named
+                continue
+            recorder.emit(SAMPLE, self._stack_id(labels), 0, now, now, tid=tid)
             n += 1
         self.samples += n
         return n
