@@ -89,10 +89,18 @@ class StepCost:
     stage_spans: list[tuple[str, Span]] = field(default_factory=list)
     # (pid, tid, start, end, label of the wait) of peer threads' work standing for a blocking receive
     peer_windows: list[tuple[int, int, int, int, str]] = field(default_factory=list)
+    # where the root thread's own part ends: a pool thread's step hands on to the thread of
+    # the next forward, and the thread itself goes back to wait for work
+    own_end_ns: int | None = None
 
     @property
     def wall_ns(self) -> int:
         return self.root.dur_ns
+
+    @property
+    def own_ns(self) -> tuple[int, int]:
+        """The part of the step the root's thread works on: (start, end)."""
+        return self.root.start_ns, self.own_end_ns if self.own_end_ns is not None else self.root.end_ns
 
 
 def is_host_side(s: Span, model_stage: str) -> bool:
@@ -246,6 +254,7 @@ class _StepWalker:
         self._children(root, root.start_ns, root.end_ns, segs, sc, _P_ROOT_STAGE)
         if handoff is not None:
             pid, tid, lo, hi = handoff
+            sc.own_end_ns = lo
             self._thread_work(pid, tid, self.index.in_window(self.index.top_level(pid, tid), lo, hi), lo, hi, segs, sc)
         if sc.agent_root is not None:
             self._neighbours(sc.agent_root, root.start_ns, root.end_ns, segs, sc)

@@ -207,6 +207,21 @@ class FunctionIndex:
             return []
         return _inside(self._samples, c.span.pid, c.span.tid, c.start, c.end)
 
+    def sampled_ns(self, pid: int, tid: int, lo: int, hi: int, idle: bool) -> int:
+        """How much of [lo, hi) one thread's stack samples show it blocked in a wait
+        (`idle`: `is_idle_sample`, a thread pool's worker back at its queue, a select), or
+        not (working, or waiting for the GIL)."""
+        main = self._main.get(pid, "")
+        return sum(
+            max(0, min(b, hi) - max(a, lo))
+            for smp, a, b in _inside(self._samples, pid, tid, lo, hi)
+            if is_idle_sample(smp.stack, main) == idle
+        )
+
+    def samples_pids(self) -> set[int]:
+        """The processes that have stack samples."""
+        return {pid for pid, _ in self._samples}
+
     def sampled_in(self, c: Call) -> list[Call]:
         """The sampled calls whose sample lies inside call `c`'s span (same process)."""
         if c.span is None:

@@ -1,11 +1,14 @@
 """`gil-contention`: the step loop's thread waited for the GIL while other Python threads of
 its process ran.
 
-Fingerprint: over each step, the step thread's time neither on a CPU nor runnable (Linux
-schedstat) and not inside a recorded wait of its own (a receive or poll, a sleep, a device
-sync) is blocked on something unrecorded; where other Python threads of the same process
-ran (or were runnable: a thread may hold the GIL while it waits for a CPU) in that window,
-the smaller of the two is counted as GIL wait. Only Python
+Fingerprint: over each step (the step thread's own part of it: a thread-pool step ends, for
+its thread, where the thread of the next forward takes over), the step thread's time
+neither on a CPU nor runnable (Linux schedstat), not inside a recorded wait of its own (a
+receive or poll, a sleep, a device sync) and not where its stack samples show it blocked in
+a wait (a pool's worker back at its work queue) is blocked on something unrecorded; where
+other Python threads of the same process ran (or were runnable: a thread may hold the GIL
+while it waits for a CPU) in that window, no longer than their stack samples show them
+working there (when the process was sampled), the smaller of the two is counted as GIL wait. Only Python
 threads count (torch's native intra-op threads do not hold the GIL). At least MIN_SHARE
 of the steps' wall time, summed.
 Saving: that time per token.
@@ -29,12 +32,12 @@ MIN_SHARE = 0.05
 _WAIT_STAGES = (names.SLEEP, names.SYNC)
 
 
-def _own_waits_ns(sc: StepCost) -> int:
+def _own_waits_ns(sc: StepCost, end: int) -> int:
     r = sc.root
     spans = [
         s for _, s in sc.stage_spans if s.pid == r.pid and s.tid == r.tid and (is_receive(s) or s.stage in _WAIT_STAGES)
     ]
-    return union_ns((max(s.start_ns, r.start_ns), min(s.end_ns, r.end_ns)) for s in spans)
+    return union_ns((max(s.start_ns, r.start_ns), min(s.end_ns, end)) for s in spans if s.start_ns < end)
 
 
 def check(ctx: Analysis) -> list[Suggestion]:
@@ -43,14 +46,23 @@ def check(ctx: Analysis) -> list[Suggestion]:
         return []
     wall, gil_ns = 0.0, 0.0
     by_thread: dict[tuple[int, int], float] = defaultdict(float)
+    fn, sampled = ctx.functions, ctx.functions.samples_pids()
     for sc in ctx.steps:
         r = sc.root
-        d = cpu.delta(r.pid, r.tid, r.start_ns, r.end_ns)
+        lo, hi = sc.own_ns  # a pool thread that handed the step on waits for work, not the GIL
+        d = cpu.delta(r.pid, r.tid, lo, hi)
         if d is None:
             continue
-        wall += sc.wall_ns
-        unexplained = sc.wall_ns - d[0] - d[1] - _own_waits_ns(sc)
-        others = cpu.others_busy(r.pid, r.tid, r.start_ns, r.end_ns)
+        wall += hi - lo
+        unexplained = hi - lo - d[0] - d[1] - _own_waits_ns(sc, hi) - fn.sampled_ns(r.pid, r.tid, lo, hi, idle=True)
+        # CPU time is read 20 times a second and spread evenly over each interval, so two
+        # pool threads taking turns at steps look busy at once: where stack samples say
+        # when the others worked, that bounds their time
+        others = {
+            tid: min(ns, fn.sampled_ns(r.pid, tid, lo, hi, idle=False)) if r.pid in sampled else ns
+            for tid, ns in cpu.others_busy(r.pid, r.tid, lo, hi).items()
+        }
+        others = {tid: ns for tid, ns in others.items() if ns > 0}
         if unexplained <= 0 or not others:
             continue
         gil_ns += min(unexplained, sum(others.values()))
