@@ -347,12 +347,26 @@ static PyObject *snapshot(PyObject *Py_UNUSED(m), PyObject *args)
 #endif
 }
 
+#ifdef FRAMES_SUPPORTED
+/* A count a live object has: a plausible one, or 3.12's immortal mark (deep-frozen and
+   static code objects: importlib, runpy, os ... are on many stacks). A freed block's first
+   word is a free-list pointer instead: far larger, or 0. */
+static int live_refcnt(Py_ssize_t n)
+{
+#ifdef _Py_IMMORTAL_REFCNT
+    if (n == _Py_IMMORTAL_REFCNT)
+        return 1;
+#endif
+    return n > 0 && n < ((Py_ssize_t)1 << 30);
+}
+#endif
+
 PyDoc_STRVAR(object_at_doc,
              "object_at(address, type) -> object | None: the object of exactly `type` that lives at\n"
              "`address` now (a new reference), else None. Called under the GIL, so what it finds\n"
              "alive stays alive while the caller holds it. A freed object fails the checks: its first\n"
              "words are the allocator's free-list pointers (a reference count no live object has) or\n"
-             "another type.");
+             "another type. Immortal objects (3.12) count as live.");
 
 static PyObject *object_at(PyObject *Py_UNUSED(m), PyObject *args)
 {
@@ -364,7 +378,7 @@ static PyObject *object_at(PyObject *Py_UNUSED(m), PyObject *args)
     PyObject head;
     g_pid = getpid();
     if (address != 0 && safe_read((void *)(uintptr_t)address, &head, sizeof head) == 0 && Py_TYPE(&head) == type &&
-        head.ob_refcnt > 0 && head.ob_refcnt < ((Py_ssize_t)1 << 30)) {
+        live_refcnt(head.ob_refcnt)) {
         PyObject *o = (PyObject *)(uintptr_t)address;
         Py_INCREF(o);
         return o;

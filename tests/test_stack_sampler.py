@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib._bootstrap
+import os
 import sys
 import threading
 import time
@@ -138,6 +139,8 @@ def test_a_gil_free_tick_names_other_threads_frames_with_their_lines(recording):
 def test_an_address_is_named_only_while_a_live_object_of_its_type_is_there():
     code = _pure_python.__code__
     assert frames.object_at(id(code), types.CodeType) is code
+    frozen = os.path.join.__code__  # deep-frozen at startup: immortal on 3.12 (refcount 2**32 - 1)
+    assert frames.object_at(id(frozen), types.CodeType) is frozen
     assert frames.object_at(id(code), dict) is None  # another type
     assert frames.object_at(0, types.CodeType) is None
     assert frames.object_at(8, types.CodeType) is None  # unmapped: the read fails, nothing crashes
