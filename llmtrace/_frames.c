@@ -166,14 +166,14 @@ static int read_thread_states(PyInterpreterState *interp)
 }
 
 /* Whether thread t's stack is last tick's: the same innermost frame at the same instruction
-   (it waits in a call). Then its frames are copied into `out`. */
-static int unmoved(ThreadStack *t, const uint64_t *top, uint64_t *out)
+   (it waits in a call), whose words `out` holds. Then last tick's frames are copied into it. */
+static int unmoved(ThreadStack *t, uint64_t *out)
 {
     const ThreadStack *last = last_tick(t->tid);
     if (last == NULL || last->top != t->top || last->depth == 0)
         return 0;
     const uint64_t *before = g_frames[1 - g_cur] + (size_t)(last - g_threads[1 - g_cur]) * WORDS_PER_FRAME * g_depth;
-    if (memcmp(before, top, sizeof(uint64_t) * WORDS_PER_FRAME) != 0)
+    if (memcmp(before, out, sizeof(uint64_t) * WORDS_PER_FRAME) != 0)
         return 0;
     memcpy(out, before, sizeof(uint64_t) * WORDS_PER_FRAME * last->depth);
     t->depth = last->depth;
@@ -197,20 +197,18 @@ static void read_stack(ThreadStack *t, int slot, const _PyInterpreterFrame *top)
     _PyInterpreterFrame f = *top;
     t->depth = 0;
     g_block_lo = g_block_hi = 0; /* this thread's frames as they are now */
-    const _PyInterpreterFrame *at = t->top;
     for (;;) {
 #if PY_VERSION_HEX >= 0x030C0000
         if (f.owner != FRAME_OWNED_BY_CSTACK) /* the C stack's shim frame: no Python code */
 #endif
         {
             frame_words(&f, out);
-            if (t->depth == 0 && unmoved(t, out, out))
+            if (t->depth == 0 && unmoved(t, out))
                 return;
             out += WORDS_PER_FRAME;
             t->depth++;
         }
-        at = f.previous;
-        if (at == NULL || t->depth >= g_depth || read_frame(at, &f))
+        if (f.previous == NULL || t->depth >= g_depth || read_frame(f.previous, &f))
             return;
     }
 }

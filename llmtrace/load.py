@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import os
 
+from . import recorder
 from .clock_align import align
 from .errors import UserError
 from .export.load_chrome import load_chrome_trace, read_export_info
-from .spool_format import SpoolError
+from .spool_format import Batch, SpoolError
 from .timeline import Process, RecordDecoder, Trace, load_spool_dir, load_spool_file, spool_files
 
 TRACE_JSON = "trace.json"
@@ -26,9 +27,6 @@ TRACE_JSON = "trace.json"
 def drain_recorded(process_name: str = "this process") -> Trace:
     """Everything this process has recorded in memory so far (no sink), decoded into a
     Trace; the records are consumed."""
-    from . import recorder
-    from .spool_format import Batch
-
     recorder.requeue_strings()
     records, n, strings, _ = recorder.drain()
     out = Trace()

@@ -59,13 +59,16 @@ class NativeStacks:
         stack = self._stacks.get(raw)
         if stack is not None:
             return stack
-        keys = [raw[i : i + FRAME.size] for i in range(len(raw) - FRAME.size, -1, -FRAME.size)]
-        for k in keys:
-            if k not in self._frame_labels and self._label(k) is None:
+        out = []
+        for i in range(len(raw) - FRAME.size, -1, -FRAME.size):  # innermost first in `raw`
+            key = raw[i : i + FRAME.size]
+            label = self._frame_labels.get(key) or self._label(key)  # naming one may clear the tables
+            if label is None:
                 return None
+            out.append(label)
         if len(self._stacks) > MAX_KNOWN:
             self._stacks.clear()
-        stack = self._stacks[raw] = tuple(self._frame_labels[k] for k in keys)
+        stack = self._stacks[raw] = tuple(out)
         return stack
 
     def _label(self, key: bytes) -> str | None:

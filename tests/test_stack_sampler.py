@@ -181,3 +181,17 @@ def test_gil_free_ticks_survive_stacks_that_change_while_they_are_read(recording
     stacks = [s.stack for s in drain_recorded_trace().samples]
     assert ticks > 2000 and len(stacks) == ticks
     assert all(frame.count(":") >= 2 for st in stacks for frame in st)
+
+
+@needs_frames
+def test_naming_a_stack_survives_the_tables_starting_over_midway(monkeypatch):
+    """Past MAX_KNOWN the tables start over, possibly while a stack's frames are being
+    named: the stack must still come out whole (it raised KeyError, which ended the
+    GIL-free reader for the rest of the run)."""
+    monkeypatch.setattr(native_stacks, "MAX_KNOWN", 2)
+    stacks = native_stacks.NativeStacks(frames)
+    _, rows = stacks.snapshot(0, 48, ())
+    (raw,) = [raw for tid, raw in rows if tid == threading.get_native_id()]
+    labels = stacks.labels(raw)
+    assert labels is not None and len(labels) == len(raw) // native_stacks.FRAME.size > 2
+    assert any("test_naming_a_stack_survives" in label for label in labels)

@@ -70,9 +70,8 @@ MIN_STEPS_AFFECTED = 3  # a per-step pattern seen in fewer steps is a coincidenc
 
 class Analysis:
     def __init__(self, trace: Trace):
-        self.trace = trace
-        model_calls.group(trace)
-        self.index = TraceIndex(trace)
+        self.trace = trace  # as recorded; the index's has model calls made of module calls grouped
+        self.index = TraceIndex(model_calls.grouped(trace))
         self.breakdown = Breakdown.of(self.index)
         self.metrics = serving_metrics(self.index, self.breakdown)
         self.functions = FunctionIndex(self.index, self.breakdown, trace)

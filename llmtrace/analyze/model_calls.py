@@ -15,6 +15,7 @@ lies between model calls, not between a model's layers).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import statistics
 from collections import Counter, defaultdict
 
@@ -25,8 +26,9 @@ SAME_SHAPE = 0.8  # the share of pieces that must call the same modules in the s
 _GROUP_ID = 1 << 61  # ids of the spans made here (the step windows' are 1 << 62)
 
 
-def group(trace: Trace) -> int:
-    """Make the runs described above one `forward` each, in `trace`; how many were made."""
+def grouped(trace: Trace) -> Trace:
+    """`trace`, or, when it holds such runs, a copy in which each is one `forward` enclosing
+    its calls. The recorded spans are left as they are (a live view shares them)."""
     by_thread: dict[tuple[int, int], list[Span]] = defaultdict(list)
     by_id = {s.span_id: s for s in trace.spans}
     for s in trace.spans:
@@ -35,17 +37,18 @@ def group(trace: Trace) -> int:
             by_thread[(s.pid, s.tid)].append(s)
     made: list[Span] = []
     for calls in by_thread.values():
-        pieces = _pieces(calls)
-        for piece in pieces or ():
+        for piece in _pieces(calls) or ():
             if len(piece) > 1:
                 made.append(_enclose(piece, _GROUP_ID | len(made)))
-    if made:
-        starts = [s.start_ns for s in trace.spans]  # sorted: trace.spans is, by start
-        for m in made:  # spans inside a model call are its own (a sync.wait between its layers)
-            _adopt(trace.spans, starts, m)
-        trace.spans.extend(made)
-        trace.spans.sort(key=lambda s: (s.start_ns, -s.end_ns))
-    return len(made)
+    if not made:
+        return trace
+    spans = list(trace.spans)
+    starts = [s.start_ns for s in spans]  # sorted: trace.spans is, by start
+    for m in made:  # spans inside a model call are its own (a sync.wait between its layers)
+        _adopt(spans, starts, m)
+    spans += made
+    spans.sort(key=lambda s: (s.start_ns, -s.end_ns))
+    return dataclasses.replace(trace, spans=spans)
 
 
 def _pieces(calls: list[Span]) -> list[list[Span]] | None:
@@ -100,10 +103,10 @@ def _enclose(piece: list[Span], span_id: int) -> Span:
 
 
 def _adopt(spans: list[Span], starts: list[int], outer: Span) -> None:
-    """Spans of `outer`'s thread and parent that lie within it become its children."""
+    """Spans of `outer`'s thread and parent that lie within it become its children (copies)."""
     i = bisect.bisect_left(starts, outer.start_ns)
     while i < len(spans) and spans[i].start_ns < outer.end_ns:
         s = spans[i]
         if s.pid == outer.pid and s.tid == outer.tid and s.parent_id == outer.parent_id and s.end_ns <= outer.end_ns:
-            s.parent_id = outer.span_id
+            spans[i] = dataclasses.replace(s, parent_id=outer.span_id)
         i += 1

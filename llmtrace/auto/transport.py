@@ -62,11 +62,10 @@ def _sender(orig):
         if not recorder.is_enabled():
             return orig(sock, data, *args)
         stage, n = _stage(sock), _nbytes(data)
+        attrs = {names.A_BYTES: n}
         if n < NAGLE_BYTES and stage == names.TCP and _type(sock) == socket.SOCK_STREAM:
-            span = recorder.span(_SEND[stage], stage=stage, **{names.A_BYTES: n, names.A_NODELAY: _nodelay(sock)})
-        else:
-            span = recorder.span(_SEND[stage], stage=stage, **{names.A_BYTES: n})
-        with span as sp:
+            attrs[names.A_NODELAY] = _nodelay(sock)
+        with recorder.span(_SEND[stage], stage=stage, **attrs) as sp:
             try:
                 return orig(sock, data, *args)
             finally:
