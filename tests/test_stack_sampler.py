@@ -95,13 +95,16 @@ def test_a_gil_free_tick_sees_pure_python_before_a_call_that_releases_the_gil(re
     worker = threading.Thread(target=work)
     worker.start()
     sampler.start()
+    stacks: list[tuple[str, ...]] = []
+    deadline = time.monotonic() + 10  # a loaded machine gives the sampler fewer ticks
     try:
-        time.sleep(0.6)
+        while len(stacks) < 150 and time.monotonic() < deadline:
+            time.sleep(0.3)
+            stacks += [s.stack for s in drain_recorded_trace().samples if s.tid == worker.native_id]
     finally:
         sampler.stop()
         stop.set()
         worker.join()
-    stacks = [s.stack for s in drain_recorded_trace().samples if s.tid == worker.native_id]
     in_pure = sum(1 for st in stacks if ":_pure_python:" in st[-1])
     in_work = sum(1 for st in stacks if ".<locals>.work:" in st[-1])
     share, truth = in_pure / max(1, in_pure + in_work), spent[0] / sum(spent)
