@@ -93,6 +93,7 @@ A_TTFT_US = "ttft_us"
 A_TOKENS_SO_FAR = "n"
 A_FUNCTION = "fn"  # the instrumented library function (auto-instrumentation)
 A_CALLER = "caller"  # the program's function that called it ('module.qualname')
+A_INFERRED = "inferred"  # on a span llmtrace placed from what it saw (auto/hot_loop.py): how
 A_BUSY_NS = "busy_ns"  # device time a model span's kernels and copies ran (their union)
 A_KERNELS = "kernels"  # kernels and copies a model span ran on the device
 A_LAUNCHES = "launches"  # host calls that launched them (one per kernel eagerly, one per CUDA graph)

@@ -40,6 +40,8 @@ import random
 import sys
 import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 
 from . import native_stacks, recorder
 from .spool_format import SAMPLE
@@ -49,6 +51,8 @@ _IMPORT_RACE = sys.version_info < (3, 12)  # f_back across threads mid-import ca
 MAX_GIL_SHARE = 0.02
 COST_SMOOTHING = 0.02  # the tick cost's moving average weighs the last ~50 ticks
 _SKIP_THREADS = ("llmtrace-flush", "llmtrace-sampler")
+# sees each thread's stacks (labels, outermost first -> ticks) every `every_s`; True: done
+Watcher = Callable[[dict[int, Counter[tuple[str, ...]]]], bool]
 
 
 def importing() -> bool:
@@ -72,6 +76,10 @@ class StackSampler:
         self._chains: dict = {}  # id(frame) -> (frame, f_lasti, labels up to it) of the frames seen last tick
         self._stack_ids: dict = {}  # thread ident -> its stack's string id at the last tick
         self._ids_by_labels: dict = {}  # a stack's labels (tuple) -> its string id
+        self._labels_by_id: dict = {}  # and back, for a watcher
+        self._watcher: tuple[Watcher, float] | None = None
+        self._seen: Counter[tuple[int, int]] = Counter()  # (tid, stack id) -> ticks, while watched
+        self._watch_due = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llmtrace-sampler", daemon=True)
         self.samples = 0
@@ -140,7 +148,36 @@ class StackSampler:
         sid = self._ids_by_labels.get(labels)
         if sid is None:
             sid = self._ids_by_labels[labels] = recorder.intern(";".join(labels))
+            self._labels_by_id[sid] = labels
         return sid
+
+    def watch(self, watcher: Watcher | None, every_s: float = 1.0) -> None:
+        """Show `watcher` the stacks sampled since its last look, every `every_s`, until it
+        returns True (auto/hot_loop.py reads the program's step loop from them)."""
+        self._watcher = (watcher, every_s) if watcher is not None else None
+        self._seen.clear()
+        self._watch_due = time.monotonic() + every_s
+
+    def _emit(self, tid: int, stack_id: int, now: int) -> None:
+        recorder.emit(SAMPLE, stack_id, 0, now, now, tid=tid)
+        if self._watcher is not None:
+            self._seen[(tid, stack_id)] += 1
+
+    def _show_watcher(self) -> None:
+        assert self._watcher is not None
+        watcher, every_s = self._watcher
+        self._watch_due = time.monotonic() + every_s
+        by_thread: dict[int, Counter[tuple[str, ...]]] = {}
+        for (tid, sid), n in self._seen.items():
+            by_thread.setdefault(tid, Counter())[self._labels_by_id[sid]] += n
+        self._seen.clear()
+        try:
+            done = watcher(by_thread)
+        except Exception as e:  # a watcher's failure never ends sampling
+            print(f"llmtrace: stack watcher failed: {e!r}", file=sys.stderr)
+            done = True
+        if done:
+            self._watcher = None
 
     def sample_once(self) -> int:
         if not recorder.is_enabled() or (_IMPORT_RACE and importing()):
@@ -160,7 +197,7 @@ class StackSampler:
                 stack_id = self._stack_ids[ident] = self._stack_id(self._labels_of(frame, self._chains, chains))
             else:
                 chains[id(frame)] = hit
-            recorder.emit(SAMPLE, stack_id, 0, now, now, tid=tid)
+            self._emit(tid, stack_id, now)
             n += 1
         self._chains = chains  # frames held for one tick only
         self.samples += n
@@ -177,7 +214,7 @@ class StackSampler:
             labels = self.native.labels(raw)
             if labels is None:  # a frame that returned before it could be named
                 continue
-            recorder.emit(SAMPLE, self._stack_id(labels), 0, now, now, tid=tid)
+            self._emit(tid, self._stack_id(labels), now)
             n += 1
         self.samples += n
         return n
@@ -207,11 +244,14 @@ class StackSampler:
                 break
             else:
                 self.sample_once()
+            if self._watcher is not None and time.monotonic() >= self._watch_due:
+                self._show_watcher()
             cost += COST_SMOOTHING * (time.thread_time() - t0 - cost)  # CPU time: not other threads'
             wait = max(self.interval_s, cost * (1 / MAX_GIL_SHARE - 1))
 
 
 _sampler: StackSampler | None = None
+_watcher: tuple[Watcher, float] | None = None  # for the sampler started later, and a fork's
 
 
 def start(interval_s: float = 0.001) -> StackSampler:
@@ -219,10 +259,22 @@ def start(interval_s: float = 0.001) -> StackSampler:
     called again, or after the environment started one, asks for it)."""
     global _sampler
     if _sampler is None:
-        _sampler = StackSampler(interval_s).start()
+        _sampler = StackSampler(interval_s)
+        if _watcher is not None:
+            _sampler.watch(*_watcher)
+        _sampler.start()
     elif _sampler.interval_s != interval_s:
         _sampler.set_interval(interval_s)
     return _sampler
+
+
+def watch(watcher: Watcher | None, every_s: float = 1.0) -> None:
+    """`StackSampler.watch` on this process's sampler, now or when it starts (a forked
+    child's watches its own stacks); None: no more."""
+    global _watcher
+    _watcher = (watcher, every_s) if watcher is not None else None
+    if _sampler is not None:
+        _sampler.watch(watcher, every_s)
 
 
 def stop() -> None:

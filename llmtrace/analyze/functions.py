@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import bisect
 import functools
-import importlib.util
-import linecache
 import os
 import re
-import sys
-import sysconfig
 from collections import Counter, defaultdict
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from ..frame_labels import frame_file, frame_name, is_idle_sample, is_user_code, source_line
 from ..names import A_CALLER
 from ..timeline import Sample, Span, Trace
 from .breakdown import GAP, MODEL_STAGES, Breakdown, StepCost, is_host_side
@@ -44,11 +41,6 @@ SamplesByThread = dict[Thread, tuple[list[int], list[SampleCell]]]  # ([ts...], 
 SiteSample = tuple[int, Sample, int, int, "Span | None"]  # (step, sample, start, end, the stage span it lies in)
 ForeignRow = tuple[int, int, str, str]  # (start, end, name, source) of a foreign complete event
 ForeignByThread = dict[Thread, tuple[list[int], list[ForeignRow]]]
-# functions that wait rather than work: a stage "spending time" there is blocked
-IDLE = re.compile(
-    r"(^|\.)(select|poll|epoll|wait|wait_for|sleep|acquire|recv|recv_into|accept|_run_once"
-    r"|run_forever|run_until_complete)(:\d+)?$"
-)
 
 
 @dataclass(slots=True)
@@ -283,15 +275,6 @@ class FunctionIndex:
         return sorted(out, key=lambda f: -f.total_ns)
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def frame_name(frame: str) -> str:
-    """'module:Class.func:123' (sampler label) -> 'module.Class.func'."""
-    parts = frame.split(":")
-    if len(parts) > 1 and parts[-1].isdigit():
-        parts.pop()
-    return ".".join(parts)
-
-
 def _owner(smp: Sample, main_file: str) -> str | None:
     """The program's own code a sample is in: its innermost frame that is not a library's
     ('mod.func:LINE' when the sampler recorded the line)."""
@@ -331,44 +314,6 @@ def _sampled_names(stack: tuple[str, ...], main_file: str = "") -> tuple[str, ..
     return names + tuple(extra)
 
 
-# a leaf line that blocks in C (no frame of its own): a queue's get, a wait, a join, a
-# lock (acquired, or entered by `with`), a receive (not dict.get or str.join: those always
-# take an argument)
-_BLOCKING_CALL = re.compile(
-    r"\.(?:get|join|result)\(\s*(?:\)|block\s*=|timeout\s*=|True\b|False\b)"
-    r"|\.(?:wait|wait_for|acquire|recv|recv_into|recvfrom|accept|poll|select)\s*\("
-    r"|\bsleep\s*\("
-    r"|^\s*(?:async\s+)?with\b[^:#]*\b\w*(?:lock|Lock|mutex|semaphore)\b"
-)  # entering a lock
-
-
-@functools.lru_cache(maxsize=1 << 14)
-def is_idle_sample(stack: tuple[str, ...], main_file: str = "") -> bool:
-    """Whether a sampled thread was blocked, not working: its innermost frame is a wait
-    (select, poll, sleep, acquire, ...) or its line calls one that has no Python frame
-    (`work_queue.get(block=True)` in a thread pool's idle worker)."""
-    if not stack:
-        return False
-    leaf = stack[-1]
-    return bool(IDLE.search(frame_name(leaf)) or _BLOCKING_CALL.search(_source_line(leaf, main_file)))
-
-
-def _source_line(frame: str, main_file: str) -> str:
-    """The source text of a sampled frame 'module:func:LINE' ('' without a line or file);
-    `main_file`: the sampled process's __main__ (not this one's)."""
-    path, line = _frame_file(frame, main_file)
-    return linecache.getline(path, line) if path else ""
-
-
-def _frame_file(frame: str, main_file: str) -> tuple[str, int]:
-    """(source file, line) of a sampled frame 'module:func:LINE'; ('', 0) when unknown."""
-    parts = frame.split(":")
-    if len(parts) < 3 or not parts[-1].isdigit():
-        return "", 0
-    path = main_file if parts[0] == "__main__" else _module_file(parts[0])
-    return path, int(parts[-1])
-
-
 _CALL = re.compile(r"\b((?:np|numpy|torch|pd|pandas|json|pickle|copy|gc)(?:\.\w+)+)\s*\(")
 _ALIASES = {"np": "numpy", "pd": "pandas"}
 
@@ -379,11 +324,11 @@ def line_callee(frame: str, main_file: str = "") -> str | None:
     'numpy.concatenate': a C function has no Python frame of its own, so a sample taken
     inside np.concatenate shows only the line that calls it. `main_file`: the sampled
     process's __main__ (not this one's)."""
-    path, line = _frame_file(frame, main_file)
+    path, line = frame_file(frame, main_file)
     level = log_only_lines(path).get(line) if path and is_user_code(frame_name(frame)) else None
     if level:  # the program's line only computes or formats what a log call prints
         return f"logging.Logger.{level}"
-    text = _source_line(frame, main_file)
+    text = source_line(frame, main_file)
     log_call = LOG_CALL_TEXT.search(text)  # a line of a library, or of a file that does not parse
     if log_call:
         return f"logging.Logger.{log_call.group(1)}"
@@ -392,19 +337,6 @@ def line_callee(frame: str, main_file: str = "") -> str | None:
         return None
     root, _, rest = m.group(1).partition(".")
     return f"{_ALIASES.get(root, root)}.{rest}"
-
-
-@functools.lru_cache(maxsize=1 << 10)
-def _module_file(module: str) -> str:
-    mod = sys.modules.get(module)
-    path = getattr(mod, "__file__", None)
-    if path is None:
-        try:
-            spec = importlib.util.find_spec(module)
-        except (ImportError, ValueError):
-            spec = None
-        path = spec.origin if spec is not None and spec.origin else ""
-    return path
 
 
 def _always(stacks: list[tuple[str, ...]]) -> set[tuple[int, str]]:
@@ -502,32 +434,6 @@ def _foreign_by_thread(events: list[dict[str, Any]]) -> ForeignByThread:
         lst.sort()
         out[key] = ([r[0] for r in lst], lst)
     return out
-
-
-@functools.lru_cache(maxsize=1 << 12)
-def is_user_code(name: str) -> bool:
-    """A function of the profiled program itself, not of the standard library, an installed
-    package or llmtrace: where a finding's fix goes. Judged by its top-level package; one
-    this interpreter cannot find is taken for the program's own."""
-    top = name.split(":", 1)[0].split(".", 1)[0]
-    if top == "__main__":
-        return True
-    if top in ("llmtrace", "<frozen") or top in sys.stdlib_module_names:
-        return False
-    try:
-        spec = importlib.util.find_spec(top)
-    except (ImportError, ValueError):
-        spec = None
-    origin = (spec.origin or "") if spec is not None else ""
-    return not (
-        "site-packages" in origin
-        or "dist-packages" in origin
-        or origin.startswith(_STDLIB)
-        or origin in ("built-in", "frozen")
-    )
-
-
-_STDLIB = sysconfig.get_paths()["stdlib"]
 
 
 def program_functions(trace: Trace, top: int = 8) -> list[tuple[str, int]]:

@@ -202,11 +202,24 @@ def _model_cadence(index: TraceIndex) -> Steps:
     steps.note = (
         "steps inferred from the model's cadence: one per outermost `forward` on its thread "
         "(mark the loop with `llmtrace.steps(...)` to say where a step starts)"
-    )
+    ) + _inferred_model(lanes)
     if steps.idle_windows:
         n = steps.idle_windows
         steps.note += f"; {n} window{'s' if n != 1 else ''} holding idle waits left out"
     return steps
+
+
+def _inferred_model(lanes: list[list[Span]]) -> str:
+    """What the report says of a model call llmtrace chose itself (auto/hot_loop.py)."""
+    for fwds in lanes:
+        f = fwds[-1]
+        how = f.attrs.get(names.A_INFERRED)
+        if how:
+            return (
+                f"; the model is `{f.attrs.get(names.A_FUNCTION)}`, {how}, timed from the moment it was "
+                "found (the steps before are not in the breakdown)"
+            )
+    return ""
 
 
 def _own_task(index: TraceIndex, top: list[Span], fwds: list[Span]) -> list[Span]:

@@ -10,6 +10,8 @@ torch_model.py  outermost nn.Module call (forward), host<-device copies and sync
 libraries.py  tokenizers (tokenize / detokenize), http.server / aiohttp / Starlette requests
 processes.py  multiprocessing children record under their Process.name
 handoff.py    objects handed between threads by queue.Queue / asyncio.Queue (request -> step links)
+hot_loop.py   a model llmtrace has no patch for: the step loop's busiest call, found by the
+              stack sampler while the program runs, timed as `forward`
 
 Each patch replaces one attribute once (patching.py), keeps the original's behaviour and
 exceptions, records nothing while recording is off, and a library that is not installed
@@ -18,7 +20,7 @@ is simply never patched (patches wait for the module's import).
 
 from __future__ import annotations
 
-from . import handoff, libraries, patching, processes, runtime, torch_model, transport
+from . import handoff, hot_loop, libraries, patching, processes, runtime, torch_model, transport
 
 GROUPS = {
     "transport": transport,
@@ -27,13 +29,14 @@ GROUPS = {
     "libraries": libraries,
     "processes": processes,
     "handoff": handoff,
+    "hot_loop": hot_loop,
 }
 _installed: set[str] = set()
 
 
 def instrument(groups=None) -> list[str]:
     """Patch the boundaries of `groups` (default all: transport, runtime, torch,
-    libraries, processes, handoff); returns the groups newly installed."""
+    libraries, processes, handoff, hot_loop); returns the groups newly installed."""
     wanted = list(GROUPS if groups is None else groups)
     unknown = [g for g in wanted if g not in GROUPS]
     if unknown:
@@ -49,4 +52,5 @@ def uninstrument() -> None:
     """Undo every patch (patches still waiting for an import are dropped too)."""
     patching.restore()
     patching.clear_pending()
+    hot_loop.uninstall()
     _installed.clear()

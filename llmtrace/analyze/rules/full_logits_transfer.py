@@ -24,8 +24,9 @@ import re
 from typing import TYPE_CHECKING
 
 from ... import names
+from ...frame_labels import is_user_code
 from ..breakdown import LOGITS_BYTES_ATTRS, MODEL_STAGES, moves_logits
-from ..functions import Call, is_user_code
+from ..functions import Call
 from ..stats import median
 
 if TYPE_CHECKING:

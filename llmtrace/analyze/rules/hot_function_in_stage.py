@@ -23,7 +23,7 @@ import re
 from typing import TYPE_CHECKING
 
 from ... import names
-from ..functions import IDLE
+from ...frame_labels import IDLE
 
 if TYPE_CHECKING:
     from ..analysis import Analysis, Suggestion

@@ -1,0 +1,152 @@
+"""The model of a program llmtrace has no patch for (numpy, onnxruntime, a C extension's
+binding): read from the stack samples while the program runs, then timed exactly.
+
+Every serving loop calls its model once per step, and that call is most of the loop's
+time. The sampler's watcher (stack_sampler.watch) looks at the last stacks of each thread:
+from the outermost frame down it follows the function most samples are in, until the
+program's own function that spends some of its time outside its busiest callee (the loop
+body: the step's other work) while that callee, also the program's own, holds at least
+MODEL_SHARE of the thread's wall time. That callee, found in its module or class by its
+qualified name, is replaced by a wrapper recording a `forward` span (attr `fn`, `inferred`,
+and `batch`: the first array argument's leading dimension): from then on the analyzer's
+model cadence finds the steps, and the work between model calls is the step's overhead.
+
+A program whose model llmtrace already times (a torch module, a span of the user's) shows
+llmtrace's or torch's frames under that callee and is left alone, as is one whose loop has
+no such call (the model inlined in the loop body, a call through a local alias or a
+closure). One function per process, at most.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+import types
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from .. import names, recorder, stack_sampler
+from ..frame_labels import is_idle_sample, is_user_code
+from .patching import replace
+
+CHECK_S = 1.0
+MIN_SAMPLES = 100  # ticks of one thread before its stacks are judged (0.4 s at 250 Hz, more with many threads)
+MODEL_SHARE = 0.3  # of the thread's ticks inside the callee: a model, not a helper
+OUTSIDE_SHARE = 0.01  # of the loop's busy ticks outside its busiest callee: a loop body
+_KNOWN = ("llmtrace", "torch")  # timed already (a decorator, the torch patch)
+INFERRED = "the step loop's busiest call (stack samples)"
+
+Stacks = Counter[tuple[str, ...]]
+_pending: dict[int, Stacks] = {}  # thread -> its stacks gathered since it was last judged
+_promoted: list[str] = []  # the call timed in this process (a fork's child inherits it)
+
+
+def _function(label: str) -> str:
+    """'module:qualname:LINE' -> 'module:qualname'."""
+    head, _, tail = label.rpartition(":")
+    return head if tail.isdigit() else label
+
+
+def model_call(stacks: Stacks, main_file: str = "") -> str | None:
+    """The 'module:qualname' of the call that a thread's stacks show to be its loop's model
+    (the module docstring), or None."""
+    total = sum(stacks.values())
+    chain = [(st, n) for st, n in stacks.items() if st and not is_idle_sample(st, main_file)]
+    depth = 0
+    while chain:
+        here = Counter[str]()
+        for st, n in chain:
+            if len(st) > depth:
+                here[_function(st[depth])] += n
+        if not here:
+            return None
+        fn, fn_n = here.most_common(1)[0]
+        chain = [(st, n) for st, n in chain if len(st) > depth and _function(st[depth]) == fn]
+        below = Counter[str]()
+        for st, n in chain:
+            if len(st) > depth + 1:
+                below[_function(st[depth + 1])] += n
+        if not below:
+            return None
+        callee, callee_n = below.most_common(1)[0]
+        if callee_n <= fn_n * (1 - OUTSIDE_SHARE) and is_user_code(fn) and is_user_code(callee):
+            inside = [st for st, _ in chain if len(st) > depth + 1 and _function(st[depth + 1]) == callee]
+            known = any(f.startswith(_KNOWN) for st in inside for f in st[depth + 2 :])
+            return callee if callee_n >= MODEL_SHARE * total and not known else None
+        depth += 1
+    return None
+
+
+def _resolve(function: str) -> tuple[object, str, types.FunctionType] | None:
+    """(owner, attribute, function) where 'module:qualname' is bound: a module's global or
+    a class attribute; None for a nested function, a lambda, anything not plain."""
+    module, _, qualname = function.partition(":")
+    owner: object = sys.modules.get(module)
+    parts = qualname.split(".")
+    if owner is None or any(p.startswith("<") for p in parts):
+        return None
+    for part in parts[:-1]:
+        owner = vars(owner).get(part) if isinstance(owner, (type, types.ModuleType)) else None
+        if not isinstance(owner, type):
+            return None
+    fn = vars(owner).get(parts[-1]) if isinstance(owner, (type, types.ModuleType)) else None
+    plain = isinstance(fn, types.FunctionType) and fn.__qualname__ == qualname
+    if not plain or inspect.iscoroutinefunction(fn) or inspect.isgeneratorfunction(fn):
+        return None
+    return owner, parts[-1], fn  # type: ignore[return-value]
+
+
+def _batch(args: tuple[object, ...], kwargs: dict[str, object]) -> dict[str, object]:
+    """The leading dimension of the first array argument (an ndarray, a tensor, a jax array)."""
+    for v in (*args, *kwargs.values()):
+        shape = getattr(v, "shape", None)
+        if isinstance(shape, tuple) and shape and isinstance(shape[0], int):
+            return {names.A_BATCH: shape[0]}
+    return {}
+
+
+def _timed(function: str) -> Callable[[Any], Any]:
+    def wrap(orig: Callable[..., object]) -> Callable[..., object]:
+        @functools.wraps(orig)
+        def call(*args: object, **kwargs: object) -> object:
+            if not recorder.is_enabled():
+                return orig(*args, **kwargs)
+            attrs: dict[str, Any] = {names.A_FUNCTION: function.replace(":", "."), names.A_INFERRED: INFERRED}
+            attrs.update(_batch(args, kwargs))
+            with recorder.span(names.FORWARD, **attrs):
+                return orig(*args, **kwargs)
+
+        return call
+
+    return wrap
+
+
+def check(by_thread: dict[int, Stacks]) -> bool:
+    """The watcher: True once a model call is timed (or was, before a fork)."""
+    if _promoted:
+        return True
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None) or ""
+    for tid, stacks in by_thread.items():
+        gathered = _pending.setdefault(tid, Counter())
+        gathered.update(stacks)
+        if sum(gathered.values()) < MIN_SAMPLES:
+            continue
+        del _pending[tid]  # judged on its latest stacks only: a phase (import, warm-up) passes
+        function = model_call(gathered, main_file)
+        where = _resolve(function) if function is not None else None
+        if function is not None and where is not None and replace(where[0], where[1], _timed(function)):
+            _promoted.append(function)
+            return True
+    return False
+
+
+def install() -> None:
+    stack_sampler.watch(check, CHECK_S)
+
+
+def uninstall() -> None:
+    stack_sampler.watch(None)
+    _pending.clear()
+    _promoted.clear()

@@ -1,0 +1,148 @@
+"""A model llmtrace has no patch for (auto/hot_loop.py): the step loop's busiest call is
+read from the stack samples while the program runs and timed as `forward`, so a program
+whose model is numpy (or any C extension) gets steps, a breakdown and findings."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import pytest
+from synthetic import drain_recorded_trace
+
+import llmtrace
+from llmtrace import names, stack_sampler
+from llmtrace.analyze.analysis import Analysis
+from llmtrace.auto import hot_loop
+
+HERE = __name__
+
+
+def _stacks(rows: dict[tuple[str, ...], int]) -> Counter[tuple[str, ...]]:
+    return Counter(rows)
+
+
+LOOP = ("threading:Thread._bootstrap:995", "threading:Thread.run:975", f"{HERE}:serve:10")
+
+
+def test_the_loops_busiest_call_of_the_programs_own_is_the_model():
+    stacks = _stacks(
+        {
+            (*LOOP, f"{HERE}:model:3"): 70,
+            (*LOOP, f"{HERE}:model:4"): 10,
+            (*LOOP[:-1], f"{HERE}:serve:12", f"{HERE}:pick:7"): 15,
+            (*LOOP[:-1], f"{HERE}:serve:13"): 5,
+        }
+    )
+    assert hot_loop.model_call(stacks) == f"{HERE}:model"
+
+
+def test_no_model_where_the_busiest_call_is_a_small_part_of_the_threads_time():
+    """A scheduler thread that mostly waits for its workers: its busiest call is no model."""
+    stacks = _stacks(
+        {
+            (*LOOP, f"{HERE}:schedule:3"): 20,
+            (*LOOP[:-1], f"{HERE}:serve:12"): 5,
+            (*LOOP[:-1], f"{HERE}:serve:14", "threading:Condition.wait:320"): 75,  # idle
+        }
+    )
+    assert hot_loop.model_call(stacks) is None
+
+
+def test_a_call_that_llmtrace_or_torch_times_already_is_left_alone():
+    stacks = _stacks(
+        {
+            (*LOOP, f"{HERE}:generate_step:3", "llmtrace.auto.torch_model:__call__:50"): 80,
+            (*LOOP[:-1], f"{HERE}:serve:12"): 20,
+        }
+    )
+    assert hot_loop.model_call(stacks) is None
+
+
+def test_a_library_loop_is_followed_down_to_the_programs_own():
+    """socketserver's loop calls the handler on every request: the loop that matters is
+    the program's own, below it."""
+    lib = ("socketserver:BaseServer.serve_forever:233", "socketserver:BaseServer._handle_request_noblock:316")
+    stacks = _stacks(
+        {
+            (*lib, f"{HERE}:Handler.handle:20", f"{HERE}:Model.step:5"): 60,
+            (*lib, f"{HERE}:Handler.handle:22"): 30,
+            (*lib[:-1],): 10,
+        }
+    )
+    assert hot_loop.model_call(stacks) == f"{HERE}:Model.step"
+
+
+def test_nested_functions_and_lambdas_are_not_resolved():
+    assert hot_loop._resolve(f"{HERE}:outer.<locals>.inner") is None
+    assert hot_loop._resolve(f"{HERE}:_model") is not None
+    assert hot_loop._resolve(f"{HERE}:Model.step") is not None
+
+
+# ---------------------------------------------------------------- a running loop
+
+
+def _burn(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+class _Batch:
+    shape = (4, 16)
+
+
+def _model(batch: _Batch) -> int:
+    _burn(0.004)
+    return 1
+
+
+class Model:
+    def step(self, batch: _Batch) -> int:
+        return _model(batch)
+
+
+def _serve(stop: threading.Event) -> None:
+    batch = _Batch()
+    while not stop.is_set():
+        _model(batch)
+        _burn(0.001)  # the step's overhead
+
+
+@pytest.fixture
+def watched():
+    llmtrace.configure(enabled=True, propagate=False)
+    drain_recorded_trace()
+    llmtrace.instrument(["hot_loop"])
+    sampler = stack_sampler.start(0.002)
+    yield sampler
+    llmtrace.uninstrument()
+    stack_sampler.stop()
+    drain_recorded_trace()
+
+
+def test_a_running_loops_model_is_timed_and_gives_the_steps(watched):
+    original, stop = _model, threading.Event()
+    worker = threading.Thread(target=_serve, args=(stop,))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while globals()["_model"] is original and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert globals()["_model"] is not original, "the model call was not found"
+        time.sleep(0.3)  # steps timed from here on
+    finally:
+        stop.set()
+        worker.join()
+    trace = drain_recorded_trace()
+    forwards = [s for s in trace.spans if s.name == names.FORWARD]
+    assert len(forwards) >= 20
+    assert forwards[0].attrs[names.A_FUNCTION] == f"{HERE}._model"
+    assert forwards[0].attrs[names.A_BATCH] == 4 and forwards[0].attrs[names.A_INFERRED]
+    a = Analysis(trace)
+    assert a.breakdown.profile.source == "model-cadence" and len(a.steps) >= 15
+    assert f"`{HERE}._model`" in a.breakdown.found.note
+    assert a.tokens == 4 * len(a.steps)
+    llmtrace.uninstrument()
+    assert globals()["_model"] is original  # put back
