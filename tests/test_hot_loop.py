@@ -74,10 +74,38 @@ def test_a_library_loop_is_followed_down_to_the_programs_own():
     assert hot_loop.model_call(stacks) == f"{HERE}:Model.step"
 
 
-def test_nested_functions_and_lambdas_are_not_resolved():
-    assert hot_loop._resolve(f"{HERE}:outer.<locals>.inner") is None
-    assert hot_loop._resolve(f"{HERE}:_model") is not None
-    assert hot_loop._resolve(f"{HERE}:Model.step") is not None
+def test_a_swapped_function_is_wrapped_wherever_the_program_holds_it():
+    """A closure a running loop holds in a local, a bound method kept in a variable: both
+    reach the wrapper; the result, the exception and restore are the original's."""
+    from llmtrace.auto import code_swap, patching
+
+    def make(offset):
+        def inner(x, y=2, *, k=3):
+            if x < 0:
+                raise ValueError(x)
+            return x + y + k + offset
+
+        return inner
+
+    held, seen = make(10), []
+    bound = Model().step
+
+    def around(original, args, kwargs):
+        seen.append(args)
+        return original(*args, **kwargs)
+
+    code_swap.swap(held, around)
+    code_swap.swap(Model.step, around)
+    try:
+        assert held(1) == 16 and held(1, 5, k=0) == 16
+        with pytest.raises(ValueError):
+            held(-1)
+        assert bound(_Batch()) == 1  # bound before the swap
+        assert [len(a) for a in seen] == [1, 2, 1, 2] and not code_swap.swappable(held)
+    finally:
+        patching.restore()
+    assert held(1) == 16 and len(seen) == 4 and code_swap.swappable(held)
+    assert code_swap.functions_named(HERE, "Model.step") == [Model.step]
 
 
 # ---------------------------------------------------------------- a running loop
@@ -93,20 +121,22 @@ class _Batch:
     shape = (4, 16)
 
 
-def _model(batch: _Batch) -> int:
-    _burn(0.004)
-    return 1
-
-
 class Model:
     def step(self, batch: _Batch) -> int:
-        return _model(batch)
+        return 1
 
 
-def _serve(stop: threading.Event) -> None:
+def _serve(stop: threading.Event, started: threading.Event) -> None:
+    """The model is a closure held in a local, as a loop running before it was found holds it."""
     batch = _Batch()
+
+    def model(b: _Batch) -> int:
+        _burn(0.004)
+        return b.shape[0]
+
+    started.set()
     while not stop.is_set():
-        _model(batch)
+        model(batch)
         _burn(0.001)  # the step's overhead
 
 
@@ -123,14 +153,15 @@ def watched():
 
 
 def test_a_running_loops_model_is_timed_and_gives_the_steps(watched):
-    original, stop = _model, threading.Event()
-    worker = threading.Thread(target=_serve, args=(stop,))
+    stop, started = threading.Event(), threading.Event()
+    worker = threading.Thread(target=_serve, args=(stop, started))
     worker.start()
+    started.wait()
     try:
         deadline = time.monotonic() + 10
-        while globals()["_model"] is original and time.monotonic() < deadline:
+        while not hot_loop._promoted and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert globals()["_model"] is not original, "the model call was not found"
+        assert hot_loop._promoted == [f"{HERE}:_serve.<locals>.model"], "the model call was not found"
         time.sleep(0.3)  # steps timed from here on
     finally:
         stop.set()
@@ -138,11 +169,9 @@ def test_a_running_loops_model_is_timed_and_gives_the_steps(watched):
     trace = drain_recorded_trace()
     forwards = [s for s in trace.spans if s.name == names.FORWARD]
     assert len(forwards) >= 20
-    assert forwards[0].attrs[names.A_FUNCTION] == f"{HERE}._model"
+    assert forwards[0].attrs[names.A_FUNCTION] == f"{HERE}._serve.<locals>.model"
     assert forwards[0].attrs[names.A_BATCH] == 4 and forwards[0].attrs[names.A_INFERRED]
     a = Analysis(trace)
     assert a.breakdown.profile.source == "model-cadence" and len(a.steps) >= 15
-    assert f"`{HERE}._model`" in a.breakdown.found.note
+    assert f"`{HERE}._serve.<locals>.model`" in a.breakdown.found.note
     assert a.tokens == 4 * len(a.steps)
-    llmtrace.uninstrument()
-    assert globals()["_model"] is original  # put back

@@ -24,6 +24,9 @@ from .index import TraceIndex
 
 MATCH_NS = 5_000_000  # a send may end this long before (or after) its receive returns (a loaded host)
 MIN_WAIT_NS = 50_000  # a receive shorter than this found its message waiting
+# threads that only send what another thread of their process handed them: a
+# multiprocessing.Queue's feeder sends each item some put() of another thread queued
+RELAY_THREADS = ("QueueFeederThread",)
 
 
 @dataclass
@@ -65,6 +68,7 @@ class Peers:
         self.receives = sorted((s for s in index.trace.spans if is_receive(s)), key=lambda s: s.end_ns)
         self.receive_ends = [s.end_ns for s in self.receives]
         self._found: dict[int, Peer | None] = {}  # span id -> its peer (the breakdown and rules ask)
+        self._puts: dict[int, tuple[list[int], list[Span]]] | None = None  # pid -> its puts, by start
 
     def peer_of(self, s: Span) -> Peer | None:
         """The sender of a blocking receive, or the receiver of a blocking send."""
@@ -91,8 +95,31 @@ class Peers:
         if not cands:
             return None
         same = [s for s in cands if nbytes is not None and s.attrs.get(names.A_BYTES) == nbytes]
-        hop = max(same or cands, key=rank)
+        hop = self._origin(max(same or cands, key=rank))
         return Peer(hop.pid, hop.tid, hop, self.index.top_level(hop.pid, hop.tid), self.index)
+
+    def _relay(self, s: Span) -> bool:
+        proc = self.index.trace.processes.get(s.pid)
+        return proc is not None and proc.threads.get(s.tid) in RELAY_THREADS
+
+    def _origin(self, hop: Span) -> Span:
+        """A relay thread's send stands for the put that queued its item: the latest put of
+        another thread of that process begun before the send (FIFO: while the pipeline
+        carries one message per step, that put's)."""
+        if not self._relay(hop):
+            return hop
+        if self._puts is None:
+            by_pid: dict[int, list[Span]] = {}
+            for s in self.sends:
+                if s.name.endswith(names.PUT_VERB) and not self._relay(s):
+                    by_pid.setdefault(s.pid, []).append(s)
+            self._puts = {}
+            for pid, puts in by_pid.items():
+                puts.sort(key=lambda s: s.start_ns)
+                self._puts[pid] = ([s.start_ns for s in puts], puts)
+        starts, puts = self._puts.get(hop.pid, ([], []))
+        i = bisect.bisect_right(starts, hop.start_ns) - 1
+        return puts[i] if i >= 0 else hop
 
     def _match_receive(self, send: Span) -> Peer | None:
         if not is_send(send) or send.dur_ns < MIN_WAIT_NS:

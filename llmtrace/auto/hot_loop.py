@@ -6,30 +6,29 @@ time. The sampler's watcher (stack_sampler.watch) looks at the last stacks of ea
 from the outermost frame down it follows the function most samples are in, until the
 program's own function that spends some of its time outside its busiest callee (the loop
 body: the step's other work) while that callee, also the program's own, holds at least
-MODEL_SHARE of the thread's wall time. That callee, found in its module or class by its
-qualified name, is replaced by a wrapper recording a `forward` span (attr `fn`, `inferred`,
-and `batch`: the first array argument's leading dimension): from then on the analyzer's
-model cadence finds the steps, and the work between model calls is the step's overhead.
+MODEL_SHARE of the thread's wall time. That callee's live function objects (found by
+module and qualified name: module functions, methods, closures) get a wrapper recording a
+`forward` span (attr `fn`, `inferred`, and `batch`: the first array argument's leading
+dimension) through code_swap.py, which reaches the calls of a loop already running: from
+then on the analyzer's model cadence finds the steps, and the work between model calls is
+the step's overhead.
 
 A program whose model llmtrace already times (a torch module, a span of the user's) shows
 llmtrace's or torch's frames under that callee and is left alone, as is one whose loop has
-no such call (the model inlined in the loop body, a call through a local alias or a
-closure). One function per process, at most.
+no such call (the model inlined in the loop body, or called straight into a library). One
+function per process, at most.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import sys
-import types
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from .. import names, recorder, stack_sampler
 from ..frame_labels import is_idle_sample, is_user_code
-from .patching import replace
+from . import code_swap
 
 CHECK_S = 1.0
 MIN_SAMPLES = 100  # ticks of one thread before its stacks are judged (0.4 s at 250 Hz, more with many threads)
@@ -79,26 +78,7 @@ def model_call(stacks: Stacks, main_file: str = "") -> str | None:
     return None
 
 
-def _resolve(function: str) -> tuple[object, str, types.FunctionType] | None:
-    """(owner, attribute, function) where 'module:qualname' is bound: a module's global or
-    a class attribute; None for a nested function, a lambda, anything not plain."""
-    module, _, qualname = function.partition(":")
-    owner: object = sys.modules.get(module)
-    parts = qualname.split(".")
-    if owner is None or any(p.startswith("<") for p in parts):
-        return None
-    for part in parts[:-1]:
-        owner = vars(owner).get(part) if isinstance(owner, (type, types.ModuleType)) else None
-        if not isinstance(owner, type):
-            return None
-    fn = vars(owner).get(parts[-1]) if isinstance(owner, (type, types.ModuleType)) else None
-    plain = isinstance(fn, types.FunctionType) and fn.__qualname__ == qualname
-    if not plain or inspect.iscoroutinefunction(fn) or inspect.isgeneratorfunction(fn):
-        return None
-    return owner, parts[-1], fn  # type: ignore[return-value]
-
-
-def _batch(args: tuple[object, ...], kwargs: dict[str, object]) -> dict[str, object]:
+def _batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The leading dimension of the first array argument (an ndarray, a tensor, a jax array)."""
     for v in (*args, *kwargs.values()):
         shape = getattr(v, "shape", None)
@@ -107,20 +87,26 @@ def _batch(args: tuple[object, ...], kwargs: dict[str, object]) -> dict[str, obj
     return {}
 
 
-def _timed(function: str) -> Callable[[Any], Any]:
-    def wrap(orig: Callable[..., object]) -> Callable[..., object]:
-        @functools.wraps(orig)
-        def call(*args: object, **kwargs: object) -> object:
-            if not recorder.is_enabled():
-                return orig(*args, **kwargs)
-            attrs: dict[str, Any] = {names.A_FUNCTION: function.replace(":", "."), names.A_INFERRED: INFERRED}
-            attrs.update(_batch(args, kwargs))
-            with recorder.span(names.FORWARD, **attrs):
-                return orig(*args, **kwargs)
+def _forward(function: str) -> code_swap.Around:
+    attrs: dict[str, Any] = {names.A_FUNCTION: function.replace(":", "."), names.A_INFERRED: INFERRED}
 
-        return call
+    def around(original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if not recorder.is_enabled():
+            return original(*args, **kwargs)
+        with recorder.span(names.FORWARD, **attrs, **_batch(args, kwargs)):
+            return original(*args, **kwargs)
 
-    return wrap
+    return around
+
+
+def time_model(function: str) -> bool:
+    """Time every live function 'module:qualname' as the model; False where there is none
+    that can be (a generator, a coroutine, a lambda made again each time)."""
+    module, _, qualname = function.partition(":")
+    fns = [f for f in code_swap.functions_named(module, qualname) if code_swap.swappable(f)]
+    for fn in fns:
+        code_swap.swap(fn, _forward(function))
+    return bool(fns)
 
 
 def check(by_thread: dict[int, Stacks]) -> bool:
@@ -135,8 +121,7 @@ def check(by_thread: dict[int, Stacks]) -> bool:
             continue
         del _pending[tid]  # judged on its latest stacks only: a phase (import, warm-up) passes
         function = model_call(gathered, main_file)
-        where = _resolve(function) if function is not None else None
-        if function is not None and where is not None and replace(where[0], where[1], _timed(function)):
+        if function is not None and time_model(function):
             _promoted.append(function)
             return True
     return False

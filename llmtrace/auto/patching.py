@@ -35,6 +35,12 @@ def replace(owner, attr: str, make: Callable[[object], object]) -> bool:
 _INHERITED = object()
 
 
+def remember(owner: object, attr: str, original: object) -> None:
+    """An attribute changed by other means than `replace`, for `restore` (last changed, first
+    put back)."""
+    _originals.append((owner, attr, original))
+
+
 def traced(name: str, stage: str) -> Callable[[object], object]:
     """For `replace`: the recorder's C wrapper, a span around each call with no attributes
     (no Python frame added: the cheapest span a patch can add)."""
