@@ -35,6 +35,8 @@ GIL = "gil"  # findings only: waiting for the GIL (analyze/rules/gil_contention.
 MODEL_STAGES = (FORWARD, SAMPLING)  # device work on a GPU; their host-side children are overhead
 
 # ---- transport span names: "<stage>.<verb>" (tcp.send, ipc.get, ...)
+PIPE_WRITE = "ipc.write"  # the bytes a multiprocessing Connection writes (in its ipc.send)
+PIPE_READ = "ipc.read"  # and reads (in its ipc.recv): a receive's size
 PUT_VERB = ".put"  # queued a message that a thread of the process sends later (a Queue's feeder)
 SEND_VERBS = (".send", PUT_VERB)  # handed a message to the transport
 RECEIVE_VERBS = (".recv", ".get", ".poll")  # waited for a message (a poll: for one to arrive)

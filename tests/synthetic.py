@@ -288,3 +288,36 @@ def pipelined_trace() -> Trace:
     for n, (parent, t) in launches.items():
         b.span(AGENT_PID, "forward", m(t), m(t + 0.2), agents[parent], n, device=tuple(m(x) for x in dev[n]))
     return b.build()
+
+
+def mp_queue_trace(read_bytes: int = 64) -> Trace:
+    """A numpy-style worker process (forward 10 ms, batch 4) and its front over two
+    multiprocessing queues, one step every 15 ms (ms from each step's start): the worker puts
+    its output at 10, its feeder thread sends it [10.2, 12); the front, waiting in its get
+    since 9, reads `read_bytes` by 12.5, works 0.5 ms, sleeps [13, 14.5), puts at 14.5, and
+    its feeder sends [14.7, 14.9); the worker waits in its get [10.1, 15)."""
+    front, worker, front_feeder, worker_feeder = 1, 2, 11, 21
+    spans: list[Span] = []
+
+    def add(pid, tid, name, stage, a, b, parent=0, **attrs):
+        spans.append(Span(name, stage, pid, tid, int(a), int(b), len(spans) + 1, parent, attrs=attrs))
+        return len(spans)
+
+    for n in range(6):
+        t = n * 15 * MS
+        add(worker, worker, names.FORWARD, names.FORWARD, t, t + 10 * MS, batch=4)
+        add(worker, worker, "ipc.put", names.IPC, t + 10 * MS, t + 10.1 * MS)
+        add(worker, worker_feeder, "ipc.send", names.IPC, t + 10.2 * MS, t + 12 * MS, bytes=read_bytes)
+        get = add(worker, worker, "ipc.get", names.IPC, t + 10.1 * MS, t + 15 * MS)
+        recv = add(worker, worker, "ipc.recv", names.IPC, t + 10.1 * MS, t + 15 * MS, get)
+        add(worker, worker, names.PIPE_READ, names.IPC, t + 10.1 * MS, t + 15 * MS, recv, bytes=64)
+        get = add(front, front, "ipc.get", names.IPC, t + 9 * MS, t + 12.5 * MS)
+        recv = add(front, front, "ipc.recv", names.IPC, t + 9 * MS, t + 12.5 * MS, get)
+        add(front, front, names.PIPE_READ, names.IPC, t + 9 * MS, t + 12.5 * MS, recv, bytes=read_bytes)
+        add(front, front, "sleep", names.SLEEP, t + 13 * MS, t + 14.5 * MS)
+        add(front, front, "ipc.put", names.IPC, t + 14.5 * MS, t + 14.6 * MS)
+        add(front, front_feeder, "ipc.send", names.IPC, t + 14.7 * MS, t + 14.9 * MS, bytes=64)
+    trace = Trace(spans=spans)
+    for pid, name, feeder in ((front, "front", front_feeder), (worker, "worker", worker_feeder)):
+        trace.processes[pid] = Process(pid, name, threads={pid: "MainThread", feeder: "QueueFeederThread"})
+    return trace

@@ -3,14 +3,22 @@
 import time
 
 import pytest
-from synthetic import AGENT_PID, MASTER_PID, MS, EngineTraceBuilder, clean_trace, pipelined_trace, record_pipeline
+from synthetic import (
+    AGENT_PID,
+    MASTER_PID,
+    MS,
+    EngineTraceBuilder,
+    clean_trace,
+    mp_queue_trace,
+    pipelined_trace,
+    record_pipeline,
+)
 
 import llmtrace
 from llmtrace import names
 from llmtrace.analyze.analysis import Analysis
 from llmtrace.analyze.breakdown import GAP, MODEL
 from llmtrace.load import load_trace
-from llmtrace.timeline import Process, Span, Trace
 
 
 def _sums_to_wall(ctx):
@@ -256,26 +264,7 @@ def test_async_scheduling_master_work_under_the_next_agent_step_is_not_overhead(
 def test_a_wait_on_a_multiprocessing_queue_is_charged_to_the_thread_that_put_the_message():
     """A multiprocessing.Queue's feeder thread sends what put() queued: while the worker waited
     for its next input, the front's main thread slept before its put; the feeder only relayed."""
-    front, worker, feeder, n = 1, 2, 11, 0
-    spans, t = [], 0
-
-    def add(pid, tid, name, stage, a, b, parent=0, **attrs):
-        nonlocal n
-        n += 1
-        spans.append(Span(name, stage, pid, tid, a, b, n, parent, attrs=attrs))
-        return n
-
-    for _ in range(6):  # worker: forward 10 ms, then waits 5 ms for the front's next input
-        add(worker, worker, names.FORWARD, names.FORWARD, t, t + 10 * MS, batch=4)
-        get = add(worker, worker, "ipc.get", names.IPC, t + 10 * MS, t + 15 * MS)
-        add(worker, worker, "ipc.recv", names.IPC, t + 10 * MS, t + 15 * MS, get, bytes=64)
-        add(front, front, "sleep", names.SLEEP, t + 10.2 * MS, t + 14.5 * MS)
-        add(front, front, "ipc.put", names.IPC, t + 14.5 * MS, t + 14.6 * MS)
-        add(front, feeder, "ipc.send", names.IPC, t + 14.7 * MS, t + 14.9 * MS, bytes=64)
-        t += 15 * MS
-    trace = Trace(spans=spans)
-    trace.processes[front] = Process(front, "front", threads={front: "MainThread", feeder: "QueueFeederThread"})
-    trace.processes[worker] = Process(worker, "worker", threads={worker: "MainThread"})
-    parts = Analysis(trace).breakdown.ms_per_token
-    assert parts(names.SLEEP) == pytest.approx(4.3 / 4, rel=0.05)  # the front's sleep, not a wait
-    assert parts(GAP) == pytest.approx(0.2 / 4, rel=0.05)  # its work before the sleep
+    parts = Analysis(mp_queue_trace()).breakdown.ms_per_token
+    assert parts(names.SLEEP) == pytest.approx(1.5 / 4, rel=0.05)  # the front's sleep, not a wait
+    assert parts(GAP) == pytest.approx(0.5 / 4, rel=0.05)  # its work before the sleep
+    assert parts(names.IPC) == pytest.approx((0.1 + 2.4 + 0.5) / 4, rel=0.01)  # the put, its receive, the wait

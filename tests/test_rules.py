@@ -2,7 +2,7 @@
 a saving within 10% of the injected cost, and stays silent on clean traces."""
 
 import pytest
-from synthetic import AGENT_PID, MASTER_PID, MS, EngineTraceBuilder, clean_trace
+from synthetic import AGENT_PID, MASTER_PID, MS, EngineTraceBuilder, clean_trace, mp_queue_trace
 
 from llmtrace.analyze.analysis import Analysis
 from llmtrace.analyze.rules import RULES, run_rules
@@ -651,3 +651,13 @@ def test_rules_run_after_the_rules_whose_claims_they_read_in_any_listed_order():
     a, b = SimpleNamespace(ID="a", AFTER=("b",)), SimpleNamespace(ID="b", AFTER=("a",))
     with pytest.raises(ValueError, match="cycle"):
         ordered([a, b])
+
+
+def test_full_logits_received_from_the_process_that_computed_them():
+    """A front that samples the logits its model worker sends over a multiprocessing queue:
+    the send is on the worker's feeder thread, off the path; the front's receive of 128 KiB
+    per sequence is on it, from the worker's put on (2.5 ms of each 15 ms step, 4 tokens)."""
+    s = _one(Analysis(mp_queue_trace(read_bytes=4 * 128 * 1024)), "full-logits-transfer")
+    device = 4 * 128 * 1024 / 1e10 * 1e3  # ms: the logits read once on the host
+    assert s.est_saving_ms_per_token == pytest.approx((2.5 - device) / 4, rel=0.01)
+    assert "full-logits-transfer" not in [x.id for x in run_rules(Analysis(mp_queue_trace(read_bytes=64)))]

@@ -110,13 +110,27 @@ def _pipe_write(orig):
     def _send_bytes(conn, buf, *args):
         if not recorder.is_enabled():
             return orig(conn, buf, *args)
-        with recorder.span("ipc.write", stage=names.IPC, **{names.A_BYTES: _nbytes(buf)}) as sp:
+        with recorder.span(names.PIPE_WRITE, stage=names.IPC, **{names.A_BYTES: _nbytes(buf)}) as sp:
             try:
                 return orig(conn, buf, *args)
             finally:
                 name_if_slow(sp)
 
     return _send_bytes
+
+
+def _pipe_read(orig):
+    """The bytes a Connection read (a BytesIO: its recv unpickles them): nested in `ipc.recv`."""
+
+    def _recv_bytes(conn, *args):
+        if not recorder.is_enabled():
+            return orig(conn, *args)
+        with recorder.span(names.PIPE_READ, stage=names.IPC) as sp:
+            got = orig(conn, *args)
+            sp.set(**{names.A_BYTES: got.getbuffer().nbytes})
+            return got
+
+    return _recv_bytes
 
 
 def _patch_connection(mod) -> None:
@@ -131,6 +145,7 @@ def _patch_connection(mod) -> None:
     ):
         replace(base, attr, traced(name, names.IPC))
     replace(mod.Connection, "_send_bytes", _pipe_write)
+    replace(mod.Connection, "_recv_bytes", _pipe_read)
 
 
 def _queue_get(orig):

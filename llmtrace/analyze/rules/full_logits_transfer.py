@@ -11,7 +11,11 @@ Fingerprints, on the steps' critical path:
   `Tensor.tolist`, numpy `argmax`/`argsort`/`exp`, softmax helpers, `host_sample`.
 - the program's functions that made such a copy (the span's `caller`, set by automatic
   instrumentation), where the host argmax / softmax over the copied rows runs, unless
-  they also run the model (the step loop itself).
+  they also run the model (the step loop itself);
+- a receive on the critical path of at least RECEIVED_BYTES_PER_SEQ per sequence in at
+  least half of the steps (a process that samples logits another computed: the sender's
+  send is off the path, on its own thread), counted from the start of the send that
+  ended it (before that it waited for the sender's work, which the breakdown charges).
 Saving per step: that host time (less what a log call there explains) minus what sampling
 on the device costs: the measured device time of `sampling` spans when the trace has
 some, else the logits read once at DEVICE_READ_BYTES_PER_S (GPU) or HOST_READ_BYTES_PER_S
@@ -20,11 +24,13 @@ some, else the logits read once at DEVICE_READ_BYTES_PER_S (GPU) or HOST_READ_BY
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import TYPE_CHECKING
 
 from ... import names
 from ...frame_labels import is_user_code
+from ...names import is_receive
 from ..breakdown import LOGITS_BYTES_ATTRS, MODEL_STAGES, moves_logits
 from ..functions import Call
 from ..stats import median
@@ -42,6 +48,8 @@ PATTERN = re.compile(
 DEVICE_READ_BYTES_PER_S = 1.0e12  # conservative HBM read rate of a datacenter GPU
 HOST_READ_BYTES_PER_S = 1.0e10  # conservative DRAM read rate of one CPU core
 LAUNCH_NS = 20_000
+RECEIVED_BYTES_PER_SEQ = 4096  # a received vocab row (>= 1k floats), not ids nor a short prompt
+RECEIVED_STEP_SHARE = 0.5  # of the steps with such a receive: every step's logits, not prompts
 
 
 def _logits_bytes(span: Span, seqs: int) -> float | None:
@@ -63,7 +71,7 @@ def _device_sampling_ns(ctx: Analysis, logits_bytes: float | None) -> tuple[floa
 
 def _transfer(s: Span) -> bool:
     """A copy or a send (not a receive, whose time is mostly waiting for the sender)."""
-    return not s.name.endswith(names.RECEIVE_VERBS)
+    return not (is_receive(s) or s.name == names.PIPE_READ)
 
 
 def _host_sampling(ctx: Analysis) -> tuple[list[Call], list[float]]:
@@ -82,7 +90,29 @@ def _host_sampling(ctx: Analysis) -> tuple[list[Call], list[float]]:
             calls.append(c)
             if b:
                 sizes.append(b)
+    received = _received_logits(ctx, seqs)
+    if len({c.step for c in received}) >= RECEIVED_STEP_SHARE * len(ctx.steps):
+        calls += received
+        sizes += [float(c.span.attrs[names.A_BYTES]) for c in received if c.span is not None]
     return calls, sizes
+
+
+def _received_logits(ctx: Analysis, seqs: dict[int, int]) -> list[Call]:
+    """Receives on the path that took a vocab row per sequence, from their sender's send on."""
+    out = []
+    for c in ctx.functions.select(host_side=True):
+        s = c.span
+        if s is None or _transfer(s):
+            continue
+        n = s.attrs.get(names.A_BYTES)
+        if not isinstance(n, int) or n < RECEIVED_BYTES_PER_SEQ * max(1, seqs.get(c.step, 1)):
+            continue
+        receive = s if is_receive(s) else ctx.index.by_id.get(s.parent_id)  # a pipe read's receive
+        peer = ctx.breakdown.peers.sender_of(receive) if receive is not None else None
+        start = max(c.start, peer.hop.start_ns) if peer is not None else c.end
+        if start < c.end:
+            out.append(dataclasses.replace(c, start=start))
+    return out
 
 
 def _with_sampling_functions(ctx: Analysis, calls: list[Call]) -> list[Call]:
@@ -120,7 +150,8 @@ def check(ctx: Analysis) -> list[Suggestion]:
                 "device_estimate": basis,
             },
             saving,
-            "Sample on the device (torch.argmax / torch.multinomial on the logits tensor, or a fused "
-            "top-k/top-p kernel) and copy only the [batch] token ids (and the requested logprobs) to the host.",
+            "Sample where the logits are: on the device (torch.argmax / torch.multinomial on the logits "
+            "tensor, or a fused top-k/top-p kernel), in the process that computes them, and copy or send "
+            "only the [batch] token ids (and the requested logprobs).",
         )
     ]
