@@ -60,6 +60,13 @@ def test_a_call_that_llmtrace_or_torch_times_already_is_left_alone():
     assert hot_loop.model_call(stacks) is None
 
 
+def test_nothing_below_a_span_the_program_records_itself():
+    """A model the program decorated is timed: its layers are no model of their own."""
+    traced = (*LOOP, "llmtrace.decorator:trace.<locals>.wrap.<locals>.call:80", f"{HERE}:model:3")
+    stacks = _stacks({(*traced, f"{HERE}:layer:9"): 70, traced: 10, (*LOOP[:-1], f"{HERE}:serve:12"): 20})
+    assert hot_loop.model_call(stacks) is None
+
+
 def test_a_library_loop_is_followed_down_to_the_programs_own():
     """socketserver's loop calls the handler on every request: the loop that matters is
     the program's own, below it."""

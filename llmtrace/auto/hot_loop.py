@@ -34,7 +34,8 @@ CHECK_S = 1.0
 MIN_SAMPLES = 100  # ticks of one thread before its stacks are judged (0.4 s at 250 Hz, more with many threads)
 MODEL_SHARE = 0.3  # of the thread's ticks inside the callee: a model, not a helper
 OUTSIDE_SHARE = 0.01  # of the loop's busy ticks outside its busiest callee: a loop body
-_KNOWN = ("llmtrace", "torch")  # timed already (a decorator, the torch patch)
+_OURS = "llmtrace"  # a decorator's or a patch's frame: the program's spans are there already
+_KNOWN = (_OURS, "torch")  # under the call: timed already (the torch patch times modules)
 INFERRED = "the step loop's busiest call (stack samples)"
 
 Stacks = Counter[tuple[str, ...]]
@@ -62,6 +63,8 @@ def model_call(stacks: Stacks, main_file: str = "") -> str | None:
         if not here:
             return None
         fn, fn_n = here.most_common(1)[0]
+        if fn.startswith(_OURS):
+            return None
         chain = [(st, n) for st, n in chain if len(st) > depth and _function(st[depth]) == fn]
         below = Counter[str]()
         for st, n in chain:
