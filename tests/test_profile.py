@@ -161,6 +161,20 @@ def test_a_repeated_span_holding_one_forward_is_the_step():
     assert ctx.breakdown.tokens == 10
 
 
+def test_a_repeated_span_is_one_processs_loop():
+    """No model span anywhere: a front's queue reads and its worker's are two loops, and the
+    steps are the busier one's, not both interleaved."""
+    t = trace_of(1, 2)
+    for k in range(6):
+        for pid, n in ((1, 1), (2, 2)):  # the worker reads twice per step of the front
+            for j in range(n):
+                get = span(t, "ipc.get", k * 10 + j * 4, k * 10 + j * 4 + 3, pid=pid, stage="ipc")
+                span(t, "ipc.recv", k * 10 + j * 4, k * 10 + j * 4 + 3, pid=pid, parent=get, stage="ipc")
+    ctx = done(t)
+    assert ctx.breakdown.profile.source == "repeated-span" and len(ctx.steps) == 12
+    assert {sc.root.pid for sc in ctx.steps} == {2}
+
+
 def test_llmtrace_steps_marks_the_loop_even_under_another_span():
     from llmtrace import recorder
     from llmtrace.spool_format import Batch

@@ -129,13 +129,14 @@ def _model_spans(index: TraceIndex, under: Span) -> int:
 
 
 def _repeated_roots(index: TraceIndex) -> list[tuple[int, Span]]:
-    """Top-level spans of the most repeated name that hold about one model span each."""
-    by_name: dict[str, list[Span]] = defaultdict(list)
+    """Top-level spans of the most repeated name in one process (one loop's: a front's and
+    its worker's queue reads are not one sequence) that hold about one model span each."""
+    by_name: dict[tuple[str, int], list[Span]] = defaultdict(list)
     for s in index.trace.spans:
         if index.is_root(s) and s.stage not in names.MODEL_STAGES and index.children.get(s.span_id):
-            by_name[s.name].append(s)
-    for name in sorted(by_name, key=lambda n: -len(by_name[n])):
-        spans = by_name[name]
+            by_name[(s.name, s.pid)].append(s)
+    for key in sorted(by_name, key=lambda k: -len(by_name[k])):
+        spans = by_name[key]
         if len(spans) < 2:
             break
         model = sum(_model_spans(index, s) for s in spans)
