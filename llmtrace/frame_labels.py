@@ -80,26 +80,43 @@ def module_file(module: str) -> str:
 
 
 @functools.lru_cache(maxsize=1 << 12)
-def is_user_code(name: str) -> bool:
-    """A function of the profiled program itself, not of the standard library, an installed
-    package or llmtrace: where a finding's fix goes. Judged by its top-level package; one
-    this interpreter cannot find is taken for the program's own."""
-    top = name.split(":", 1)[0].split(".", 1)[0]
-    if top == "__main__":
-        return True
-    if top in ("llmtrace", "<frozen") or top in sys.stdlib_module_names:
-        return False
+def _origin(top: str) -> str:
+    """Where a top-level module is loaded from ('' when this interpreter cannot find it)."""
     try:
         spec = importlib.util.find_spec(top)
     except (ImportError, ValueError):
         spec = None
-    origin = (spec.origin or "") if spec is not None else ""
-    return not (
-        "site-packages" in origin
-        or "dist-packages" in origin
-        or origin.startswith(_STDLIB)
-        or origin in ("built-in", "frozen")
-    )
+    return (spec.origin or "") if spec is not None else ""
+
+
+def _top(name: str) -> str:
+    return name.split(":", 1)[0].split(".", 1)[0]
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def is_user_code(name: str) -> bool:
+    """A function of the profiled program itself, not of the standard library, an installed
+    package or llmtrace: where a finding's fix goes. Judged by its top-level package; one
+    this interpreter cannot find is taken for the program's own."""
+    top = _top(name)
+    if top == "__main__":
+        return True
+    if is_standard(name):
+        return False
+    origin = _origin(top)
+    return not ("site-packages" in origin or "dist-packages" in origin)
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def is_standard(name: str) -> bool:
+    """A function of the standard library, the interpreter's frozen modules, or llmtrace."""
+    top = _top(name)
+    if top == "__main__":
+        return False
+    if top in ("llmtrace", "<frozen") or top in sys.stdlib_module_names:
+        return True
+    origin = _origin(top)
+    return origin.startswith(_STDLIB) or origin in ("built-in", "frozen")
 
 
 _STDLIB = sysconfig.get_paths()["stdlib"]

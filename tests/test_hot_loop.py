@@ -67,6 +67,21 @@ def test_nothing_below_a_span_the_program_records_itself():
     assert hot_loop.model_call(stacks) is None
 
 
+def test_an_installed_packages_call_can_be_the_model_and_torch_stops_the_search():
+    """onnxruntime's session.run called from the loop is its model; in a process where torch
+    runs, the torch patch times the model and no other thread's loop is one."""
+    run = "onnxruntime.capi.onnxruntime_inference_collection:InferenceSession.run"
+    stacks = _stacks({(*LOOP, f"{run}:220"): 80, (*LOOP[:-1], f"{HERE}:serve:12"): 20})
+    assert hot_loop.model_call(stacks) == run
+    json_loop = _stacks({(*LOOP, "json:dumps:231"): 80, (*LOOP[:-1], f"{HERE}:serve:12"): 20})
+    assert hot_loop.model_call(json_loop) is None  # the standard library's: no model
+    torch_thread = _stacks({("threading:Thread.run:975", "torch.nn.modules.module:Module._call_impl:1501"): 1})
+    try:
+        assert hot_loop.check({1: torch_thread, 2: stacks}) and not hot_loop._promoted
+    finally:
+        hot_loop.uninstall()
+
+
 def test_a_library_loop_is_followed_down_to_the_programs_own():
     """socketserver's loop calls the handler on every request: the loop that matters is
     the program's own, below it."""

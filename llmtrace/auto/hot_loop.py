@@ -5,7 +5,8 @@ Every serving loop calls its model once per step, and that call is most of the l
 time. The sampler's watcher (stack_sampler.watch) looks at the last stacks of each thread:
 from the outermost frame down it follows the function most samples are in, until the
 program's own function that spends some of its time outside its busiest callee (the loop
-body: the step's other work) while that callee, also the program's own, holds at least
+body: the step's other work) while that callee, the program's own or an installed
+package's (onnxruntime's session.run, a binding's Python method), holds at least
 MODEL_SHARE of the thread's wall time. That callee's live function objects (found by
 module and qualified name: module functions, methods, closures) get a wrapper recording a
 `forward` span (attr `fn`, `inferred`, and `batch`: the first array argument's leading
@@ -15,8 +16,8 @@ the step's overhead.
 
 A program whose model llmtrace already times (a torch module, a span of the user's) shows
 llmtrace's or torch's frames under that callee and is left alone, as is one whose loop has
-no such call (the model inlined in the loop body, or called straight into a library). One
-function per process, at most.
+no such call (the model inlined in the loop body, a C function called from the loop's own
+line). One function per process, at most; the report names it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import names, recorder, stack_sampler
-from ..frame_labels import is_idle_sample, is_user_code
+from ..frame_labels import is_idle_sample, is_standard, is_user_code
 from . import code_swap
 
 CHECK_S = 1.0
@@ -35,7 +36,8 @@ MIN_SAMPLES = 100  # ticks of one thread before its stacks are judged (0.4 s at 
 MODEL_SHARE = 0.3  # of the thread's ticks inside the callee: a model, not a helper
 OUTSIDE_SHARE = 0.01  # of the loop's busy ticks outside its busiest callee: a loop body
 _OURS = "llmtrace"  # a decorator's or a patch's frame: the program's spans are there already
-_KNOWN = (_OURS, "torch")  # under the call: timed already (the torch patch times modules)
+_TORCH = "torch."
+_KNOWN = (_OURS, _TORCH)  # under the call: timed already (the torch patch times modules)
 INFERRED = "the step loop's busiest call (stack samples)"
 
 Stacks = Counter[tuple[str, ...]]
@@ -73,9 +75,9 @@ def model_call(stacks: Stacks, main_file: str = "") -> str | None:
         if not below:
             return None
         callee, callee_n = below.most_common(1)[0]
-        if callee_n <= fn_n * (1 - OUTSIDE_SHARE) and is_user_code(fn) and is_user_code(callee):
+        if callee_n <= fn_n * (1 - OUTSIDE_SHARE) and is_user_code(fn) and not is_standard(callee):
             inside = [st for st, _ in chain if len(st) > depth + 1 and _function(st[depth + 1]) == callee]
-            known = any(f.startswith(_KNOWN) for st in inside for f in st[depth + 2 :])
+            known = any(f.startswith(_KNOWN) for st in inside for f in st[depth + 1 :])
             return callee if callee_n >= MODEL_SHARE * total and not known else None
         depth += 1
     return None
@@ -112,9 +114,15 @@ def time_model(function: str) -> bool:
     return bool(fns)
 
 
+def _runs_torch(by_thread: dict[int, Stacks]) -> bool:
+    """torch code ran here: the torch patch times this process's model (its module calls),
+    and another thread's busy loop (a tokenizer's, a preprocessor's) is no model."""
+    return any(f.startswith(_TORCH) for stacks in by_thread.values() for st in stacks for f in st)
+
+
 def check(by_thread: dict[int, Stacks]) -> bool:
     """The watcher: True once a model call is timed (or was, before a fork)."""
-    if _promoted:
+    if _promoted or _runs_torch(by_thread):
         return True
     main_file = getattr(sys.modules.get("__main__"), "__file__", None) or ""
     for tid, stacks in by_thread.items():
