@@ -12,6 +12,10 @@ import re
 import sys
 import sysconfig
 
+# the name of the code llmtrace wraps a program's function in (auto/code_swap.py): its frames
+# carry the program's module but are llmtrace's
+WRAPPER = "<llmtrace>"
+
 # functions that wait rather than work: a stage "spending time" there is blocked
 IDLE = re.compile(
     r"(^|\.)(select|poll|epoll|wait|wait_for|sleep|acquire|recv|recv_into|accept|_run_once"
@@ -98,6 +102,8 @@ def is_user_code(name: str) -> bool:
     """A function of the profiled program itself, not of the standard library, an installed
     package or llmtrace: where a finding's fix goes. Judged by its top-level package; one
     this interpreter cannot find is taken for the program's own."""
+    if WRAPPER in name:
+        return False
     top = _top(name)
     if top == "__main__":
         return True
@@ -110,6 +116,8 @@ def is_user_code(name: str) -> bool:
 @functools.lru_cache(maxsize=1 << 12)
 def is_standard(name: str) -> bool:
     """A function of the standard library, the interpreter's frozen modules, or llmtrace."""
+    if WRAPPER in name:
+        return True
     top = _top(name)
     if top == "__main__":
         return False

@@ -15,6 +15,7 @@ import llmtrace
 from llmtrace import names, stack_sampler
 from llmtrace.analyze.analysis import Analysis
 from llmtrace.auto import hot_loop
+from llmtrace.frame_labels import WRAPPER, is_user_code
 
 HERE = __name__
 
@@ -82,6 +83,22 @@ def test_an_installed_packages_call_can_be_the_model_and_torch_stops_the_search(
         hot_loop.uninstall()
 
 
+def test_a_process_pools_worker_loop_calls_the_model():
+    """A ProcessPoolExecutor worker (forked: the parent's frames and llmtrace's bootstrap of
+    the child are under every stack) runs the program's step function: the library's loop
+    is the step loop, and the program's function it calls is the model."""
+    fork = (f"{HERE}:main:30", "multiprocessing.popen_fork:Popen._launch:71", "llmtrace.auto.processes:_bootstrap:40")
+    worker = (*fork, "multiprocessing.process:BaseProcess.run:108", "concurrent.futures.process:_process_worker:261")
+    stacks = _stacks(
+        {
+            (*worker, f"{HERE}:decode:19"): 80,
+            (*worker[:-1], "concurrent.futures.process:_process_worker:250", "pickle:dumps:3"): 15,
+            (*worker[:-1], "concurrent.futures.process:_process_worker:240", "threading:Condition.wait:320"): 40,
+        }
+    )
+    assert hot_loop.model_call(stacks) == f"{HERE}:decode"
+
+
 def test_a_library_loop_is_followed_down_to_the_programs_own():
     """socketserver's loop calls the handler on every request: the loop that matters is
     the program's own, below it."""
@@ -124,6 +141,8 @@ def test_a_swapped_function_is_wrapped_wherever_the_program_holds_it():
             held(-1)
         assert bound(_Batch()) == 1  # bound before the swap
         assert [len(a) for a in seen] == [1, 2, 1, 2] and not code_swap.swappable(held)
+        # the wrapper's samples are llmtrace's time, not the program's
+        assert held.__code__.co_name == WRAPPER and not is_user_code(f"{HERE}:{held.__code__.co_qualname}:3")
     finally:
         patching.restore()
     assert held(1) == 16 and len(seen) == 4 and code_swap.swappable(held)

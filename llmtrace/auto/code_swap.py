@@ -5,16 +5,19 @@ code, globals, defaults and closure cells) through `around(call, args, kwargs)`;
 function object stays the one the program holds, so every later call goes through the
 wrapper, however it was reached. The wrapper has the same free variables (a function's
 closure cannot change; CPython sorts the names, so the same names give the same order)
-and reaches `around` through a keyword-only default that no caller passes."""
+and reaches `around` through a keyword-only default that no caller passes. Its code is
+named frame_labels.WRAPPER: a stack sample in it is llmtrace's time, not the program's."""
 
 from __future__ import annotations
 
 import gc
 import inspect
+import sys
 import types
 from collections.abc import Callable
 from typing import Any
 
+from ..frame_labels import WRAPPER
 from .patching import remember
 
 _CALL = "__llmtrace_call"
@@ -51,12 +54,13 @@ def _wrapper_code(freevars: tuple[str, ...]) -> types.CodeType:
     exec(compile(src, "<llmtrace code_swap>", "exec"), ns)
     code: types.CodeType = ns["_outer"]().__code__
     assert code.co_freevars == freevars
-    return code
+    code = code.replace(co_name=WRAPPER)  # its samples are llmtrace's, not the program's
+    return code.replace(co_qualname=WRAPPER) if sys.version_info >= (3, 11) else code
 
 
-def swap(fn: types.FunctionType, around: Around) -> None:
-    """From the next call on, `fn(*a, **k)` is `around(original, a, k)`; undone by
-    patching.restore()."""
+def swap(fn: types.FunctionType, around: Around) -> Callable[[], None]:
+    """From the next call on, `fn(*a, **k)` is `around(original, a, k)`; undone by the
+    function returned, or by patching.restore()."""
     original = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
     original.__kwdefaults__ = fn.__kwdefaults__
     original.__qualname__ = fn.__qualname__
@@ -67,5 +71,12 @@ def swap(fn: types.FunctionType, around: Around) -> None:
     # the default first, then the code; put back in the other order (patching.restore)
     remember(fn, "__kwdefaults__", fn.__kwdefaults__)
     fn.__kwdefaults__ = {**(fn.__kwdefaults__ or {}), _CALL: call}
-    remember(fn, "__code__", fn.__code__)
-    fn.__code__ = _wrapper_code(fn.__code__.co_freevars)
+    code, kwdefaults = fn.__code__, original.__kwdefaults__
+    remember(fn, "__code__", code)
+    fn.__code__ = _wrapper_code(code.co_freevars)
+
+    def undo() -> None:
+        fn.__code__ = code
+        fn.__kwdefaults__ = kwdefaults
+
+    return undo

@@ -12,7 +12,8 @@ module and qualified name: module functions, methods, closures) get a wrapper re
 `forward` span (attr `fn`, `inferred`, and `batch`: the first array argument's leading
 dimension) through code_swap.py, which reaches the calls of a loop already running: from
 then on the analyzer's model cadence finds the steps, and the work between model calls is
-the step's overhead.
+the step's overhead. A chosen call that is not called again (a warm-up, a pool worker's
+initializer) is put back after a few seconds and never chosen again.
 
 A program whose model llmtrace already times (a torch module, a span of the user's) shows
 llmtrace's or torch's frames under that callee and is left alone, as is one whose loop has
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .. import names, recorder, stack_sampler
@@ -35,7 +36,10 @@ CHECK_S = 1.0
 MIN_SAMPLES = 100  # ticks of one thread before its stacks are judged (0.4 s at 250 Hz, more with many threads)
 MODEL_SHARE = 0.3  # of the thread's ticks inside the callee: a model, not a helper
 OUTSIDE_SHARE = 0.01  # of the loop's busy ticks outside its busiest callee: a loop body
+MIN_CALLS = 3  # calls of a chosen function, within TRIAL_CHECKS looks, that make it the model
+TRIAL_CHECKS = 3
 _OURS = "llmtrace"  # a decorator's or a patch's frame: the program's spans are there already
+_UNTIMED = "llmtrace.auto.processes"  # but for a forked child's bootstrap, under all its stacks
 _TORCH = "torch."
 _KNOWN = (_OURS, _TORCH)  # under the call: timed already (the torch patch times modules)
 INFERRED = "the step loop's busiest call (stack samples)"
@@ -53,34 +57,53 @@ def _function(label: str) -> str:
 
 def model_call(stacks: Stacks, main_file: str = "") -> str | None:
     """The 'module:qualname' of the call that a thread's stacks show to be its loop's model
-    (the module docstring), or None."""
+    (the module docstring), or None. The loop is the program's own function, or failing
+    that a library's that calls the program's (a process pool's worker loop running the
+    program's step function)."""
     total = sum(stacks.values())
-    chain = [(st, n) for st, n in stacks.items() if st and not is_idle_sample(st, main_file)]
-    depth = 0
+    busy = [(st, n) for st, n in stacks.items() if st and not is_idle_sample(st, main_file)]
+    in_library: str | None = None  # the outermost library loop's call of the program's
+    for fn, fn_n, callee, callee_n, inside, depth in _dominant_chain(busy):
+        if fn.startswith(_OURS) and not fn.startswith(_UNTIMED):
+            return None
+        if callee_n > fn_n * (1 - OUTSIDE_SHARE) or callee_n < MODEL_SHARE * total:
+            continue
+        if any(f.startswith(_KNOWN) for st in inside for f in st[depth + 1 :]):
+            return None  # timed already
+        if is_user_code(fn) and not is_standard(callee):
+            return callee
+        if in_library is None and is_user_code(callee):
+            in_library = callee
+    return in_library
+
+
+Link = tuple[str, int, str, int, list[tuple[str, ...]], int]
+
+
+def _dominant_chain(busy: list[tuple[tuple[str, ...], int]]) -> Iterator[Link]:
+    """From the outermost frame down, the function most samples are in and its busiest
+    callee: (function, its samples, callee, the callee's samples, the stacks in the callee,
+    depth)."""
+    chain, depth = busy, 0
     while chain:
         here = Counter[str]()
         for st, n in chain:
             if len(st) > depth:
                 here[_function(st[depth])] += n
         if not here:
-            return None
+            return
         fn, fn_n = here.most_common(1)[0]
-        if fn.startswith(_OURS):
-            return None
         chain = [(st, n) for st, n in chain if len(st) > depth and _function(st[depth]) == fn]
         below = Counter[str]()
         for st, n in chain:
             if len(st) > depth + 1:
                 below[_function(st[depth + 1])] += n
         if not below:
-            return None
+            return
         callee, callee_n = below.most_common(1)[0]
-        if callee_n <= fn_n * (1 - OUTSIDE_SHARE) and is_user_code(fn) and not is_standard(callee):
-            inside = [st for st, _ in chain if len(st) > depth + 1 and _function(st[depth + 1]) == callee]
-            known = any(f.startswith(_KNOWN) for st in inside for f in st[depth + 1 :])
-            return callee if callee_n >= MODEL_SHARE * total and not known else None
+        inside = [st for st, _ in chain if len(st) > depth + 1 and _function(st[depth + 1]) == callee]
+        yield fn, fn_n, callee, callee_n, inside, depth
         depth += 1
-    return None
 
 
 def _batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -96,6 +119,7 @@ def _forward(function: str) -> code_swap.Around:
     attrs: dict[str, Any] = {names.A_FUNCTION: function.replace(":", "."), names.A_INFERRED: INFERRED}
 
     def around(original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        _trial.calls += 1
         if not recorder.is_enabled():
             return original(*args, **kwargs)
         with recorder.span(names.FORWARD, **attrs, **_batch(args, kwargs)):
@@ -104,14 +128,42 @@ def _forward(function: str) -> code_swap.Around:
     return around
 
 
-def time_model(function: str) -> bool:
-    """Time every live function 'module:qualname' as the model; False where there is none
-    that can be (a generator, a coroutine, a lambda made again each time)."""
-    module, _, qualname = function.partition(":")
-    fns = [f for f in code_swap.functions_named(module, qualname) if code_swap.swappable(f)]
-    for fn in fns:
-        code_swap.swap(fn, _forward(function))
-    return bool(fns)
+class _Trial:
+    """The call being timed as the model until it proves itself one: called MIN_CALLS
+    times within TRIAL_CHECKS looks (a warm-up phase, a worker's initializer, is called
+    once and is put back, never chosen again)."""
+
+    def __init__(self) -> None:
+        self.function = ""
+        self.calls = 0
+        self.looks = 0
+        self.undo: list[Callable[[], None]] = []
+        self.rejected: set[str] = set()
+
+    def start(self, function: str) -> bool:
+        """Time every live function 'module:qualname'; False where none can be (a
+        generator, a coroutine, a lambda made again each time)."""
+        module, _, qualname = function.partition(":")
+        fns = [f for f in code_swap.functions_named(module, qualname) if code_swap.swappable(f)]
+        self.undo = [code_swap.swap(fn, _forward(function)) for fn in fns]
+        self.function, self.calls, self.looks = (function, 0, 0) if fns else ("", 0, 0)
+        return bool(fns)
+
+    def judge(self) -> bool | None:
+        """True: the model; False: put back; None: not yet known."""
+        self.looks += 1
+        if self.calls >= MIN_CALLS:
+            return True
+        if self.looks < TRIAL_CHECKS:
+            return None
+        for undo in self.undo:
+            undo()
+        self.rejected.add(self.function)
+        self.function = ""
+        return False
+
+
+_trial = _Trial()
 
 
 def _runs_torch(by_thread: dict[int, Stacks]) -> bool:
@@ -124,6 +176,11 @@ def check(by_thread: dict[int, Stacks]) -> bool:
     """The watcher: True once a model call is timed (or was, before a fork)."""
     if _promoted or _runs_torch(by_thread):
         return True
+    if _trial.function:
+        if _trial.judge():
+            _promoted.append(_trial.function)
+            return True
+        return False
     main_file = getattr(sys.modules.get("__main__"), "__file__", None) or ""
     for tid, stacks in by_thread.items():
         gathered = _pending.setdefault(tid, Counter())
@@ -132,9 +189,8 @@ def check(by_thread: dict[int, Stacks]) -> bool:
             continue
         del _pending[tid]  # judged on its latest stacks only: a phase (import, warm-up) passes
         function = model_call(gathered, main_file)
-        if function is not None and time_model(function):
-            _promoted.append(function)
-            return True
+        if function is not None and function not in _trial.rejected and _trial.start(function):
+            return False
     return False
 
 
@@ -143,6 +199,8 @@ def install() -> None:
 
 
 def uninstall() -> None:
+    global _trial
     stack_sampler.watch(None)
     _pending.clear()
     _promoted.clear()
+    _trial = _Trial()
