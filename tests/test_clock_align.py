@@ -97,9 +97,8 @@ def test_the_test_clock_applies_to_the_named_process_only(monkeypatch, spec, exp
 
 
 def test_an_engine_agent_on_another_clock_is_aligned_within_its_uncertainty(tmp_path):
-    """How close depends on the machine's load (2-152 us seen); what must hold anywhere: the
-    true offset lies inside the reported bounds, and they are far tighter than the Unix
-    clocks' alignment (WALL off)."""
+    """How close depends on the machine's load; what must hold anywhere: the true offset lies
+    inside the reported bounds, and they are tighter than the Unix clocks' alignment (WALL off)."""
     out = tmp_path / "run"
     env = {**os.environ, ENV_TEST_CLOCK: f"agent-0={MONO},{WALL}"}
     r = subprocess.run(
@@ -129,7 +128,9 @@ def test_an_engine_agent_on_another_clock_is_aligned_within_its_uncertainty(tmp_
     (done,) = trace.meta[META_KEY]["domains"]
     assert done["processes"] == ["agent-0"] and done["method"] == "round trips" and done["round_trips"] >= 20
     error = abs(done["offset_ns"]["agent-0"] + MONO)
-    assert error <= done["uncertainty_ns"] <= WALL // 3, (error, done["uncertainty_ns"])
+    # bounds that hold the truth and beat the Unix clocks (3 ms apart here); how tight depends
+    # on the load: 2-152 us alone, 1.4 ms once in a full suite run on 2 cores
+    assert error <= done["uncertainty_ns"] < WALL, (error, done["uncertainty_ns"])
     report = json.loads((out / "report.json").read_text())  # the analysis ran on the aligned trace
     assert report["breakdown"]["model_ms"] > 0 and report["summary"]["output_tokens"] == 96
     assert "Clock: agent-0 on another host's clock, aligned by" in (out / "report.md").read_text()

@@ -76,6 +76,11 @@ def test_an_installed_packages_call_can_be_the_model_and_torch_stops_the_search(
     assert hot_loop.model_call(stacks) == run
     json_loop = _stacks({(*LOOP, "json:dumps:231"): 80, (*LOOP[:-1], f"{HERE}:serve:12"): 20})
     assert hot_loop.model_call(json_loop) is None  # the standard library's: no model
+    importing = _stacks({("__main__:<module>:3", "torch.nn.modules.module:<module>:12"): 1})
+    try:
+        assert not hot_loop.check({1: importing}) and not hot_loop._promoted  # imported, not run: watch on
+    finally:
+        hot_loop.uninstall()
     torch_thread = _stacks({("threading:Thread.run:975", "torch.nn.modules.module:Module._call_impl:1501"): 1})
     try:
         assert hot_loop.check({1: torch_thread, 2: stacks}) and not hot_loop._promoted

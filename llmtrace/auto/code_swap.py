@@ -30,7 +30,9 @@ def functions_named(module: str, qualname: str) -> list[types.FunctionType]:
     return [
         o
         for o in gc.get_objects()
-        if isinstance(o, types.FunctionType) and o.__qualname__ == qualname and o.__module__ == module
+        # type(), not isinstance(): that asks a foreign object for its __class__, which may warn
+        # (torch.distributed.reduce_op) or run code
+        if type(o) is types.FunctionType and o.__qualname__ == qualname and o.__module__ == module
     ]
 
 

@@ -41,6 +41,7 @@ TRIAL_CHECKS = 3
 _OURS = "llmtrace"  # a decorator's or a patch's frame: the program's spans are there already
 _UNTIMED = "llmtrace.auto.processes"  # but for a forked child's bootstrap, under all its stacks
 _TORCH = "torch."
+_IMPORTING = ":<module>:"  # a module's top level: torch imported (by transformers, say), not run
 _KNOWN = (_OURS, _TORCH)  # under the call: timed already (the torch patch times modules)
 INFERRED = "the step loop's busiest call (stack samples)"
 
@@ -169,7 +170,9 @@ _trial = _Trial()
 def _runs_torch(by_thread: dict[int, Stacks]) -> bool:
     """torch code ran here: the torch patch times this process's model (its module calls),
     and another thread's busy loop (a tokenizer's, a preprocessor's) is no model."""
-    return any(f.startswith(_TORCH) for stacks in by_thread.values() for st in stacks for f in st)
+    return any(
+        f.startswith(_TORCH) and _IMPORTING not in f for stacks in by_thread.values() for st in stacks for f in st
+    )
 
 
 def check(by_thread: dict[int, Stacks]) -> bool:
