@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import weakref
 from collections.abc import AsyncGenerator, Callable, Generator
 from time import perf_counter_ns
 from typing import Any, TypeVar, cast, overload
@@ -13,6 +14,9 @@ from . import recorder
 from .spool_format import SPAN
 
 USER_STAGE = "user"
+# the functions a span already times: automatic instrumentation leaves them alone (the C
+# wrapper of a sync function adds no frame, so a stack sample cannot tell it is there)
+TRACED: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
 F = TypeVar("F", bound=Callable[..., Any])
 Token = contextvars.Token[tuple[int, int]]
 
@@ -48,6 +52,10 @@ def _wrap(fn: F, name: str | None, stage: str | None) -> F:
         name = fn.__qualname__
         stage = stage or USER_STAGE
     stage = stage or _stage_of(name)
+    try:
+        TRACED.add(fn)
+    except TypeError:  # a callable that takes no weak reference (a builtin)
+        pass
     wrapper: Callable[..., Any]
     if inspect.iscoroutinefunction(fn):
         wrapper = _wrap_async(fn, name, stage)

@@ -151,6 +151,9 @@ def test_a_swapped_function_is_wrapped_wherever_the_program_holds_it():
     finally:
         patching.restore()
     assert held(1) == 16 and len(seen) == 4 and code_swap.swappable(held)
+    decorated = make(0)
+    llmtrace.trace("forward")(decorated)  # timed by the program: its C wrapper adds no frame
+    assert not code_swap.swappable(decorated)
     assert code_swap.functions_named(HERE, "Model.step") == [Model.step]
 
 

@@ -17,6 +17,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+from ..decorator import TRACED
 from ..frame_labels import WRAPPER
 from .patching import remember
 
@@ -37,10 +38,13 @@ def functions_named(module: str, qualname: str) -> list[types.FunctionType]:
 
 
 def swappable(fn: types.FunctionType) -> bool:
-    """A plain function: a generator's or a coroutine's call only makes the object."""
-    return not (
-        inspect.isgeneratorfunction(fn) or inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
-    ) and _CALL not in (fn.__kwdefaults__ or {})
+    """A plain function not timed already (swapped, or decorated with @llmtrace.trace): a
+    generator's or a coroutine's call only makes the object."""
+    return (
+        not (inspect.isgeneratorfunction(fn) or inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn))
+        and _CALL not in (fn.__kwdefaults__ or {})
+        and fn not in TRACED
+    )
 
 
 def _wrapper_code(freevars: tuple[str, ...]) -> types.CodeType:
