@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator, Callable, Generator
 from time import perf_counter_ns
 from typing import Any, TypeVar, cast, overload
 
-from . import recorder
+from . import names, recorder
 from .spool_format import SPAN
 
 USER_STAGE = "user"
@@ -63,9 +63,34 @@ def _wrap(fn: F, name: str | None, stage: str | None) -> F:
         wrapper = _wrap_async_gen(fn, name, stage)
     elif inspect.isgeneratorfunction(fn):
         wrapper = _wrap_gen(fn, name, stage)
+    elif stage == names.FORWARD:
+        wrapper = _wrap_model(fn, name, stage)
     else:
         return cast(F, functools.update_wrapper(recorder.traced(fn, name, stage), fn))
     return cast(F, functools.wraps(fn)(wrapper))
+
+
+def batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A model call's batch: the leading dimension of its first array argument (an ndarray,
+    a tensor, a jax array), as the span attr that makes the tokens of its step."""
+    for v in (*args, *kwargs.values()):
+        shape = getattr(v, "shape", None)
+        if isinstance(shape, tuple) and shape and isinstance(shape[0], int):
+            return {names.A_BATCH: shape[0]}
+    return {}
+
+
+def _wrap_model(fn: Callable[..., Any], name: str, stage: str) -> Callable[..., Any]:
+    """A `forward` span with its batch (batch_of): without it a step the model cadence
+    infers counts one token."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not recorder.is_enabled():
+            return fn(*args, **kwargs)
+        with recorder.span(name, stage=stage, **batch_of(args, kwargs)):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _wrap_async(fn: Callable[..., Any], name: str, stage: str) -> Callable[..., Any]:

@@ -211,3 +211,21 @@ def test_update_wrapper_copies_function_dict(backend):
     f.marker = "kept"
     w = trace(f)
     assert w.marker == "kept"
+
+
+def test_a_decorated_model_call_records_its_batch(backend):
+    """`@trace("forward")`: the span carries the first array argument's leading dimension,
+    which makes the tokens of the step the model cadence infers around it."""
+
+    class Batch:
+        shape = (4, 512)
+
+    class Model:
+        @trace("forward")
+        def forward(self, h, scale=1):
+            return len(h) * scale if isinstance(h, list) else h.shape[0] * scale
+
+    assert Model().forward(Batch()) == 4
+    assert backend.spans()["forward"]["attrs"] == {"batch": 4}
+    assert Model().forward([1, 2, 3], scale=2) == 6  # a list of ids has no shape: no batch
+    assert backend.spans()["forward"]["attrs"] == {}

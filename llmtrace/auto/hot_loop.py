@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .. import names, recorder, stack_sampler
+from ..decorator import batch_of
 from ..frame_labels import is_idle_sample, is_standard, is_user_code
 from . import code_swap
 
@@ -107,15 +108,6 @@ def _dominant_chain(busy: list[tuple[tuple[str, ...], int]]) -> Iterator[Link]:
         depth += 1
 
 
-def _batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The leading dimension of the first array argument (an ndarray, a tensor, a jax array)."""
-    for v in (*args, *kwargs.values()):
-        shape = getattr(v, "shape", None)
-        if isinstance(shape, tuple) and shape and isinstance(shape[0], int):
-            return {names.A_BATCH: shape[0]}
-    return {}
-
-
 def _forward(function: str) -> code_swap.Around:
     attrs: dict[str, Any] = {names.A_FUNCTION: function.replace(":", "."), names.A_INFERRED: INFERRED}
 
@@ -123,7 +115,7 @@ def _forward(function: str) -> code_swap.Around:
         _trial.calls += 1
         if not recorder.is_enabled():
             return original(*args, **kwargs)
-        with recorder.span(names.FORWARD, **attrs, **_batch(args, kwargs)):
+        with recorder.span(names.FORWARD, **attrs, **batch_of(args, kwargs)):
             return original(*args, **kwargs)
 
     return around
