@@ -23,13 +23,17 @@ IDLE = re.compile(
 )
 
 
+def frame_function(frame: str) -> str:
+    """'module:Class.func:123' (sampler label) -> 'module:Class.func' (module and qualified
+    name apart: what finds the function object)."""
+    head, _, tail = frame.rpartition(":")
+    return head if tail.isdigit() and head else frame
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def frame_name(frame: str) -> str:
     """'module:Class.func:123' (sampler label) -> 'module.Class.func'."""
-    parts = frame.split(":")
-    if len(parts) > 1 and parts[-1].isdigit():
-        parts.pop()
-    return ".".join(parts)
+    return frame_function(frame).replace(":", ".")
 
 
 # a leaf line that blocks in C (no frame of its own): a queue's get, a wait, a join, a

@@ -76,7 +76,6 @@ class StackSampler:
         self._chains: dict = {}  # id(frame) -> (frame, f_lasti, labels up to it) of the frames seen last tick
         self._stack_ids: dict = {}  # thread ident -> its stack's string id at the last tick
         self._ids_by_labels: dict = {}  # a stack's labels (tuple) -> its string id
-        self._labels_by_id: dict = {}  # and back, for a watcher
         self._watcher: tuple[Watcher, float] | None = None
         self._seen: Counter[tuple[int, int]] = Counter()  # (tid, stack id) -> ticks, while watched
         self._watch_due = 0.0
@@ -148,7 +147,6 @@ class StackSampler:
         sid = self._ids_by_labels.get(labels)
         if sid is None:
             sid = self._ids_by_labels[labels] = recorder.intern(";".join(labels))
-            self._labels_by_id[sid] = labels
         return sid
 
     def watch(self, watcher: Watcher | None, every_s: float = 1.0) -> None:
@@ -167,9 +165,10 @@ class StackSampler:
         assert self._watcher is not None
         watcher, every_s = self._watcher
         self._watch_due = time.monotonic() + every_s
+        labels = {sid: stack for stack, sid in self._ids_by_labels.items()}  # once a look, not a tick
         by_thread: dict[int, Counter[tuple[str, ...]]] = {}
         for (tid, sid), n in self._seen.items():
-            by_thread.setdefault(tid, Counter())[self._labels_by_id[sid]] += n
+            by_thread.setdefault(tid, Counter())[labels[sid]] += n
         self._seen.clear()
         try:
             done = watcher(by_thread)

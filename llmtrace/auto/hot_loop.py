@@ -30,7 +30,7 @@ from typing import Any
 
 from .. import names, recorder, stack_sampler
 from ..decorator import batch_of
-from ..frame_labels import is_idle_sample, is_standard, is_user_code
+from ..frame_labels import frame_function, frame_name, is_idle_sample, is_standard, is_user_code
 from . import code_swap
 
 CHECK_S = 1.0
@@ -49,12 +49,6 @@ INFERRED = "the step loop's busiest call (stack samples)"
 Stacks = Counter[tuple[str, ...]]
 _pending: dict[int, Stacks] = {}  # thread -> its stacks gathered since it was last judged
 _promoted: list[str] = []  # the call timed in this process (a fork's child inherits it)
-
-
-def _function(label: str) -> str:
-    """'module:qualname:LINE' -> 'module:qualname'."""
-    head, _, tail = label.rpartition(":")
-    return head if tail.isdigit() else label
 
 
 def model_call(stacks: Stacks, main_file: str = "") -> str | None:
@@ -91,25 +85,25 @@ def _dominant_chain(busy: list[tuple[tuple[str, ...], int]]) -> Iterator[Link]:
         here = Counter[str]()
         for st, n in chain:
             if len(st) > depth:
-                here[_function(st[depth])] += n
+                here[frame_function(st[depth])] += n
         if not here:
             return
         fn, fn_n = here.most_common(1)[0]
-        chain = [(st, n) for st, n in chain if len(st) > depth and _function(st[depth]) == fn]
+        chain = [(st, n) for st, n in chain if len(st) > depth and frame_function(st[depth]) == fn]
         below = Counter[str]()
         for st, n in chain:
             if len(st) > depth + 1:
-                below[_function(st[depth + 1])] += n
+                below[frame_function(st[depth + 1])] += n
         if not below:
             return
         callee, callee_n = below.most_common(1)[0]
-        inside = [st for st, _ in chain if len(st) > depth + 1 and _function(st[depth + 1]) == callee]
+        inside = [st for st, _ in chain if len(st) > depth + 1 and frame_function(st[depth + 1]) == callee]
         yield fn, fn_n, callee, callee_n, inside, depth
         depth += 1
 
 
 def _forward(function: str) -> code_swap.Around:
-    attrs: dict[str, Any] = {names.A_FUNCTION: function.replace(":", "."), names.A_INFERRED: INFERRED}
+    attrs: dict[str, Any] = {names.A_FUNCTION: frame_name(function), names.A_INFERRED: INFERRED}
 
     def around(original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         _trial.calls += 1
@@ -139,7 +133,8 @@ class _Trial:
         module, _, qualname = function.partition(":")
         fns = [f for f in code_swap.functions_named(module, qualname) if code_swap.swappable(f)]
         self.undo = [code_swap.swap(fn, _forward(function)) for fn in fns]
-        self.function, self.calls, self.looks = (function, 0, 0) if fns else ("", 0, 0)
+        self.function = function if fns else ""
+        self.calls = self.looks = 0
         return bool(fns)
 
     def judge(self) -> bool | None:

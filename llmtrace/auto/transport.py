@@ -20,25 +20,23 @@ _family = _socket.socket.family.__get__  # the int: socket.socket.family convert
 _type = _socket.socket.type.__get__
 NAGLE_BYTES = 1024  # Nagle delays only sends smaller than a segment: only those ask the socket
 _SEND, _RECV = ({st: st + verb for st in (names.TCP, names.IPC)} for verb in (".send", ".recv"))
-_NODELAY: dict[int, int] = {}  # id(socket) -> its TCP_NODELAY, read once, while the socket lives
+_SOCKETS: dict[int, list] = {}  # id(socket) -> [stage, TCP stream, TCP_NODELAY or None], while it lives
 
 
-_STAGES: dict[int, tuple[str, bool]] = {}  # id(socket) -> (its stage, TCP stream), while it lives
-
-
-def _kind(sock) -> tuple[str, bool]:
-    """(stage, whether a TCP stream) of a socket: read once (its family and type, ~0.3 us,
-    were read at every call) and dropped when it is freed, before its id can be reused."""
-    kind = _STAGES.get(id(sock))
-    if kind is None:
+def _facts(sock) -> list:
+    """[stage, whether a TCP stream, TCP_NODELAY (None until a small send asks)] of a socket:
+    read once (its family and type getters, ~0.3 us, were read at every call) and dropped
+    when it is freed, before its id can be reused."""
+    facts = _SOCKETS.get(id(sock))
+    if facts is None:
         tcp = _family(sock) in _TCP_FAMILIES
-        kind = _STAGES[id(sock)] = (names.TCP if tcp else names.IPC, tcp and _type(sock) == socket.SOCK_STREAM)
-        weakref.finalize(sock, _STAGES.pop, id(sock), None)
-    return kind
+        facts = _SOCKETS[id(sock)] = [names.TCP if tcp else names.IPC, tcp and _type(sock) == socket.SOCK_STREAM, None]
+        weakref.finalize(sock, _SOCKETS.pop, id(sock), None)
+    return facts
 
 
 def _stage(sock) -> str:
-    return _kind(sock)[0]
+    return _facts(sock)[0]
 
 
 def _nbytes(data) -> int:
@@ -46,18 +44,15 @@ def _nbytes(data) -> int:
     return n if n is not None else len(data)
 
 
-def _nodelay(sock) -> int:
+def _nodelay(sock, facts: list) -> int:
     """The socket's TCP_NODELAY: read once (a getsockopt, ~0.6 us, was one per small send)
     and again after the program sets the option (`_setsockopt`)."""
-    v = _NODELAY.get(id(sock))
-    if v is None:
+    if facts[2] is None:
         try:
-            v = int(bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
+            facts[2] = int(bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))
         except OSError:
             return -1
-        _NODELAY[id(sock)] = v
-        weakref.finalize(sock, _NODELAY.pop, id(sock), None)
-    return v
+    return facts[2]
 
 
 def _setsockopt(orig):
@@ -65,8 +60,9 @@ def _setsockopt(orig):
         try:
             return orig(sock, level, option, *args)
         finally:
-            if level == socket.IPPROTO_TCP and option == socket.TCP_NODELAY:
-                _NODELAY.pop(id(sock), None)  # read again at the next small send
+            facts = _SOCKETS.get(id(sock))
+            if facts is not None and level == socket.IPPROTO_TCP and option == socket.TCP_NODELAY:
+                facts[2] = None  # read again at the next small send
 
     return setsockopt
 
@@ -75,10 +71,11 @@ def _sender(orig):
     def send(sock, data, *args):
         if not recorder.is_enabled():
             return orig(sock, data, *args)
-        (stage, stream), n = _kind(sock), _nbytes(data)
+        facts, n = _facts(sock), _nbytes(data)
+        stage = facts[0]
         attrs = {names.A_BYTES: n}
-        if n < NAGLE_BYTES and stream:
-            attrs[names.A_NODELAY] = _nodelay(sock)
+        if n < NAGLE_BYTES and facts[1]:
+            attrs[names.A_NODELAY] = _nodelay(sock, facts)
         with recorder.span(_SEND[stage], stage=stage, **attrs) as sp:
             try:
                 return orig(sock, data, *args)
